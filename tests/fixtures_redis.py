@@ -1,0 +1,1 @@
+"""Redis fixtures: real redis-server processes (filled in by the store work)."""
