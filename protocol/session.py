@@ -1,0 +1,166 @@
+"""The encrypted record layer of an established link (sans-IO).
+
+Record on the wire::
+
+    header (17 bytes, authenticated as AEAD associated data)
+        u32 length of the ciphertext that follows
+        u64 counter   — this direction's record number, from 0
+        u8  kind      — what the payload is (FrameKind)
+        u32 stream    — stream id for STREAM_* kinds, else 0
+    ciphertext = ChaCha20-Poly1305-IETF(key, nonce = 0^4 || counter, payload)
+
+The counter is sent in the clear and must equal the next expected value, so a
+replayed or reordered record is told apart from a tampered one (which fails
+authentication). Sizes are checked from the header before anything is read.
+Keys roll forward every ``rekey_every`` records on both sides in lock-step:
+key' = BLAKE2b(key), the old key forgotten — no message needed, and a key
+compromised later reveals nothing sent before the last roll.
+
+IETF ChaCha20-Poly1305 rather than SecretBox: it measured 0.54 GB/s against
+0.31 GB/s for SecretBox on this hardware class (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import nacl.bindings as sodium
+import nacl.exceptions
+
+from .errors import SessionError
+
+HEADER = struct.Struct(">IQBI")
+HEADER_SIZE = HEADER.size
+TAG_SIZE = 16
+DEFAULT_MAX_PAYLOAD = (1 << 20) + 1024  # an envelope (1 MiB) or a stream chunk, whichever is larger
+DEFAULT_REKEY_EVERY = 1 << 20
+
+
+class FrameKind(IntEnum):
+    MESSAGE = 1  # one signed envelope
+    STREAM_OPEN = 2  # payload: msgpack [total_size, meta]
+    STREAM_DATA = 3  # payload: the next bytes of the stream
+    STREAM_END = 4  # payload: empty
+    STREAM_ABORT = 5  # payload: reason (utf-8)
+    PING = 6
+    PONG = 7
+    CLOSE = 8  # payload: reason (utf-8)
+
+
+_KINDS = frozenset(int(k) for k in FrameKind)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: FrameKind
+    stream: int
+    payload: bytes
+
+
+def _roll(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=32, person=b"spirt-rekey").digest()
+
+
+class _Direction:
+    __slots__ = ("counter", "key", "rekey_every")
+
+    def __init__(self, key: bytes, rekey_every: int) -> None:
+        self.key = key
+        self.counter = 0
+        self.rekey_every = rekey_every
+
+    def advance(self) -> None:
+        self.counter += 1
+        if self.counter % self.rekey_every == 0:
+            self.key = _roll(self.key)
+
+
+class Session:
+    def __init__(
+        self,
+        send_key: bytes,
+        recv_key: bytes,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        rekey_every: int = DEFAULT_REKEY_EVERY,
+    ) -> None:
+        if rekey_every < 1:
+            raise ValueError("rekey_every must be positive")
+        self.max_payload = max_payload
+        self._send = _Direction(send_key, rekey_every)
+        self._recv = _Direction(recv_key, rekey_every)
+        self._buffer = bytearray()
+        self.records_sent = 0
+        self.records_received = 0
+
+    # -- sending -------------------------------------------------------------------------
+
+    def seal(self, kind: FrameKind, payload: bytes, stream: int = 0) -> tuple[bytes, bytes]:
+        """Returns (header, ciphertext); write them back to back (writelines avoids a copy)."""
+        if len(payload) > self.max_payload:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}")
+        d = self._send
+        header = HEADER.pack(len(payload) + TAG_SIZE, d.counter, int(kind), stream)
+        ct = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
+            payload, header, _nonce(d.counter), d.key
+        )
+        d.advance()
+        self.records_sent += 1
+        return header, ct
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def check_header(self, header: bytes) -> int:
+        """Validates a header before its body is read; returns the body length."""
+        length, _counter, _kind, _stream = HEADER.unpack(header)
+        if length > self.max_payload + TAG_SIZE:
+            raise SessionError("oversized_frame", f"{length} bytes > {self.max_payload + TAG_SIZE}")
+        if length < TAG_SIZE:
+            raise SessionError("malformed_frame", "shorter than the tag")
+        return int(length)
+
+    def open(self, header: bytes, ciphertext: bytes) -> Frame:
+        length = self.check_header(header)
+        _, counter, kind, stream = HEADER.unpack(header)
+        if len(ciphertext) != length:
+            raise SessionError("malformed_frame", "length does not match header")
+        d = self._recv
+        if counter < d.counter:
+            raise SessionError("replayed_frame", f"counter {counter} < expected {d.counter}")
+        if counter > d.counter:
+            raise SessionError("reordered_frame", f"counter {counter} > expected {d.counter}")
+        try:
+            payload = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
+                ciphertext, header, _nonce(counter), d.key
+            )
+        except nacl.exceptions.CryptoError:
+            raise SessionError("tampered_frame", f"record {counter} fails authentication") from None
+        if kind not in _KINDS:
+            raise SessionError("unknown_frame", f"kind {kind}")
+        d.advance()
+        self.records_received += 1
+        return Frame(FrameKind(kind), stream, payload)
+
+    def receive_data(self, data: bytes) -> list[Frame]:
+        """Buffered decoding for callers that get bytes in arbitrary pieces.
+
+        The buffer never holds more than one record, whose size the header
+        already bounded."""
+        self._buffer += data
+        frames: list[Frame] = []
+        while len(self._buffer) >= HEADER_SIZE:
+            header = bytes(self._buffer[:HEADER_SIZE])
+            length = self.check_header(header)
+            if len(self._buffer) < HEADER_SIZE + length:
+                break
+            body = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
+            del self._buffer[: HEADER_SIZE + length]
+            frames.append(self.open(header, body))
+        return frames
+
+
+def _nonce(counter: int) -> bytes:
+    return b"\0\0\0\0" + counter.to_bytes(8, "big")
