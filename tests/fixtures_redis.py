@@ -1,1 +1,107 @@
-"""Redis fixtures: real redis-server processes (filled in by the store work)."""
+"""Redis fixtures: real redis-server processes started by ManagedRedis.
+
+* ``managed_redis``  a redis-server with the SPIRT module loaded;
+* ``plain_redis``    the same without the module (the client-side fallback path).
+
+Both yield a :class:`RunningRedis` with ``.url``, ``.username``, ``.password_file``,
+``.socket_path``, ``.client`` (an open ``redis.asyncio.Redis``) and ``.server`` (the
+``ManagedRedis``). Each test gets a fresh server in a short temp dir (unix socket
+paths are limited to 107 bytes, which pytest's tmp_path can exceed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from spirtd.native import ModuleNotBuilt, module_path
+from spirtd.redisproc import ManagedRedis
+
+
+@dataclass
+class RunningRedis:
+    server: ManagedRedis
+    client: aioredis.Redis
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def username(self) -> str:
+        return self.server.username
+
+    @property
+    def password_file(self) -> Path:
+        return self.server.password_file
+
+    @property
+    def socket_path(self) -> Path:
+        return self.server.socket_path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.server.data_dir
+
+
+def require_module() -> Path:
+    """The built module's path; fails the test with the fix if it is not built."""
+    try:
+        path = module_path()
+    except ModuleNotBuilt as e:
+        pytest.fail(f"{e}", pytrace=False)
+    if not path.exists():
+        pytest.fail(f"SPIRT Redis module missing at {path}; run `pip install -e .`", pytrace=False)
+    return path
+
+
+def short_tmpdir(prefix: str = "spirt-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+async def start_redis(
+    data_dir: Path, *, load_module: bool = True, module_args: Sequence[str] = (), **kw: object
+) -> RunningRedis:
+    """Starts a ManagedRedis in ``data_dir`` and opens a client; for tests needing options."""
+    if load_module:
+        require_module()
+    server = ManagedRedis(data_dir, load_module=load_module, module_args=module_args, **kw)  # type: ignore[arg-type]
+    await server.start()
+    return RunningRedis(server=server, client=await server.client())
+
+
+async def stop_redis(r: RunningRedis) -> None:
+    await r.client.aclose()
+    await r.server.stop()
+
+
+async def _running(load_module: bool) -> AsyncIterator[RunningRedis]:
+    d = short_tmpdir()
+    try:
+        r = await start_redis(d, load_module=load_module)
+        try:
+            yield r
+        finally:
+            await stop_redis(r)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def managed_redis() -> AsyncIterator[RunningRedis]:
+    """A real redis-server with the SPIRT module, on a unix socket with ACL auth."""
+    async for r in _running(load_module=True):
+        yield r
+
+
+@pytest.fixture
+async def plain_redis() -> AsyncIterator[RunningRedis]:
+    """A real redis-server without the module."""
+    async for r in _running(load_module=False):
+        yield r

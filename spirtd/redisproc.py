@@ -1,0 +1,431 @@
+"""The redis-server that spirtd starts and supervises for its data dir.
+
+Layout, all inside ``DATA_DIR/redis/`` (mode 0700):
+
+* ``redis.sock``     the unix socket (mode 0700); no TCP port unless one is configured;
+* ``password``       the generated password of the ACL user ``spirt`` (mode 0600);
+* ``redis.conf``     written on every start (mode 0600); it holds only the password's
+                     SHA-256, and disables the ``default`` user;
+* ``appendonlydir/`` AOF persistence;
+* ``redis.log``      redis-server's own log; ``redis.out`` its stdout/stderr.
+
+The supervisor restarts a dead server with exponential backoff and logs why it died
+(exit status plus the tail of its log). ``stop()`` shuts it down with SIGTERM, which
+makes redis-server flush the AOF before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+from spirtd.native import module_path
+
+USERNAME = "spirt"
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_UNIX_PATH = 107
+_LOG_TAIL_LINES = 8
+_PR_SET_PDEATHSIG = 1
+
+
+class RedisStartError(RuntimeError):
+    """redis-server is missing, misconfigured, or did not come up. The message is one line."""
+
+
+@dataclass(frozen=True)
+class RedisConnectionInfo:
+    """What another process (e.g. a serverless function) needs to reach this Redis."""
+
+    url: str
+    username: str
+    password_file: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"url": self.url, "username": self.username, "password_file": self.password_file}
+
+
+def _quote(value: str) -> str:
+    # redis.conf accepts double-quoted strings with backslash escapes.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _read_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(tail)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"killed by signal {name}"
+    return f"exited with status {code}"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if spirtd is killed hard, its
+    # redis-server must not linger holding the data dir.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class ManagedRedis:
+    """Starts, supervises and stops one redis-server for a data dir.
+
+    Usable on its own::
+
+        r = ManagedRedis(Path("/var/lib/spirt"))
+        await r.start()
+        client = await r.client()
+        ...
+        await r.stop()
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        load_module: bool = True,
+        port: int | None = None,
+        module_args: Sequence[str] = (),
+        redis_server: str = "redis-server",
+        logger: logging.Logger | None = None,
+        start_timeout: float = 15.0,
+        stop_timeout: float = 30.0,
+        min_backoff: float = 0.1,
+        max_backoff: float = 10.0,
+        extra_config: Sequence[str] = (),
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.dir = self.data_dir / "redis"
+        self.socket_path = self.dir / "redis.sock"
+        self.password_file = self.dir / "password"
+        self.config_file = self.dir / "redis.conf"
+        self.log_file = self.dir / "redis.log"
+        self.out_file = self.dir / "redis.out"
+        self.username = USERNAME
+        self.load_module = load_module
+        self.port = port
+        self.module_args = list(module_args)
+        self.redis_server = redis_server
+        self.log = logger or logging.getLogger("spirtd.redis")
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.extra_config = list(extra_config)
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self._password: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready = asyncio.Event()
+
+    # ---- public surface -------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self.port is not None:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path}"
+
+    @property
+    def password(self) -> str:
+        if self._password is None:
+            self._password = self._load_or_create_password()
+        return self._password
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self._ready.is_set()
+
+    def connection_info(self) -> RedisConnectionInfo:
+        return RedisConnectionInfo(self.url, self.username, str(self.password_file))
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.port is not None:
+            kw.update(host="127.0.0.1", port=self.port)
+        else:
+            kw["unix_socket_path"] = str(self.socket_path)
+        return kw
+
+    async def client(self, **overrides: Any) -> aioredis.Redis:
+        """A new redis.asyncio client for this server; the caller closes it (``aclose()``)."""
+        kw = self.connection_kwargs()
+        kw.setdefault("socket_connect_timeout", 5.0)
+        kw.update(overrides)
+        return aioredis.Redis(**kw)
+
+    async def start(self) -> None:
+        """Starts redis-server and its supervisor; returns once it answers PING."""
+        if self._supervisor is not None:
+            raise RuntimeError("ManagedRedis already started")
+        self._stopping = False
+        self._prepare()
+        await self._refuse_if_already_serving()
+        await self._spawn_and_wait()
+        self._supervisor = asyncio.create_task(self._supervise(), name="redis-supervisor")
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Waits until the (possibly restarting) server answers again."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self) -> None:
+        """Clean shutdown: SIGTERM (redis flushes the AOF), SIGKILL after stop_timeout."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._terminate()
+        self._ready.clear()
+
+    async def __aenter__(self) -> ManagedRedis:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- setup ----------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if shutil.which(self.redis_server) is None:
+            raise RedisStartError(
+                f"redis-server not found (looked for {self.redis_server!r} on PATH); "
+                "install it (Debian: apt-get install redis-server)"
+            )
+        if self.port is None and len(str(self.socket_path)) > MAX_UNIX_PATH:
+            raise RedisStartError(
+                f"data dir path too long for a unix socket ({self.socket_path} is "
+                f"{len(str(self.socket_path))} bytes, limit {MAX_UNIX_PATH}); "
+                "use a shorter data dir"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        password_hash = hashlib.sha256(self.password.encode()).hexdigest()
+        lines = [
+            "daemonize no",
+            f"dir {_quote(str(self.dir))}",
+            f"logfile {_quote(str(self.log_file))}",
+            "loglevel notice",
+            'pidfile ""',
+            "appendonly yes",
+            'appendfilename "appendonly.aof"',
+            'appenddirname "appendonlydir"',
+            "appendfsync everysec",
+            # AOF is the persistence; periodic RDB snapshots of multi-MB tensors only cost I/O.
+            'save ""',
+            "user default off",
+            f"user {USERNAME} on #{password_hash} ~* &* +@all",
+        ]
+        if self.port is None:
+            lines += ["port 0", f"unixsocket {_quote(str(self.socket_path))}", "unixsocketperm 700"]
+        else:
+            lines += [f"port {int(self.port)}", "bind 127.0.0.1"]
+        if self.load_module:
+            so = module_path()
+            args = " ".join(_quote(a) for a in self.module_args)
+            lines.append(f"loadmodule {_quote(str(so))} {args}".rstrip())
+        lines += self.extra_config
+        text = "\n".join(lines) + "\n"
+        tmp = self.config_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.config_file)
+
+    def _load_or_create_password(self) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            st = self.password_file.stat()
+        except FileNotFoundError:
+            password = secrets.token_urlsafe(32)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            return password
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            self.log.warning(
+                "redis password file %s was readable by others (mode %o); set it to 0600",
+                self.password_file, stat.S_IMODE(st.st_mode),
+            )
+            os.chmod(self.password_file, 0o600)
+        password = self.password_file.read_text().strip()
+        if len(password) < 16:
+            raise RedisStartError(f"redis password file {self.password_file} is empty or too short")
+        return password
+
+    async def _refuse_if_already_serving(self) -> None:
+        # Two servers on one data dir would corrupt the AOF; a live socket means one is up.
+        if self.port is not None or not self.socket_path.exists():
+            return
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket_path)), 1.0
+            )
+        except (OSError, TimeoutError):
+            return  # stale socket file from a crash; redis-server replaces it
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        raise RedisStartError(f"another redis-server is already serving {self.socket_path}")
+
+    # ---- process life cycle ---------------------------------------------------------
+
+    async def _spawn_and_wait(self) -> None:
+        self._ready.clear()
+        out = self.out_file.open("ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.redis_server, str(self.config_file),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,  # a Ctrl-C to spirtd must not kill redis mid-write
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as e:
+            raise RedisStartError(f"cannot run {self.redis_server}: {e}") from e
+        finally:
+            out.close()
+        try:
+            await self._wait_answering()
+        except RedisStartError:
+            await self._terminate()
+            raise
+        self._ready.set()
+        self.log.info("redis-server pid %d ready at %s", self._proc.pid, self.url)
+
+    async def _wait_answering(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        last_err = "no answer"
+        delay = 0.01
+        while True:
+            if self._proc.returncode is not None:
+                raise RedisStartError(
+                    f"redis-server {_describe_exit(self._proc.returncode)} during startup: "
+                    f"{self._why()}"
+                )
+            client = await self.client(socket_connect_timeout=1.0, socket_timeout=2.0)
+            try:
+                await client.ping()
+                return
+            except AuthenticationError as e:
+                raise RedisStartError(f"redis-server rejected the {USERNAME} password: {e}") from e
+            except (RedisError, OSError) as e:
+                last_err = str(e)
+                if "username-password" in last_err:  # redis-py may wrap auth errors
+                    raise RedisStartError(
+                        f"redis-server rejected the {USERNAME} password: {e}"
+                    ) from e
+            finally:
+                await client.aclose()
+            if time.monotonic() > deadline:
+                raise RedisStartError(
+                    f"redis-server did not answer within {self.start_timeout:.0f} s "
+                    f"({last_err}): {self._why()}"
+                )
+            # Wake early if the process dies instead of sleeping the whole delay.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), delay)
+            delay = min(delay * 2, 0.2)
+
+    def _why(self) -> str:
+        tail = _read_tail(self.log_file) or _read_tail(self.out_file)
+        return tail or "no log output"
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout)
+        except TimeoutError:
+            self.log.warning(
+                "redis-server did not stop within %.0f s; killing it", self.stop_timeout
+            )
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def _supervise(self) -> None:
+        backoff = self.min_backoff
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            self._ready.clear()
+            if self._stopping:
+                return
+            self.last_exit = _describe_exit(code)
+            if time.monotonic() - started > 30.0:
+                backoff = self.min_backoff  # it ran fine for a while: not a crash loop
+            while not self._stopping:
+                self.log.warning(
+                    "redis-server %s (%s); restarting in %.1f s",
+                    self.last_exit, self._why(), backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                try:
+                    self._prepare()
+                    await self._spawn_and_wait()
+                except RedisStartError as e:
+                    self.last_exit = str(e)
+                    continue
+                self.restarts += 1
+                break
+
+
+async def module_loaded(client: aioredis.Redis, name: str = "spirt") -> bool:
+    """True if the Redis behind ``client`` has the SPIRT module loaded (MODULE LIST)."""
+    try:
+        mods = await client.module_list()
+    except ResponseError:
+        return False  # e.g. an ACL user without MODULE permission
+    for m in mods:
+        mod_name = m.get(b"name", m.get("name"))
+        if isinstance(mod_name, bytes):
+            mod_name = mod_name.decode("ascii", "replace")
+        if mod_name == name:
+            return True
+    return False
