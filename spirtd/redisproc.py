@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.retry import Retry
 
 from spirtd.native import module_path
 
@@ -342,7 +344,9 @@ class ManagedRedis:
                     f"redis-server {_describe_exit(self._proc.returncode)} during startup: "
                     f"{self._why()}"
                 )
-            client = await self.client(socket_connect_timeout=1.0, socket_timeout=2.0)
+            client = await self.client(
+                socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0)
+            )
             try:
                 await client.ping()
                 return

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 from spirtd.redisproc import ManagedRedis, RedisStartError, module_loaded
 from tests.fixtures_redis import RunningRedis, short_tmpdir, start_redis, stop_redis
@@ -42,7 +44,8 @@ async def test_serves_on_unix_socket_with_acl(managed_redis: RunningRedis) -> No
 
 
 async def test_default_user_and_wrong_password_rejected(managed_redis: RunningRedis) -> None:
-    anon = aioredis.Redis(unix_socket_path=str(managed_redis.socket_path))
+    no_retry = Retry(NoBackoff(), 0)
+    anon = aioredis.Redis(unix_socket_path=str(managed_redis.socket_path), retry=no_retry)
     try:
         with pytest.raises((AuthenticationError, ResponseError, RedisConnectionError)) as ei:
             await anon.set("x", "1")
@@ -50,7 +53,10 @@ async def test_default_user_and_wrong_password_rejected(managed_redis: RunningRe
     finally:
         await anon.aclose()
     bad = aioredis.Redis(
-        unix_socket_path=str(managed_redis.socket_path), username="spirt", password="nope" * 8
+        unix_socket_path=str(managed_redis.socket_path),
+        username="spirt",
+        password="nope" * 8,
+        retry=no_retry,
     )
     try:
         with pytest.raises((AuthenticationError, RedisConnectionError), match="invalid username"):
