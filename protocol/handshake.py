@@ -8,6 +8,9 @@ A SIGMA-style exchange over ephemeral X25519 keys; three messages:
                              signature over the transcript so far
   3. finish (I→R)            sealed under k_hs: I's key, certificate, and I's
                              signature over the whole transcript, reply included
+  4. welcome (R→I)           sealed under k_hs: R admits I. Without it an initiator
+                             refused at step 3 could not tell a refusal (and its
+                             reason) from a broken link.
 
 k_hs and the two session keys come from DH(e_i, e_r) bound to the transcript
 hash, so a signature can only ever vouch for the session it was made in. The
@@ -57,6 +60,7 @@ _LIMITS = strictpack.Limits(
 )
 _ZERO12 = bytes(12)
 _NONCE_FINISH = bytes(11) + b"\1"
+_NONCE_WELCOME = bytes(11) + b"\2"
 
 
 class Role(Enum):
@@ -70,6 +74,7 @@ class HandshakeResult:
     peer_id: str
     peer_cert: Certificate | None
     admitted_by: str  # "certificate" or "allowlist"
+    peer_addr: str  # the address the peer says it listens on ("" if none)
     send_key: bytes
     recv_key: bytes
     session_id: str  # short transcript digest, for logs on both ends
@@ -126,12 +131,15 @@ class Handshake:
         now: float,
         replay_cache: ReplayCache | None = None,
         expected_peer: str | None = None,
+        advertise: str = "",
     ) -> None:
         self.role = role
         self.identity = identity
         self.certificate = certificate
         self.trust = trust
         self.expected_peer = expected_peer
+        self.advertise = advertise
+        self._pending: HandshakeResult | None = None
         self.replay_cache = replay_cache
         self.result: HandshakeResult | None = None
         self._random = random_bytes
@@ -187,7 +195,9 @@ class Handshake:
         if self.role is Role.INITIATOR and self._stage == "await_reply" and kind == "reply":
             return self._on_reply(msg)
         if self.role is Role.RESPONDER and self._stage == "await_finish" and kind == "finish":
-            self._on_finish(msg)
+            return self._on_finish(msg)
+        if self.role is Role.INITIATOR and self._stage == "await_welcome" and kind == "welcome":
+            self._on_welcome(msg)
             return None
         raise HandshakeError("handshake_unexpected", f"{kind!r} at stage {self._stage}")
 
@@ -222,18 +232,36 @@ class Handshake:
         self._dh = self._shared(e_r)
         h2 = _h(self._transcript, clear_raw)
         self._hs_key = _kdf(self._dh, h2, b"spirt-hs-key")
-        peer_key, cert, admitted = self._open_identity(sealed, h2, _ZERO12, DOMAIN_RESPONDER)
+        peer = self._open_identity(sealed, h2, _ZERO12, DOMAIN_RESPONDER)
         h3 = _h(h2, sealed)
         finish_sealed = self._seal_identity(DOMAIN_INITIATOR, h3, _NONCE_FINISH)
         h4 = _h(h3, finish_sealed)
-        self._complete(peer_key, cert, admitted, h4)
+        self._pending = self._make_result(peer, h4)
+        self._transcript = h4
+        self._stage = "await_welcome"
         return strictpack.pack({"k": "finish", "x": finish_sealed})
 
-    def _on_finish(self, msg: dict) -> None:
+    def _on_finish(self, msg: dict) -> bytes:
         sealed = _get(msg, "x", bytes)
         h3 = self._transcript
-        peer_key, cert, admitted = self._open_identity(sealed, h3, _NONCE_FINISH, DOMAIN_INITIATOR)
-        self._complete(peer_key, cert, admitted, _h(h3, sealed))
+        peer = self._open_identity(sealed, h3, _NONCE_FINISH, DOMAIN_INITIATOR)
+        h4 = _h(h3, sealed)
+        welcome = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
+            b"welcome", h4, _NONCE_WELCOME, self._hs_key
+        )
+        self._finish(self._make_result(peer, h4))
+        return strictpack.pack({"k": "welcome", "x": welcome})
+
+    def _on_welcome(self, msg: dict) -> None:
+        sealed = _get(msg, "x", bytes)
+        try:
+            sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
+                sealed, self._transcript, _NONCE_WELCOME, self._hs_key
+            )
+        except nacl.exceptions.CryptoError:
+            raise HandshakeError("handshake_tampered", "welcome does not decrypt") from None
+        assert self._pending is not None
+        self._finish(self._pending)
 
     # -- pieces --------------------------------------------------------------------------
 
@@ -261,6 +289,7 @@ class Handshake:
             {
                 "key": self.identity.public_key,
                 "cert": cert,
+                "addr": self.advertise,
                 "sig": self.identity.sign(domain, transcript),
             }
         )
@@ -270,7 +299,7 @@ class Handshake:
 
     def _open_identity(
         self, sealed: bytes, transcript: bytes, nonce: bytes, domain: bytes
-    ) -> tuple[bytes, Certificate | None, str]:
+    ) -> tuple[bytes, Certificate | None, str, str]:
         try:
             body = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
                 sealed, transcript, nonce, self._hs_key
@@ -284,6 +313,7 @@ class Handshake:
         peer_key = _get_bytes(ident, "key", PUBLIC_KEY_SIZE)
         sig = _get_bytes(ident, "sig", SIGNATURE_SIZE)
         cert_raw = _get(ident, "cert", (bytes, type(None)))
+        addr = _get(ident, "addr", str)
         if not verify(peer_key, domain, transcript, sig):
             raise HandshakeError("handshake_bad_signature", "transcript signature is invalid")
         if peer_key == self.identity.public_key:
@@ -301,20 +331,25 @@ class Handshake:
             admitted = self.trust.check(peer_key, cert, self._now)
         except TrustError as e:
             raise HandshakeError(e.reason, e.detail) from None
-        return peer_key, cert, admitted
+        return peer_key, cert, admitted, addr
 
-    def _complete(
-        self, peer_key: bytes, cert: Certificate | None, admitted: str, h4: bytes
-    ) -> None:
+    def _make_result(
+        self, peer: tuple[bytes, Certificate | None, str, str], h4: bytes
+    ) -> HandshakeResult:
+        peer_key, cert, admitted, addr = peer
         i2r = _kdf(self._dh, h4, b"spirt-i2r")
         r2i = _kdf(self._dh, h4, b"spirt-r2i")
         send, recv = (i2r, r2i) if self.role is Role.INITIATOR else (r2i, i2r)
-        self.result = HandshakeResult(
-            peer_key, node_id(peer_key), cert, admitted, send, recv, h4[:8].hex()
+        return HandshakeResult(
+            peer_key, node_id(peer_key), cert, admitted, addr, send, recv, h4[:8].hex()
         )
+
+    def _finish(self, result: HandshakeResult) -> None:
+        self.result = result
         self._stage = "done"
         self._e_secret = b""
         self._hs_key = b""
+        self._dh = b""
 
     @property
     def complete(self) -> bool:

@@ -1,0 +1,55 @@
+"""`spirtd`: the node daemon's command line (INTERFACES.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__, logs
+from .config import ConfigError, load
+from .keyfiles import KeyFileError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spirtd",
+        description="SPIRT node daemon: runs in the foreground; SIGTERM/SIGINT leave gracefully.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    p.add_argument("--data-dir", type=Path, help="node key, trust material, api.sock, state")
+    p.add_argument("--listen", help="HOST:PORT for peer links (port 0 picks a free one)")
+    p.add_argument("--advertise", help="HOST:PORT peers should dial (default: --listen)")
+    p.add_argument(
+        "--bootstrap", action="append", metavar="HOST:PORT", help="a member to join (repeatable)"
+    )
+    p.add_argument("--redis-url", help="use this Redis instead of a managed redis-server")
+    p.add_argument("--functions", choices=["local", "lambda"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level")
+    p.add_argument("--cluster", help="cluster name (default: the one in this node's certificate)")
+    p.add_argument("--profile", choices=["local", "lan", "wan"], help="membership timing profile")
+    p.add_argument("--version", action="version", version=f"spirtd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as e:
+        print(f"spirtd: {e}", file=sys.stderr)
+        return 78
+    logs.setup(config.log_format, config.log_level)
+    from .node import main_async
+
+    try:
+        return main_async(config)
+    except KeyFileError as e:
+        print(f"spirtd: data_dir: {e}", file=sys.stderr)
+        return 78
+
+
+if __name__ == "__main__":
+    sys.exit(main())

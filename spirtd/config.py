@@ -1,0 +1,131 @@
+"""spirtd configuration: defaults < TOML file < command-line flags.
+
+Every flag has a top-level key of the same name with '_' for '-'
+(``--redis-url`` → ``redis_url``). Tunables without flags live in tables
+(``[transport]``). Unknown keys are an error that names them: a typo must not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A fatal misconfiguration; the message names the setting."""
+
+
+@dataclass
+class TransportConfig:
+    handshake_timeout_s: float = 5.0
+    dial_timeout_s: float = 5.0
+    # A link that received nothing for this long is dropped; keepalives are sent
+    # at a third of it so a healthy idle link never trips it.
+    idle_timeout_s: float = 30.0
+    max_pending_handshakes: int = 64
+    max_links: int = 1024
+    # Frames queued per link before senders wait (backpressure) or drop (try_send).
+    send_queue_frames: int = 64
+    stream_chunk_bytes: int = 256 * 1024
+    rekey_every_frames: int = 1 << 20
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 10.0
+    # Incoming streams open on one link at once; each holds at most one chunk in memory.
+    max_streams_per_link: int = 16
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    listen: str = "127.0.0.1:7946"
+    advertise: str | None = None
+    bootstrap: list[str] = field(default_factory=list)
+    redis_url: str | None = None
+    functions: str = "local"
+    log_format: str = "text"
+    log_level: str = "info"
+    cluster: str | None = None  # default: the cluster named in this node's certificate
+    profile: str = "lan"  # membership profile: local | lan | wan
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    def validate(self) -> None:
+        parse_hostport(self.listen, "listen")
+        if self.advertise is not None:
+            parse_hostport(self.advertise, "advertise")
+        for b in self.bootstrap:
+            parse_hostport(b, "bootstrap")
+        if self.functions not in ("local", "lambda"):
+            raise ConfigError(f"functions: must be 'local' or 'lambda', not {self.functions!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be 'text' or 'json', not {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+        if self.profile not in ("local", "lan", "wan"):
+            raise ConfigError(f"profile: must be local, lan or wan, not {self.profile!r}")
+
+
+def default_data_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; INVOCATION_ID marks any unit.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.environ.get("INVOCATION_ID"):
+        return Path("/var/lib/spirt")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "spirt"
+
+
+def parse_hostport(text: str, setting: str) -> tuple[str, int]:
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"{setting}: expected HOST:PORT, got {text!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{setting}: port {port} out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}{key}: unknown setting")
+        current = getattr(target, name)
+        if isinstance(current, TransportConfig):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: must be a table")
+            _apply_table(current, value, f"{where}{key}.")
+            continue
+        if name == "data_dir":
+            value = Path(value).expanduser()
+        elif name == "bootstrap" and isinstance(value, str):
+            value = [value]
+        expected = type(current) if current is not None else None
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is not None and expected is not Path and not isinstance(value, expected):
+            raise ConfigError(f"{where}{key}: expected {expected.__name__}, got {value!r}")
+        setattr(target, name, value)
+
+
+def load(file: Path | None, overrides: dict[str, Any]) -> Config:
+    cfg = Config(data_dir=default_data_dir())
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {file} is not valid TOML: {e}") from None
+        _apply_table(cfg, table, "config ")
+    _apply_table(cfg, {k: v for k, v in overrides.items() if v is not None}, "--")
+    cfg.validate()
+    return cfg

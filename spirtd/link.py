@@ -1,0 +1,371 @@
+"""One authenticated, encrypted link to one peer: the asyncio shell around
+protocol.session.Session.
+
+Three tasks per link: a reader (records in → frames → handler), a writer
+(send queue → records out), and a watchdog (keepalives and the idle timeout).
+Streams move payloads of any size in chunks: the sender waits for queue space,
+the reader waits for the sink, so memory stays at a few chunks per link however
+large the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, Iterable
+from typing import Protocol
+
+from protocol import strictpack
+from protocol.errors import DecodeError, SessionError
+from protocol.handshake import HandshakeResult
+from protocol.session import HEADER_SIZE, FrameKind, Session
+
+from .config import TransportConfig
+from .sendqueue import QueueClosed, SendQueue
+
+log = logging.getLogger("spirtd.link")
+
+MAX_STREAM_BYTES = 1 << 40  # a stream may be huge; it is never held in memory whole
+_STREAM_OPEN_LIMITS = strictpack.Limits(max_size=8192, max_depth=2, max_items=8, max_bin=4096)
+_WRITE_HIGH_WATER = 1 << 20
+
+
+class LinkClosed(Exception):
+    pass
+
+
+class StreamSink(Protocol):
+    """Where an incoming stream's bytes go. Awaiting ``write`` applies backpressure."""
+
+    async def write(self, data: bytes) -> None: ...
+    async def finish(self) -> None: ...
+    def abort(self, reason: str) -> None: ...
+
+
+class LinkHandler(Protocol):
+    def on_message(self, link: Link, data: bytes) -> None: ...
+    def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None: ...
+
+
+class Link:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: Session,
+        result: HandshakeResult,
+        *,
+        outbound: bool,
+        initiator_id: str,
+        dialed_addr: str | None,
+        config: TransportConfig,
+        handler: LinkHandler,
+        counters: Counter[str],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.session = session
+        self.peer_id = result.peer_id
+        self.peer_key = result.peer_key
+        self.peer_addr = result.peer_addr or (dialed_addr or "")
+        self.admitted_by = result.admitted_by
+        self.peer_cert = result.peer_cert
+        self.session_id = result.session_id
+        self.outbound = outbound
+        self.initiator_id = initiator_id
+        self.config = config
+        self.handler = handler
+        self.counters = counters
+        self.opened_at = time.time()
+        self.last_rx = time.monotonic()
+        self.last_tx = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_reason: str | None = None
+        self.closed = asyncio.Event()
+        self._queue: SendQueue[tuple[FrameKind, int, bytes]] = SendQueue(
+            config.send_queue_frames, max(4, config.send_queue_frames // 8)
+        )
+        self._stream_ids = itertools.count(1)
+        self._in_streams: dict[int, _InStream] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def __repr__(self) -> str:
+        return f"<Link {self.peer_id[-8:]} {'out' if self.outbound else 'in'} {self.session_id}>"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"link-read-{self.peer_id[-8:]}"),
+            asyncio.create_task(self._write_loop(), name=f"link-write-{self.peer_id[-8:]}"),
+            asyncio.create_task(self._watchdog(), name=f"link-watch-{self.peer_id[-8:]}"),
+        ]
+
+    def close(self, reason: str, *, notify_peer: bool = True) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        if notify_peer and not self.writer.is_closing():
+            try:
+                header, ct = self.session.seal(FrameKind.CLOSE, reason.encode()[:200])
+                self.writer.writelines((header, ct))
+            except Exception:  # best effort on a dying link
+                pass
+        self._queue.close()
+        for s in self._in_streams.values():
+            s.sink.abort(f"link closed: {reason}")
+        self._in_streams.clear()
+        self.writer.close()
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        self.closed.set()
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.closed.wait()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        except TimeoutError:
+            pass
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, envelope: bytes) -> None:
+        """Queues one message, waiting while the queue is full (backpressure)."""
+        try:
+            await self._queue.put((FrameKind.MESSAGE, 0, envelope))
+        except QueueClosed:
+            raise LinkClosed(self.close_reason or "closed") from None
+
+    def try_send(self, envelope: bytes) -> bool:
+        """Queues one message if there is room; False (counted) if not."""
+        try:
+            if self._queue.put_nowait((FrameKind.MESSAGE, 0, envelope)):
+                return True
+        except QueueClosed:
+            return False
+        self.counters["transport.send_queue_full"] += 1
+        return False
+
+    async def send_stream(
+        self, meta: bytes, total: int, chunks: AsyncIterable[bytes] | Iterable[bytes]
+    ) -> None:
+        """Streams exactly ``total`` bytes from ``chunks``, ``meta`` first.
+
+        Any chunk size may come in; it is cut to the configured chunk size, so
+        memory in flight stays at (queue bound × chunk size)."""
+        if not 0 <= total <= MAX_STREAM_BYTES:
+            raise ValueError(f"stream size {total} out of range")
+        sid = next(self._stream_ids) & 0xFFFFFFFF
+        step = self.config.stream_chunk_bytes
+        sent = 0
+        try:
+            await self._queue.put(
+                (FrameKind.STREAM_OPEN, sid, strictpack.pack([total, meta])), bulk=True
+            )
+
+            async def put_piece(piece: bytes) -> None:
+                nonlocal sent
+                if sent + len(piece) > total:
+                    raise ValueError("stream source yields more than its declared size")
+                sent += len(piece)
+                await self._queue.put((FrameKind.STREAM_DATA, sid, piece), bulk=True)
+
+            async for chunk in _aiter(chunks):
+                view = memoryview(chunk)
+                for off in range(0, len(view), step):
+                    await put_piece(bytes(view[off : off + step]))
+            if sent != total:
+                raise ValueError(f"stream source ended at {sent} of {total} bytes")
+            await self._queue.put((FrameKind.STREAM_END, sid, b""), bulk=True)
+        except QueueClosed:
+            raise LinkClosed(self.close_reason or "closed") from None
+        except BaseException as e:
+            if not self._queue._closed:
+                self._queue.put_nowait(
+                    (FrameKind.STREAM_ABORT, sid, str(e).encode()[:200]), bulk=True
+                )
+            raise
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                kind, stream, payload = await self._queue.get()
+                header, ct = self.session.seal(kind, payload, stream)
+                self.writer.writelines((header, ct))
+                self.bytes_out += HEADER_SIZE + len(ct)
+                self.last_tx = time.monotonic()
+                if self.writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                    # A peer that stops reading must not pin us forever.
+                    async with asyncio.timeout(self.config.idle_timeout_s):
+                        await self.writer.drain()
+        except QueueClosed:
+            pass
+        except TimeoutError:
+            self._fail("write_stalled", "peer stopped reading")
+        except (ConnectionError, OSError) as e:
+            self._fail("connection_lost", str(e))
+
+    async def _read_loop(self) -> None:
+        reader = self.reader
+        session = self.session
+        try:
+            while True:
+                header = await reader.readexactly(HEADER_SIZE)
+                n = session.check_header(header)
+                body = await reader.readexactly(n)
+                frame = session.open(header, body)
+                self.last_rx = time.monotonic()
+                self.bytes_in += HEADER_SIZE + n
+                await self._dispatch(frame.kind, frame.stream, frame.payload)
+        except SessionError as e:
+            self.counters[f"session.{e.reason}"] += 1
+            self._fail(e.reason, e.detail)
+        except asyncio.IncompleteReadError:
+            self._fail("connection_lost", "peer closed the connection", quiet=True)
+        except (ConnectionError, OSError) as e:
+            self._fail("connection_lost", str(e), quiet=True)
+        except _PeerClosed as e:
+            self._fail(f"peer_closed:{e}", "", quiet=True, notify=False)
+        except _StreamViolation as e:
+            self.counters["session.stream_violation"] += 1
+            self._fail("stream_violation", str(e))
+
+    async def _watchdog(self) -> None:
+        idle = self.config.idle_timeout_s
+        while True:
+            await asyncio.sleep(idle / 6)
+            now = time.monotonic()
+            if now - self.last_rx > idle:
+                self.counters["transport.idle_timeout"] += 1
+                self._fail("idle_timeout", f"nothing received for {idle:.0f}s")
+                return
+            if now - self.last_tx > idle / 3:
+                self._queue.put_nowait((FrameKind.PING, 0, b""))
+
+    def _fail(self, reason: str, detail: str, *, quiet: bool = False, notify: bool = True) -> None:
+        if self.close_reason is None:
+            (log.debug if quiet else log.warning)(
+                "link to %s dropped: %s %s", self.peer_id, reason, detail
+            )
+        self.close(reason, notify_peer=notify)
+
+    # -- incoming frames -----------------------------------------------------------------
+
+    async def _dispatch(self, kind: FrameKind, stream: int, payload: bytes) -> None:
+        if kind is FrameKind.MESSAGE:
+            self.handler.on_message(self, payload)
+        elif kind is FrameKind.STREAM_DATA:
+            s = self._in_streams.get(stream)
+            if s is None:
+                raise _StreamViolation(f"data for unknown stream {stream}")
+            s.received += len(payload)
+            if s.received > s.total:
+                raise _StreamViolation(f"stream {stream} exceeds its declared size")
+            await s.sink.write(payload)
+        elif kind is FrameKind.PING:
+            self._queue.put_nowait((FrameKind.PONG, 0, b""))
+        elif kind is FrameKind.PONG:
+            pass
+        elif kind is FrameKind.STREAM_OPEN:
+            self._open_stream(stream, payload)
+        elif kind is FrameKind.STREAM_END:
+            s = self._in_streams.pop(stream, None)
+            if s is None:
+                raise _StreamViolation(f"end of unknown stream {stream}")
+            if s.received != s.total:
+                s.sink.abort("short stream")
+                raise _StreamViolation(f"stream {stream} ended at {s.received} of {s.total}")
+            await s.sink.finish()
+        elif kind is FrameKind.STREAM_ABORT:
+            s = self._in_streams.pop(stream, None)
+            if s is not None:
+                s.sink.abort(payload.decode(errors="replace"))
+        elif kind is FrameKind.CLOSE:
+            raise _PeerClosed(payload.decode(errors="replace")[:100])
+
+    def _open_stream(self, stream: int, payload: bytes) -> None:
+        if stream in self._in_streams:
+            raise _StreamViolation(f"stream {stream} opened twice")
+        if len(self._in_streams) >= self.config.max_streams_per_link:
+            raise _StreamViolation("too many concurrent streams")
+        try:
+            obj = strictpack.unpack(payload, _STREAM_OPEN_LIMITS)
+        except DecodeError as e:
+            raise _StreamViolation(f"bad stream header: {e}") from None
+        if not (
+            isinstance(obj, list)
+            and len(obj) == 2
+            and isinstance(obj[0], int)
+            and not isinstance(obj[0], bool)
+            and 0 <= obj[0] <= MAX_STREAM_BYTES
+            and isinstance(obj[1], bytes)
+        ):
+            raise _StreamViolation("bad stream header")
+        total, meta = obj
+        sink = self.handler.on_stream(self, stream, total, meta)
+        if sink is None:
+            self.counters["transport.stream_refused"] += 1
+            self._queue.put_nowait((FrameKind.STREAM_ABORT, stream, b"refused"))
+            # Keep a discarding entry so the refused stream's data is consumed quietly.
+            sink = _Discard()
+        self._in_streams[stream] = _InStream(total, sink)
+
+    # -- introspection -------------------------------------------------------------------
+
+    def info(self) -> dict:
+        return {
+            "node_id": self.peer_id,
+            "address": self.peer_addr,
+            "direction": "outbound" if self.outbound else "inbound",
+            "session": self.session_id,
+            "admitted_by": self.admitted_by,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "last_heard_s": round(time.monotonic() - self.last_rx, 3),
+            "queued_frames": len(self._queue),
+        }
+
+
+class _InStream:
+    __slots__ = ("received", "sink", "total")
+
+    def __init__(self, total: int, sink: StreamSink) -> None:
+        self.total = total
+        self.sink = sink
+        self.received = 0
+
+
+class _Discard:
+    async def write(self, data: bytes) -> None:
+        return None
+
+    async def finish(self) -> None:
+        return None
+
+    def abort(self, reason: str) -> None:
+        return None
+
+
+class _PeerClosed(Exception):
+    pass
+
+
+class _StreamViolation(Exception):
+    pass
+
+
+async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]):
+    if isinstance(chunks, AsyncIterable):
+        async for c in chunks:
+            yield c
+    else:
+        for c in chunks:
+            yield c

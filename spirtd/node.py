@@ -1,0 +1,243 @@
+"""The node: one spirtd process. It owns the identity, the transport, the
+control API and (as they land) membership, gossip, the store and the trainer,
+and routes envelopes between the transport and the protocol machines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from protocol import wire
+from protocol.wire import Envelope, MsgType
+
+from . import __version__
+from .api import ApiServer
+from .config import Config, ConfigError
+from .keyfiles import DataDir, load_or_create_key
+from .link import Link, StreamSink
+from .transport import Transport
+
+log = logging.getLogger("spirtd.node")
+
+EnvelopeHandler = Callable[[Link, Envelope], None]
+StreamHandler = Callable[[Link, int, int, bytes], StreamSink | None]
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data = DataDir(config.data_dir)
+        self.counters: Counter[str] = Counter()
+        self.started_at = time.time()
+        self._envelope_handlers: dict[MsgType, EnvelopeHandler] = {}
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self.transport: Transport | None = None
+        self.api: ApiServer | None = None
+
+    # -- startup -------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Everything that can fail on misconfiguration, before any socket opens."""
+        try:
+            self.data.ensure()
+        except OSError as e:
+            raise ConfigError(f"data_dir: cannot create {self.data.root}: {e.strerror}") from None
+        self._lock_data_dir()
+        self.key, created = load_or_create_key(self.data.key_path)
+        if created:
+            log.info("created a new node identity in %s", self.data.key_path)
+        self.certificate = self.data.certificate()
+        self.trust = self.data.trust_store(self.config.cluster)
+        if self.certificate is not None and self.certificate.public_key != self.key.public_key:
+            raise ConfigError(f"data_dir: {self.data.cert_path} is for another key than node.key")
+        if not self.trust.ca_keys and not self.trust.allowlist:
+            log.warning(
+                "admission is closed: no trusted CA and an empty allowlist, so no peer can "
+                "join (see `spirtctl ca enroll` and `spirtctl trust`)"
+            )
+
+    def _lock_data_dir(self) -> None:
+        path = self.data.root / "spirtd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"data_dir: {self.data.root} is in use by another spirtd") from None
+        self._lock_fd = fd
+
+    async def run(self) -> int:
+        self._prepare()
+        self.transport = Transport(
+            self.key,
+            self.certificate,
+            self.trust,
+            self.config.transport,
+            self,
+            counters=self.counters,
+            on_link_up=self._on_link_up,
+            on_link_down=self._on_link_down,
+        )
+        try:
+            listen = await self.transport.start(self.config.listen, self.config.advertise)
+        except OSError as e:
+            raise ConfigError(
+                f"listen: cannot listen on {self.config.listen}: {e.strerror}"
+            ) from None
+        self.api = ApiServer(self, self.data.api_socket)
+        await self.api.start()
+
+        # The first lines of output identify the node (INTERFACES.md).
+        print(f"node_id: {self.key.node_id}", flush=True)
+        print(f"listen: {listen}", flush=True)
+        print(f"public_key: {self.key.public_key.hex()}", flush=True)
+        log.info("spirtd %s up: node %s listening on %s", __version__, self.key.node_id, listen)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_trust)
+        for addr in self.config.bootstrap:
+            self.transport.maintain(addr)
+        trust_task = asyncio.create_task(self._trust_refresher())
+
+        await self._stop.wait()
+        log.info("shutting down")
+        trust_task.cancel()
+        await self.transport.stop()
+        await self.api.stop()
+        log.info("stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- trust ---------------------------------------------------------------------------
+
+    def reload_trust(self) -> None:
+        try:
+            trust = self.data.trust_store(self.config.cluster)
+        except Exception as e:  # keep the old policy rather than die on a bad edit
+            log.error("trust reload failed, keeping the current policy: %s", e)
+            return
+        self.trust = trust
+        if self.transport is not None:
+            self.transport.update_trust(trust)
+
+    async def _trust_refresher(self) -> None:
+        """Picks up revocations and allowlist edits, and expires certificates, without a restart."""
+
+        def stamp() -> tuple:
+            out = []
+            for p in (self.data.ca_pub_path, self.data.allowlist_path, self.data.crl_path):
+                with contextlib.suppress(OSError):
+                    out.append((p, p.stat().st_mtime_ns))
+            return tuple(out)
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(2.0)
+            now = stamp()
+            if now != last:
+                last = now
+                log.info("trust material changed on disk; reloading")
+                self.reload_trust()
+            elif self.transport is not None:
+                self.transport.update_trust(self.trust)  # catches certificate expiry
+
+    # -- transport callbacks -------------------------------------------------------------
+
+    def register(self, msg_type: MsgType, handler: EnvelopeHandler) -> None:
+        self._envelope_handlers[msg_type] = handler
+
+    def on_message(self, link: Link, data: bytes) -> None:
+        env = wire.decode_counted(data, self.counters)
+        if env is None:
+            return
+        handler = self._envelope_handlers.get(env.type)
+        if handler is None:
+            self.counters["wire.unhandled_type"] += 1
+            return
+        handler(link, env)
+
+    def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None:
+        return None  # no stream consumers yet: refused and counted by the link
+
+    def _on_link_up(self, link: Link) -> None:
+        pass
+
+    def _on_link_down(self, link: Link) -> None:
+        pass
+
+    # -- status --------------------------------------------------------------------------
+
+    def members(self) -> list[dict[str, Any]]:
+        me = {
+            "node_id": self.key.node_id,
+            "address": self.transport.advertise if self.transport else self.config.listen,
+            "state": "alive",
+            "incarnation": 0,
+            "last_heard_s": 0.0,
+            "self": True,
+        }
+        out = [me]
+        if self.transport is not None:
+            for link in sorted(self.transport.links.values(), key=lambda k: k.peer_id):
+                info = link.info()
+                out.append(
+                    {
+                        "node_id": link.peer_id,
+                        "address": link.peer_addr,
+                        "state": "alive",
+                        "incarnation": 0,
+                        "last_heard_s": info["last_heard_s"],
+                        "self": False,
+                    }
+                )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.key.node_id,
+            "address": self.transport.advertise if self.transport else self.config.listen,
+            "public_key": self.key.public_key.hex(),
+            "cluster": self.trust.cluster,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "members": self.members(),
+            "links": [link.info() for link in self.transport.links.values()]
+            if self.transport
+            else [],
+            "training": {
+                "job": None,
+                "state": "idle",
+                "round": 0,
+                "model_digest": None,
+                "loss": None,
+                "accuracy": None,
+            },
+            "redis": {"ok": False, "module": False, "detail": "not started"},
+            "functions": {"backend": self.config.functions, "in_flight": 0},
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+
+def main_async(config: Config) -> int:
+    import uvloop
+
+    node = Node(config)
+    try:
+        return uvloop.run(node.run())
+    except ConfigError as e:
+        print(f"spirtd: {e}", file=sys.stderr, flush=True)
+        return 78  # EX_CONFIG: systemd will not hammer-restart on a config error

@@ -1,0 +1,330 @@
+"""Peer links: listening, dialing, the handshake, one link per peer pair, and
+reconnection.
+
+Plain asyncio streams under uvloop, not aiohttp WebSockets: bench.link measures
+both on this machine (see its `aiohttp_ws_MBps` field). Streams avoid
+WebSocket framing and masking on top of our own records, and the encrypted
+link then runs at the AEAD's own speed.
+
+Before the handshake completes, records are ``u32 length || msgpack`` capped at
+protocol.handshake.MAX_MESSAGE; after it, protocol.session records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from protocol.errors import HandshakeError, TrustError
+from protocol.handshake import MAX_MESSAGE, Handshake, HandshakeResult, ReplayCache, Role
+from protocol.identity import Certificate, NodeKey, TrustStore
+from protocol.session import Session
+
+from .config import TransportConfig, parse_hostport
+from .link import Link, LinkHandler
+
+log = logging.getLogger("spirtd.transport")
+
+_LEN = struct.Struct(">I")
+
+
+class DialError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class Transport:
+    def __init__(
+        self,
+        key: NodeKey,
+        certificate: Certificate | None,
+        trust: TrustStore,
+        config: TransportConfig,
+        handler: LinkHandler,
+        *,
+        counters: Counter[str],
+        on_link_up: Callable[[Link], None] = lambda link: None,
+        on_link_down: Callable[[Link], None] = lambda link: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.key = key
+        self.node_id = key.node_id
+        self.certificate = certificate
+        self.trust = trust
+        self.config = config
+        self.handler = handler
+        self.counters = counters
+        self.on_link_up = on_link_up
+        self.on_link_down = on_link_down
+        self.rng = rng or random.Random()
+        self.links: dict[str, Link] = {}
+        self.advertise = ""
+        self.listen_addr = ""
+        self._server: asyncio.base_events.Server | None = None
+        self._replay = ReplayCache()
+        self._pending_handshakes = 0
+        self._dials: dict[str, asyncio.Future[Link]] = {}
+        self._maintained: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, listen: str, advertise: str | None = None) -> str:
+        """Binds ``listen`` (port 0 picks one) and returns the bound HOST:PORT."""
+        host, port = parse_hostport(listen, "listen")
+        self._server = await asyncio.start_server(
+            self._on_inbound, host, port, reuse_address=True, limit=1 << 17
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.listen_addr = f"{sock[0]}:{sock[1]}"
+        self.advertise = advertise or self.listen_addr
+        return self.listen_addr
+
+    async def stop(self) -> None:
+        self._closing = True
+        for t in self._maintained.values():
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        links = list(self.links.values())
+        for link in links:
+            link.close("shutdown")
+        for link in links:
+            await link.wait_closed(timeout=2.0)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
+
+    def update_trust(self, trust: TrustStore) -> None:
+        """Swaps the admission policy and drops links to peers it no longer admits
+        (revoked, removed from the allowlist, or whose certificate expired)."""
+        self.trust = trust
+        now = time.time()
+        for link in list(self.links.values()):
+            try:
+                trust.check(link.peer_key, link.peer_cert, now)
+            except TrustError as e:
+                self.counters[f"transport.evicted.{e.reason}"] += 1
+                log.warning("dropping link to %s: %s", link.peer_id, e)
+                link.close(e.reason)
+
+    # -- dialing -------------------------------------------------------------------------
+
+    async def connect(self, addr: str, expected_peer: str | None = None) -> Link:
+        """Returns a link to the peer at ``addr``, dialing if needed; concurrent
+        calls for one address share one dial."""
+        if expected_peer is not None:
+            existing = self.links.get(expected_peer)
+            if existing is not None and existing.close_reason is None:
+                return existing
+        pending = self._dials.get(addr)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+        self._dials[addr] = fut
+        try:
+            link = await self._dial(addr, expected_peer)
+            fut.set_result(link)
+            return link
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._dials[addr]
+
+    async def _dial(self, addr: str, expected_peer: str | None) -> Link:
+        host, port = parse_hostport(addr, "peer address")
+        try:
+            async with asyncio.timeout(self.config.dial_timeout_s):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 17)
+        except (OSError, TimeoutError) as e:
+            self.counters["transport.dial_failed"] += 1
+            raise DialError("unreachable", f"{addr}: {e}") from None
+        try:
+            result = await self._handshake(reader, writer, Role.INITIATOR, expected_peer)
+        except DialError:
+            writer.close()
+            raise
+        return self._establish(reader, writer, result, outbound=True, dialed=addr)
+
+    def maintain(self, addr: str) -> None:
+        """Keeps a link to ``addr`` up, redialing with jittered exponential backoff."""
+        if addr not in self._maintained and not self._closing:
+            self._maintained[addr] = asyncio.create_task(self._maintain(addr), name=f"keep-{addr}")
+
+    async def _maintain(self, addr: str) -> None:
+        delay = self.config.reconnect_min_s
+        while not self._closing:
+            try:
+                link = await self.connect(addr)
+                delay = self.config.reconnect_min_s
+                await link.closed.wait()
+            except DialError as e:
+                log.info("cannot reach %s (%s); retrying in %.1fs", addr, e, delay)
+            # Full jitter spreads a cluster's redials after a shared outage.
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
+            delay = min(delay * 2, self.config.reconnect_max_s)
+
+    # -- accepting -----------------------------------------------------------------------
+
+    async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing or self._pending_handshakes >= self.config.max_pending_handshakes:
+            # Bounded: a flood of half-open connections cannot exhaust us.
+            self.counters["transport.handshake_overload"] += 1
+            writer.close()
+            return
+        if len(self.links) >= self.config.max_links:
+            self.counters["transport.too_many_links"] += 1
+            writer.close()
+            return
+        self._pending_handshakes += 1
+        try:
+            result = await self._handshake(reader, writer, Role.RESPONDER, None)
+        except DialError:
+            writer.close()
+            return
+        finally:
+            self._pending_handshakes -= 1
+        self._establish(reader, writer, result, outbound=False, dialed=None)
+
+    # -- handshake -----------------------------------------------------------------------
+
+    async def _handshake(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: Role,
+        expected_peer: str | None,
+    ) -> HandshakeResult:
+        peer = writer.get_extra_info("peername")
+        where = f"{peer[0]}:{peer[1]}" if peer else "?"
+        hs = Handshake(
+            role,
+            self.key,
+            self.certificate,
+            self.trust,
+            random_bytes=os.urandom,
+            now=time.time(),
+            replay_cache=self._replay if role is Role.RESPONDER else None,
+            expected_peer=expected_peer,
+            advertise=self.advertise,
+        )
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout_s):
+                if role is Role.INITIATOR:
+                    _write_record(writer, hs.start())
+                while not hs.complete:
+                    data = await _read_record(reader)
+                    reply = hs.receive(data, time.time())
+                    if reply is not None:
+                        _write_record(writer, reply)
+                await writer.drain()
+        except HandshakeError as e:
+            self.counters[f"handshake.{e.reason}"] += 1
+            log.warning("handshake with %s (%s) refused: %s", where, role.value, e)
+            if e.reason != "rejected_by_peer":
+                with contextlib.suppress(Exception):
+                    _write_record(writer, Handshake.reject(e.reason))
+                    async with asyncio.timeout(1.0):
+                        await writer.drain()
+            raise DialError(e.reason, e.detail) from None
+        except TimeoutError:
+            self.counters["handshake.timeout"] += 1
+            log.info("handshake with %s (%s) timed out", where, role.value)
+            raise DialError("handshake_timeout") from None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            self.counters["handshake.connection_lost"] += 1
+            raise DialError("connection_lost", str(e)) from None
+        assert hs.result is not None
+        return hs.result
+
+    def _establish(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        result: HandshakeResult,
+        *,
+        outbound: bool,
+        dialed: str | None,
+    ) -> Link:
+        session = Session(
+            result.send_key,
+            result.recv_key,
+            max_payload=max(self.config.stream_chunk_bytes, 1 << 20) + 1024,
+            rekey_every=self.config.rekey_every_frames,
+        )
+        link = Link(
+            reader,
+            writer,
+            session,
+            result,
+            outbound=outbound,
+            initiator_id=self.node_id if outbound else result.peer_id,
+            dialed_addr=dialed,
+            config=self.config,
+            handler=self.handler,
+            counters=self.counters,
+        )
+        link.start()
+        keep = self._register(link)
+        task = asyncio.create_task(self._watch(link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return keep
+
+    def _register(self, link: Link) -> Link:
+        """One link per peer pair. When both sides dial at once, both keep the
+        link dialed by the smaller node id, so they agree without talking."""
+        existing = self.links.get(link.peer_id)
+        if existing is not None and existing.close_reason is None:
+            if existing.initiator_id != link.initiator_id:
+                winner = min(self.node_id, link.peer_id)
+                if link.initiator_id != winner:
+                    self.counters["transport.duplicate_link"] += 1
+                    link.close("duplicate")
+                    return existing
+            self.counters["transport.duplicate_link"] += 1
+            existing.close("replaced")
+        self.links[link.peer_id] = link
+        self.counters["transport.links_opened"] += 1
+        log.info(
+            "link up: %s at %s (%s, %s, session %s)",
+            link.peer_id,
+            link.peer_addr,
+            "outbound" if link.outbound else "inbound",
+            link.admitted_by,
+            link.session_id,
+        )
+        self.on_link_up(link)
+        return link
+
+    async def _watch(self, link: Link) -> None:
+        await link.closed.wait()
+        if self.links.get(link.peer_id) is link:
+            del self.links[link.peer_id]
+            log.info("link down: %s (%s)", link.peer_id, link.close_reason)
+            self.on_link_down(link)
+
+
+def _write_record(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    writer.write(_LEN.pack(len(payload)) + payload)
+
+
+async def _read_record(reader: asyncio.StreamReader) -> bytes:
+    (n,) = _LEN.unpack(await reader.readexactly(4))
+    if n > MAX_MESSAGE:
+        raise HandshakeError("handshake_oversized", f"{n} bytes > {MAX_MESSAGE}")
+    return await reader.readexactly(n)
