@@ -1,0 +1,55 @@
+"""``spirt-probe``: a diagnostic function for checking a functions backend.
+
+It exercises what a deployment must handle (a plain reply, a handler error, a
+slow call, a crash, memory pressure, a large reply) so tests and operators can
+check a local runtime or a Lambda deployment without touching Redis or data.
+
+Event: ``{"action": "echo"|"sleep"|"raise"|"exit"|"allocate"|"reply", ...}``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+MAX_SLEEP_S = 900.0
+MAX_ALLOCATE_MB = 16_384
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class ProbeError(RuntimeError):
+    """The error the ``raise`` action raises, with the event's message."""
+
+
+def _number(event: dict[str, Any], key: str, hi: float) -> float:
+    v = event.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (0 <= v <= hi):
+        raise ValueError(f"{key} must be a number in [0, {hi}]")
+    return float(v)
+
+
+def handler(event: Any, context: Any) -> Any:
+    if not isinstance(event, dict):
+        raise ValueError("the probe event must be a JSON object")
+    action = event.get("action", "echo")
+    if action == "echo":
+        return {"echo": event.get("value"), "pid": os.getpid(),
+                "request_id": getattr(context, "aws_request_id", None)}
+    if action == "sleep":
+        seconds = _number(event, "seconds", MAX_SLEEP_S)
+        time.sleep(seconds)
+        return {"slept": seconds, "pid": os.getpid()}
+    if action == "raise":
+        raise ProbeError(str(event.get("message", "probe error")))
+    if action == "exit":
+        # Simulates a crash mid-invocation: no reply is ever sent.
+        os._exit(int(event.get("code", 1)) if event.get("code", 1) in range(256) else 1)
+    if action == "allocate":
+        mb = int(_number(event, "mb", MAX_ALLOCATE_MB))
+        block = bytearray(mb * 1024 * 1024)
+        return {"allocated_mb": mb, "len": len(block)}
+    if action == "reply":
+        size = int(_number(event, "bytes", MAX_REPLY_BYTES))
+        return {"data": "x" * size}
+    raise ValueError(f"unknown probe action {action!r}")

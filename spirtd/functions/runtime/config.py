@@ -1,0 +1,82 @@
+"""Settings of the local Lambda-compatible runtime, with documented defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from spirtd.functions.runtime import lambda_errors
+
+GRADIENT_FUNCTION = "spirt-gradient"
+GRADIENT_HANDLER = "spirtd.functions.gradient:handler"
+
+
+class RuntimeConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One deployed function, like a Lambda function's configuration."""
+
+    handler: str = GRADIENT_HANDLER
+    # Lambda's own default is 3 s; a gradient over a real minibatch needs more.
+    timeout_s: float = 60.0
+    # Per worker: the worker's data segment limit (see worker.set_memory_limit).
+    memory_mb: int = 1024
+    # Extra environment variables for the worker, like Lambda's.
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.handler:
+            raise RuntimeConfigError(f"handler must be 'module:function', got {self.handler!r}")
+        if not (0.01 <= self.timeout_s <= 900):
+            raise RuntimeConfigError("timeout_s must be in [0.01, 900] (Lambda's maximum)")
+        if not (128 <= self.memory_mb <= 10240):
+            raise RuntimeConfigError("memory_mb must be in 128..10240 (Lambda's range)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    functions: Mapping[str, FunctionSpec] = field(
+        default_factory=lambda: {GRADIENT_FUNCTION: FunctionSpec()}
+    )
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port; read the real one from LocalRuntime.endpoint_url
+    # Invocations running at once, over all functions; more get 429 like Lambda.
+    concurrency: int = 2
+    # Workers started per function by start(), so the first round has no cold start.
+    prewarm: int = 0
+    # torch/OpenMP threads per worker: one, so N workers use N cores without fighting.
+    threads_per_worker: int = 1
+    # A worker that has not imported its handler by then is killed.
+    init_timeout_s: float = 120.0
+    max_request_bytes: int = lambda_errors.MAX_SYNC_REQUEST
+    max_event_bytes: int = lambda_errors.MAX_ASYNC_REQUEST
+    max_response_bytes: int = lambda_errors.MAX_RESPONSE
+    # Event (async) invocations accepted but not yet running; more get 429.
+    event_queue: int = 256
+
+    def __post_init__(self) -> None:
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise RuntimeConfigError(f"the local runtime listens on loopback only, not {self.host}")
+        if not self.functions:
+            raise RuntimeConfigError("at least one function is needed")
+        for name in self.functions:
+            if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "-_" for c in name):
+                raise RuntimeConfigError(f"bad function name {name!r} (letters, digits, - and _)")
+        if not (1 <= self.concurrency <= 1024):
+            raise RuntimeConfigError("concurrency must be in 1..1024")
+        if not (0 <= self.prewarm <= self.concurrency):
+            raise RuntimeConfigError("prewarm must be in 0..concurrency")
+        if not (1 <= self.threads_per_worker <= 256):
+            raise RuntimeConfigError("threads_per_worker must be in 1..256")
+        if not (1 <= self.event_queue <= 100_000):
+            raise RuntimeConfigError("event_queue must be in 1..100000")
+        if not (0 <= self.port <= 65535):
+            raise RuntimeConfigError("port must be in 0..65535")

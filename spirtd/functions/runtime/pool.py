@@ -1,0 +1,172 @@
+"""The warm workers of one function: reuse, cold starts, timeouts, replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from spirtd.functions.runtime import lambda_errors
+from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
+from spirtd.functions.runtime.process import WorkerDied, WorkerInitError, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolStats:
+    cold_starts: int = 0  # worker processes that initialised (Lambda "Init" phases)
+    cold_invocations: int = 0  # invocations that had to wait for a new worker
+    invocations: int = 0
+    function_errors: int = 0
+    timeouts: int = 0
+    worker_deaths: int = 0  # killed or crashed mid-invocation (timeouts excluded)
+    replacements: int = 0
+    init_failures: int = 0
+    durations_ms: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    body: bytes
+    error: bool  # True: a function error (HTTP 200 + X-Amz-Function-Error)
+    cold: bool
+
+
+class FunctionPool:
+    def __init__(self, name: str, spec: FunctionSpec, cfg: RuntimeConfig) -> None:
+        self.name = name
+        self.spec = spec
+        self.cfg = cfg
+        self.stats = PoolStats()
+        self._idle: list[WorkerProcess] = []
+        self._all: set[WorkerProcess] = set()
+        self._spares_starting = 0
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return sorted(w.pid for w in self._all if w.alive)
+
+    async def _spawn(self) -> WorkerProcess:
+        try:
+            w = await WorkerProcess.spawn(self.name, self.spec, self.cfg)
+        except WorkerInitError:
+            self.stats.init_failures += 1
+            raise
+        self.stats.cold_starts += 1
+        if self._closed:
+            await w.close()
+            raise WorkerInitError("Runtime.InitError", "runtime is stopping")
+        self._all.add(w)
+        return w
+
+    def _start_spare(self) -> None:
+        """Starts a worker in the background that joins the idle set when ready."""
+        if self._closed:
+            return
+        self._spares_starting += 1
+
+        async def run() -> None:
+            try:
+                w = await self._spawn()
+                self._idle.append(w)
+            except WorkerInitError as e:
+                log.warning("function %s: spare worker failed to start: %s", self.name, e)
+            finally:
+                self._spares_starting -= 1
+                async with self._changed:
+                    self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def prewarm(self, count: int) -> None:
+        for _ in range(count):
+            self._idle.append(await self._spawn())
+
+    async def _acquire(self) -> tuple[WorkerProcess, bool]:
+        while True:
+            while self._idle:
+                w = self._idle.pop()  # LIFO: the most recently used worker is the warmest
+                if w.alive:
+                    return w, False
+                self._all.discard(w)
+            if self._spares_starting == 0:
+                return await self._spawn(), True
+            # A replacement is already starting: wait for it rather than start another.
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.cfg.init_timeout_s)
+
+    def _release(self, w: WorkerProcess) -> None:
+        if w.alive and not self._closed:
+            self._idle.append(w)
+        else:
+            self._all.discard(w)
+
+    def _drop_and_replace(self, w: WorkerProcess) -> None:
+        self._all.discard(w)
+        self.stats.replacements += 1
+        self._start_spare()
+
+    async def invoke(self, request_id: str, payload: bytes) -> Outcome:
+        self.stats.invocations += 1
+        try:
+            w, cold = await self._acquire()
+        except WorkerInitError as e:
+            self.stats.function_errors += 1
+            return Outcome(lambda_errors.function_error(e.error_type, str(e)), True, True)
+        if cold:
+            self.stats.cold_invocations += 1
+        timeout = self.spec.timeout_s
+        header = {"type": "invoke", "id": request_id,
+                  "deadline_ms": int(time.time() * 1000 + timeout * 1000)}
+        t0 = time.perf_counter()
+        try:
+            reply, body = await w.call(header, payload, timeout)
+        except TimeoutError:
+            await w.kill()
+            self.stats.timeouts += 1
+            self._drop_and_replace(w)
+            msg = f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds"
+            return Outcome(lambda_errors.function_error(lambda_errors.TIMEOUT, msg), True, cold)
+        except WorkerDied as e:
+            self.stats.worker_deaths += 1
+            self._drop_and_replace(w)
+            msg = f"RequestId: {request_id} Error: Runtime exited with error: {e}"
+            return Outcome(lambda_errors.function_error(lambda_errors.EXIT, msg), True, cold)
+        except BaseException:
+            # Cancelled mid-call (runtime stopping): the worker's state is unknown.
+            await w.kill()
+            self._all.discard(w)
+            raise
+        finally:
+            self.stats.durations_ms.append((time.perf_counter() - t0) * 1000)
+            del self.stats.durations_ms[:-1000]
+        if reply.get("exit"):
+            # The worker ran out of memory and is exiting: like Lambda, the
+            # environment is discarded rather than reused.
+            await w.close()
+            self._drop_and_replace(w)
+        else:
+            self._release(w)
+        ok = bool(reply.get("ok"))
+        if not ok:
+            self.stats.function_errors += 1
+        return Outcome(body, not ok, cold)
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self._all)
+        self._all.clear()
+        self._idle.clear()
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)

@@ -1,0 +1,57 @@
+"""``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images).
+
+The data ships inside the scikit-learn wheel, so nothing is downloaded. The
+train/test split is fixed (20 % test, seeded), and the model is a small MLP or CNN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spirtd.tasks.base import Split, Task, fixed_split
+from spirtd.tasks.options import check_options, choice_option, int_option
+from spirtd.tasks.sharding import ALL, Shard
+
+_OPTIONS = {"model", "hidden"}
+_SPLIT_SEED = 20230
+
+
+class DigitsTask(Task):
+    name = "digits"
+
+    def __init__(self, shard: Shard = ALL, **options: Any) -> None:
+        super().__init__(shard)
+        opts = check_options(options, _OPTIONS, self.name)
+        self.arch = choice_option(opts, "model", "mlp", {"mlp", "cnn"})
+        self.hidden = int_option(opts, "hidden", 64, 1, 4096)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model": self.arch, "hidden": self.hidden}
+
+    def build_model(self) -> nn.Module:
+        if self.arch == "cnn":
+            return nn.Sequential(
+                nn.Unflatten(1, (1, 8, 8)),
+                nn.Conv2d(1, 16, kernel_size=3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(16 * 4 * 4, self.hidden),
+                nn.ReLU(),
+                nn.Linear(self.hidden, 10),
+            )
+        return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def load_splits(self) -> tuple[Split, Split]:
+        from sklearn.datasets import load_digits  # imported late: sklearn is slow to import
+
+        bunch = load_digits()
+        x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0)
+        y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+        train_rows, test_rows = fixed_split(len(y), 0.2, seed=_SPLIT_SEED)
+        full = Split(x, y)
+        return full.take(train_rows), full.take(test_rows)
