@@ -1,0 +1,176 @@
+"""The gradient function: an AWS Lambda handler, ``handler(event, context)``.
+
+For one slice of one round it:
+
+1. reads the model parameters (one flat float32 vector, spirtd/tensorfmt.py)
+   from the peer's Redis;
+2. loads its slice of the peer's training shard;
+3. computes the mean-loss gradient with torch;
+4. writes it to ``output_key`` (values and shape in one MULTI, both with a TTL, so
+   a retried invocation overwrites its own output and never adds a second one);
+5. returns ``{"loss", "samples", "duration_ms", ...}``.
+
+The event is validated strictly (event.py). A warm container keeps its tasks
+(datasets) and Redis connections between invocations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import redis
+
+from spirtd import tensorfmt
+from spirtd.functions import credentials
+from spirtd.functions.event import GradientEvent, RedisTarget
+from spirtd.tasks import Task, load_task, minibatch_slice
+from spirtd.tasks.base import TaskError
+
+# Which packages a ``module:attribute`` task may come from, comma separated; unset
+# means built-in tasks only (importing a module runs its code).
+TASK_MODULES_ENV = "SPIRT_TASK_MODULES"
+# For rediss:// (TLS), the CA that signed the peer's Redis certificate, as a PEM
+# file path or as PEM text.
+CA_FILE_ENV = "SPIRT_REDIS_CA_FILE"
+CA_PEM_ENV = "SPIRT_REDIS_CA_PEM"
+REDIS_TIMEOUT_S = 30.0
+_MAX_CACHED = 4
+
+
+class ParamsError(RuntimeError):
+    """The parameters in Redis are missing or do not fit the task."""
+
+
+class GradientError(RuntimeError):
+    """The gradient is not finite (diverged parameters); nothing is written."""
+
+
+_lock = threading.Lock()
+_tasks: OrderedDict[tuple[Any, ...], Task] = OrderedDict()
+_clients: OrderedDict[tuple[Any, ...], redis.Redis] = OrderedDict()
+
+
+def _task_for(ev: GradientEvent) -> Task:
+    options = dict(ev.task_options)
+    if ev.data.uri is not None:
+        path = ev.data.uri.removeprefix("file://")
+        if not path.startswith("/"):
+            raise TaskError("event.data.uri must be an absolute path or a file:// URI")
+        options["path"] = path
+    key = (ev.task, str(ev.data.shard), tuple(sorted(options.items())))
+    with _lock:
+        task = _tasks.get(key)
+        if task is not None:
+            _tasks.move_to_end(key)
+            return task
+    allowed_env = os.environ.get(TASK_MODULES_ENV, "")
+    allowed = {m.strip() for m in allowed_env.split(",") if m.strip()}
+    task = load_task(ev.task, ev.data.shard, allowed_modules=allowed, **options)
+    with _lock:
+        _tasks[key] = task
+        while len(_tasks) > _MAX_CACHED:
+            _tasks.popitem(last=False)
+    return task
+
+
+def _client_for(target: RedisTarget) -> redis.Redis:
+    key = (target.url, target.username, target.credentials)
+    with _lock:
+        client = _clients.get(key)
+        if client is not None:
+            _clients.move_to_end(key)
+            return client
+    creds = credentials.resolve(target.credentials, target.username)
+    kw: dict[str, Any] = {
+        "username": creds.username, "password": creds.password,
+        "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": 10.0,
+    }
+    if target.url.startswith("rediss://"):
+        kw["ssl_cert_reqs"] = "required"
+        if os.environ.get(CA_FILE_ENV):
+            kw["ssl_ca_certs"] = os.environ[CA_FILE_ENV]
+        elif os.environ.get(CA_PEM_ENV):
+            kw["ssl_ca_data"] = os.environ[CA_PEM_ENV]
+    client = redis.Redis.from_url(target.url, **kw)
+    with _lock:
+        _clients[key] = client
+        while len(_clients) > _MAX_CACHED:
+            _clients.popitem(last=False)[1].close()
+    return client
+
+
+def _forget_client(target: RedisTarget) -> None:
+    with _lock:
+        client = _clients.pop((target.url, target.username, target.credentials), None)
+    if client is not None:
+        client.close()
+    credentials.forget(target.credentials)
+
+
+def read_params(client: redis.Redis, key: str, expected: int) -> np.ndarray:
+    """The flat parameter vector at ``key``; its size is checked before it is fetched."""
+    pipe = client.pipeline(transaction=False)
+    pipe.strlen(key)
+    pipe.get(tensorfmt.shape_key(key))
+    size, shape = pipe.execute()
+    if size == 0:
+        raise ParamsError(f"no parameters at {key!r}")
+    if size != expected * tensorfmt.DTYPE.itemsize:
+        raise ParamsError(f"parameters at {key!r} have {size} bytes; the task needs "
+                          f"{expected} float32 ({expected * tensorfmt.DTYPE.itemsize} bytes)")
+    dims = tensorfmt.parse_shape(shape, max_elements=expected)
+    if dims != (expected,):
+        raise ParamsError(f"parameters at {key!r} have shape {dims}; expected ({expected},)")
+    values = client.get(key)
+    # Decoding checks the length again: the key may have changed between the calls.
+    return tensorfmt.decode(values, shape, max_elements=expected)
+
+
+def write_gradient(client: redis.Redis, key: str, values: np.ndarray, ttl_s: int) -> None:
+    data, shape = tensorfmt.encode(values)
+    # One MULTI: readers never see new values with an old shape, and a retry
+    # replaces the previous attempt's output instead of adding to it.
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key, data, ex=ttl_s)
+    pipe.set(tensorfmt.shape_key(key), shape, ex=ttl_s)
+    pipe.execute()
+
+
+def rows_for(ev: GradientEvent, task: Task) -> np.ndarray:
+    d = ev.data
+    if d.indices is not None:
+        return np.asarray(d.indices, dtype=np.int64)
+    assert d.seed is not None
+    return minibatch_slice(len(task.train), d.seed, d.batch_size, ev.slice, d.slices)
+
+
+def compute(ev: GradientEvent) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    task = _task_for(ev)
+    client = _client_for(ev.redis)
+    try:
+        params = read_params(client, ev.params_key, task.param_count)
+        grad = task.gradient(params, rows_for(ev, task))
+        if not (math.isfinite(grad.loss) and np.isfinite(grad.values).all()):
+            raise GradientError(f"non-finite loss or gradient for slice {ev.slice} of round "
+                                f"{ev.round}; the output key was not written")
+        write_gradient(client, ev.output_key, grad.values, ev.ttl_seconds)
+    except (redis.AuthenticationError, redis.ConnectionError):
+        # A rotated password or a restarted Redis: start clean next time.
+        _forget_client(ev.redis)
+        raise
+    return {
+        "job": ev.job, "round": ev.round, "slice": ev.slice, "output_key": ev.output_key,
+        "loss": grad.loss, "samples": grad.samples, "param_count": int(grad.values.size),
+        "duration_ms": (time.perf_counter() - t0) * 1000.0,
+    }
+
+
+def handler(event: Any, context: Any) -> dict[str, Any]:
+    return compute(GradientEvent.from_json(event))
