@@ -4,18 +4,26 @@ It exercises what a deployment must handle (a plain reply, a handler error, a
 slow call, a crash, memory pressure, a large reply) so tests and operators can
 check a local runtime or a Lambda deployment without touching Redis or data.
 
-Event: ``{"action": "echo"|"sleep"|"raise"|"exit"|"allocate"|"reply", ...}``.
+Event: ``{"action": "echo"|"sleep"|"raise"|"exit"|"allocate"|"reply"|"flaky", ...}``.
+
+``flaky`` misbehaves (``"mode"``: sleep, exit or raise) the first time it sees a
+``marker`` name and succeeds after, to check that a client retries. Its markers
+live only in the directory the function's environment names in
+``SPIRT_PROBE_DIR``; the event gives a bare name, never a path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
 MAX_SLEEP_S = 900.0
 MAX_ALLOCATE_MB = 16_384
 MAX_REPLY_BYTES = 16 * 1024 * 1024
+PROBE_DIR_ENV = "SPIRT_PROBE_DIR"
+_MARKER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ProbeError(RuntimeError):
@@ -52,4 +60,28 @@ def handler(event: Any, context: Any) -> Any:
     if action == "reply":
         size = int(_number(event, "bytes", MAX_REPLY_BYTES))
         return {"data": "x" * size}
+    if action == "flaky":
+        return _flaky(event, context)
     raise ValueError(f"unknown probe action {action!r}")
+
+
+def _flaky(event: dict[str, Any], context: Any) -> Any:
+    directory = os.environ.get(PROBE_DIR_ENV)
+    if not directory:
+        raise ValueError(f"flaky needs {PROBE_DIR_ENV} in the function's environment")
+    marker = event.get("marker")
+    if not isinstance(marker, str) or not _MARKER_RE.match(marker):
+        raise ValueError("flaky needs a marker name of 1..64 letters, digits, - or _")
+    path = os.path.join(directory, marker)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return {"recovered": True, "pid": os.getpid()}
+    os.close(fd)
+    mode = event.get("mode", "raise")
+    if mode == "sleep":
+        time.sleep(_number(event, "seconds", MAX_SLEEP_S))
+        return {"recovered": False}
+    if mode == "exit":
+        os._exit(1)
+    raise ProbeError(f"flaky failure for {marker}")

@@ -1,0 +1,300 @@
+"""One Lambda client for the local runtime and for AWS Lambda.
+
+boto3's Lambda client, called from a bounded thread pool, with:
+
+* a concurrency limit (at most ``concurrency`` calls in flight);
+* our own retries with full-jitter exponential backoff on throttling (429), 5xx
+  service errors, connection problems, client-side timeouts, and the function
+  errors that mean "the environment failed, not the code" (a timeout or a crash);
+* a time budget per invocation and an overall deadline per round.
+
+The SDK's own retries are off so that exactly this policy applies. A handler's
+own exception is not retried: the same event would fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+
+from spirtd.functions.runtime import lambda_errors
+
+# Function errors that mean the execution environment failed; retrying is safe
+# because the gradient function's output for a slice is idempotent.
+RETRYABLE_FUNCTION_ERRORS = frozenset({lambda_errors.TIMEOUT, lambda_errors.EXIT})
+MAX_RESULT_BYTES = lambda_errors.MAX_RESPONSE
+_TRANSPORT_ERRORS = (
+    bexc.ReadTimeoutError,
+    bexc.ConnectTimeoutError,
+    bexc.EndpointConnectionError,
+    bexc.ConnectionClosedError,
+)
+
+
+class InvocationError(RuntimeError):
+    """An invocation failed for good (after any retries)."""
+
+    def __init__(self, error_type: str, message: str, *, retryable: bool = False,
+                 attempts: int = 1) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.retryable = retryable
+        self.attempts = attempts
+
+
+class FunctionError(InvocationError):
+    """The function ran and failed (``X-Amz-Function-Error``)."""
+
+
+class ServiceError(InvocationError):
+    """The Invoke call itself was refused (throttled, too large, not found, 5xx ...)."""
+
+
+class TransportError(InvocationError):
+    """No answer: connection refused or reset, or the client-side read timed out."""
+
+
+class DeadlineExceeded(InvocationError):
+    pass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4  # tries in total, the first included
+    base_s: float = 0.05
+    cap_s: float = 5.0
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**retry)]."""
+        return rng.uniform(0.0, min(self.cap_s, self.base_s * (2**retry)))
+
+
+@dataclass
+class InvokerStats:
+    calls: int = 0
+    attempts: int = 0
+    retries: int = 0
+    throttled: int = 0
+    server_errors: int = 0
+    transport_errors: int = 0
+    function_errors: int = 0
+    environment_failures: int = 0  # timeouts and crashes reported by the runtime
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    index: int
+    result: dict[str, Any] | None
+    error: InvocationError | None
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    slices: list[SliceResult] = field(default_factory=list)
+    min_fraction: float = 1.0
+    duration_s: float = 0.0
+
+    @property
+    def succeeded(self) -> list[SliceResult]:
+        return [s for s in self.slices if s.ok]
+
+    @property
+    def fraction(self) -> float:
+        return len(self.succeeded) / len(self.slices) if self.slices else 0.0
+
+    @property
+    def met_quorum(self) -> bool:
+        return bool(self.slices) and self.fraction + 1e-12 >= self.min_fraction
+
+
+class Invoker:
+    """``Invoker(endpoint_url, function_name)``: ``endpoint_url=None`` means AWS Lambda
+    in ``region`` with the default AWS credential chain; a URL means a Lambda-compatible
+    endpoint such as the local runtime (dummy credentials unless given)."""
+
+    def __init__(
+        self,
+        endpoint_url: str | None,
+        function_name: str,
+        *,
+        concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        region: str = "us-east-1",
+        credentials: tuple[str, str] | None = None,
+        attempt_timeout_s: float = 900.0,
+        connect_timeout_s: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not (1 <= concurrency <= 1024):
+            raise ValueError("concurrency must be in 1..1024")
+        self.endpoint_url = endpoint_url
+        self.function_name = function_name
+        self.concurrency = concurrency
+        self.retry = retry or RetryPolicy()
+        self.stats = InvokerStats()
+        self.in_flight = 0
+        self._rng = rng or random.Random()
+        self._sem = asyncio.Semaphore(concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="invoke")
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=concurrency,
+            connect_timeout=connect_timeout_s,
+            # One attempt may take as long as the function may run.
+            read_timeout=attempt_timeout_s,
+            tcp_keepalive=True,
+        )
+        kw: dict[str, Any] = {"region_name": region, "config": config}
+        if endpoint_url is not None:
+            kw["endpoint_url"] = endpoint_url
+            key, secret = credentials or ("local", "local")
+            kw.update(aws_access_key_id=key, aws_secret_access_key=secret)
+        elif credentials is not None:
+            kw.update(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
+        self.client = boto3.session.Session().client("lambda", **kw)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.client.close)
+
+    async def __aenter__(self) -> Invoker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- one attempt (runs in a pool thread) ----------------------------------------
+    def _call(self, payload: bytes) -> dict[str, Any]:
+        resp = self.client.invoke(FunctionName=self.function_name,
+                                  InvocationType="RequestResponse", Payload=payload)
+        body = resp["Payload"].read(MAX_RESULT_BYTES + 1)
+        if len(body) > MAX_RESULT_BYTES:
+            raise FunctionError("ResponseTooLarge", "the function's response is too large")
+        try:
+            doc = json.loads(body) if body else None
+        except ValueError as e:
+            raise FunctionError("InvalidResponse", f"response is not JSON: {e}") from e
+        if resp.get("FunctionError"):
+            etype = str(doc.get("errorType", "Unhandled")) if isinstance(doc, dict) else "Unhandled"
+            msg = str(doc.get("errorMessage", "")) if isinstance(doc, dict) else str(doc)
+            raise FunctionError(etype, msg, retryable=etype in RETRYABLE_FUNCTION_ERRORS)
+        if not isinstance(doc, dict):
+            raise FunctionError("InvalidResponse", "the function did not return a JSON object")
+        return doc
+
+    def _classify(self, e: Exception) -> InvocationError:
+        if isinstance(e, InvocationError):
+            if isinstance(e, FunctionError):
+                if e.retryable:
+                    self.stats.environment_failures += 1
+                else:
+                    self.stats.function_errors += 1
+            return e
+        if isinstance(e, bexc.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", "Unknown"))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            throttled = code == "TooManyRequestsException" or status == 429
+            server = status >= 500
+            self.stats.throttled += throttled
+            self.stats.server_errors += server
+            return ServiceError(code, str(err.get("Message", e)), retryable=throttled or server)
+        if isinstance(e, _TRANSPORT_ERRORS):
+            self.stats.transport_errors += 1
+            return TransportError(type(e).__name__, str(e), retryable=True)
+        return InvocationError(type(e).__name__, str(e))
+
+    # --- public -------------------------------------------------------------------------
+    async def invoke(self, event: Any, timeout: float | None = None) -> dict[str, Any]:
+        """Invokes the function synchronously and returns its JSON result.
+
+        ``timeout`` bounds the whole call, retries and backoff included.
+        Raises ``InvocationError`` (``FunctionError``, ``ServiceError``,
+        ``TransportError``, ``DeadlineExceeded``).
+        """
+        payload = json.dumps(event).encode()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        self.stats.calls += 1
+        async with self._sem:
+            self.in_flight += 1
+            try:
+                return await self._attempts(payload, deadline)
+            finally:
+                self.in_flight -= 1
+
+    async def _attempts(self, payload: bytes, deadline: float | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats.attempts += 1
+            fut = loop.run_in_executor(self._pool, self._call, payload)
+            try:
+                if deadline is None:
+                    return await fut
+                return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise DeadlineExceeded("DeadlineExceeded", "the invocation's time budget ran "
+                                       "out", attempts=attempt) from None
+            except Exception as e:
+                err = self._classify(e)
+                err.attempts = attempt
+                if not err.retryable or attempt >= self.retry.attempts:
+                    raise err from e
+            pause = self.retry.delay(attempt - 1, self._rng)
+            if deadline is not None and loop.time() + pause >= deadline:
+                raise DeadlineExceeded("DeadlineExceeded", f"no time left to retry after "
+                                       f"{err.error_type}", attempts=attempt) from err
+            self.stats.retries += 1
+            await asyncio.sleep(pause)
+
+    async def invoke_round(self, events: Sequence[Any], deadline: float,
+                           min_fraction: float = 1.0) -> RoundResult:
+        """Invokes every event at once (within the concurrency limit).
+
+        Returns when all have finished or ``deadline`` seconds have passed; slices
+        still running then count as failed (``DeadlineExceeded``). The round met
+        its quorum when at least ``min_fraction`` of the slices succeeded.
+        """
+        if not (0.0 <= min_fraction <= 1.0):
+            raise ValueError("min_fraction must be in [0, 1]")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(i: int, ev: Any) -> SliceResult:
+            s = loop.time()
+            try:
+                res = await self.invoke(ev, timeout=max(0.0, t0 + deadline - loop.time()))
+                return SliceResult(i, res, None, loop.time() - s)
+            except InvocationError as e:
+                return SliceResult(i, None, e, loop.time() - s)
+
+        tasks = [loop.create_task(one(i, ev)) for i, ev in enumerate(events)]
+        if tasks:
+            await asyncio.wait(tasks, timeout=deadline)
+        slices: list[SliceResult] = []
+        for i, t in enumerate(tasks):
+            if t.done() and not t.cancelled():
+                slices.append(t.result())
+            else:
+                t.cancel()
+                slices.append(SliceResult(i, None, DeadlineExceeded(
+                    "DeadlineExceeded", "the round's deadline passed"), loop.time() - t0))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return RoundResult(slices, min_fraction, loop.time() - t0)

@@ -1,0 +1,223 @@
+"""The local runtime speaks the Lambda Invoke API: checked with the real boto3 client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig, RuntimeConfigError
+from spirtd.functions.runtime.server import LocalRuntime
+
+PROBE = "spirtd.functions.probe:handler"
+
+
+def lambda_client(endpoint: str) -> Any:
+    return boto3.client(
+        "lambda", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="x", aws_secret_access_key="y",
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=60),
+    )
+
+
+async def invoke(client: Any, event: Any, name: str = "probe", **kw: Any) -> dict[str, Any]:
+    def call() -> dict[str, Any]:
+        payload = event if isinstance(event, bytes) else json.dumps(event).encode()
+        resp = client.invoke(FunctionName=name, Payload=payload, **kw)
+        body = resp["Payload"].read()
+        return {"status": resp["StatusCode"], "error": resp.get("FunctionError"),
+                "body": json.loads(body) if body else None}
+    return await asyncio.to_thread(call)
+
+
+async def wait_until(pred: Any, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def probe_config(**kw: Any) -> RuntimeConfig:
+    spec = FunctionSpec(handler=PROBE, timeout_s=kw.pop("timeout_s", 10.0),
+                        memory_mb=kw.pop("memory_mb", 256))
+    return RuntimeConfig(functions={"probe": spec}, **kw)
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[LocalRuntime]:
+    async with LocalRuntime(probe_config(concurrency=2, timeout_s=1.5)) as rt:
+        yield rt
+
+
+async def test_success_and_warm_reuse(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    first = await invoke(c, {"action": "echo", "value": [1, "two"]})
+    second = await invoke(c, {"action": "echo", "value": 3})
+    assert first["status"] == 200 and first["error"] is None
+    assert first["body"]["echo"] == [1, "two"] and second["body"]["echo"] == 3
+    assert first["body"]["pid"] == second["body"]["pid"] != os.getpid()
+    assert first["body"]["request_id"] != second["body"]["request_id"]
+    assert runtime.cold_starts == 1
+    stats = runtime.stats()["functions"]["probe"]
+    assert stats["cold_invocations"] == 1 and stats["invocations"] == 2
+
+
+async def test_handler_exception_surfaces(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    r = await invoke(c, {"action": "raise", "message": "the loss went sideways"})
+    assert r["status"] == 200 and r["error"] == "Unhandled"
+    assert r["body"]["errorType"] == "ProbeError"
+    assert r["body"]["errorMessage"] == "the loss went sideways"
+    assert any("probe.py" in line for line in r["body"]["stackTrace"])
+    # The worker survives a handler error and stays warm.
+    assert (await invoke(c, {"action": "echo"}))["error"] is None
+    assert runtime.cold_starts == 1
+
+
+async def test_timeout_kills_and_replaces_worker(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
+    r = await invoke(c, {"action": "sleep", "seconds": 30})
+    assert r["error"] == "Unhandled"
+    assert r["body"]["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.50 seconds" in r["body"]["errorMessage"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the stuck worker is gone
+    after = await invoke(c, {"action": "echo"})
+    assert after["error"] is None and after["body"]["pid"] != pid
+    stats = runtime.stats()["functions"]["probe"]
+    assert stats["timeouts"] == 1 and stats["replacements"] == 1 and stats["workers"] == 1
+
+
+async def test_concurrency_cap_throttles() -> None:
+    async with LocalRuntime(probe_config(concurrency=1)) as rt:
+        c = lambda_client(rt.endpoint_url)
+        slow = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.0}))
+        await wait_until(lambda: rt.in_flight == 1)
+        with pytest.raises(c.exceptions.TooManyRequestsException) as info:
+            await invoke(c, {"action": "echo"})
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert info.value.response["Reason"] == \
+            "ReservedFunctionConcurrentInvocationLimitExceeded"
+        assert (await slow)["error"] is None
+        assert (await invoke(c, {"action": "echo"}))["error"] is None  # slot is free again
+        assert rt.throttles == 1 and rt.in_flight == 0
+
+
+async def test_worker_killed_mid_invocation(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    pool = runtime.pools["probe"]
+    pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
+    call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.2}))
+    await wait_until(lambda: runtime.in_flight == 1)
+    await asyncio.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    r = await call
+    assert r["error"] == "Unhandled" and r["body"]["errorType"] == "Runtime.ExitError"
+    assert "signal: kill" in r["body"]["errorMessage"]
+    await wait_until(lambda: len(pool.worker_pids) == 1 and pool.worker_pids[0] != pid)
+    again = await invoke(c, {"action": "echo"})
+    assert again["error"] is None and again["body"]["pid"] != pid
+    assert runtime.stats()["functions"]["probe"]["worker_deaths"] == 1
+
+
+async def test_worker_exiting_by_itself_is_an_exit_error(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    r = await invoke(c, {"action": "exit", "code": 3})
+    assert r["body"]["errorType"] == "Runtime.ExitError"
+    assert "exit status 3" in r["body"]["errorMessage"]
+
+
+async def test_oversized_payload() -> None:
+    async with LocalRuntime(probe_config()) as rt:
+        c = lambda_client(rt.endpoint_url)
+        big = json.dumps({"action": "echo", "value": "x" * 6_291_456}).encode()
+        with pytest.raises(c.exceptions.RequestTooLargeException) as info:
+            await invoke(c, big)
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+        assert "6291456 bytes" in info.value.response["Error"]["Message"]
+        # Async invocations have Lambda's smaller limit (256 KiB).
+        mid = json.dumps({"action": "echo", "value": "x" * 300_000}).encode()
+        with pytest.raises(c.exceptions.RequestTooLargeException):
+            await invoke(c, mid, InvocationType="Event")
+        # Just under the synchronous limit still works, and nothing was lost.
+        ok = json.dumps({"action": "echo", "value": "x" * 6_000_000}).encode()
+        assert (await invoke(c, ok))["body"]["echo"] == "x" * 6_000_000
+        assert rt.cold_starts == 1
+
+
+async def test_oversized_response() -> None:
+    async with LocalRuntime(probe_config(max_response_bytes=10_000)) as rt:
+        c = lambda_client(rt.endpoint_url)
+        r = await invoke(c, {"action": "reply", "bytes": 20_000})
+        assert r["error"] == "Unhandled"
+        assert r["body"]["errorType"] == "Function.ResponseSizeTooLarge"
+        assert (await invoke(c, {"action": "reply", "bytes": 100}))["error"] is None
+
+
+async def test_memory_limit_per_worker() -> None:
+    async with LocalRuntime(probe_config(memory_mb=256)) as rt:
+        c = lambda_client(rt.endpoint_url)
+        assert (await invoke(c, {"action": "allocate", "mb": 32}))["error"] is None
+        r = await invoke(c, {"action": "allocate", "mb": 400})
+        assert r["body"]["errorType"] == "Runtime.OutOfMemory"
+        assert (await invoke(c, {"action": "allocate", "mb": 32}))["error"] is None
+        assert rt.pools["probe"].stats.replacements == 1
+
+
+async def test_request_errors_use_lambda_codes(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime.endpoint_url)
+    with pytest.raises(c.exceptions.ResourceNotFoundException):
+        await invoke(c, {}, name="no-such-function")
+    with pytest.raises(c.exceptions.InvalidRequestContentException):
+        await invoke(c, b"{not json")
+    dry = await asyncio.to_thread(c.invoke, FunctionName="probe", InvocationType="DryRun")
+    assert dry["StatusCode"] == 204
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:probe"
+    assert (await invoke(c, {"action": "echo", "value": 1}, name=arn))["body"]["echo"] == 1
+
+
+async def test_event_invocation_runs_later(tmp_path: Any) -> None:
+    spec = FunctionSpec(handler=PROBE, timeout_s=10, memory_mb=256,
+                        environment={"SPIRT_PROBE_DIR": str(tmp_path)})
+    async with LocalRuntime(RuntimeConfig(functions={"probe": spec}, concurrency=1)) as rt:
+        c = lambda_client(rt.endpoint_url)
+        r = await invoke(c, {"action": "flaky", "marker": "evt", "mode": "raise"},
+                         InvocationType="Event")
+        assert r["status"] == 202 and r["body"] is None
+        # The handler ran in a worker: it created its marker (and failed, as asked).
+        await wait_until(lambda: (tmp_path / "evt").exists())
+        await wait_until(lambda: rt.pools["probe"].stats.function_errors == 1)
+        assert rt.in_flight == 0
+
+
+async def test_prewarm_and_stop_leave_no_workers() -> None:
+    rt = LocalRuntime(probe_config(concurrency=2, prewarm=2))
+    await rt.start()
+    pids = rt.pools["probe"].worker_pids
+    assert len(pids) == 2 and rt.cold_starts == 2
+    c = lambda_client(rt.endpoint_url)
+    assert (await invoke(c, {"action": "echo"}))["body"]["pid"] in pids
+    assert rt.pools["probe"].stats.cold_invocations == 0
+    await rt.stop()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_config_refuses_non_loopback_and_bad_values() -> None:
+    with pytest.raises(RuntimeConfigError, match="loopback"):
+        RuntimeConfig(host="0.0.0.0")
+    with pytest.raises(RuntimeConfigError, match="timeout"):
+        FunctionSpec(timeout_s=1000)
+    with pytest.raises(RuntimeConfigError, match="function name"):
+        RuntimeConfig(functions={"bad/name": FunctionSpec()})
+    assert RuntimeConfig(host="::1").host == "::1"
