@@ -1,0 +1,228 @@
+"""The gradient function, called as a plain handler, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import torch
+from torch import nn
+
+from spirtd import tensorfmt
+from spirtd.functions import gradient
+from spirtd.functions.credentials import CredentialError
+from spirtd.functions.event import (
+    CredentialRef,
+    DataSlice,
+    EventError,
+    GradientEvent,
+    RedisTarget,
+)
+from spirtd.functions.runtime.context import local_context
+from spirtd.tasks import Shard, TaskError, load_task, minibatch_slice
+from tests.fixtures_redis import RunningRedis
+
+
+def make_event(r: RunningRedis, *, task: str = "synthetic", slice_index: int = 0,
+               slices: int = 3, batch: int = 48, seed: int = 5, shard: str = "0/1",
+               indices: list[int] | None = None, creds: CredentialRef | None = None,
+               options: dict[str, Any] | None = None, job: str = "job1", rnd: int = 4,
+               params_key: str = "spirt:job1:params", ttl: int = 600) -> GradientEvent:
+    if indices is not None:
+        data = DataSlice(shard=Shard.parse(shard), batch_size=len(indices),
+                         indices=tuple(indices))
+    else:
+        data = DataSlice(shard=Shard.parse(shard), batch_size=batch, seed=seed, slices=slices)
+    return GradientEvent(
+        job=job, round=rnd, slice=slice_index, task=task, task_options=options or {},
+        redis=RedisTarget(r.url, r.username,
+                          creds or CredentialRef("file", str(r.password_file))),
+        params_key=params_key, data=data,
+        output_key=f"spirt:{job}:grad:{rnd}:{slice_index}", ttl_seconds=ttl,
+    )
+
+
+async def put_params(r: RunningRedis, key: str, params: np.ndarray) -> None:
+    values, shape = tensorfmt.encode(params)
+    await r.client.set(key, values)
+    await r.client.set(tensorfmt.shape_key(key), shape)
+
+
+async def get_tensor(r: RunningRedis, key: str) -> np.ndarray:
+    return tensorfmt.decode(await r.client.get(key), await r.client.get(tensorfmt.shape_key(key)))
+
+
+def reference_gradient(task_name: str, shard: str, params: np.ndarray,
+                       rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """The gradient computed here with plain torch, independently of the handler."""
+    task = load_task(task_name, shard)
+    model = task.build_model()
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(params.copy()), model.parameters())
+    idx = torch.as_tensor(rows)
+    loss = nn.functional.cross_entropy(model(task.train.x[idx]), task.train.y[idx])
+    loss.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    return flat, loss.item()
+
+
+async def call(ev: GradientEvent | dict[str, Any]) -> dict[str, Any]:
+    payload = ev.to_json() if isinstance(ev, GradientEvent) else ev
+    return await asyncio.to_thread(gradient.handler, payload, local_context())
+
+
+@pytest.mark.parametrize(("task_name", "shard"), [("synthetic", "0/1"), ("digits", "1/2")])
+async def test_gradient_equals_torch(plain_redis: RunningRedis, task_name: str,
+                                     shard: str) -> None:
+    task = load_task(task_name, shard)
+    params = task.initial_params(21)
+    await put_params(plain_redis, "spirt:job1:params", params)
+    for k in range(3):
+        ev = make_event(plain_redis, task=task_name, shard=shard, slice_index=k)
+        out = await call(ev)
+        rows = minibatch_slice(len(task.train), 5, 48, k, 3)
+        want, want_loss = reference_gradient(task_name, shard, params, rows)
+        got = await get_tensor(plain_redis, ev.output_key)
+        assert got.shape == (task.param_count,)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        assert out["samples"] == len(rows) == 16
+        assert out["loss"] == pytest.approx(want_loss, abs=1e-6)
+        assert out["output_key"] == ev.output_key and out["slice"] == k
+        assert out["param_count"] == task.param_count and out["duration_ms"] > 0
+
+
+async def test_explicit_indices_and_ttl(plain_redis: RunningRedis) -> None:
+    task = load_task("synthetic")
+    params = task.initial_params(2)
+    await put_params(plain_redis, "spirt:job1:params", params)
+    ev = make_event(plain_redis, indices=[3, 1, 4, 1, 5], ttl=120)
+    out = await call(ev)
+    want, _ = reference_gradient("synthetic", "0/1", params, np.array([3, 1, 4, 1, 5]))
+    np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
+    assert out["samples"] == 5
+    for key in (ev.output_key, tensorfmt.shape_key(ev.output_key)):
+        assert 0 < await plain_redis.client.ttl(key) <= 120
+
+
+async def test_retry_overwrites_never_adds(plain_redis: RunningRedis) -> None:
+    task = load_task("synthetic")
+    p1 = task.initial_params(1)
+    await put_params(plain_redis, "spirt:job1:params", p1)
+    ev = make_event(plain_redis, slice_index=1)
+    await call(ev)
+    await call(ev)  # a retry of the same slice
+    p2 = task.initial_params(2)
+    await put_params(plain_redis, "spirt:job1:params", p2)
+    await call(ev)
+    keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:grad:*"))
+    assert keys == [ev.output_key, tensorfmt.shape_key(ev.output_key)]
+    want, _ = reference_gradient("synthetic", "0/1", p2,
+                                 minibatch_slice(len(task.train), 5, 48, 1, 3))
+    np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
+
+
+async def test_missing_or_misshapen_params(plain_redis: RunningRedis) -> None:
+    ev = make_event(plain_redis)
+    with pytest.raises(gradient.ParamsError, match="no parameters"):
+        await call(ev)
+    await put_params(plain_redis, "spirt:job1:params", np.zeros(10, dtype=np.float32))
+    with pytest.raises(gradient.ParamsError, match="40 bytes"):
+        await call(ev)
+    bad = load_task("synthetic").initial_params(0)
+    bad[0] = np.inf
+    await put_params(plain_redis, "spirt:job1:params", bad)
+    with pytest.raises(TaskError, match="NaN or infinity"):
+        await call(ev)
+    assert await plain_redis.client.exists(ev.output_key) == 0  # nothing was written
+
+
+async def test_credentials_by_reference(plain_redis: RunningRedis, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
+    password = plain_redis.password_file.read_text().strip()
+
+    loose = tmp_path / "loose"
+    loose.write_text(password)
+    loose.chmod(0o644)
+    with pytest.raises(CredentialError, match="0600"):
+        await call(make_event(plain_redis, creds=CredentialRef("file", str(loose))))
+    with pytest.raises(CredentialError, match="cannot open"):
+        await call(make_event(plain_redis, creds=CredentialRef("file", str(tmp_path / "none"))))
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password")
+    wrong.chmod(0o600)
+    with pytest.raises(redis.AuthenticationError):
+        await call(make_event(plain_redis, creds=CredentialRef("file", str(wrong))))
+
+    monkeypatch.setenv("SPIRT_TEST_REDIS_PASSWORD", password)
+    by_env = CredentialRef("env", "SPIRT_TEST_REDIS_PASSWORD")
+    out = await call(make_event(plain_redis, creds=by_env, slice_index=2))
+    assert out["samples"] == 16
+    monkeypatch.delenv("SPIRT_TEST_REDIS_PASSWORD")
+    with pytest.raises(CredentialError, match="not set"):
+        await call(make_event(plain_redis, creds=CredentialRef("env", "SPIRT_UNSET_VAR_X")))
+
+
+def _valid(r: RunningRedis) -> dict[str, Any]:
+    return make_event(r).to_json()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda e: e.pop("job"), "event.job"),
+        (lambda e: e.update(job="bad job!"), "event.job"),
+        (lambda e: e.update(v=2), "event.v"),
+        (lambda e: e.update(round=-1), "event.round"),
+        (lambda e: e.update(round=True), "event.round"),
+        (lambda e: e.update(password="hunter2"), "unknown field"),
+        (lambda e: e["redis"].update(password="hunter2"), "unknown field"),
+        (lambda e: e["redis"].update(url="http://127.0.0.1:6379"), "redis.url"),
+        (lambda e: e["redis"]["credentials"].update(path="relative/pw"), "absolute path"),
+        (lambda e: e["redis"].update(credentials={"kind": "inline", "value": "pw"}),
+         "unknown field"),
+        (lambda e: e["redis"].update(credentials={"kind": "secretsmanager", "arn": "x"}),
+         "credentials.arn"),
+        (lambda e: e.update(output_key="has space"), "output_key"),
+        (lambda e: e.update(output_key="k" * 513), "output_key"),
+        (lambda e: e.update(ttl_seconds=0), "ttl_seconds"),
+        (lambda e: e["data"].update(indices=[1, 2]), "exactly one of indices or seed"),
+        (lambda e: e["data"].update(seed=None), "exactly one of indices or seed"),
+        (lambda e: e["data"].update(slices=2, batch_size=48) or e.update(slice=2),
+         "not below"),
+        (lambda e: e["data"].update(shard="3/3"), "shard"),
+        (lambda e: e["data"].update(batch_size=0), "batch_size"),
+        (lambda e: e["data"].update(seed=None, indices=[0] * 1_000_001,
+                                    batch_size=1_000_001), "indices"),
+        (lambda e: e.update(task_options={"x": [1, 2]}), "scalar"),
+        (lambda e: e.update(task="tests.test_functions:evil"), "not in the allowed"),
+    ],
+)
+async def test_bad_events_get_clear_errors(plain_redis: RunningRedis, mutate: Any,
+                                           match: str) -> None:
+    ev = _valid(plain_redis)
+    mutate(ev)
+    with pytest.raises((EventError, TaskError), match=match):
+        await call(ev)
+
+
+async def test_event_must_be_an_object() -> None:
+    for bad in ([], "x", None, 3):
+        with pytest.raises(EventError, match="JSON object"):
+            await asyncio.to_thread(gradient.handler, bad, local_context())
+
+
+def test_event_json_round_trip() -> None:
+    ev = GradientEvent(
+        job="j", round=1, slice=0, task="digits",
+        redis=RedisTarget("unix:///tmp/x.sock", "spirt", CredentialRef("env", "PW")),
+        params_key="p", data=DataSlice(Shard(0, 2), 8, seed=3, slices=2),
+        output_key="o", task_options={"model": "cnn"},
+    )
+    assert GradientEvent.from_json(ev.to_json()) == ev
+    # The event names where the secret is, never the secret.
+    assert ev.to_json()["redis"]["credentials"] == {"kind": "env", "name": "PW"}
