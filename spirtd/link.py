@@ -177,6 +177,9 @@ class Link:
                 await self._queue.put((FrameKind.STREAM_DATA, sid, piece), bulk=True)
 
             async for chunk in _aiter(chunks):
+                if isinstance(chunk, bytes) and len(chunk) <= step:
+                    await put_piece(chunk)  # the common case: no copy
+                    continue
                 view = memoryview(chunk)
                 for off in range(0, len(view), step):
                     await put_piece(bytes(view[off : off + step]))
