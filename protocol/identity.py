@@ -33,7 +33,12 @@ _IDENTITY_MULTIHASH = bytes([0x00, len(_LIBP2P_ED25519_PREFIX) + PUBLIC_KEY_SIZE
 
 _CERT_LIMITS = strictpack.Limits(max_size=1024, max_depth=2, max_items=32, max_str=128, max_bin=512)
 _CRL_LIMITS = strictpack.Limits(
-    max_size=1 << 20, max_depth=3, max_items=20_000, max_str=128, max_bin=1 << 20, max_container=16_384
+    max_size=1 << 20,
+    max_depth=3,
+    max_items=20_000,
+    max_str=128,
+    max_bin=1 << 20,
+    max_container=16_384,
 )
 
 
