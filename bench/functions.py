@@ -1,0 +1,189 @@
+"""bench.functions: cost of running the gradient function through the local runtime.
+
+Measured side by side in one run, against one real redis-server:
+
+* direct_call_ms           median time of calling the gradient handler in this
+                           process (small ``synthetic`` task, one torch thread);
+* warm_invoke_overhead_ms  median over pairs of (warm invocation through the
+                           Invoker -> boto3 -> local runtime -> warm worker) minus
+                           (direct call), the two timed back to back in each pair;
+                           target <= 5 ms;
+* parallel_speedup         gradients per second with 2 concurrent functions divided
+                           by gradients per second with 1 (a heavier ``synthetic``
+                           model so each gradient is real work); target >= 1.6 on
+                           2 cores.
+
+Also reported: the same overhead over a plain HTTP POST (no boto3), to show how
+much of it is the SDK's own request building and signing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+
+from spirtd import tensorfmt
+from spirtd.functions import gradient
+from spirtd.functions.event import CredentialRef, DataSlice, GradientEvent, RedisTarget
+from spirtd.functions.invoker import Invoker
+from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
+from spirtd.functions.runtime.context import local_context
+from spirtd.functions.runtime.server import LocalRuntime
+from spirtd.redisproc import ManagedRedis
+from spirtd.tasks import Shard, load_task
+
+SMALL: dict[str, Any] = {}
+HEAVY: dict[str, Any] = {"samples": 8192, "features": 256, "hidden": 768, "depth": 2}
+
+
+def make_event(redis: ManagedRedis, options: dict[str, Any], *, batch: int, slices: int,
+               slice_index: int, params_key: str, tag: str) -> dict[str, Any]:
+    return GradientEvent(
+        job="bench", round=0, slice=slice_index, task="synthetic", task_options=options,
+        redis=RedisTarget(redis.url, redis.username,
+                          CredentialRef("file", str(redis.password_file))),
+        params_key=params_key,
+        data=DataSlice(Shard(0, 1), batch_size=batch, seed=1, slices=slices),
+        output_key=f"bench:grad:{tag}:{slice_index}", ttl_seconds=300,
+    ).to_json()
+
+
+async def put_params(redis: ManagedRedis, key: str, options: dict[str, Any]) -> int:
+    params = load_task("synthetic", **options).initial_params(0)
+    values, shape = tensorfmt.encode(params)
+    client = await redis.client()
+    try:
+        await client.set(key, values)
+        await client.set(tensorfmt.shape_key(key), shape)
+    finally:
+        await client.aclose()
+    return int(params.size)
+
+
+async def overhead(redis: ManagedRedis, rt: LocalRuntime, reps: int) -> dict[str, Any]:
+    ev = make_event(redis, SMALL, batch=64, slices=1, slice_index=0,
+                    params_key="bench:params:small", tag="small")
+    ctx = local_context()
+    payload = json.dumps(ev).encode()
+    url = f"{rt.endpoint_url}/2015-03-31/functions/{GRADIENT_FUNCTION}/invocations"
+    direct: list[float] = []
+    invoked: list[float] = []
+    http: list[float] = []
+    async with Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=1) as inv, \
+            aiohttp.ClientSession() as session:
+        for i in range(reps + 10):  # the first 10 pairs warm everything up
+            t0 = time.perf_counter()
+            gradient.handler(ev, ctx)
+            t1 = time.perf_counter()
+            await inv.invoke(ev)
+            t2 = time.perf_counter()
+            async with session.post(url, data=payload) as resp:
+                await resp.read()
+                assert resp.status == 200 and "X-Amz-Function-Error" not in resp.headers
+            t3 = time.perf_counter()
+            if i >= 10:
+                direct.append((t1 - t0) * 1000)
+                invoked.append((t2 - t1) * 1000)
+                http.append((t3 - t2) * 1000)
+    return {
+        "direct_call_ms": statistics.median(direct),
+        "invoke_ms": statistics.median(invoked),
+        "raw_http_invoke_ms": statistics.median(http),
+        "warm_invoke_overhead_ms": statistics.median(b - a for a, b in zip(direct, invoked,
+                                                                             strict=True)),
+        "raw_http_overhead_ms": statistics.median(b - a for a, b in zip(direct, http,
+                                                                          strict=True)),
+    }
+
+
+async def throughput(redis: ManagedRedis, rt: LocalRuntime, concurrency: int,
+                     gradients: int, batch: int) -> float:
+    events = [make_event(redis, HEAVY, batch=batch * gradients, slices=gradients,
+                         slice_index=k, params_key="bench:params:heavy", tag=f"c{concurrency}")
+              for k in range(gradients)]
+    async with Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=concurrency) as inv:
+        t0 = time.perf_counter()
+        res = await inv.invoke_round(events, deadline=600.0, min_fraction=1.0)
+        elapsed = time.perf_counter() - t0
+    if not res.met_quorum:
+        raise RuntimeError(f"bench round failed: {[s.error for s in res.slices if s.error]}")
+    return gradients / elapsed
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)  # the same as each worker, so direct and invoked do equal work
+    tmp = Path(tempfile.mkdtemp(prefix="spirt-bench-", dir="/tmp"))
+    redis = ManagedRedis(tmp, load_module=False)
+    await redis.start()
+    try:
+        await put_params(redis, "bench:params:small", SMALL)
+        heavy_params = await put_params(redis, "bench:params:heavy", HEAVY)
+        cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=300)},
+                            concurrency=2, prewarm=2)
+        async with LocalRuntime(cfg) as rt:
+            over = await overhead(redis, rt, args.reps)
+            await throughput(redis, rt, 2, 4, args.batch)  # warm both workers' task caches
+            one: list[float] = []
+            two: list[float] = []
+            for _ in range(args.rounds):  # alternated so drift hits both sides alike
+                one.append(await throughput(redis, rt, 1, args.gradients, args.batch))
+                two.append(await throughput(redis, rt, 2, args.gradients, args.batch))
+            cold_starts = rt.cold_starts
+    finally:
+        await redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    g1, g2 = statistics.median(one), statistics.median(two)
+    return {
+        "workers": 2,
+        "warm_invoke_overhead_ms": round(over["warm_invoke_overhead_ms"], 3),
+        "direct_call_ms": round(over["direct_call_ms"], 3),
+        "parallel_speedup": round(g2 / g1, 3),
+        "inputs": {
+            "overhead_task": {"name": "synthetic", **SMALL, "batch": 64},
+            "overhead_pairs": args.reps,
+            "speedup_task": {"name": "synthetic", **HEAVY, "params": heavy_params,
+                             "batch_per_gradient": args.batch},
+            "gradients_per_round": args.gradients,
+            "rounds_each": args.rounds,
+            "torch_threads_per_worker": 1,
+            "client": "spirtd.functions.invoker.Invoker (boto3 lambda client)",
+        },
+        "raw": {
+            "invoke_ms_median": round(over["invoke_ms"], 3),
+            "raw_http_invoke_ms_median": round(over["raw_http_invoke_ms"], 3),
+            "raw_http_overhead_ms": round(over["raw_http_overhead_ms"], 3),
+            "gradients_per_s_1": [round(x, 3) for x in one],
+            "gradients_per_s_2": [round(x, 3) for x in two],
+            "cold_starts": cold_starts,
+        },
+        "targets": {"warm_invoke_overhead_ms_max": 5.0, "parallel_speedup_min": 1.6},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.functions")
+    ap.add_argument("--json", action="store_true", help="print only the JSON result")
+    ap.add_argument("--reps", type=int, default=200, help="overhead pairs (after 10 warm-up)")
+    ap.add_argument("--gradients", type=int, default=12, help="gradients per throughput round")
+    ap.add_argument("--batch", type=int, default=512, help="samples per gradient (heavy task)")
+    ap.add_argument("--rounds", type=int, default=5, help="throughput rounds per concurrency")
+    args = ap.parse_args()
+    result = asyncio.run(run(args))
+    if not args.json:
+        for k in ("workers", "warm_invoke_overhead_ms", "direct_call_ms", "parallel_speedup"):
+            print(f"{k:>26}: {result[k]}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
