@@ -16,10 +16,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from protocol import wire
+from protocol import strictpack, wire
+from protocol.errors import DecodeError
 from protocol.wire import Envelope, MsgType
 
-from . import __version__
+from . import __version__, services
 from .api import ApiServer
 from .config import Config, ConfigError
 from .keyfiles import DataDir, load_or_create_key
@@ -29,7 +30,11 @@ from .transport import Transport
 log = logging.getLogger("spirtd.node")
 
 EnvelopeHandler = Callable[[Link, Envelope], None]
-StreamHandler = Callable[[Link, int, int, bytes], StreamSink | None]
+# (link, total size, kind-specific header) -> a sink, or None to refuse the stream.
+StreamHandler = Callable[[Link, int, bytes], StreamSink | None]
+LinkListener = Callable[[Link, bool], None]  # (link, up)
+
+_STREAM_META_LIMITS = strictpack.Limits(max_size=4096, max_depth=2, max_items=4, max_str=64)
 
 
 class Node:
@@ -39,10 +44,16 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
         self._envelope_handlers: dict[MsgType, EnvelopeHandler] = {}
+        self._stream_handlers: dict[str, StreamHandler] = {}
+        self._link_listeners: list[LinkListener] = []
+        # Receivers keep per-origin sequence windows, so a restarted node must not
+        # reuse old numbers: start from the clock in microseconds, then count up.
+        self._seq = int(time.time() * 1_000_000)
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.transport: Transport | None = None
         self.api: ApiServer | None = None
+        self.services: list[services.Service] = []
 
     # -- startup -------------------------------------------------------------------------
 
@@ -95,6 +106,18 @@ class Node:
                 f"listen: cannot listen on {self.config.listen}: {e.strerror}"
             ) from None
         self.api = ApiServer(self, self.data.api_socket)
+        self.services = services.build(self)
+        started: list[services.Service] = []
+        try:
+            for svc in self.services:
+                await svc.start()
+                started.append(svc)
+        except BaseException:
+            for svc in reversed(started):
+                with contextlib.suppress(Exception):
+                    await svc.stop()
+            await self.transport.stop()
+            raise
         await self.api.start()
 
         # The first lines of output identify the node (INTERFACES.md).
@@ -114,6 +137,11 @@ class Node:
         await self._stop.wait()
         log.info("shutting down")
         trust_task.cancel()
+        for svc in reversed(self.services):
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("stopping %s failed", svc.name)
         await self.transport.stop()
         await self.api.stop()
         log.info("stopped")
@@ -160,6 +188,31 @@ class Node:
     def register(self, msg_type: MsgType, handler: EnvelopeHandler) -> None:
         self._envelope_handlers[msg_type] = handler
 
+    def register_stream(self, kind: str, handler: StreamHandler) -> None:
+        self._stream_handlers[kind] = handler
+
+    def add_link_listener(self, listener: LinkListener) -> None:
+        self._link_listeners.append(listener)
+
+    def seal(self, msg_type: MsgType, body: Any) -> bytes:
+        """Signs ``body`` as an envelope from this node, with a fresh sequence number."""
+        self._seq += 1
+        return wire.seal(self.key, msg_type, self._seq, int(time.time() * 1000), body)
+
+    @staticmethod
+    def stream_meta(kind: str, header: bytes) -> bytes:
+        """The meta a stream sender passes to Link.send_stream for ``kind`` streams."""
+        return strictpack.pack([kind, header])
+
+    async def link_to(self, peer_id: str | None, addr: str) -> Link:
+        """The link to a peer, dialing ``addr`` if there is none (raises DialError)."""
+        assert self.transport is not None
+        if peer_id is not None:
+            link = self.transport.links.get(peer_id)
+            if link is not None and link.close_reason is None:
+                return link
+        return await self.transport.connect(addr, expected_peer=peer_id)
+
     def on_message(self, link: Link, data: bytes) -> None:
         env = wire.decode_counted(data, self.counters)
         if env is None:
@@ -171,13 +224,31 @@ class Node:
         handler(link, env)
 
     def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None:
-        return None  # no stream consumers yet: refused and counted by the link
+        try:
+            obj = strictpack.unpack(meta, _STREAM_META_LIMITS)
+        except DecodeError:
+            obj = None
+        if not (
+            isinstance(obj, list)
+            and len(obj) == 2
+            and isinstance(obj[0], str)
+            and isinstance(obj[1], bytes)
+        ):
+            self.counters["stream.bad_meta"] += 1
+            return None
+        handler = self._stream_handlers.get(obj[0])
+        if handler is None:
+            self.counters["stream.unhandled_kind"] += 1
+            return None
+        return handler(link, total, obj[1])
 
     def _on_link_up(self, link: Link) -> None:
-        pass
+        for listener in self._link_listeners:
+            listener(link, True)
 
     def _on_link_down(self, link: Link) -> None:
-        pass
+        for listener in self._link_listeners:
+            listener(link, False)
 
     # -- status --------------------------------------------------------------------------
 
@@ -207,6 +278,12 @@ class Node:
         return out
 
     def status(self) -> dict[str, Any]:
+        out = self._base_status()
+        for svc in self.services:
+            out.update(svc.status())
+        return out
+
+    def _base_status(self) -> dict[str, Any]:
         return {
             "node_id": self.key.node_id,
             "address": self.transport.advertise if self.transport else self.config.listen,
