@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,31 @@ def test_event_json_round_trip() -> None:
     assert GradientEvent.from_json(ev.to_json()) == ev
     # The event names where the secret is, never the secret.
     assert ev.to_json()["redis"]["credentials"] == {"kind": "env", "name": "PW"}
+
+
+# The ACL documented in deploy/aws/README.md for the function's Redis user.
+FUNCTION_ACL = ["~spirt:*", "resetchannels", "-@all", "+get", "+set", "+strlen", "+multi",
+                "+exec", "+ping"]
+
+
+async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis,
+                                                   tmp_path: Path) -> None:
+    await plain_redis.client.execute_command(
+        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">fn-password-0123456789", *FUNCTION_ACL)
+    pw = tmp_path / "fn-password"
+    pw.write_text("fn-password-0123456789\n")
+    pw.chmod(0o600)
+    task = load_task("synthetic")
+    params = task.initial_params(6)
+    await put_params(plain_redis, "spirt:job1:params", params)
+    base = make_event(plain_redis, creds=CredentialRef("file", str(pw)))
+    ev = replace(base, redis=replace(base.redis, username="spirt-fn"))
+    out = await call(ev)
+    assert out["samples"] == 16
+    want, _ = reference_gradient("synthetic", "0/1", params,
+                                 minibatch_slice(len(task.train), 5, 48, 0, 3))
+    np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
+    # ... and it cannot touch keys outside its namespace.
+    await put_params(plain_redis, "other:params", params)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await call(replace(ev, params_key="other:params"))
