@@ -1,36 +1,63 @@
-/* SPIRT Redis module (skeleton; the tensor commands follow). */
-#include <stddef.h>
-#include <stdint.h>
+/* SPIRT Redis module: in-database tensor aggregation and model updates.
+ *
+ * Entry point only: loads the API table, reads the module arguments, starts the worker
+ * threads and registers the SPIRT.* commands. The commands are documented in
+ * native/README.md; the code is split by concern (tensor format, jobs and threads,
+ * rules, optimizers, kernels, BLAKE2b). */
+#include "commands.h"
+#include "jobs.h"
+#include "rm_api.h"
 
-#define RM_OK 0
-#define RM_ERR 1
-#define RM_APIVER_1 1
+typedef struct {
+    const char *name;
+    RMCmdFunc fn;
+    const char *flags;
+    int first, last, step;
+} CommandSpec;
 
-typedef struct RedisModuleCtx RedisModuleCtx;
-typedef struct RedisModuleString RedisModuleString;
-typedef int (*RMCmdFunc)(RedisModuleCtx *, RedisModuleString **, int);
+/* Commands with a variable key layout declare getkeys-api and report their keys. */
+static const CommandSpec COMMANDS[] = {
+    {"spirt.put", cmd_put, "write deny-oom", 1, 1, 1},
+    {"spirt.get", cmd_get, "readonly", 1, 1, 1},
+    {"spirt.mean", cmd_mean, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.median", cmd_median, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.trimmean", cmd_trimmean, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.krum", cmd_krum, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.geomed", cmd_geomed, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.cclip", cmd_cclip, "write deny-oom getkeys-api", 1, 1, 1},
+    {"spirt.sgd", cmd_sgd, "write deny-oom getkeys-api", 1, 2, 1},
+    {"spirt.adam", cmd_adam, "write deny-oom getkeys-api", 1, 2, 1},
+    {"spirt.norm", cmd_norm, "readonly getkeys-api", 1, 1, 1},
+    {"spirt.digest", cmd_digest, "readonly getkeys-api", 1, 1, 1},
+    {"spirt.info", cmd_info, "readonly fast", 0, 0, 0},
+    {"spirt.config", cmd_config, "admin", 0, 0, 0},
+};
 
-static int (*RM_GetApi)(const char *, void *);
-static int (*RM_CreateCommand)(RedisModuleCtx *, const char *, RMCmdFunc, const char *, int, int, int);
-static void (*RM_SetModuleAttribs)(RedisModuleCtx *, const char *, int, int);
-static int (*RM_IsModuleNameBusy)(const char *);
-static int (*RM_ReplyWithSimpleString)(RedisModuleCtx *, const char *);
-
-static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    (void)argv; (void)argc;
-    return RM_ReplyWithSimpleString(ctx, "spirt");
+__attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx,
+                                                              RedisModuleString **argv,
+                                                              int argc) {
+    if (rm_load_api(ctx) != RM_OK) return RM_ERR;
+    if (RM.IsModuleNameBusy("spirt")) return RM_ERR;
+    RM.SetModuleAttribs(ctx, "spirt", SPIRT_MODULE_VERSION, RM_APIVER_1);
+    if (parse_load_args(ctx, argv, argc) != RM_OK) return RM_ERR;
+    for (size_t i = 0; i < sizeof(COMMANDS) / sizeof(COMMANDS[0]); i++) {
+        const CommandSpec *c = &COMMANDS[i];
+        if (RM.CreateCommand(ctx, c->name, c->fn, c->flags, c->first, c->last, c->step) != RM_OK) {
+            RM.Log(ctx, "warning", "spirt: cannot register %s", c->name);
+            return RM_ERR;
+        }
+    }
+    if (jobs_init(ctx) != RM_OK) {
+        RM.Log(ctx, "warning", "spirt: cannot start worker threads or subscribe to events");
+        return RM_ERR;
+    }
+    RM.Log(ctx, "notice", "spirt: loaded (%lld threads, async from %lld bytes)",
+           jobs_config.threads, jobs_config.async_min_bytes);
+    return RM_OK;
 }
 
-__attribute__((visibility("default")))
-int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    (void)argv; (void)argc;
-    RM_GetApi = (int (*)(const char *, void *))((void **)ctx)[0];
-    if (RM_GetApi("RedisModule_CreateCommand", &RM_CreateCommand) != RM_OK) return RM_ERR;
-    if (RM_GetApi("RedisModule_SetModuleAttribs", &RM_SetModuleAttribs) != RM_OK) return RM_ERR;
-    if (RM_GetApi("RedisModule_IsModuleNameBusy", &RM_IsModuleNameBusy) != RM_OK) return RM_ERR;
-    if (RM_GetApi("RedisModule_ReplyWithSimpleString", &RM_ReplyWithSimpleString) != RM_OK) return RM_ERR;
-    if (RM_IsModuleNameBusy("spirt")) return RM_ERR;
-    RM_SetModuleAttribs(ctx, "spirt", 1, RM_APIVER_1);
-    if (RM_CreateCommand(ctx, "spirt.info", cmd_info, "readonly fast", 0, 0, 0) != RM_OK) return RM_ERR;
-    return RM_OK;
+/* Worker threads may hold pointers into the module: refuse to be unloaded. */
+__attribute__((visibility("default"))) int RedisModule_OnUnload(RedisModuleCtx *ctx) {
+    (void)ctx;
+    return RM_ERR;
 }
