@@ -155,3 +155,16 @@ def test_random_frames_and_half_open_connections_do_not_hurt(make_cluster):
     assert refused >= conns  # every garbage connection was refused and counted
     assert cnt.get("handshake.timeout", 0) >= 2
     assert a.running
+
+
+def test_revocation_drops_a_live_link_and_keeps_it_out(make_cluster):
+    c = make_cluster(2, config=FAST_TRANSPORT).start()
+    a, b = c.nodes
+    wait_for(lambda: linked_peers(a) == {b.node_id}, 20, "cluster to form")
+    c.ca.revoke(bytes.fromhex(b.public_key))
+    # The operator copies the new revocation list to a; a picks it up by itself.
+    (a.data_dir / "trust" / "crl").write_bytes(c.ca.crl_path.read_bytes())
+    wait_for(lambda: linked_peers(a) == set(), 20, "a to drop the revoked peer")
+    wait_for(lambda: counters(a).get("handshake.peer_revoked", 0) >= 1, 20, "b's redial refused")
+    assert linked_peers(a) == set()
+    assert a.running and b.running
