@@ -26,7 +26,8 @@ async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
     cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)},
                         concurrency=2)
     async with LocalRuntime(cfg) as rt, \
-            Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=2) as inv:
+            Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=2,
+                    credentials=rt.credentials) as inv:
         events = [make_event(plain_redis, task="digits", shard="0/2", slice_index=k, slices=4,
                              batch=64).to_json() for k in range(4)]
         # Every slice sent twice, as an at-least-once retry would.
@@ -57,7 +58,7 @@ async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> No
     cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)},
                         concurrency=1)
     async with LocalRuntime(cfg) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         ev = make_event(plain_redis, slice_index=2)
         r = await invoke(c, json.dumps(ev.to_json()).encode(), name=GRADIENT_FUNCTION,
                          InvocationType="Event")

@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -33,6 +34,11 @@ def probe_runtime(tmp_path: Path, *, concurrency: int = 2, timeout_s: float = 10
     return LocalRuntime(RuntimeConfig(functions={"probe": spec}, concurrency=concurrency))
 
 
+def invoker_for(runtime: LocalRuntime, name: str, **kw: Any) -> Invoker:
+    """An Invoker signing with the runtime's own access key."""
+    return Invoker(runtime.endpoint_url, name, credentials=runtime.credentials, **kw)
+
+
 @pytest.fixture
 async def rt(tmp_path: Path) -> AsyncIterator[LocalRuntime]:
     async with probe_runtime(tmp_path, timeout_s=1.0) as runtime:
@@ -51,13 +57,13 @@ def test_backoff_is_full_jitter_and_capped() -> None:
 
 
 async def test_invoke_returns_result(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "probe", retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "probe", retry=FAST_RETRY) as inv:
         assert (await inv.invoke({"action": "echo", "value": 7}))["echo"] == 7
         assert inv.stats.attempts == 1 and inv.in_flight == 0
 
 
 async def test_handler_error_is_not_retried(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "probe", retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "probe", retry=FAST_RETRY) as inv:
         with pytest.raises(FunctionError) as info:
             await inv.invoke({"action": "raise", "message": "bad slice"})
         assert info.value.error_type == "ProbeError" and info.value.message == "bad slice"
@@ -66,7 +72,7 @@ async def test_handler_error_is_not_retried(rt: LocalRuntime) -> None:
 
 
 async def test_timeout_is_retried_on_a_new_worker(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "probe", retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "probe", retry=FAST_RETRY) as inv:
         out = await inv.invoke({"action": "flaky", "marker": "t1", "mode": "sleep",
                                 "seconds": 30})
         assert out["recovered"] is True
@@ -76,7 +82,7 @@ async def test_timeout_is_retried_on_a_new_worker(rt: LocalRuntime) -> None:
 
 
 async def test_worker_crash_is_retried(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "probe", retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "probe", retry=FAST_RETRY) as inv:
         out = await inv.invoke({"action": "flaky", "marker": "c1", "mode": "exit"})
         assert out["recovered"] is True and inv.stats.retries == 1
         assert rt.pools["probe"].stats.worker_deaths == 1
@@ -86,7 +92,7 @@ async def test_throttling_is_retried_with_backoff(tmp_path: Path) -> None:
     async with probe_runtime(tmp_path, concurrency=1) as runtime:
         # The invoker allows 3 at once but the runtime only 1: two get 429 and back off.
         policy = RetryPolicy(attempts=30, base_s=0.02, cap_s=0.2)
-        async with Invoker(runtime.endpoint_url, "probe", concurrency=3, retry=policy) as inv:
+        async with invoker_for(runtime, "probe", concurrency=3, retry=policy) as inv:
             outs = await asyncio.gather(
                 *(inv.invoke({"action": "sleep", "seconds": 0.2}) for _ in range(3)))
         assert [o["slept"] for o in outs] == [0.2, 0.2, 0.2]
@@ -105,7 +111,7 @@ async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
                 await asyncio.sleep(0.005)
 
         watcher = asyncio.create_task(watch())
-        async with Invoker(runtime.endpoint_url, "probe", concurrency=2) as inv:
+        async with invoker_for(runtime, "probe", concurrency=2) as inv:
             await asyncio.gather(*(inv.invoke({"action": "sleep", "seconds": 0.15})
                                    for _ in range(6)))
         watcher.cancel()
@@ -113,7 +119,7 @@ async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
 
 
 async def test_round_deadline_and_quorum(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "probe", concurrency=2, retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "probe", concurrency=2, retry=FAST_RETRY) as inv:
         events = [{"action": "echo", "value": i} for i in range(3)]
         events.append({"action": "raise", "message": "slice 3 is bad"})
         res = await inv.invoke_round(events, deadline=20.0, min_fraction=0.75)
@@ -175,7 +181,7 @@ async def test_unreachable_endpoint_is_a_transport_error() -> None:
 
 
 async def test_not_found_is_not_retried(rt: LocalRuntime) -> None:
-    async with Invoker(rt.endpoint_url, "missing", retry=FAST_RETRY) as inv:
+    async with invoker_for(rt, "missing", retry=FAST_RETRY) as inv:
         with pytest.raises(ServiceError) as info:
             await inv.invoke({})
         assert info.value.error_type == "ResourceNotFoundException"

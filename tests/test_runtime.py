@@ -19,10 +19,12 @@ from spirtd.functions.runtime.server import LocalRuntime
 PROBE = "spirtd.functions.probe:handler"
 
 
-def lambda_client(endpoint: str) -> Any:
+def lambda_client(rt: LocalRuntime, credentials: tuple[str, str] | None = None) -> Any:
+    """The real boto3 Lambda client, signing with the runtime's own access key."""
+    key, secret = credentials or rt.credentials
     return boto3.client(
-        "lambda", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="y",
+        "lambda", endpoint_url=rt.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=key, aws_secret_access_key=secret,
         config=Config(retries={"total_max_attempts": 1}, read_timeout=60),
     )
 
@@ -58,7 +60,7 @@ async def runtime() -> AsyncIterator[LocalRuntime]:
 
 
 async def test_success_and_warm_reuse(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     first = await invoke(c, {"action": "echo", "value": [1, "two"]})
     second = await invoke(c, {"action": "echo", "value": 3})
     assert first["status"] == 200 and first["error"] is None
@@ -71,7 +73,7 @@ async def test_success_and_warm_reuse(runtime: LocalRuntime) -> None:
 
 
 async def test_handler_exception_surfaces(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     r = await invoke(c, {"action": "raise", "message": "the loss went sideways"})
     assert r["status"] == 200 and r["error"] == "Unhandled"
     assert r["body"]["errorType"] == "ProbeError"
@@ -83,7 +85,7 @@ async def test_handler_exception_surfaces(runtime: LocalRuntime) -> None:
 
 
 async def test_timeout_kills_and_replaces_worker(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
     r = await invoke(c, {"action": "sleep", "seconds": 30})
     assert r["error"] == "Unhandled"
@@ -99,7 +101,7 @@ async def test_timeout_kills_and_replaces_worker(runtime: LocalRuntime) -> None:
 
 async def test_concurrency_cap_throttles() -> None:
     async with LocalRuntime(probe_config(concurrency=1)) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         slow = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.0}))
         await wait_until(lambda: rt.in_flight == 1)
         with pytest.raises(c.exceptions.TooManyRequestsException) as info:
@@ -113,7 +115,7 @@ async def test_concurrency_cap_throttles() -> None:
 
 
 async def test_worker_killed_mid_invocation(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     pool = runtime.pools["probe"]
     pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
     call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.2}))
@@ -130,7 +132,7 @@ async def test_worker_killed_mid_invocation(runtime: LocalRuntime) -> None:
 
 
 async def test_worker_exiting_by_itself_is_an_exit_error(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     r = await invoke(c, {"action": "exit", "code": 3})
     assert r["body"]["errorType"] == "Runtime.ExitError"
     assert "exit status 3" in r["body"]["errorMessage"]
@@ -138,7 +140,7 @@ async def test_worker_exiting_by_itself_is_an_exit_error(runtime: LocalRuntime) 
 
 async def test_oversized_payload() -> None:
     async with LocalRuntime(probe_config()) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         big = json.dumps({"action": "echo", "value": "x" * 6_291_456}).encode()
         with pytest.raises(c.exceptions.RequestTooLargeException) as info:
             await invoke(c, big)
@@ -156,7 +158,7 @@ async def test_oversized_payload() -> None:
 
 async def test_oversized_response() -> None:
     async with LocalRuntime(probe_config(max_response_bytes=10_000)) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         r = await invoke(c, {"action": "reply", "bytes": 20_000})
         assert r["error"] == "Unhandled"
         assert r["body"]["errorType"] == "Function.ResponseSizeTooLarge"
@@ -165,7 +167,7 @@ async def test_oversized_response() -> None:
 
 async def test_memory_limit_per_worker() -> None:
     async with LocalRuntime(probe_config(memory_mb=256)) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         assert (await invoke(c, {"action": "allocate", "mb": 32}))["error"] is None
         r = await invoke(c, {"action": "allocate", "mb": 400})
         assert r["body"]["errorType"] == "Runtime.OutOfMemory"
@@ -174,7 +176,7 @@ async def test_memory_limit_per_worker() -> None:
 
 
 async def test_request_errors_use_lambda_codes(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime.endpoint_url)
+    c = lambda_client(runtime)
     with pytest.raises(c.exceptions.ResourceNotFoundException):
         await invoke(c, {}, name="no-such-function")
     with pytest.raises(c.exceptions.InvalidRequestContentException):
@@ -189,7 +191,7 @@ async def test_event_invocation_runs_later(tmp_path: Any) -> None:
     spec = FunctionSpec(handler=PROBE, timeout_s=10, memory_mb=256,
                         environment={"SPIRT_PROBE_DIR": str(tmp_path)})
     async with LocalRuntime(RuntimeConfig(functions={"probe": spec}, concurrency=1)) as rt:
-        c = lambda_client(rt.endpoint_url)
+        c = lambda_client(rt)
         r = await invoke(c, {"action": "flaky", "marker": "evt", "mode": "raise"},
                          InvocationType="Event")
         assert r["status"] == 202 and r["body"] is None
@@ -204,7 +206,7 @@ async def test_prewarm_and_stop_leave_no_workers() -> None:
     await rt.start()
     pids = rt.pools["probe"].worker_pids
     assert len(pids) == 2 and rt.cold_starts == 2
-    c = lambda_client(rt.endpoint_url)
+    c = lambda_client(rt)
     assert (await invoke(c, {"action": "echo"}))["body"]["pid"] in pids
     assert rt.pools["probe"].stats.cold_invocations == 0
     await rt.stop()
@@ -221,3 +223,61 @@ def test_config_refuses_non_loopback_and_bad_values() -> None:
     with pytest.raises(RuntimeConfigError, match="function name"):
         RuntimeConfig(functions={"bad/name": FunctionSpec()})
     assert RuntimeConfig(host="::1").host == "::1"
+
+
+async def test_requests_must_be_signed_with_the_runtime_key(runtime: LocalRuntime) -> None:
+    import aiohttp
+    from botocore.exceptions import ClientError
+
+    key_id, _ = runtime.credentials
+    forged = lambda_client(runtime, credentials=(key_id, "not-the-secret"))
+    with pytest.raises(ClientError) as info:
+        await invoke(forged, {"action": "echo"})
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert info.value.response["Error"]["Code"] == "InvalidSignatureException"
+    stranger = lambda_client(runtime, credentials=("AKIDSTRANGER", "secret"))
+    with pytest.raises(ClientError, match="unknown access key"):
+        await invoke(stranger, {"action": "echo"})
+    url = f"{runtime.endpoint_url}/2015-03-31/functions/probe/invocations"
+    async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as resp:
+        assert resp.status == 403
+    assert runtime.rejected_signatures == 3
+    assert runtime.pools["probe"].stats.invocations == 0  # nothing ran
+
+
+def test_sigv4_verify_against_botocore_signer() -> None:
+    import time
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    from multidict import CIMultiDict
+
+    from spirtd.functions.runtime.sigv4 import AccessKey, SignatureError, verify
+
+    key = AccessKey.generate()
+    path = "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A0%3Afunction%3Af/invocations"
+    req = AWSRequest(method="POST", url=f"http://127.0.0.1:9/{path[1:]}?Qualifier=%24LATEST",
+                     data=b'{"a": 1}', headers={"X-Amz-Invocation-Type": "Event"})
+    SigV4Auth(Credentials(*key.as_tuple()), "lambda", "us-east-1").add_auth(req)
+    headers = CIMultiDict(req.headers.items())
+    headers["Host"] = "127.0.0.1:9"
+
+    def check(body: bytes = b'{"a": 1}', now: float | None = None,
+              hdrs: CIMultiDict[str] = headers) -> None:
+        verify(key, method="POST", raw_path=path, query="Qualifier=%24LATEST", headers=hdrs,
+               get_all=hdrs.getall, body=body, now=now)
+
+    check()
+    with pytest.raises(SignatureError, match="does not match"):
+        check(body=b'{"a": 2}')
+    with pytest.raises(SignatureError, match="too far"):
+        check(now=time.time() + 600)
+    other = headers.copy()
+    other["X-Amz-Invocation-Type"] = "RequestResponse"
+    with pytest.raises(SignatureError, match="does not match"):
+        check(hdrs=other)
+    with pytest.raises(SignatureError, match="unknown access key"):
+        verify(AccessKey("OTHER", key.secret), method="POST", raw_path=path,
+               query="Qualifier=%24LATEST", headers=headers, get_all=headers.getall,
+               body=b'{"a": 1}')

@@ -57,6 +57,10 @@ class RuntimeConfig:
     max_response_bytes: int = lambda_errors.MAX_RESPONSE
     # Event (async) invocations accepted but not yet running; more get 429.
     event_queue: int = 256
+    # Accept only requests signed (AWS SigV4) with the runtime's access key, which
+    # is random per start unless given here (see sigv4.py for why).
+    require_signature: bool = True
+    access_key: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -77,7 +77,7 @@ def unsupported_media(message: str) -> ServiceError:
 
 
 def forbidden(message: str) -> ServiceError:
-    return ServiceError(403, "UnrecognizedClientException", message)
+    return ServiceError(403, "InvalidSignatureException", message)
 
 
 def service_failure(message: str) -> ServiceError:

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from spirtd.functions.runtime import lambda_errors
+from spirtd.functions.runtime import lambda_errors, sigv4
 from spirtd.functions.runtime.config import RuntimeConfig
 from spirtd.functions.runtime.pool import FunctionPool
 
@@ -40,8 +40,11 @@ class LocalRuntime:
     def __init__(self, config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
         self.pools = {n: FunctionPool(n, s, self.config) for n, s in self.config.functions.items()}
+        key = self.config.access_key
+        self.access_key = sigv4.AccessKey(*key) if key else sigv4.AccessKey.generate()
         self.in_flight = 0
         self.throttles = 0
+        self.rejected_signatures = 0
         self._events_pending = 0
         self._slot_freed = asyncio.Event()
         self._event_tasks: set[asyncio.Task[None]] = set()
@@ -97,6 +100,11 @@ class LocalRuntime:
         return self._endpoint
 
     @property
+    def credentials(self) -> tuple[str, str]:
+        """(access key id, secret) a client must sign with; hand them only to the daemon."""
+        return self.access_key.as_tuple()
+
+    @property
     def cold_starts(self) -> int:
         return sum(p.stats.cold_starts for p in self.pools.values())
 
@@ -106,6 +114,7 @@ class LocalRuntime:
             "in_flight": self.in_flight,
             "concurrency": self.config.concurrency,
             "throttles": self.throttles,
+            "rejected_signatures": self.rejected_signatures,
             "events_pending": self._events_pending,
             "cold_starts": self.cold_starts,
             "functions": {
@@ -136,10 +145,6 @@ class LocalRuntime:
 
     async def _handle_invoke(self, request: web.Request) -> web.StreamResponse:
         rid = str(uuid.uuid4())
-        name = _function_name(request.match_info["name"])
-        pool = self.pools.get(name)
-        if pool is None:
-            return self._error(lambda_errors.not_found(name), rid)
         kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         if kind not in ("RequestResponse", "Event", "DryRun"):
             return self._error(lambda_errors.bad_parameter(
@@ -148,6 +153,19 @@ class LocalRuntime:
         body = await self._read_body(request, limit)
         if body is None:
             return self._error(lambda_errors.too_large(limit), rid)
+        if self.config.require_signature:
+            try:
+                sigv4.verify(self.access_key, method=request.method,
+                             raw_path=request.raw_path.partition("?")[0],
+                             query=request.rel_url.raw_query_string, headers=request.headers,
+                             get_all=request.headers.getall, body=body)
+            except sigv4.SignatureError as e:
+                self.rejected_signatures += 1
+                return self._error(lambda_errors.forbidden(str(e)), rid)
+        name = _function_name(request.match_info["name"])
+        pool = self.pools.get(name)
+        if pool is None:
+            return self._error(lambda_errors.not_found(name), rid)
         if not body.strip():
             body = b"{}"  # Lambda hands an empty payload to the handler as {}
         try:
