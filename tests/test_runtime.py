@@ -281,3 +281,29 @@ def test_sigv4_verify_against_botocore_signer() -> None:
         verify(AccessKey("OTHER", key.secret), method="POST", raw_path=path,
                query="Qualifier=%24LATEST", headers=headers, get_all=headers.getall,
                body=b'{"a": 1}')
+
+
+async def test_worker_dead_while_idle_is_replaced_not_blamed(runtime: LocalRuntime) -> None:
+    c = lambda_client(runtime)
+    pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: runtime.pools["probe"]._idle[0].proc.returncode is not None)
+    r = await invoke(c, {"action": "echo"})
+    assert r["error"] is None and r["body"]["pid"] != pid
+    assert runtime.pools["probe"].stats.worker_deaths == 1
+
+
+async def test_stop_answers_in_flight_invocations() -> None:
+    rt = LocalRuntime(probe_config(timeout_s=60))
+    await rt.start()
+    c = lambda_client(rt)
+    call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 60}))
+    await wait_until(lambda: rt.in_flight == 1)
+    await asyncio.sleep(0.2)
+    pids = rt.pools["probe"].worker_pids
+    await asyncio.wait_for(rt.stop(), 30)
+    r = await asyncio.wait_for(call, 30)
+    assert r["body"]["errorType"] == "Runtime.ExitError"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

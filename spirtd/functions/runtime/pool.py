@@ -87,16 +87,21 @@ class FunctionPool:
         task.add_done_callback(self._tasks.discard)
 
     async def prewarm(self, count: int) -> None:
-        for _ in range(count):
-            self._idle.append(await self._spawn())
+        workers = await asyncio.gather(*(self._spawn() for _ in range(count)))
+        self._idle.extend(workers)
 
     async def _acquire(self) -> tuple[WorkerProcess, bool]:
         while True:
             while self._idle:
                 w = self._idle.pop()  # LIFO: the most recently used worker is the warmest
-                if w.alive:
+                if w.alive and w.proc.returncode is None:
                     return w, False
+                # It died while idle (killed from outside): replace it, try the next.
                 self._all.discard(w)
+                if w.alive:
+                    w.alive = False
+                    self.stats.worker_deaths += 1
+                    self._drop_and_replace(w)
             if self._spares_starting == 0:
                 return await self._spawn(), True
             # A replacement is already starting: wait for it rather than start another.

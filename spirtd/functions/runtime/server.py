@@ -57,14 +57,18 @@ class LocalRuntime:
             raise RuntimeError("runtime already started")
         app = web.Application(client_max_size=self.config.max_request_bytes + 1)
         app.router.add_post(INVOKE_PATH, self._handle_invoke)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # In-flight requests end within seconds once stop() closes the pools, so
+        # the server need not wait aiohttp's default minute for them.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
         try:
             await site.start()
-            for pool in self.pools.values():
-                await pool.prewarm(self.config.prewarm)
+            await asyncio.gather(*(p.prewarm(self.config.prewarm) for p in self.pools.values()))
         except BaseException:
+            await asyncio.gather(*(p.close() for p in self.pools.values()),
+                                 return_exceptions=True)
             await runner.cleanup()
             raise
         self._runner = runner
@@ -77,13 +81,16 @@ class LocalRuntime:
         return self._endpoint
 
     async def stop(self) -> None:
+        """Ends every worker and the server; invocations still running get an error."""
         for t in list(self._event_tasks):
             t.cancel()
         await asyncio.gather(*self._event_tasks, return_exceptions=True)
+        # Workers first: that answers in-flight requests, so the server's own
+        # shutdown does not wait on them.
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def __aenter__(self) -> LocalRuntime:
         await self.start()
