@@ -171,7 +171,11 @@ class FunctionPool:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        workers = list(self._all)
+        idle = set(self._idle)
+        busy = [w for w in self._all if w not in idle]
         self._all.clear()
         self._idle.clear()
-        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        # Idle workers exit cleanly on EOF; busy ones would first finish their
+        # handler, which may take minutes, so they are killed.
+        await asyncio.gather(*(w.close() for w in idle), *(w.kill() for w in busy),
+                             return_exceptions=True)
