@@ -307,3 +307,31 @@ async def test_stop_answers_in_flight_invocations() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_event_invocations_queue_within_the_cap(tmp_path: Any) -> None:
+    spec = FunctionSpec(handler=PROBE, timeout_s=10, memory_mb=256,
+                        environment={"SPIRT_PROBE_DIR": str(tmp_path)})
+    cfg = RuntimeConfig(functions={"probe": spec}, concurrency=1, event_queue=3)
+    async with LocalRuntime(cfg) as rt:
+        c = lambda_client(rt)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rt.in_flight)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        for i in range(4):  # one runs, three wait
+            r = await invoke(c, {"action": "flaky", "marker": f"q{i}", "mode": "sleep",
+                                 "seconds": 0.3}, InvocationType="Event")
+            assert r["status"] == 202
+        # The queue holds 3: one more is throttled rather than buffered without bound.
+        with pytest.raises(c.exceptions.TooManyRequestsException):
+            await invoke(c, {"action": "echo"}, InvocationType="Event")
+        await wait_until(lambda: all((tmp_path / f"q{i}").exists() for i in range(4)))
+        await wait_until(lambda: rt.pools["probe"].stats.invocations == 4 and rt.in_flight == 0)
+        watcher.cancel()
+        assert peak == 1

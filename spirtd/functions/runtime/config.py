@@ -57,6 +57,9 @@ class RuntimeConfig:
     max_response_bytes: int = lambda_errors.MAX_RESPONSE
     # Event (async) invocations accepted but not yet running; more get 429.
     event_queue: int = 256
+    # An Event invocation still waiting for a slot after this is dropped (Lambda's
+    # default maximum event age is 6 hours).
+    event_max_age_s: float = 6 * 3600.0
     # Accept only requests signed (AWS SigV4) with the runtime's access key, which
     # is random per start unless given here (see sigv4.py for why).
     require_signature: bool = True

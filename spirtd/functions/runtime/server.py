@@ -211,15 +211,20 @@ class LocalRuntime:
     async def _run_event(self, pool: FunctionPool, rid: str, body: bytes) -> None:
         # Async invocations queue for a free slot (bounded by event_queue) instead
         # of being throttled, as Lambda's internal event queue does.
+        # asyncio.timeout (not wait_for) keeps this in one task, so nothing runs
+        # between seeing a free slot and taking it.
         try:
-            while self.in_flight >= self.config.concurrency:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
+            async with asyncio.timeout(self.config.event_max_age_s):
+                while self.in_flight >= self.config.concurrency:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+        except TimeoutError:
+            log.warning("async invocation %s of %s dropped: waited longer than %.0f s",
+                        rid, pool.name, self.config.event_max_age_s)
+            return
+        finally:
             self._events_pending -= 1
-            self.in_flight += 1
-        except BaseException:
-            self._events_pending -= 1
-            raise
+        self.in_flight += 1
         try:
             outcome = await pool.invoke(rid, body)
             if outcome.error:
