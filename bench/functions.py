@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--reps", type=int, default=200, help="overhead pairs (after 10 warm-up)")
     ap.add_argument("--gradients", type=int, default=12, help="gradients per throughput round")
-    ap.add_argument("--batch", type=int, default=512, help="samples per gradient (heavy task)")
+    ap.add_argument("--batch", type=int, default=1024, help="samples per gradient (heavy task)")
     ap.add_argument("--rounds", type=int, default=5, help="throughput rounds per concurrency")
     args = ap.parse_args()
     result = asyncio.run(run(args))

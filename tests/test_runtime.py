@@ -335,3 +335,14 @@ async def test_event_invocations_queue_within_the_cap(tmp_path: Any) -> None:
         await wait_until(lambda: rt.pools["probe"].stats.invocations == 4 and rt.in_flight == 0)
         watcher.cancel()
         assert peak == 1
+
+
+async def test_handler_that_cannot_import_reports_init_error() -> None:
+    spec = FunctionSpec(handler="spirtd.functions.no_such_module:handler", memory_mb=256)
+    async with LocalRuntime(RuntimeConfig(functions={"broken": spec})) as rt:
+        c = lambda_client(rt)
+        r = await invoke(c, {}, name="broken")
+        assert r["error"] == "Unhandled"
+        assert r["body"]["errorType"] == "Runtime.ImportModuleError"
+        assert "no_such_module" in r["body"]["errorMessage"]
+        assert rt.pools["broken"].stats.init_failures == 1 and rt.cold_starts == 0
