@@ -93,22 +93,44 @@ static int same_key(RedisModuleString *x, RedisModuleString *y) {
 
 /* ---- aggregation: SPIRT.<RULE> out numkeys key [key ...] [options] ---------------- */
 
-static int agg_key_positions(Args *a, const char *start_opt) {
+/* Key positions for COMMAND GETKEYS/ACL: walk the options with their arities so an
+ * option's value is never mistaken for an option name. */
+typedef struct {
+    const char *name;
+    int nvalues; /* -1: one value per aggregated input (WEIGHTS) */
+    int is_key;
+} OptSpec;
+
+static void report_option_keys(Args *a, int from, int n, const OptSpec *spec) {
+    for (int i = from; i < a->argc;) {
+        const OptSpec *o = spec;
+        while (o->name && !is_kw(a->argv[i], o->name)) o++;
+        if (!o->name) return;
+        if (o->is_key && i + 1 < a->argc) RM.KeyAtPos(a->ctx, i + 1);
+        i += 1 + (o->nvalues < 0 ? n : o->nvalues);
+    }
+}
+
+static const OptSpec AGG_OPTS[] = {
+    {"NNM", 1, 0},     {"WEIGHTS", -1, 0}, {"BETA", 1, 0}, {"F", 1, 0},     {"M", 1, 0},
+    {"MAXITER", 1, 0}, {"EPS", 1, 0},      {"TAU", 1, 0},  {"ITERS", 1, 0}, {"START", 1, 1},
+    {NULL, 0, 0},
+};
+
+static int agg_key_positions(Args *a) {
     RM.KeyAtPos(a->ctx, 1);
     long long nk;
     if (a->argc < 3 || RM.StringToLongLong(a->argv[2], &nk) != RM_OK || nk < 1 ||
         nk > a->argc - 3)
         return RM_OK;
     for (int i = 0; i < nk; i++) RM.KeyAtPos(a->ctx, 3 + i);
-    if (start_opt)
-        for (int i = 3 + (int)nk; i + 1 < a->argc; i++)
-            if (is_kw(a->argv[i], start_opt)) RM.KeyAtPos(a->ctx, i + 1);
+    report_option_keys(a, 3 + (int)nk, (int)nk, AGG_OPTS);
     return RM_OK;
 }
 
 static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, OpKind op) {
     Args a = {ctx, argv, argc, {0}};
-    if (RM.IsKeysPositionRequest(ctx)) return agg_key_positions(&a, op == OP_CCLIP ? "START" : NULL);
+    if (RM.IsKeysPositionRequest(ctx)) return agg_key_positions(&a);
     if (argc < 4) return RM.WrongArity(ctx);
     long long nk;
     if (get_ll(&a, 2, "numkeys", 1, SPIRT_MAX_INPUTS, &nk)) return reply_fail(&a);
@@ -254,21 +276,29 @@ int cmd_cclip(RedisModuleCtx *c, RedisModuleString **v, int n) { return agg_comm
 
 /* ---- optimizers ----------------------------------------------------------------- */
 
-static int opt_key_positions(Args *a, const char *const *opts) {
+static int opt_key_positions(Args *a, const OptSpec *spec) {
     RM.KeyAtPos(a->ctx, 1);
     if (a->argc > 2) RM.KeyAtPos(a->ctx, 2);
-    for (int i = 3; i + 1 < a->argc; i++)
-        for (const char *const *o = opts; *o; o++)
-            if (is_kw(a->argv[i], *o)) RM.KeyAtPos(a->ctx, i + 1);
+    report_option_keys(a, 3, 0, spec);
     return RM_OK;
 }
+
+static const OptSpec SGD_OPTS[] = {
+    {"LR", 1, 0},        {"MOMENTUM", 1, 0},     {"BUF", 1, 1}, {"DAMPENING", 1, 0},
+    {"NESTEROV", 0, 0},  {"WEIGHT_DECAY", 1, 0}, {NULL, 0, 0},
+};
+
+static const OptSpec ADAM_OPTS[] = {
+    {"M", 1, 1},   {"V", 1, 1},            {"STEP", 1, 0},      {"LR", 1, 0},
+    {"BETAS", 2, 0}, {"EPS", 1, 0},        {"WEIGHT_DECAY", 1, 0}, {"DECOUPLED", 0, 0},
+    {NULL, 0, 0},
+};
 
 /* SPIRT.SGD param grad LR lr [MOMENTUM mu] [BUF key] [DAMPENING d] [NESTEROV]
  *           [WEIGHT_DECAY wd] */
 int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Args a = {ctx, argv, argc, {0}};
-    static const char *const key_opts[] = {"BUF", NULL};
-    if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, key_opts);
+    if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, SGD_OPTS);
     if (argc < 5) return RM.WrongArity(ctx);
     SgdParams sp = {0};
     RedisModuleString *buf = NULL;
@@ -332,8 +362,7 @@ int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
  *            [DECOUPLED] */
 int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Args a = {ctx, argv, argc, {0}};
-    static const char *const key_opts[] = {"M", "V", NULL};
-    if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, key_opts);
+    if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, ADAM_OPTS);
     if (argc < 11) return RM.WrongArity(ctx);
     AdamParams ap = {.beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
     RedisModuleString *m = NULL, *v = NULL;
