@@ -303,7 +303,6 @@ class Node:
                 "loss": None,
                 "accuracy": None,
             },
-            "redis": {"ok": False, "module": False, "detail": "not started"},
             "functions": {"backend": self.config.functions, "in_flight": 0},
             "counters": dict(sorted(self.counters.items())),
         }

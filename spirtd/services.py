@@ -26,4 +26,6 @@ class Service(Protocol):
 
 
 def build(node: Node) -> list[Service]:
-    return []
+    from .redis_service import RedisService
+
+    return [RedisService(node)]

@@ -1,0 +1,93 @@
+"""The node's Redis: a managed redis-server with the SPIRT module (default), or
+an external one given by --redis-url; and the tensor store over it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .config import ConfigError
+from .redisproc import ManagedRedis, RedisStartError
+from .store import TensorStore
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("spirtd.redis")
+
+HEALTH_INTERVAL_S = 2.0
+PING_TIMEOUT_S = 2.0
+
+
+class RedisService:
+    name = "redis"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.managed: ManagedRedis | None = None
+        self.client: aioredis.Redis | None = None
+        self.store: TensorStore | None = None
+        self.ok = False
+        self.detail = "not started"
+        self._health: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        url = self.node.config.redis_url
+        if url:
+            self.client = aioredis.from_url(url, socket_connect_timeout=5.0, socket_timeout=30.0)
+            try:
+                async with asyncio.timeout(PING_TIMEOUT_S * 3):
+                    await self.client.ping()
+            except (RedisError, OSError, TimeoutError) as e:
+                raise ConfigError(f"redis_url: cannot reach {url}: {e}") from None
+        else:
+            self.managed = ManagedRedis(self.node.data.root, logger=log)
+            try:
+                await self.managed.start()
+            except RedisStartError as e:
+                raise ConfigError(f"redis: {e}") from None
+            self.client = await self.managed.client(socket_timeout=30.0)
+        self.store = await TensorStore.open(self.client, logger=log)
+        self.ok = True
+        self.detail = "ok"
+        self._health = asyncio.create_task(self._watch(), name="redis-health")
+
+    async def _watch(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                async with asyncio.timeout(PING_TIMEOUT_S):
+                    await self.client.ping()
+                if not self.ok:
+                    log.info("redis answers again")
+                self.ok, self.detail = True, "ok"
+            except (RedisError, OSError, TimeoutError) as e:
+                if self.ok:
+                    log.warning("redis is not answering: %s", e)
+                self.ok, self.detail = False, str(e)[:200]
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.managed is not None:
+            await self.managed.stop()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ok": self.ok,
+            "module": bool(self.store is not None and self.store.uses_module),
+            "managed": self.managed is not None,
+            "detail": self.detail,
+        }
+        if self.managed is not None:
+            out["url"] = self.managed.url
+            out["restarts"] = self.managed.restarts
+            out["pid"] = self.managed.pid
+        return {"redis": out}
