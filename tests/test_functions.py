@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,53 @@ async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis,
     await put_params(plain_redis, "other:params", params)
     with pytest.raises(redis.exceptions.NoPermissionError):
         await call(replace(ev, params_key="other:params"))
+
+
+async def test_credentials_from_secrets_manager(plain_redis: RunningRedis,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS path, with the real boto3 client pointed at a stand-in Secrets Manager
+    on 127.0.0.1 (AWS_ENDPOINT_URL_SECRETS_MANAGER)."""
+    from aiohttp import web
+
+    await plain_redis.client.execute_command(
+        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">sm-password-0123456789", *FUNCTION_ACL)
+    secrets = {
+        "good": json.dumps({"username": "spirt-fn", "password": "sm-password-0123456789"}),
+        "nopw": json.dumps({"username": "spirt-fn"}),
+    }
+    asked: list[str] = []
+
+    async def get_secret_value(request: web.Request) -> web.Response:
+        assert request.headers["X-Amz-Target"] == "secretsmanager.GetSecretValue"
+        arn = (await request.json())["SecretId"]
+        asked.append(arn)
+        name = arn.rsplit(":", 1)[1]
+        return web.json_response({"ARN": arn, "Name": name, "SecretString": secrets[name]},
+                                 content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_post("/", get_secret_value)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        await put_params(plain_redis, "spirt:job1:params",
+                         load_task("synthetic").initial_params(0))
+        arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:good"
+        base = make_event(plain_redis, creds=CredentialRef("secretsmanager", arn))
+        # The username comes from the secret, not the event.
+        ev = replace(base, redis=replace(base.redis, username=None))
+        assert (await call(ev))["samples"] == 16
+        assert (await call(ev))["samples"] == 16
+        assert asked == [arn]  # a warm function reuses the secret (and connection)
+        bad = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nopw"
+        with pytest.raises(CredentialError, match="no string 'password'"):
+            await call(make_event(plain_redis, creds=CredentialRef("secretsmanager", bad)))
+    finally:
+        await runner.cleanup()
