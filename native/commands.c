@@ -503,7 +503,7 @@ int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc != 1) return RM.WrongArity(ctx);
     JobsStats s;
     jobs_stats(&s);
-    RM.ReplyWithArray(ctx, 24);
+    RM.ReplyWithArray(ctx, 26);
     RM.ReplyWithSimpleString(ctx, "version");
     RM.ReplyWithLongLong(ctx, SPIRT_MODULE_VERSION);
     RM.ReplyWithSimpleString(ctx, "isa");
@@ -524,6 +524,8 @@ int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     RM.ReplyWithLongLong(ctx, s.failed);
     RM.ReplyWithSimpleString(ctx, "jobs_aborted");
     RM.ReplyWithLongLong(ctx, s.aborted);
+    RM.ReplyWithSimpleString(ctx, "jobs_cancelled");
+    RM.ReplyWithLongLong(ctx, s.cancelled);
     RM.ReplyWithSimpleString(ctx, "jobs_queued");
     RM.ReplyWithLongLong(ctx, s.queued);
     RM.ReplyWithSimpleString(ctx, "jobs_running");

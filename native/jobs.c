@@ -48,6 +48,7 @@ struct Job {
     int failed;
     char err[SPIRT_ERRLEN];
     int registered;
+    int replied; /* the reply callback ran (else the client left or timed out) */
     Job *prev, *next;
 };
 
@@ -89,7 +90,7 @@ void job_free(Job *job) {
 
 /* ---- statistics ----------------------------------------------------------------- */
 
-static long long st_sync, st_async, st_failed, st_aborted, st_queued, st_running;
+static long long st_sync, st_async, st_failed, st_aborted, st_cancelled, st_queued, st_running;
 
 #define BUMP(v, d) __atomic_add_fetch(&(v), (d), __ATOMIC_RELAXED)
 #define READ(v) __atomic_load_n(&(v), __ATOMIC_RELAXED)
@@ -99,6 +100,7 @@ void jobs_stats(JobsStats *o) {
     o->async_done = READ(st_async);
     o->failed = READ(st_failed);
     o->aborted = READ(st_aborted);
+    o->cancelled = READ(st_cancelled);
     o->queued = READ(st_queued);
     o->running = READ(st_running);
 }
@@ -342,6 +344,7 @@ static int bc_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv, (void)argc;
     Job *j = RM.GetBlockedClientPrivateData(ctx);
     registry_remove(j);
+    j->replied = 1;
     BUMP(st_async, 1);
     return finish(ctx, j);
 }
@@ -360,6 +363,7 @@ static void bc_free(RedisModuleCtx *ctx, void *privdata) {
     (void)ctx;
     Job *j = privdata;
     registry_remove(j);
+    if (!j->replied) BUMP(st_cancelled, 1);
     job_free(j);
 }
 

@@ -76,7 +76,7 @@ int job_submit(RedisModuleCtx *ctx, Job *job);
 
 /* Counters for SPIRT.INFO. */
 typedef struct {
-    long long sync_done, async_done, failed, aborted, queued, running;
+    long long sync_done, async_done, failed, aborted, cancelled, queued, running;
 } JobsStats;
 void jobs_stats(JobsStats *out);
 
