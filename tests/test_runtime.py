@@ -181,6 +181,8 @@ async def test_request_errors_use_lambda_codes(runtime: LocalRuntime) -> None:
         await invoke(c, {}, name="no-such-function")
     with pytest.raises(c.exceptions.InvalidRequestContentException):
         await invoke(c, b"{not json")
+    with pytest.raises(c.exceptions.InvalidParameterValueException):
+        await invoke(c, {}, InvocationType="Sometimes")
     dry = await asyncio.to_thread(c.invoke, FunctionName="probe", InvocationType="DryRun")
     assert dry["StatusCode"] == 204
     arn = "arn:aws:lambda:us-east-1:000000000000:function:probe"

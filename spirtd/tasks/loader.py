@@ -28,10 +28,6 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _USER_RE = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT})$")
 
 
-def is_user_task(name: str) -> bool:
-    return ":" in name
-
-
 def load_task(
     name: str,
     shard: Shard | str = ALL,

@@ -72,16 +72,8 @@ def bad_parameter(message: str) -> ServiceError:
     return ServiceError(400, "InvalidParameterValueException", message)
 
 
-def unsupported_media(message: str) -> ServiceError:
-    return ServiceError(415, "UnsupportedMediaTypeException", message)
-
-
 def forbidden(message: str) -> ServiceError:
     return ServiceError(403, "InvalidSignatureException", message)
-
-
-def service_failure(message: str) -> ServiceError:
-    return ServiceError(500, "ServiceException", message)
 
 
 def function_error(error_type: str, message: str, trace: list[str] | None = None) -> bytes:
