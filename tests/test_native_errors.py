@@ -43,7 +43,14 @@ async def setup_keys(c: aioredis.Redis) -> None:
 
 
 async def snapshot(c: aioredis.Redis) -> dict[bytes, tuple[bytes | None, int]]:
-    return {k: (await c.dump(k), await c.pttl(k)) for k in sorted(await c.keys("*"))}
+    """Every key's serialized value and TTL, in two round trips."""
+    keys = sorted(await c.keys("*"))
+    async with c.pipeline(transaction=False) as pipe:
+        for k in keys:
+            pipe.dump(k)
+            pipe.pttl(k)
+        res = await pipe.execute()
+    return {k: (res[2 * i], res[2 * i + 1]) for i, k in enumerate(keys)}
 
 
 G = [f"g{i}" for i in range(7)]
