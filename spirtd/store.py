@@ -240,7 +240,8 @@ def _map_error(e: ResponseError) -> StoreError:
 def _as_f4(array: Any) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
-    return np.ascontiguousarray(array, dtype=tensorfmt.DTYPE)
+    # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+    return np.require(array, dtype=tensorfmt.DTYPE, requirements="C")
 
 
 def _first_nonfinite(a: np.ndarray | torch.Tensor) -> int | None:

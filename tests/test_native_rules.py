@@ -106,7 +106,7 @@ def assert_close(got: np.ndarray, ref: np.ndarray, inputs: np.ndarray) -> None:
 
 
 async def put(c: aioredis.Redis, key: str, x: np.ndarray) -> None:
-    x = np.ascontiguousarray(x, dtype="<f4")
+    x = np.require(x, dtype="<f4", requirements="C")  # keeps 0-d arrays 0-d
     await c.execute_command("SPIRT.PUT", key, ",".join(map(str, x.shape)), x.tobytes())
 
 
