@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .ctl import render_status
-from .localcluster import LocalCluster, NodeError, linked_peers, wait_for
+from .localcluster import LocalCluster, NodeError, all_see, wait_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             for n in cluster.nodes:
                 print(f"[demo] started {n.node_id} on {n.address}", flush=True)
-            # Until membership spreads the view, each node links to its bootstrap
-            # (node 0), which therefore links to everyone.
-            first = cluster.nodes[0]
-            others = {n.node_id for n in cluster.nodes[1:]}
-            wait_for(lambda: linked_peers(first) == others, a.timeout, "node 0 to link every peer")
-            for n in cluster.nodes[1:]:
-                wait_for(
-                    lambda n=n: first.node_id in linked_peers(n),
-                    a.timeout,
-                    f"{n.node_id} to link node 0",
-                )
+            everyone = {n.node_id: "alive" for n in cluster.nodes}
+            wait_for(
+                lambda: all_see(cluster.nodes, everyone),
+                a.timeout,
+                "every node to see every other alive",
+            )
             print(f"[demo] cluster formed in {time.monotonic() - t0:.1f}s; status of node 0:\n")
             print(render_status(cluster.nodes[0].status()), flush=True)
             print()

@@ -77,12 +77,20 @@ class LocalNode:
         return cmd + self.args
 
     def start(self, timeout: float = 30.0) -> LocalNode:
+        self.spawn()
+        return self.wait_started(timeout)
+
+    def spawn(self) -> None:
+        """Starts the process without waiting for it (see wait_started)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=log, env=_env(), start_new_session=True
         )
         log.close()
+
+    def wait_started(self, timeout: float = 30.0) -> LocalNode:
+        """Waits for the identity lines spirtd prints once it is up."""
         fields = self._read_identity(timeout)
         self.node_id = fields["node_id"]
         self.address = fields["listen"]
@@ -205,9 +213,13 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         first = self.nodes[0].start()
+        # The rest start concurrently: each spends seconds importing torch and
+        # starting its redis-server, and none depends on another but node 0.
         for node in self.nodes[1:]:
             node.bootstrap = [first.address]
-            node.start()
+            node.spawn()
+        for node in self.nodes[1:]:
+            node.wait_started(timeout=60)
         return self
 
     def stop(self) -> list[int]:
@@ -244,4 +256,19 @@ def wait_for(
 
 
 def linked_peers(node: LocalNode) -> set[str]:
-    return {m["node_id"] for m in node.status()["members"] if not m.get("self")}
+    """Peers this node holds an open encrypted link to."""
+    return {link["node_id"] for link in node.status()["links"]}
+
+
+def member_states(node: LocalNode) -> dict[str, str]:
+    """node id -> membership state, as this node sees the cluster (itself included)."""
+    return {m["node_id"]: m["state"] for m in node.status()["members"]}
+
+
+def all_see(nodes: list[LocalNode], expected: dict[str, str]) -> bool:
+    """True when every node's view includes exactly these states for these ids."""
+    for n in nodes:
+        view = member_states(n)
+        if any(view.get(k) != v for k, v in expected.items()):
+            return False
+    return True

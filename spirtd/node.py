@@ -130,8 +130,6 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_trust)
-        for addr in self.config.bootstrap:
-            self.transport.maintain(addr)
         trust_task = asyncio.create_task(self._trust_refresher())
 
         await self._stop.wait()
@@ -253,6 +251,12 @@ class Node:
     # -- status --------------------------------------------------------------------------
 
     def members(self) -> list[dict[str, Any]]:
+        for svc in self.services:
+            if svc.name == "membership":
+                return svc.members()  # type: ignore[attr-defined]
+        return self._linked_members()
+
+    def _linked_members(self) -> list[dict[str, Any]]:
         me = {
             "node_id": self.key.node_id,
             "address": self.transport.advertise if self.transport else self.config.listen,
@@ -291,7 +295,7 @@ class Node:
             "cluster": self.trust.cluster,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
-            "members": self.members(),
+            "members": self._linked_members(),
             "links": [link.info() for link in self.transport.links.values()]
             if self.transport
             else [],

@@ -26,6 +26,7 @@ class Service(Protocol):
 
 
 def build(node: Node) -> list[Service]:
+    from .membership_service import MembershipService
     from .redis_service import RedisService
 
-    return [RedisService(node)]
+    return [RedisService(node), MembershipService(node)]
