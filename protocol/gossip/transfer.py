@@ -1,0 +1,219 @@
+"""Large payloads: digests, the chunk table, verified reception, and byte budgets.
+
+A body of ``size`` bytes is cut into chunks of ``chunk_size``. The *chunk table*
+is the concatenation of each chunk's BLAKE2b-256; the *body digest* is
+BLAKE2b-256 over a domain prefix, the size, the chunk size and the table. The
+signed announcement carries size, chunk size and body digest, so one small
+signature covers every byte.
+
+A body moves as a *body stream*: the chunk table first, then the chunks from the
+first one the receiver lacks. ``BodyReceiver`` checks the table against the
+announced digest before accepting any body byte, then each chunk as it
+completes, whatever the framing below cut the stream into. Memory per transfer
+is one hash state: bytes go straight to the caller's store as ``(offset, view)``
+segments, and ``verified`` tells how far they can be trusted. A chunk that fails
+is caught before the next one starts, and the transfer can resume from
+``verified`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterator
+
+from ..errors import ProtocolError
+from .messages import DIGEST_SIZE
+
+DOMAIN_BODY = b"spirt/v1/gossip-body\0"
+_SIZES = struct.Struct(">QI")
+
+
+class TransferError(ProtocolError):
+    """A body stream that must be abandoned; ``reason`` says why."""
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def body_digest(size: int, chunk_size: int, table: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(DOMAIN_BODY, digest_size=DIGEST_SIZE)
+    h.update(_SIZES.pack(size, chunk_size))
+    h.update(table)
+    return h.digest()
+
+
+class TableBuilder:
+    """Computes the chunk table of a body fed in pieces of any size (a publisher
+    reading a file or a generator). Holds one hash state, never the body."""
+
+    __slots__ = ("_chunk_size", "_h", "_in_chunk", "_table", "size")
+
+    def __init__(self, chunk_size: int) -> None:
+        self._chunk_size = chunk_size
+        self._table = bytearray()
+        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._in_chunk = 0
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        cs = self._chunk_size
+        while len(view):
+            take = min(cs - self._in_chunk, len(view))
+            self._h.update(view[:take])
+            self._in_chunk += take
+            self.size += take
+            view = view[take:]
+            if self._in_chunk == cs:
+                self._table += self._h.digest()
+                self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+                self._in_chunk = 0
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(table, body digest)."""
+        if self._in_chunk:
+            self._table += self._h.digest()
+            self._in_chunk = 0
+        table = bytes(self._table)
+        return table, body_digest(self.size, self._chunk_size, table)
+
+
+def digest_of(data: bytes | memoryview, chunk_size: int) -> tuple[bytes, bytes]:
+    """(table, body digest) of a body held in memory."""
+    b = TableBuilder(chunk_size)
+    b.update(data)
+    return b.finish()
+
+
+def stream_size(size: int, chunk_size: int, first_chunk: int) -> int:
+    """Bytes in a body stream that starts at ``first_chunk``."""
+    n = chunk_count(size, chunk_size)
+    if not 0 <= first_chunk <= n:
+        raise ValueError(f"first chunk {first_chunk} outside 0..{n}")
+    return n * DIGEST_SIZE + size - min(size, first_chunk * chunk_size)
+
+
+def stream_pieces(
+    table: bytes, body: bytes | bytearray | memoryview, chunk_size: int, first_chunk: int, step: int
+) -> Iterator[bytes]:
+    """The body stream of an in-memory body, in pieces of at most ``step`` bytes."""
+    yield table
+    view = memoryview(body)
+    for off in range(first_chunk * chunk_size, len(view), step):
+        yield bytes(view[off : off + step])
+
+
+class BodyReceiver:
+    """Verifies one incoming body stream as it arrives.
+
+    ``feed`` returns the body segments in the bytes just received as
+    ``(body offset, view)`` for the caller to store; they are not yet trusted.
+    ``verified`` is the body length whose chunks all checked out; a failure
+    raises TransferError and ``verified`` stays at the last good chunk boundary.
+    """
+
+    __slots__ = (
+        "_chunk_size",
+        "_digests",
+        "_h",
+        "_in_chunk",
+        "_table",
+        "_table_len",
+        "digest",
+        "first_chunk",
+        "offset",
+        "size",
+        "verified",
+    )
+
+    def __init__(self, size: int, chunk_size: int, digest: bytes, first_chunk: int = 0) -> None:
+        n = chunk_count(size, chunk_size)
+        if not 0 <= first_chunk <= n:
+            raise ValueError(f"first chunk {first_chunk} outside 0..{n}")
+        self.size = size
+        self._chunk_size = chunk_size
+        self.digest = digest
+        self.first_chunk = first_chunk
+        self._table_len = n * DIGEST_SIZE
+        self._table = bytearray()
+        self._digests: memoryview | None = None
+        self.offset = min(size, first_chunk * chunk_size)  # next body byte expected
+        self.verified = self.offset
+        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._in_chunk = 0
+
+    @property
+    def stream_total(self) -> int:
+        return self._table_len + self.size - self.verified
+
+    @property
+    def table(self) -> bytes:
+        """The verified chunk table (empty until the table has arrived)."""
+        return bytes(self._digests) if self._digests is not None else b""
+
+    @property
+    def done(self) -> bool:
+        return self._digests is not None and self.verified == self.size
+
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+        view = memoryview(data)
+        if self._digests is None:
+            need = self._table_len - len(self._table)
+            self._table += view[:need]
+            view = view[need:]
+            if len(self._table) < self._table_len:
+                return []
+            if body_digest(self.size, self._chunk_size, self._table) != self.digest:
+                raise TransferError("bad_table", "chunk table does not match the body digest")
+            self._digests = memoryview(bytes(self._table))
+            self._table = bytearray()
+            if self.size == 0:
+                self.verified = 0
+        out: list[tuple[int, memoryview]] = []
+        cs = self._chunk_size
+        while len(view):
+            if self.offset >= self.size:
+                raise TransferError("overrun", "body stream is longer than the body")
+            this_chunk = min(cs, self.size - (self.offset - self._in_chunk))
+            take = min(this_chunk - self._in_chunk, len(view))
+            piece = view[:take]
+            self._h.update(piece)
+            out.append((self.offset, piece))
+            self.offset += take
+            self._in_chunk += take
+            view = view[take:]
+            if self._in_chunk == this_chunk:
+                index = (self.offset - 1) // cs
+                want = self._digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+                if self._h.digest() != want:
+                    raise TransferError("bad_chunk", f"chunk {index} does not match its digest")
+                self.verified = self.offset
+                self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+                self._in_chunk = 0
+        return out
+
+
+class ByteBudget:
+    """A bound on bytes held at once (bodies in memory, say). Pure accounting:
+    ``reserve`` says whether ``n`` more bytes fit; ``release`` gives them back."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if n < 0 or self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
