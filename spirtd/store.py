@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -135,33 +135,32 @@ class _Agg:
         return len(self.keys)
 
     def validate(self) -> _Agg:
+        """Checks every argument; returns a copy with plain Python numbers."""
         n = self.n
         _check(1 <= n <= MAX_INPUTS, f"numkeys must be in [1, {MAX_INPUTS}], got {n}")
+        ch: dict[str, Any] = {}
         if self.nnm_f is not None:
-            _int(self.nnm_f, "NNM f", 0, n - 1)
+            ch["nnm_f"] = _int(self.nnm_f, "NNM f", 0, n - 1)
         if self.weights is not None:
             _check(len(self.weights) == n, f"WEIGHTS needs {n} values, got {len(self.weights)}")
-            for w in self.weights:
-                _num(w, "weight", 0.0)
-            total = math.fsum(self.weights)
+            ch["weights"] = tuple(_num(w, "weight", 0.0) for w in self.weights)
+            total = math.fsum(ch["weights"])
             _check(total > 0 and math.isfinite(total), "weights must have a positive, finite sum")
         if self.rule == "trimmed_mean":
-            _num(self.beta, "BETA", 0.0, 0.5, hi_open=True)
+            ch["beta"] = _num(self.beta, "BETA", 0.0, 0.5, hi_open=True)
         if self.rule == "krum":
-            _int(self.f, "F", 0, MAX_INPUTS)
-            _int(self.m, "M", 1, MAX_INPUTS)
-            _check(n > 2 * self.f + 2,
-                   f"too few inputs for f: Krum needs n > 2f+2 (n={n}, f={self.f})")
-            _check(self.m <= n - self.f,
-                   f"M must be at most n-f (n={n}, f={self.f}, M={self.m})")
+            f = ch["f"] = _int(self.f, "F", 0, MAX_INPUTS)
+            m = ch["m"] = _int(self.m, "M", 1, MAX_INPUTS)
+            _check(n > 2 * f + 2, f"too few inputs for f: Krum needs n > 2f+2 (n={n}, f={f})")
+            _check(m <= n - f, f"M must be at most n-f (n={n}, f={f}, M={m})")
         if self.rule == "geomed":
-            _int(self.maxiter, "MAXITER", 1, MAX_ITERS)
-            _num(self.eps, "EPS", 0.0, 1.0)
+            ch["maxiter"] = _int(self.maxiter, "MAXITER", 1, MAX_ITERS)
+            ch["eps"] = _num(self.eps, "EPS", 0.0, 1.0)
         if self.rule == "cclip":
-            _num(self.tau, "TAU", 0.0)
-            _check(self.tau > 0, "TAU must be positive")
-            _int(self.iters, "ITERS", 1, MAX_ITERS)
-        return self
+            ch["tau"] = _num(self.tau, "TAU", 0.0)
+            _check(ch["tau"] > 0, "TAU must be positive")
+            ch["iters"] = _int(self.iters, "ITERS", 1, MAX_ITERS)
+        return replace(self, **ch)
 
     def module_args(self, out: str) -> list[Any]:
         name = {"trimmed_mean": "SPIRT.TRIMMEAN"}.get(self.rule, "SPIRT." + self.rule.upper())
@@ -192,16 +191,19 @@ class _Sgd:
     weight_decay: float = 0.0
 
     def validate(self, param: str, buf: str | None) -> _Sgd:
-        _num(self.lr, "LR", 0.0)
-        _num(self.momentum, "MOMENTUM", 0.0)
-        _num(self.dampening, "DAMPENING", 0.0, 1.0)
-        _num(self.weight_decay, "WEIGHT_DECAY", 0.0)
-        _check(not (self.momentum > 0 and buf is None),
+        o = _Sgd(
+            lr=_num(self.lr, "LR", 0.0),
+            momentum=_num(self.momentum, "MOMENTUM", 0.0),
+            dampening=_num(self.dampening, "DAMPENING", 0.0, 1.0),
+            nesterov=bool(self.nesterov),
+            weight_decay=_num(self.weight_decay, "WEIGHT_DECAY", 0.0),
+        )
+        _check(not (o.momentum > 0 and buf is None),
                "MOMENTUM needs a BUF key for the momentum buffer")
-        _check(not (self.nesterov and (self.momentum <= 0 or self.dampening != 0)),
+        _check(not (o.nesterov and (o.momentum <= 0 or o.dampening != 0)),
                "NESTEROV needs MOMENTUM > 0 and DAMPENING 0")
-        _check(not (self.momentum > 0 and buf == param), "BUF must differ from the parameter key")
-        return self
+        _check(not (o.momentum > 0 and buf == param), "BUF must differ from the parameter key")
+        return o
 
 
 @dataclass(frozen=True)
@@ -215,15 +217,18 @@ class _Adam:
     decoupled: bool = False
 
     def validate(self, param: str, m: str, v: str) -> _Adam:
-        _int(self.step, "STEP", 1, 1 << 53)
-        _num(self.lr, "LR", 0.0)
-        _num(self.beta1, "beta1", 0.0, 1.0, hi_open=True)
-        _num(self.beta2, "beta2", 0.0, 1.0, hi_open=True)
-        _num(self.eps, "EPS", 0.0)
-        _check(self.eps > 0, "EPS must be positive")
-        _num(self.weight_decay, "WEIGHT_DECAY", 0.0)
+        o = _Adam(
+            step=_int(self.step, "STEP", 1, 1 << 53),
+            lr=_num(self.lr, "LR", 0.0),
+            beta1=_num(self.beta1, "beta1", 0.0, 1.0, hi_open=True),
+            beta2=_num(self.beta2, "beta2", 0.0, 1.0, hi_open=True),
+            eps=_num(self.eps, "EPS", 0.0),
+            weight_decay=_num(self.weight_decay, "WEIGHT_DECAY", 0.0),
+            decoupled=bool(self.decoupled),
+        )
+        _check(o.eps > 0, "EPS must be positive")
         _check(len({param, m, v}) == 3, "the parameter, M and V keys must all differ")
-        return self
+        return o
 
 
 def _map_error(e: ResponseError) -> StoreError:
@@ -415,7 +420,7 @@ class TensorStore:
         return await method(out, keys, **params)
 
     async def _aggregate(self, out: str, agg: _Agg) -> Any:
-        agg.validate()
+        agg = agg.validate()
         if await self.detect():
             reply = await self._call(*agg.module_args(out))
             if agg.rule == "krum":
@@ -516,6 +521,13 @@ class TensorStore:
 
     # ---- plumbing -----------------------------------------------------------------------
 
+    @staticmethod
+    async def _refuse_non_strings(client: Any, key: str) -> None:
+        if await _type(client, key) not in ("none", "string"):
+            raise StoreError(f"key '{_label(key)}' holds the wrong type (not a string tensor)")
+        if await _type(client, tensorfmt.shape_key(key)) not in ("none", "string"):
+            raise StoreError(f"wrong type at shape key '{_label(key)}:shape'")
+
     async def _call(self, *args: Any) -> Any:
         try:
             return await self.client.execute_command(*args)
@@ -537,6 +549,9 @@ class TensorStore:
             shape: bytes | None = None
             first = ""
             for i, (key, optional) in enumerate(inputs):
+                if raw[2 * i] is None or raw[2 * i + 1] is None:
+                    # MGET answers nil for other types too: tell them apart like the module.
+                    await self._refuse_non_strings(pipe, key)
                 if raw[2 * i] is None and optional:
                     xs.append(None)
                     continue
@@ -554,9 +569,7 @@ class TensorStore:
                 xs.append(_torch_view(a).reshape(-1))
             for out in outputs:
                 for name in (out, tensorfmt.shape_key(out)):
-                    t = await pipe.type(name)
-                    t = t.decode() if isinstance(t, bytes) else t
-                    _check(t in ("none", "string"),
+                    _check(await _type(pipe, name) in ("none", "string"),
                            f"output key '{_label(name)}' holds the wrong type (not a string)")
             results, ret = await asyncio.to_thread(compute, xs)
             assert shape is not None
@@ -572,6 +585,11 @@ class TensorStore:
                     "an input was modified during the command; nothing was written"
                 ) from None
         return ret
+
+
+async def _type(client: Any, key: str) -> str:
+    t = await client.type(key)
+    return t.decode() if isinstance(t, bytes) else str(t)
 
 
 def _names(keys: Sequence[str]) -> list[str]:
