@@ -253,7 +253,9 @@ class ManagedRedis:
             "appendfsync everysec",
             # AOF is the persistence; periodic RDB snapshots of multi-MB tensors only cost I/O.
             'save ""',
-            "user default off",
+            # The default user cannot log in ("off"), but keeps full rights: Redis 7.0 replays
+            # MULTI/EXEC blocks of the AOF as the default user, and without rights they fail.
+            "user default off ~* &* +@all",
             f"user {USERNAME} on #{password_hash} ~* &* +@all",
         ]
         if self.port is None:

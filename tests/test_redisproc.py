@@ -65,6 +65,35 @@ async def test_default_user_and_wrong_password_rejected(managed_redis: RunningRe
         await bad.aclose()
 
 
+async def test_default_user_cannot_log_in(managed_redis: RunningRedis) -> None:
+    anon = aioredis.Redis(unix_socket_path=str(managed_redis.socket_path),
+                          retry=Retry(NoBackoff(), 0))
+    try:
+        for password in ("", "x", managed_redis.server.password):
+            with pytest.raises((AuthenticationError, ResponseError, RedisConnectionError)):
+                await anon.execute_command("AUTH", "default", password)
+    finally:
+        await anon.aclose()
+
+
+async def test_transactions_in_the_aof_replay_after_restart() -> None:
+    # Redis 7.0 replays an AOF's MULTI/EXEC as the (log-in-disabled) default user.
+    d = short_tmpdir()
+    try:
+        r = await start_redis(d, load_module=False)
+        async with r.client.pipeline(transaction=True) as pipe:
+            pipe.set("a", b"1")
+            pipe.set("b", b"2")
+            await pipe.execute()
+        await stop_redis(r)
+        r = await start_redis(d, load_module=False)
+        assert await r.client.mget("a", "b") == [b"1", b"2"]
+        assert "CRITICAL" not in r.server.log_file.read_text()
+        await stop_redis(r)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 async def test_connection_info_lets_another_client_in(managed_redis: RunningRedis) -> None:
     info = managed_redis.server.connection_info().to_dict()
     password = Path(info["password_file"]).read_text().strip()
