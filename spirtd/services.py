@@ -27,6 +27,7 @@ class Service(Protocol):
 
 def build(node: Node) -> list[Service]:
     from .membership_service import MembershipService
+    from .pubsub import PubSub
     from .redis_service import RedisService
 
-    return [RedisService(node), MembershipService(node)]
+    return [RedisService(node), MembershipService(node), PubSub(node)]

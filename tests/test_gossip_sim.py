@@ -84,7 +84,7 @@ def test_duplicate_full_bodies_bounded_by_abandoned_pulls() -> None:
 
 def _forge(sim: GossipSim, i: int, topic: str, body: bytes) -> bytes:
     node = sim.nodes[i]
-    table, digest = digest_of(body, CONFIG.chunk_size)
+    _, digest = digest_of(body, CONFIG.chunk_size)
     ann = Announcement(topic, len(body), digest, CONFIG.chunk_size)
     return node.sign(ann)
 

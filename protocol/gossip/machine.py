@@ -409,6 +409,7 @@ class GossipMachine:
             self.counters["body_invalid"] += 1
             self.scores.invalid(peer)
             w.holders.discard(peer)
+            self._control(peer).cancel.append(mid)  # stop the rest of a bad stream
         self._end_pull(w, reason, now)
         self._schedule_pulls(now)
 
@@ -816,6 +817,7 @@ class GossipMachine:
             "peers": len(self.addrs),
             "topics": sorted(self.subscriptions),
             "mesh": {t: sorted(m) for t, m in self.mesh.meshes.items()},
+            "topic_peers": {t: len(self.mesh.subscribers(t)) for t in sorted(self.subscriptions)},
             "seen": len(self.seen),
             "held": len(self._held),
             "wanted": len(self._wants),

@@ -1,0 +1,1010 @@
+"""Publish/subscribe inside spirtd: the asyncio shell around protocol.gossip.
+
+What the trainer uses::
+
+    ps = node_pubsub                       # the "pubsub" service
+    ps.subscribe("grad", handler, validator=check)
+    info = await ps.publish("grad", payload, meta=b"round=7")   # bytes, a file, chunks
+    # handler(msg: Message) gets topic, origin, size, digest, meta and msg.body,
+    # whose bytes were verified against the digest before the handler runs.
+
+All protocol decisions are the machine's. This file moves envelopes between links
+and the machine, keeps the body store, streams bodies (``gossip.body`` streams,
+chunk table first), verifies incoming ones chunk by chunk as they arrive, runs
+the timer, and calls subscribers.
+
+Bodies are stored in memory up to ``memory_body_max`` each and ``memory_total``
+in all, and in files (mode 0600, under DATA_DIR/pubsub) beyond that; a transfer
+in flight holds one hash state and whatever the link hands over, never a second
+copy. Stored bodies are kept ``retain_s`` and at most ``disk_total`` bytes,
+oldest evicted first, so neighbours can still pull them after delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import itertools
+import logging
+import os
+import random
+import shutil
+import time
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protocol import strictpack
+from protocol.errors import DecodeError
+from protocol.gossip import (
+    Announcement,
+    BodyDropped,
+    Control,
+    Delivered,
+    GossipConfig,
+    GossipMachine,
+    Graylisted,
+    PeerExchange,
+    Publish,
+    PullEnded,
+    PullStarted,
+    ServeBody,
+    StopServe,
+    Verdict,
+)
+from protocol.gossip.messages import ID_SIZE, check_topic
+from protocol.gossip.transfer import (
+    BodyReceiver,
+    ByteBudget,
+    TableBuilder,
+    TransferError,
+    digest_of,
+    stream_size,
+)
+from protocol.identity import node_id
+from protocol.wire import Envelope, MsgType
+
+from .api import ApiError
+from .link import Link, LinkClosed, StreamSink
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("spirtd.pubsub")
+
+STREAM_KIND = "gossip.body"
+_HEADER_LIMITS = strictpack.Limits(max_size=64, max_depth=1, max_items=2, max_bin=ID_SIZE)
+READ_PIECE = 256 * 1024
+INBOX_MAX = 4096
+DELIVERY_QUEUE = 1024  # deliveries waiting for one topic's handler
+MAX_STAGED = 64
+
+Handler = Callable[["Message"], Awaitable[None] | None]
+AppValidator = Callable[["Info"], Verdict]
+Payload = bytes | bytearray | memoryview | Path | Iterable[bytes] | AsyncIterable[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    memory_body_max: int = 16 << 20
+    memory_total: int = 256 << 20
+    disk_total: int = 16 << 30
+    retain_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    """What a validator sees: the signed announcement, before any body byte moves."""
+
+    topic: str
+    origin: str  # node id
+    seq: int
+    ts_ms: int
+    size: int
+    digest: bytes
+    meta: bytes
+
+
+# --- the body store ---------------------------------------------------------------------
+
+
+class Body:
+    """A verified body held by this node, in memory or in a file."""
+
+    __slots__ = ("_fd", "_mem", "chunk_size", "path", "size", "stored_at", "table")
+
+    def __init__(
+        self,
+        size: int,
+        chunk_size: int,
+        table: bytes,
+        *,
+        mem: bytes | bytearray | None = None,
+        path: Path | None = None,
+        fd: int | None = None,
+    ) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.table = table
+        self._mem = mem
+        self.path = path
+        self._fd = fd
+        self.stored_at = time.monotonic()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._mem is not None
+
+    def pieces(self, start: int = 0, step: int = READ_PIECE) -> Iterator[bytes]:
+        if self._mem is not None:
+            view = memoryview(self._mem)
+            for off in range(start, self.size, step):
+                yield bytes(view[off : off + step])
+            return
+        assert self._fd is not None
+        for off in range(start, self.size, step):
+            data = os.pread(self._fd, min(step, self.size - off), off)
+            if not data:
+                raise OSError(f"body file {self.path} is shorter than {self.size}")
+            yield data
+
+    def read(self) -> bytes:
+        """The whole body (a copy). For large bodies prefer ``pieces``."""
+        if self._mem is not None:
+            return bytes(self._mem)
+        return b"".join(self.pieces())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+class _Partial:
+    """A body being received: storage for ``size`` bytes, verified up to a chunk
+    boundary; survives a change of source so the transfer resumes there."""
+
+    __slots__ = ("ann", "fd", "mem", "path", "reserved", "verified_chunks")
+
+    def __init__(self, ann: Announcement) -> None:
+        self.ann = ann
+        self.mem: bytearray | None = None
+        self.path: Path | None = None
+        self.fd: int | None = None
+        self.reserved = 0
+        self.verified_chunks = 0
+
+    def write(self, off: int, data: memoryview) -> None:
+        if self.mem is not None:
+            self.mem[off : off + len(data)] = data
+        else:
+            assert self.fd is not None
+            while len(data):
+                n = os.pwrite(self.fd, data, off)
+                data = data[n:]
+                off += n
+
+
+class BodyStore:
+    def __init__(self, root: Path, limits: StoreLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self.memory = ByteBudget(limits.memory_total)
+        self.disk = ByteBudget(limits.disk_total)
+        self.bodies: dict[bytes, Body] = {}
+        self._order: deque[bytes] = deque()
+        self._names = itertools.count(1)
+        self.evicted = 0
+
+    def reset(self) -> None:
+        # Bodies do not survive a restart (the machine forgets its ids too).
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+
+    def _new_file(self, size: int) -> tuple[Path, int]:
+        path = self.root / f"b{os.getpid()}-{next(self._names)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return path, fd
+
+    def allocate(self, p: _Partial, size: int) -> None:
+        """Memory if it fits the per-body and total budgets, else a file."""
+        self.make_room(size)
+        if size <= self.limits.memory_body_max and self.memory.reserve(size):
+            p.mem = bytearray(size)
+            p.reserved = size
+            return
+        if not self.disk.reserve(size):
+            raise OSError(f"body store full: {size} bytes do not fit in {self.disk.limit}")
+        p.path, p.fd = self._new_file(size)
+
+    def release_partial(self, p: _Partial) -> None:
+        if p.mem is not None:
+            self.memory.release(p.reserved)
+        elif p.fd is not None:
+            self.disk.release(p.ann.size)
+            with contextlib.suppress(OSError):
+                os.close(p.fd)
+            if p.path is not None:
+                p.path.unlink(missing_ok=True)
+        p.mem, p.fd, p.path = None, None, None
+
+    def commit(self, mid: bytes, p: _Partial, table: bytes) -> Body:
+        body = Body(p.ann.size, p.ann.chunk_size, table, mem=p.mem, path=p.path, fd=p.fd)
+        p.mem, p.fd, p.path = None, None, None  # ownership moves to the Body
+        self._add(mid, body)
+        return body
+
+    def _add(self, mid: bytes, body: Body) -> None:
+        self.bodies[mid] = body
+        self._order.append(mid)
+
+    def put_memory(self, mid: bytes, data: bytes, chunk_size: int, table: bytes) -> Body:
+        self.make_room(len(data))
+        if not self.memory.reserve(len(data)):
+            raise OSError("body store memory budget exhausted")
+        body = Body(len(data), chunk_size, table, mem=data)
+        self._add(mid, body)
+        return body
+
+    def get(self, mid: bytes) -> Body | None:
+        return self.bodies.get(mid)
+
+    def make_room(self, size: int) -> None:
+        """Evicts the oldest bodies while ``size`` more would not fit both budgets."""
+        while self._order and (
+            self.memory.used + size > self.memory.limit or self.disk.used + size > self.disk.limit
+        ):
+            self._evict(self._order[0])
+
+    def expire(self, now: float) -> list[bytes]:
+        gone = []
+        while self._order and now - self.bodies[self._order[0]].stored_at > self.limits.retain_s:
+            gone.append(self._order[0])
+            self._evict(self._order[0])
+        return gone
+
+    def _evict(self, mid: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            self._order.remove(mid)
+        body = self.bodies.pop(mid, None)
+        if body is None:
+            return
+        self.evicted += 1
+        if body.in_memory:
+            self.memory.release(body.size)
+        else:
+            self.disk.release(body.size)
+        body.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "bodies": len(self.bodies),
+            "memory_bytes": self.memory.used,
+            "disk_bytes": self.disk.used,
+            "evicted": self.evicted,
+        }
+
+
+# --- what subscribers get -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    msg_id: bytes
+    topic: str
+    origin: str
+    seq: int
+    ts_ms: int
+    size: int
+    digest: bytes
+    meta: bytes
+    source: str  # the neighbour that first announced it
+    body: Body  # verified; kept for StoreLimits.retain_s
+
+    async def read(self) -> bytes:
+        return (
+            await asyncio.to_thread(self.body.read) if self.size > READ_PIECE else self.body.read()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A body stored and digested ahead of publishing (so publishing is instant)."""
+
+    handle: int
+    size: int
+    chunk_size: int
+    table: bytes
+    digest: bytes
+    partial: _Partial | None  # storage when not inline
+    data: bytes | None  # the bytes when small enough to keep inline
+
+
+class _Subscription:
+    def __init__(self, topic: str, handler: Handler) -> None:
+        self.topic = topic
+        self.handler = handler
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(DELIVERY_QUEUE)
+        self.task: asyncio.Task[None] | None = None
+
+
+# --- the service --------------------------------------------------------------------------
+
+
+class _BodySink:
+    """The StreamSink for one pulled body: verifies as bytes arrive, writes them
+    to the partial, and reports to the machine."""
+
+    def __init__(self, ps: PubSub, peer: str, mid: bytes, p: _Partial, rx: BodyReceiver) -> None:
+        self.ps = ps
+        self.peer = peer
+        self.mid = mid
+        self.p = p
+        self.rx = rx
+        self.dead = False
+        self.received = 0
+
+    async def write(self, data: bytes) -> None:
+        if self.dead:
+            return
+        self.received += len(data)
+        before = self.rx.verified
+        try:
+            for off, piece in self.rx.feed(data):
+                self.p.write(off, piece)
+        except TransferError as e:
+            self.dead = True
+            self.ps.counters[f"body_{e.reason}"] += 1
+            self.ps._end_sink(self)
+            self.ps.m.body_failed(self.peer, self.mid, e.reason, time.monotonic())
+            self.ps._pump()
+            return
+        except OSError as e:
+            self.dead = True
+            log.error("cannot store body %s: %s", self.mid.hex(), e)
+            self.ps._end_sink(self)
+            self.ps.m.body_failed(self.peer, self.mid, "store_error", time.monotonic())
+            self.ps._pump()
+            return
+        if self.rx.verified != before:
+            self.p.verified_chunks = self.rx.verified // self.p.ann.chunk_size
+            self.ps.m.body_progress(self.peer, self.mid, self.p.verified_chunks, time.monotonic())
+
+    async def finish(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.ps._end_sink(self)
+        if not self.rx.done:
+            self.ps.m.body_failed(self.peer, self.mid, "short", time.monotonic())
+            self.ps._pump()
+            return
+        self.ps._body_complete(self)
+
+    def abort(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.ps._end_sink(self)
+        self.ps.m.body_failed(self.peer, self.mid, "aborted", time.monotonic())
+        self.ps._pump()
+
+
+class PubSub:
+    name = "pubsub"
+
+    def __init__(
+        self,
+        node: Node,
+        config: GossipConfig | None = None,
+        limits: StoreLimits | None = None,
+    ) -> None:
+        self.node = node
+        self.config = config or GossipConfig()
+        self.counters = node.counters
+        self.store = BodyStore(node.data.root / "pubsub", limits or StoreLimits())
+        self.m: GossipMachine | None = None  # set in start()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._subs: dict[str, _Subscription] = {}
+        self._app_validators: dict[str, AppValidator] = {}
+        self._partials: dict[bytes, _Partial] = {}
+        self._expected: dict[tuple[str, bytes], tuple[int, Announcement]] = {}
+        self._sinks: dict[tuple[str, bytes], _BodySink] = {}
+        self._serves: dict[tuple[str, bytes], asyncio.Task[None]] = {}
+        self._staged: dict[int, Staged] = {}
+        self._handles = itertools.count(1)
+        self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
+        self._inbox_topics: set[str] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        node = self.node
+        self.store.reset()
+        now = time.monotonic()
+        self.m = GossipMachine(
+            node.key.node_id,
+            self.config,
+            random.Random(),
+            now,
+            wall_offset=time.time() - now,
+        )
+        node.register(MsgType.GOSSIP_PUBLISH, self._on_publish_envelope)
+        node.register(MsgType.GOSSIP, self._on_control_envelope)
+        node.register_stream(STREAM_KIND, self._on_stream)
+        node.add_link_listener(self._on_link)
+        if node.transport is not None:
+            for link in list(node.transport.links.values()):
+                self._on_link(link, True)
+        self._routes()
+        self._task = asyncio.create_task(self._run(), name="pubsub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for t in list(self._serves.values()):
+            t.cancel()
+        for sub in self._subs.values():
+            if sub.task is not None:
+                sub.task.cancel()
+        for p in list(self._partials.values()):
+            self.store.release_partial(p)
+        for s in self._staged.values():
+            if s.partial is not None:
+                self.store.release_partial(s.partial)
+        for mid in list(self.store.bodies):
+            self.store._evict(mid)
+
+    def status(self) -> dict[str, Any]:
+        if self.m is None:
+            return {}
+        return {"pubsub": {**self.m.status(), "store": self.store.status()}}
+
+    # -- the API the trainer uses --------------------------------------------------------
+
+    def subscribe(
+        self, topic: str, handler: Handler, *, validator: AppValidator | None = None
+    ) -> None:
+        """Calls ``handler(message)`` for every valid message on ``topic`` whose body
+        has arrived and checked out. ``validator(info)`` sees the signed announcement
+        first and answers ACCEPT, REJECT (invalid: the sender is penalised) or
+        IGNORE (not wanted now, e.g. a closed round)."""
+        check_topic(topic)
+        assert self.m is not None, "start() first"
+        old = self._subs.pop(topic, None)
+        if old is not None and old.task is not None:
+            old.task.cancel()
+        sub = _Subscription(topic, handler)
+        sub.task = asyncio.create_task(self._deliver_loop(sub), name=f"pubsub-{topic}")
+        self._subs[topic] = sub
+        if validator is not None:
+            self._app_validators[topic] = validator
+        else:
+            self._app_validators.pop(topic, None)
+        self.m.subscribe(topic, time.monotonic(), self._validate)
+        self._pump()
+
+    def unsubscribe(self, topic: str) -> None:
+        assert self.m is not None
+        sub = self._subs.pop(topic, None)
+        if sub is not None and sub.task is not None:
+            sub.task.cancel()
+        self._app_validators.pop(topic, None)
+        self._inbox_topics.discard(topic)
+        self.m.unsubscribe(topic, time.monotonic())
+        self._pump()
+
+    async def stage(self, payload: Payload, *, size: int | None = None) -> Staged:
+        """Stores and digests a body ahead of publishing. ``payload`` is bytes, a
+        file path, or (async) chunks; chunks need ``size`` up front so the storage
+        is bounded before the first byte is read."""
+        c = self.config
+        if isinstance(payload, bytes | bytearray | memoryview):
+            data = bytes(payload)
+            if len(data) > c.max_payload:
+                raise ValueError(f"payload of {len(data)} bytes exceeds {c.max_payload}")
+            table, digest = await _digest(data, c.chunk_size)
+            if len(data) <= c.inline_max:
+                return self._keep(Staged(0, len(data), c.chunk_size, table, digest, None, data))
+            p = _Partial(Announcement("-", len(data), digest, c.chunk_size))
+            self.store.allocate(p, len(data))
+            p.write(0, memoryview(data))
+            return self._keep(Staged(0, len(data), c.chunk_size, table, digest, p, None))
+        if isinstance(payload, Path):
+            size = payload.stat().st_size
+            return await self.stage(_file_chunks(payload), size=size)
+        if size is None:
+            raise ValueError("a chunked payload needs its size")
+        if not 0 <= size <= c.max_payload:
+            raise ValueError(f"payload of {size} bytes exceeds {c.max_payload}")
+        p = _Partial(Announcement("-", size, bytes(32), c.chunk_size))
+        self.store.allocate(p, size)
+        builder = TableBuilder(c.chunk_size)
+        try:
+            async for chunk in _aiter(payload):
+                if builder.size + len(chunk) > size:
+                    raise ValueError("payload is longer than its declared size")
+                p.write(builder.size, memoryview(chunk))
+                if len(chunk) > READ_PIECE:
+                    await asyncio.to_thread(builder.update, chunk)  # hashlib drops the GIL
+                else:
+                    builder.update(chunk)
+            if builder.size != size:
+                raise ValueError(f"payload ended at {builder.size} of {size} bytes")
+        except BaseException:
+            self.store.release_partial(p)
+            raise
+        table, digest = builder.finish()
+        if size <= c.inline_max:
+            data = b"".join(_partial_pieces(p, size))
+            self.store.release_partial(p)
+            return self._keep(Staged(0, size, c.chunk_size, table, digest, None, data))
+        return self._keep(Staged(0, size, c.chunk_size, table, digest, p, None))
+
+    def _keep(self, s: Staged) -> Staged:
+        if len(self._staged) >= MAX_STAGED:
+            raise ValueError(f"more than {MAX_STAGED} staged payloads; publish or drop some")
+        h = next(self._handles)
+        staged = Staged(h, s.size, s.chunk_size, s.table, s.digest, s.partial, s.data)
+        self._staged[h] = staged
+        return staged
+
+    def drop_staged(self, handle: int) -> None:
+        s = self._staged.pop(handle, None)
+        if s is not None and s.partial is not None:
+            self.store.release_partial(s.partial)
+
+    async def publish(
+        self, topic: str, payload: Payload | Staged, *, meta: bytes = b"", size: int | None = None
+    ) -> dict[str, Any]:
+        """Signs an announcement for ``payload`` and floods it to ``topic``'s peers;
+        they pull the body from us (or from each other). Returns msg_id, digest, size."""
+        assert self.m is not None
+        check_topic(topic)
+        if len(meta) > self.config.max_meta:
+            raise ValueError(f"meta of {len(meta)} bytes exceeds {self.config.max_meta}")
+        staged = payload if isinstance(payload, Staged) else await self.stage(payload, size=size)
+        if self._staged.pop(staged.handle, None) is None:
+            raise ValueError("that staged payload was already published or dropped")
+        ann = Announcement(topic, staged.size, staged.digest, staged.chunk_size, meta, staged.data)
+        envelope = self.node.seal(MsgType.GOSSIP_PUBLISH, ann.to_obj())
+        mid = self.m.publish(envelope, time.monotonic())
+        if staged.partial is not None:
+            staged.partial.ann = ann
+            self.store.commit(mid, staged.partial, staged.table)
+        self._pump()
+        self._wake.set()
+        return {"msg_id": mid.hex(), "digest": staged.digest.hex(), "size": staged.size}
+
+    # -- validation and delivery ---------------------------------------------------------
+
+    def _validate(self, ann: Announcement, env: Envelope) -> Verdict:
+        fn = self._app_validators.get(ann.topic)
+        if fn is None:
+            return Verdict.ACCEPT
+        info = Info(
+            ann.topic, node_id(env.origin), env.seq, env.ts_ms, ann.size, ann.digest, ann.meta
+        )
+        try:
+            return fn(info)
+        except Exception:
+            log.exception("validator for %s failed; ignoring the message", ann.topic)
+            return Verdict.IGNORE
+
+    def _deliver(self, ev: Delivered) -> None:
+        ann, env = ev.announcement, ev.envelope
+        body = self.store.get(ev.msg_id)
+        if body is None:
+            if ann.inline is None:
+                self.counters["gossip.deliver_without_body"] += 1
+                return
+            table, _ = digest_of(ann.inline, ann.chunk_size)
+            body = Body(ann.size, ann.chunk_size, table, mem=ann.inline)
+        msg = Message(
+            ev.msg_id,
+            ann.topic,
+            node_id(env.origin),
+            env.seq,
+            env.ts_ms,
+            ann.size,
+            ann.digest,
+            ann.meta,
+            ev.source,
+            body,
+        )
+        if ann.topic in self._inbox_topics:
+            self.inbox.append(
+                {
+                    "msg_id": ev.msg_id.hex(),
+                    "topic": ann.topic,
+                    "origin": msg.origin,
+                    "size": ann.size,
+                    "digest": ann.digest.hex(),
+                    "meta": ann.meta.hex(),
+                    "source": ev.source,
+                    "received_at": time.time(),
+                }
+            )
+        sub = self._subs.get(ann.topic)
+        if sub is not None:
+            try:
+                sub.queue.put_nowait(msg)
+            except asyncio.QueueFull:
+                self.counters["gossip.delivery_queue_full"] += 1
+                log.warning("subscriber of %s is too slow; a message was dropped", ann.topic)
+
+    async def _deliver_loop(self, sub: _Subscription) -> None:
+        while True:
+            msg = await sub.queue.get()
+            try:
+                r = sub.handler(msg)
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:
+                log.exception("subscriber of %s failed on %s", sub.topic, msg.msg_id.hex())
+
+    # -- links and envelopes -------------------------------------------------------------
+
+    def _on_link(self, link: Link, up: bool) -> None:
+        assert self.m is not None
+        now = time.monotonic()
+        if up:
+            self.m.add_peer(link.peer_id, now, link.peer_addr)
+        else:
+            self.m.remove_peer(link.peer_id, now)
+        self._pump()
+
+    def _on_publish_envelope(self, link: Link, env: Envelope) -> None:
+        assert self.m is not None
+        # The exact bytes the origin signed, as relayed: never re-encoded.
+        self.m.receive(link.peer_id, Publish(env.wire), time.monotonic())
+        self._pump()
+
+    def _on_control_envelope(self, link: Link, env: Envelope) -> None:
+        assert self.m is not None
+        if env.origin != link.peer_key:
+            self.counters["gossip.origin_mismatch"] += 1
+            return
+        try:
+            ctrl = Control.from_obj(env.body)
+        except DecodeError as e:
+            self.counters[f"gossip.decode.{e.reason}"] += 1
+            return
+        self.m.receive(link.peer_id, ctrl, time.monotonic())
+        self._pump()
+
+    def _send(self, peer: str, data: bytes) -> None:
+        assert self.node.transport is not None
+        link = self.node.transport.links.get(peer)
+        if link is None or link.close_reason is not None or not link.try_send(data):
+            # Gossip tolerates loss: IHAVE/IWANT and pull retries repair it.
+            self.counters["gossip.send_dropped"] += 1
+
+    # -- the machine pump ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.m is not None
+        while True:
+            now = time.monotonic()
+            self.m.tick(now)
+            for mid in self.store.expire(now):
+                self.m.forget_body(mid)
+            self._pump()
+            delay = min(max(self.m.next_deadline() - time.monotonic(), 0.0), 1.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    def _pump(self) -> None:
+        m = self.m
+        assert m is not None
+        for out in m.drain_outgoing():
+            msg = out.message
+            if isinstance(msg, Publish):
+                self._send(out.peer_id, msg.wire)
+            else:
+                self._send(out.peer_id, self.node.seal(MsgType.GOSSIP, msg.to_obj()))
+        for ev in m.drain_events():
+            if isinstance(ev, Delivered):
+                self._deliver(ev)
+            elif isinstance(ev, PullStarted):
+                self._expected[(ev.peer_id, ev.msg_id)] = (ev.first_chunk, ev.announcement)
+            elif isinstance(ev, PullEnded):
+                self._expected.pop((ev.peer_id, ev.msg_id), None)
+                sink = self._sinks.pop((ev.peer_id, ev.msg_id), None)
+                if sink is not None:
+                    sink.dead = True  # the rest of its stream is discarded
+            elif isinstance(ev, ServeBody):
+                self._start_serve(ev)
+            elif isinstance(ev, StopServe):
+                task = self._serves.get((ev.peer_id, ev.msg_id))
+                if task is not None:
+                    task.cancel()
+            elif isinstance(ev, BodyDropped):
+                p = self._partials.pop(ev.msg_id, None)
+                if p is not None:
+                    self.store.release_partial(p)
+                log.warning("gave up on body %s: %s", ev.msg_id.hex(), ev.reason)
+            elif isinstance(ev, Graylisted):
+                log.warning("peer %s graylisted (score %.1f)", ev.peer_id, ev.score)
+            elif isinstance(ev, PeerExchange):
+                self._peer_exchange(ev)
+        for k, v in m.counters.items():
+            self.counters[f"gossip.{k}"] = v
+
+    def _peer_exchange(self, ev: PeerExchange) -> None:
+        assert self.m is not None
+        if len(self.m.addrs) >= self.config.d:
+            return
+        for nid, addr in ev.peers[: self.config.d]:
+            task = asyncio.create_task(self._dial(nid, addr))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _dial(self, nid: str, addr: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.node.link_to(nid, addr)
+
+    # -- serving bodies ------------------------------------------------------------------
+
+    def _start_serve(self, ev: ServeBody) -> None:
+        key = (ev.peer_id, ev.msg_id)
+        self._serves[key] = asyncio.create_task(self._serve(ev), name="pubsub-serve")
+
+    async def _serve(self, ev: ServeBody) -> None:
+        assert self.m is not None and self.node.transport is not None
+        key = (ev.peer_id, ev.msg_id)
+        try:
+            body = self.store.get(ev.msg_id)
+            link = self.node.transport.links.get(ev.peer_id)
+            if body is None or link is None:
+                return
+            total = stream_size(body.size, body.chunk_size, ev.first_chunk)
+            header = strictpack.pack([ev.msg_id, ev.first_chunk])
+            start = min(body.size, ev.first_chunk * body.chunk_size)
+
+            def pieces() -> Iterator[bytes]:
+                yield body.table
+                yield from body.pieces(start)
+
+            await link.send_stream(self.node.stream_meta(STREAM_KIND, header), total, pieces())
+            self.counters["gossip.bodies_served"] += 1
+        except (LinkClosed, OSError) as e:
+            log.debug("serving %s to %s stopped: %s", ev.msg_id.hex(), ev.peer_id, e)
+        finally:
+            self._serves.pop(key, None)
+            self.m.serve_done(ev.peer_id, ev.msg_id)
+            self._pump()
+
+    # -- receiving bodies ----------------------------------------------------------------
+
+    def _on_stream(self, link: Link, total: int, header: bytes) -> StreamSink | None:
+        assert self.m is not None
+        try:
+            obj = strictpack.unpack(header, _HEADER_LIMITS)
+        except DecodeError:
+            obj = None
+        if not (
+            isinstance(obj, list)
+            and len(obj) == 2
+            and isinstance(obj[0], bytes)
+            and len(obj[0]) == ID_SIZE
+            and isinstance(obj[1], int)
+            and not isinstance(obj[1], bool)
+        ):
+            self.counters["gossip.stream_bad_header"] += 1
+            return None
+        mid, first = obj
+        key = (link.peer_id, mid)
+        expected = self._expected.get(key)
+        if expected is None or expected[0] != first or key in self._sinks:
+            self.counters["gossip.stream_unexpected"] += 1
+            return None
+        ann = expected[1]
+        if total != stream_size(ann.size, ann.chunk_size, first):
+            self.counters["gossip.stream_bad_size"] += 1
+            self.m.body_failed(link.peer_id, mid, "overrun", time.monotonic())
+            self._pump()
+            return None
+        p = self._partials.get(mid)
+        if p is None:
+            p = _Partial(ann)
+            try:
+                self.store.allocate(p, ann.size)
+            except OSError as e:
+                log.error("cannot store body %s: %s", mid.hex(), e)
+                self.m.body_failed(link.peer_id, mid, "store_error", time.monotonic())
+                self._pump()
+                return None
+            self._partials[mid] = p
+        if first > p.verified_chunks:
+            self.m.body_failed(link.peer_id, mid, "bad_resume", time.monotonic())
+            self._pump()
+            return None
+        rx = BodyReceiver(ann.size, ann.chunk_size, ann.digest, first)
+        sink = _BodySink(self, link.peer_id, mid, p, rx)
+        self._sinks[key] = sink
+        return sink
+
+    def _end_sink(self, sink: _BodySink) -> None:
+        key = (sink.peer, sink.mid)
+        if self._sinks.get(key) is sink:
+            del self._sinks[key]
+
+    def _body_complete(self, sink: _BodySink) -> None:
+        assert self.m is not None
+        p = self._partials.get(sink.mid)
+        if p is None or not self.m.body_received(sink.peer, sink.mid, time.monotonic()):
+            self._pump()
+            return
+        del self._partials[sink.mid]
+        self.counters["gossip.body_bytes_in"] += sink.received
+        self.store.commit(sink.mid, p, sink.rx.table)
+        self._pump()
+
+    # -- control API (spirtctl, tests, benches) ------------------------------------------
+
+    def _routes(self) -> None:
+        api = self.node.api
+        if api is None:
+            return
+        api.route("POST", "/v1/pubsub/subscribe", self._api_subscribe)
+        api.route("POST", "/v1/pubsub/unsubscribe", self._api_unsubscribe)
+        api.route("POST", "/v1/pubsub/stage", self._api_stage)
+        api.route("POST", "/v1/pubsub/publish", self._api_publish)
+        api.route("GET", "/v1/pubsub/inbox", self._api_inbox)
+        api.route("POST", "/v1/pubsub/verify", self._api_verify)
+        api.route("GET", "/v1/pubsub/status", self._api_status)
+
+    async def _api_subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+        topic = _str_arg(body, "topic")
+        if topic not in self._subs:
+            # Record-only subscription: deliveries land in the inbox.
+            self._call(lambda: self.subscribe(topic, _noop))
+        self._inbox_topics.add(topic)
+        return {"subscribed": topic}
+
+    async def _api_unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+        topic = _str_arg(body, "topic")
+        self._call(lambda: self.unsubscribe(topic))
+        return {"unsubscribed": topic}
+
+    async def _api_stage(self, body: dict[str, Any]) -> dict[str, Any]:
+        staged = await self._staged_from(body)
+        return {"handle": staged.handle, "size": staged.size, "digest": staged.digest.hex()}
+
+    async def _staged_from(self, body: dict[str, Any]) -> Staged:
+        try:
+            if "path" in body:
+                path = Path(_str_arg(body, "path"))
+                if not path.is_file():
+                    raise ApiError(400, f"path: {path} is not a readable file")
+                return await self.stage(path)
+            if "random_size" in body:
+                n = body["random_size"]
+                if (
+                    not isinstance(n, int)
+                    or isinstance(n, bool)
+                    or not 0 <= n <= self.config.max_payload
+                ):
+                    raise ApiError(400, f"random_size: must be 0..{self.config.max_payload}")
+                # A load-generation aid: os.urandom in a thread, then staged as bytes.
+                return await self.stage(await asyncio.to_thread(os.urandom, n))
+            if "data_hex" in body:
+                return await self.stage(bytes.fromhex(_str_arg(body, "data_hex")))
+        except (ValueError, OSError) as e:
+            raise ApiError(400, str(e)) from None
+        raise ApiError(400, "give one of: path, random_size, data_hex, handle")
+
+    async def _api_publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        topic = _str_arg(body, "topic")
+        try:
+            meta = bytes.fromhex(body.get("meta_hex", "")) if "meta_hex" in body else b""
+            if "handle" in body:
+                staged = self._staged.get(body["handle"])
+                if staged is None:
+                    raise ApiError(404, f"handle: no staged payload {body['handle']!r}")
+            else:
+                staged = await self._staged_from(body)
+            return await self.publish(topic, staged, meta=meta)
+        except (ValueError, DecodeError) as e:
+            raise ApiError(400, str(e)) from None
+
+    async def _api_inbox(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": list(self.inbox)}
+
+    async def _api_verify(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Re-reads a stored body and recomputes its digests (an end-to-end check for
+        tests and operators: the chunk-tree digest and an independent SHA-256)."""
+        try:
+            mid = bytes.fromhex(_str_arg(body, "msg_id"))
+        except ValueError:
+            raise ApiError(400, "msg_id: not hex") from None
+        stored = self.store.get(mid)
+        if stored is None:
+            raise ApiError(404, "msg_id: no such body held")
+
+        def rehash() -> tuple[str, str]:
+            b = TableBuilder(stored.chunk_size)
+            sha = hashlib.sha256()
+            for piece in stored.pieces():
+                b.update(piece)
+                sha.update(piece)
+            return b.finish()[1].hex(), sha.hexdigest()
+
+        digest, sha = await asyncio.to_thread(rehash)
+        return {"msg_id": mid.hex(), "size": stored.size, "digest": digest, "sha256": sha}
+
+    async def _api_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.m is not None
+        return {
+            **self.m.status(),
+            "store": self.store.status(),
+            "counters": dict(self.m.counters),
+            "scores": self.m.scores.snapshot(),
+        }
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except DecodeError as e:
+            raise ApiError(400, f"topic: {e.detail}") from None
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _noop(msg: Message) -> None:
+    return None
+
+
+def _str_arg(body: dict[str, Any], key: str) -> str:
+    v = body.get(key)
+    if not isinstance(v, str) or not v:
+        raise ApiError(400, f"{key}: a non-empty string is required")
+    return v
+
+
+async def _digest(data: bytes, chunk_size: int) -> tuple[bytes, bytes]:
+    if len(data) > READ_PIECE:
+        return await asyncio.to_thread(digest_of, data, chunk_size)
+    return digest_of(data, chunk_size)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_PIECE * 4):
+            yield chunk
+
+
+def _partial_pieces(p: _Partial, size: int) -> Iterator[bytes]:
+    if p.mem is not None:
+        yield bytes(p.mem[:size])
+        return
+    assert p.fd is not None
+    for off in range(0, size, READ_PIECE):
+        yield os.pread(p.fd, min(READ_PIECE, size - off), off)
+
+
+async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]):  # type: ignore[no-untyped-def]
+    if isinstance(chunks, AsyncIterable):
+        async for c in chunks:
+            yield c
+    else:
+        for c in chunks:
+            yield c
