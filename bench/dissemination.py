@@ -1,0 +1,176 @@
+"""bench.dissemination: all-to-all gossip of large payloads between real spirtd
+processes on loopback.
+
+N daemons (default 8) form a cluster (membership links every pair), subscribe
+to a topic, and each stages a random payload of S MiB. Then every peer
+publishes at the same moment, and we measure, per S:
+
+* all_received_s   from just before the publish calls until the last peer has
+                   the last payload (delivery timestamps taken by the daemons,
+                   after each body was verified against its signed digest);
+* bytes received   per peer: everything its encrypted links carried in
+                   (bodies, chunk tables, announcements, control, keepalives,
+                   membership) during the run;
+* bytes needed     per peer: (N-1)*S MiB.
+
+bytes_ratio_max     = max over peers of received / needed      (target <= 1.1)
+time_ratio_to_bound = all_received_s / (N*(N-1)*S / link_MBps) (target <= 2.0)
+
+link_MBps is bench.link's encrypted-link throughput, measured in this same run
+before the cluster starts. N*(N-1)*S MiB must cross links in total; on this
+machine every link shares the same cores, so the bound is total bytes over one
+link's throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.link import link_mbps
+from spirtd.localcluster import LocalCluster, LocalNode, linked_peers, wait_for
+
+MB = 1024 * 1024
+TARGET_BYTES_RATIO = 1.1
+TARGET_TIME_RATIO = 2.0
+
+
+def _bytes_in(node: LocalNode) -> int:
+    return sum(link["bytes_in"] for link in node.status()["links"])
+
+
+def _ready(nodes: list[LocalNode], topic: str) -> bool:
+    for node in nodes:
+        st = node.call("GET", "/v1/pubsub/status")
+        if st["topic_peers"].get(topic, 0) < len(nodes) - 1 or not st["mesh"].get(topic):
+            return False
+    return True
+
+
+def _inbox(node: LocalNode, topic: str) -> list[dict[str, Any]]:
+    return [m for m in node.call("GET", "/v1/pubsub/inbox")["messages"] if m["topic"] == topic]
+
+
+def run_size(nodes: list[LocalNode], mb: int, link: float, timeout: float) -> dict[str, Any]:
+    n = len(nodes)
+    topic = f"bench-{mb}"
+    for node in nodes:
+        node.call("POST", "/v1/pubsub/subscribe", {"topic": topic})
+    wait_for(lambda: _ready(nodes, topic), 60, f"subscriptions to {topic}")
+    with ThreadPoolExecutor(n) as pool:
+        t_stage = time.perf_counter()
+        handles = list(
+            pool.map(lambda x: x.call("POST", "/v1/pubsub/stage", {"random_size": mb * MB}), nodes)
+        )
+        stage_s = time.perf_counter() - t_stage
+        before = list(pool.map(_bytes_in, nodes))
+        t0 = time.time()
+        published = list(
+            pool.map(
+                lambda ih: ih[0].call(
+                    "POST", "/v1/pubsub/publish", {"topic": topic, "handle": ih[1]["handle"]}
+                ),
+                zip(nodes, handles, strict=True),
+            )
+        )
+        publish_calls_s = time.time() - t0
+    digests = {p["msg_id"]: p["digest"] for p in published}
+
+    def done() -> bool:
+        return all(len(_inbox(x, topic)) >= n - 1 for x in nodes)
+
+    wait_for(done, timeout, f"all {mb} MiB payloads everywhere", interval=0.05)
+    last = 0.0
+    for node in nodes:
+        for m in _inbox(node, topic):
+            if digests.get(m["msg_id"]) != m["digest"]:
+                raise RuntimeError(f"{node.node_id} holds an unexpected message {m['msg_id']}")
+            last = max(last, m["received_at"])
+    all_received_s = last - t0
+    time.sleep(0.5)  # let trailing control frames land before reading the counters
+    after = [_bytes_in(x) for x in nodes]
+    received = [a - b for a, b in zip(after, before, strict=True)]
+    needed = (n - 1) * mb * MB
+    ideal_s = n * (n - 1) * mb / link
+    return {
+        "peers": n,
+        "mb": mb,
+        "all_received_s": round(all_received_s, 3),
+        "bytes_ratio_max": round(max(received) / needed, 4),
+        "time_ratio_to_bound": round(all_received_s / ideal_s, 3),
+        "ideal_s": round(ideal_s, 3),
+        "bytes_needed_per_peer": needed,
+        "bytes_received_per_peer": received,
+        "stage_s": round(stage_s, 3),
+        "publish_calls_s": round(publish_calls_s, 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.dissemination", description=__doc__)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--peers", type=int, default=8)
+    p.add_argument("--sizes", default="4,40", help="payload sizes in MiB, comma separated")
+    p.add_argument("--link-mb", type=int, default=256, help="bytes streamed by bench.link (MiB)")
+    p.add_argument("--repeat", type=int, default=2, help="bench.link runs; the best is kept")
+    a = p.parse_args()
+    import uvloop
+
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    chunk = 256 * 1024
+    link = max(uvloop.run(link_mbps(a.link_mb * MB, chunk))[0] for _ in range(a.repeat))
+
+    root = Path(tempfile.mkdtemp(prefix="spd-"))
+    cluster = LocalCluster(root, a.peers, config="[transport]\nidle_timeout_s = 120.0\n")
+    results = []
+    try:
+        cluster.start()
+        nodes = cluster.nodes
+        wait_for(
+            lambda: all(len(linked_peers(x)) == a.peers - 1 for x in nodes),
+            120,
+            "a full mesh of links",
+        )
+        for mb in sizes:
+            results.append(run_size(nodes, mb, link, timeout=60 + 3 * a.peers * mb))
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    out = {
+        "bench": "dissemination",
+        "peers": a.peers,
+        "cpus": os.cpu_count(),
+        "link_MBps": round(link, 1),
+        "link_bench_MB": a.link_mb,
+        "topology": "every pair linked (membership), gossip mesh D=6 over it",
+        "results": results,
+        "targets": {
+            "bytes_ratio_max": TARGET_BYTES_RATIO,
+            "time_ratio_to_bound": TARGET_TIME_RATIO,
+        },
+        "meets_targets": all(
+            r["bytes_ratio_max"] <= TARGET_BYTES_RATIO
+            and r["time_ratio_to_bound"] <= TARGET_TIME_RATIO
+            for r in results
+        ),
+    }
+    if not a.json:
+        for r in results:
+            print(
+                f"S={r['mb']:>3} MiB  all received in {r['all_received_s']:.2f}s "
+                f"(ideal {r['ideal_s']:.2f}s, ratio {r['time_ratio_to_bound']})  "
+                f"bytes ratio max {r['bytes_ratio_max']}"
+            )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
