@@ -77,7 +77,7 @@ class Transport:
         self._replay = ReplayCache()
         self._pending_handshakes = 0
         self._dials: dict[str, asyncio.Future[Link]] = {}
-        self._maintained: dict[str, asyncio.Task] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}  # addr -> (retry_at, delay)
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
 
@@ -96,8 +96,6 @@ class Transport:
 
     async def stop(self) -> None:
         self._closing = True
-        for t in self._maintained.values():
-            t.cancel()
         if self._server is not None:
             self._server.close()
         links = list(self.links.values())
@@ -128,8 +126,10 @@ class Transport:
     # -- dialing -------------------------------------------------------------------------
 
     async def connect(self, addr: str, expected_peer: str | None = None) -> Link:
-        """Returns a link to the peer at ``addr``, dialing if needed; concurrent
-        calls for one address share one dial."""
+        """Returns a link to the peer at ``addr``, dialing if needed. Concurrent
+        calls for one address share one dial. After a failed dial the address is
+        in backoff (jittered, doubling up to reconnect_max_s): calls fail fast
+        with reason ``backoff`` until it passes, so no caller can storm a dead peer."""
         if expected_peer is not None:
             existing = self.links.get(expected_peer)
             if existing is not None and existing.close_reason is None:
@@ -137,18 +137,36 @@ class Transport:
         pending = self._dials.get(addr)
         if pending is not None:
             return await asyncio.shield(pending)
+        retry_at, _ = self._backoff.get(addr, (0.0, 0.0))
+        if time.monotonic() < retry_at:
+            self.counters["transport.dial_backoff"] += 1
+            raise DialError(
+                "backoff", f"{addr} failed recently; next try in {retry_at - time.monotonic():.1f}s"
+            )
         fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
         self._dials[addr] = fut
         try:
             link = await self._dial(addr, expected_peer)
+            self._backoff.pop(addr, None)
             fut.set_result(link)
             return link
         except BaseException as e:
+            if isinstance(e, DialError):
+                self._note_failure(addr)
             fut.set_exception(e)
             fut.exception()  # mark retrieved: nobody else may be waiting
             raise
         finally:
             del self._dials[addr]
+
+    def _note_failure(self, addr: str) -> None:
+        _, last = self._backoff.get(addr, (0.0, 0.0))
+        delay = min(max(last * 2, self.config.reconnect_min_s), self.config.reconnect_max_s)
+        # Jitter spreads a cluster's redials after a shared outage.
+        self._backoff[addr] = (time.monotonic() + delay * (0.5 + self.rng.random()), delay)
+        if len(self._backoff) > 4 * self.config.max_links:
+            # Bounded: forget the entry whose backoff ends first.
+            del self._backoff[min(self._backoff, key=lambda k: self._backoff[k][0])]
 
     async def _dial(self, addr: str, expected_peer: str | None) -> Link:
         host, port = parse_hostport(addr, "peer address")
@@ -164,24 +182,6 @@ class Transport:
             writer.close()
             raise
         return self._establish(reader, writer, result, outbound=True, dialed=addr)
-
-    def maintain(self, addr: str) -> None:
-        """Keeps a link to ``addr`` up, redialing with jittered exponential backoff."""
-        if addr not in self._maintained and not self._closing:
-            self._maintained[addr] = asyncio.create_task(self._maintain(addr), name=f"keep-{addr}")
-
-    async def _maintain(self, addr: str) -> None:
-        delay = self.config.reconnect_min_s
-        while not self._closing:
-            try:
-                link = await self.connect(addr)
-                delay = self.config.reconnect_min_s
-                await link.closed.wait()
-            except DialError as e:
-                log.info("cannot reach %s (%s); retrying in %.1fs", addr, e, delay)
-            # Full jitter spreads a cluster's redials after a shared outage.
-            await asyncio.sleep(delay * (0.5 + self.rng.random()))
-            delay = min(delay * 2, self.config.reconnect_max_s)
 
     # -- accepting -----------------------------------------------------------------------
 

@@ -94,7 +94,6 @@ def test_flipped_byte_drops_the_link_which_reconnects(make_cluster):
             "a to count the tampered record",
         )
         assert counters(a).get("session.tampered_frame", 0) >= 1
-        wait_for(lambda: proxy.connections >= 2, 20, "b to redial")
         wait_for(lambda: linked_peers(a) == {b.node_id}, 20, "the link to come back")
         wait_for(lambda: linked_peers(b) == {a.node_id}, 20, "the link to come back on b")
         assert counters(b).get("transport.links_opened", 0) >= 2
