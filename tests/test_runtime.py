@@ -119,7 +119,8 @@ async def test_worker_killed_mid_invocation(runtime: LocalRuntime) -> None:
     pool = runtime.pools["probe"]
     pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
     call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.2}))
-    await wait_until(lambda: runtime.in_flight == 1)
+    # The request has reached the worker (its second invocation) before we kill it.
+    await wait_until(lambda: any(w.invocations == 2 for w in pool.workers))
     await asyncio.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     r = await call
@@ -300,7 +301,7 @@ async def test_stop_answers_in_flight_invocations() -> None:
     await rt.start()
     c = lambda_client(rt)
     call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 60}))
-    await wait_until(lambda: rt.in_flight == 1)
+    await wait_until(lambda: rt.in_flight == 1 and rt.cold_starts == 1)  # worker is running it
     await asyncio.sleep(0.2)
     pids = rt.pools["probe"].worker_pids
     await asyncio.wait_for(rt.stop(), 30)

@@ -19,10 +19,13 @@ def _mnist_dir(root: Path, n_train: int = 24, n_test: int = 10, gz: bool = False
     rng = np.random.default_rng(0)
     sfx = ".gz" if gz else ""
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte{sfx}",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{sfx}",
-                  rng.integers(0, 10, size=n, dtype=np.uint8))
+        write_idx(
+            root / f"{prefix}-images-idx3-ubyte{sfx}",
+            rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8),
+        )
+        write_idx(
+            root / f"{prefix}-labels-idx1-ubyte{sfx}", rng.integers(0, 10, size=n, dtype=np.uint8)
+        )
     return root
 
 

@@ -49,6 +49,10 @@ class FunctionPool:
         self._closed = False
 
     @property
+    def workers(self) -> tuple[WorkerProcess, ...]:
+        return tuple(self._all)
+
+    @property
     def worker_pids(self) -> list[int]:
         return sorted(w.pid for w in self._all if w.alive)
 
