@@ -363,26 +363,26 @@ class _BodySink:
             return
         self.received += len(data)
         before = self.rx.verified
+        failure = None
         try:
-            for off, piece in self.rx.feed(data):
-                self.p.write(off, piece)
+            self.rx.feed(data, self.p.write)
         except TransferError as e:
-            self.dead = True
-            self.ps.counters[f"body_{e.reason}"] += 1
-            self.ps._end_sink(self)
-            self.ps.m.body_failed(self.peer, self.mid, e.reason, time.monotonic())
-            self.ps._pump()
-            return
+            failure = e.reason
+            self.ps.counters[f"gossip.body_{e.reason}"] += 1
         except OSError as e:
-            self.dead = True
+            failure = "store_error"
             log.error("cannot store body %s: %s", self.mid.hex(), e)
-            self.ps._end_sink(self)
-            self.ps.m.body_failed(self.peer, self.mid, "store_error", time.monotonic())
-            self.ps._pump()
-            return
+        now = time.monotonic()
         if self.rx.verified != before:
+            # Everything counted as verified is written, even when a later chunk failed:
+            # the next source resumes right after it.
             self.p.verified_chunks = self.rx.verified // self.p.ann.chunk_size
-            self.ps.m.body_progress(self.peer, self.mid, self.p.verified_chunks, time.monotonic())
+            self.ps.m.body_progress(self.peer, self.mid, self.p.verified_chunks, now)
+        if failure is not None:
+            self.dead = True
+            self.ps._end_sink(self)
+            self.ps.m.body_failed(self.peer, self.mid, failure, now)
+            self.ps._pump()
 
     async def finish(self) -> None:
         if self.dead:

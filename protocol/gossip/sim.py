@@ -157,9 +157,12 @@ class SimGossipNode:
             self.machine.body_failed(peer, b.msg_id, "overrun", now)
             return
         body = bytearray(ann.size)
+
+        def write(off: int, piece: memoryview) -> None:
+            body[off : off + len(piece)] = piece
+
         try:
-            for off, piece in rx.feed(b.data):
-                body[off : off + len(piece)] = piece
+            rx.feed(b.data, write)
         except TransferError as e:
             self.machine.body_failed(peer, b.msg_id, e.reason, now)
             return

@@ -10,8 +10,8 @@ A body moves as a *body stream*: the chunk table first, then the chunks from the
 first one the receiver lacks. ``BodyReceiver`` checks the table against the
 announced digest before accepting any body byte, then each chunk as it
 completes, whatever the framing below cut the stream into. Memory per transfer
-is one hash state: bytes go straight to the caller's store as ``(offset, view)``
-segments, and ``verified`` tells how far they can be trusted. A chunk that fails
+is one hash state: bytes go straight to the caller's store through a write
+callback, and ``verified`` tells how far they can be trusted. A chunk that fails
 is caught before the next one starts, and the transfer can resume from
 ``verified`` elsewhere.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import ProtocolError
 from .messages import DIGEST_SIZE
@@ -112,9 +112,9 @@ def stream_pieces(
 class BodyReceiver:
     """Verifies one incoming body stream as it arrives.
 
-    ``feed`` returns the body segments in the bytes just received as
-    ``(body offset, view)`` for the caller to store; they are not yet trusted.
-    ``verified`` is the body length whose chunks all checked out; a failure
+    ``feed`` hands the body segments in the bytes just received to the caller's
+    ``write(body offset, view)``; they are not trusted until counted in
+    ``verified``: is the body length whose chunks all checked out; a failure
     raises TransferError and ``verified`` stays at the last good chunk boundary.
     """
 
@@ -147,6 +147,8 @@ class BodyReceiver:
         self.verified = self.offset
         self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
         self._in_chunk = 0
+        if n == 0 and body_digest(0, chunk_size, b"") == digest:
+            self._digests = memoryview(b"")  # an empty stream is the whole of an empty body
 
     @property
     def stream_total(self) -> int:
@@ -161,21 +163,23 @@ class BodyReceiver:
     def done(self) -> bool:
         return self._digests is not None and self.verified == self.size
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+    def feed(self, data: bytes | memoryview, write: Callable[[int, memoryview], None]) -> None:
+        """Checks ``data`` and hands each body segment in it to ``write(offset,
+        view)`` as it goes, so every byte counted in ``verified`` has been written
+        even when a later chunk in the same call fails."""
         view = memoryview(data)
         if self._digests is None:
             need = self._table_len - len(self._table)
             self._table += view[:need]
             view = view[need:]
             if len(self._table) < self._table_len:
-                return []
+                return
             if body_digest(self.size, self._chunk_size, self._table) != self.digest:
                 raise TransferError("bad_table", "chunk table does not match the body digest")
             self._digests = memoryview(bytes(self._table))
             self._table = bytearray()
             if self.size == 0:
                 self.verified = 0
-        out: list[tuple[int, memoryview]] = []
         cs = self._chunk_size
         while len(view):
             if self.offset >= self.size:
@@ -184,7 +188,7 @@ class BodyReceiver:
             take = min(this_chunk - self._in_chunk, len(view))
             piece = view[:take]
             self._h.update(piece)
-            out.append((self.offset, piece))
+            write(self.offset, piece)
             self.offset += take
             self._in_chunk += take
             view = view[take:]
@@ -196,7 +200,6 @@ class BodyReceiver:
                 self.verified = self.offset
                 self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
                 self._in_chunk = 0
-        return out
 
 
 class ByteBudget:
