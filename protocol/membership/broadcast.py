@@ -2,7 +2,8 @@
 
 * One entry per subject node: a newer update about a node replaces the queued one
   (memberlist's invalidation), and starts again at zero transmissions.
-* The least-sent updates go first; among equals, the most recently queued.
+* The least-sent updates go first; among equals, the one that reached that
+  count most recently (so a fresh update goes out before older news).
 * Each update is sent until it reaches the retransmit limit (which the caller
   derives from log N), then dropped: by then it has spread epidemically.
 * Packing fills a byte budget. An update that does not fit waits for the next
@@ -146,7 +147,7 @@ class BroadcastQueue:
                     bucket.append(skip_item)
                     sizes.append(moved_sizes.pop(j))
                     skip_item = None
-                out.extend([it.update for it in moved if it.live])
+                out.extend([it.update for it in reversed(moved) if it.live])
                 moves.append((t + 1, moved, moved_sizes))
             if k < n or remaining < _MIN_UPDATE_BYTES:
                 break  # what is left waits for the next message

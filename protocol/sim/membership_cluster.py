@@ -53,6 +53,8 @@ class Observations:
 
     dead_at: dict[str, dict[str, float]] = field(default_factory=dict)  # subject -> observer -> t
     left_at: dict[str, dict[str, float]] = field(default_factory=dict)
+    joined_at: dict[str, dict[str, float]] = field(default_factory=dict)  # watched subjects
+    watch: set[str] = field(default_factory=set)
     suspected: Counter[str] = field(default_factory=Counter)  # subject -> suspicions raised
     false_dead: list[FalseDead] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)
@@ -79,8 +81,11 @@ class MembershipCluster:
         measure_bytes: bool = True,
         signed: bool = True,
         converged: bool = False,
+        view_size: int | None = None,
         started: bool = True,
     ) -> None:
+        """``view_size`` (with ``converged``): only the first view_size nodes share
+        the converged view and start; the rest start alone, unstarted, to ``join``."""
         self.n = n
         self.config = config
         self.seed = seed
@@ -103,14 +108,15 @@ class MembershipCluster:
         self.index: dict[str, int] = {}
         self.left: set[str] = set()
         self._generation: dict[str, int] = {}
-        view = self._converged_view(n) if converged else None
+        in_view = n if view_size is None else view_size
+        view = self._converged_view(in_view) if converged else None
         for i in range(n):
             nid = node_name(i)
             self.index[nid] = i
-            m = self._machine(i, nid, node_addr(i), 0, view)
+            m = self._machine(i, nid, node_addr(i), 0, view if i < in_view else None)
             self.hosts.append(Host(self.net, nid, node_addr(i), m, self._after))
         if started:
-            for h in self.hosts:
+            for h in self.hosts[:in_view]:
                 h.start()
 
     # --- construction -----------------------------------------------------------------
@@ -164,6 +170,8 @@ class MembershipCluster:
                 obs.suspected[ev.node_id] += 1
             elif kind is EventKind.LEFT:
                 obs.left_at.setdefault(ev.node_id, {}).setdefault(host.node_id, ev.at)
+            elif kind is EventKind.JOINED and ev.node_id in obs.watch:
+                obs.joined_at.setdefault(ev.node_id, {}).setdefault(host.node_id, ev.at)
 
     def is_live(self, node_id: str) -> bool:
         i = self.index.get(node_id)
