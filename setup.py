@@ -22,6 +22,7 @@ setup(
                 "native/optim.c",
                 "native/kernels.c",
                 "native/blake2b.c",
+                "native/scratch.c",
             ],
             depends=[
                 "native/rm_api.h",
@@ -33,6 +34,7 @@ setup(
                 "native/kernels.h",
                 "native/blake2b.h",
                 "native/src.h",
+                "native/scratch.h",
             ],
             # Portable build: no -march=native in what ships. -O3 auto-vectorises for
             # the baseline ISA; the hot kernels also get an AVX2 clone picked at run

@@ -476,6 +476,7 @@ int cmd_put(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     if (tensor_check_writable(ctx, argv[1], a.err)) return reply_fail(&a);
     tensor_write(ctx, argv[1], argv[3], shape, sl);
+    RM.ReplicateVerbatim(ctx);
     return RM.ReplyWithSimpleString(ctx, "OK");
 }
 

@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "rules.h"
+#include "scratch.h"
 #include "tensor.h"
 
 JobsConfig jobs_config = {
@@ -80,7 +81,7 @@ void job_free(Job *job) {
     for (size_t i = 0; i < job->n_in; i++) RM.FreeString(NULL, job->in_keys[i]);
     for (size_t i = 0; i < job->n_out; i++) {
         RM.FreeString(NULL, job->out_keys[i]);
-        free(job->out[i]);
+        scratch_give(job->out[i], job->len * sizeof(float));
     }
     free(job->p.weights);
     free(job->selected);
@@ -262,7 +263,7 @@ static int locked_fetch(Src *s, size_t off, size_t cnt, const float **out) {
 static int compute(Job *j, Src *src) {
     struct JobParams *p = &j->p;
     for (size_t k = 0; k < j->n_out; k++) {
-        j->out[k] = malloc(j->len ? j->len * sizeof(float) : 1);
+        j->out[k] = scratch_take(j->len * sizeof(float));
         if (!j->out[k]) return src_fail(src, "out of memory for %zu-element result", j->len);
     }
     NnmSrc *mix = NULL;
@@ -328,6 +329,10 @@ static int finish(RedisModuleCtx *ctx, Job *j) {
         }
     for (size_t k = 0; k < j->n_out; k++)
         tensor_write_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
+    /* The AOF and replicas get the command itself: replaying it on the same inputs
+     * gives the same bytes (the computation is deterministic), without copying the
+     * result into the replication stream. */
+    if (j->n_out) RM.ReplicateVerbatim(ctx);
     switch (j->op) {
     case OP_KRUM:
         RM.ReplyWithArray(ctx, (long)j->p.krum_m);

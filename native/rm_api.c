@@ -28,13 +28,14 @@ int rm_load_api(RedisModuleCtx *ctx) {
     LOAD(KeyType);
     LOAD(StringDMA);
     LOAD(StringSet);
+    LOAD(SetExpire);
     LOAD(CreateString);
     LOAD(FreeString);
     LOAD(RetainString);
     LOAD(StringPtrLen);
     LOAD(StringToLongLong);
     LOAD(StringToDouble);
-    LOAD(Replicate);
+    LOAD(ReplicateVerbatim);
     LOAD(NotifyKeyspaceEvent);
     LOAD(GetContextFlags);
     LOAD(GetSelectedDb);

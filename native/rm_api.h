@@ -33,6 +33,8 @@ enum { RM_OK = 0, RM_ERR = 1, RM_APIVER_1 = 1 };
 #define RM_READ (1 << 0)
 #define RM_WRITE (1 << 1)
 
+#define RM_NO_EXPIRE (-1LL)
+
 #define RM_KEYTYPE_EMPTY 0
 #define RM_KEYTYPE_STRING 1
 
@@ -78,13 +80,14 @@ struct rm_api {
     int (*KeyType)(RedisModuleKey *key);
     char *(*StringDMA)(RedisModuleKey *key, size_t *len, int mode);
     int (*StringSet)(RedisModuleKey *key, RedisModuleString *str);
+    int (*SetExpire)(RedisModuleKey *key, long long expire_ms);
     RedisModuleString *(*CreateString)(RedisModuleCtx *ctx, const char *ptr, size_t len);
     void (*FreeString)(RedisModuleCtx *ctx, RedisModuleString *str);
     void (*RetainString)(RedisModuleCtx *ctx, RedisModuleString *str);
     const char *(*StringPtrLen)(const RedisModuleString *str, size_t *len);
     int (*StringToLongLong)(const RedisModuleString *str, long long *out);
     int (*StringToDouble)(const RedisModuleString *str, double *out);
-    int (*Replicate)(RedisModuleCtx *ctx, const char *cmd, const char *fmt, ...);
+    int (*ReplicateVerbatim)(RedisModuleCtx *ctx);
     int (*NotifyKeyspaceEvent)(RedisModuleCtx *ctx, int type, const char *event,
                                RedisModuleString *key);
     int (*GetContextFlags)(RedisModuleCtx *ctx);

@@ -8,6 +8,7 @@
 
 #include "blake2b.h"
 #include "kernels.h"
+#include "scratch.h"
 
 int src_fail(Src *s, const char *fmt, ...) {
     va_list ap;
@@ -316,7 +317,7 @@ static void replace_measure(double *restrict z, const double *restrict t, size_t
 }
 
 int rule_geomed(Src *s, size_t n, int maxiter, double eps, float *out, int *iters) {
-    double *z = malloc((s->len ? s->len : 1) * sizeof(double));
+    double *z = scratch_take(s->len * sizeof(double));
     double *t = malloc(s->chunk * sizeof(double));
     double *d2 = calloc(n, sizeof(double));
     double *nd2 = calloc(n, sizeof(double));
@@ -364,7 +365,7 @@ int rule_geomed(Src *s, size_t n, int maxiter, double eps, float *out, int *iter
     for (size_t j = 0; j < s->len; j++) out[j] = (float)z[j];
     rc = 0;
 done:
-    free(z);
+    scratch_give(z, s->len * sizeof(double));
     free(t);
     free(d2);
     free(nd2);
@@ -381,7 +382,7 @@ static void acc_toward(double *restrict t, double a, const float *restrict x,
 }
 
 int rule_cclip(Src *s, size_t n, double tau, int iters, int has_start, float *out) {
-    double *v = malloc((s->len ? s->len : 1) * sizeof(double));
+    double *v = scratch_take(s->len * sizeof(double));
     double *t = malloc(s->chunk * sizeof(double));
     double *d2 = calloc(n, sizeof(double));
     double *nd2 = calloc(n, sizeof(double));
@@ -422,7 +423,7 @@ int rule_cclip(Src *s, size_t n, double tau, int iters, int has_start, float *ou
     for (size_t j = 0; j < s->len; j++) out[j] = (float)v[j];
     rc = 0;
 done:
-    free(v);
+    scratch_give(v, s->len * sizeof(double));
     free(t);
     free(d2);
     free(nd2);

@@ -166,30 +166,52 @@ int tensor_check_writable(RedisModuleCtx *ctx, RedisModuleString *key, char *err
     return 0;
 }
 
-static void set_and_propagate(RedisModuleCtx *ctx, RedisModuleString *name,
-                              RedisModuleString *value) {
+static void set_string(RedisModuleCtx *ctx, RedisModuleString *name, RedisModuleString *value) {
     RedisModuleKey *k = RM.OpenKey(ctx, name, RM_WRITE);
     RM.StringSet(k, value);
     RM.CloseKey(k);
-    RM.Replicate(ctx, "SET", "ss", name, value);
     RM.NotifyKeyspaceEvent(ctx, RM_NOTIFY_STRING, "set", name);
 }
 
-void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *values,
-                  const char *shape, size_t shape_len) {
+static void set_shape(RedisModuleCtx *ctx, RedisModuleString *key, const char *shape,
+                      size_t shape_len) {
     RedisModuleString *sk = shape_key(ctx, key);
     RedisModuleString *sv = RM.CreateString(ctx, shape, shape_len);
-    set_and_propagate(ctx, key, values);
     if (sk) {
-        set_and_propagate(ctx, sk, sv);
+        set_string(ctx, sk, sv);
         RM.FreeString(ctx, sk);
     }
     RM.FreeString(ctx, sv);
 }
 
+void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *values,
+                  const char *shape, size_t shape_len) {
+    set_string(ctx, key, values);
+    set_shape(ctx, key, shape, shape_len);
+}
+
 void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
                          size_t len, const char *shape, size_t shape_len) {
-    RedisModuleString *v = RM.CreateString(ctx, (const char *)data, len * sizeof(float));
+    size_t bytes = len * sizeof(float);
+    RedisModuleKey *k = RM.OpenKey(ctx, key, RM_WRITE);
+    if (RM.KeyType(k) == RM_KEYTYPE_STRING && bytes > 0) {
+        size_t have;
+        /* Read-mode DMA only peeks at the length; write mode then unshares if needed. */
+        RM.StringDMA(k, &have, RM_READ);
+        if (have == bytes) {
+            char *dst = RM.StringDMA(k, &have, RM_WRITE);
+            if (dst && have == bytes) {
+                memcpy(dst, data, bytes);
+                RM.SetExpire(k, RM_NO_EXPIRE);
+                RM.CloseKey(k); /* signals the modification (WATCH) */
+                RM.NotifyKeyspaceEvent(ctx, RM_NOTIFY_STRING, "set", key);
+                set_shape(ctx, key, shape, shape_len);
+                return;
+            }
+        }
+    }
+    RM.CloseKey(k);
+    RedisModuleString *v = RM.CreateString(ctx, (const char *)data, bytes);
     tensor_write(ctx, key, v, shape, shape_len);
     RM.FreeString(ctx, v);
 }

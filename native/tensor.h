@@ -1,8 +1,9 @@
 /* The SPIRT tensor format in Redis (mirrors spirtd/tensorfmt.py):
  *   KEY        raw little-endian float32 values, no header;
  *   KEY:shape  ASCII decimal dims joined by ',' ("" for a scalar).
- * Reading validates both keys; writing sets both (like SET: any TTL is dropped) and
- * propagates them to the AOF/replicas as plain SETs, so replay needs no module. */
+ * Reading validates both keys; writing sets both. Writes do not propagate anything:
+ * the commands replicate themselves verbatim once they have succeeded (a 40 MB SET of
+ * the effects would cost a copy and 40 MB of AOF per command). */
 #ifndef SPIRT_TENSOR_H
 #define SPIRT_TENSOR_H
 
@@ -32,7 +33,9 @@ int tensor_read(RedisModuleCtx *ctx, RedisModuleString *key, TensorView *tv, cha
 /* 0 if KEY and KEY:shape are absent or strings (so a write cannot fail), else -1. */
 int tensor_check_writable(RedisModuleCtx *ctx, RedisModuleString *key, char *err);
 
-/* Sets KEY and KEY:shape from raw bytes, replicates and notifies. */
+/* Sets KEY and KEY:shape, notifying keyspace subscribers. A float result overwrites an
+ * existing value of the same size in place (no allocation); otherwise a new string
+ * replaces it like SET (any TTL is dropped either way). */
 void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *values,
                   const char *shape, size_t shape_len);
 void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,

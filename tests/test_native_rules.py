@@ -358,6 +358,19 @@ async def test_output_may_be_an_input(r: RunningRedis) -> None:
     assert_close(await get(c, keys[0]), ref_mean(X), X)
 
 
+async def test_existing_output_is_replaced_like_set(r: RunningRedis) -> None:
+    c = r.client
+    X = data(np.random.default_rng(10), 3, 600)
+    keys = await load(c, X)
+    for old in (np.ones(600, np.float32), np.ones(7, np.float32)):  # same size, other size
+        await put(c, "out", old)
+        await c.expire("out", 1000)
+        await c.execute_command("SPIRT.MEAN", "out", 3, *keys)
+        assert await c.ttl("out") == -1
+        assert await c.get("out:shape") == b"600"
+        assert_close(await get(c, "out"), ref_mean(X), X)
+
+
 async def test_random_sizes_all_rules(r: RunningRedis) -> None:
     c = r.client
     rng = np.random.default_rng(1234)
