@@ -686,6 +686,8 @@ class GossipMachine:
             for p in w.sources:
                 n = pulls_from[p]
                 if n < cap and (best is None or n < pulls_from[best]):
+                    if self.scores.score(p) < c.graylist_threshold:
+                        continue  # never take bytes from a graylisted peer
                     best = p
             if best is None:
                 continue
