@@ -24,8 +24,9 @@ class MembershipConfig:
 
     probe_timeout: float
     """How long a direct ping waits for its ack before the prober asks
-    ``indirect_checks`` other members to ping the target on its behalf. Also the
-    time a relay waits before answering a ping-req with a nack."""
+    ``indirect_checks`` other members to ping the target on its behalf. A relay
+    answers a ping-req with a nack after 80% of min(probe_timeout, probe_interval -
+    probe_timeout), so the nack arrives while the prober still waits."""
 
     indirect_checks: int
     """k: members asked to ping a target that missed a direct ping (ping-req)."""

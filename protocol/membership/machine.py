@@ -145,6 +145,12 @@ class Membership:
         self._seeds: list[str] = []
         self._join_retry_at: float | None = None
         self._limit_cache = (-1, 1)
+        # A relay must nack while the prober still listens: the prober waits
+        # probe_interval - probe_timeout after asking, so answer within 80% of the
+        # shorter of the two (Lifeguard's nack timeout is 80% of the probe timeout).
+        self._relay_timeout = 0.8 * min(
+            config.probe_timeout, config.probe_interval - config.probe_timeout
+        )
 
         old = self._table.get(node_id)
         if old is not None and old.incarnation >= incarnation:
@@ -449,7 +455,7 @@ class Membership:
             self.counters["relay_limit"] += 1
             return
         seq = self._next_seq()
-        deadline = now + self.config.probe_timeout
+        deadline = now + self._relay_timeout
         self._relays[seq] = Relay(sid, saddr, m.seq, m.target_id, deadline, m.nack)
         self._push_timer(deadline, _T_RELAY, seq)
         e = self._table.get(m.target_id)
