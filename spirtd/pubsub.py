@@ -426,6 +426,7 @@ class PubSub:
         self._expected: dict[tuple[str, bytes], tuple[int, Announcement]] = {}
         self._sinks: dict[tuple[str, bytes], _BodySink] = {}
         self._serves: dict[tuple[str, bytes], asyncio.Task[None]] = {}
+        self._dials: set[asyncio.Task[None]] = set()
         self._staged: dict[int, Staged] = {}
         self._handles = itertools.count(1)
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
@@ -457,7 +458,7 @@ class PubSub:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for t in list(self._serves.values()):
+        for t in [*self._serves.values(), *self._dials]:
             t.cancel()
         for sub in self._subs.values():
             if sub.task is not None:
@@ -753,12 +754,17 @@ class PubSub:
         if len(self.m.addrs) >= self.config.d:
             return
         for nid, addr in ev.peers[: self.config.d]:
+            if len(self._dials) >= self.config.d:
+                break
             task = asyncio.create_task(self._dial(nid, addr))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._dials.add(task)
+            task.add_done_callback(self._dials.discard)
 
     async def _dial(self, nid: str, addr: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self.node.link_to(nid, addr)
+        except Exception as e:  # a suggestion that did not work out; nothing to repair
+            log.debug("peer exchange: cannot reach %s at %s: %s", nid, addr, e)
 
     # -- serving bodies ------------------------------------------------------------------
 

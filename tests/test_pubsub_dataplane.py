@@ -181,3 +181,35 @@ def test_store_budgets_and_eviction(tmp_path: Path) -> None:
     assert store.expire(time.monotonic() + 11.0) == [b"3" * 20]
     with pytest.raises(OSError, match="store full"):
         store.allocate(_Partial(Announcement(T, 5000, bytes(32), 1024)), 5000)
+
+
+async def test_application_validator_sees_the_signed_announcement(tmp_path: Path) -> None:
+    from protocol.gossip import Verdict
+    from spirtd.pubsub import Info
+
+    ps = make_pubsub(tmp_path / "ps", StoreLimits())
+    seen: list[Info] = []
+
+    def check(info: Info) -> Verdict:
+        seen.append(info)
+        return Verdict.REJECT if info.meta == b"wrong-shape" else Verdict.IGNORE
+
+    ps.subscribe(T, lambda msg: None, validator=check)
+    a = fake_link("a")
+    ps._on_link(a, True)  # type: ignore[arg-type]
+    origin = key("origin")
+    m = ps.m
+    assert m is not None
+    for seq, meta in ((1, b"closed-round"), (2, b"wrong-shape")):
+        ann = Announcement(T, 10 * CS, bytes(32), CS, meta)
+        env = wire.seal(origin, wire.MsgType.GOSSIP_PUBLISH, seq, 0, ann.to_obj())
+        ps._on_publish_envelope(a, wire.decode(env))  # type: ignore[arg-type]
+    assert [(i.origin, i.seq, i.size, i.meta) for i in seen] == [
+        (origin.node_id, 1, 10 * CS, b"closed-round"),
+        (origin.node_id, 2, 10 * CS, b"wrong-shape"),
+    ]
+    assert m.wanted() == 0  # neither is pulled
+    assert ps.counters["gossip.ignored.validator"] == 1
+    assert ps.counters["gossip.invalid.rejected"] == 1
+    assert m.score(a.peer_id) < 0  # only the REJECT costs the sender
+    await ps.stop()
