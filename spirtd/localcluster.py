@@ -223,6 +223,11 @@ class LocalCluster:
         return self
 
     def stop(self) -> list[int]:
+        """SIGTERMs every node at once (each leaves gracefully) and returns the exit codes."""
+        for node in self.nodes:
+            if node.running:
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGTERM)
         codes = []
         for node in self.nodes:
             try:
