@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from protocol.gossip import GossipConfig, Publish
 from protocol.gossip.messages import Announcement
 from protocol.gossip.sim import GossipSim
@@ -184,3 +186,32 @@ def test_spammer_is_pruned_and_graylisted_within_two_heartbeats() -> None:
     mid = sim.publish(0, TOPIC, payload(77))
     run_until_delivered(sim, [mid], limit=sim.loop.now + 10.0)
     assert all(mid in n.delivered or mid in n.bodies for n in honest)
+
+
+@pytest.mark.long
+def test_soak_crashes_and_heavier_loss() -> None:
+    """300 peers, 5% loss, and a tenth of them crash while bodies are in flight:
+    every message still reaches every survivor, each body downloaded once."""
+    n = 300
+    sim = GossipSim(n, seed=11, config=CONFIG, degree=10, loss=0.05, shared_verify=True)
+    sim.subscribe_all(TOPIC)
+    sim.run(2.0)
+    crashed = set(random.Random(3).sample(range(n), n // 10))
+    mids = [sim.publish(i, TOPIC, payload(i)) for i in range(n) if i not in crashed]
+    sim.run(2.02)
+    for i in crashed:
+        sim.hosts[i].crash()
+    for i in crashed:  # their neighbours see the links drop
+        for j, k in sim.edges:
+            if i in (j, k):
+                other = k if j == i else j
+                sim.nodes[other].machine.remove_peer(sim.nodes[i].node_id, sim.loop.now)
+    survivors = [node for i, node in enumerate(sim.nodes) if i not in crashed]
+    t = sim.loop.now
+    while t < 120.0:
+        t += 1.0
+        sim.run(t)
+        if all(m in x.delivered or m in x.bodies for x in survivors for m in mids):
+            break
+    assert all(m in x.delivered or m in x.bodies for x in survivors for m in mids)
+    assert max(max(x.full_bodies.values(), default=0) for x in survivors) == 1
