@@ -623,8 +623,9 @@ class Membership:
             return
         if not self._verify(u, nid):
             return
-        self._set(nid, Entry(u, ALIVE, None, now))
-        self._suspicions.pop(nid, None)
+        self._set(nid, Entry(u, ALIVE, None, now), e)
+        if self._suspicions:
+            self._suspicions.pop(nid, None)
         if e is None:
             self._emit(EventKind.JOINED, nid, u.addr, u.incarnation, now)
         else:
@@ -851,8 +852,8 @@ class Membership:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _set(self, nid: str, entry: Entry) -> None:
-        self._table.put(nid, entry)
+    def _set(self, nid: str, entry: Entry, old: Entry | bool | None = False) -> None:
+        self._table.put(nid, entry, old)
         if entry.state is DEAD:
             if not self._dead_ids:
                 self._next_reconnect_at = max(

@@ -134,14 +134,17 @@ class MemberTable:
             return own[node_id]
         return self._base.get(node_id)
 
-    def put(self, node_id: str, entry: Entry) -> None:
-        old = self.get(node_id)
+    def put(self, node_id: str, entry: Entry, old: Entry | bool | None = False) -> None:
+        """Sets ``node_id``'s entry; ``old`` is its current entry when the caller
+        already looked it up (False: look it up here)."""
+        if old is False:
+            old = self.get(node_id)
         if old is None:
             self._size += 1
             if node_id not in self._base:
                 self._added.append(node_id)
         else:
-            self._counts[old.state] -= 1
+            self._counts[old.state] -= 1  # type: ignore[union-attr]
         self._counts[entry.state] += 1
         self._own[node_id] = entry
 

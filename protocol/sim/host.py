@@ -114,7 +114,9 @@ class Host:
             now = self.loop.now
             if d < now:
                 d = now
-            if self._tick_at is None or d < self._tick_at:
+            # Re-arm whenever the deadline moved, also later: an orphaned earlier
+            # event is then dismissed by _on_timer, which costs far less than a tick.
+            if self._tick_at != d:
                 self._tick_at = d
                 self.loop.schedule(d, self._on_timer, (self._epoch, d))
 

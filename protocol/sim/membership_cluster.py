@@ -159,8 +159,10 @@ class MembershipCluster:
     def _observe(self, host: Host, events: list[MemberEvent]) -> None:
         obs = self.obs
         for ev in events:
-            obs.events[ev.kind.value] += 1
             kind = ev.kind
+            obs.events[kind] += 1  # a StrEnum: counted under its plain string value
+            if kind is EventKind.JOINED and not obs.watch:
+                continue
             if kind is EventKind.DEAD:
                 per = obs.dead_at.setdefault(ev.node_id, {})
                 per.setdefault(host.node_id, ev.at)
