@@ -176,7 +176,8 @@ async def run(ks: tuple[int, ...], sizes: tuple[int, ...], repeat: int, aof: boo
     try:
         await c.config_set("appendonly", "yes" if aof else "no")
         info = await c.execute_command("SPIRT.INFO")
-        module = {info[i].decode(): info[i + 1] for i in range(0, len(info), 2)}
+        module = {info[i].decode(): info[i + 1].decode() if isinstance(info[i + 1], bytes)
+                  else info[i + 1] for i in range(0, len(info), 2)}
         quiet = logging.getLogger("bench.store")
         quiet.setLevel(logging.ERROR)
         fallback = TensorStore(c, use_module=False, logger=quiet)

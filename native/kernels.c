@@ -19,6 +19,30 @@ CLONES void k_acc_axpy(double *restrict acc, double a, const float *restrict x, 
     for (size_t i = 0; i < n; i++) acc[i] += a * (double)x[i];
 }
 
+CLONES void k_acc_add4(double *restrict acc, const float *restrict x0,
+                       const float *restrict x1, const float *restrict x2,
+                       const float *restrict x3, size_t n, int init) {
+    if (init) {
+#pragma omp simd
+        for (size_t i = 0; i < n; i++)
+            acc[i] = ((double)x0[i] + (double)x1[i]) + ((double)x2[i] + (double)x3[i]);
+    } else {
+#pragma omp simd
+        for (size_t i = 0; i < n; i++)
+            acc[i] += ((double)x0[i] + (double)x1[i]) + ((double)x2[i] + (double)x3[i]);
+    }
+}
+
+void k_acc_sum(double *acc, const float *const *rows, size_t k, size_t n) {
+    size_t r = 0;
+    for (; r + 4 <= k; r += 4) k_acc_add4(acc, rows[r], rows[r + 1], rows[r + 2], rows[r + 3], n, r == 0);
+    if (r == 0) {
+        k_acc_set(acc, rows[0], n);
+        r = 1;
+    }
+    for (; r < k; r++) k_acc_add(acc, rows[r], n);
+}
+
 CLONES void k_store_scaled(float *restrict out, const double *restrict acc, double s,
                            size_t n) {
 #pragma omp simd

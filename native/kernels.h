@@ -18,6 +18,11 @@
 void k_acc_set(double *acc, const float *x, size_t n);              /* acc = x */
 void k_acc_add(double *acc, const float *x, size_t n);              /* acc += x */
 void k_acc_axpy(double *acc, double a, const float *x, size_t n);   /* acc += a*x */
+/* acc (+)= x0 + x1 + x2 + x3: four rows per pass over acc (init: set instead of add) */
+void k_acc_add4(double *acc, const float *x0, const float *x1, const float *x2,
+                const float *x3, size_t n, int init);
+/* acc = sum of rows[0..k), any k >= 1, four at a time */
+void k_acc_sum(double *acc, const float *const *rows, size_t k, size_t n);
 void k_store_scaled(float *out, const double *acc, double s, size_t n); /* out = acc*s */
 double k_sqdist_ff(const float *a, const float *b, size_t n);       /* sum (a-b)^2 */
 double k_sqdist_fd(const float *a, const double *b, size_t n);      /* sum (a-b)^2 */

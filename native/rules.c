@@ -19,7 +19,7 @@ int src_fail(Src *s, const char *fmt, ...) {
 }
 
 size_t src_pick_chunk(size_t rows) {
-    size_t c = ((size_t)1 << 18) / (rows ? rows : 1);
+    size_t c = ((size_t)1 << 16) / (rows ? rows : 1);
     if (c > 16384) c = 16384;
     if (c < 256) c = 256;
     return c & ~(size_t)15;
@@ -50,8 +50,7 @@ int rule_mean(Src *s, size_t n, const double *w, float *out) {
             for (size_t i = 0; i < n; i++)
                 if (w[i] != 0.0) k_acc_axpy(acc, w[i], rows[i], cnt);
         } else {
-            k_acc_set(acc, rows[0], cnt);
-            for (size_t i = 1; i < n; i++) k_acc_add(acc, rows[i], cnt);
+            k_acc_sum(acc, rows, n, cnt);
         }
         k_store_scaled(out + off, acc, 1.0 / total, cnt);
     }

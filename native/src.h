@@ -31,7 +31,7 @@ static inline size_t src_chunk_len(const Src *s, size_t off) {
     return s->len - off < s->chunk ? s->len - off : s->chunk;
 }
 
-/* Chunk size for a job over `rows` rows: at most ~1 MiB of float32 per fetch, so one
+/* Chunk size for a job over `rows` rows: about 256 KiB of float32 per fetch, so one
  * fetch under the module lock stays short and its copy stays in L2. */
 size_t src_pick_chunk(size_t rows);
 

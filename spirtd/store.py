@@ -292,6 +292,24 @@ class TensorStore:
         await store.detect()
         return store
 
+    @classmethod
+    async def from_url(cls, url: str, **kw: Any) -> TensorStore:
+        """A store on an external Redis (``spirtd --redis-url``); detection done.
+
+        The URL may carry credentials (``redis://user:pass@host:port/0``) or a unix
+        socket (``unix:///path/redis.sock``). Without the module it warns and works
+        client-side."""
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0)
+        return await cls.open(client, **kw)
+
+    async def health(self) -> dict[str, bool]:
+        """``{"ok": ..., "module": ...}`` for ``spirtctl status``."""
+        try:
+            ok = bool(await self.client.ping())
+        except Exception:  # any failure to answer is "not ok", never an exception here
+            ok = False
+        return {"ok": ok, "module": bool(self._module) if ok else False}
+
     async def detect(self) -> bool:
         """Decides (once) whether to use the module; logs a warning when falling back."""
         if self._module is None:

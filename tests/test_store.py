@@ -257,3 +257,21 @@ async def test_client_side_input_changed_while_computing(
         assert not await s.exists("o")
     finally:
         meddler.close()
+
+
+async def test_from_url_and_health(managed_redis: RunningRedis, plain_redis: RunningRedis) -> None:
+    for r, module in ((managed_redis, True), (plain_redis, False)):
+        password = r.password_file.read_text().strip()
+        url = f"unix://spirt:{password}@{r.socket_path}"
+        s = await TensorStore.from_url(url)
+        try:
+            assert s.uses_module is module
+            assert await s.health() == {"ok": True, "module": module}
+            await s.put("h", np.ones(3, np.float32))
+            await s.mean("hm", ["h", "h"])
+            np.testing.assert_array_equal(await s.get("hm"), np.ones(3, np.float32))
+        finally:
+            await s.client.aclose()
+    await managed_redis.server.stop()
+    s = TensorStore(managed_redis.client, use_module=True)
+    assert await s.health() == {"ok": False, "module": False}
