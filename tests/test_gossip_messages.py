@@ -184,7 +184,7 @@ def test_fuzz_mutated_control_bytes(data: st.DataObject) -> None:
 
 
 @pytest.mark.long
-@settings(max_examples=20_000, deadline=None)
+@settings(max_examples=5_000, deadline=None)
 @given(_objs, _frames)
 def test_fuzz_decoders_deep(obj: object, frame: bytes) -> None:
     _control(obj)
