@@ -302,10 +302,10 @@ class TensorStore:
         client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0)
         return await cls.open(client, **kw)
 
-    async def health(self) -> dict[str, bool]:
-        """``{"ok": ..., "module": ...}`` for ``spirtctl status``."""
+    async def health(self, timeout: float = 1.0) -> dict[str, bool]:
+        """``{"ok": ..., "module": ...}`` for ``spirtctl status``; answers within timeout."""
         try:
-            ok = bool(await self.client.ping())
+            ok = bool(await asyncio.wait_for(self.client.ping(), timeout))
         except Exception:  # any failure to answer is "not ok", never an exception here
             ok = False
         return {"ok": ok, "module": bool(self._module) if ok else False}

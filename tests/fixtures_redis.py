@@ -1,9 +1,13 @@
 """Redis fixtures: real redis-server processes started by ManagedRedis.
 
 * ``managed_redis``  a redis-server with the SPIRT module loaded;
-* ``plain_redis``    the same without the module (the client-side fallback path).
+* ``plain_redis``    the same without the module (the client-side fallback path);
+* ``module_managed_redis`` / ``module_plain_redis``: one server per test module, for
+  modules with many tests (start-up dominates otherwise). Tests using them must run in
+  the module's event loop: ``pytestmark = pytest.mark.asyncio(loop_scope="module")``;
+  they share the data, so flush what you need clean.
 
-Both yield a :class:`RunningRedis` with ``.url``, ``.username``, ``.password_file``,
+All yield a :class:`RunningRedis` with ``.url``, ``.username``, ``.password_file``,
 ``.socket_path``, ``.client`` (an open ``redis.asyncio.Redis``) and ``.server`` (the
 ``ManagedRedis``). Each test gets a fresh server in a short temp dir (unix socket
 paths are limited to 107 bytes, which pytest's tmp_path can exceed).
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 
 from spirtd.native import ModuleNotBuilt, module_path
@@ -103,5 +108,31 @@ async def managed_redis() -> AsyncIterator[RunningRedis]:
 @pytest.fixture
 async def plain_redis() -> AsyncIterator[RunningRedis]:
     """A real redis-server without the module."""
+    async for r in _running(load_module=False):
+        yield r
+
+
+async def reset_shared(r: RunningRedis, *, worker: bool = False) -> RunningRedis:
+    """Empties a shared server and restores the module's runtime settings (worker=True
+    sends every command to the worker threads)."""
+    await r.client.flushall()
+    if r.server.load_module:
+        await r.client.execute_command(
+            "SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", 0 if worker else 4 << 20
+        )
+        await r.client.execute_command("SPIRT.CONFIG", "SET", "JOB_TIMEOUT_MS", 600000)
+    return r
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_managed_redis() -> AsyncIterator[RunningRedis]:
+    """One redis-server with the module for a whole test module."""
+    async for r in _running(load_module=True):
+        yield r
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_plain_redis() -> AsyncIterator[RunningRedis]:
+    """One redis-server without the module for a whole test module."""
     async for r in _running(load_module=False):
         yield r

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from tests.fixtures_redis import RunningRedis
+from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_rules import put
 
 N = 100
@@ -159,12 +160,14 @@ CASES: list[tuple[str, list[object], str]] = [
 ]
 
 
-@pytest.fixture(params=["main", "worker"])
-async def r(request: pytest.FixtureRequest, managed_redis: RunningRedis) -> RunningRedis:
-    if request.param == "worker":
-        await managed_redis.client.execute_command("SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", 0)
-    await setup_keys(managed_redis.client)
-    return managed_redis
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(params=["main", "worker"], loop_scope="module")
+async def r(request: pytest.FixtureRequest, module_managed_redis: RunningRedis) -> RunningRedis:
+    await reset_shared(module_managed_redis, worker=request.param == "worker")
+    await setup_keys(module_managed_redis.client)
+    return module_managed_redis
 
 
 async def test_every_bad_input_is_refused_and_changes_nothing(r: RunningRedis) -> None:

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from scipy import stats
 
-from tests.fixtures_redis import RunningRedis
+from tests.fixtures_redis import RunningRedis, reset_shared
 
 RTOL = 1e-5
 
@@ -123,11 +124,12 @@ async def load(c: aioredis.Redis, X: np.ndarray, prefix: str = "g") -> list[str]
     return keys
 
 
-@pytest.fixture(params=["main", "worker"])
-async def r(request: pytest.FixtureRequest, managed_redis: RunningRedis) -> RunningRedis:
-    if request.param == "worker":
-        await managed_redis.client.execute_command("SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", 0)
-    return managed_redis
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(params=["main", "worker"], loop_scope="module")
+async def r(request: pytest.FixtureRequest, module_managed_redis: RunningRedis) -> RunningRedis:
+    return await reset_shared(module_managed_redis, worker=request.param == "worker")
 
 
 async def jobs(c: aioredis.Redis) -> dict[str, int]:

@@ -6,17 +6,18 @@ import hashlib
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from spirtd import tensorfmt
-from tests.fixtures_redis import RunningRedis
+from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_rules import get, put
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture(params=["main", "worker"])
-async def r(request: pytest.FixtureRequest, managed_redis: RunningRedis) -> RunningRedis:
-    if request.param == "worker":
-        await managed_redis.client.execute_command("SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", 0)
-    return managed_redis
+
+@pytest_asyncio.fixture(params=["main", "worker"], loop_scope="module")
+async def r(request: pytest.FixtureRequest, module_managed_redis: RunningRedis) -> RunningRedis:
+    return await reset_shared(module_managed_redis, worker=request.param == "worker")
 
 
 @pytest.mark.parametrize(
@@ -98,8 +99,8 @@ async def test_norm(r: RunningRedis, scale: float) -> None:
     assert got == pytest.approx(float(np.linalg.norm(x.astype(np.float64))), rel=1e-9)
 
 
-async def test_large_tensor_digest_on_the_worker(managed_redis: RunningRedis) -> None:
-    c = managed_redis.client
+async def test_large_tensor_digest_on_the_worker(module_managed_redis: RunningRedis) -> None:
+    c = (await reset_shared(module_managed_redis)).client
     x = np.random.default_rng(3).random(10_000_000, dtype=np.float32)
     await put(c, "big", x)
     info = await c.execute_command("SPIRT.INFO")

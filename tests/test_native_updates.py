@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 
-from tests.fixtures_redis import RunningRedis
+from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_rules import assert_close, get, put
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture(params=["main", "worker"])
-async def r(request: pytest.FixtureRequest, managed_redis: RunningRedis) -> RunningRedis:
-    if request.param == "worker":
-        await managed_redis.client.execute_command("SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", 0)
-    return managed_redis
+
+@pytest_asyncio.fixture(params=["main", "worker"], loop_scope="module")
+async def r(request: pytest.FixtureRequest, module_managed_redis: RunningRedis) -> RunningRedis:
+    return await reset_shared(module_managed_redis, worker=request.param == "worker")
 
 
 def ref_sgd(p, g, buf, lr, mu, damp, nesterov, wd):  # type: ignore[no-untyped-def]

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import redis
+import redis.asyncio as aioredis
 import torch
 
 from spirtd import store as store_mod
 from spirtd.store import InputChanged, StoreError, TensorNotFound, TensorStore
-from tests.fixtures_redis import RunningRedis
+from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_errors import snapshot
 from tests.test_native_rules import (
     assert_close,
@@ -31,15 +33,19 @@ from tests.test_native_rules import (
 )
 from tests.test_native_updates import ref_adam, ref_sgd
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 
 @pytest.fixture(params=["module", "client"])
 def st_redis(request: pytest.FixtureRequest) -> RunningRedis:
     # Only the server this path needs: a redis-server with or without the module.
-    return request.getfixturevalue("managed_redis" if request.param == "module" else "plain_redis")
+    name = "module_managed_redis" if request.param == "module" else "module_plain_redis"
+    return request.getfixturevalue(name)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def st(st_redis: RunningRedis) -> AsyncIterator[TensorStore]:
+    await reset_shared(st_redis)
     s = await TensorStore.open(st_redis.client)
     assert s.uses_module is st_redis.server.load_module
     yield s
@@ -153,9 +159,11 @@ async def test_norm_and_digest(st: TensorStore) -> None:
     assert await st.digest("t") == hashlib.blake2b(x.tobytes(), digest_size=32).hexdigest()
 
 
-async def test_both_paths_agree(managed_redis: RunningRedis, plain_redis: RunningRedis) -> None:
-    mod = await TensorStore.open(managed_redis.client)
-    cli = await TensorStore.open(plain_redis.client)
+async def test_both_paths_agree(
+    module_managed_redis: RunningRedis, module_plain_redis: RunningRedis
+) -> None:
+    mod = await TensorStore.open((await reset_shared(module_managed_redis)).client)
+    cli = await TensorStore.open((await reset_shared(module_plain_redis)).client)
     X = data(21, 9, 40_000)
     X[:2] *= 20
     for s in (mod, cli):
@@ -225,10 +233,10 @@ async def test_bad_input_same_error_both_paths(st: TensorStore, kind: str, call,
 
 
 async def test_fallback_warns_once(
-    plain_redis: RunningRedis, caplog: pytest.LogCaptureFixture
+    module_plain_redis: RunningRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="spirtd.store"):
-        s = TensorStore(plain_redis.client)
+        s = TensorStore(module_plain_redis.client)
         assert not await s.detect()
         assert not await s.detect()
     warnings = [r for r in caplog.records if "not loaded" in r.getMessage()]
@@ -236,8 +244,9 @@ async def test_fallback_warns_once(
 
 
 async def test_client_side_input_changed_while_computing(
-    plain_redis: RunningRedis, monkeypatch: pytest.MonkeyPatch
+    module_plain_redis: RunningRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    plain_redis = await reset_shared(module_plain_redis)
     s = await TensorStore.open(plain_redis.client)
     X = data(3, 3, 100)
     keys = await load(s, X)
@@ -259,8 +268,11 @@ async def test_client_side_input_changed_while_computing(
         meddler.close()
 
 
-async def test_from_url_and_health(managed_redis: RunningRedis, plain_redis: RunningRedis) -> None:
-    for r, module in ((managed_redis, True), (plain_redis, False)):
+async def test_from_url_and_health(
+    module_managed_redis: RunningRedis, module_plain_redis: RunningRedis
+) -> None:
+    for r, module in ((module_managed_redis, True), (module_plain_redis, False)):
+        await reset_shared(r)
         password = r.password_file.read_text().strip()
         url = f"unix://spirt:{password}@{r.socket_path}"
         s = await TensorStore.from_url(url)
@@ -272,6 +284,9 @@ async def test_from_url_and_health(managed_redis: RunningRedis, plain_redis: Run
             np.testing.assert_array_equal(await s.get("hm"), np.ones(3, np.float32))
         finally:
             await s.client.aclose()
-    await managed_redis.server.stop()
-    s = TensorStore(managed_redis.client, use_module=True)
-    assert await s.health() == {"ok": False, "module": False}
+    gone = aioredis.Redis(unix_socket_path=str(module_managed_redis.socket_path) + ".gone")
+    try:
+        s = TensorStore(gone, use_module=True)
+        assert await s.health(timeout=2.0) == {"ok": False, "module": False}
+    finally:
+        await gone.aclose()
