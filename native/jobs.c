@@ -518,11 +518,11 @@ int job_submit(RedisModuleCtx *ctx, Job *j) {
     for (size_t i = 0; i < j->n_in; i++)
         if (j->present[i]) bytes += j->len * sizeof(float);
     int flags = RM.GetContextFlags(ctx);
-    int may_block = !(flags & (RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA |
+    int may_block = !(flags & (RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA | RM_CTX_FLAGS_REPLICATED |
                                RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_LOADING));
     if (!may_block || (long long)bytes < jobs_config.async_min_bytes) {
-        /* Small, or blocking not allowed (MULTI, Lua): compute here, in place, with
-         * nothing else running. */
+        /* Small, or blocking not allowed (MULTI, Lua, AOF replay, a master's stream):
+         * compute here, in place, with nothing else running. */
         JobSrc js;
         init_src(&js, j, 0);
         if (compute(j, &js.base)) j->failed = 1;

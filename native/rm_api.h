@@ -40,6 +40,7 @@ enum { RM_OK = 0, RM_ERR = 1, RM_APIVER_1 = 1 };
 
 #define RM_CTX_FLAGS_LUA (1 << 0)
 #define RM_CTX_FLAGS_MULTI (1 << 1)
+#define RM_CTX_FLAGS_REPLICATED (1 << 12)
 #define RM_CTX_FLAGS_LOADING (1 << 13)
 #define RM_CTX_FLAGS_DENY_BLOCKING (1 << 21)
 

@@ -156,9 +156,13 @@ class ManagedRedis:
 
     @property
     def url(self) -> str:
-        if self.port is not None:
-            return f"redis://127.0.0.1:{self.port}/0"
+        """The unix socket URL (always served)."""
         return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_url(self) -> str | None:
+        """``redis://127.0.0.1:PORT/0`` when a TCP port is configured, else None."""
+        return None if self.port is None else f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def password(self) -> str:
@@ -174,16 +178,20 @@ class ManagedRedis:
     def running(self) -> bool:
         return self.pid is not None and self._ready.is_set()
 
-    def connection_info(self) -> RedisConnectionInfo:
-        return RedisConnectionInfo(self.url, self.username, str(self.password_file))
+    def connection_info(self, *, tcp: bool = False) -> RedisConnectionInfo:
+        """URL, user and password file for another process (e.g. a gradient function);
+        ``tcp=True`` gives the TCP address (a port must be configured)."""
+        url = self.tcp_url if tcp else self.url
+        if url is None:
+            raise RuntimeError("no TCP port configured for this Redis")
+        return RedisConnectionInfo(url, self.username, str(self.password_file))
 
     def connection_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"username": self.username, "password": self.password}
-        if self.port is not None:
-            kw.update(host="127.0.0.1", port=self.port)
-        else:
-            kw["unix_socket_path"] = str(self.socket_path)
-        return kw
+        return {
+            "username": self.username,
+            "password": self.password,
+            "unix_socket_path": str(self.socket_path),
+        }
 
     async def client(self, **overrides: Any) -> aioredis.Redis:
         """A new redis.asyncio client for this server; the caller closes it (``aclose()``)."""
@@ -232,7 +240,7 @@ class ManagedRedis:
                 f"redis-server not found (looked for {self.redis_server!r} on PATH); "
                 "install it (Debian: apt-get install redis-server)"
             )
-        if self.port is None and len(str(self.socket_path)) > MAX_UNIX_PATH:
+        if len(str(self.socket_path)) > MAX_UNIX_PATH:
             raise RedisStartError(
                 f"data dir path too long for a unix socket ({self.socket_path} is "
                 f"{len(str(self.socket_path))} bytes, limit {MAX_UNIX_PATH}); "
@@ -253,13 +261,17 @@ class ManagedRedis:
             "appendfsync everysec",
             # AOF is the persistence; periodic RDB snapshots of multi-MB tensors only cost I/O.
             'save ""',
+            # Tensors are tens of MB: the default 64 MB threshold would fork for an AOF
+            # rewrite every few commands (a fork of a multi-GB server stalls it briefly).
+            "auto-aof-rewrite-min-size 1gb",
             # The default user cannot log in ("off"), but keeps full rights: Redis 7.0 replays
             # MULTI/EXEC blocks of the AOF as the default user, and without rights they fail.
             "user default off ~* &* +@all",
             f"user {USERNAME} on #{password_hash} ~* &* +@all",
         ]
+        lines += [f"unixsocket {_quote(str(self.socket_path))}", "unixsocketperm 700"]
         if self.port is None:
-            lines += ["port 0", f"unixsocket {_quote(str(self.socket_path))}", "unixsocketperm 700"]
+            lines.append("port 0")
         else:
             lines += [f"port {int(self.port)}", "bind 127.0.0.1"]
         if self.load_module:
@@ -298,7 +310,7 @@ class ManagedRedis:
 
     async def _refuse_if_already_serving(self) -> None:
         # Two servers on one data dir would corrupt the AOF; a live socket means one is up.
-        if self.port is not None or not self.socket_path.exists():
+        if not self.socket_path.exists():
             return
         try:
             _, writer = await asyncio.wait_for(

@@ -35,6 +35,9 @@ async def test_serves_on_unix_socket_with_acl(managed_redis: RunningRedis) -> No
     assert await r.client.acl_whoami() in ("spirt", b"spirt")
     # No TCP listener unless configured.
     assert (await r.client.config_get("port"))["port"] == "0"
+    assert r.server.tcp_url is None
+    with pytest.raises(RuntimeError, match="no TCP port"):
+        r.server.connection_info(tcp=True)
     # AOF persistence inside the data dir.
     cfg = await r.client.config_get("appendonly")
     assert cfg["appendonly"] == "yes"
@@ -169,9 +172,17 @@ async def test_tcp_port_when_configured() -> None:
     d = short_tmpdir()
     try:
         r = await start_redis(d, load_module=False, port=port)
-        assert r.url == f"redis://127.0.0.1:{port}/0"
+        assert r.server.tcp_url == f"redis://127.0.0.1:{port}/0"
         assert (await r.client.config_get("port"))["port"] == str(port)
-        assert (await r.client.config_get("unixsocket"))["unixsocket"] == ""
+        assert (await r.client.config_get("bind"))["bind"] == "127.0.0.1"
+        info = r.server.connection_info(tcp=True)
+        tcp = aioredis.Redis.from_url(info.url, username=info.username,
+                                      password=Path(info.password_file).read_text().strip())
+        try:
+            assert await tcp.ping()
+        finally:
+            await tcp.aclose()
+        assert r.socket_path.is_socket()  # the unix socket stays
         await stop_redis(r)
     finally:
         shutil.rmtree(d, ignore_errors=True)
