@@ -424,9 +424,11 @@ int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     job_params(job)->adam = ap;
     job_add_input(job, argv[1], 0);
     job_add_input(job, argv[2], 0);
-    /* Step 1 starts from zero moments, so the moment keys may not exist yet. */
-    job_add_input(job, m, ap.step == 1);
-    job_add_input(job, v, ap.step == 1);
+    /* Step 1 starts from zero moments: the moment keys are only written, never read. */
+    if (ap.step > 1) {
+        job_add_input(job, m, 0);
+        job_add_input(job, v, 0);
+    }
     job_add_output(job, argv[1]);
     job_add_output(job, m);
     job_add_output(job, v);

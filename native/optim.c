@@ -88,13 +88,9 @@ int opt_adam(Src *s, const AdamParams *p, float *p_out, float *m_out, float *v_o
     for (size_t off = 0; off < s->len; off += s->chunk) {
         size_t cnt = src_chunk_len(s, off);
         if (s->fetch(s, off, cnt, rows)) goto done;
-        /* Step 1 starts from zero moments whatever the moment keys hold. */
-        const float *m = p->step == 1 ? NULL : rows[2];
-        const float *v = p->step == 1 ? NULL : rows[3];
-        if ((m == NULL) != (v == NULL)) {
-            src_fail(s, "Adam moments must both exist after step 1");
-            goto done;
-        }
+        /* Step 1 starts from zero moments (the moment rows are not even read). */
+        const float *m = s->rows > 3 ? rows[2] : NULL;
+        const float *v = s->rows > 3 ? rows[3] : NULL;
         adam_chunk(p, bc1, sqrt_bc2, rows[0], rows[1], m, v, p_out + off, m_out + off,
                    v_out + off, cnt);
         if (check_finite(s, p_out + off, off, cnt, "parameter") ||

@@ -1,6 +1,6 @@
 /* Optimizer updates with torch.optim semantics, over a Src of
  *   SGD:  row 0 param, row 1 grad, row 2 momentum buffer (NULL if absent)
- *   Adam: row 0 param, row 1 grad, row 2 first moment, row 3 second moment
+ *   Adam: row 0 param, row 1 grad, then after step 1 rows 2-3 the first/second moments
  * Math in float64, results rounded to float32; a non-finite result is an error. */
 #ifndef SPIRT_OPTIM_H
 #define SPIRT_OPTIM_H

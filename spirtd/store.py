@@ -514,8 +514,10 @@ class TensorStore:
                 args.append("DECOUPLED")
             await self._call(*args)
             return
-        first = o.step == 1
-        inputs = [(param, False), (grad, False), (m, first), (v, first)]
+        # Step 1 starts from zero moments: m and v are only written, never read.
+        inputs = [(param, False), (grad, False)]
+        if o.step > 1:
+            inputs += [(m, False), (v, False)]
         await self._client_side(inputs, [param, m, v], lambda xs: (_adam_torch(o, xs), None))
 
     # ---- reductions ---------------------------------------------------------------------
@@ -778,9 +780,8 @@ def _adam_torch(o: _Adam, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
         w = w * (1 - o.lr * o.weight_decay)
     else:
         gi = gi + o.weight_decay * w
-    # Step 1 starts from zero moments whatever the moment keys hold.
-    m_old = None if o.step == 1 else xs[2]
-    v_old = None if o.step == 1 else xs[3]
+    m_old = xs[2] if len(xs) > 3 else None
+    v_old = xs[3] if len(xs) > 3 else None
     m = (1 - o.beta1) * gi
     v = (1 - o.beta2) * gi * gi
     if m_old is not None and v_old is not None:

@@ -123,7 +123,9 @@ async def test_adam_step_one_ignores_stale_moments(r: RunningRedis) -> None:
     await put(c, "w", p)
     await put(c, "g", g)
     await put(c, "m", np.full(10, 9.0, np.float32))
-    await put(c, "v", np.full(10, 9.0, np.float32))
+    bad = np.full(10, np.nan, np.float32)  # stale garbage: not even read at step 1
+    await c.set("v", bad.tobytes())
+    await c.set("v:shape", "10")
     await c.execute_command("SPIRT.ADAM", "w", "g", "M", "m", "V", "v", "STEP", 1, "LR", 0.1)
     ref, m, v = ref_adam(p, g, None, None, 1, 0.1, 0.9, 0.999, 1e-8, 0.0, False)
     assert_close(await get(c, "w"), ref, p)
