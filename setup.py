@@ -6,9 +6,27 @@ because that makes `pip install .` (and editable installs) build it with no
 separate step. spirtd finds the file with `spirtd.native.module_path()`.
 """
 
+import os
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """Installs the built module by replacing the file, never by overwriting it.
+
+    A running redis-server maps the module file; truncating and rewriting it in place
+    (what a plain copy does) can crash that server. Unlinking first leaves it the old
+    inode."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(outfile).endswith(".so") and os.path.exists(outfile):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     ext_modules=[
         Extension(
             "spirtd._native.spirt_redis",
