@@ -574,7 +574,8 @@ class PubSub:
         self, topic: str, payload: Payload | Staged, *, meta: bytes = b"", size: int | None = None
     ) -> dict[str, Any]:
         """Signs an announcement for ``payload`` and floods it to ``topic``'s peers;
-        they pull the body from us (or from each other). Returns msg_id, digest, size."""
+        they pull the body from us (or from each other). Returns msg_id, digest, size.
+        Our own subscribers are not called for our own messages."""
         assert self.m is not None
         check_topic(topic)
         if len(meta) > self.config.max_meta:
