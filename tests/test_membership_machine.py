@@ -494,3 +494,16 @@ def test_next_deadline_is_always_set_and_ticks_advance_it() -> None:
 def test_incarnation_range(bad: int) -> None:
     with pytest.raises(ValueError):
         Membership("n1", addr("n1"), CFG, random.Random(1), 0.0, bad)
+
+
+def test_push_pull_answers_are_rate_limited_per_peer() -> None:
+    net = cluster("n1", "n2")
+    m = net.m["n1"]
+    ask = PushPull(False, False, False, ())
+    m.drain_outgoing()
+    for _ in range(5):
+        m.receive("n2", addr("n2"), ask, net.now)
+    answers = [o for o in m.drain_outgoing() if isinstance(o.message, PushPull)]
+    assert len(answers) == 1 and m.counters["push_pull_throttled"] == 4
+    m.receive("n2", addr("n2"), ask, net.now + CFG.probe_interval)
+    assert any(isinstance(o.message, PushPull) for o in m.drain_outgoing())

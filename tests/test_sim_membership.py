@@ -74,7 +74,7 @@ def test_the_false_dead_check_can_fail() -> None:
         awareness_max_multiplier=1,
         suspicion_probe_fanout=0.0,
     )
-    r = scenarios.loss(50, naive, seed=3, loss_rate=0.3, duration=60.0)
+    r = scenarios.loss(50, naive, seed=3, loss_rate=0.3, duration=20.0)
     assert r.figures["false_dead"] > 0
     assert not r.ok
 

@@ -135,6 +135,7 @@ class Membership:
         self._dead_ids: dict[str, None] = {}  # ordered set: reconnect candidates
         self._last_heard: dict[str, float] = {}
         self._hinted: dict[str, float] = {}
+        self._answered: dict[str, float] = {}  # push-pull requests answered, by sender
         # Members first learned from a pushed state and not gossiped by us. Pushing a
         # whole state into every queue would flood them, but a node that knows an
         # update only from a push-pull must still relay it when the epidemic reaches
@@ -563,6 +564,16 @@ class Membership:
                 self._next_push_pull_at = now + max(self.config.probe_interval, window)
             return
         if not m.more:
+            # A full state per request is an amplifier in the hands of a misbehaving
+            # member: answer each peer at most once per probe interval (joins retry
+            # slower than that, so a genuine join is never starved).
+            last = self._answered.get(sid)
+            if last is not None and now - last < self.config.probe_interval:
+                self.counters["push_pull_throttled"] += 1
+                return
+            if len(self._answered) > 4096:
+                self._answered.clear()
+            self._answered[sid] = now
             self._send_state(sid, saddr, join=False, reply=True)
 
     def _merge(self, updates: tuple[Update, ...], sender: str, now: float) -> None:

@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.scenario == "list":
         for name, fn in scenarios.SCENARIOS.items():
-            print(f"{name:10} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            doc = " ".join((fn.__doc__ or "").split())
+            print(f"{name:10} {doc.split('. ')[0].rstrip('.')}.")
         return 0
     if not 2 <= args.n <= 50_000:
         print("--n must be between 2 and 50000", file=sys.stderr)
