@@ -507,3 +507,16 @@ def test_push_pull_answers_are_rate_limited_per_peer() -> None:
     assert len(answers) == 1 and m.counters["push_pull_throttled"] == 4
     m.receive("n2", addr("n2"), ask, net.now + CFG.probe_interval)
     assert any(isinstance(o.message, PushPull) for o in m.drain_outgoing())
+
+
+def test_the_same_identity_live_at_two_addresses_does_not_escalate() -> None:
+    net = cluster("n1", "n2")
+    m = net.m["n2"]
+    twin = sign(Alive("n2", "10.9.9.9:7946", 0), "n2")  # our key, another address
+    m.receive("n1", addr("n1"), Gossip((twin,)), net.now)
+    assert m.incarnation == 1  # outbid once, as after a restart elsewhere
+    for inc in range(1, 6):
+        twin = sign(Alive("n2", "10.9.9.9:7946", inc), "n2")
+        m.receive("n1", addr("n1"), Gossip((twin,)), net.now + 0.1 * inc)
+    assert m.incarnation == 1
+    assert m.counters["identity_conflict"] == 5

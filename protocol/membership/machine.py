@@ -136,6 +136,7 @@ class Membership:
         self._last_heard: dict[str, float] = {}
         self._hinted: dict[str, float] = {}
         self._answered: dict[str, float] = {}  # push-pull requests answered, by sender
+        self._last_addr_refute = -1e18
         # Members first learned from a pushed state and not gossiped by us. Pushing a
         # whole state into every queue would flood them, but a node that knows an
         # update only from a push-pull must still relay it when the epidemic reaches
@@ -765,6 +766,15 @@ class Membership:
         # restart, perhaps at another address): outbid it so everyone takes this one.
         if not self._verify(u, self.node_id):
             return
+        if u.addr != self.addr:
+            # One outbid settles a restart. If our key is live elsewhere too (a copied
+            # data dir), both sides would outbid each other forever: do it rarely and
+            # make it visible instead.
+            window = 10 * self.config.probe_interval
+            if now - self._last_addr_refute < window:
+                self.counters["identity_conflict"] += 1
+                return
+            self._last_addr_refute = now
         self._refute(u.incarnation, now)
 
     def _claim_about_self(self, u: Suspect | Dead | Left, now: float) -> None:
