@@ -270,7 +270,13 @@ def _torch_view(a: np.ndarray) -> torch.Tensor:
 
 
 class TensorStore:
-    """Tensors and tensor operations in one Redis; see the module docstring."""
+    """Tensors and tensor operations in one Redis; see the module docstring.
+
+    Module commands on large inputs take as long as their arithmetic (a median of
+    16 x 10M floats: under a second; many Weiszfeld iterations: longer): give the client
+    a ``socket_timeout`` above the longest operation you run, or none (the module's own
+    JOB_TIMEOUT_MS bounds every command).
+    """
 
     def __init__(
         self,
@@ -352,6 +358,9 @@ class TensorStore:
     async def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         """Reads several tensors in one atomic MGET."""
         raw = await self.client.mget(_names(keys))
+        for i, k in enumerate(keys):
+            if raw[2 * i] is None or raw[2 * i + 1] is None:
+                await self._refuse_non_strings(self.client, k)  # MGET hides other types
         return [self._decode(k, raw[2 * i], raw[2 * i + 1]) for i, k in enumerate(keys)]
 
     async def get_torch(self, key: str) -> torch.Tensor:

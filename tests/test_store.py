@@ -79,6 +79,9 @@ async def test_put_get_roundtrip_copy_free(st: TensorStore) -> None:
     assert [a.shape for a in many] == [(2, 3, 4), (5,)]
     with pytest.raises(TensorNotFound):
         await st.get("nope")
+    await st.client.rpush("lst", "x")
+    with pytest.raises(StoreError, match="holds the wrong type"):
+        await st.get("lst")
 
 
 @pytest.mark.parametrize("n", [1, 4, 7])
