@@ -168,6 +168,34 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
     return head + "\n\n" + table(r.get("history", []), cols)
 
 
+def cmd_pubsub_subscribe(a: argparse.Namespace) -> str | dict:
+    r = call(a.data_dir, "POST", "/v1/pubsub/subscribe", {"topic": a.topic})
+    return r if a.json else f"subscribed to {a.topic}; deliveries appear in `spirtctl pubsub inbox`"
+
+
+def cmd_pubsub_publish(a: argparse.Namespace) -> str | dict:
+    body: dict[str, Any] = {"topic": a.topic}
+    if a.file is not None:
+        # The daemon reads the file itself (same host, same user), so hundreds of
+        # MB never pass through this process or the control socket.
+        body["path"] = str(a.file.resolve())
+    else:
+        body["random_size"] = a.random_size
+    r = call(a.data_dir, "POST", "/v1/pubsub/publish", body)
+    return r if a.json else f"published {r.get('size')} bytes as {r.get('msg_id')}"
+
+
+def cmd_pubsub_inbox(a: argparse.Namespace) -> str | dict:
+    r = call(a.data_dir, "GET", "/v1/pubsub/inbox")
+    if a.json:
+        return r
+    rows = [
+        {**m, "origin": str(m.get("origin", ""))[-12:], "msg_id": str(m.get("msg_id", ""))[:16]}
+        for m in r.get("messages", [])
+    ]
+    return table(rows, ["topic", "origin", "size", "msg_id", "source"])
+
+
 def cmd_ca_init(a: argparse.Namespace) -> str | dict:
     ca = CaDir(a.ca_dir)
     key = ca.init(a.cluster)
@@ -285,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(fn=cmd_train_start)
     train.add_parser("stop", parents=[common]).set_defaults(fn=cmd_train_stop)
     train.add_parser("status", parents=[common]).set_defaults(fn=cmd_train_status)
+
+    ps = sub.add_parser("pubsub", help="publish and inspect gossip topics").add_subparsers(
+        dest="pubsub_cmd", required=True
+    )
+    pss = ps.add_parser("subscribe", parents=[common])
+    pss.add_argument("--topic", required=True)
+    pss.set_defaults(fn=cmd_pubsub_subscribe)
+    psp = ps.add_parser("publish", parents=[common])
+    psp.add_argument("--topic", required=True)
+    src = psp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", type=Path, help="publish this file's bytes")
+    src.add_argument("--random-size", type=int, help="publish N random bytes (load testing)")
+    psp.set_defaults(fn=cmd_pubsub_publish)
+    ps.add_parser("inbox", parents=[common]).set_defaults(fn=cmd_pubsub_inbox)
 
     ca = sub.add_parser("ca", help="cluster CA (offline)").add_subparsers(
         dest="ca_cmd", required=True

@@ -132,3 +132,53 @@ def test_ca_and_trust_commands(short_tmp):
     assert pub in (short_tmp / "m" / "trust" / "allowlist").read_text()
     r = run("-m", "spirtd.ctl", "trust", "--data-dir", str(short_tmp / "m"), "zz")
     assert r.returncode == 2 and "not a public key" in r.stderr
+
+
+def test_spirtctl_pubsub_round_trip(make_cluster, short_tmp):
+    from spirtd.localcluster import all_see, wait_for
+
+    c = make_cluster(2, args=["--profile", "local"]).start()
+    a, b = c.nodes
+    wait_for(lambda: all_see(c.nodes, {a.node_id: "alive", b.node_id: "alive"}), 30, "cluster")
+    assert (
+        run(
+            "-m", "spirtd.ctl", "pubsub", "subscribe", "--topic", "t", "--data-dir", str(b.data_dir)
+        ).returncode
+        == 0
+    )
+    payload = short_tmp / "payload"
+    payload.write_bytes(os.urandom(2_000_000))
+    r = run(
+        "-m",
+        "spirtd.ctl",
+        "pubsub",
+        "publish",
+        "--topic",
+        "t",
+        "--file",
+        str(payload),
+        "--json",
+        "--data-dir",
+        str(a.data_dir),
+    )
+    assert r.returncode == 0, r.stderr
+    msg_id = json.loads(r.stdout)["msg_id"]
+
+    def delivered() -> bool:
+        r = run("-m", "spirtd.ctl", "pubsub", "inbox", "--json", "--data-dir", str(b.data_dir))
+        return any(m["msg_id"] == msg_id for m in json.loads(r.stdout)["messages"])
+
+    wait_for(delivered, 30, "b to receive the file")
+    r = run(
+        "-m",
+        "spirtd.ctl",
+        "pubsub",
+        "publish",
+        "--topic",
+        "t",
+        "--file",
+        str(short_tmp / "missing"),
+        "--data-dir",
+        str(a.data_dir),
+    )
+    assert r.returncode == 1 and "not a readable file" in r.stderr
