@@ -290,6 +290,6 @@ async def test_from_url_and_health(
     gone = aioredis.Redis(unix_socket_path=str(module_managed_redis.socket_path) + ".gone")
     try:
         s = TensorStore(gone, use_module=True)
-        assert await s.health(timeout=2.0) == {"ok": False, "module": False}
+        assert await s.health(timeout=0.5) == {"ok": False, "module": False}
     finally:
         await gone.aclose()
