@@ -34,7 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError
 from redis.retry import Retry
 
 from spirtd.native import module_path
@@ -433,17 +433,3 @@ class ManagedRedis:
                 self.restarts += 1
                 break
 
-
-async def module_loaded(client: aioredis.Redis, name: str = "spirt") -> bool:
-    """True if the Redis behind ``client`` has the SPIRT module loaded (MODULE LIST)."""
-    try:
-        mods = await client.module_list()
-    except ResponseError:
-        return False  # e.g. an ACL user without MODULE permission
-    for m in mods:
-        mod_name = m.get(b"name", m.get("name"))
-        if isinstance(mod_name, bytes):
-            mod_name = mod_name.decode("ascii", "replace")
-        if mod_name == name:
-            return True
-    return False
