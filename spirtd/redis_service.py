@@ -21,6 +21,9 @@ log = logging.getLogger("spirtd.redis")
 
 HEALTH_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 2.0
+# The module bounds each command itself (JOB_TIMEOUT_MS, 600 s by default); the
+# client waits a little longer so a slow aggregation is not cut off client-side.
+COMMAND_TIMEOUT_S = 660.0
 
 
 class RedisService:
@@ -38,7 +41,9 @@ class RedisService:
     async def start(self) -> None:
         url = self.node.config.redis_url
         if url:
-            self.client = aioredis.from_url(url, socket_connect_timeout=5.0, socket_timeout=30.0)
+            self.client = aioredis.from_url(
+                url, socket_connect_timeout=5.0, socket_timeout=COMMAND_TIMEOUT_S
+            )
             try:
                 async with asyncio.timeout(PING_TIMEOUT_S * 3):
                     await self.client.ping()
@@ -50,7 +55,7 @@ class RedisService:
                 await self.managed.start()
             except RedisStartError as e:
                 raise ConfigError(f"redis: {e}") from None
-            self.client = await self.managed.client(socket_timeout=30.0)
+            self.client = await self.managed.client(socket_timeout=COMMAND_TIMEOUT_S)
         self.store = await TensorStore.open(self.client, logger=log)
         self.ok = True
         self.detail = "ok"
