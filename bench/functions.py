@@ -16,6 +16,10 @@ Measured side by side in one run, against one real redis-server:
                            round down), and the median of the paired ratios is
                            reported beside it.
 
+Control: the same gradients computed in one and in two plain processes (no runtime,
+no Redis), best of a few rounds, to show what parallelism the machine itself gave
+during the run (the machine is shared; other work lowers both figures alike).
+
 The runtime checks every request's SigV4 signature (as AWS does), so the
 overhead includes boto3 signing and the runtime verifying.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -115,6 +120,32 @@ async def throughput(redis: ManagedRedis, rt: LocalRuntime, concurrency: int,
     return gradients / elapsed
 
 
+def _plain_gradients(count: int, batch: int) -> float:
+    """Seconds for ``count`` heavy gradients in this process (the control's worker)."""
+    torch.set_num_threads(1)
+    task = load_task("synthetic", **HEAVY)
+    params = task.initial_params(0)
+    rows = list(range(batch))
+    task.gradient(params, rows)  # warm
+    t0 = time.perf_counter()
+    for _ in range(count):
+        task.gradient(params, rows)
+    return time.perf_counter() - t0
+
+
+def plain_speedup(gradients: int, batch: int, rounds: int = 3) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    one: list[float] = []
+    two: list[float] = []
+    with ctx.Pool(2) as pool:
+        for _ in range(rounds):
+            one.append(gradients / pool.apply(_plain_gradients, (gradients, batch)))
+            half = gradients // 2
+            two.append(2 * half / max(pool.starmap(_plain_gradients, [(half, batch)] * 2)))
+    return {"gradients_per_s_1": max(one), "gradients_per_s_2": max(two),
+            "speedup": max(two) / max(one)}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # the same as each worker, so direct and invoked do equal work
     load_before = os.getloadavg()[0]
@@ -135,6 +166,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 one.append(await throughput(redis, rt, 1, args.gradients, args.batch))
                 two.append(await throughput(redis, rt, 2, args.gradients, args.batch))
             cold_starts = rt.cold_starts
+        control = await asyncio.to_thread(plain_speedup, args.gradients, args.batch)
     finally:
         await redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "gradients_per_s_1": [round(x, 3) for x in one],
             "gradients_per_s_2": [round(x, 3) for x in two],
             "parallel_speedup_paired_median": round(statistics.median(paired), 3),
+            "control_plain_processes": {k: round(v, 3) for k, v in control.items()},
             "cold_starts": cold_starts,
             # Other work on this 2-core machine skews parallel_speedup most: say how much.
             "loadavg_1m_before": round(load_before, 2),
