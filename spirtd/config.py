@@ -39,6 +39,21 @@ class TransportConfig:
 
 
 @dataclass
+class InvokeConfig:
+    """How gradient functions are invoked ([invoke] in the config file)."""
+
+    function_name: str = "spirt-gradient"
+    # Functions running at once. Locally that is also the warm worker count: one
+    # per core keeps them from fighting over CPUs.
+    concurrency: int = 2
+    timeout_s: float = 60.0
+    memory_mb: int = 1024
+    prewarm: int = 0  # local workers started with the daemon (no cold start in round 1)
+    region: str = "us-east-1"
+    endpoint_url: str = ""  # --functions lambda: override the AWS endpoint (e.g. a VPC endpoint)
+
+
+@dataclass
 class Config:
     data_dir: Path
     listen: str = "127.0.0.1:7946"
@@ -51,6 +66,7 @@ class Config:
     cluster: str | None = None  # default: the cluster named in this node's certificate
     profile: str = "lan"  # membership profile: local | lan | wan
     transport: TransportConfig = field(default_factory=TransportConfig)
+    invoke: InvokeConfig = field(default_factory=InvokeConfig)
 
     def validate(self) -> None:
         parse_hostport(self.listen, "listen")
@@ -98,7 +114,7 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
-        if isinstance(current, TransportConfig):
+        if isinstance(current, (TransportConfig, InvokeConfig)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: must be a table")
             _apply_table(current, value, f"{where}{key}.")

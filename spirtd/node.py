@@ -307,7 +307,6 @@ class Node:
                 "loss": None,
                 "accuracy": None,
             },
-            "functions": {"backend": self.config.functions, "in_flight": 0},
             "counters": dict(sorted(self.counters.items())),
         }
 

@@ -26,8 +26,9 @@ class Service(Protocol):
 
 
 def build(node: Node) -> list[Service]:
+    from .functions_service import FunctionsService
     from .membership_service import MembershipService
     from .pubsub import PubSub
     from .redis_service import RedisService
 
-    return [RedisService(node), MembershipService(node), PubSub(node)]
+    return [RedisService(node), FunctionsService(node), MembershipService(node), PubSub(node)]

@@ -1,0 +1,80 @@
+"""The node's serverless backend: the embedded Lambda-compatible runtime
+(`--functions local`) or AWS Lambda (`--functions lambda`), behind one invoker.
+
+The trainer only ever talks to ``self.invoker``; which endpoint answers is a
+deployment choice, not a code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .functions.invoker import Invoker
+from .functions.runtime.config import FunctionSpec, RuntimeConfig
+from .functions.runtime.server import LocalRuntime
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("spirtd.functions")
+
+
+class FunctionsService:
+    name = "functions"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.runtime: LocalRuntime | None = None
+        self.invoker: Invoker | None = None
+
+    async def start(self) -> None:
+        cfg = self.node.config.invoke
+        backend = self.node.config.functions
+        if backend == "local":
+            self.runtime = LocalRuntime(
+                RuntimeConfig(
+                    functions={
+                        cfg.function_name: FunctionSpec(
+                            timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb
+                        )
+                    },
+                    concurrency=cfg.concurrency,
+                    prewarm=cfg.prewarm,
+                )
+            )
+            endpoint: str | None = await self.runtime.start()
+            # The runtime accepts only requests signed with its per-start key.
+            credentials: tuple[str, str] | None = self.runtime.credentials
+            log.info("local function runtime at %s (%d workers)", endpoint, cfg.concurrency)
+        else:
+            endpoint = cfg.endpoint_url or None  # None: the AWS Lambda endpoint
+            credentials = None  # boto3's own chain: env, instance role, ...
+            log.info("functions on AWS Lambda: %s in %s", cfg.function_name, cfg.region)
+        self.invoker = Invoker(
+            endpoint,
+            cfg.function_name,
+            concurrency=cfg.concurrency,
+            region=cfg.region,
+            credentials=credentials,
+            attempt_timeout_s=cfg.timeout_s + 30.0,
+        )
+
+    async def stop(self) -> None:
+        if self.invoker is not None:
+            await self.invoker.close()
+        if self.runtime is not None:
+            await self.runtime.stop()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "backend": self.node.config.functions,
+            "in_flight": self.invoker.in_flight if self.invoker is not None else 0,
+            "function": self.node.config.invoke.function_name,
+        }
+        if self.runtime is not None:
+            stats = self.runtime.stats()
+            out["endpoint"] = stats["endpoint"]
+            out["cold_starts"] = stats["cold_starts"]
+            out["throttles"] = stats["throttles"]
+        return {"functions": out}
