@@ -226,15 +226,10 @@ static int direct_fetch(Src *s, size_t off, size_t cnt, const float **out) {
     return check_rows_finite(js, off, cnt, out);
 }
 
-#include <time.h>
-static double nowd(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
-static double T_lock, T_copy, T_total; static long N_f;
 static int locked_fetch(Src *s, size_t off, size_t cnt, const float **out) {
     JobSrc *js = (JobSrc *)s;
     Job *j = js->job;
-    double t0 = nowd();
     RM.ThreadSafeContextLock(j->tsctx);
-    double t1 = nowd(); T_lock += t1 - t0; N_f++;
     if (j->aborted) {
         RM.ThreadSafeContextUnlock(j->tsctx);
         return src_fail(s, "%s", j->abort_msg);
@@ -263,7 +258,6 @@ static int locked_fetch(Src *s, size_t off, size_t cnt, const float **out) {
         out[i] = dst;
     }
     RM.ThreadSafeContextUnlock(j->tsctx);
-    T_copy += nowd() - t1;
     return check_rows_finite(js, off, cnt, out);
 }
 
@@ -401,13 +395,8 @@ static void run_on_worker(Job *j) {
     j->chunkbuf = malloc(j->n_in * js.base.chunk * sizeof(float));
     if (!j->chunkbuf)
         j->failed = src_fail(&js.base, "out of memory") != 0;
-    else {
-        T_lock = T_copy = 0; N_f = 0;
-        double t0 = nowd();
-        if (compute(j, &js.base)) j->failed = 1;
-        T_total = nowd() - t0;
-        fprintf(stderr, "job: total %.2f ms lockwait %.2f ms copy %.2f ms fetches %ld\n", T_total*1e3, T_lock*1e3, T_copy*1e3, N_f);
-    }
+    else if (compute(j, &js.base))
+        j->failed = 1;
     free(j->chunkbuf);
     j->chunkbuf = NULL;
     RM.FreeThreadSafeContext(j->tsctx);
