@@ -12,10 +12,11 @@
 
 JobsConfig jobs_config = {
     .threads = 2,
-    /* 32 MiB of input is at most ~10 ms of work even for the robust rules; below
-     * that, the hand-off to a worker cost more than it saved (bench.aggregate at
-     * 1M floats: 2.4x numpy's time via a worker, 1.8x inline). */
-    .async_min_bytes = 32 << 20,
+    /* Measured in single-pass bytes (see work_bytes): 64 MiB is ~8 ms of work on
+     * the main thread. Below it the hand-off to a worker and its locked copies cost
+     * more than they save (bench.aggregate at 1M floats: 2.3x numpy's time via a
+     * worker, 1.3x inline). */
+    .async_min_bytes = 64 << 20,
     .job_timeout_ms = 600000,
     .max_queue = 64,
 };
@@ -499,6 +500,21 @@ static int validate(RedisModuleCtx *ctx, Job *j) {
     return 0;
 }
 
+/* Input bytes weighted by how many passes the operation makes over them, so that
+ * ASYNC_MIN_BYTES bounds main-thread time rather than input size: one pass for the
+ * mean, updates, norm and digest; rank rules sort every coordinate; Krum, the
+ * geometric median and centered clipping make many passes. */
+static size_t work_bytes(const Job *j, size_t bytes) {
+    switch (j->op) {
+    case OP_MEDIAN:
+    case OP_TRIMMEAN: return bytes * 2;
+    case OP_KRUM:
+    case OP_GEOMED:
+    case OP_CCLIP: return bytes * 8;
+    default: return bytes;
+    }
+}
+
 int job_submit(RedisModuleCtx *ctx, Job *j) {
     if (validate(ctx, j)) {
         BUMP(st_failed, 1);
@@ -512,7 +528,7 @@ int job_submit(RedisModuleCtx *ctx, Job *j) {
     int flags = RM.GetContextFlags(ctx);
     int may_block = !(flags & (RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA | RM_CTX_FLAGS_REPLICATED |
                                RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_LOADING));
-    if (!may_block || (long long)bytes < jobs_config.async_min_bytes) {
+    if (!may_block || (long long)work_bytes(j, bytes) < jobs_config.async_min_bytes) {
         /* Small, or blocking not allowed (MULTI, Lua, AOF replay, a master's stream):
          * compute here, in place, with nothing else running. */
         JobSrc js;
