@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, logs, malloc_tuning
 from .config import ConfigError, load
 from .keyfiles import KeyFileError
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spirtd: {e}", file=sys.stderr)
         return 78
     logs.setup(config.log_format, config.log_level)
+    malloc_tuning.tune()
     from .node import main_async
 
     try:
