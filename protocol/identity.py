@@ -139,12 +139,7 @@ class Certificate:
 
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
-        outer = strictpack.unpack(data, _CERT_LIMITS)
-        body_raw = strictpack.field(outer, "body", bytes, what="certificate")
-        sig = strictpack.fixed_bytes(outer, "sig", SIGNATURE_SIZE, what="certificate")
-        body = strictpack.unpack(body_raw, _CERT_LIMITS)
-        if strictpack.field(body, "v", int, what="certificate") != 1:
-            raise DecodeError("bad_version", "certificate version")
+        body_raw, sig, body = _open_signed(data, _CERT_LIMITS, "certificate")
         cert = cls(
             cluster=strictpack.field(body, "cluster", str, what="certificate"),
             public_key=strictpack.fixed_bytes(body, "key", PUBLIC_KEY_SIZE, what="certificate"),
@@ -162,6 +157,21 @@ class Certificate:
 
     def signature_valid(self) -> bool:
         return verify(self.issuer, DOMAIN_CERT, self.body(), self.signature)
+
+
+def _open_signed(
+    data: bytes, limits: strictpack.Limits, what: str
+) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Unpacks a ``{"body": bytes, "sig": 64 bytes}`` container and its version-1
+    body. Returns (exact body bytes, signature, decoded body); the caller checks
+    the signature over the exact bytes."""
+    outer = strictpack.unpack(data, limits)
+    body_raw = strictpack.field(outer, "body", bytes, what=what)
+    sig = strictpack.fixed_bytes(outer, "sig", SIGNATURE_SIZE, what=what)
+    body = strictpack.unpack(body_raw, limits)
+    if strictpack.field(body, "v", int, what=what) != 1:
+        raise DecodeError("bad_version", f"{what} version")
+    return body_raw, sig, body
 
 
 def _fields(cert: Certificate) -> dict[str, Any]:
@@ -198,12 +208,7 @@ class RevocationList:
 
     @classmethod
     def decode(cls, data: bytes) -> RevocationList:
-        outer = strictpack.unpack(data, _CRL_LIMITS)
-        body_raw = strictpack.field(outer, "body", bytes, what="revocation list")
-        sig = strictpack.fixed_bytes(outer, "sig", SIGNATURE_SIZE, what="revocation list")
-        body = strictpack.unpack(body_raw, _CRL_LIMITS)
-        if strictpack.field(body, "v", int, what="revocation list") != 1:
-            raise DecodeError("bad_version", "revocation list version")
+        body_raw, sig, body = _open_signed(data, _CRL_LIMITS, "revocation list")
         keys = strictpack.field(body, "revoked", list, what="revocation list")
         if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_SIZE for k in keys):
             raise DecodeError("bad_field", "revocation list holds a malformed key")

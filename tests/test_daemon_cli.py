@@ -140,45 +140,21 @@ def test_spirtctl_pubsub_round_trip(make_cluster, short_tmp):
     c = make_cluster(2, args=["--profile", "local"]).start()
     a, b = c.nodes
     wait_for(lambda: all_see(c.nodes, {a.node_id: "alive", b.node_id: "alive"}), 30, "cluster")
-    assert (
-        run(
-            "-m", "spirtd.ctl", "pubsub", "subscribe", "--topic", "t", "--data-dir", str(b.data_dir)
-        ).returncode
-        == 0
-    )
+
+    def ctl(node, *args: str) -> subprocess.CompletedProcess[str]:
+        return run("-m", "spirtd.ctl", "pubsub", *args, "--data-dir", str(node.data_dir))
+
+    assert ctl(b, "subscribe", "--topic", "t").returncode == 0
     payload = short_tmp / "payload"
     payload.write_bytes(os.urandom(2_000_000))
-    r = run(
-        "-m",
-        "spirtd.ctl",
-        "pubsub",
-        "publish",
-        "--topic",
-        "t",
-        "--file",
-        str(payload),
-        "--json",
-        "--data-dir",
-        str(a.data_dir),
-    )
+    r = ctl(a, "publish", "--topic", "t", "--file", str(payload), "--json")
     assert r.returncode == 0, r.stderr
     msg_id = json.loads(r.stdout)["msg_id"]
 
     def delivered() -> bool:
-        r = run("-m", "spirtd.ctl", "pubsub", "inbox", "--json", "--data-dir", str(b.data_dir))
+        r = ctl(b, "inbox", "--json")
         return any(m["msg_id"] == msg_id for m in json.loads(r.stdout)["messages"])
 
     wait_for(delivered, 30, "b to receive the file")
-    r = run(
-        "-m",
-        "spirtd.ctl",
-        "pubsub",
-        "publish",
-        "--topic",
-        "t",
-        "--file",
-        str(short_tmp / "missing"),
-        "--data-dir",
-        str(a.data_dir),
-    )
+    r = ctl(a, "publish", "--topic", "t", "--file", str(short_tmp / "missing"))
     assert r.returncode == 1 and "not a readable file" in r.stderr
