@@ -52,14 +52,27 @@ QUICK_KS = (4, 8)
 QUICK_SIZES = (100_000, 1_000_000)
 LR, MOMENTUM = 0.01, 0.9
 
-COLUMNS = ["K", "S", "in_db_mean_s", "client_mean_s", "numpy_mean_s", "reduction",
-           "in_db_vs_numpy", "median_s", "trimmed_mean_s", "krum_s", "cclip_s",
-           "in_db_update_s", "client_update_s"]
+COLUMNS = [
+    "K",
+    "S",
+    "in_db_mean_s",
+    "client_mean_s",
+    "numpy_mean_s",
+    "reduction",
+    "in_db_vs_numpy",
+    "median_s",
+    "trimmed_mean_s",
+    "krum_s",
+    "cclip_s",
+    "in_db_update_s",
+    "client_update_s",
+]
 
 
 async def put(c: aioredis.Redis, key: str, x: np.ndarray) -> None:
-    await c.execute_command("SPIRT.PUT", key, tensorfmt.encode_shape(x.shape),
-                            memoryview(x).cast("B"))
+    await c.execute_command(
+        "SPIRT.PUT", key, tensorfmt.encode_shape(x.shape), memoryview(x).cast("B")
+    )
 
 
 def _views(raw: list[bytes]) -> list[torch.Tensor]:
@@ -117,26 +130,33 @@ def numpy_mean(X: np.ndarray, repeat: int) -> dict[str, float]:
     return a if a["min"] <= b["min"] else b
 
 
-async def bench_row(c: aioredis.Redis, fallback: TensorStore, X: np.ndarray, K: int, S: int,
-                    repeat: int) -> dict[str, Any]:
+async def bench_row(
+    c: aioredis.Redis, fallback: TensorStore, X: np.ndarray, K: int, S: int, repeat: int
+) -> dict[str, Any]:
     keys = [f"bench:g{i}" for i in range(K)]
     f = (K - 3) // 2
     t: dict[str, dict[str, float]] = {}
     t["in_db_mean_s"] = await abest_of(
-        lambda: c.execute_command("SPIRT.MEAN", "bench:db", K, *keys), repeat)
+        lambda: c.execute_command("SPIRT.MEAN", "bench:db", K, *keys), repeat
+    )
     t["client_mean_s"] = await abest_of(lambda: client_mean(c, keys, "bench:cl"), repeat)
     t["store_fallback_mean_s"] = await abest_of(
-        lambda: fallback.mean("bench:fb", keys), max(1, repeat // 2))
+        lambda: fallback.mean("bench:fb", keys), max(1, repeat // 2)
+    )
     t["numpy_mean_s"] = numpy_mean(X[:K], repeat)
     t["median_s"] = await abest_of(
-        lambda: c.execute_command("SPIRT.MEDIAN", "bench:r", K, *keys), repeat)
+        lambda: c.execute_command("SPIRT.MEDIAN", "bench:r", K, *keys), repeat
+    )
     t["trimmed_mean_s"] = await abest_of(
-        lambda: c.execute_command("SPIRT.TRIMMEAN", "bench:r", K, *keys, "BETA", 0.25), repeat)
+        lambda: c.execute_command("SPIRT.TRIMMEAN", "bench:r", K, *keys, "BETA", 0.25), repeat
+    )
     t["krum_s"] = await abest_of(
-        lambda: c.execute_command("SPIRT.KRUM", "bench:r", K, *keys, "F", f), repeat)
+        lambda: c.execute_command("SPIRT.KRUM", "bench:r", K, *keys, "F", f), repeat
+    )
     t["cclip_s"] = await abest_of(
         lambda: c.execute_command("SPIRT.CCLIP", "bench:r", K, *keys, "TAU", 1.0, "ITERS", 3),
-        repeat)
+        repeat,
+    )
 
     # The in-database and client means must agree, or the timings mean nothing.
     db = np.frombuffer(await c.get("bench:db"), dtype="<f4")
@@ -147,13 +167,18 @@ async def bench_row(c: aioredis.Redis, fallback: TensorStore, X: np.ndarray, K: 
     await put(c, "bench:grad", X[1])
     await put(c, "bench:buf", X[2])
     t["in_db_update_s"] = await abest_of(
-        lambda: c.execute_command("SPIRT.SGD", "bench:p", "bench:grad", "LR", LR,
-                                  "MOMENTUM", MOMENTUM, "BUF", "bench:buf"), repeat)
+        lambda: c.execute_command(
+            "SPIRT.SGD", "bench:p", "bench:grad", "LR", LR, "MOMENTUM", MOMENTUM, "BUF", "bench:buf"
+        ),
+        repeat,
+    )
     t["client_update_s"] = await abest_of(
-        lambda: client_sgd(c, "bench:p", "bench:grad", "bench:buf"), repeat)
+        lambda: client_sgd(c, "bench:p", "bench:grad", "bench:buf"), repeat
+    )
     t["store_fallback_update_s"] = await abest_of(
-        lambda: fallback.sgd("bench:p", "bench:grad", lr=LR, momentum=MOMENTUM,
-                             buf="bench:buf"), max(1, repeat // 2))
+        lambda: fallback.sgd("bench:p", "bench:grad", lr=LR, momentum=MOMENTUM, buf="bench:buf"),
+        max(1, repeat // 2),
+    )
 
     row: dict[str, Any] = {"K": K, "S": S}
     row.update({k: v["min"] for k, v in t.items()})
@@ -166,19 +191,25 @@ async def bench_row(c: aioredis.Redis, fallback: TensorStore, X: np.ndarray, K: 
     return row
 
 
-async def run(ks: tuple[int, ...], sizes: tuple[int, ...], repeat: int, aof: bool,
-              threads: int) -> dict[str, Any]:
+async def run(
+    ks: tuple[int, ...], sizes: tuple[int, ...], repeat: int, aof: bool, threads: int
+) -> dict[str, Any]:
     d = Path(tempfile.mkdtemp(prefix="spirt-bench-", dir="/tmp"))
-    server = ManagedRedis(d, module_args=["THREADS", str(threads)],
-                          logger=logging.getLogger("bench.redis"))
+    server = ManagedRedis(
+        d, module_args=["THREADS", str(threads)], logger=logging.getLogger("bench.redis")
+    )
     await server.start()
     c = await server.client()
     rows: list[dict[str, Any]] = []
     try:
         await c.config_set("appendonly", "yes" if aof else "no")
         info = await c.execute_command("SPIRT.INFO")
-        module = {info[i].decode(): info[i + 1].decode() if isinstance(info[i + 1], bytes)
-                  else info[i + 1] for i in range(0, len(info), 2)}
+        module = {
+            info[i].decode(): info[i + 1].decode()
+            if isinstance(info[i + 1], bytes)
+            else info[i + 1]
+            for i in range(0, len(info), 2)
+        }
         quiet = logging.getLogger("bench.store")
         quiet.setLevel(logging.ERROR)
         fallback = TensorStore(c, use_module=False, logger=quiet)
@@ -215,11 +246,20 @@ async def run(ks: tuple[int, ...], sizes: tuple[int, ...], repeat: int, aof: boo
     targets["in_db_vs_numpy_met"] = targets["in_db_vs_numpy_max"] <= 2.0
     return {
         "bench": "aggregate",
-        "inputs": {"K": list(ks), "S": list(sizes), "dtype": "float32", "repeat": repeat,
-                   "stat": "min over repeats (median in row.median)", "aof": aof,
-                   "module_threads": threads, "module_isa": module.get("isa"),
-                   "trimmed_beta": 0.25, "krum_f": "(K-3)//2", "cclip": {"tau": 1.0, "iters": 3},
-                   "sgd": {"lr": LR, "momentum": MOMENTUM}},
+        "inputs": {
+            "K": list(ks),
+            "S": list(sizes),
+            "dtype": "float32",
+            "repeat": repeat,
+            "stat": "min over repeats (median in row.median)",
+            "aof": aof,
+            "module_threads": threads,
+            "module_isa": module.get("isa"),
+            "trimmed_beta": 0.25,
+            "krum_f": "(K-3)//2",
+            "cclip": {"tau": 1.0, "iters": 3},
+            "sgd": {"lr": LR, "momentum": MOMENTUM},
+        },
         "rows": rows,
         "targets": targets,
         "machine": machine(),
@@ -227,11 +267,15 @@ async def run(ks: tuple[int, ...], sizes: tuple[int, ...], repeat: int, aof: boo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.aggregate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.aggregate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--quick", action="store_true",
-                   help="small grid (K 4,8; S 100k,1M) for a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="small grid (K 4,8; S 100k,1M) for a smoke run"
+    )
     p.add_argument("--repeat", type=int, default=5, help="runs per measurement (best is kept)")
     p.add_argument("--aof", action="store_true", help="keep AOF persistence on while measuring")
     p.add_argument("--threads", type=int, default=2, help="module worker threads")

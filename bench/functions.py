@@ -54,15 +54,29 @@ SMALL: dict[str, Any] = {}
 HEAVY: dict[str, Any] = {"samples": 8192, "features": 256, "hidden": 768, "depth": 2}
 
 
-def make_event(redis: ManagedRedis, options: dict[str, Any], *, batch: int, slices: int,
-               slice_index: int, params_key: str, tag: str) -> dict[str, Any]:
+def make_event(
+    redis: ManagedRedis,
+    options: dict[str, Any],
+    *,
+    batch: int,
+    slices: int,
+    slice_index: int,
+    params_key: str,
+    tag: str,
+) -> dict[str, Any]:
     return GradientEvent(
-        job="bench", round=0, slice=slice_index, task="synthetic", task_options=options,
-        redis=RedisTarget(redis.url, redis.username,
-                          CredentialRef("file", str(redis.password_file))),
+        job="bench",
+        round=0,
+        slice=slice_index,
+        task="synthetic",
+        task_options=options,
+        redis=RedisTarget(
+            redis.url, redis.username, CredentialRef("file", str(redis.password_file))
+        ),
         params_key=params_key,
         data=DataSlice(Shard(0, 1), batch_size=batch, seed=1, slices=slices),
-        output_key=f"bench:grad:{tag}:{slice_index}", ttl_seconds=300,
+        output_key=f"bench:grad:{tag}:{slice_index}",
+        ttl_seconds=300,
     ).to_json()
 
 
@@ -79,13 +93,21 @@ async def put_params(redis: ManagedRedis, key: str, options: dict[str, Any]) -> 
 
 
 async def overhead(redis: ManagedRedis, rt: LocalRuntime, reps: int) -> dict[str, Any]:
-    ev = make_event(redis, SMALL, batch=64, slices=1, slice_index=0,
-                    params_key="bench:params:small", tag="small")
+    ev = make_event(
+        redis,
+        SMALL,
+        batch=64,
+        slices=1,
+        slice_index=0,
+        params_key="bench:params:small",
+        tag="small",
+    )
     ctx = local_context()
     direct: list[float] = []
     invoked: list[float] = []
-    async with Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=1,
-                       credentials=rt.credentials) as inv:
+    async with Invoker(
+        rt.endpoint_url, GRADIENT_FUNCTION, concurrency=1, credentials=rt.credentials
+    ) as inv:
         for i in range(reps + 10):  # the first 10 pairs warm everything up
             t0 = time.perf_counter()
             gradient.handler(ev, ctx)
@@ -98,20 +120,32 @@ async def overhead(redis: ManagedRedis, rt: LocalRuntime, reps: int) -> dict[str
     return {
         "direct_call_ms": statistics.median(direct),
         "invoke_ms": statistics.median(invoked),
-        "warm_invoke_overhead_ms": statistics.median(b - a for a, b in zip(direct, invoked,
-                                                                             strict=True)),
+        "warm_invoke_overhead_ms": statistics.median(
+            b - a for a, b in zip(direct, invoked, strict=True)
+        ),
         "direct_ms_p90": statistics.quantiles(direct, n=10)[-1],
         "invoke_ms_p90": statistics.quantiles(invoked, n=10)[-1],
     }
 
 
-async def throughput(redis: ManagedRedis, rt: LocalRuntime, concurrency: int,
-                     gradients: int, batch: int) -> float:
-    events = [make_event(redis, HEAVY, batch=batch * gradients, slices=gradients,
-                         slice_index=k, params_key="bench:params:heavy", tag=f"c{concurrency}")
-              for k in range(gradients)]
-    async with Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=concurrency,
-                       credentials=rt.credentials) as inv:
+async def throughput(
+    redis: ManagedRedis, rt: LocalRuntime, concurrency: int, gradients: int, batch: int
+) -> float:
+    events = [
+        make_event(
+            redis,
+            HEAVY,
+            batch=batch * gradients,
+            slices=gradients,
+            slice_index=k,
+            params_key="bench:params:heavy",
+            tag=f"c{concurrency}",
+        )
+        for k in range(gradients)
+    ]
+    async with Invoker(
+        rt.endpoint_url, GRADIENT_FUNCTION, concurrency=concurrency, credentials=rt.credentials
+    ) as inv:
         t0 = time.perf_counter()
         res = await inv.invoke_round(events, deadline=600.0, min_fraction=1.0)
         elapsed = time.perf_counter() - t0
@@ -142,8 +176,11 @@ def plain_speedup(gradients: int, batch: int, rounds: int = 3) -> dict[str, floa
             one.append(gradients / pool.apply(_plain_gradients, (gradients, batch)))
             half = gradients // 2
             two.append(2 * half / max(pool.starmap(_plain_gradients, [(half, batch)] * 2)))
-    return {"gradients_per_s_1": max(one), "gradients_per_s_2": max(two),
-            "speedup": max(two) / max(one)}
+    return {
+        "gradients_per_s_1": max(one),
+        "gradients_per_s_2": max(two),
+        "speedup": max(two) / max(one),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,8 +192,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await put_params(redis, "bench:params:small", SMALL)
         heavy_params = await put_params(redis, "bench:params:heavy", HEAVY)
-        cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=300)},
-                            concurrency=2, prewarm=2)
+        cfg = RuntimeConfig(
+            functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=300)}, concurrency=2, prewarm=2
+        )
         async with LocalRuntime(cfg) as rt:
             over = await overhead(redis, rt, args.reps)
             await throughput(redis, rt, 2, 4, args.batch)  # warm both workers' task caches
@@ -179,8 +217,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "inputs": {
             "overhead_task": {"name": "synthetic", **SMALL, "batch": 64},
             "overhead_pairs": args.reps,
-            "speedup_task": {"name": "synthetic", **HEAVY, "params": heavy_params,
-                             "batch_per_gradient": args.batch},
+            "speedup_task": {
+                "name": "synthetic",
+                **HEAVY,
+                "params": heavy_params,
+                "batch_per_gradient": args.batch,
+            },
             "gradients_per_round": args.gradients,
             "rounds_each": args.rounds,
             "torch_threads_per_worker": 1,

@@ -300,7 +300,8 @@ class ManagedRedis:
         if stat.S_IMODE(st.st_mode) & 0o077:
             self.log.warning(
                 "redis password file %s was readable by others (mode %o); set it to 0600",
-                self.password_file, stat.S_IMODE(st.st_mode),
+                self.password_file,
+                stat.S_IMODE(st.st_mode),
             )
             os.chmod(self.password_file, 0o600)
         password = self.password_file.read_text().strip()
@@ -330,8 +331,11 @@ class ManagedRedis:
         out = self.out_file.open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self.redis_server, str(self.config_file),
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                self.redis_server,
+                str(self.config_file),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 start_new_session=True,  # a Ctrl-C to spirtd must not kill redis mid-write
                 preexec_fn=_die_with_parent,
             )
@@ -420,7 +424,9 @@ class ManagedRedis:
             while not self._stopping:
                 self.log.warning(
                     "redis-server %s (%s); restarting in %.1f s",
-                    self.last_exit, self._why(), backoff,
+                    self.last_exit,
+                    self._why(),
+                    backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
@@ -432,4 +438,3 @@ class ManagedRedis:
                     continue
                 self.restarts += 1
                 break
-

@@ -100,14 +100,18 @@ def _num(x: Any, what: str, lo: float, hi: float = math.inf, *, hi_open: bool = 
     except (TypeError, ValueError):
         raise StoreError(f"{what} must be a finite number, got {x!r}") from None
     _check(math.isfinite(v), f"{what} must be a finite number, got {v}")
-    _check(lo <= v <= hi and not (hi_open and v >= hi),
-           f"{what} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v:g}")
+    _check(
+        lo <= v <= hi and not (hi_open and v >= hi),
+        f"{what} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v:g}",
+    )
     return v
 
 
 def _int(x: Any, what: str, lo: int, hi: int) -> int:
-    _check(isinstance(x, int | np.integer) and not isinstance(x, bool),
-           f"{what} must be an integer, got {x!r}")
+    _check(
+        isinstance(x, int | np.integer) and not isinstance(x, bool),
+        f"{what} must be an integer, got {x!r}",
+    )
     v = int(x)
     _check(lo <= v <= hi, f"{what} must be in [{lo}, {hi}], got {v}")
     return v
@@ -198,10 +202,13 @@ class _Sgd:
             nesterov=bool(self.nesterov),
             weight_decay=_num(self.weight_decay, "WEIGHT_DECAY", 0.0),
         )
-        _check(not (o.momentum > 0 and buf is None),
-               "MOMENTUM needs a BUF key for the momentum buffer")
-        _check(not (o.nesterov and (o.momentum <= 0 or o.dampening != 0)),
-               "NESTEROV needs MOMENTUM > 0 and DAMPENING 0")
+        _check(
+            not (o.momentum > 0 and buf is None), "MOMENTUM needs a BUF key for the momentum buffer"
+        )
+        _check(
+            not (o.nesterov and (o.momentum <= 0 or o.dampening != 0)),
+            "NESTEROV needs MOMENTUM > 0 and DAMPENING 0",
+        )
         _check(not (o.momentum > 0 and buf == param), "BUF must differ from the parameter key")
         return o
 
@@ -234,7 +241,7 @@ class _Adam:
 def _map_error(e: ResponseError) -> StoreError:
     msg = str(e)
     if msg.startswith("SPIRT "):
-        msg = msg[len("SPIRT "):]
+        msg = msg[len("SPIRT ") :]
     if msg.startswith("missing key"):
         return TensorNotFound(msg)
     if "during the command" in msg:
@@ -511,12 +518,26 @@ class TensorStore:
     ) -> None:
         """torch.optim.Adam (AdamW when decoupled) step number ``step`` (counting from 1;
         step 1 starts from zero moments, so ``m``/``v`` need not exist yet)."""
-        o = _Adam(step, lr, betas[0], betas[1], eps, weight_decay, decoupled).validate(
-            param, m, v
-        )
+        o = _Adam(step, lr, betas[0], betas[1], eps, weight_decay, decoupled).validate(param, m, v)
         if await self.detect():
-            args: list[Any] = ["SPIRT.ADAM", param, grad, "M", m, "V", v, "STEP", o.step,
-                               "LR", o.lr, "BETAS", o.beta1, o.beta2, "EPS", o.eps]
+            args: list[Any] = [
+                "SPIRT.ADAM",
+                param,
+                grad,
+                "M",
+                m,
+                "V",
+                v,
+                "STEP",
+                o.step,
+                "LR",
+                o.lr,
+                "BETAS",
+                o.beta1,
+                o.beta2,
+                "EPS",
+                o.eps,
+            ]
             if o.weight_decay:
                 args += ["WEIGHT_DECAY", o.weight_decay]
             if o.decoupled:
@@ -598,8 +619,10 @@ class TensorStore:
                 xs.append(_torch_view(a).reshape(-1))
             for out in outputs:
                 for name in (out, tensorfmt.shape_key(out)):
-                    _check(await _type(pipe, name) in ("none", "string"),
-                           f"output key '{_label(name)}' holds the wrong type (not a string)")
+                    _check(
+                        await _type(pipe, name) in ("none", "string"),
+                        f"output key '{_label(name)}' holds the wrong type (not a string)",
+                    )
             results, ret = await asyncio.to_thread(compute, xs)
             assert shape is not None
             pipe.multi()
@@ -636,7 +659,7 @@ def _names(keys: Sequence[str]) -> list[str]:
 
 def _aggregate_torch(agg: _Agg, xs: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], Any]:
     rows = [x for x in xs if x is not None]
-    data, extra = rows[: agg.n], rows[agg.n:]
+    data, extra = rows[: agg.n], rows[agg.n :]
     if agg.nnm_f is not None:
         data = _nnm(data, agg.nnm_f)
     n = agg.n
@@ -761,8 +784,10 @@ def _cclip(
 
 def _finite_result(t: torch.Tensor, what: str) -> torch.Tensor:
     bad = _first_nonfinite(t)
-    _check(bad is None,
-           f"update produced a non-finite {what} at index {bad} (learning rate too large?)")
+    _check(
+        bad is None,
+        f"update produced a non-finite {what} at index {bad} (learning rate too large?)",
+    )
     return t
 
 

@@ -30,8 +30,9 @@ def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
         pytest.fail("cfn-lint is not installed; it is in the test extras: pip install -e '.[test]'")
     # cfn-lint's console entry point, run with this interpreter (no PATH lookup).
     code = "import sys; from cfnlint.runner import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, str(path)],
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=240
+    )
 
 
 def test_cfn_lint_passes() -> None:
@@ -74,8 +75,14 @@ def test_role_is_least_privilege(template: dict[str, Any]) -> None:
         assert all("*" not in a for a in actions), actions
         if s["Resource"] == "*":
             # Only the ENI calls Lambda needs for VPC access, which EC2 cannot scope.
-            assert all(re.fullmatch(r"ec2:\w+NetworkInterfaces?|ec2:DescribeSubnets|"
-                                    r"ec2:(Un)?[Aa]ssignPrivateIpAddresses", a) for a in actions)
+            assert all(
+                re.fullmatch(
+                    r"ec2:\w+NetworkInterfaces?|ec2:DescribeSubnets|"
+                    r"ec2:(Un)?[Aa]ssignPrivateIpAddresses",
+                    a,
+                )
+                for a in actions
+            )
     secret = [s for s in statements if s["Action"] == "secretsmanager:GetSecretValue"]
     assert secret and secret[0]["Resource"] == {"Ref": "RedisSecretArn"}
 
@@ -83,8 +90,14 @@ def test_role_is_least_privilege(template: dict[str, Any]) -> None:
 def test_egress_only_to_redis_tls_and_secrets(template: dict[str, Any]) -> None:
     res = template["Resources"]
     egress = res["FunctionSecurityGroup"]["Properties"]["SecurityGroupEgress"]
-    assert egress == [{"Description": "Peer Redis over TLS", "IpProtocol": "tcp",
-                       "FromPort": {"Ref": "RedisTlsPort"}, "ToPort": {"Ref": "RedisTlsPort"},
-                       "CidrIp": {"Ref": "RedisCidr"}}]
+    assert egress == [
+        {
+            "Description": "Peer Redis over TLS",
+            "IpProtocol": "tcp",
+            "FromPort": {"Ref": "RedisTlsPort"},
+            "ToPort": {"Ref": "RedisTlsPort"},
+            "CidrIp": {"Ref": "RedisCidr"},
+        }
+    ]
     extra = res["SecretsEgress"]["Properties"]
     assert (extra["FromPort"], extra["ToPort"]) == (443, 443)

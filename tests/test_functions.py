@@ -29,22 +29,38 @@ from spirtd.tasks import Shard, TaskError, load_task, minibatch_slice
 from tests.fixtures_redis import RunningRedis
 
 
-def make_event(r: RunningRedis, *, task: str = "synthetic", slice_index: int = 0,
-               slices: int = 3, batch: int = 48, seed: int = 5, shard: str = "0/1",
-               indices: list[int] | None = None, creds: CredentialRef | None = None,
-               options: dict[str, Any] | None = None, job: str = "job1", rnd: int = 4,
-               params_key: str = "spirt:job1:params", ttl: int = 600) -> GradientEvent:
+def make_event(
+    r: RunningRedis,
+    *,
+    task: str = "synthetic",
+    slice_index: int = 0,
+    slices: int = 3,
+    batch: int = 48,
+    seed: int = 5,
+    shard: str = "0/1",
+    indices: list[int] | None = None,
+    creds: CredentialRef | None = None,
+    options: dict[str, Any] | None = None,
+    job: str = "job1",
+    rnd: int = 4,
+    params_key: str = "spirt:job1:params",
+    ttl: int = 600,
+) -> GradientEvent:
     if indices is not None:
-        data = DataSlice(shard=Shard.parse(shard), batch_size=len(indices),
-                         indices=tuple(indices))
+        data = DataSlice(shard=Shard.parse(shard), batch_size=len(indices), indices=tuple(indices))
     else:
         data = DataSlice(shard=Shard.parse(shard), batch_size=batch, seed=seed, slices=slices)
     return GradientEvent(
-        job=job, round=rnd, slice=slice_index, task=task, task_options=options or {},
-        redis=RedisTarget(r.url, r.username,
-                          creds or CredentialRef("file", str(r.password_file))),
-        params_key=params_key, data=data,
-        output_key=f"spirt:{job}:grad:{rnd}:{slice_index}", ttl_seconds=ttl,
+        job=job,
+        round=rnd,
+        slice=slice_index,
+        task=task,
+        task_options=options or {},
+        redis=RedisTarget(r.url, r.username, creds or CredentialRef("file", str(r.password_file))),
+        params_key=params_key,
+        data=data,
+        output_key=f"spirt:{job}:grad:{rnd}:{slice_index}",
+        ttl_seconds=ttl,
     )
 
 
@@ -58,8 +74,9 @@ async def get_tensor(r: RunningRedis, key: str) -> np.ndarray:
     return tensorfmt.decode(await r.client.get(key), await r.client.get(tensorfmt.shape_key(key)))
 
 
-def reference_gradient(task_name: str, shard: str, params: np.ndarray,
-                       rows: np.ndarray) -> tuple[np.ndarray, float]:
+def reference_gradient(
+    task_name: str, shard: str, params: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, float]:
     """The gradient computed here with plain torch, independently of the handler."""
     task = load_task(task_name, shard)
     model = task.build_model()
@@ -77,8 +94,7 @@ async def call(ev: GradientEvent | dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("task_name", "shard"), [("synthetic", "0/1"), ("digits", "1/2")])
-async def test_gradient_equals_torch(plain_redis: RunningRedis, task_name: str,
-                                     shard: str) -> None:
+async def test_gradient_equals_torch(plain_redis: RunningRedis, task_name: str, shard: str) -> None:
     task = load_task(task_name, shard)
     params = task.initial_params(21)
     await put_params(plain_redis, "spirt:job1:params", params)
@@ -121,8 +137,9 @@ async def test_retry_overwrites_never_adds(plain_redis: RunningRedis) -> None:
     await call(ev)
     keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:grad:*"))
     assert keys == [ev.output_key, tensorfmt.shape_key(ev.output_key)]
-    want, _ = reference_gradient("synthetic", "0/1", p2,
-                                 minibatch_slice(len(task.train), 5, 48, 1, 3))
+    want, _ = reference_gradient(
+        "synthetic", "0/1", p2, minibatch_slice(len(task.train), 5, 48, 1, 3)
+    )
     np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
 
 
@@ -141,8 +158,9 @@ async def test_missing_or_misshapen_params(plain_redis: RunningRedis) -> None:
     assert await plain_redis.client.exists(ev.output_key) == 0  # nothing was written
 
 
-async def test_credentials_by_reference(plain_redis: RunningRedis, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_credentials_by_reference(
+    plain_redis: RunningRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
     password = plain_redis.password_file.read_text().strip()
 
@@ -185,27 +203,33 @@ def _valid(r: RunningRedis) -> dict[str, Any]:
         (lambda e: e["redis"].update(password="hunter2"), "unknown field"),
         (lambda e: e["redis"].update(url="http://127.0.0.1:6379"), "redis.url"),
         (lambda e: e["redis"]["credentials"].update(path="relative/pw"), "absolute path"),
-        (lambda e: e["redis"].update(credentials={"kind": "inline", "value": "pw"}),
-         "unknown field"),
-        (lambda e: e["redis"].update(credentials={"kind": "secretsmanager", "arn": "x"}),
-         "credentials.arn"),
+        (
+            lambda e: e["redis"].update(credentials={"kind": "inline", "value": "pw"}),
+            "unknown field",
+        ),
+        (
+            lambda e: e["redis"].update(credentials={"kind": "secretsmanager", "arn": "x"}),
+            "credentials.arn",
+        ),
         (lambda e: e.update(output_key="has space"), "output_key"),
         (lambda e: e.update(output_key="k" * 513), "output_key"),
         (lambda e: e.update(ttl_seconds=0), "ttl_seconds"),
         (lambda e: e["data"].update(indices=[1, 2]), "exactly one of indices or seed"),
         (lambda e: e["data"].update(seed=None), "exactly one of indices or seed"),
-        (lambda e: e["data"].update(slices=2, batch_size=48) or e.update(slice=2),
-         "not below"),
+        (lambda e: e["data"].update(slices=2, batch_size=48) or e.update(slice=2), "not below"),
         (lambda e: e["data"].update(shard="3/3"), "shard"),
         (lambda e: e["data"].update(batch_size=0), "batch_size"),
-        (lambda e: e["data"].update(seed=None, indices=[0] * 1_000_001,
-                                    batch_size=1_000_001), "indices"),
+        (
+            lambda e: e["data"].update(seed=None, indices=[0] * 1_000_001, batch_size=1_000_001),
+            "indices",
+        ),
         (lambda e: e.update(task_options={"x": [1, 2]}), "scalar"),
         (lambda e: e.update(task="tests.test_functions:evil"), "not in the allowed"),
     ],
 )
-async def test_bad_events_get_clear_errors(plain_redis: RunningRedis, mutate: Any,
-                                           match: str) -> None:
+async def test_bad_events_get_clear_errors(
+    plain_redis: RunningRedis, mutate: Any, match: str
+) -> None:
     ev = _valid(plain_redis)
     mutate(ev)
     with pytest.raises((EventError, TaskError), match=match):
@@ -220,10 +244,15 @@ async def test_event_must_be_an_object() -> None:
 
 def test_event_json_round_trip() -> None:
     ev = GradientEvent(
-        job="j", round=1, slice=0, task="digits",
+        job="j",
+        round=1,
+        slice=0,
+        task="digits",
         redis=RedisTarget("unix:///tmp/x.sock", "spirt", CredentialRef("env", "PW")),
-        params_key="p", data=DataSlice(Shard(0, 2), 8, seed=3, slices=2),
-        output_key="o", task_options={"model": "cnn"},
+        params_key="p",
+        data=DataSlice(Shard(0, 2), 8, seed=3, slices=2),
+        output_key="o",
+        task_options={"model": "cnn"},
     )
     assert GradientEvent.from_json(ev.to_json()) == ev
     # The event names where the secret is, never the secret.
@@ -231,14 +260,25 @@ def test_event_json_round_trip() -> None:
 
 
 # The ACL documented in deploy/aws/README.md for the function's Redis user.
-FUNCTION_ACL = ["~spirt:*", "resetchannels", "-@all", "+get", "+set", "+strlen", "+multi",
-                "+exec", "+ping"]
+FUNCTION_ACL = [
+    "~spirt:*",
+    "resetchannels",
+    "-@all",
+    "+get",
+    "+set",
+    "+strlen",
+    "+multi",
+    "+exec",
+    "+ping",
+]
 
 
-async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis,
-                                                   tmp_path: Path) -> None:
+async def test_works_with_least_privilege_acl_user(
+    plain_redis: RunningRedis, tmp_path: Path
+) -> None:
     await plain_redis.client.execute_command(
-        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">fn-password-0123456789", *FUNCTION_ACL)
+        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">fn-password-0123456789", *FUNCTION_ACL
+    )
     pw = tmp_path / "fn-password"
     pw.write_text("fn-password-0123456789\n")
     pw.chmod(0o600)
@@ -249,8 +289,9 @@ async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis,
     ev = replace(base, redis=replace(base.redis, username="spirt-fn"))
     out = await call(ev)
     assert out["samples"] == 16
-    want, _ = reference_gradient("synthetic", "0/1", params,
-                                 minibatch_slice(len(task.train), 5, 48, 0, 3))
+    want, _ = reference_gradient(
+        "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 0, 3)
+    )
     np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
     # ... and it cannot touch keys outside its namespace.
     await put_params(plain_redis, "other:params", params)
@@ -258,14 +299,16 @@ async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis,
         await call(replace(ev, params_key="other:params"))
 
 
-async def test_credentials_from_secrets_manager(plain_redis: RunningRedis,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_credentials_from_secrets_manager(
+    plain_redis: RunningRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The AWS path, with the real boto3 client pointed at a stand-in Secrets Manager
     on 127.0.0.1 (AWS_ENDPOINT_URL_SECRETS_MANAGER)."""
     from aiohttp import web
 
     await plain_redis.client.execute_command(
-        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">sm-password-0123456789", *FUNCTION_ACL)
+        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">sm-password-0123456789", *FUNCTION_ACL
+    )
     secrets = {
         "good": json.dumps({"username": "spirt-fn", "password": "sm-password-0123456789"}),
         "nopw": json.dumps({"username": "spirt-fn"}),
@@ -277,8 +320,10 @@ async def test_credentials_from_secrets_manager(plain_redis: RunningRedis,
         arn = (await request.json())["SecretId"]
         asked.append(arn)
         name = arn.rsplit(":", 1)[1]
-        return web.json_response({"ARN": arn, "Name": name, "SecretString": secrets[name]},
-                                 content_type="application/x-amz-json-1.1")
+        return web.json_response(
+            {"ARN": arn, "Name": name, "SecretString": secrets[name]},
+            content_type="application/x-amz-json-1.1",
+        )
 
     app = web.Application()
     app.router.add_post("/", get_secret_value)
@@ -292,8 +337,7 @@ async def test_credentials_from_secrets_manager(plain_redis: RunningRedis,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     try:
-        await put_params(plain_redis, "spirt:job1:params",
-                         load_task("synthetic").initial_params(0))
+        await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
         arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:good"
         base = make_event(plain_redis, creds=CredentialRef("secretsmanager", arn))
         # The username comes from the secret, not the event.

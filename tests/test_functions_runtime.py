@@ -23,13 +23,19 @@ async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
     task = load_task("digits", "0/2")
     params = task.initial_params(8)
     await put_params(plain_redis, "spirt:job1:params", params)
-    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)},
-                        concurrency=2)
-    async with LocalRuntime(cfg) as rt, \
-            Invoker(rt.endpoint_url, GRADIENT_FUNCTION, concurrency=2,
-                    credentials=rt.credentials) as inv:
-        events = [make_event(plain_redis, task="digits", shard="0/2", slice_index=k, slices=4,
-                             batch=64).to_json() for k in range(4)]
+    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)}, concurrency=2)
+    async with (
+        LocalRuntime(cfg) as rt,
+        Invoker(
+            rt.endpoint_url, GRADIENT_FUNCTION, concurrency=2, credentials=rt.credentials
+        ) as inv,
+    ):
+        events = [
+            make_event(
+                plain_redis, task="digits", shard="0/2", slice_index=k, slices=4, batch=64
+            ).to_json()
+            for k in range(4)
+        ]
         # Every slice sent twice, as an at-least-once retry would.
         res = await inv.invoke_round(events + events, deadline=120.0, min_fraction=1.0)
         assert res.met_quorum, [s.error for s in res.slices]
@@ -55,13 +61,13 @@ async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> No
     task = load_task("synthetic")
     params = task.initial_params(3)
     await put_params(plain_redis, "spirt:job1:params", params)
-    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)},
-                        concurrency=1)
+    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)}, concurrency=1)
     async with LocalRuntime(cfg) as rt:
         c = lambda_client(rt)
         ev = make_event(plain_redis, slice_index=2)
-        r = await invoke(c, json.dumps(ev.to_json()).encode(), name=GRADIENT_FUNCTION,
-                         InvocationType="Event")
+        r = await invoke(
+            c, json.dumps(ev.to_json()).encode(), name=GRADIENT_FUNCTION, InvocationType="Event"
+        )
         assert r["status"] == 202
         shape_key = tensorfmt.shape_key(ev.output_key)
 
@@ -71,7 +77,7 @@ async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> No
 
         await asyncio.wait_for(poll(), 60)
         await wait_until(lambda: rt.in_flight == 0)
-        want, _ = reference_gradient("synthetic", "0/1", params,
-                                     minibatch_slice(len(task.train), 5, 48, 2, 3))
-        np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want,
-                                   atol=1e-6)
+        want, _ = reference_gradient(
+            "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 2, 3)
+        )
+        np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)

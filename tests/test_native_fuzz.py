@@ -12,15 +12,73 @@ from redis.exceptions import ResponseError
 from tests.fixtures_redis import RunningRedis
 from tests.test_native_errors import setup_keys, snapshot
 
-COMMANDS = ["SPIRT.PUT", "SPIRT.GET", "SPIRT.MEAN", "SPIRT.MEDIAN", "SPIRT.TRIMMEAN",
-            "SPIRT.KRUM", "SPIRT.GEOMED", "SPIRT.CCLIP", "SPIRT.SGD", "SPIRT.ADAM",
-            "SPIRT.NORM", "SPIRT.DIGEST", "SPIRT.INFO", "SPIRT.CONFIG"]
-KEYWORDS = ["WEIGHTS", "NNM", "BETA", "F", "M", "MAXITER", "EPS", "TAU", "ITERS", "START",
-            "LR", "MOMENTUM", "BUF", "DAMPENING", "NESTEROV", "WEIGHT_DECAY", "V", "STEP",
-            "BETAS", "DECOUPLED", "GET", "SET", "ASYNC_MIN_BYTES", "JOB_TIMEOUT_MS"]
-KEYS = ["g0", "g1", "g2", "g3", "g4", "g5", "g6", "short", "out", "w", "buf", "lst", "nan",
-        "inf", "noshape", "badshape", "lenmis", "odd", "outlist", "shapelist", "nokey",
-        "g0:shape", "fresh"]
+COMMANDS = [
+    "SPIRT.PUT",
+    "SPIRT.GET",
+    "SPIRT.MEAN",
+    "SPIRT.MEDIAN",
+    "SPIRT.TRIMMEAN",
+    "SPIRT.KRUM",
+    "SPIRT.GEOMED",
+    "SPIRT.CCLIP",
+    "SPIRT.SGD",
+    "SPIRT.ADAM",
+    "SPIRT.NORM",
+    "SPIRT.DIGEST",
+    "SPIRT.INFO",
+    "SPIRT.CONFIG",
+]
+KEYWORDS = [
+    "WEIGHTS",
+    "NNM",
+    "BETA",
+    "F",
+    "M",
+    "MAXITER",
+    "EPS",
+    "TAU",
+    "ITERS",
+    "START",
+    "LR",
+    "MOMENTUM",
+    "BUF",
+    "DAMPENING",
+    "NESTEROV",
+    "WEIGHT_DECAY",
+    "V",
+    "STEP",
+    "BETAS",
+    "DECOUPLED",
+    "GET",
+    "SET",
+    "ASYNC_MIN_BYTES",
+    "JOB_TIMEOUT_MS",
+]
+KEYS = [
+    "g0",
+    "g1",
+    "g2",
+    "g3",
+    "g4",
+    "g5",
+    "g6",
+    "short",
+    "out",
+    "w",
+    "buf",
+    "lst",
+    "nan",
+    "inf",
+    "noshape",
+    "badshape",
+    "lenmis",
+    "odd",
+    "outlist",
+    "shapelist",
+    "nokey",
+    "g0:shape",
+    "fresh",
+]
 
 arg = st.one_of(
     st.sampled_from(KEYS),
@@ -48,9 +106,11 @@ async def _check_one(c: aioredis.Redis, name: str, args: list[object]) -> None:
 
 
 def _fuzz_test(max_examples: int):  # type: ignore[no-untyped-def]
-    @settings(max_examples=max_examples, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                     HealthCheck.too_slow])
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(cmds=st.lists(command, min_size=1, max_size=4))
     async def fuzz(r: RunningRedis, cmds: list[tuple[str, list[object]]]) -> None:
         for name, args in cmds:

@@ -186,8 +186,9 @@ async def test_median(r: RunningRedis, n: int) -> None:
     assert_close(await get(c, "out"), ref_median(X), X)
 
 
-@pytest.mark.parametrize(("n", "beta"), [(1, 0.0), (4, 0.25), (5, 0.2), (10, 0.1), (10, 0.49),
-                                         (17, 0.3)])
+@pytest.mark.parametrize(
+    ("n", "beta"), [(1, 0.0), (4, 0.25), (5, 0.2), (10, 0.1), (10, 0.49), (17, 0.3)]
+)
 async def test_trimmed_mean(r: RunningRedis, n: int, beta: float) -> None:
     c = r.client
     rng = np.random.default_rng(200 + n)
@@ -200,8 +201,10 @@ async def test_trimmed_mean(r: RunningRedis, n: int, beta: float) -> None:
     assert_close(got, stats.trim_mean(X.astype(np.float64), beta, axis=0), X)
 
 
-@pytest.mark.parametrize(("n", "f", "m"), [(3, 0, 1), (5, 1, 1), (7, 2, 1), (7, 2, 5),
-                                           (8, 2, 3), (11, 4, 1), (16, 3, 13)])
+@pytest.mark.parametrize(
+    ("n", "f", "m"),
+    [(3, 0, 1), (5, 1, 1), (7, 2, 1), (7, 2, 5), (8, 2, 3), (11, 4, 1), (16, 3, 13)],
+)
 async def test_krum(r: RunningRedis, n: int, f: int, m: int) -> None:
     c = r.client
     rng = np.random.default_rng(300 + n * 10 + f)
@@ -263,8 +266,7 @@ async def test_geometric_median_converges_to_the_minimiser(r: RunningRedis) -> N
     X = data(rng, 9, 50)
     X[:2] += 30.0
     keys = await load(c, X)
-    iters = await c.execute_command("SPIRT.GEOMED", "out", 9, *keys, "MAXITER", 1000,
-                                    "EPS", 1e-9)
+    iters = await c.execute_command("SPIRT.GEOMED", "out", 9, *keys, "MAXITER", 1000, "EPS", 1e-9)
     assert 1 < iters < 1000
     z = (await get(c, "out")).astype(np.float64)
     X64 = X.astype(np.float64)
@@ -281,8 +283,9 @@ async def test_geometric_median_converges_to_the_minimiser(r: RunningRedis) -> N
     assert np.linalg.norm(z - X64[2:].mean(axis=0)) < np.linalg.norm(X64.mean(0) - X64[2:].mean(0))
 
 
-@pytest.mark.parametrize(("n", "iters", "with_start"), [(1, 1, False), (4, 1, True),
-                                                        (7, 3, False), (8, 5, True)])
+@pytest.mark.parametrize(
+    ("n", "iters", "with_start"), [(1, 1, False), (4, 1, True), (7, 3, False), (8, 5, True)]
+)
 async def test_centered_clipping(r: RunningRedis, n: int, iters: int, with_start: bool) -> None:
     c = r.client
     rng = np.random.default_rng(600 + n)
@@ -325,11 +328,14 @@ async def test_zero_vectors(r: RunningRedis) -> None:
     c = r.client
     X = np.zeros((6, 100), dtype=np.float32)
     keys = await load(c, X)
-    for cmd in (["SPIRT.MEAN", "o", 6, *keys], ["SPIRT.MEDIAN", "o", 6, *keys],
-                ["SPIRT.TRIMMEAN", "o", 6, *keys, "BETA", 0.3],
-                ["SPIRT.KRUM", "o", 6, *keys, "F", 1, "M", 3],
-                ["SPIRT.CCLIP", "o", 6, *keys, "TAU", 1.0, "ITERS", 3],
-                ["SPIRT.MEAN", "o", 6, *keys, "NNM", 2]):
+    for cmd in (
+        ["SPIRT.MEAN", "o", 6, *keys],
+        ["SPIRT.MEDIAN", "o", 6, *keys],
+        ["SPIRT.TRIMMEAN", "o", 6, *keys, "BETA", 0.3],
+        ["SPIRT.KRUM", "o", 6, *keys, "F", 1, "M", 3],
+        ["SPIRT.CCLIP", "o", 6, *keys, "TAU", 1.0, "ITERS", 3],
+        ["SPIRT.MEAN", "o", 6, *keys, "NNM", 2],
+    ):
         await c.delete("o")
         await c.execute_command(*cmd)
         assert np.array_equal(await get(c, "o"), np.zeros(100, np.float32)), cmd

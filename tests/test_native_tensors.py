@@ -45,7 +45,8 @@ async def test_tensors_written_with_plain_set_are_read_by_the_module(r: RunningR
     await c.set(tensorfmt.shape_key("plain"), s)
     np.testing.assert_array_equal(await get(c, "plain"), x)
     assert float(await c.execute_command("SPIRT.NORM", "plain")) == pytest.approx(
-        float(np.linalg.norm(x.astype(np.float64))), rel=1e-12)
+        float(np.linalg.norm(x.astype(np.float64))), rel=1e-12
+    )
 
 
 async def test_put_replaces_like_set(r: RunningRedis) -> None:
@@ -75,8 +76,9 @@ async def test_equal_parameters_equal_digests(r: RunningRedis) -> None:
     y = x.copy()
     y[4321] = np.nextafter(y[4321], np.float32(np.inf))  # one ulp apart
     await put(c, "peer_c", y)
-    da, db, dc = [await c.execute_command("SPIRT.DIGEST", k) for k in ("peer_a", "peer_b",
-                                                                       "peer_c")]
+    da, db, dc = [
+        await c.execute_command("SPIRT.DIGEST", k) for k in ("peer_a", "peer_b", "peer_c")
+    ]
     assert da == db != dc
 
 

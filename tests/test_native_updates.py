@@ -42,8 +42,13 @@ def ref_adam(p, g, m, v, t, lr, b1, b2, eps, wd, decoupled):  # type: ignore[no-
 
 @pytest.mark.parametrize(
     ("mu", "damp", "nesterov", "wd"),
-    [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.01), (0.9, 0.0, False, 0.0),
-     (0.9, 0.0, True, 0.001), (0.5, 0.3, False, 0.1)],
+    [
+        (0.0, 0.0, False, 0.0),
+        (0.0, 0.0, False, 0.01),
+        (0.9, 0.0, False, 0.0),
+        (0.9, 0.0, True, 0.001),
+        (0.5, 0.3, False, 0.1),
+    ],
 )
 async def test_sgd_matches_torch_and_numpy(
     r: RunningRedis, mu: float, damp: float, nesterov: bool, wd: float
@@ -54,8 +59,9 @@ async def test_sgd_matches_torch_and_numpy(
     p0 = rng.standard_normal(size).astype(np.float32)
     lr = 0.05
     param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
-    opt = torch.optim.SGD([param], lr=lr, momentum=mu, dampening=damp, nesterov=nesterov,
-                          weight_decay=wd)
+    opt = torch.optim.SGD(
+        [param], lr=lr, momentum=mu, dampening=damp, nesterov=nesterov, weight_decay=wd
+    )
     await put(c, "w", p0)
     p_ref, b_ref = p0, None
     for _step in range(4):
@@ -98,8 +104,26 @@ async def test_adam_matches_torch_and_numpy(r: RunningRedis, wd: float, decouple
     for t in range(1, 6):
         g = rng.standard_normal(size).astype(np.float32)
         await put(c, "g", g)
-        args: list[object] = ["SPIRT.ADAM", "w", "g", "M", "m", "V", "v", "STEP", t, "LR", lr,
-                              "BETAS", b1, b2, "EPS", eps, "WEIGHT_DECAY", wd]
+        args: list[object] = [
+            "SPIRT.ADAM",
+            "w",
+            "g",
+            "M",
+            "m",
+            "V",
+            "v",
+            "STEP",
+            t,
+            "LR",
+            lr,
+            "BETAS",
+            b1,
+            b2,
+            "EPS",
+            eps,
+            "WEIGHT_DECAY",
+            wd,
+        ]
         if decoupled:
             args.append("DECOUPLED")
         assert await c.execute_command(*args) == b"OK"
@@ -111,8 +135,9 @@ async def test_adam_matches_torch_and_numpy(r: RunningRedis, wd: float, decouple
         assert_close(got, param.detach().numpy(), p0)
         st = opt.state[param]
         assert_close(await get(c, "m"), st["exp_avg"].numpy(), g)
-        np.testing.assert_allclose(await get(c, "v"), st["exp_avg_sq"].numpy(), rtol=1e-5,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            await get(c, "v"), st["exp_avg_sq"].numpy(), rtol=1e-5, atol=1e-12
+        )
         p_ref, m_ref, v_ref = got, await get(c, "m"), await get(c, "v")
 
 

@@ -70,8 +70,9 @@ async def test_default_user_and_wrong_password_rejected(managed_redis: RunningRe
 
 
 async def test_default_user_cannot_log_in(managed_redis: RunningRedis) -> None:
-    anon = aioredis.Redis(unix_socket_path=str(managed_redis.socket_path),
-                          retry=Retry(NoBackoff(), 0))
+    anon = aioredis.Redis(
+        unix_socket_path=str(managed_redis.socket_path), retry=Retry(NoBackoff(), 0)
+    )
     try:
         for password in ("", "x", managed_redis.server.password):
             with pytest.raises((AuthenticationError, ResponseError, RedisConnectionError)):
@@ -177,8 +178,9 @@ async def test_tcp_port_when_configured() -> None:
         assert (await r.client.config_get("port"))["port"] == str(port)
         assert (await r.client.config_get("bind"))["bind"] == "127.0.0.1"
         info = r.server.connection_info(tcp=True)
-        tcp = aioredis.Redis.from_url(info.url, username=info.username,
-                                      password=Path(info.password_file).read_text().strip())
+        tcp = aioredis.Redis.from_url(
+            info.url, username=info.username, password=Path(info.password_file).read_text().strip()
+        )
         try:
             assert await tcp.ping()
         finally:

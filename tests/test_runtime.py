@@ -23,8 +23,11 @@ def lambda_client(rt: LocalRuntime, credentials: tuple[str, str] | None = None) 
     """The real boto3 Lambda client, signing with the runtime's own access key."""
     key, secret = credentials or rt.credentials
     return boto3.client(
-        "lambda", endpoint_url=rt.endpoint_url, region_name="us-east-1",
-        aws_access_key_id=key, aws_secret_access_key=secret,
+        "lambda",
+        endpoint_url=rt.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
         config=Config(retries={"total_max_attempts": 1}, read_timeout=60),
     )
 
@@ -34,8 +37,12 @@ async def invoke(client: Any, event: Any, name: str = "probe", **kw: Any) -> dic
         payload = event if isinstance(event, bytes) else json.dumps(event).encode()
         resp = client.invoke(FunctionName=name, Payload=payload, **kw)
         body = resp["Payload"].read()
-        return {"status": resp["StatusCode"], "error": resp.get("FunctionError"),
-                "body": json.loads(body) if body else None}
+        return {
+            "status": resp["StatusCode"],
+            "error": resp.get("FunctionError"),
+            "body": json.loads(body) if body else None,
+        }
+
     return await asyncio.to_thread(call)
 
 
@@ -48,8 +55,9 @@ async def wait_until(pred: Any, timeout: float = 30.0) -> None:
 
 
 def probe_config(**kw: Any) -> RuntimeConfig:
-    spec = FunctionSpec(handler=PROBE, timeout_s=kw.pop("timeout_s", 10.0),
-                        memory_mb=kw.pop("memory_mb", 256))
+    spec = FunctionSpec(
+        handler=PROBE, timeout_s=kw.pop("timeout_s", 10.0), memory_mb=kw.pop("memory_mb", 256)
+    )
     return RuntimeConfig(functions={"probe": spec}, **kw)
 
 
@@ -107,8 +115,7 @@ async def test_concurrency_cap_throttles() -> None:
         with pytest.raises(c.exceptions.TooManyRequestsException) as info:
             await invoke(c, {"action": "echo"})
         assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
-        assert info.value.response["Reason"] == \
-            "ReservedFunctionConcurrentInvocationLimitExceeded"
+        assert info.value.response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
         assert (await slow)["error"] is None
         assert (await invoke(c, {"action": "echo"}))["error"] is None  # slot is free again
         assert rt.throttles == 1 and rt.in_flight == 0
@@ -191,12 +198,14 @@ async def test_request_errors_use_lambda_codes(runtime: LocalRuntime) -> None:
 
 
 async def test_event_invocation_runs_later(tmp_path: Any) -> None:
-    spec = FunctionSpec(handler=PROBE, timeout_s=10, memory_mb=256,
-                        environment={"SPIRT_PROBE_DIR": str(tmp_path)})
+    spec = FunctionSpec(
+        handler=PROBE, timeout_s=10, memory_mb=256, environment={"SPIRT_PROBE_DIR": str(tmp_path)}
+    )
     async with LocalRuntime(RuntimeConfig(functions={"probe": spec}, concurrency=1)) as rt:
         c = lambda_client(rt)
-        r = await invoke(c, {"action": "flaky", "marker": "evt", "mode": "raise"},
-                         InvocationType="Event")
+        r = await invoke(
+            c, {"action": "flaky", "marker": "evt", "mode": "raise"}, InvocationType="Event"
+        )
         assert r["status"] == 202 and r["body"] is None
         # The handler ran in a worker: it created its marker (and failed, as asked).
         await wait_until(lambda: (tmp_path / "evt").exists())
@@ -260,16 +269,29 @@ def test_sigv4_verify_against_botocore_signer() -> None:
 
     key = AccessKey.generate()
     path = "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A0%3Afunction%3Af/invocations"
-    req = AWSRequest(method="POST", url=f"http://127.0.0.1:9/{path[1:]}?Qualifier=%24LATEST",
-                     data=b'{"a": 1}', headers={"X-Amz-Invocation-Type": "Event"})
+    req = AWSRequest(
+        method="POST",
+        url=f"http://127.0.0.1:9/{path[1:]}?Qualifier=%24LATEST",
+        data=b'{"a": 1}',
+        headers={"X-Amz-Invocation-Type": "Event"},
+    )
     SigV4Auth(Credentials(*key.as_tuple()), "lambda", "us-east-1").add_auth(req)
     headers = CIMultiDict(req.headers.items())
     headers["Host"] = "127.0.0.1:9"
 
-    def check(body: bytes = b'{"a": 1}', now: float | None = None,
-              hdrs: CIMultiDict[str] = headers) -> None:
-        verify(key, method="POST", raw_path=path, query="Qualifier=%24LATEST", headers=hdrs,
-               get_all=hdrs.getall, body=body, now=now)
+    def check(
+        body: bytes = b'{"a": 1}', now: float | None = None, hdrs: CIMultiDict[str] = headers
+    ) -> None:
+        verify(
+            key,
+            method="POST",
+            raw_path=path,
+            query="Qualifier=%24LATEST",
+            headers=hdrs,
+            get_all=hdrs.getall,
+            body=body,
+            now=now,
+        )
 
     check()
     with pytest.raises(SignatureError, match="does not match"):
@@ -281,9 +303,15 @@ def test_sigv4_verify_against_botocore_signer() -> None:
     with pytest.raises(SignatureError, match="does not match"):
         check(hdrs=other)
     with pytest.raises(SignatureError, match="unknown access key"):
-        verify(AccessKey("OTHER", key.secret), method="POST", raw_path=path,
-               query="Qualifier=%24LATEST", headers=headers, get_all=headers.getall,
-               body=b'{"a": 1}')
+        verify(
+            AccessKey("OTHER", key.secret),
+            method="POST",
+            raw_path=path,
+            query="Qualifier=%24LATEST",
+            headers=headers,
+            get_all=headers.getall,
+            body=b'{"a": 1}',
+        )
 
 
 async def test_worker_dead_while_idle_is_replaced_not_blamed(runtime: LocalRuntime) -> None:
@@ -313,8 +341,9 @@ async def test_stop_answers_in_flight_invocations() -> None:
 
 
 async def test_event_invocations_queue_within_the_cap(tmp_path: Any) -> None:
-    spec = FunctionSpec(handler=PROBE, timeout_s=10, memory_mb=256,
-                        environment={"SPIRT_PROBE_DIR": str(tmp_path)})
+    spec = FunctionSpec(
+        handler=PROBE, timeout_s=10, memory_mb=256, environment={"SPIRT_PROBE_DIR": str(tmp_path)}
+    )
     cfg = RuntimeConfig(functions={"probe": spec}, concurrency=1, event_queue=3)
     async with LocalRuntime(cfg) as rt:
         c = lambda_client(rt)
@@ -328,8 +357,11 @@ async def test_event_invocations_queue_within_the_cap(tmp_path: Any) -> None:
 
         watcher = asyncio.create_task(watch())
         for i in range(4):  # one runs, three wait
-            r = await invoke(c, {"action": "flaky", "marker": f"q{i}", "mode": "sleep",
-                                 "seconds": 0.3}, InvocationType="Event")
+            r = await invoke(
+                c,
+                {"action": "flaky", "marker": f"q{i}", "mode": "sleep", "seconds": 0.3},
+                InvocationType="Event",
+            )
             assert r["status"] == 202
         # The queue holds 3: one more is throttled rather than buffered without bound.
         with pytest.raises(c.exceptions.TooManyRequestsException):

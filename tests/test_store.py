@@ -134,8 +134,7 @@ async def test_sgd_and_adam(st: TensorStore) -> None:
     for _ in range(3):
         g = rng.standard_normal(2000).astype(np.float32)
         await st.put("g", g)
-        await st.sgd("w", "g", lr=0.1, momentum=0.9, buf="buf", nesterov=True,
-                     weight_decay=0.01)
+        await st.sgd("w", "g", lr=0.1, momentum=0.9, buf="buf", nesterov=True, weight_decay=0.01)
         p_ref, b_ref = ref_sgd(p, g, b, 0.1, 0.9, 0.0, True, 0.01)
         assert_close(await st.get("w"), p_ref, p)
         assert_close(await st.get("buf"), b_ref, p)
@@ -155,8 +154,9 @@ async def test_sgd_and_adam(st: TensorStore) -> None:
 async def test_norm_and_digest(st: TensorStore) -> None:
     x = np.random.default_rng(8).standard_normal(12345).astype(np.float32)
     await st.put("t", x)
-    assert await st.norm("t") == pytest.approx(float(np.linalg.norm(x.astype(np.float64))),
-                                               rel=1e-9)
+    assert await st.norm("t") == pytest.approx(
+        float(np.linalg.norm(x.astype(np.float64))), rel=1e-9
+    )
     import hashlib
 
     assert await st.digest("t") == hashlib.blake2b(x.tobytes(), digest_size=32).hexdigest()
@@ -190,33 +190,60 @@ async def test_both_paths_agree(
 BAD_CALLS = [
     ("missing", lambda s: s.mean("o", ["g0", "nokey"]), TensorNotFound, "missing key 'nokey'"),
     ("length", lambda s: s.median("o", ["g0", "short"]), StoreError, "length mismatch"),
-    ("nonfinite", lambda s: s.mean("o", ["g0", "nan"]), StoreError,
-     "non-finite value in 'nan' at index 3"),
-    ("nonfinite", lambda s: s.put("o", np.array([1, np.inf], np.float32)), StoreError,
-     "non-finite value at index 1"),
+    (
+        "nonfinite",
+        lambda s: s.mean("o", ["g0", "nan"]),
+        StoreError,
+        "non-finite value in 'nan' at index 3",
+    ),
+    (
+        "nonfinite",
+        lambda s: s.put("o", np.array([1, np.inf], np.float32)),
+        StoreError,
+        "non-finite value at index 1",
+    ),
     ("type", lambda s: s.mean("lst", ["g0", "g1"]), StoreError, "holds the wrong type"),
-    ("type", lambda s: s.mean("o", ["g0", "lst"]), StoreError,
-     "key 'lst' holds the wrong type"),
-    ("f", lambda s: s.krum("o", ["g0", "g1", "g2", "g0"], 1), StoreError,
-     "too few inputs for f: Krum needs n > 2f+2 (n=4, f=1)"),
+    ("type", lambda s: s.mean("o", ["g0", "lst"]), StoreError, "key 'lst' holds the wrong type"),
+    (
+        "f",
+        lambda s: s.krum("o", ["g0", "g1", "g2", "g0"], 1),
+        StoreError,
+        "too few inputs for f: Krum needs n > 2f+2 (n=4, f=1)",
+    ),
     ("args", lambda s: s.trimmed_mean("o", ["g0", "g1"], 0.5), StoreError, "BETA must be in"),
-    ("args", lambda s: s.mean("o", ["g0", "g1"], weights=[1.0]), StoreError,
-     "WEIGHTS needs 2 values"),
+    (
+        "args",
+        lambda s: s.mean("o", ["g0", "g1"], weights=[1.0]),
+        StoreError,
+        "WEIGHTS needs 2 values",
+    ),
     ("args", lambda s: s.cclip("o", ["g0"], 0.0), StoreError, "TAU must be positive"),
-    ("args", lambda s: s.sgd("g0", "g1", lr=0.1, momentum=0.9), StoreError,
-     "MOMENTUM needs a BUF"),
-    ("args", lambda s: s.adam("g0", "g1", m="m", v="m", step=1, lr=0.1), StoreError,
-     "must all differ"),
-    ("missing", lambda s: s.adam("g0", "g1", m="m", v="v", step=2, lr=0.1), TensorNotFound,
-     "missing key 'm'"),
-    ("nonfinite", lambda s: s.sgd("g0", "g1", lr=1e39), StoreError,
-     "update produced a non-finite parameter"),
+    ("args", lambda s: s.sgd("g0", "g1", lr=0.1, momentum=0.9), StoreError, "MOMENTUM needs a BUF"),
+    (
+        "args",
+        lambda s: s.adam("g0", "g1", m="m", v="m", step=1, lr=0.1),
+        StoreError,
+        "must all differ",
+    ),
+    (
+        "missing",
+        lambda s: s.adam("g0", "g1", m="m", v="v", step=2, lr=0.1),
+        TensorNotFound,
+        "missing key 'm'",
+    ),
+    (
+        "nonfinite",
+        lambda s: s.sgd("g0", "g1", lr=1e39),
+        StoreError,
+        "update produced a non-finite parameter",
+    ),
     ("missing", lambda s: s.digest("nokey"), TensorNotFound, "missing key"),
 ]
 
 
-@pytest.mark.parametrize(("kind", "call", "exc", "msg"), BAD_CALLS,
-                         ids=[f"{c[0]}{i}" for i, c in enumerate(BAD_CALLS)])
+@pytest.mark.parametrize(
+    ("kind", "call", "exc", "msg"), BAD_CALLS, ids=[f"{c[0]}{i}" for i, c in enumerate(BAD_CALLS)]
+)
 async def test_bad_input_same_error_both_paths(st: TensorStore, kind: str, call, exc, msg) -> None:  # type: ignore[no-untyped-def]
     c = st.client
     await st.put("g0", np.ones(10, np.float32))
@@ -254,8 +281,9 @@ async def test_client_side_input_changed_while_computing(
     X = data(3, 3, 100)
     keys = await load(s, X)
     password = plain_redis.password_file.read_text().strip()
-    meddler = redis.Redis(unix_socket_path=str(plain_redis.socket_path), username="spirt",
-                          password=password)
+    meddler = redis.Redis(
+        unix_socket_path=str(plain_redis.socket_path), username="spirt", password=password
+    )
     real = store_mod._aggregate_torch
 
     def meddling(agg, xs):  # type: ignore[no-untyped-def]

@@ -72,8 +72,11 @@ class RedisTarget:
     credentials: CredentialRef
 
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "username": self.username,
-                "credentials": self.credentials.to_json()}
+        return {
+            "url": self.url,
+            "username": self.username,
+            "credentials": self.credentials.to_json(),
+        }
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,14 @@ class DataSlice:
     uri: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"uri": self.uri, "shard": str(self.shard), "batch_size": self.batch_size,
-                "indices": list(self.indices) if self.indices is not None else None,
-                "seed": self.seed, "slices": self.slices}
+        return {
+            "uri": self.uri,
+            "shard": str(self.shard),
+            "batch_size": self.batch_size,
+            "indices": list(self.indices) if self.indices is not None else None,
+            "seed": self.seed,
+            "slices": self.slices,
+        }
 
 
 @dataclass(frozen=True)
@@ -105,16 +113,39 @@ class GradientEvent:
     task_options: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": VERSION, "job": self.job, "round": self.round, "slice": self.slice,
-                "task": self.task, "task_options": dict(self.task_options),
-                "redis": self.redis.to_json(), "params_key": self.params_key,
-                "data": self.data.to_json(), "output_key": self.output_key,
-                "ttl_seconds": self.ttl_seconds}
+        return {
+            "v": VERSION,
+            "job": self.job,
+            "round": self.round,
+            "slice": self.slice,
+            "task": self.task,
+            "task_options": dict(self.task_options),
+            "redis": self.redis.to_json(),
+            "params_key": self.params_key,
+            "data": self.data.to_json(),
+            "output_key": self.output_key,
+            "ttl_seconds": self.ttl_seconds,
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> GradientEvent:
-        ev = _obj(obj, "event", {"v", "job", "round", "slice", "task", "task_options", "redis",
-                                  "params_key", "data", "output_key", "ttl_seconds"})
+        ev = _obj(
+            obj,
+            "event",
+            {
+                "v",
+                "job",
+                "round",
+                "slice",
+                "task",
+                "task_options",
+                "redis",
+                "params_key",
+                "data",
+                "output_key",
+                "ttl_seconds",
+            },
+        )
         if ev.get("v") != VERSION:
             raise EventError(f"event.v must be {VERSION}, got {ev.get('v')!r}")
         job = _str(ev, "job", _JOB_RE, "event")
@@ -126,11 +157,18 @@ class GradientEvent:
         opts = _task_options(ev.get("task_options", {}))
         redis = _redis(ev.get("redis"))
         data = _data(ev.get("data"), slc)
-        return cls(job=job, round=rnd, slice=slc, task=task, redis=redis,
-                   params_key=_str(ev, "params_key", _KEY_RE, "event"), data=data,
-                   output_key=_str(ev, "output_key", _KEY_RE, "event"),
-                   ttl_seconds=_int(ev, "ttl_seconds", 1, MAX_TTL_S, "event"),
-                   task_options=opts)
+        return cls(
+            job=job,
+            round=rnd,
+            slice=slc,
+            task=task,
+            redis=redis,
+            params_key=_str(ev, "params_key", _KEY_RE, "event"),
+            data=data,
+            output_key=_str(ev, "output_key", _KEY_RE, "event"),
+            ttl_seconds=_int(ev, "ttl_seconds", 1, MAX_TTL_S, "event"),
+            task_options=opts,
+        )
 
 
 def _obj(v: Any, where: str, allowed: set[str]) -> dict[str, Any]:
@@ -175,15 +213,22 @@ def _redis(v: Any) -> RedisTarget:
     user = r.get("username")
     if user is not None and (not isinstance(user, str) or not _USER_RE.match(user)):
         raise EventError("event.redis.username is malformed")
-    c = _obj(r.get("credentials", {"kind": "none"}), "event.redis.credentials",
-             {"kind", "path", "name", "arn"})
+    c = _obj(
+        r.get("credentials", {"kind": "none"}),
+        "event.redis.credentials",
+        {"kind", "path", "name", "arn"},
+    )
     kind = c.get("kind")
     if kind == "none":
         ref = CredentialRef("none")
     elif kind == "file":
         path = c.get("path")
-        if not isinstance(path, str) or not path.startswith("/") or len(path) > 1024 \
-                or "\x00" in path:
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or len(path) > 1024
+            or "\x00" in path
+        ):
             raise EventError("event.redis.credentials.path must be an absolute path")
         ref = CredentialRef("file", path)
     elif kind == "env":

@@ -88,8 +88,10 @@ def _client_for(target: RedisTarget) -> redis.Redis:
             return client
     creds = credentials.resolve(target.credentials, target.username)
     kw: dict[str, Any] = {
-        "username": creds.username, "password": creds.password,
-        "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": 10.0,
+        "username": creds.username,
+        "password": creds.password,
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": 10.0,
     }
     if target.url.startswith("rediss://"):
         kw["ssl_cert_reqs"] = "required"
@@ -122,8 +124,10 @@ def read_params(client: redis.Redis, key: str, expected: int) -> np.ndarray:
     if size == 0:
         raise ParamsError(f"no parameters at {key!r}")
     if size != expected * tensorfmt.DTYPE.itemsize:
-        raise ParamsError(f"parameters at {key!r} have {size} bytes; the task needs "
-                          f"{expected} float32 ({expected * tensorfmt.DTYPE.itemsize} bytes)")
+        raise ParamsError(
+            f"parameters at {key!r} have {size} bytes; the task needs "
+            f"{expected} float32 ({expected * tensorfmt.DTYPE.itemsize} bytes)"
+        )
     dims = tensorfmt.parse_shape(shape, max_elements=expected)
     if dims != (expected,):
         raise ParamsError(f"parameters at {key!r} have shape {dims}; expected ({expected},)")
@@ -158,16 +162,23 @@ def compute(ev: GradientEvent) -> dict[str, Any]:
         params = read_params(client, ev.params_key, task.param_count)
         grad = task.gradient(params, rows_for(ev, task))
         if not (math.isfinite(grad.loss) and np.isfinite(grad.values).all()):
-            raise GradientError(f"non-finite loss or gradient for slice {ev.slice} of round "
-                                f"{ev.round}; the output key was not written")
+            raise GradientError(
+                f"non-finite loss or gradient for slice {ev.slice} of round "
+                f"{ev.round}; the output key was not written"
+            )
         write_gradient(client, ev.output_key, grad.values, ev.ttl_seconds)
     except (redis.AuthenticationError, redis.ConnectionError):
         # A rotated password or a restarted Redis: start clean next time.
         _forget_client(ev.redis)
         raise
     return {
-        "job": ev.job, "round": ev.round, "slice": ev.slice, "output_key": ev.output_key,
-        "loss": grad.loss, "samples": grad.samples, "param_count": int(grad.values.size),
+        "job": ev.job,
+        "round": ev.round,
+        "slice": ev.slice,
+        "output_key": ev.output_key,
+        "loss": grad.loss,
+        "samples": grad.samples,
+        "param_count": int(grad.values.size),
         "duration_ms": (time.perf_counter() - t0) * 1000.0,
     }
 

@@ -43,8 +43,9 @@ _TRANSPORT_ERRORS = (
 class InvocationError(RuntimeError):
     """An invocation failed for good (after any retries)."""
 
-    def __init__(self, error_type: str, message: str, *, retryable: bool = False,
-                 attempts: int = 1) -> None:
+    def __init__(
+        self, error_type: str, message: str, *, retryable: bool = False, attempts: int = 1
+    ) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type
         self.message = message
@@ -180,8 +181,9 @@ class Invoker:
 
     # --- one attempt (runs in a pool thread) ----------------------------------------
     def _call(self, payload: bytes) -> dict[str, Any]:
-        resp = self.client.invoke(FunctionName=self.function_name,
-                                  InvocationType="RequestResponse", Payload=payload)
+        resp = self.client.invoke(
+            FunctionName=self.function_name, InvocationType="RequestResponse", Payload=payload
+        )
         body = resp["Payload"].read(MAX_RESULT_BYTES + 1)
         if len(body) > MAX_RESULT_BYTES:
             raise FunctionError("ResponseTooLarge", "the function's response is too large")
@@ -250,8 +252,9 @@ class Invoker:
                     return await fut
                 return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
             except TimeoutError:
-                raise DeadlineExceeded("DeadlineExceeded", "the invocation's time budget ran "
-                                       "out", attempts=attempt) from None
+                raise DeadlineExceeded(
+                    "DeadlineExceeded", "the invocation's time budget ran out", attempts=attempt
+                ) from None
             except Exception as e:
                 err = self._classify(e)
                 err.attempts = attempt
@@ -259,13 +262,17 @@ class Invoker:
                     raise err from e
             pause = self.retry.delay(attempt - 1, self._rng)
             if deadline is not None and loop.time() + pause >= deadline:
-                raise DeadlineExceeded("DeadlineExceeded", f"no time left to retry after "
-                                       f"{err.error_type}", attempts=attempt) from err
+                raise DeadlineExceeded(
+                    "DeadlineExceeded",
+                    f"no time left to retry after {err.error_type}",
+                    attempts=attempt,
+                ) from err
             self.stats.retries += 1
             await asyncio.sleep(pause)
 
-    async def invoke_round(self, events: Sequence[Any], deadline: float,
-                           min_fraction: float = 1.0) -> RoundResult:
+    async def invoke_round(
+        self, events: Sequence[Any], deadline: float, min_fraction: float = 1.0
+    ) -> RoundResult:
         """Invokes every event at once (within the concurrency limit).
 
         Returns when all have finished or ``deadline`` seconds have passed; slices
@@ -294,7 +301,13 @@ class Invoker:
                 slices.append(t.result())
             else:
                 t.cancel()
-                slices.append(SliceResult(i, None, DeadlineExceeded(
-                    "DeadlineExceeded", "the round's deadline passed"), loop.time() - t0))
+                slices.append(
+                    SliceResult(
+                        i,
+                        None,
+                        DeadlineExceeded("DeadlineExceeded", "the round's deadline passed"),
+                        loop.time() - t0,
+                    )
+                )
         await asyncio.gather(*tasks, return_exceptions=True)
         return RoundResult(slices, min_fraction, loop.time() - t0)

@@ -42,8 +42,11 @@ def handler(event: Any, context: Any) -> Any:
         raise ValueError("the probe event must be a JSON object")
     action = event.get("action", "echo")
     if action == "echo":
-        return {"echo": event.get("value"), "pid": os.getpid(),
-                "request_id": getattr(context, "aws_request_id", None)}
+        return {
+            "echo": event.get("value"),
+            "pid": os.getpid(),
+            "request_id": getattr(context, "aws_request_id", None),
+        }
     if action == "sleep":
         seconds = _number(event, "seconds", MAX_SLEEP_S)
         time.sleep(seconds)

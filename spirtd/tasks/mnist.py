@@ -43,8 +43,12 @@ class MnistTask(Task):
         self.hidden = int_option(opts, "hidden", 128, 1, 8192)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": str(self.path), "model": self.arch,
-                "hidden": self.hidden}
+        return {
+            **super().describe(),
+            "path": str(self.path),
+            "model": self.arch,
+            "hidden": self.hidden,
+        }
 
     def build_model(self) -> nn.Module:
         if self.arch == "cnn":
@@ -75,8 +79,9 @@ class MnistTask(Task):
         images = read_idx(self._find(images_name), max_bytes=_MAX_IMAGES * 28 * 28)
         labels = read_idx(self._find(labels_name), max_bytes=_MAX_IMAGES)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise TaskError(f"mnist: {images_name} must be uint8 N x 28 x 28, "
-                            f"got {images.dtype} {images.shape}")
+            raise TaskError(
+                f"mnist: {images_name} must be uint8 N x 28 x 28, got {images.dtype} {images.shape}"
+            )
         if labels.dtype != np.uint8 or labels.ndim != 1:
             raise TaskError(f"mnist: {labels_name} must be a uint8 vector")
         if labels.shape[0] != images.shape[0]:

@@ -39,8 +39,12 @@ class SyntheticTask(Task):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "samples": self.samples, "features": self.features, "classes": self.classes,
-            "hidden": self.hidden, "depth": self.depth, "data_seed": self.data_seed,
+            "samples": self.samples,
+            "features": self.features,
+            "classes": self.classes,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "data_seed": self.data_seed,
             "noise": self.noise,
         }
 
@@ -65,4 +69,3 @@ class SyntheticTask(Task):
         train_rows, test_rows = fixed_split(self.samples, 0.2, seed=self.data_seed + 1)
         full = Split(tx, ty)
         return full.take(train_rows), full.take(test_rows)
-

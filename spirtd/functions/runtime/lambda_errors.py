@@ -39,33 +39,44 @@ class ServiceError:
         return {"X-Amzn-ErrorType": self.code, "Content-Type": "application/json"}
 
     def body(self) -> bytes:
-        doc: dict[str, str] = {"Type": "User" if self.status < 500 else "Service",
-                               "message": self.message}
+        doc: dict[str, str] = {
+            "Type": "User" if self.status < 500 else "Service",
+            "message": self.message,
+        }
         if self.reason is not None:
             doc["Reason"] = self.reason
         return json.dumps(doc).encode()
 
 
 def not_found(name: str) -> ServiceError:
-    return ServiceError(404, "ResourceNotFoundException",
-                        f"Function not found: arn:aws:lambda:local:000000000000:function:{name}")
+    return ServiceError(
+        404,
+        "ResourceNotFoundException",
+        f"Function not found: arn:aws:lambda:local:000000000000:function:{name}",
+    )
 
 
 def too_large(limit: int) -> ServiceError:
     return ServiceError(
-        413, "RequestTooLargeException",
+        413,
+        "RequestTooLargeException",
         f"Request must be smaller than {limit} bytes for the InvokeFunction operation",
     )
 
 
 def throttled() -> ServiceError:
-    return ServiceError(429, "TooManyRequestsException", "Rate Exceeded.",
-                        reason="ReservedFunctionConcurrentInvocationLimitExceeded")
+    return ServiceError(
+        429,
+        "TooManyRequestsException",
+        "Rate Exceeded.",
+        reason="ReservedFunctionConcurrentInvocationLimitExceeded",
+    )
 
 
 def bad_json(detail: str) -> ServiceError:
-    return ServiceError(400, "InvalidRequestContentException",
-                        f"Could not parse request body into json: {detail}")
+    return ServiceError(
+        400, "InvalidRequestContentException", f"Could not parse request body into json: {detail}"
+    )
 
 
 def bad_parameter(message: str) -> ServiceError:

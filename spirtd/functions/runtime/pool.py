@@ -134,8 +134,11 @@ class FunctionPool:
         if cold:
             self.stats.cold_invocations += 1
         timeout = self.spec.timeout_s
-        header = {"type": "invoke", "id": request_id,
-                  "deadline_ms": int(time.time() * 1000 + timeout * 1000)}
+        header = {
+            "type": "invoke",
+            "id": request_id,
+            "deadline_ms": int(time.time() * 1000 + timeout * 1000),
+        }
         t0 = time.perf_counter()
         try:
             reply, body = await w.call(header, payload, timeout)
@@ -181,5 +184,6 @@ class FunctionPool:
         self._idle.clear()
         # Idle workers exit cleanly on EOF; busy ones would first finish their
         # handler, which may take minutes, so they are killed.
-        await asyncio.gather(*(w.close() for w in idle), *(w.kill() for w in busy),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(w.close() for w in idle), *(w.kill() for w in busy), return_exceptions=True
+        )

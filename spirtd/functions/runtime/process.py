@@ -55,9 +55,15 @@ def _worker_env(spec: FunctionSpec, cfg: RuntimeConfig) -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, function: str, spec: FunctionSpec, proc: asyncio.subprocess.Process,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_frame: int) -> None:
+    def __init__(
+        self,
+        function: str,
+        spec: FunctionSpec,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_frame: int,
+    ) -> None:
         self.function = function
         self.spec = spec
         self.proc = proc
@@ -77,14 +83,26 @@ class WorkerProcess:
         max_frame = cfg.max_response_bytes + _FRAME_SLACK
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "spirtd.functions.runtime.worker",
-                "--fd", str(child.fileno()), "--handler", spec.handler, "--function", function,
-                "--memory-mb", str(spec.memory_mb),
-                "--max-frame", str(max(cfg.max_request_bytes, cfg.max_event_bytes) + _FRAME_SLACK),
-                "--max-response", str(cfg.max_response_bytes),
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                sys.executable,
+                "-m",
+                "spirtd.functions.runtime.worker",
+                "--fd",
+                str(child.fileno()),
+                "--handler",
+                spec.handler,
+                "--function",
+                function,
+                "--memory-mb",
+                str(spec.memory_mb),
+                "--max-frame",
+                str(max(cfg.max_request_bytes, cfg.max_event_bytes) + _FRAME_SLACK),
+                "--max-response",
+                str(cfg.max_response_bytes),
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
                 # Handler prints go to our stderr (Lambda would send them to its logs).
-                stdout=2, env=_worker_env(spec, cfg),
+                stdout=2,
+                env=_worker_env(spec, cfg),
                 # Own session: a Ctrl-C on the daemon's terminal does not hit workers;
                 # stop() ends them. If the daemon dies, they see EOF and exit.
                 start_new_session=True,
@@ -94,10 +112,15 @@ class WorkerProcess:
         reader, writer = await asyncio.open_connection(sock=parent)
         worker = cls(function, spec, proc, reader, writer, max_frame)
         try:
-            hello, _ = await asyncio.wait_for(framing.read_async(reader, max_frame),
-                                              cfg.init_timeout_s)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError,
-                framing.FrameError) as e:
+            hello, _ = await asyncio.wait_for(
+                framing.read_async(reader, max_frame), cfg.init_timeout_s
+            )
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            framing.FrameError,
+        ) as e:
             await worker.kill()
             msg = f"worker for {function} failed to start: {type(e).__name__}"
             raise WorkerInitError("Runtime.InitError", msg) from e
@@ -106,20 +129,24 @@ class WorkerProcess:
             raise
         if hello.get("type") != "ready":
             await worker.kill()
-            raise WorkerInitError(str(hello.get("errorType", "Runtime.InitError")),
-                                  str(hello.get("errorMessage", "worker failed to start")))
+            raise WorkerInitError(
+                str(hello.get("errorType", "Runtime.InitError")),
+                str(hello.get("errorMessage", "worker failed to start")),
+            )
         return worker
 
-    async def call(self, header: dict[str, Any], body: bytes,
-                   timeout: float) -> tuple[dict[str, Any], bytes]:
+    async def call(
+        self, header: dict[str, Any], body: bytes, timeout: float
+    ) -> tuple[dict[str, Any], bytes]:
         """One request/response. Raises TimeoutError (worker left running: the caller
         kills it) or WorkerDied."""
         self.invocations += 1
         try:
             self._writer.write(framing.encode(header, body))
             await self._writer.drain()
-            return await asyncio.wait_for(framing.read_async(self._reader, self._max_frame),
-                                          timeout)
+            return await asyncio.wait_for(
+                framing.read_async(self._reader, self._max_frame), timeout
+            )
         except (asyncio.IncompleteReadError, ConnectionError, framing.FrameError) as e:
             self.alive = False
             code = await self._exit_code()

@@ -59,16 +59,14 @@ class LocalRuntime:
         app.router.add_post(INVOKE_PATH, self._handle_invoke)
         # In-flight requests end within seconds once stop() closes the pools, so
         # the server need not wait aiohttp's default minute for them.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=10.0)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
         try:
             await site.start()
             await asyncio.gather(*(p.prewarm(self.config.prewarm) for p in self.pools.values()))
         except BaseException:
-            await asyncio.gather(*(p.close() for p in self.pools.values()),
-                                 return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
             await runner.cleanup()
             raise
         self._runner = runner
@@ -154,18 +152,27 @@ class LocalRuntime:
         rid = str(uuid.uuid4())
         kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         if kind not in ("RequestResponse", "Event", "DryRun"):
-            return self._error(lambda_errors.bad_parameter(
-                f"Invalid invocation type {kind!r}: use RequestResponse, Event or DryRun"), rid)
+            return self._error(
+                lambda_errors.bad_parameter(
+                    f"Invalid invocation type {kind!r}: use RequestResponse, Event or DryRun"
+                ),
+                rid,
+            )
         limit = self.config.max_event_bytes if kind == "Event" else self.config.max_request_bytes
         body = await self._read_body(request, limit)
         if body is None:
             return self._error(lambda_errors.too_large(limit), rid)
         if self.config.require_signature:
             try:
-                sigv4.verify(self.access_key, method=request.method,
-                             raw_path=request.raw_path.partition("?")[0],
-                             query=request.rel_url.raw_query_string, headers=request.headers,
-                             get_all=request.headers.getall, body=body)
+                sigv4.verify(
+                    self.access_key,
+                    method=request.method,
+                    raw_path=request.raw_path.partition("?")[0],
+                    query=request.rel_url.raw_query_string,
+                    headers=request.headers,
+                    get_all=request.headers.getall,
+                    body=body,
+                )
             except sigv4.SignatureError as e:
                 self.rejected_signatures += 1
                 return self._error(lambda_errors.forbidden(str(e)), rid)
@@ -219,8 +226,12 @@ class LocalRuntime:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
         except TimeoutError:
-            log.warning("async invocation %s of %s dropped: waited longer than %.0f s",
-                        rid, pool.name, self.config.event_max_age_s)
+            log.warning(
+                "async invocation %s of %s dropped: waited longer than %.0f s",
+                rid,
+                pool.name,
+                self.config.event_max_age_s,
+            )
             return
         finally:
             self._events_pending -= 1
@@ -228,7 +239,11 @@ class LocalRuntime:
         try:
             outcome = await pool.invoke(rid, body)
             if outcome.error:
-                log.warning("async invocation %s of %s failed: %s", rid, pool.name,
-                            outcome.body[:500].decode(errors="replace"))
+                log.warning(
+                    "async invocation %s of %s failed: %s",
+                    rid,
+                    pool.name,
+                    outcome.body[:500].decode(errors="replace"),
+                )
         finally:
             self._free_slot()

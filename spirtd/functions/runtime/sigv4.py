@@ -110,17 +110,20 @@ def verify(
         )
     except KeyError:
         raise SignatureError("a signed header is missing from the request") from None
-    canonical = "\n".join([
-        method.upper(),
-        quote(raw_path, safe="/~"),
-        _canonical_query(query),
-        canonical_headers,
-        m["headers"],
-        payload_hash,
-    ])
+    canonical = "\n".join(
+        [
+            method.upper(),
+            quote(raw_path, safe="/~"),
+            _canonical_query(query),
+            canonical_headers,
+            m["headers"],
+            payload_hash,
+        ]
+    )
     scope = f"{m['date']}/{m['region']}/{m['service']}/aws4_request"
     to_sign = "\n".join(
-        [ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        [ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
     k = signing_key(key.secret, m["date"], m["region"], m["service"])
     expected = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, m["sig"]):

@@ -50,8 +50,14 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def run_one(handler: Handler, header: dict[str, Any], body: bytes, function: str,
-            memory_mb: int, max_response: int) -> tuple[dict[str, Any], bytes, bool]:
+def run_one(
+    handler: Handler,
+    header: dict[str, Any],
+    body: bytes,
+    function: str,
+    memory_mb: int,
+    max_response: int,
+) -> tuple[dict[str, Any], bytes, bool]:
     """Runs one invocation. Returns (reply header, reply body, worker must exit)."""
     rid = str(header.get("id", ""))
     ctx = LambdaContext(function, rid, memory_mb, int(header.get("deadline_ms", 0)))
@@ -72,8 +78,10 @@ def run_one(handler: Handler, header: dict[str, Any], body: bytes, function: str
         msg = f"Unable to marshal response: {e}"
         return reply, lambda_errors.function_error(lambda_errors.MARSHAL, msg), False
     if len(out) > max_response:
-        msg = (f"Response payload size ({len(out)} bytes) exceeded maximum allowed payload "
-               f"size ({max_response} bytes).")
+        msg = (
+            f"Response payload size ({len(out)} bytes) exceeded maximum allowed payload "
+            f"size ({max_response} bytes)."
+        )
         return reply, lambda_errors.function_error(lambda_errors.RESPONSE_TOO_LARGE, msg), False
     reply["ok"] = True
     return reply, out, False
@@ -94,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         set_memory_limit(args.memory_mb)
         handler = import_handler(args.handler)
     except Exception as e:
-        sock.sendall(framing.encode({"type": "init_error", "errorType": lambda_errors.IMPORT,
-                                     "errorMessage": f"{type(e).__name__}: {e}"}))
+        sock.sendall(
+            framing.encode(
+                {
+                    "type": "init_error",
+                    "errorType": lambda_errors.IMPORT,
+                    "errorMessage": f"{type(e).__name__}: {e}",
+                }
+            )
+        )
         return 1
-    sock.sendall(framing.encode({"type": "ready", "pid": os.getpid(),
-                                 "init_ms": (time.perf_counter() - t0) * 1000}))
+    sock.sendall(
+        framing.encode(
+            {"type": "ready", "pid": os.getpid(), "init_ms": (time.perf_counter() - t0) * 1000}
+        )
+    )
     while True:
         try:
             header, body = framing.read_sync(sock, args.max_frame)
@@ -106,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if header.get("type") != "invoke":
             return 0
-        reply, out, must_exit = run_one(handler, header, body, args.function,
-                                        args.memory_mb, args.max_response)
+        reply, out, must_exit = run_one(
+            handler, header, body, args.function, args.memory_mb, args.max_response
+        )
         sock.sendall(framing.encode(reply, out))
         if must_exit:
             return 1
