@@ -54,6 +54,20 @@ class InvokeConfig:
 
 
 @dataclass
+class PubSubConfig:
+    """Where received pub/sub bodies are kept ([pubsub] in the config file)."""
+
+    memory_mb: int = 512  # bodies held in memory at once, in total
+    body_memory_max_mb: int = 64  # a larger body goes to a 0600 file instead
+    disk_mb: int = 16384  # bodies in files under DATA_DIR/pubsub, in total
+    retain_s: float = 300.0  # a delivered body is kept this long for peers still pulling it
+    # Body memory faulted in at start-up. A round lands (peers - 1) x gradient
+    # bytes in every node; reserving that keeps the first round off fresh pages
+    # (later rounds reuse the pool's pages either way).
+    reserve_mb: int = 0
+
+
+@dataclass
 class Config:
     data_dir: Path
     listen: str = "127.0.0.1:7946"
@@ -67,6 +81,7 @@ class Config:
     profile: str = "lan"  # membership profile: local | lan | wan
     transport: TransportConfig = field(default_factory=TransportConfig)
     invoke: InvokeConfig = field(default_factory=InvokeConfig)
+    pubsub: PubSubConfig = field(default_factory=PubSubConfig)
 
     def validate(self) -> None:
         parse_hostport(self.listen, "listen")
@@ -82,6 +97,16 @@ class Config:
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         if self.profile not in ("local", "lan", "wan"):
             raise ConfigError(f"profile: must be local, lan or wan, not {self.profile!r}")
+        ps = self.pubsub
+        for name in ("memory_mb", "body_memory_max_mb", "disk_mb", "reserve_mb"):
+            if getattr(ps, name) < 0:
+                raise ConfigError(f"pubsub.{name}: must not be negative")
+        if ps.reserve_mb > ps.memory_mb:
+            raise ConfigError(
+                f"pubsub.reserve_mb: {ps.reserve_mb} exceeds pubsub.memory_mb ({ps.memory_mb})"
+            )
+        if ps.retain_s <= 0:
+            raise ConfigError("pubsub.retain_s: must be positive")
 
 
 def default_data_dir() -> Path:
@@ -114,7 +139,7 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
-        if isinstance(current, (TransportConfig, InvokeConfig)):
+        if isinstance(current, (TransportConfig, InvokeConfig, PubSubConfig)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: must be a table")
             _apply_table(current, value, f"{where}{key}.")

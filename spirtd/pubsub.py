@@ -216,7 +216,9 @@ class PubSub:
         self.node = node
         self.config = config or GossipConfig()
         self.counters = node.counters
-        self.store = BodyStore(node.data.root / "pubsub", limits or StoreLimits())
+        self.store = BodyStore(
+            node.data.root / "pubsub", limits or StoreLimits.from_config(node.config.pubsub)
+        )
         self.m: GossipMachine | None = None  # set in start()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -268,8 +270,7 @@ class PubSub:
         for s in self._staged.values():
             if s.partial is not None:
                 self.store.release_partial(s.partial)
-        for mid in list(self.store.bodies):
-            self.store._evict(mid)
+        self.store.close()
 
     def status(self) -> dict[str, Any]:
         if self.m is None:

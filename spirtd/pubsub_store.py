@@ -1,7 +1,11 @@
 """Where pub/sub bodies live: in memory up to a per-body and a total budget, in
 0600 files under DATA_DIR/pubsub beyond that, for ``retain_s`` and at most
 ``disk_total`` bytes, oldest evicted first. Bodies being received are
-``_Partial``s until their last chunk verifies."""
+``_Partial``s until their last chunk verifies.
+
+In memory, a body of at least a slab goes into slabs of the store's SlabPool
+(recycled pages: see bufpool); a smaller one keeps the pieces it arrived in.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import itertools
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +29,9 @@ from protocol.gossip import (
 from protocol.gossip.transfer import (
     ByteBudget,
 )
+
+from .bufpool import ARENA_BYTES, SlabPool
+from .config import PubSubConfig
 
 if TYPE_CHECKING:
     pass
@@ -42,18 +50,29 @@ class StoreLimits:
     memory_total: int = 512 << 20
     disk_total: int = 16 << 30  # beyond memory_total: 0600 files under DATA_DIR/pubsub
     retain_s: float = 300.0
+    # Body memory faulted in at start-up, so the first round lands in warm pages.
+    memory_reserve: int = 0
+
+    @classmethod
+    def from_config(cls, c: PubSubConfig) -> StoreLimits:
+        mb = 1 << 20
+        return cls(
+            memory_body_max=c.body_memory_max_mb * mb,
+            memory_total=c.memory_mb * mb,
+            disk_total=c.disk_mb * mb,
+            retain_s=c.retain_s,
+            memory_reserve=c.reserve_mb * mb,
+        )
 
 
 class Segments:
-    """A body in memory, held as the pieces it arrived in.
+    """A small body in memory, held as the pieces it arrived in.
 
     Received chunks are already immutable ``bytes`` (fresh from decryption), so we
-    keep views of them instead of copying into one buffer allocated up front.
-    A zero-filled 40 MB bytearray per body made page faults (the kernel zeroing
-    new pages) a third of all CPU in bench.dissemination (perf); and whole pieces
-    go back out when serving without a copy. Writes are sequential; a write
-    before the end (a transfer resumed at the last verified chunk from another
-    source) first cuts the pieces back to that offset."""
+    keep views of them rather than copy; whole pieces go back out when serving
+    without a copy. Writes are sequential; a write before the end (a transfer
+    resumed at the last verified chunk from another source) first cuts the
+    pieces back to that offset."""
 
     __slots__ = ("_ends", "_parts", "size")
 
@@ -104,11 +123,125 @@ class Segments:
     def read(self) -> bytes:
         return b"".join(self.pieces())
 
+    def free(self) -> None:
+        self._parts, self._ends, self.size = [], [], 0
+
+
+class SlabBody:
+    """A large body in memory, copied into slabs of the store's pool.
+
+    Same write contract as Segments (sequential; an earlier offset cuts back).
+    Readers may run on worker threads: ``pieces`` registers its reader before
+    returning, and ``free`` while someone reads only marks the body, the last
+    reader giving the slabs back, so a slab is never reused under a reader."""
+
+    __slots__ = ("_freed", "_lock", "_pool", "_readers", "_slabs", "size")
+
+    def __init__(self, pool: SlabPool) -> None:
+        self._pool = pool
+        self._slabs: list[int] = []
+        self.size = 0
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._freed = False
+
+    def write(self, off: int, data: memoryview) -> None:
+        if off < self.size:
+            self._truncate(off)
+        elif off > self.size:
+            raise ValueError(f"non-sequential write at {off} (have {self.size} bytes)")
+        pool = self._pool
+        sb = pool.slab_bytes
+        view = memoryview(data).cast("B")
+        while len(view):
+            i, o = divmod(self.size, sb)
+            if i == len(self._slabs):
+                sid = pool.take()
+                if sid is None:
+                    raise OSError("body pool exhausted")
+                self._slabs.append(sid)
+            n = min(sb - o, len(view))
+            pool.view(self._slabs[i])[o : o + n] = view[:n]
+            self.size += n
+            view = view[n:]
+
+    def _truncate(self, off: int) -> None:
+        keep = -(-off // self._pool.slab_bytes)
+        for sid in self._slabs[keep:]:
+            self._pool.give(sid)
+        del self._slabs[keep:]
+        self.size = off
+
+    def pieces(self, start: int = 0, step: int = READ_PIECE) -> Iterator[bytes]:
+        with self._lock:
+            if self._freed:
+                raise OSError("body was evicted")
+            self._readers += 1
+        return _SlabReader(self, start, step)
+
+    def read(self) -> bytes:
+        return b"".join(self.pieces())
+
+    def _done_reading(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            release = self._freed and self._readers == 0
+        if release:
+            self._give_all()
+
+    def free(self) -> None:
+        with self._lock:
+            if self._freed:
+                return
+            self._freed = True
+            release = self._readers == 0
+        if release:
+            self._give_all()
+
+    def _give_all(self) -> None:
+        slabs, self._slabs = self._slabs, []
+        for sid in slabs:
+            self._pool.give(sid)
+
+
+class _SlabReader:
+    """Copies a SlabBody out in pieces; unregisters when exhausted, closed or dropped."""
+
+    __slots__ = ("_body", "_pos", "_step")
+
+    def __init__(self, body: SlabBody, start: int, step: int) -> None:
+        self._body: SlabBody | None = body
+        self._pos = start
+        self._step = step
+
+    def __iter__(self) -> _SlabReader:
+        return self
+
+    def __next__(self) -> bytes:
+        body = self._body
+        if body is None or self._pos >= body.size:
+            self.close()
+            raise StopIteration
+        sb = body._pool.slab_bytes
+        i, o = divmod(self._pos, sb)
+        n = min(self._step, sb - o, body.size - self._pos)
+        piece = bytes(body._pool.view(body._slabs[i])[o : o + n])
+        self._pos += n
+        return piece
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            body._done_reading()
+
+    def __del__(self) -> None:
+        self.close()
+
 
 class Body:
     """A verified body held by this node, in memory or in a file."""
 
-    __slots__ = ("_fd", "_mem", "chunk_size", "path", "size", "stored_at", "table")
+    __slots__ = ("_fd", "_mem", "chunk_size", "path", "reserved", "size", "stored_at", "table")
 
     def __init__(
         self,
@@ -116,7 +249,8 @@ class Body:
         chunk_size: int,
         table: bytes,
         *,
-        mem: bytes | Segments | None = None,
+        mem: bytes | Segments | SlabBody | None = None,
+        reserved: int = 0,
         path: Path | None = None,
         fd: int | None = None,
     ) -> None:
@@ -124,6 +258,7 @@ class Body:
         self.chunk_size = chunk_size
         self.table = table
         self._mem = mem
+        self.reserved = reserved  # memory budget held (slabs are whole)
         self.path = path
         self._fd = fd
         self.stored_at = time.monotonic()
@@ -133,9 +268,11 @@ class Body:
         return self._mem is not None
 
     def pieces(self, start: int = 0, step: int = READ_PIECE) -> Iterator[bytes]:
-        if isinstance(self._mem, Segments):
-            yield from self._mem.pieces(start, step)
-            return
+        if isinstance(self._mem, Segments | SlabBody):
+            return self._mem.pieces(start, step)
+        return self._other_pieces(start, step)
+
+    def _other_pieces(self, start: int, step: int) -> Iterator[bytes]:
         if self._mem is not None:
             view = memoryview(self._mem)
             for off in range(start, self.size, step):
@@ -150,13 +287,15 @@ class Body:
 
     def read(self) -> bytes:
         """The whole body (a copy). For large bodies prefer ``pieces``."""
-        if isinstance(self._mem, Segments):
+        if isinstance(self._mem, Segments | SlabBody):
             return self._mem.read()
         if self._mem is not None:
             return bytes(self._mem)
         return b"".join(self.pieces())
 
     def close(self) -> None:
+        if isinstance(self._mem, Segments | SlabBody):
+            self._mem.free()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -174,7 +313,7 @@ class _Partial:
 
     def __init__(self, ann: Announcement) -> None:
         self.ann = ann
-        self.mem: Segments | None = None
+        self.mem: Segments | SlabBody | None = None
         self.path: Path | None = None
         self.fd: int | None = None
         self.reserved = 0
@@ -197,6 +336,8 @@ class BodyStore:
         self.limits = limits
         self.memory = ByteBudget(limits.memory_total)
         self.disk = ByteBudget(limits.disk_total)
+        # Slab use never exceeds the memory budget (reservations are in whole slabs).
+        self.pool = SlabPool(-(-limits.memory_total // ARENA_BYTES) * ARENA_BYTES)
         self.bodies: dict[bytes, Body] = {}
         self._order: deque[bytes] = deque()
         self._names = itertools.count(1)
@@ -206,6 +347,15 @@ class BodyStore:
         # Bodies do not survive a restart (the machine forgets its ids too).
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if self.limits.memory_reserve:
+            t = time.monotonic()
+            got = self.pool.reserve(self.limits.memory_reserve)
+            log.info("body memory: %d MiB faulted in in %.2fs", got >> 20, time.monotonic() - t)
+
+    def close(self) -> None:
+        for mid in list(self.bodies):
+            self._evict(mid)
+        self.pool.close()
 
     def _new_file(self, size: int) -> tuple[Path, int]:
         path = self.root / f"b{os.getpid()}-{next(self._names)}"
@@ -220,10 +370,13 @@ class BodyStore:
 
     def allocate(self, p: _Partial, size: int) -> None:
         """Memory if it fits the per-body and total budgets, else a file."""
-        self.make_room(size)
-        if size <= self.limits.memory_body_max and self.memory.reserve(size):
-            p.mem = Segments()
-            p.reserved = size
+        sb = self.pool.slab_bytes
+        slabbed = size >= sb
+        need = -(-size // sb) * sb if slabbed else size
+        self.make_room(need)
+        if size <= self.limits.memory_body_max and self.memory.reserve(need):
+            p.mem = SlabBody(self.pool) if slabbed else Segments()
+            p.reserved = need
             return
         if not self.disk.reserve(size):
             raise OSError(f"body store full: {size} bytes do not fit in {self.disk.limit}")
@@ -232,6 +385,7 @@ class BodyStore:
     def release_partial(self, p: _Partial) -> None:
         if p.mem is not None:
             self.memory.release(p.reserved)
+            p.mem.free()
         elif p.fd is not None:
             self.disk.release(p.ann.size)
             with contextlib.suppress(OSError):
@@ -241,7 +395,15 @@ class BodyStore:
         p.mem, p.fd, p.path = None, None, None
 
     def commit(self, mid: bytes, p: _Partial, table: bytes) -> Body:
-        body = Body(p.ann.size, p.ann.chunk_size, table, mem=p.mem, path=p.path, fd=p.fd)
+        body = Body(
+            p.ann.size,
+            p.ann.chunk_size,
+            table,
+            mem=p.mem,
+            reserved=p.reserved,
+            path=p.path,
+            fd=p.fd,
+        )
         p.mem, p.fd, p.path = None, None, None  # ownership moves to the Body
         self._add(mid, body)
         return body
@@ -254,7 +416,7 @@ class BodyStore:
         self.make_room(len(data))
         if not self.memory.reserve(len(data)):
             raise OSError("body store memory budget exhausted")
-        body = Body(len(data), chunk_size, table, mem=data)
+        body = Body(len(data), chunk_size, table, mem=data, reserved=len(data))
         self._add(mid, body)
         return body
 
@@ -283,7 +445,7 @@ class BodyStore:
             return
         self.evicted += 1
         if body.in_memory:
-            self.memory.release(body.size)
+            self.memory.release(body.reserved)
         else:
             self.disk.release(body.size)
         body.close()
@@ -294,6 +456,7 @@ class BodyStore:
             "memory_bytes": self.memory.used,
             "disk_bytes": self.disk.used,
             "evicted": self.evicted,
+            "pool": self.pool.status(),
         }
 
 

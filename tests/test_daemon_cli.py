@@ -41,6 +41,19 @@ def test_unknown_config_key_names_the_key(tmp_path):
         load(f, {})
 
 
+def test_pubsub_memory_settings_are_checked(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[pubsub]\nmemory_mb = 256\nreserve_mb = 300\n")
+    with pytest.raises(ConfigError, match="reserve_mb: 300 exceeds pubsub.memory_mb"):
+        load(f, {})
+    f.write_text("[pubsub]\ndisk_mb = -1\n")
+    with pytest.raises(ConfigError, match="pubsub.disk_mb"):
+        load(f, {})
+    f.write_text("[pubsub]\nmemory_mb = 256\nreserve_mb = 64\n")
+    cfg = load(f, {})
+    assert (cfg.pubsub.memory_mb, cfg.pubsub.reserve_mb) == (256, 64)
+
+
 def test_port_in_use_is_one_clear_line(short_tmp):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
