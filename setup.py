@@ -58,8 +58,16 @@ setup(
             # the baseline ISA; the hot kernels also get an AVX2 clone picked at run
             # time (target_clones). -fopenmp-simd only honours `omp simd` loop pragmas
             # (reductions we allow to be reordered); it needs no OpenMP runtime.
-            extra_compile_args=["-O3", "-std=gnu11", "-fvisibility=hidden", "-pthread",
-                                "-fno-strict-aliasing", "-fopenmp-simd", "-Wall", "-Wextra"],
+            extra_compile_args=[
+                "-O3",
+                "-std=gnu11",
+                "-fvisibility=hidden",
+                "-pthread",
+                "-fno-strict-aliasing",
+                "-fopenmp-simd",
+                "-Wall",
+                "-Wextra",
+            ],
             extra_link_args=["-pthread", "-lm"],
         )
     ],
