@@ -178,7 +178,7 @@ class _CountingSink:
         self.got = 0
         self.on_done = on_done
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: memoryview) -> None:
         self.got += len(data)
 
     async def finish(self) -> None:

@@ -38,9 +38,10 @@ class LinkClosed(Exception):
 
 
 class StreamSink(Protocol):
-    """Where an incoming stream's bytes go. Awaiting ``write`` applies backpressure."""
+    """Where an incoming stream's bytes go. Awaiting ``write`` applies backpressure.
+    ``data`` is a view over a buffer of its own, which the sink may keep."""
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: memoryview) -> None: ...
     async def finish(self) -> None: ...
     def abort(self, reason: str) -> None: ...
 
@@ -262,9 +263,11 @@ class Link:
 
     # -- incoming frames -----------------------------------------------------------------
 
-    async def _dispatch(self, kind: FrameKind, stream: int, payload: bytes) -> None:
+    async def _dispatch(self, kind: FrameKind, stream: int, payload: memoryview) -> None:
+        # Stream data goes on as the view (sinks copy or keep it); everything else
+        # is small and handed on as bytes.
         if kind is FrameKind.MESSAGE:
-            self.handler.on_message(self, payload)
+            self.handler.on_message(self, bytes(payload))
         elif kind is FrameKind.STREAM_DATA:
             s = self._in_streams.get(stream)
             if s is None:
@@ -278,7 +281,7 @@ class Link:
         elif kind is FrameKind.PONG:
             pass
         elif kind is FrameKind.STREAM_OPEN:
-            self._open_stream(stream, payload)
+            self._open_stream(stream, bytes(payload))
         elif kind is FrameKind.STREAM_END:
             s = self._in_streams.pop(stream, None)
             if s is None:
@@ -290,9 +293,9 @@ class Link:
         elif kind is FrameKind.STREAM_ABORT:
             s = self._in_streams.pop(stream, None)
             if s is not None:
-                s.sink.abort(payload.decode(errors="replace"))
+                s.sink.abort(bytes(payload).decode(errors="replace"))
         elif kind is FrameKind.CLOSE:
-            raise _PeerClosed(payload.decode(errors="replace")[:100])
+            raise _PeerClosed(bytes(payload).decode(errors="replace")[:100])
 
     def _open_stream(self, stream: int, payload: bytes) -> None:
         if stream in self._in_streams:
@@ -347,7 +350,7 @@ class _InStream:
 
 
 class _Discard:
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: memoryview) -> None:
         return None
 
     async def finish(self) -> None:

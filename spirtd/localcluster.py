@@ -136,11 +136,11 @@ class LocalNode:
     def status(self) -> dict[str, Any]:
         return self.call("GET", "/v1/status")
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 20.0, *, signalled: bool = False) -> int:
         """SIGTERM (graceful leave) and wait; returns the exit code."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not signalled:
             self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout=timeout)
@@ -231,7 +231,7 @@ class LocalCluster:
         codes = []
         for node in self.nodes:
             try:
-                codes.append(node.stop())
+                codes.append(node.stop(signalled=True))
             except NodeError:
                 codes.append(-9)
         return codes

@@ -320,3 +320,9 @@ def main_async(config: Config) -> int:
     except ConfigError as e:
         print(f"spirtd: {e}", file=sys.stderr, flush=True)
         return 78  # EX_CONFIG: systemd will not hammer-restart on a config error
+    finally:
+        # The loop and its handlers are gone but the interpreter still has to wind
+        # down; a repeated SIGTERM (an impatient supervisor) must not turn a clean
+        # shutdown into death by signal.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)

@@ -158,7 +158,7 @@ class _BodySink:
         self.dead = False
         self.received = 0
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: memoryview) -> None:
         if self.dead:
             return
         self.received += len(data)

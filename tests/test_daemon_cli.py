@@ -44,10 +44,10 @@ def test_unknown_config_key_names_the_key(tmp_path):
 def test_pubsub_memory_settings_are_checked(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[pubsub]\nmemory_mb = 256\nreserve_mb = 300\n")
-    with pytest.raises(ConfigError, match="reserve_mb: 300 exceeds pubsub.memory_mb"):
+    with pytest.raises(ConfigError, match=r"reserve_mb: 300 exceeds pubsub\.memory_mb"):
         load(f, {})
     f.write_text("[pubsub]\ndisk_mb = -1\n")
-    with pytest.raises(ConfigError, match="pubsub.disk_mb"):
+    with pytest.raises(ConfigError, match=r"pubsub\.disk_mb"):
         load(f, {})
     f.write_text("[pubsub]\nmemory_mb = 256\nreserve_mb = 64\n")
     cfg = load(f, {})

@@ -76,7 +76,7 @@ def test_rekey_keeps_both_sides_in_step_and_changes_keys():
     seen = set()
     for _ in range(20):
         h, c = a.seal(FrameKind.MESSAGE, b"same")
-        seen.add(c)
+        seen.add(bytes(c))
         assert b.open(h, c).payload == b"same"
     # Same plaintext, different counters and keys: never the same ciphertext.
     assert len(seen) == 20
@@ -108,3 +108,23 @@ def test_header_and_tag_sizes():
     h, c = a.seal(FrameKind.MESSAGE, b"abc")
     assert len(h) == HEADER_SIZE == 17
     assert len(c) == 3 + TAG_SIZE
+
+
+def test_records_interoperate_with_pynacl_public_aead():
+    """Session calls libsodium through PyNaCl's cffi binding; its records must be
+    exactly what PyNaCl's public ChaCha20-Poly1305-IETF functions make and accept."""
+    import nacl.bindings as sodium
+
+    a, b = pair()
+    for size in (0, 1, 1000, 256 * 1024 + 3):
+        msg = os.urandom(size)
+        header, ct = a.seal(FrameKind.STREAM_DATA, memoryview(msg), stream=7)
+        nonce = bytes(4) + header[4:12]  # the counter field
+        assert sodium.crypto_aead_chacha20poly1305_ietf_decrypt(bytes(ct), header, nonce, K1) == msg
+        assert b.open(header, ct).payload == msg
+    c, d = pair()
+    header, _ = c.seal(FrameKind.MESSAGE, b"x")
+    theirs = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(b"x", header, bytes(12), K1)
+    assert d.open(header, theirs).payload == b"x"
+    with pytest.raises(TypeError):  # views handed out are read-only
+        memoryview(a.seal(FrameKind.MESSAGE, b"y")[1])[0] = 0

@@ -32,7 +32,7 @@ class Recorder:
         rec = self
 
         class Sink:
-            async def write(self, data: bytes) -> None:
+            async def write(self, data: memoryview) -> None:
                 rec.stream_bytes += len(data)
 
             async def finish(self) -> None:
