@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.link import link_mbps
+from spirtd import malloc_tuning
 from spirtd.localcluster import LocalCluster, LocalNode, linked_peers, wait_for
 
 MB = 1024 * 1024
@@ -184,6 +185,7 @@ def main() -> None:
         help="skip the extra run of the largest size without reserved body memory",
     )
     a = p.parse_args()
+    malloc_tuning.tune()  # this process is one end of the bench.link samples: run it as spirtd
     sizes = [int(s) for s in a.sizes.split(",") if s]
 
     reserve_mb = a.peers * sum(sizes)  # every payload of the run, held by every node

@@ -3,6 +3,8 @@ protocol.session.Session.
 
 Three tasks per link: a reader (records in → frames → handler), a writer
 (send queue → records out), and a watchdog (keepalives and the idle timeout).
+After the handshake the socket's protocol becomes a records.RecordReader,
+which lands record bodies in place; the reader task decrypts and dispatches.
 Streams move payloads of any size in chunks: the sender waits for queue space,
 the reader waits for the sink, so memory stays at a few chunks per link however
 large the payload.
@@ -24,6 +26,7 @@ from protocol.handshake import HandshakeResult
 from protocol.session import HEADER_SIZE, FrameKind, Session
 
 from .config import TransportConfig
+from .records import ReadClosed, RecordReader
 from .sendqueue import QueueClosed, SendQueue
 
 log = logging.getLogger("spirtd.link")
@@ -93,6 +96,7 @@ class Link:
         self._stream_ids = itertools.count(1)
         self._in_streams: dict[int, _InStream] = {}
         self._tasks: list[asyncio.Task] = []
+        self._rx = RecordReader(session)
 
     def __repr__(self) -> str:
         return f"<Link {self.peer_id[-8:]} {'out' if self.outbound else 'in'} {self.session_id}>"
@@ -100,6 +104,14 @@ class Link:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        tr = self.writer.transport
+        # What the handshake's StreamReader read past the handshake belongs to the
+        # link (a peer may send right after its last handshake message). asyncio
+        # offers no public way to take a reader's buffer without awaiting.
+        buffered = bytes(self.reader._buffer)
+        self.reader._buffer.clear()
+        self._rx.attach(tr, buffered, self.reader.at_eof())  # type: ignore[arg-type]
+        tr.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"link-read-{self.peer_id[-8:]}"),
             asyncio.create_task(self._write_loop(), name=f"link-write-{self.peer_id[-8:]}"),
@@ -199,17 +211,21 @@ class Link:
     # -- tasks ---------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        tr = self.writer.transport
+        write_ok = self._rx.write_ok  # cleared while the socket's send buffer is over the mark
         try:
             while True:
                 kind, stream, payload = await self._queue.get()
+                if tr.is_closing():
+                    raise ConnectionResetError("connection closed")
                 header, ct = self.session.seal(kind, payload, stream)
-                self.writer.writelines((header, ct))
+                tr.writelines((header, ct))
                 self.bytes_out += HEADER_SIZE + len(ct)
                 self.last_tx = time.monotonic()
-                if self.writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                if not write_ok.is_set():
                     # A peer that stops reading must not pin us forever.
                     async with asyncio.timeout(self.config.idle_timeout_s):
-                        await self.writer.drain()
+                        await write_ok.wait()
         except QueueClosed:
             pass
         except TimeoutError:
@@ -218,22 +234,20 @@ class Link:
             self._fail("connection_lost", str(e))
 
     async def _read_loop(self) -> None:
-        reader = self.reader
+        rx = self._rx
         session = self.session
         try:
             while True:
-                header = await reader.readexactly(HEADER_SIZE)
-                n = session.check_header(header)
-                body = await reader.readexactly(n)
+                header, body = await rx.next_record()
                 frame = session.open(header, body)
                 self.last_rx = time.monotonic()
-                self.bytes_in += HEADER_SIZE + n
+                self.bytes_in += HEADER_SIZE + len(body)
                 await self._dispatch(frame.kind, frame.stream, frame.payload)
         except SessionError as e:
             self.counters[f"session.{e.reason}"] += 1
             self._fail(e.reason, e.detail)
-        except asyncio.IncompleteReadError:
-            self._fail("connection_lost", "peer closed the connection", quiet=True)
+        except ReadClosed as e:
+            self._fail("connection_lost", str(e), quiet=True)
         except (ConnectionError, OSError) as e:
             self._fail("connection_lost", str(e), quiet=True)
         except _PeerClosed as e:

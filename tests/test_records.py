@@ -1,0 +1,117 @@
+"""records.RecordReader on real loopback sockets: records cut correctly from any
+segmentation (including bytes buffered before the switch from the handshake's
+StreamReader), memory bounded when nobody consumes, errors after good records."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+
+from protocol.errors import SessionError
+from protocol.session import FrameKind, Session
+from spirtd.records import QUEUE_HIGH, ReadClosed, RecordReader
+
+KEY = os.urandom(32)
+
+
+async def connected() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter]:
+    """(reader, writer) of our side and the raw writer of the peer's side."""
+    peer: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+    async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        peer.set_result(w)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    theirs = await asyncio.wait_for(peer, 5)
+    server.close()
+    return reader, writer, theirs
+
+
+def records(sizes: list[int]) -> tuple[bytes, list[bytes]]:
+    tx = Session(KEY, KEY)
+    wire, plain = bytearray(), []
+    for n in sizes:
+        p = os.urandom(n)
+        h, c = tx.seal(FrameKind.STREAM_DATA, p, stream=1)
+        wire += h + c
+        plain.append(p)
+    return bytes(wire), plain
+
+
+async def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> RecordReader:
+    rx = RecordReader(Session(KEY, KEY))
+    buffered = bytes(reader._buffer)
+    reader._buffer.clear()
+    rx.attach(writer.transport, buffered, reader.at_eof())  # type: ignore[arg-type]
+    return rx
+
+
+async def test_in_order_records_from_a_fresh_switch() -> None:
+    reader, writer, peer = await connected()
+    sizes = [0, 1, 17, 100, 5000, 16 * 1024, 16 * 1024 + 1, 256 * 1024, 1 << 20] * 3
+    random.Random(1).shuffle(sizes)
+    wire, plain = records(sizes)
+    hello = b"handshake-done"
+    peer.write(hello + wire[:3000])  # records right behind the last handshake bytes
+    await peer.drain()
+    assert await reader.readexactly(len(hello)) == hello
+    await asyncio.sleep(0.05)
+    rx = await take_over(reader, writer)
+    rng = random.Random(2)
+    pos = 3000
+    while pos < len(wire):
+        n = rng.choice([1, 7, 100, 4096, 70_000, 300_000])
+        peer.write(wire[pos : pos + n])
+        pos += n
+        if rng.random() < 0.3:
+            await peer.drain()
+    rx_session = Session(KEY, KEY)
+    for p in plain:
+        header, body = await asyncio.wait_for(rx.next_record(), 10)
+        assert rx_session.open(header, body).payload == p
+    peer.close()
+    with pytest.raises(ReadClosed):
+        await asyncio.wait_for(rx.next_record(), 10)
+    writer.close()
+
+
+async def test_unread_records_stop_the_socket_within_the_bound() -> None:
+    reader, writer, peer = await connected()
+    rx = await take_over(reader, writer)
+    wire, plain = records([256 * 1024] * 64)  # 16 MiB that nobody consumes yet
+    peer.write(wire)
+    await asyncio.sleep(0.5)
+    # Reading stopped at the high mark: queued bytes stay within it plus one record,
+    # and the rest waits in the kernel and in the sender's buffer.
+    assert 0 < rx._queued <= QUEUE_HIGH + 256 * 1024 + 16
+    assert peer.transport.get_write_buffer_size() > 0
+    rx_session = Session(KEY, KEY)
+    for p in plain:  # consuming resumes the socket until everything is through
+        header, body = await asyncio.wait_for(rx.next_record(), 10)
+        assert rx_session.open(header, body).payload == p
+        assert rx._queued <= QUEUE_HIGH + 256 * 1024 + 16
+    peer.close()
+    writer.close()
+
+
+async def test_an_oversized_header_fails_after_the_good_records() -> None:
+    reader, writer, peer = await connected()
+    rx = await take_over(reader, writer)
+    wire, plain = records([10, 20])
+    bogus = bytearray(wire[:17])
+    bogus[0:4] = (64 << 20).to_bytes(4, "big")  # claims 64 MiB: refused before allocating
+    peer.write(wire + bytes(bogus) + b"x" * 100)
+    rx_session = Session(KEY, KEY)
+    for p in plain:
+        header, body = await asyncio.wait_for(rx.next_record(), 10)
+        assert rx_session.open(header, body).payload == p
+    with pytest.raises(SessionError) as e:
+        await asyncio.wait_for(rx.next_record(), 10)
+    assert e.value.reason == "oversized_frame"
+    peer.close()
+    writer.close()
