@@ -18,6 +18,16 @@ MMAP_THRESHOLD = 4 << 20  # blocks under this come from the heap
 TRIM_THRESHOLD = 128 << 20  # the heap shrinks only when this much is free at its top
 
 
+def prewarm_heap(nbytes: int, piece: int = 256 * 1024) -> None:
+    """Touches ``nbytes`` of heap in record-sized blocks and frees them. With the
+    trim threshold above, the pages stay with the process, so the first burst of
+    record buffers reuses them instead of faulting in fresh ones."""
+    if nbytes > TRIM_THRESHOLD:
+        raise ValueError(f"cannot keep more than {TRIM_THRESHOLD} bytes warm")
+    blocks = [bytearray(piece) for _ in range(nbytes // piece)]  # bytearray(n) writes every page
+    del blocks
+
+
 def tune() -> bool:
     """Applies the thresholds if the C library is glibc; returns whether it did."""
     name = ctypes.util.find_library("c")

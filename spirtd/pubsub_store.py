@@ -30,6 +30,7 @@ from protocol.gossip.transfer import (
     ByteBudget,
 )
 
+from . import malloc_tuning
 from .bufpool import ARENA_BYTES, SlabPool
 from .config import PubSubConfig
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("spirtd.pubsub")
 
 READ_PIECE = 256 * 1024
+# Record buffers in flight while bodies move, from the C heap: per link up to a
+# 1 MiB receive queue, 2 MiB of queued chunks and a 1 MiB socket write buffer.
+# With reserve set, this much heap is touched at start-up too (see reset).
+HEAP_WORKING_SET = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +355,7 @@ class BodyStore:
         if self.limits.memory_reserve:
             t = time.monotonic()
             got = self.pool.reserve(self.limits.memory_reserve)
+            malloc_tuning.prewarm_heap(HEAP_WORKING_SET)
             log.info("body memory: %d MiB faulted in in %.2fs", got >> 20, time.monotonic() - t)
 
     def close(self) -> None:
