@@ -9,6 +9,8 @@ import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import SessionError
 from protocol.session import FrameKind, Session
@@ -115,3 +117,34 @@ async def test_an_oversized_header_fails_after_the_good_records() -> None:
     assert e.value.reason == "oversized_frame"
     peer.close()
     writer.close()
+
+
+def feed_like_the_loop(rx: RecordReader, wire: bytes, cuts: list[int]) -> None:
+    """Drives get_buffer/buffer_updated as an event loop would, the kernel
+    handing over at most ``cut`` bytes per read."""
+    pos, i = 0, 0
+    while pos < len(wire):
+        buf = rx.get_buffer(-1)
+        n = min(len(buf), cuts[i % len(cuts)], len(wire) - pos)
+        buf[:n] = wire[pos : pos + n]
+        rx.buffer_updated(n)
+        pos += n
+        i += 1
+
+
+SIZES = [0, 1, 16, 17, 500, 16 * 1024 - 1, 16 * 1024 + 17, 40_000]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from(SIZES), max_size=12),
+    cuts=st.lists(st.integers(1, 70_000), min_size=1, max_size=8),
+)
+def test_framing_holds_for_any_read_sizes(sizes: list[int], cuts: list[int]) -> None:
+    wire, plain = records(sizes)
+    rx = RecordReader(Session(KEY, KEY))
+    feed_like_the_loop(rx, wire, cuts)
+    opener = Session(KEY, KEY)
+    got = [opener.open(h, b).payload for h, b in rx._records]
+    assert got == plain
+    assert rx._queued == sum(len(b) for _, b in rx._records)
