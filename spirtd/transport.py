@@ -33,11 +33,10 @@ from .link import Link, LinkHandler
 log = logging.getLogger("spirtd.transport")
 
 _LEN = struct.Struct(">I")
-# The stream reader pauses the socket once it buffers 2x this. It must hold a
-# whole record, or every large record costs a pause/resume cycle (bench.link
-# measured 64 KiB records at a third of the speed with a 128 KiB limit); at
-# 512 KiB a link buffers at most 1 MiB, four 256 KiB chunks.
-_READ_LIMIT = 1 << 19
+# The StreamReader carries only the handshake (messages of at most 4 KiB);
+# after it, records.RecordReader owns the socket. The reader pauses the socket
+# at 2x this, which bounds what a peer can push ahead of the switch.
+_READ_LIMIT = 1 << 16
 
 
 class DialError(Exception):
