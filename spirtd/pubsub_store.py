@@ -354,9 +354,22 @@ class BodyStore:
         self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
         if self.limits.memory_reserve:
             t = time.monotonic()
-            got = self.pool.reserve(self.limits.memory_reserve)
-            malloc_tuning.prewarm_heap(HEAP_WORKING_SET)
-            log.info("body memory: %d MiB faulted in in %.2fs", got >> 20, time.monotonic() - t)
+            try:
+                self.pool.reserve(self.limits.memory_reserve)
+                malloc_tuning.prewarm_heap(HEAP_WORKING_SET)
+            except OSError as e:  # the reserve only saves time: run without the rest
+                log.warning(
+                    "body memory: reserved %d of %d MiB (%s); the rest is faulted in on use",
+                    self.pool.capacity >> 20,
+                    self.limits.memory_reserve >> 20,
+                    e,
+                )
+            else:
+                log.info(
+                    "body memory: %d MiB faulted in in %.2fs",
+                    self.pool.capacity >> 20,
+                    time.monotonic() - t,
+                )
 
     def close(self) -> None:
         for mid in list(self.bodies):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +150,30 @@ def test_readers_on_threads_and_eviction_do_not_race() -> None:
         scribble.free()
     assert not errors
     assert p.in_use == 0
+
+
+CHILD = """
+import logging, resource, sys, tempfile
+from pathlib import Path
+from spirtd.pubsub_store import BodyStore, StoreLimits
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+vm = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize")][0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (96 << 20), vm + (96 << 20)))
+store = BodyStore(Path(tempfile.mkdtemp()) / "b", StoreLimits(memory_reserve=512 << 20))
+store.reset()
+print("capacity", store.pool.capacity >> 20)
+"""
+
+
+def test_a_reserve_the_machine_cannot_give_is_logged_not_fatal() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "body memory: reserved" in out.stdout and "of 512 MiB" in out.stdout
+    capacity = int(out.stdout.split("capacity")[1])
+    assert 0 < capacity < 512
