@@ -27,6 +27,10 @@ SLAB_BYTES = 1 << 20
 ARENA_BYTES = 16 << 20
 
 
+def round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
 class SlabPool:
     def __init__(
         self, limit: int, *, slab_bytes: int = SLAB_BYTES, arena_bytes: int = ARENA_BYTES

@@ -105,12 +105,7 @@ class Link:
 
     def start(self) -> None:
         tr = self.writer.transport
-        # What the handshake's StreamReader read past the handshake belongs to the
-        # link (a peer may send right after its last handshake message). asyncio
-        # offers no public way to take a reader's buffer without awaiting.
-        buffered = bytes(self.reader._buffer)
-        self.reader._buffer.clear()
-        self._rx.attach(tr, buffered, self.reader.at_eof())  # type: ignore[arg-type]
+        self._rx.take_over(self.reader, tr)  # type: ignore[arg-type]
         tr.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"link-read-{self.peer_id[-8:]}"),

@@ -31,7 +31,7 @@ from protocol.gossip.transfer import (
 )
 
 from . import malloc_tuning
-from .bufpool import ARENA_BYTES, SlabPool
+from .bufpool import ARENA_BYTES, SlabPool, round_up
 from .config import PubSubConfig
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class SlabBody:
             view = view[n:]
 
     def _truncate(self, off: int) -> None:
-        keep = -(-off // self._pool.slab_bytes)
+        keep = round_up(off, self._pool.slab_bytes) // self._pool.slab_bytes
         for sid in self._slabs[keep:]:
             self._pool.give(sid)
         del self._slabs[keep:]
@@ -186,6 +186,13 @@ class SlabBody:
 
     def read(self) -> bytes:
         return b"".join(self.pieces())
+
+    def _piece(self, pos: int, step: int) -> bytes:
+        """A copy of up to ``step`` bytes at ``pos``, within one slab."""
+        sb = self._pool.slab_bytes
+        i, o = divmod(pos, sb)
+        n = min(step, sb - o, self.size - pos)
+        return bytes(self._pool.view(self._slabs[i])[o : o + n])
 
     def _done_reading(self) -> None:
         with self._lock:
@@ -227,11 +234,8 @@ class _SlabReader:
         if body is None or self._pos >= body.size:
             self.close()
             raise StopIteration
-        sb = body._pool.slab_bytes
-        i, o = divmod(self._pos, sb)
-        n = min(self._step, sb - o, body.size - self._pos)
-        piece = bytes(body._pool.view(body._slabs[i])[o : o + n])
-        self._pos += n
+        piece = body._piece(self._pos, self._step)
+        self._pos += len(piece)
         return piece
 
     def close(self) -> None:
@@ -342,7 +346,7 @@ class BodyStore:
         self.memory = ByteBudget(limits.memory_total)
         self.disk = ByteBudget(limits.disk_total)
         # Slab use never exceeds the memory budget (reservations are in whole slabs).
-        self.pool = SlabPool(-(-limits.memory_total // ARENA_BYTES) * ARENA_BYTES)
+        self.pool = SlabPool(round_up(limits.memory_total, ARENA_BYTES))
         self.bodies: dict[bytes, Body] = {}
         self._order: deque[bytes] = deque()
         self._names = itertools.count(1)
@@ -391,7 +395,7 @@ class BodyStore:
         """Memory if it fits the per-body and total budgets, else a file."""
         sb = self.pool.slab_bytes
         slabbed = size >= sb
-        need = -(-size // sb) * sb if slabbed else size
+        need = round_up(size, sb) if slabbed else size
         self.make_room(need)
         if size <= self.limits.memory_body_max and self.memory.reserve(need):
             p.mem = SlabBody(self.pool) if slabbed else Segments()

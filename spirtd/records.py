@@ -51,10 +51,17 @@ class RecordReader(asyncio.BufferedProtocol):
 
     # -- set-up ------------------------------------------------------------------------
 
-    def attach(self, transport: asyncio.Transport, already_read: bytes, at_eof: bool) -> None:
-        """Takes over ``transport`` from the stream protocol that carried the
-        handshake: ``already_read`` is what that protocol had buffered past it,
-        ``at_eof`` whether it had seen the peer close."""
+    def take_over(self, reader: asyncio.StreamReader, transport: asyncio.Transport) -> None:
+        """Takes over ``transport`` from the StreamReader that carried the handshake.
+
+        What that reader buffered past the handshake belongs to us (a peer may
+        send right after its last handshake message); asyncio offers no public
+        way to take a reader's buffer without awaiting, hence ``_buffer``."""
+        buffered = bytes(reader._buffer)  # type: ignore[attr-defined]
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        self._attach(transport, buffered, reader.at_eof())
+
+    def _attach(self, transport: asyncio.Transport, already_read: bytes, at_eof: bool) -> None:
         self._transport = transport
         if transport.is_closing():
             self._fail(ReadClosed("connection closed during the handshake"))

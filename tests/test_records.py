@@ -47,9 +47,7 @@ def records(sizes: list[int]) -> tuple[bytes, list[bytes]]:
 
 async def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> RecordReader:
     rx = RecordReader(Session(KEY, KEY))
-    buffered = bytes(reader._buffer)
-    reader._buffer.clear()
-    rx.attach(writer.transport, buffered, reader.at_eof())  # type: ignore[arg-type]
+    rx.take_over(reader, writer.transport)  # type: ignore[arg-type]
     return rx
 
 
