@@ -3,7 +3,7 @@
 The module is a plain shared object that exports RedisModule_OnLoad; it is not a
 Python extension and Python never imports it. We let setuptools compile it only
 because that makes `pip install .` (and editable installs) build it with no
-separate step. spirtd finds the file with `spirtd.native.module_path()`.
+separate step. spirtd finds the file with `spirtd.redis.module.module_path()`.
 """
 
 import os
@@ -55,11 +55,14 @@ setup(
                 "native/scratch.h",
             ],
             # Portable build: no -march=native in what ships. -O3 auto-vectorises for
-            # the baseline ISA; the hot kernels also get an AVX2 clone picked at run
-            # time (target_clones). -fopenmp-simd only honours `omp simd` loop pragmas
-            # (reductions we allow to be reordered); it needs no OpenMP runtime.
+            # the baseline ISA; the kernels (kernels.c) are also compiled for AVX2, and
+            # the set is picked at load (module argument ISA). -fopenmp-simd only
+            # honours `omp simd` loop pragmas; it needs no OpenMP runtime.
+            # -ffp-contract=off: no fused multiply-add anywhere, so every ISA and every
+            # code path rounds the same way (results are bit-identical; native/README.md).
             extra_compile_args=[
                 "-O3",
+                "-ffp-contract=off",
                 "-std=gnu11",
                 "-fvisibility=hidden",
                 "-pthread",

@@ -42,9 +42,9 @@ import redis.asyncio as aioredis
 import torch
 
 from bench._util import abest_of, best_of, emit, machine, table
-from spirtd import tensorfmt
-from spirtd.redisproc import ManagedRedis
-from spirtd.store import TensorStore
+from spirtd.redis import tensorfmt
+from spirtd.redis.process import ManagedRedis
+from spirtd.redis.store import TensorStore
 
 KS = (4, 8, 16)
 SIZES = (1_000_000, 10_000_000)

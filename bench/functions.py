@@ -40,14 +40,14 @@ from typing import Any
 
 import torch
 
-from spirtd import tensorfmt
 from spirtd.functions import gradient
 from spirtd.functions.event import CredentialRef, DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.context import local_context
 from spirtd.functions.runtime.server import LocalRuntime
-from spirtd.redisproc import ManagedRedis
+from spirtd.redis import tensorfmt
+from spirtd.redis.process import ManagedRedis
 from spirtd.tasks import Shard, load_task
 
 SMALL: dict[str, Any] = {}

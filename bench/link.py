@@ -166,7 +166,7 @@ async def ws_mbps(total: int, chunk: int) -> float:
 def _transport(seed: bytes, peer_pub: bytes, handler, chunk: int):
     from protocol.identity import NodeKey, TrustStore
     from spirtd.config import TransportConfig
-    from spirtd.transport import Transport
+    from spirtd.net.transport import Transport
 
     key = NodeKey(seed)
     trust = TrustStore("bench", allowlist={peer_pub})

@@ -23,4 +23,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-.venv/bin/python -c 'import spirtd.native as n; print("setup: redis module built at", n.module_path())'
+.venv/bin/python -c 'import spirtd.redis.module as n; print("setup: redis module built at", n.module_path())'

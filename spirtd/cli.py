@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__, logs, malloc_tuning
-from .config import ConfigError, load
-from .keyfiles import KeyFileError
+from spirtd import __version__, logs, malloc_tuning
+from spirtd.config import ConfigError, load
+from spirtd.keyfiles import KeyFileError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     logs.setup(config.log_format, config.log_level)
     malloc_tuning.tune()
-    from .node import main_async
+    from spirtd.node import main_async
 
     try:
         return main_async(config)

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .ctl import render_status
-from .localcluster import LocalCluster, NodeError, all_see, wait_for
+from spirtd.control.ctl import render_status
+from spirtd.localcluster import LocalCluster, NodeError, all_see, wait_for
 
 
 def main(argv: list[str] | None = None) -> int:

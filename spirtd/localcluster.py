@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import ctl
-from .keyfiles import CaDir, DataDir
+from spirtd.control import ctl
+from spirtd.keyfiles import CaDir, DataDir
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """The node: one spirtd process. It owns the identity, the transport, the
-control API and (as they land) membership, gossip, the store and the trainer,
-and routes envelopes between the transport and the protocol machines."""
+control API and the services, and routes envelopes and streams between the
+transport and the services. It implements ``spirtd.nodeapi.NodeApi``, the only
+view of it that services get."""
 
 from __future__ import annotations
 
@@ -13,26 +14,20 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
-from protocol.wire import Envelope, MsgType
-
-from . import __version__, services
-from .api import ApiServer
-from .config import Config, ConfigError
-from .keyfiles import DataDir, load_or_create_key
-from .link import Link, StreamSink
-from .transport import Transport
+from protocol.wire import MsgType
+from spirtd import __version__, services
+from spirtd.config import Config, ConfigError
+from spirtd.control.api import ApiServer
+from spirtd.keyfiles import DataDir, load_or_create_key
+from spirtd.net.link import Link, StreamSink
+from spirtd.net.transport import Transport
+from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
 
 log = logging.getLogger("spirtd.node")
-
-EnvelopeHandler = Callable[[Link, Envelope], None]
-# (link, total size, kind-specific header) -> a sink, or None to refuse the stream.
-StreamHandler = Callable[[Link, int, bytes], StreamSink | None]
-LinkListener = Callable[[Link, bool], None]  # (link, up)
 
 _STREAM_META_LIMITS = strictpack.Limits(max_size=4096, max_depth=2, max_items=4, max_str=64)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import NodeApi
 
 
 class Service(Protocol):
@@ -25,10 +25,10 @@ class Service(Protocol):
         ...
 
 
-def build(node: Node) -> list[Service]:
-    from .functions_service import FunctionsService
-    from .membership_service import MembershipService
-    from .pubsub import PubSub
-    from .redis_service import RedisService
+def build(node: NodeApi) -> list[Service]:
+    from spirtd.functions.service import FunctionsService
+    from spirtd.membership.service import MembershipService
+    from spirtd.pubsub.service import PubSub
+    from spirtd.redis.service import RedisService
 
     return [RedisService(node), FunctionsService(node), MembershipService(node), PubSub(node)]

@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from spirtd.native import ModuleNotBuilt, module_path
-from spirtd.redisproc import ManagedRedis
+from spirtd.redis.module import ModuleNotBuilt, module_path
+from spirtd.redis.process import ManagedRedis
 
 
 @dataclass

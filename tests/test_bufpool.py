@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spirtd.bufpool import SlabPool
-from spirtd.pubsub_store import SlabBody
+from spirtd.pubsub.bufpool import SlabPool
+from spirtd.pubsub.store import SlabBody
 
 SLAB = 4096
 ARENA = 4 * SLAB
@@ -155,7 +155,7 @@ def test_readers_on_threads_and_eviction_do_not_race() -> None:
 CHILD = """
 import logging, resource, sys, tempfile
 from pathlib import Path
-from spirtd.pubsub_store import BodyStore, StoreLimits
+from spirtd.pubsub.store import BodyStore, StoreLimits
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 vm = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize")][0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (96 << 20), vm + (96 << 20)))

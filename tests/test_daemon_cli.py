@@ -100,19 +100,19 @@ def test_new_identity_first_lines_and_sigterm_exit_0(short_tmp):
 
 def test_spirtctl_exit_codes(short_tmp):
     # 3: unreachable, naming the socket.
-    r = run("-m", "spirtd.ctl", "status", "--data-dir", str(short_tmp / "none"))
+    r = run("-m", "spirtd.control.ctl", "status", "--data-dir", str(short_tmp / "none"))
     assert r.returncode == 3 and "api.sock" in r.stderr
     # 2: usage.
-    assert run("-m", "spirtd.ctl", "frobnicate").returncode == 2
+    assert run("-m", "spirtd.control.ctl", "frobnicate").returncode == 2
     n = LocalNode(short_tmp / "n").start()
     try:
-        r = run("-m", "spirtd.ctl", "status", "--json", "--data-dir", str(n.data_dir))
+        r = run("-m", "spirtd.control.ctl", "status", "--json", "--data-dir", str(n.data_dir))
         assert r.returncode == 0
         s = json.loads(r.stdout)
         assert s["node_id"] == n.node_id
-        r = run("-m", "spirtd.ctl", "peers", "--data-dir", str(n.data_dir))
+        r = run("-m", "spirtd.control.ctl", "peers", "--data-dir", str(n.data_dir))
         assert r.returncode == 0 and n.node_id in r.stdout and "STATE" in r.stdout
-        r = run("-m", "spirtd.ctl", "metrics", "--data-dir", str(n.data_dir))
+        r = run("-m", "spirtd.control.ctl", "metrics", "--data-dir", str(n.data_dir))
         assert r.returncode == 0 and 'spirt_members{state="alive"} 1' in r.stdout
     finally:
         n.stop()
@@ -120,12 +120,12 @@ def test_spirtctl_exit_codes(short_tmp):
 
 def test_ca_and_trust_commands(short_tmp):
     ca = str(short_tmp / "ca")
-    assert run("-m", "spirtd.ctl", "ca", "init", "--ca-dir", ca).returncode == 0
-    r = run("-m", "spirtd.ctl", "ca", "init", "--ca-dir", ca)
+    assert run("-m", "spirtd.control.ctl", "ca", "init", "--ca-dir", ca).returncode == 0
+    r = run("-m", "spirtd.control.ctl", "ca", "init", "--ca-dir", ca)
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run(
         "-m",
-        "spirtd.ctl",
+        "spirtd.control.ctl",
         "ca",
         "enroll",
         "--ca-dir",
@@ -136,14 +136,14 @@ def test_ca_and_trust_commands(short_tmp):
     )
     assert r.returncode == 0
     pub = json.loads(r.stdout)["public_key"]
-    r = run("-m", "spirtd.ctl", "ca", "sign", "--ca-dir", ca, pub)
+    r = run("-m", "spirtd.control.ctl", "ca", "sign", "--ca-dir", ca, pub)
     assert r.returncode == 0 and len(bytes.fromhex(r.stdout.strip())) > 100
-    r = run("-m", "spirtd.ctl", "ca", "revoke", "--ca-dir", ca, pub, "--json")
+    r = run("-m", "spirtd.control.ctl", "ca", "revoke", "--ca-dir", ca, pub, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["crl_version"] == 2
-    r = run("-m", "spirtd.ctl", "trust", "--data-dir", str(short_tmp / "m"), pub, "--json")
+    r = run("-m", "spirtd.control.ctl", "trust", "--data-dir", str(short_tmp / "m"), pub, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["added"] is True
     assert pub in (short_tmp / "m" / "trust" / "allowlist").read_text()
-    r = run("-m", "spirtd.ctl", "trust", "--data-dir", str(short_tmp / "m"), "zz")
+    r = run("-m", "spirtd.control.ctl", "trust", "--data-dir", str(short_tmp / "m"), "zz")
     assert r.returncode == 2 and "not a public key" in r.stderr
 
 
@@ -155,7 +155,7 @@ def test_spirtctl_pubsub_round_trip(make_cluster, short_tmp):
     wait_for(lambda: all_see(c.nodes, {a.node_id: "alive", b.node_id: "alive"}), 30, "cluster")
 
     def ctl(node, *args: str) -> subprocess.CompletedProcess[str]:
-        return run("-m", "spirtd.ctl", "pubsub", *args, "--data-dir", str(node.data_dir))
+        return run("-m", "spirtd.control.ctl", "pubsub", *args, "--data-dir", str(node.data_dir))
 
     assert ctl(b, "subscribe", "--topic", "t").returncode == 0
     payload = short_tmp / "payload"

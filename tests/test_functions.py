@@ -14,7 +14,6 @@ import redis
 import torch
 from torch import nn
 
-from spirtd import tensorfmt
 from spirtd.functions import gradient
 from spirtd.functions.credentials import CredentialError
 from spirtd.functions.event import (
@@ -25,6 +24,7 @@ from spirtd.functions.event import (
     RedisTarget,
 )
 from spirtd.functions.runtime.context import local_context
+from spirtd.redis import tensorfmt
 from spirtd.tasks import Shard, TaskError, load_task, minibatch_slice
 from tests.fixtures_redis import RunningRedis
 

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from spirtd import tensorfmt
 from spirtd.functions.invoker import FunctionError, Invoker
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime
+from spirtd.redis import tensorfmt
 from spirtd.tasks import load_task, minibatch_slice
 from tests.fixtures_redis import RunningRedis
 from tests.test_functions import get_tensor, make_event, put_params, reference_gradient

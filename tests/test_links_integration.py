@@ -150,7 +150,15 @@ def test_random_frames_and_half_open_connections_do_not_hurt(make_cluster):
 
     # The daemon still answers spirtctl (the real CLI, as a process).
     out = subprocess.run(
-        [sys.executable, "-m", "spirtd.ctl", "status", "--json", "--data-dir", str(a.data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "spirtd.control.ctl",
+            "status",
+            "--json",
+            "--data-dir",
+            str(a.data_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

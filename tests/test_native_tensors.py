@@ -1,4 +1,4 @@
-"""SPIRT.PUT / GET / NORM / DIGEST and their agreement with spirtd.tensorfmt."""
+"""SPIRT.PUT / GET / NORM / DIGEST and their agreement with spirtd.redis.tensorfmt."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from spirtd import tensorfmt
+from spirtd.redis import tensorfmt
 from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_rules import get, put
 

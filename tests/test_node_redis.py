@@ -8,7 +8,7 @@ import os
 import signal
 
 from spirtd.localcluster import LocalNode, wait_for
-from spirtd.redisproc import ManagedRedis
+from spirtd.redis.process import ManagedRedis
 
 
 def test_managed_redis_with_module_survives_kill_9(short_tmp):

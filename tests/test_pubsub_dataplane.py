@@ -1,4 +1,4 @@
-"""The daemon's body data plane (spirtd.pubsub) with the real gossip machine and
+"""The daemon's body data plane (spirtd.pubsub.service) with the real gossip machine and
 no network: the body store, staging, and a pulled body that meets a corrupt
 chunk, is resumed from another source at the last verified chunk, and ends up
 byte-exact on disk with mode 0600."""
@@ -18,8 +18,8 @@ import pytest
 from protocol import strictpack, wire
 from protocol.gossip import Announcement, GossipConfig, GossipMachine, Publish, message_id
 from protocol.gossip.transfer import digest_of, stream_pieces, stream_size
-from spirtd.pubsub import PubSub
-from spirtd.pubsub_store import StoreLimits, _Partial
+from spirtd.pubsub.service import PubSub
+from spirtd.pubsub.store import StoreLimits, _Partial
 from tests.protocol_helpers import key
 
 T = "grad"
@@ -186,7 +186,7 @@ def test_store_budgets_and_eviction(tmp_path: Path) -> None:
 
 async def test_application_validator_sees_the_signed_announcement(tmp_path: Path) -> None:
     from protocol.gossip import Verdict
-    from spirtd.pubsub import Info
+    from spirtd.pubsub.service import Info
 
     ps = make_pubsub(tmp_path / "ps", StoreLimits())
     seen: list[Info] = []

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from spirtd.pubsub_store import Segments
+from spirtd.pubsub.store import Segments
 
 
 def fill(seg: Segments, data: bytes, sizes: list[int], start: int = 0) -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import SessionError
 from protocol.session import FrameKind, Session
-from spirtd.records import QUEUE_HIGH, ReadClosed, RecordReader
+from spirtd.net.records import QUEUE_HIGH, ReadClosed, RecordReader
 
 KEY = os.urandom(32)
 

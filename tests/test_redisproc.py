@@ -17,8 +17,8 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from spirtd.redisproc import ManagedRedis, RedisStartError
-from spirtd.store import module_loaded
+from spirtd.redis.process import ManagedRedis, RedisStartError
+from spirtd.redis.store import module_loaded
 from tests.fixtures_redis import RunningRedis, short_tmpdir, start_redis, stop_redis
 
 

@@ -17,8 +17,8 @@ import redis
 import redis.asyncio as aioredis
 import torch
 
-from spirtd import store as store_mod
-from spirtd.store import InputChanged, StoreError, TensorNotFound, TensorStore
+from spirtd.redis import store as store_mod
+from spirtd.redis.store import InputChanged, StoreError, TensorNotFound, TensorStore
 from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_errors import snapshot
 from tests.test_native_rules import (
@@ -265,7 +265,7 @@ async def test_bad_input_same_error_both_paths(st: TensorStore, kind: str, call,
 async def test_fallback_warns_once(
     module_plain_redis: RunningRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="spirtd.store"):
+    with caplog.at_level(logging.WARNING, logger="spirtd.redis.store"):
         s = TensorStore(module_plain_redis.client)
         assert not await s.detect()
         assert not await s.detect()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spirtd.store import TensorStore
+from spirtd.redis.store import TensorStore
 from tests.fixtures_redis import short_tmpdir, start_redis, stop_redis
 from tests.test_native_rules import assert_close, ref_mean
 from tests.test_native_updates import ref_sgd

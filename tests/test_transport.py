@@ -11,8 +11,8 @@ import pytest
 
 from protocol.identity import NodeKey, TrustStore
 from spirtd.config import TransportConfig
-from spirtd.sendqueue import QueueClosed, SendQueue
-from spirtd.transport import DialError, Transport
+from spirtd.net.sendqueue import QueueClosed, SendQueue
+from spirtd.net.transport import DialError, Transport
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .loop import EventLoop
 
-if TYPE_CHECKING:
-    from .host import Host
+
+class Endpoint(Protocol):
+    """What the network needs of a host: where it is, who it is, and a way in.
+    (``sim.host.Host`` is one; the network never imports it.)"""
+
+    addr: str
+    node_id: str
+
+    def deliver(self, item: tuple[str, str, Any]) -> None: ...
 
 
 class Codec:
@@ -52,7 +59,7 @@ class Network:
         self.loss = loss
         self.codec = codec
         self.size_of = size_of
-        self.hosts: dict[str, Host] = {}  # by address
+        self.hosts: dict[str, Endpoint] = {}  # by address
         self.sent = 0
         self.bytes_sent = 0
         self.sent_by_kind: Counter[str] = Counter()
@@ -61,10 +68,10 @@ class Network:
 
     # --- topology ---------------------------------------------------------------------
 
-    def attach(self, host: Host) -> None:
+    def attach(self, host: Endpoint) -> None:
         self.hosts[host.addr] = host
 
-    def detach(self, host: Host) -> None:
+    def detach(self, host: Endpoint) -> None:
         if self.hosts.get(host.addr) is host:
             del self.hosts[host.addr]
 
@@ -84,7 +91,7 @@ class Network:
 
     # --- traffic ----------------------------------------------------------------------
 
-    def send(self, src: Host, dst_id: str | None, dst_addr: str, message: Any) -> None:
+    def send(self, src: Endpoint, dst_id: str | None, dst_addr: str, message: Any) -> None:
         self.sent += 1
         self.sent_by_kind[type(message).__name__] += 1
         payload: Any = message

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from spirtd import tensorfmt
 from spirtd.functions import credentials
 from spirtd.functions.event import GradientEvent, RedisTarget
+from spirtd.redis import tensorfmt
 from spirtd.tasks import Task, load_task, minibatch_slice
 from spirtd.tasks.base import TaskError
 

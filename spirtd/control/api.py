@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import RouteHandler, StatusSource
 
 log = logging.getLogger("spirtd.api")
 
@@ -30,13 +30,13 @@ class ApiError(Exception):
 
 
 class ApiServer:
-    def __init__(self, node: Node, path: Path) -> None:
+    def __init__(self, node: StatusSource, path: Path) -> None:
         self.node = node
         self.path = path
         self._runner: web.AppRunner | None = None
-        self._routes: dict[tuple[str, str], Any] = {}
+        self._routes: dict[tuple[str, str], RouteHandler] = {}
 
-    def route(self, method: str, path: str, fn: Any) -> None:
+    def route(self, method: str, path: str, fn: RouteHandler) -> None:
         """Subsystems add their endpoints here (fn: async (body: dict) -> dict | str)."""
         self._routes[(method, path)] = fn
 

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.retry import Retry
 
-from spirtd.native import module_path
+from spirtd.redis.module import module_path
 
 USERNAME = "spirt"
 # sun_path is 108 bytes on Linux, including the terminating NUL.

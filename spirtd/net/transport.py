@@ -26,9 +26,8 @@ from protocol.errors import HandshakeError, TrustError
 from protocol.handshake import MAX_MESSAGE, Handshake, HandshakeResult, ReplayCache, Role
 from protocol.identity import Certificate, NodeKey, TrustStore
 from protocol.session import Session
-
-from .config import TransportConfig, parse_hostport
-from .link import Link, LinkHandler
+from spirtd.config import TransportConfig, parse_hostport
+from spirtd.net.link import Link, LinkHandler
 
 log = logging.getLogger("spirtd.transport")
 

@@ -29,13 +29,12 @@ from protocol.membership import (
     profile,
 )
 from protocol.wire import Envelope, MsgType
-
-from .keyfiles import write_public
-from .link import Link
-from .transport import DialError
+from spirtd.keyfiles import write_public
+from spirtd.net.link import Link
+from spirtd.net.transport import DialError
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import NodeApi
 
 log = logging.getLogger("spirtd.membership")
 
@@ -49,7 +48,7 @@ LEAVE_FLUSH_S = 2.0
 class MembershipService:
     name = "membership"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeApi) -> None:
         self.node = node
         self.config = profile(node.config.profile)
         self.state_path = node.data.root / "membership.json"

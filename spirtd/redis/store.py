@@ -2,7 +2,7 @@
 
 ``TensorStore`` is an async API over a ``redis.asyncio`` client (hiredis parser):
 
-* put/get tensors in the format of :mod:`spirtd.tensorfmt` (copy-free: ``put`` hands
+* put/get tensors in the format of :mod:`spirtd.redis.tensorfmt` (copy-free: ``put`` hands
   redis-py a memoryview of the array, ``get`` returns a read-only array over the reply
   bytes);
 * aggregation rules (mean, weighted mean, median, trimmed mean, Krum/multi-Krum,
@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 import torch
 from redis.exceptions import ResponseError, WatchError
 
-from spirtd import tensorfmt
+from spirtd.redis import tensorfmt
 
 log = logging.getLogger("spirtd.store")
 

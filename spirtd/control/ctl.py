@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.identity import node_id, parse_public_key
-
-from .config import default_data_dir
-from .keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
+from spirtd.config import default_data_dir
+from spirtd.keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 REQUEST_TIMEOUT_S = 30.0

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .config import ConfigError
-from .redisproc import ManagedRedis, RedisStartError
-from .store import TensorStore
+from spirtd.config import ConfigError
+from spirtd.redis.process import ManagedRedis, RedisStartError
+from spirtd.redis.store import TensorStore
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import NodeApi
 
 log = logging.getLogger("spirtd.redis")
 
@@ -29,7 +29,7 @@ COMMAND_TIMEOUT_S = 660.0
 class RedisService:
     name = "redis"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeApi) -> None:
         self.node = node
         self.managed: ManagedRedis | None = None
         self.client: aioredis.Redis | None = None

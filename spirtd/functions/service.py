@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .functions.invoker import Invoker
-from .functions.runtime.config import FunctionSpec, RuntimeConfig
-from .functions.runtime.server import LocalRuntime
+from spirtd.functions.invoker import Invoker
+from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
+from spirtd.functions.runtime.server import LocalRuntime
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import NodeApi
 
 log = logging.getLogger("spirtd.functions")
 
@@ -23,7 +23,7 @@ log = logging.getLogger("spirtd.functions")
 class FunctionsService:
     name = "functions"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeApi) -> None:
         self.node = node
         self.runtime: LocalRuntime | None = None
         self.invoker: Invoker | None = None

@@ -24,10 +24,9 @@ from protocol import strictpack
 from protocol.errors import DecodeError, SessionError
 from protocol.handshake import HandshakeResult
 from protocol.session import HEADER_SIZE, FrameKind, Session
-
-from .config import TransportConfig
-from .records import ReadClosed, RecordReader
-from .sendqueue import QueueClosed, SendQueue
+from spirtd.config import TransportConfig
+from spirtd.net.records import ReadClosed, RecordReader
+from spirtd.net.sendqueue import QueueClosed, SendQueue
 
 log = logging.getLogger("spirtd.link")
 

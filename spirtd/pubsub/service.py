@@ -65,13 +65,12 @@ from protocol.gossip.transfer import (
 )
 from protocol.identity import node_id
 from protocol.wire import Envelope, MsgType
-
-from .api import ApiError
-from .link import Link, LinkClosed, StreamSink, aiter_chunks
-from .pubsub_store import READ_PIECE, Body, BodyStore, StoreLimits, _Partial, partial_pieces
+from spirtd.control.api import ApiError
+from spirtd.net.link import Link, LinkClosed, StreamSink, aiter_chunks
+from spirtd.pubsub.store import READ_PIECE, Body, BodyStore, StoreLimits, _Partial, partial_pieces
 
 if TYPE_CHECKING:
-    from .node import Node
+    from spirtd.nodeapi import NodeApi
 
 log = logging.getLogger("spirtd.pubsub")
 
@@ -209,7 +208,7 @@ class PubSub:
 
     def __init__(
         self,
-        node: Node,
+        node: NodeApi,
         config: GossipConfig | None = None,
         limits: StoreLimits | None = None,
     ) -> None:

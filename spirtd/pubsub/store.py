@@ -29,10 +29,9 @@ from protocol.gossip import (
 from protocol.gossip.transfer import (
     ByteBudget,
 )
-
-from . import malloc_tuning
-from .bufpool import ARENA_BYTES, SlabPool, round_up
-from .config import PubSubConfig
+from spirtd import malloc_tuning
+from spirtd.config import PubSubConfig
+from spirtd.pubsub.bufpool import ARENA_BYTES, SlabPool, round_up
 
 if TYPE_CHECKING:
     pass

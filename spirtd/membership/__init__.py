@@ -1,0 +1,1 @@
+"""The membership service: the asyncio shell around protocol.membership."""

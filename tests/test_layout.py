@@ -1,0 +1,40 @@
+"""The daemon's dependency shape: services see the node only through spirtd.nodeapi."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The process entry point builds the Node; nothing else may reach for it.
+ALLOWED = {"spirtd/node.py", "spirtd/cli.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def test_only_the_entry_point_imports_node() -> None:
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "spirtd").rglob("*.py"))
+        if str(p.relative_to(ROOT)) not in ALLOWED and "spirtd.node" in _imports(p)
+    ]
+    assert offenders == [], f"import spirtd.nodeapi instead of spirtd.node in {offenders}"
+
+
+def test_sim_network_does_not_import_host() -> None:
+    assert "protocol.sim.host" not in _imports(ROOT / "protocol/sim/network.py")
