@@ -575,6 +575,7 @@ int cmd_config(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 int parse_load_args(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Args a = {ctx, argv, argc, {0}};
     long long v;
+    const char *isa = "auto";
     for (int i = 0; i < argc; i += 2) {
         if (i + 1 >= argc) {
             fail(&a, "module argument %d has no value", i + 1);
@@ -592,12 +593,25 @@ int parse_load_args(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         } else if (is_kw(argv[i], "JOB_TIMEOUT_MS")) {
             if (get_ll(&a, i + 1, "JOB_TIMEOUT_MS", 1, (long long)1 << 40, &v)) break;
             jobs_config.job_timeout_ms = v;
+        } else if (is_kw(argv[i], "ISA")) {
+            /* Which kernel set runs; results are bit-identical either way (kernels.h). */
+            static const char *const modes[] = {"auto", "avx2", "baseline"};
+            isa = NULL;
+            for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
+                if (is_kw(argv[i + 1], modes[m])) isa = modes[m];
+            if (!isa) {
+                char buf[80];
+                fail(&a, "ISA must be auto, avx2 or baseline, got '%s'",
+                     text(argv[i + 1], buf, sizeof(buf)));
+                break;
+            }
         } else {
             char buf[80];
             fail(&a, "unknown module argument '%s'", text(argv[i], buf, sizeof(buf)));
             break;
         }
     }
+    if (!a.err[0]) k_select(isa, a.err, sizeof(a.err));
     if (a.err[0]) {
         RM.Log(ctx, "warning", "spirt: %s", a.err);
         return RM_ERR;

@@ -300,21 +300,6 @@ void nnm_free(NnmSrc *m) {
 
 /* ---- iterative rules ------------------------------------------------------------ */
 
-/* z[0..c) <- t, returning sum (t-z)^2 in *diff and sum t^2 in *nrm. */
-static void replace_measure(double *restrict z, const double *restrict t, size_t c,
-                            double *diff, double *nrm) {
-    double d = 0.0, q = 0.0;
-#pragma omp simd reduction(+ : d, q)
-    for (size_t j = 0; j < c; j++) {
-        double e = t[j] - z[j];
-        d += e * e;
-        q += t[j] * t[j];
-        z[j] = t[j];
-    }
-    *diff += d;
-    *nrm += q;
-}
-
 int rule_geomed(Src *s, size_t n, int maxiter, double eps, float *out, int *iters) {
     double *z = scratch_take(s->len * sizeof(double));
     double *t = malloc(s->chunk * sizeof(double));
@@ -354,7 +339,7 @@ int rule_geomed(Src *s, size_t n, int maxiter, double eps, float *out, int *iter
             if (s->fetch(s, off, cnt, rows)) goto done;
             memset(t, 0, cnt * sizeof(double));
             for (size_t i = 0; i < n; i++) k_acc_axpy(t, w[i], rows[i], cnt);
-            replace_measure(z + off, t, cnt, &diff, &nrm);
+            k_replace_measure(z + off, t, cnt, &diff, &nrm);
             for (size_t i = 0; i < n; i++) nd2[i] += k_sqdist_fd(rows[i], z + off, cnt);
         }
         memcpy(d2, nd2, n * sizeof(double));
@@ -371,13 +356,6 @@ done:
     free(w);
     free(rows);
     return rc;
-}
-
-/* t[0..c) += a * (x - v) */
-static void acc_toward(double *restrict t, double a, const float *restrict x,
-                       const double *restrict v, size_t c) {
-#pragma omp simd
-    for (size_t j = 0; j < c; j++) t[j] += a * ((double)x[j] - v[j]);
 }
 
 int rule_cclip(Src *s, size_t n, double tau, int iters, int has_start, float *out) {
@@ -413,7 +391,7 @@ int rule_cclip(Src *s, size_t n, double tau, int iters, int has_start, float *ou
             size_t cnt = src_chunk_len(s, off);
             if (s->fetch(s, off, cnt, rows)) goto done;
             memcpy(t, v + off, cnt * sizeof(double));
-            for (size_t i = 0; i < n; i++) acc_toward(t, a[i], rows[i], v + off, cnt);
+            for (size_t i = 0; i < n; i++) k_acc_toward(t, a[i], rows[i], v + off, cnt);
             memcpy(v + off, t, cnt * sizeof(double));
             for (size_t i = 0; i < n; i++) nd2[i] += k_sqdist_fd(rows[i], v + off, cnt);
         }

@@ -6,6 +6,7 @@
  * rules, optimizers, kernels, BLAKE2b). */
 #include "commands.h"
 #include "jobs.h"
+#include "kernels.h"
 #include "rm_api.h"
 
 typedef struct {
@@ -51,8 +52,8 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
         RM.Log(ctx, "warning", "spirt: cannot start worker threads or subscribe to events");
         return RM_ERR;
     }
-    RM.Log(ctx, "notice", "spirt: loaded (%lld threads, async from %lld bytes)",
-           jobs_config.threads, jobs_config.async_min_bytes);
+    RM.Log(ctx, "notice", "spirt: loaded (%s kernels, %lld threads, async from %lld bytes)",
+           k_isa(), jobs_config.threads, jobs_config.async_min_bytes);
     return RM_OK;
 }
 
