@@ -1,0 +1,498 @@
+"""The training-round state machine, sans-IO.
+
+Synchronous data-parallel SGD without a coordinator. Every peer holds theta_r with
+digest D_r; each round it computes a local gradient (functions), publishes it with
+its base digest, collects the others' gradients for (job, r, D_r), closes the
+round, aggregates the contributors in node-id order, and starts r+1 from the
+digest the daemon reports. The machine decides; the daemon does the I/O.
+
+Nothing here reads a clock or draws a random number: ``now`` comes into every
+call, work goes out through ``actions()`` and facts through ``events()``, and the
+caller calls ``tick`` at ``next_deadline()``.
+
+Phases of the current round: "idle" (before the first ``begin``), "computing"
+(functions running), "collecting" (own gradient done or failed, waiting for the
+others), "aggregating" (closed, daemon aggregating), "done" (last round
+aggregated). Gradients are counted in "computing" and "collecting" alike.
+
+Any call may come in any order (a late body, a duplicate report, an old round):
+what does not apply to the current state is ignored and counted in ``counters``
+or, for gradients, rejected and counted in ``rejected``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from .config import RoundConfig
+from .deadline import AdaptiveDeadline
+from .events import (
+    Action,
+    Aggregate,
+    Diverged,
+    Evaluate,
+    Event,
+    Finished,
+    GradientRejected,
+    InvokeFunctions,
+    LeftView,
+    PublishGradient,
+    PublishState,
+    QuorumWait,
+    RoundClosed,
+)
+from .view import RoundView
+
+IDLE = "idle"
+COMPUTING = "computing"
+COLLECTING = "collecting"
+AGGREGATING = "aggregating"
+DONE = "done"
+
+# Rejection reasons (also the keys of ``rejected``).
+R_JOB = "job"
+R_STALE = "stale"
+R_FUTURE = "future"
+R_DIGEST = "digest"
+R_DUPLICATE = "duplicate"
+R_SIZE = "size"
+R_NOT_MEMBER = "not_member"
+
+# How a gradient's round relates to ours.
+_CURRENT = 0
+_HELD = 1
+
+BYTES_PER_PARAM = 4  # float32
+
+DEFAULT_CONFIG = RoundConfig()
+
+
+class RoundMachine:
+    def __init__(
+        self,
+        *,
+        self_id: str,
+        job_id: str,
+        rounds: int,
+        min_contributors: int,
+        eval_every: int,
+        param_count: int,
+        members: Iterable[str],
+        config: RoundConfig = DEFAULT_CONFIG,
+        start_round: int = 1,
+    ) -> None:
+        """``members``: the live members known now (self may be included or not).
+        ``min_contributors``: the aggregation rule's minimum n (2f+3 for Krum).
+        ``eval_every``: evaluate every that many rounds (0: only after the last)."""
+        config.validate()
+        if rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if min_contributors < 1:
+            raise ValueError("min_contributors must be >= 1")
+        if eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if param_count < 1:
+            raise ValueError("param_count must be >= 1")
+        if not 1 <= start_round <= rounds:
+            raise ValueError("start_round must be in [1, rounds]")
+        self.self_id = self_id
+        self.job_id = job_id
+        self.rounds = rounds
+        self.min_contributors = min_contributors
+        self.eval_every = eval_every
+        self.param_count = param_count
+        self.config = config
+        self.round = start_round
+        self.phase = IDLE
+        self.digest = b""
+        self.participating = True
+        self.rejected: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.begun_at = 0.0
+        self.deadline_s = config.initial_deadline_s  # this round's deadline, after begin
+        self.deadline_at: float | None = None
+        self._now = 0.0
+        self._size = param_count * BYTES_PER_PARAM
+        self._deadline = AdaptiveDeadline(config)
+        self._view = RoundView(self_id, members, config.strikes, self._left)
+        self._quorum_waited = False
+        self._closed_with: tuple[str, ...] = ()
+        self._positions: dict[str, tuple[int, bytes]] = {}
+        self._final_diverged: set[str] = set()  # final positions found different from ours
+        # Gradients for rounds not begun yet: round -> origin -> base digest.
+        self._held: dict[int, dict[str, bytes]] = {}
+        self._actions: list[Action] = []
+        self._events: list[Event] = []
+
+    # --- draining and inspection ----------------------------------------------------------
+
+    def actions(self) -> list[Action]:
+        out = self._actions
+        self._actions = []
+        return out
+
+    def events(self) -> list[Event]:
+        out = self._events
+        self._events = []
+        return out
+
+    def next_deadline(self) -> float | None:
+        # Once QuorumWait is out, nothing happens by time alone: the round closes
+        # on the arrival that makes the quorum.
+        if self._is_open() and not self._quorum_waited:
+            return self.deadline_at
+        return None
+
+    def status(self) -> dict[str, Any]:
+        v = self._view
+        open_ = self._is_open()
+        return {
+            "round": self.round,
+            "phase": self.phase,
+            "digest": self.digest.hex(),
+            "view": sorted(v.members),
+            "have": sorted(v.have) if open_ else list(self._closed_with),
+            "waiting_for": sorted(v.missing) if open_ else [],
+            "quorum": v.quorum(self.min_contributors),
+            "deadline_in_s": (
+                self.deadline_at - self._now if open_ and self.deadline_at is not None else None
+            ),
+            "waiting_for_quorum": open_ and self._quorum_waited,
+            "absent": sorted(v.absent),
+            "diverged": sorted(v.diverged),
+            "not_participating": sorted(v.nonpart),
+            "live": len(v.live) + 1,
+            "held": {r: len(h) for r, h in sorted(self._held.items())},
+            "rejected": dict(self.rejected),
+        }
+
+    def peer_positions(self) -> dict[str, tuple[int, bytes]]:
+        """The latest (round, digest) each live peer announced."""
+        return dict(self._positions)
+
+    # --- the daemon's reports -------------------------------------------------------------
+
+    def begin(self, round: int, digest: bytes, now: float, *, participating: bool = True) -> None:
+        """The daemon holds theta for ``round`` with ``digest`` (after an update, at
+        start, or after state sync): start that round, abandoning any other.
+        ``participating=False`` follows the rounds without computing (syncing, no
+        data): the next rounds, started by ``aggregated``, keep that setting."""
+        if not 1 <= round <= self.rounds:
+            raise ValueError("round out of range")
+        if not digest:
+            raise ValueError("empty digest")
+        self._now = now
+        if (
+            self._is_open()
+            and round == self.round
+            and digest == self.digest
+            and participating == self.participating
+        ):
+            self.counters["begin_repeated"] += 1
+            return
+        self._begin(round, digest, participating, now)
+
+    def local_gradient_ready(self, round: int, now: float) -> None:
+        self._now = now
+        if round != self.round or self.phase != COMPUTING:
+            self.counters["late_local_gradient"] += 1
+            return
+        self.phase = COLLECTING
+        self._view.contributed(self.self_id)
+        self._actions.append(PublishGradient(round, self.digest))
+        self._maybe_close(now)
+
+    def local_gradient_failed(self, round: int, reason: str, now: float) -> None:
+        self._now = now
+        if round != self.round or self.phase != COMPUTING:
+            self.counters["late_local_failure"] += 1
+            return
+        self.counters[f"local_failed:{reason}"] += 1
+        self.phase = COLLECTING
+        self._view.self_failed()
+        # Tell the others at once: without it every peer would wait for our gradient
+        # until the deadline, and a deadline close is where contributor sets split.
+        self._actions.append(PublishState(round, self.digest, False))
+        self._maybe_close(now)
+
+    def validate(
+        self, origin: str, job: str, round: int, base_digest: bytes, size: int, now: float
+    ) -> str | None:
+        """The pub/sub validation hook, before the body is pulled: None to accept,
+        else the reason (counted, ``GradientRejected``; a digest mismatch for the
+        current round also takes ``origin`` out of the view, ``Diverged``)."""
+        self._now = now
+        reason, _ = self._check(origin, job, round, base_digest, size)
+        if reason is not None:
+            self._rejected(origin, round, base_digest, reason)
+            self._maybe_close(now)  # a diverged origin may have been the last awaited
+        return reason
+
+    def receive(
+        self, origin: str, job: str, round: int, base_digest: bytes, size: int, now: float
+    ) -> str | None:
+        """The body arrived and is stored: count it, or say why not (checked again:
+        the round may have moved since ``validate``). A gradient for a round not
+        begun yet is held and counted when that round begins with a matching
+        digest."""
+        self._now = now
+        reason, where = self._check(origin, job, round, base_digest, size)
+        if reason is not None:
+            self._rejected(origin, round, base_digest, reason)
+            self._maybe_close(now)
+            return reason
+        if where == _CURRENT:
+            self._view.contributed(origin)
+            self._maybe_close(now)
+        else:
+            self._held.setdefault(round, {})[origin] = base_digest
+        return None
+
+    def reject(self, origin: str, round: int, reason: str, now: float) -> None:
+        """The daemon found the stored body bad (non-finite values, ...): forget it.
+        Once the round is closed it is too late to take it out (the Aggregate went
+        out); it is still counted."""
+        self._now = now
+        self.rejected[reason] += 1
+        self._events.append(GradientRejected(origin, round, reason))
+        if round == self.round and self._is_open():
+            self._view.forget(origin)
+        else:
+            held = self._held.get(round)
+            if held is not None:
+                held.pop(origin, None)
+
+    def announce(
+        self, origin: str, job: str, round: int, digest: bytes, participating: bool, now: float
+    ) -> None:
+        """A peer's heads-up: it is at (round, digest), or does not take part."""
+        self._now = now
+        v = self._view
+        if job != self.job_id:
+            self.counters["announce_wrong_job"] += 1
+            return
+        if origin == self.self_id:
+            return
+        if v.is_gone(origin):
+            # Sent before it died and delivered late: it must not come back into
+            # the view until membership says it is alive.
+            self.counters["announce_from_gone"] += 1
+            return
+        last = self._positions.get(origin)
+        if last is not None and (
+            round < last[0]
+            # Within one position a peer only stops taking part (its functions
+            # failed), never starts again: a "participating" arriving after a "not
+            # participating" for the same position is a delayed retransmission.
+            or (participating and last == (round, digest) and origin in v.nonpart)
+        ):
+            # Overtaken by a later announcement (gossip does not keep order).
+            self.counters["announce_out_of_order"] += 1
+            if (
+                not participating
+                and self._is_open()
+                and (round, digest) == (self.round, self.digest)
+            ):
+                # Still true of the round we are in (its functions failed, then it
+                # moved on): do not wait for it in this round.
+                v.skip_round(origin)
+                self._maybe_close(now)
+            return
+        v.alive(origin)  # an announcing peer is a live member
+        self._positions[origin] = (round, digest)
+        if round > self.rounds:
+            # A final position (after the last round): only compared, never a view change.
+            if self.phase == DONE and digest != self.digest:
+                self._final_mismatch(origin, round, digest)
+            return
+        if not participating:
+            v.not_participating(origin)
+        elif self._is_open() and round == self.round:
+            if digest == self.digest:
+                v.matched(origin)
+            else:
+                self._diverge(origin, digest)
+        else:
+            v.participating(origin)
+        self._maybe_close(now)
+
+    def member_alive(self, node_id: str, now: float) -> None:
+        self._now = now
+        self._view.alive(node_id)
+
+    def member_gone(self, node_id: str, now: float) -> None:
+        """Dead or left: out of the view at once. Its gradients already counted or
+        held stay (a peer that received a body before the death counts it; dropping
+        it here would make this peer differ from those that closed earlier)."""
+        self._now = now
+        if node_id == self.self_id:
+            return
+        self._view.gone_(node_id)
+        self._positions.pop(node_id, None)
+        self._final_diverged.discard(node_id)
+        self._maybe_close(now)
+
+    def aggregated(self, round: int, new_digest: bytes, now: float) -> None:
+        """The daemon aggregated ``round`` and updated theta to ``new_digest``."""
+        self._now = now
+        if round != self.round or self.phase != AGGREGATING:
+            self.counters["late_aggregated"] += 1
+            return
+        if not new_digest:
+            raise ValueError("empty digest")
+        if (self.eval_every and round % self.eval_every == 0) or round == self.rounds:
+            self._actions.append(Evaluate(round))
+        if round == self.rounds:
+            self.phase = DONE
+            self.digest = new_digest
+            self._actions.append(Finished(round))
+            # The last round has no next round whose announcements would reveal a
+            # split: publish the final position and compare it with the others'.
+            final = self.rounds + 1
+            self._actions.append(PublishState(final, new_digest, False))
+            for origin, (r, d) in list(self._positions.items()):
+                if r == final and d != new_digest:
+                    self._final_mismatch(origin, r, d)
+            return
+        self._begin(round + 1, new_digest, self.participating, now)
+
+    def tick(self, now: float) -> None:
+        self._now = now
+        self._maybe_close(now)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _is_open(self) -> bool:
+        return self.phase == COMPUTING or self.phase == COLLECTING
+
+    def _begin(self, round: int, digest: bytes, participating: bool, now: float) -> None:
+        v = self._view
+        self.round = round
+        self.digest = digest
+        self.participating = participating
+        self.phase = COMPUTING if participating else COLLECTING
+        self.begun_at = now
+        self.deadline_s = self._deadline.current()
+        self.deadline_at = now + self.deadline_s
+        self._quorum_waited = False
+        self._closed_with = ()
+        self._final_diverged.clear()
+        v.start(participating)
+        if participating:
+            self._actions.append(InvokeFunctions(round))
+        self._actions.append(PublishState(round, digest, participating))
+
+        # Peers that announced this round before we reached it.
+        for origin, (r, d) in list(self._positions.items()):
+            if r != round or origin in v.nonpart:
+                continue
+            if d == digest:
+                v.matched(origin)
+            else:
+                self._diverge(origin, d)
+
+        # Held gradients: this round's can now be checked; those of rounds we skipped
+        # (state sync) or that fell out of the window (begin went back) are dropped.
+        window = self.config.future_window
+        for hr in sorted(self._held):
+            if not round < hr <= round + window:
+                held = self._held.pop(hr)
+                for origin in sorted(held):
+                    base = held[origin]
+                    if hr != round:
+                        self._rejected(origin, hr, base, R_STALE if hr < round else R_FUTURE)
+                    elif base != digest:
+                        self._rejected(origin, hr, base, R_DIGEST)
+                    else:
+                        v.contributed(origin)
+        self._maybe_close(now)
+
+    def _check(
+        self, origin: str, job: str, round: int, base_digest: bytes, size: int
+    ) -> tuple[str | None, int]:
+        """Validation, cheapest and least telling first; the digest comes last
+        because its failure takes the origin out of the view, which a malformed
+        or unwanted message must not be able to do."""
+        if job != self.job_id:
+            return R_JOB, 0
+        v = self._view
+        if not v.is_member(origin) or v.is_gone(origin):
+            return R_NOT_MEMBER, 0
+        if round > self.rounds:
+            return R_FUTURE, 0
+        if self._is_open():
+            if round == self.round:
+                where = _CURRENT
+            elif round < self.round:
+                return R_STALE, 0
+            else:
+                where = _HELD
+        else:
+            # Idle: our round has not begun, it is held too. Aggregating or done:
+            # our round is closed.
+            first = self.round if self.phase == IDLE else self.round + 1
+            if round < first:
+                return R_STALE, 0
+            where = _HELD
+        if round > self.round + self.config.future_window:
+            return R_FUTURE, 0
+        if where == _CURRENT:
+            if origin in v.have or origin == self.self_id:
+                return R_DUPLICATE, 0
+        else:
+            held = self._held.get(round)
+            if origin == self.self_id or (held is not None and origin in held):
+                return R_DUPLICATE, 0
+        if size != self._size:
+            return R_SIZE, 0
+        if where == _CURRENT and base_digest != self.digest:
+            return R_DIGEST, 0
+        return None, where
+
+    def _rejected(self, origin: str, round: int, base: bytes, reason: str) -> None:
+        self.rejected[reason] += 1
+        self._events.append(GradientRejected(origin, round, reason))
+        if reason == R_DIGEST and round == self.round and self._is_open():
+            self._diverge(origin, base)
+
+    def _diverge(self, origin: str, digest: bytes) -> None:
+        if self._view.diverge(origin, digest):
+            self._events.append(Diverged(origin, self.round, digest))
+
+    def _final_mismatch(self, origin: str, round: int, digest: bytes) -> None:
+        if origin not in self._final_diverged:
+            self._final_diverged.add(origin)
+            self._events.append(Diverged(origin, round, digest))
+
+    def _left(self, node_id: str, why: str) -> None:
+        self._events.append(LeftView(self.round, node_id, why))
+
+    def _maybe_close(self, now: float) -> None:
+        if not self._is_open():
+            return
+        v = self._view
+        need = v.quorum(self.min_contributors)
+        have = len(v.have)
+        if not v.missing and have >= need:
+            self._close("complete", now)
+        elif self.deadline_at is not None and now >= self.deadline_at:
+            if have >= need:
+                self._close("deadline", now)
+            elif not self._quorum_waited:
+                self._quorum_waited = True
+                self._events.append(QuorumWait(self.round, have, need))
+
+    def _close(self, reason: str, now: float) -> None:
+        v = self._view
+        if reason == "deadline":
+            v.mark_absent(self.round)
+        v.close()
+        self.phase = AGGREGATING
+        contributors = tuple(sorted(v.have))
+        self._closed_with = contributors
+        duration = now - self.begun_at
+        self._deadline.record(duration)
+        self._events.append(RoundClosed(self.round, contributors, duration, reason))
+        self._actions.append(Aggregate(self.round, contributors))
