@@ -29,6 +29,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level")
     p.add_argument("--cluster", help="cluster name (default: the one in this node's certificate)")
     p.add_argument("--profile", choices=["local", "lan", "wan"], help="membership timing profile")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        dest="datasets",
+        metavar="NAME=DIR",
+        help="where this node's copy of dataset NAME lives (repeatable), e.g. mnist=/srv/mnist",
+    )
+    p.add_argument("--shard", metavar="I/N", help="train on shard I of N of a built-in dataset")
     p.add_argument("--version", action="version", version=f"spirtd {__version__}")
     return p
 

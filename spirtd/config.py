@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from protocol.rounds import RoundConfig
+
 
 class ConfigError(ValueError):
     """A fatal misconfiguration; the message names the setting."""
@@ -68,6 +70,23 @@ class PubSubConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """How this node runs training rounds ([training] in the config file)."""
+
+    # A round closes at its deadline (with a quorum) even if some members have not
+    # sent their gradient: deadline = factor x median of recent round durations,
+    # clamped to [floor, ceiling]; the first round uses the initial value.
+    deadline_factor: float = 3.0
+    deadline_floor_s: float = 2.0
+    deadline_ceiling_s: float = 120.0
+    initial_deadline_s: float = 60.0
+    # Gradients for this many rounds ahead are held; later ones are refused.
+    future_window: int = 2
+    # This node's gradient counts when at least this fraction of its functions succeed.
+    min_slice_fraction: float = 0.5
+
+
+@dataclass
 class Config:
     data_dir: Path
     listen: str = "127.0.0.1:7946"
@@ -82,6 +101,12 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     invoke: InvokeConfig = field(default_factory=InvokeConfig)
     pubsub: PubSubConfig = field(default_factory=PubSubConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    # Where this node's datasets live, by name (--dataset NAME=DIR; the [datasets] table).
+    datasets: dict[str, str] = field(default_factory=dict)
+    shard: str | None = None  # --shard I/N: train on shard I of N of a built-in dataset
+    # Top-level packages a `module:attr` task may come from. Empty: built-in tasks only.
+    task_modules: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         parse_hostport(self.listen, "listen")
@@ -107,6 +132,35 @@ class Config:
             )
         if ps.retain_s <= 0:
             raise ConfigError("pubsub.retain_s: must be positive")
+        tr = self.training
+        try:
+            self.round_config().validate()
+        except ValueError as e:
+            raise ConfigError(f"training.{e}") from None
+        if not 0.0 < tr.min_slice_fraction <= 1.0:
+            raise ConfigError("training.min_slice_fraction: must be in (0, 1]")
+        for name, path in self.datasets.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"datasets.{name}: must be a directory path")
+            if not Path(path).is_absolute():
+                raise ConfigError(f"datasets.{name}: {path!r} must be an absolute path")
+        if self.shard is not None:
+            from spirtd.tasks.sharding import Shard, ShardError
+
+            try:
+                Shard.parse(self.shard)
+            except ShardError as e:
+                raise ConfigError(f"shard: {e}") from None
+
+    def round_config(self) -> RoundConfig:
+        tr = self.training
+        return RoundConfig(
+            deadline_factor=tr.deadline_factor,
+            deadline_floor_s=tr.deadline_floor_s,
+            deadline_ceiling_s=tr.deadline_ceiling_s,
+            initial_deadline_s=tr.initial_deadline_s,
+            future_window=tr.future_window,
+        )
 
 
 def default_data_dir() -> Path:
@@ -139,7 +193,9 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
-        if isinstance(current, (TransportConfig, InvokeConfig, PubSubConfig)):
+        if name == "datasets":
+            value = _datasets(value, f"{where}{key}")
+        if isinstance(current, (TransportConfig, InvokeConfig, PubSubConfig, TrainingConfig)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: must be a table")
             _apply_table(current, value, f"{where}{key}.")
@@ -154,6 +210,21 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if expected is not None and expected is not Path and not isinstance(value, expected):
             raise ConfigError(f"{where}{key}: expected {expected.__name__}, got {value!r}")
         setattr(target, name, value)
+
+
+def _datasets(value: Any, where: str) -> dict[str, str]:
+    """``[datasets]`` as a table, or ``--dataset NAME=DIR`` flags as a list."""
+    if isinstance(value, list):
+        out: dict[str, str] = {}
+        for item in value:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"{where}: expected NAME=DIR, got {item!r}")
+            out[name] = str(Path(path).expanduser().resolve())
+        return out
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f'{where}: must be a table of NAME = "DIR"')
+    return {k: str(Path(v).expanduser()) for k, v in value.items()}
 
 
 def load(file: Path | None, overrides: dict[str, Any]) -> Config:

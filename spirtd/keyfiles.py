@@ -40,7 +40,9 @@ def write_secret(path: Path, data: bytes) -> None:
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked for large buffers
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

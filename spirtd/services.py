@@ -30,5 +30,11 @@ def build(node: NodeApi) -> list[Service]:
     from spirtd.membership.service import MembershipService
     from spirtd.pubsub.service import PubSub
     from spirtd.redis.service import RedisService
+    from spirtd.training.service import TrainingService
 
-    return [RedisService(node), FunctionsService(node), MembershipService(node), PubSub(node)]
+    redis, functions = RedisService(node), FunctionsService(node)
+    membership, pubsub = MembershipService(node), PubSub(node)
+    training = TrainingService(
+        node, redis=redis, functions=functions, membership=membership, pubsub=pubsub
+    )
+    return [redis, functions, membership, pubsub, training]

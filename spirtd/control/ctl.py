@@ -136,21 +136,51 @@ def cmd_metrics(a: argparse.Namespace) -> str | dict:
     return {"metrics": text} if a.json else text.rstrip("\n")
 
 
+def _task_arg(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value: Any = raw
+    for conv in (int, float):
+        try:
+            value = conv(raw)
+            break
+        except ValueError:
+            continue
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    return key, value
+
+
 def cmd_train_start(a: argparse.Namespace) -> str | dict:
-    body = {
+    body: dict[str, Any] = {
         k: v
         for k, v in {
             "task": a.task,
             "rounds": a.rounds,
             "aggregator": a.aggregator,
+            "f": a.f,
             "batch_size": a.batch_size,
             "functions_per_round": a.functions_per_round,
+            "optimizer": a.optimizer,
             "lr": a.lr,
+            "momentum": a.momentum,
+            "weight_decay": a.weight_decay,
+            "seed": a.seed,
+            "eval_every": a.eval_every,
         }.items()
         if v is not None
     }
+    if a.task_arg:
+        body["task_options"] = dict(a.task_arg)
     r = call(a.data_dir, "POST", "/v1/train/start", body)
-    return r if a.json else f"started job {r.get('job')}"
+    if a.json:
+        return r
+    return (
+        f"started job {r.get('job')}: {r.get('task')}, {r.get('rounds')} rounds, "
+        f"{r.get('aggregator')} (f={r.get('f')}), {r.get('optimizer')} lr={r.get('lr')}\n"
+        "follow it with `spirtctl train status`"
+    )
 
 
 def cmd_train_stop(a: argparse.Namespace) -> str | dict:
@@ -162,9 +192,27 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
     r = call(a.data_dir, "GET", "/v1/train/status")
     if a.json:
         return r
-    head = f"job {_cell(r.get('job'))}  state {r.get('state')}  round {r.get('round')}"
-    cols = ["round", "loss", "accuracy", "contributors", "duration_s"]
-    return head + "\n\n" + table(r.get("history", []), cols)
+    job = r.get("job")
+    if job is None:
+        return "no training job (start one with `spirtctl train start --task digits`)"
+    head = [
+        f"job      {job['id']}  {job['task']}  {job['aggregator']} f={job['f']}  "
+        f"{job['optimizer']} lr={job['lr']}",
+        f"state    {r.get('state')}  round {r.get('round')}/{job['rounds']}"
+        + (f"  ({r['detail']})" if r.get("detail") else ""),
+        f"model    {_cell(r.get('model_digest'))}",
+    ]
+    rounds = r.get("rounds") or {}
+    if rounds.get("waiting_for_quorum"):
+        head.append(
+            f"waiting  for a quorum: {len(rounds.get('have', []))} of {rounds.get('quorum')} "
+            "gradients"
+        )
+    rows = [
+        {**h, "contributors": len(h.get("contributors", []))} for h in r.get("history", [])[-20:]
+    ]
+    cols = ["round", "loss", "accuracy", "contributors", "duration_s", "closed_by"]
+    return "\n".join(head) + "\n\n" + table(rows, cols)
 
 
 def cmd_pubsub_subscribe(a: argparse.Namespace) -> str | dict:
@@ -303,12 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
         dest="train_cmd", required=True
     )
     ts = train.add_parser("start", parents=[common])
-    ts.add_argument("--task", required=True)
+    ts.add_argument("--task", required=True, help="digits, mnist, synthetic or module:attr")
+    ts.add_argument(
+        "--task-arg", action="append", type=_task_arg, metavar="KEY=VALUE", help="task option"
+    )
     ts.add_argument("--rounds", type=int)
-    ts.add_argument("--aggregator")
-    ts.add_argument("--batch-size", type=int)
+    ts.add_argument(
+        "--aggregator",
+        help="mean, median, trimmed_mean, krum, multi_krum, geomed, cclip, or nnm+RULE",
+    )
+    ts.add_argument("--f", type=int, help="Byzantine peers to tolerate")
+    ts.add_argument("--batch-size", type=int, help="per-peer batch per round")
     ts.add_argument("--functions-per-round", type=int)
+    ts.add_argument("--optimizer", choices=["sgd", "adam"])
     ts.add_argument("--lr", type=float)
+    ts.add_argument("--momentum", type=float)
+    ts.add_argument("--weight-decay", type=float)
+    ts.add_argument("--seed", type=int)
+    ts.add_argument("--eval-every", type=int)
     ts.set_defaults(fn=cmd_train_start)
     train.add_parser("stop", parents=[common]).set_defaults(fn=cmd_train_stop)
     train.add_parser("status", parents=[common]).set_defaults(fn=cmd_train_status)

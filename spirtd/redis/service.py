@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from spirtd.config import ConfigError
+from spirtd.functions.event import CredentialRef, RedisTarget
+from spirtd.keyfiles import write_secret
 from spirtd.redis.process import ManagedRedis, RedisStartError
 from spirtd.redis.store import TensorStore
 
@@ -83,6 +86,24 @@ class RedisService:
             await self.client.aclose()
         if self.managed is not None:
             await self.managed.stop()
+
+    def function_target(self) -> RedisTarget:
+        """How a gradient function reaches this Redis. The event never carries a
+        secret: a password travels as the path of a 0600 file."""
+        if self.managed is not None:
+            m = self.managed
+            return RedisTarget(m.url, m.username, CredentialRef("file", str(m.password_file)))
+        url = self.node.config.redis_url or ""
+        parts = urlsplit(url)
+        if parts.password is None:
+            return RedisTarget(url, parts.username, CredentialRef("none"))
+        secret = self.node.data.root / "redis-url.secret"
+        write_secret(secret, unquote(parts.password).encode())
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        user = unquote(parts.username) if parts.username else None
+        return RedisTarget(bare, user, CredentialRef("file", str(secret)))
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -27,7 +27,7 @@ class DigitsTask(Task):
         super().__init__(shard)
         opts = check_options(options, _OPTIONS, self.name)
         self.arch = choice_option(opts, "model", "mlp", {"mlp", "cnn"})
-        self.hidden = int_option(opts, "hidden", 64, 1, 4096)
+        self.hidden = int_option(opts, "hidden", 64, 1, 65536)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.arch, "hidden": self.hidden}

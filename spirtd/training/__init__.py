@@ -1,0 +1,1 @@
+"""Training jobs and the trainer: the asyncio shell around protocol.rounds."""

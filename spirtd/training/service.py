@@ -1,0 +1,427 @@
+"""The training service: jobs in and out, one trainer at a time, and its control API.
+
+``spirtctl train start`` on any member builds a job record, checks it here
+(task, options, dataset, f against the live membership, ranges, no job running),
+and only then publishes it; a refused job starts nowhere. Every member checks a
+received record again against its own configuration before it runs anything;
+a member that cannot run it says so (log, status) and tells the others, with a
+heads-up, not to wait for it. The job is kept in DATA_DIR/training (mode 0600)
+so a restarted daemon knows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol.errors import DecodeError
+from protocol.gossip import Verdict
+from protocol.membership import EventKind
+from spirtd.control.api import ApiError
+from spirtd.functions.event import DataSlice
+from spirtd.keyfiles import write_secret
+from spirtd.pubsub.service import Info, Message
+from spirtd.tasks import Shard, Task, TaskError, load_task
+from spirtd.tasks.sharding import ALL
+from spirtd.training import job as jobs
+from spirtd.training.aggregators import AggregatorError
+from spirtd.training.job import JobError, JobSpec
+from spirtd.training.messages import (
+    DIGEST_SIZE,
+    JOBS_TOPIC,
+    TRAIN_TOPIC,
+    GradientMeta,
+    StateMeta,
+    decode_jobs_meta,
+    decode_train_meta,
+    encode_jobs_meta,
+)
+from spirtd.training.trainer import Trainer, TrainerEnv
+
+if TYPE_CHECKING:
+    from spirtd.functions.service import FunctionsService
+    from spirtd.membership.service import MembershipService
+    from spirtd.nodeapi import NodeApi
+    from spirtd.pubsub.service import PubSub
+    from spirtd.redis.service import RedisService
+
+log = logging.getLogger("spirtd.training")
+
+# Built-in tasks that read a dataset from the node's own disk.
+DATASET_TASKS = frozenset({"mnist"})
+# Training messages for a job whose record is still being checked, kept until it starts.
+EARLY_MAX = 256
+PREPARE_TIMEOUT_S = 300.0
+
+
+class TrainingService:
+    name = "training"
+
+    def __init__(
+        self,
+        node: NodeApi,
+        *,
+        redis: RedisService,
+        functions: FunctionsService,
+        membership: MembershipService,
+        pubsub: PubSub,
+    ) -> None:
+        self.node = node
+        self.redis = redis
+        self.functions = functions
+        self.membership = membership
+        self.pubsub = pubsub
+        self.dir = node.data.root / "training"
+        self.trainer: Trainer | None = None
+        self.job_id: str | None = None
+        self.spec: JobSpec | None = None
+        self.state = "idle"
+        self.detail = ""
+        self._pending: str | None = None  # a received job being checked
+        self._early: deque[tuple[Message, GradientMeta | StateMeta]] = deque(maxlen=EARLY_MAX)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # one job decision at a time
+        self._saved: dict[str, Any] = {}  # what the data dir said of the job at start-up
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._load_persisted()
+        self.pubsub.subscribe(JOBS_TOPIC, self._on_jobs, validator=self._validate_jobs)
+        self.pubsub.subscribe(TRAIN_TOPIC, self._on_train, validator=self._validate_train)
+        self.membership.add_listener(self._on_member)
+        api = self.node.api
+        if api is not None:
+            api.route("POST", "/v1/train/start", self._api_start)
+            api.route("POST", "/v1/train/stop", self._api_stop)
+            api.route("GET", "/v1/train/status", self._api_status)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.trainer is not None:
+            await self.trainer.stop("daemon shutting down")
+            self._persist()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t = asyncio.create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # --- checking a job against this node --------------------------------------------------
+
+    def _live_members(self) -> list[str]:
+        return [
+            m["node_id"] for m in self.membership.members() if m["state"] in ("alive", "suspect")
+        ]
+
+    def _shard(self) -> Shard:
+        s = self.node.config.shard
+        return Shard.parse(s) if s else ALL
+
+    def _build_task(self, spec: JobSpec) -> tuple[Task, str | None]:
+        """This node's instance of the job's task, and where its dataset lives."""
+        if "path" in spec.task_options:
+            raise JobError("task option path: a job never carries a path; use --dataset")
+        datasets = self.node.config.datasets
+        directory = datasets.get(spec.task)
+        if spec.task in DATASET_TASKS and directory is None:
+            raise JobError(
+                f"task {spec.task} needs its dataset on this node: start spirtd with "
+                f"--dataset {spec.task}=DIR"
+            )
+        options = dict(spec.task_options)
+        if directory is not None:
+            options["path"] = directory
+        try:
+            task = load_task(
+                spec.task,
+                self._shard(),
+                allowed_modules=set(self.node.config.task_modules),
+                **options,
+            )
+            task.train  # noqa: B018 - load the data now: a missing file fails the job here
+        except (TaskError, ValueError, OSError) as e:
+            raise JobError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        return task, (f"file://{directory}" if directory else None)
+
+    async def _prepare(self, spec: JobSpec) -> tuple[Task, str | None, np.ndarray, str]:
+        task, uri = await asyncio.to_thread(self._build_task, spec)
+        params = await asyncio.to_thread(task.initial_params, spec.seed)
+        digest = hashlib.blake2b(params.tobytes(), digest_size=32).hexdigest()
+        return task, uri, params, digest
+
+    def _check_can_start(self, spec: JobSpec) -> None:
+        if self.trainer is not None and self.trainer.state == "running":
+            raise JobError(
+                f"job {self.job_id} is already running; stop it first with `spirtctl train stop`"
+            )
+        try:
+            spec.rule.check_membership(len(self._live_members()))
+        except AggregatorError as e:
+            raise JobError(str(e)) from None
+        if self.redis.store is None or self.functions.invoker is None:
+            raise JobError("this node's Redis or functions are not up yet")
+
+    # --- starting and stopping ------------------------------------------------------------
+
+    async def _api_start(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                spec = jobs.from_request(body, now_ms=int(time.time() * 1000))
+                self._check_can_start(spec)
+                task, uri, params, digest = await asyncio.wait_for(
+                    self._prepare(spec), PREPARE_TIMEOUT_S
+                )
+            except JobError as e:
+                raise ApiError(400, f"job refused: {e}") from None
+            except TimeoutError:
+                raise ApiError(400, "job refused: loading the task timed out") from None
+            spec = jobs.with_model(spec, task.param_count, digest)
+            record = spec.to_record()
+            job_id = JobSpec.job_id(record)
+            self._pending = job_id
+            await self.pubsub.publish(JOBS_TOPIC, record, meta=encode_jobs_meta("start", job_id))
+            await self._run(job_id, spec, record, task, uri, params, origin=self.node.key.node_id)
+        log.info("started job %s: %s", job_id, _describe(spec))
+        return {"job": job_id, **spec.summary()}
+
+    async def _api_stop(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.job_id is None or self.trainer is None or self.trainer.state != "running":
+            raise ApiError(400, "no job is running")
+        job_id = self.job_id
+        await self.pubsub.publish(JOBS_TOPIC, b"", meta=encode_jobs_meta("stop", job_id))
+        await self._stop_job(job_id, f"stopped by {self.node.key.node_id} (this node)")
+        return {"job": job_id, "state": self.state}
+
+    async def _run(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        record: bytes,
+        task: Task,
+        uri: str | None,
+        params: np.ndarray,
+        *,
+        origin: str,
+    ) -> None:
+        if self.trainer is not None:
+            await self.trainer.stop("replaced by a new job")
+        self.job_id, self.spec = job_id, spec
+        self.state, self.detail = "running", f"started by {origin}"
+        write_secret(self.dir / "job.rec", record)
+        cfg = self.node.config
+        assert self.redis.store is not None and self.functions.invoker is not None
+        env = TrainerEnv(
+            node_id=self.node.key.node_id,
+            store=self.redis.store,
+            invoker=self.functions.invoker,
+            pubsub=self.pubsub,
+            redis_target=self.redis.function_target(),
+            data=DataSlice(shard=self._shard(), batch_size=spec.batch_size, uri=uri),
+            task=task,
+            invoke_timeout_s=cfg.invoke.timeout_s,
+            min_slice_fraction=cfg.training.min_slice_fraction,
+            round_config=cfg.round_config(),
+            counters=self.node.counters,
+        )
+        self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)
+        await self.trainer.start(params)
+        self._persist()
+        self._pending = None
+        early, self._early = list(self._early), deque(maxlen=EARLY_MAX)
+        for msg, meta in early:
+            # Accepted unchecked while the job was pending: the machine checks them now.
+            info = Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)
+            if meta.job == job_id and self.trainer.validate(info, meta) is Verdict.ACCEPT:
+                await self.trainer.deliver(msg, meta)
+
+    async def _stop_job(self, job_id: str, why: str) -> None:
+        if self.job_id != job_id or self.trainer is None:
+            return
+        await self.trainer.stop(why)
+        self.state, self.detail = "stopped", why
+        log.info("job %s %s", job_id, why)
+        self._persist()
+
+    def _finished(self, trainer: Trainer) -> None:
+        if trainer is not self.trainer:
+            return
+        self.state = "done" if trainer.state == "done" else "stopped"
+        self.detail = trainer.detail
+        self._persist()
+
+    def _persist(self) -> None:
+        if self.job_id is None:
+            return
+        info = {"job": self.job_id, "state": self.state, "detail": self.detail}
+        if self.trainer is not None:
+            info |= {
+                "round": self.trainer.completed,
+                "model_digest": self.trainer.digest.hex() if self.trainer.digest else None,
+            }
+        write_secret(self.dir / "job.json", json.dumps(info).encode())
+
+    def _load_persisted(self) -> None:
+        """A restarted daemon knows its job (resuming it is state sync's business)."""
+        rec_path, info_path = self.dir / "job.rec", self.dir / "job.json"
+        if not rec_path.exists():
+            return
+        try:
+            record = _read_small(rec_path, jobs.MAX_RECORD)
+            spec = JobSpec.from_record(record)
+            info = json.loads(_read_small(info_path, 65536)) if info_path.exists() else {}
+        except (OSError, ValueError, JobError) as e:
+            log.warning("ignoring the saved job in %s: %s", self.dir, e)
+            return
+        self.job_id, self.spec = JobSpec.job_id(record), spec
+        saved = info.get("state")
+        self.state = "done" if saved == "done" else "stopped"
+        self.detail = "daemon restarted" if saved == "running" else str(info.get("detail", ""))
+        self._saved = info
+        log.info("known job %s (%s) from the data dir: %s", self.job_id, spec.task, self.state)
+
+    # --- gossip ----------------------------------------------------------------------------
+
+    def _validate_jobs(self, info: Info) -> Verdict:
+        try:
+            kind, job_id = decode_jobs_meta(info.meta)
+        except DecodeError:
+            return Verdict.REJECT
+        if kind == "start":
+            if info.size > jobs.MAX_RECORD:
+                return Verdict.REJECT
+            if self._pending is None and (self.trainer is None or self.trainer.state != "running"):
+                # Known before the body arrives: this job's first gradients may be
+                # validated before its record has been checked.
+                self._pending = job_id
+        return Verdict.ACCEPT
+
+    async def _on_jobs(self, msg: Message) -> None:
+        try:
+            kind, job_id = decode_jobs_meta(msg.meta)
+        except DecodeError:
+            return
+        if kind == "stop":
+            await self._stop_job(job_id, f"stopped by {msg.origin}")
+            return
+        record = await msg.read()
+        async with self._lock:
+            await self._accept_remote(job_id, record, msg.origin)
+
+    async def _accept_remote(self, job_id: str, record: bytes, origin: str) -> None:
+        if job_id == self.job_id:
+            return
+        try:
+            if JobSpec.job_id(record) != job_id:
+                raise JobError("the record does not hash to its job id")
+            spec = JobSpec.from_record(record)
+            self._check_can_start(spec)
+            task, uri, params, digest = await asyncio.wait_for(
+                self._prepare(spec), PREPARE_TIMEOUT_S
+            )
+            if task.param_count != spec.param_count or digest != spec.init_digest:
+                raise JobError(
+                    "this node builds different initial parameters than the starter "
+                    "(a different torch or task version?)"
+                )
+        except (JobError, TimeoutError) as e:
+            why = str(e) or "preparing the task timed out"
+            self.node.counters["training.jobs_refused"] += 1
+            log.warning("refusing job %s from %s: %s", job_id, origin, why)
+            if self._pending == job_id:
+                self._pending = None
+            if self.trainer is None or self.trainer.state != "running":
+                self.detail = f"refused job {job_id}: {why}"
+            # Tell the others not to wait for this node's gradients.
+            meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
+            await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
+            return
+        await self._run(job_id, spec, record, task, uri, params, origin=origin)
+        log.info("joined job %s from %s: %s", job_id, origin, _describe(spec))
+
+    def _validate_train(self, info: Info) -> Verdict:
+        try:
+            meta = decode_train_meta(info.meta)
+        except DecodeError:
+            return Verdict.REJECT
+        if self.trainer is not None and meta.job == self.job_id and self.state == "running":
+            return self.trainer.validate(info, meta)
+        if meta.job == self._pending:
+            return Verdict.ACCEPT  # kept in _early until the job starts, then validated
+        self.node.counters["training.gradient_rejected.job"] += 1
+        return Verdict.IGNORE
+
+    async def _on_train(self, msg: Message) -> None:
+        try:
+            meta = decode_train_meta(msg.meta)
+        except DecodeError:
+            return
+        if self.trainer is not None and meta.job == self.job_id and self.state == "running":
+            await self.trainer.deliver(msg, meta)
+        elif meta.job == self._pending:
+            self._early.append((msg, meta))
+
+    def _on_member(self, ev: Any) -> None:
+        t = self.trainer
+        if t is None or t.state != "running":
+            return
+        if ev.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REMOVED):
+            t.member_gone(ev.node_id)
+        elif ev.kind in (EventKind.JOINED, EventKind.ALIVE):
+            t.member_alive(ev.node_id)
+
+    # --- status ----------------------------------------------------------------------------
+
+    def _block(self) -> dict[str, Any]:
+        t = self.trainer
+        st = t.status() if t is not None else {}
+        saved = self._saved if t is None else {}
+        return {
+            "job": self.job_id,
+            "state": self.state,
+            "detail": self.detail,
+            "round": st.get("round", saved.get("round", 0)),
+            "model_digest": st.get("model_digest", saved.get("model_digest")),
+            "loss": st.get("loss"),
+            "accuracy": st.get("accuracy"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"training": self._block()}
+
+    async def _api_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        t = self.trainer
+        out = self._block()
+        out["job"] = (
+            {"id": self.job_id, **self.spec.summary()}
+            if self.job_id is not None and self.spec is not None
+            else None
+        )
+        out["history"] = [r.to_json() for r in t.history] if t is not None else []
+        out["rounds"] = t.m.status() if t is not None else None
+        return out
+
+
+def _describe(spec: JobSpec) -> str:
+    return (
+        f"task={spec.task} rounds={spec.rounds} aggregator={spec.aggregator} f={spec.f} "
+        f"batch={spec.batch_size} functions={spec.functions_per_round} "
+        f"optimizer={spec.optimizer} lr={spec.lr}"
+    )
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data

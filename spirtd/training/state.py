@@ -1,0 +1,90 @@
+"""A job's model state in Redis: where each tensor lives and what the digest covers.
+
+The state is the parameters, the optimizer's tensors (SGD's momentum buffer;
+Adam's two moments, whose step number is the round), centered clipping's
+previous aggregate when that rule runs, and the number of completed rounds.
+The digest covers exactly that, so two peers with equal digests will compute
+equal updates from equal gradients, and state sync (next issue) moves exactly
+what the digest names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from spirtd.redis.store import TensorStore
+from spirtd.training.job import JobSpec
+
+DIGEST_DOMAIN = b"spirt.state.v1\x00"
+ABSENT = "absent"  # a state tensor that does not exist yet (momentum before step 1)
+
+
+class StateKeys:
+    """Redis key names for one job. The prefix holds the job id, so two jobs
+    (or an old job's leftovers) never share a key."""
+
+    def __init__(self, job_id: str) -> None:
+        self.prefix = f"spirt:{job_id}:"
+        p = self.prefix
+        self.theta = p + "theta"
+        self.buf = p + "opt:buf"
+        self.m = p + "opt:m"
+        self.v = p + "opt:v"
+        self.agg = p + "agg"
+        self.agg_prev = p + "agg:prev"
+
+    def slice(self, round: int, index: int) -> str:
+        return f"{self.prefix}g:{round}:s:{index}"
+
+    def local(self, round: int) -> str:
+        return f"{self.prefix}g:{round}:local"
+
+    def peer(self, round: int, node_id: str) -> str:
+        return f"{self.prefix}g:{round}:p:{node_id}"
+
+    def round_pattern(self, round: int) -> str:
+        return f"{self.prefix}g:{round}:*"
+
+    def state_tensors(self, spec: JobSpec) -> list[tuple[str, str]]:
+        """(role, key) of every tensor in the state, in digest order."""
+        out = [("theta", self.theta)]
+        if spec.optimizer == "sgd" and spec.momentum > 0:
+            out.append(("buf", self.buf))
+        if spec.optimizer == "adam":
+            out += [("m", self.m), ("v", self.v)]
+        if spec.rule.rule == "cclip":
+            out.append(("agg_prev", self.agg_prev))
+        return out
+
+
+async def tensor_digests(store: TensorStore, keys: list[tuple[str, str]]) -> list[str]:
+    out = []
+    for _, key in keys:
+        out.append(await store.digest(key) if await store.exists(key) else ABSENT)
+    return out
+
+
+def state_digest(job_id: str, completed: int, roles: list[str], digests: list[str]) -> bytes:
+    """BLAKE2b-256 over the job, the completed-round count and each tensor's digest."""
+    h = hashlib.blake2b(DIGEST_DOMAIN, digest_size=32)
+    h.update(job_id.encode())
+    h.update(struct.pack(">Q", completed))
+    for role, d in zip(roles, digests, strict=True):
+        h.update(role.encode() + b"=" + d.encode() + b";")
+    return h.digest()
+
+
+async def digest_of(store: TensorStore, job_id: str, spec: JobSpec, completed: int) -> bytes:
+    keys = StateKeys(job_id).state_tensors(spec)
+    digests = await tensor_digests(store, keys)
+    return state_digest(job_id, completed, [r for r, _ in keys], digests)
+
+
+async def initialise(store: TensorStore, job_id: str, spec: JobSpec, params: np.ndarray) -> None:
+    """Writes round 0's state: the initial parameters and no optimizer history."""
+    keys = StateKeys(job_id)
+    await store.delete(*[k for _, k in keys.state_tensors(spec) if k != keys.theta])
+    await store.put(keys.theta, params)

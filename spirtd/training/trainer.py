@@ -1,0 +1,512 @@
+"""The trainer: one job's rounds on this node, the asyncio shell around protocol.rounds.
+
+The round machine decides; this file does what it asks and tells it what
+happened. Per round:
+
+1. ``InvokeFunctions``: W gradient functions on slices of this peer's minibatch
+   (drawn from job seed, round and node id), then SPIRT.MEAN weighted by each
+   slice's sample count gives the local gradient;
+2. ``PublishState`` / ``PublishGradient``: the heads-up and the gradient go out on
+   the training topic (the body on the large-payload path);
+3. incoming gradients are checked by the machine before their bodies move, then
+   written into Redis (non-finite values refused there) and counted;
+4. ``Aggregate``: the job's rule over the contributors in node-id order, the
+   optimizer step, and the new state digest, all inside Redis;
+5. ``Evaluate``: test accuracy on the due rounds.
+
+Nothing here blocks the loop: Redis calls are awaited, torch evaluation runs on
+a thread, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocol.gossip import Verdict
+from protocol.rounds import (
+    Aggregate,
+    Diverged,
+    Evaluate,
+    Finished,
+    GradientRejected,
+    InvokeFunctions,
+    LeftView,
+    PublishGradient,
+    PublishState,
+    QuorumWait,
+    RoundClosed,
+    RoundConfig,
+    RoundMachine,
+)
+from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
+from spirtd.functions.invoker import Invoker
+from spirtd.pubsub.service import Info, Message, PubSub
+from spirtd.redis.store import StoreError, TensorStore
+from spirtd.tasks import Task
+from spirtd.training import state
+from spirtd.training.job import JobSpec
+from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
+from spirtd.training.state import StateKeys
+
+log = logging.getLogger("spirtd.training")
+
+HISTORY_MAX = 2000  # rounds kept for `train status`
+SLICE_TTL_S = 600
+TICK_MAX_S = 1.0  # the timer wakes at least this often, deadline or not
+
+
+@dataclass
+class TrainerEnv:
+    """What a trainer needs of the node: the other services and this node's facts."""
+
+    node_id: str
+    store: TensorStore
+    invoker: Invoker
+    pubsub: PubSub
+    redis_target: RedisTarget
+    data: DataSlice  # shard and dataset location; seed and batch are filled per round
+    task: Task  # this node's instance, for evaluation
+    invoke_timeout_s: float
+    min_slice_fraction: float
+    round_config: RoundConfig
+    counters: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    contributors: list[str]
+    duration_s: float
+    closed_by: str
+    loss: float | None
+    model_digest: str
+    accuracy: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    wait_s: float = 0.0  # round begin to close: what the deadline bounds
+    deadline_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "contributors": self.contributors,
+            "duration_s": round(self.duration_s, 4),
+            "model_digest": self.model_digest,
+            "closed_by": self.closed_by,
+            "wait_s": round(self.wait_s, 4),
+            "deadline_s": round(self.deadline_s, 3),
+            "phases": {k: round(v, 5) for k, v in self.phases.items()},
+        }
+
+
+def minibatch_seed(job_seed: int, round: int, node_id: str) -> int:
+    """The seed of this node's minibatch in ``round``: fixed by the job, different per peer."""
+    h = hashlib.blake2b(f"{job_seed}:{round}:{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
+class Trainer:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        env: TrainerEnv,
+        members: list[str],
+        on_finish: Callable[[Trainer], None],
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.env = env
+        self.keys = StateKeys(job_id)
+        self.rule = spec.rule
+        self.state = "starting"
+        self.detail = ""
+        self.history: deque[RoundRecord] = deque(maxlen=HISTORY_MAX)
+        self.digest = b""
+        self.completed = 0
+        self.last_accuracy: float | None = None
+        self.m = RoundMachine(
+            self_id=env.node_id,
+            job_id=job_id,
+            rounds=spec.rounds,
+            min_contributors=self.rule.min_peers(),
+            eval_every=spec.eval_every,
+            param_count=spec.param_count,
+            members=members,
+            config=env.round_config,
+        )
+        self._on_finish = on_finish
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._work: set[asyncio.Task[None]] = set()
+        # Per round: losses reported by contributors, phase timings, stored keys.
+        self._losses: dict[int, dict[str, float]] = {}
+        self._phases: dict[int, dict[str, float]] = {}
+        self._stored: dict[int, set[str]] = {}
+        # Closed rounds: the event, when we saw it, and the deadline the round had.
+        self._closed: dict[int, tuple[RoundClosed, float, float]] = {}
+        self._records: dict[int, RoundRecord] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, initial: np.ndarray) -> None:
+        await state.initialise(self.env.store, self.job_id, self.spec, initial)
+        self.digest = await state.digest_of(self.env.store, self.job_id, self.spec, 0)
+        self.state = "running"
+        self.m.begin(1, self.digest, time.monotonic())
+        self._loop_task = asyncio.create_task(self._run(), name=f"trainer-{self.job_id[:8]}")
+
+    async def stop(self, why: str) -> None:
+        if self.state in ("running", "starting"):
+            self.state = "stopped"
+            self.detail = why
+        for t in [*self._work, *([self._loop_task] if self._loop_task else [])]:
+            t.cancel()
+        await asyncio.gather(*self._work, return_exceptions=True)
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def _run(self) -> None:
+        while self.state == "running":
+            self._pump()
+            dl = self.m.next_deadline()
+            wait = TICK_MAX_S if dl is None else min(TICK_MAX_S, max(0.0, dl - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            self.m.tick(time.monotonic())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t = asyncio.create_task(coro, name=name)
+        self._work.add(t)
+        t.add_done_callback(self._work_done)
+
+    def _work_done(self, t: asyncio.Task[None]) -> None:
+        self._work.discard(t)
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:
+            self._fail(f"{t.get_name()} failed: {exc}")
+
+    def _fail(self, why: str) -> None:
+        if self.state != "running":
+            return
+        log.error("job %s failed: %s", self.job_id[:12], why)
+        self.state = "failed"
+        self.detail = why
+        self._wake.set()
+        self._on_finish(self)
+
+    # --- the machine ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        for a in self.m.actions():
+            if isinstance(a, InvokeFunctions):
+                self._spawn(self._compute(a.round), f"compute-{a.round}")
+            elif isinstance(a, PublishState):
+                meta = StateMeta(self.job_id, a.round, a.digest, a.participating).encode()
+                self._spawn(self._publish(b"", meta), f"heads-up-{a.round}")
+            elif isinstance(a, PublishGradient):
+                self._spawn(self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}")
+            elif isinstance(a, Aggregate):
+                self._spawn(self._aggregate(a.round, a.contributors), f"aggregate-{a.round}")
+            elif isinstance(a, Evaluate):
+                self._spawn(self._evaluate(a.round), f"evaluate-{a.round}")
+            elif isinstance(a, Finished):
+                self._finished(a.round)
+        for ev in self.m.events():
+            self._on_event(ev)
+
+    def _on_event(self, ev: Any) -> None:
+        c = self.env.counters
+        if isinstance(ev, RoundClosed):
+            self._closed[ev.round] = (ev, time.monotonic(), self.m.deadline_s)
+            c[f"training.rounds_closed.{ev.reason}"] += 1
+        elif isinstance(ev, GradientRejected):
+            c[f"training.gradient_rejected.{ev.reason}"] += 1
+            log.debug("gradient from %s for round %d rejected: %s", ev.origin, ev.round, ev.reason)
+            self._forget_body(ev.round, ev.origin)
+        elif isinstance(ev, Diverged):
+            c["training.diverged_peers"] += 1
+            log.warning(
+                "peer %s holds another model at round %d (digest %s, ours %s)",
+                ev.origin,
+                ev.round,
+                ev.digest.hex()[:12],
+                self.digest.hex()[:12],
+            )
+        elif isinstance(ev, QuorumWait):
+            c["training.quorum_waits"] += 1
+            log.warning(
+                "round %d: deadline passed with %d of the %d gradients a quorum needs; waiting",
+                ev.round,
+                ev.have,
+                ev.need,
+            )
+        elif isinstance(ev, LeftView):
+            c[f"training.left_view.{ev.why}"] += 1
+            log.info("round %d: no longer waiting for %s (%s)", ev.round, ev.node_id, ev.why)
+
+    def _kick(self) -> None:
+        self._pump()
+        self._wake.set()
+
+    # --- inputs from the node -------------------------------------------------------------
+
+    def member_alive(self, node_id: str) -> None:
+        self.m.member_alive(node_id, time.monotonic())
+        self._kick()
+
+    def member_gone(self, node_id: str) -> None:
+        self.m.member_gone(node_id, time.monotonic())
+        self._kick()
+
+    def validate(self, info: Info, meta: GradientMeta | StateMeta) -> Verdict:
+        """The pub/sub validation hook: runs on the announcement, before any body byte."""
+        if isinstance(meta, StateMeta):
+            return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
+        reason = self.m.validate(
+            info.origin, meta.job, meta.round, meta.base_digest, info.size, time.monotonic()
+        )
+        self._kick()
+        if reason is None:
+            return Verdict.ACCEPT
+        # Wrong size or a second gradient for one round is misbehaviour; the rest
+        # (late, early, another model) happens to honest peers too.
+        return Verdict.REJECT if reason in ("size", "duplicate") else Verdict.IGNORE
+
+    async def deliver(self, msg: Message, meta: GradientMeta | StateMeta) -> None:
+        now = time.monotonic()
+        if isinstance(meta, StateMeta):
+            self.m.announce(msg.origin, meta.job, meta.round, meta.digest, meta.participating, now)
+            self._kick()
+            return
+        r = meta.round
+        key = self.keys.peer(r, msg.origin)
+        body = await msg.read()
+        try:
+            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"))
+        except StoreError as e:
+            self.env.counters["training.gradient_rejected.nonfinite"] += 1
+            log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
+            self.m.reject(msg.origin, r, "nonfinite", time.monotonic())
+            self._kick()
+            return
+        self._stored.setdefault(r, set()).add(key)
+        reason = self.m.receive(
+            msg.origin, meta.job, r, meta.base_digest, msg.size, time.monotonic()
+        )
+        if reason is None:
+            self._losses.setdefault(r, {})[msg.origin] = meta.loss
+        else:
+            await self.env.store.delete(key)
+        self._kick()
+
+    def _forget_body(self, round: int, origin: str) -> None:
+        key = self.keys.peer(round, origin)
+        stored = self._stored.get(round)
+        if stored is not None and key in stored:
+            stored.discard(key)
+            self._spawn(self.env.store.delete(key), f"forget-{round}")
+
+    # --- actions --------------------------------------------------------------------------
+
+    async def _publish(self, body: bytes, meta: bytes) -> None:
+        await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
+
+    async def _compute(self, r: int) -> None:
+        env, spec = self.env, self.spec
+        t0 = time.perf_counter()
+        data = DataSlice(
+            shard=env.data.shard,
+            batch_size=spec.batch_size,
+            seed=minibatch_seed(spec.seed, r, env.node_id),
+            slices=spec.functions_per_round,
+            uri=env.data.uri,
+        )
+        events = [
+            GradientEvent(
+                job=self.job_id,
+                round=r,
+                slice=i,
+                task=spec.task,
+                task_options=spec.task_options,
+                redis=env.redis_target,
+                params_key=self.keys.theta,
+                data=data,
+                output_key=self.keys.slice(r, i),
+                ttl_seconds=SLICE_TTL_S,
+            ).to_json()
+            for i in range(spec.functions_per_round)
+        ]
+        res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
+        t1 = time.perf_counter()
+        ok = res.succeeded
+        for s in res.slices:
+            if s.error is not None:
+                env.counters["training.slice_failed"] += 1
+                log.warning("round %d slice %d failed: %s", r, s.index, s.error)
+        if not res.met_quorum or not ok:
+            self.m.local_gradient_failed(
+                r, f"{len(ok)} of {len(res.slices)} slices", time.monotonic()
+            )
+            self._kick()
+            return
+        weights = [float(s.result["samples"]) for s in ok]  # type: ignore[index]
+        slice_keys = [self.keys.slice(r, s.index) for s in ok]
+        await env.store.mean(self.keys.local(r), slice_keys, weights=weights)
+        await env.store.delete(*[self.keys.slice(r, i) for i in range(spec.functions_per_round)])
+        t2 = time.perf_counter()
+        loss = sum(float(s.result["loss"]) * w for s, w in zip(ok, weights, strict=True))  # type: ignore[index]
+        self._losses.setdefault(r, {})[env.node_id] = loss / sum(weights)
+        self._stored.setdefault(r, set()).add(self.keys.local(r))
+        self._phases[r] = {"functions_s": t1 - t0, "averaging_s": t2 - t1}
+        self._samples = int(sum(weights))
+        self.m.local_gradient_ready(r, time.monotonic())
+        self._kick()
+
+    async def _publish_gradient(self, r: int, base: bytes) -> None:
+        t0 = time.perf_counter()
+        body = await self.env.store.client.get(self.keys.local(r))
+        if body is None:
+            raise RuntimeError(f"local gradient for round {r} vanished from Redis")
+        meta = GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
+        await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
+        self._phases.setdefault(r, {})["publish_s"] = time.perf_counter() - t0
+        self._phases[r]["ready_at"] = time.monotonic()
+
+    async def _aggregate(self, r: int, contributors: tuple[str, ...]) -> None:
+        env, spec, keys = self.env, self.spec, self.keys
+        me = env.node_id
+        t0 = time.perf_counter()
+        inputs = [keys.local(r) if c == me else keys.peer(r, c) for c in contributors]
+        previous = keys.agg_prev if await env.store.exists(keys.agg_prev) else None
+        await self.rule.run(env.store, keys.agg, inputs, previous=previous)
+        t1 = time.perf_counter()
+        if spec.optimizer == "adam":
+            await env.store.adam(
+                keys.theta,
+                keys.agg,
+                m=keys.m,
+                v=keys.v,
+                step=r,
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
+            )
+        else:
+            await env.store.sgd(
+                keys.theta,
+                keys.agg,
+                lr=spec.lr,
+                momentum=spec.momentum,
+                buf=keys.buf if spec.momentum > 0 else None,
+                weight_decay=spec.weight_decay,
+            )
+        if self.rule.rule == "cclip":
+            await env.store.mean(keys.agg_prev, [keys.agg])
+        t2 = time.perf_counter()
+        digest = await state.digest_of(env.store, self.job_id, spec, r)
+        t3 = time.perf_counter()
+        stale = [k for rr in [x for x in self._stored if x <= r] for k in self._stored.pop(rr)]
+        if stale:
+            await env.store.delete(*stale)
+        closed, closed_at, deadline_s = self._closed.pop(r, (None, 0.0, 0.0))
+        phases = self._phases.pop(r, {})
+        ready_at = phases.pop("ready_at", None)
+        if ready_at is not None and closed is not None:
+            # From our gradient going out to the round closing: the wait for the others.
+            phases["dissemination_s"] = max(0.0, closed_at - ready_at)
+        phases |= {"aggregation_s": t1 - t0, "update_s": t2 - t1, "digest_s": t3 - t2}
+        losses = self._losses.pop(r, {})
+        picked = [losses[c] for c in contributors if c in losses]
+        rec = RoundRecord(
+            round=r,
+            contributors=list(contributors),
+            duration_s=closed.duration_s + (t3 - t0) if closed else t3 - t0,
+            closed_by=closed.reason if closed else "?",
+            loss=float(np.mean(picked)) if picked else None,
+            model_digest=digest.hex(),
+            phases=phases,
+            wait_s=closed.duration_s if closed else 0.0,
+            deadline_s=deadline_s,
+        )
+        self._records[r] = rec
+        self.history.append(rec)
+        self.digest = digest
+        self.completed = r
+        env.counters["training.rounds"] += 1
+        due = r % spec.eval_every == 0 or r == spec.rounds
+        if not due:
+            self._log_round(rec)
+        self.m.aggregated(r, digest, time.monotonic())
+        self._kick()
+
+    async def _evaluate(self, r: int) -> None:
+        params = await self.env.store.get(self.keys.theta)
+        ev = await asyncio.to_thread(self.env.task.evaluate, params)
+        rec = self._records.pop(r, None)
+        self.last_accuracy = ev.accuracy
+        if rec is not None:
+            rec.accuracy = ev.accuracy
+            self._log_round(rec, test_loss=ev.loss)
+        for old in [x for x in self._records if x < r]:
+            del self._records[old]
+
+    def _log_round(self, rec: RoundRecord, test_loss: float | None = None) -> None:
+        acc = "" if rec.accuracy is None else f" accuracy={rec.accuracy:.4f}"
+        log.info(
+            "round %d/%d loss=%s%s contributors=%d duration=%.3fs digest=%s%s",
+            rec.round,
+            self.spec.rounds,
+            "-" if rec.loss is None else f"{rec.loss:.4f}",
+            acc,
+            len(rec.contributors),
+            rec.duration_s,
+            rec.model_digest[:12],
+            "" if rec.closed_by == "complete" else f" closed_by={rec.closed_by}",
+        )
+
+    def _finished(self, r: int) -> None:
+        async def finish() -> None:
+            # The last round always evaluates; wait for it before saying done.
+            pending = [t for t in self._work if t.get_name().startswith("evaluate-")]
+            await asyncio.gather(*pending, return_exceptions=True)
+            self.state = "done"
+            log.info(
+                "job %s done after %d rounds: accuracy=%s digest=%s",
+                self.job_id[:12],
+                r,
+                "-" if self.last_accuracy is None else f"{self.last_accuracy:.4f}",
+                self.digest.hex()[:12],
+            )
+            self._wake.set()
+            self._on_finish(self)
+
+        self._spawn(finish(), f"finish-{r}")
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "state": self.state,
+            "detail": self.detail,
+            "round": self.completed,
+            "model_digest": self.digest.hex() if self.digest else None,
+            "loss": last.loss if last else None,
+            "accuracy": self.last_accuracy,
+            "machine": self.m.status(),
+        }

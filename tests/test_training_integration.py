@@ -1,0 +1,249 @@
+"""Training end to end on real processes: spirtd daemons on 127.0.0.1, each with its
+own managed redis-server (SPIRT module loaded) and local function runtime.
+
+Every job here is started through the control API that spirtctl uses (the CLI
+itself is exercised in the refusal tests), and every assertion reads what an
+operator reads: `train status` on each node.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
+from spirtd.tasks.idx import write_idx
+
+# Training integration runs are real multi-process clusters: give each a minute or more.
+pytestmark = pytest.mark.timeout(420)
+
+
+def _cluster(make_cluster: Any, n: int, extra: list[list[str]] | None = None) -> LocalCluster:
+    c: LocalCluster = make_cluster(0)
+    for i in range(n):
+        args = ["--profile", "local", "--shard", f"{i}/{n}", *(extra[i] if extra else [])]
+        c.add_node(args=args, start=False, index=i)
+    c.start()
+    everyone = {x.node_id: "alive" for x in c.nodes}
+    wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
+    return c
+
+
+def _status(n: LocalNode) -> dict[str, Any]:
+    return n.call("GET", "/v1/train/status")
+
+
+def _wait_done(nodes: list[LocalNode], timeout: float = 300) -> list[dict[str, Any]]:
+    wait_for(
+        lambda: all(_status(n)["state"] in ("done", "stopped") for n in nodes),
+        timeout,
+        "every node to finish the job",
+    )
+    return [_status(n) for n in nodes]
+
+
+def _ctl(node: LocalNode, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spirtd.control.ctl", *args, "--data-dir", str(node.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _assert_trained(statuses: list[dict[str, Any]], min_accuracy: float) -> None:
+    for s in statuses:
+        assert s["state"] == "done", s["detail"]
+        assert s["round"] == s["job"]["rounds"]
+        assert s["accuracy"] is not None and s["accuracy"] >= min_accuracy, s["accuracy"]
+    digests = {s["model_digest"] for s in statuses}
+    assert len(digests) == 1, f"peers hold different models: {digests}"
+
+
+def test_four_peers_train_digits(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 4)
+    r = _ctl(c.nodes[2], "train", "start", "--task", "digits", "--json")
+    assert r.returncode == 0, r.stderr
+    statuses = _wait_done(c.nodes)
+    _assert_trained(statuses, 0.95)
+    ids = {n.node_id for n in c.nodes}
+    for s in statuses:
+        hist = s["history"]
+        assert [h["round"] for h in hist] == list(range(1, s["round"] + 1))
+        # Nobody crashed or lagged: every round aggregated all four, in node-id order.
+        assert all(h["contributors"] == sorted(ids) for h in hist)
+        assert all(h["closed_by"] == "complete" for h in hist)
+        evaluated = [h["round"] for h in hist if h["accuracy"] is not None]
+        assert evaluated[-1] == s["round"] and all(r % 10 == 0 for r in evaluated)
+    # `spirtctl status` carries the same facts in its training block.
+    st = c.nodes[0].status()["training"]
+    assert st["state"] == "done" and st["model_digest"] == statuses[0]["model_digest"]
+    assert st["accuracy"] == statuses[0]["accuracy"]
+
+
+def test_peer_killed_mid_job(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 4)
+    victim, survivors = c.nodes[1], [c.nodes[0], *c.nodes[2:]]
+    r = c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": 260})
+    job = r["job"]
+    wait_for(lambda: _status(c.nodes[0])["round"] >= 40, 120, "round 40")
+    victim.kill()
+    killed_at = _status(c.nodes[0])["round"]
+    statuses = _wait_done(survivors)
+    _assert_trained(statuses, 0.95)
+    for s in statuses:
+        assert s["job"]["id"] == job
+        for h in s["history"]:
+            # The deadline bounds every wait (a little slack for the timer's wake-up).
+            assert h["wait_s"] <= h["deadline_s"] + 0.5, h
+        # A few rounds after the kill the victim is out of every round.
+        late = [h for h in s["history"] if h["round"] > killed_at + 5]
+        assert late and all(victim.node_id not in h["contributors"] for h in late)
+        assert all(len(h["contributors"]) == 3 for h in late)
+
+
+def _learnable_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
+    """IDX files in MNIST's layout whose classes can be told apart: each class lights
+    its own band of rows, plus noise."""
+    rng = np.random.default_rng(7)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y + 3 : 2 * y + 6, 4:24] = 220
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def test_mnist_from_idx_files(make_cluster: Any, short_tmp: Path) -> None:
+    (short_tmp / "mnist-data").mkdir()
+    data = _learnable_mnist(short_tmp / "mnist-data")
+    dataset = ["--dataset", f"mnist={data}"]
+    c = _cluster(make_cluster, 2, [dataset, dataset])
+    r = _ctl(c.nodes[0], "train", "start", "--task", "mnist", "--rounds", "30", "--json")
+    assert r.returncode == 0, r.stderr
+    statuses = _wait_done(c.nodes)
+    _assert_trained(statuses, 0.9)
+    assert statuses[0]["job"]["params"] == 784 * 128 + 128 + 128 * 10 + 10
+
+
+@pytest.fixture(scope="module")
+def refusing_peers() -> Iterator[LocalCluster]:
+    """Three peers shared by the refusal tests: a refused job leaves nothing behind."""
+    root = Path(tempfile.mkdtemp(prefix="spt-"))
+    made: list[LocalCluster] = []
+
+    def make(n: int) -> LocalCluster:
+        made.append(LocalCluster(root, n))
+        return made[-1]
+
+    try:
+        yield _cluster(make, 3)
+    finally:
+        for c in made:
+            c.kill_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def three_peers(make_cluster: Any) -> LocalCluster:
+    return _cluster(make_cluster, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--task", "digits", "--task-arg", "colour=red"], "unknown option(s) colour"),
+        (["--task", "digits", "--task-arg", "path=/etc"], "a job never carries a path"),
+        (["--task", "mnist"], "--dataset mnist=DIR"),
+        (["--task", "os:system"], "not in the allowed task modules"),
+        (["--task", "digits", "--aggregator", "krum", "--f", "1"], "needs at least 5 peers"),
+        (["--task", "digits", "--aggregator", "median", "--f", "2"], "needs at least 5 peers"),
+        (["--task", "digits", "--aggregator", "bogus"], "unknown rule 'bogus'"),
+        (["--task", "digits", "--lr", "-1"], "lr: must be a number"),
+        (["--task", "digits", "--rounds", "0"], "rounds: must be an integer"),
+        (["--task", "digits", "--batch-size", "2", "--functions-per-round", "3"], "cannot split"),
+    ],
+)
+def test_bad_jobs_are_refused_everywhere(
+    refusing_peers: LocalCluster, args: list[str], message: str
+) -> None:
+    r = _ctl(refusing_peers.nodes[1], "train", "start", *args)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "job refused" in lines[0] and message in lines[0], lines
+    time.sleep(0.5)  # anything published would have reached the others by now
+    for n in refusing_peers.nodes:
+        s = _status(n)
+        assert s["job"] is None and s["state"] == "idle", s
+
+
+def test_second_job_refused_and_stop_reaches_everyone(three_peers: LocalCluster) -> None:
+    a, b, c = three_peers.nodes
+    r = _ctl(a, "train", "start", "--task", "digits", "--rounds", "100000", "--json")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: all(_status(n)["round"] >= 2 for n in (a, b, c)), 120, "round 2 everywhere")
+    r2 = _ctl(b, "train", "start", "--task", "digits")
+    assert r2.returncode == 1 and "already running" in r2.stderr
+    r3 = _ctl(c, "train", "stop")
+    assert r3.returncode == 0, r3.stderr
+    wait_for(lambda: all(_status(n)["state"] == "stopped" for n in (a, b, c)), 30, "stop")
+    rounds = [_status(n)["round"] for n in (a, b, c)]
+    time.sleep(1.0)
+    assert [_status(n)["round"] for n in (a, b, c)] == rounds  # nothing runs any more
+    # A stopped job frees the node for the next one.
+    assert _ctl(b, "train", "start", "--task", "digits", "--rounds", "3").returncode == 0
+
+
+def test_training_without_the_module(make_cluster: Any, short_tmp: Path) -> None:
+    """Plain redis-servers (no SPIRT module): averaging, aggregation and the update run
+    client-side with torch, and the peers still agree bit for bit."""
+    servers, extra = [], []
+    try:
+        for i in range(2):
+            d = short_tmp / f"plain{i}"
+            d.mkdir()
+            sock = d / "redis.sock"
+            servers.append(
+                subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        "0",
+                        "--unixsocket",
+                        str(sock),
+                        "--unixsocketperm",
+                        "700",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(d),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            wait_for(sock.exists, 10, "redis-server socket")
+            extra.append(["--redis-url", f"unix://{sock}"])
+        c = _cluster(make_cluster, 2, extra)
+        assert all(n.status()["redis"]["module"] is False for n in c.nodes)
+        c.nodes[1].call("POST", "/v1/train/start", {"task": "digits", "rounds": 40})
+        statuses = _wait_done(c.nodes)
+        _assert_trained(statuses, 0.85)
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()

@@ -1,0 +1,173 @@
+"""Job records, aggregator bounds and training message codecs (no processes)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import strictpack
+from protocol.errors import DecodeError
+from spirtd.config import ConfigError, load
+from spirtd.training import job as jobs
+from spirtd.training.aggregators import Aggregator, AggregatorError
+from spirtd.training.job import JobError, JobSpec
+from spirtd.training.messages import (
+    GradientMeta,
+    StateMeta,
+    decode_jobs_meta,
+    decode_train_meta,
+    encode_jobs_meta,
+)
+
+
+def test_request_gets_the_tasks_defaults() -> None:
+    spec = jobs.from_request({"task": "digits"}, now_ms=1)
+    assert (spec.optimizer, spec.lr, spec.rounds) == ("adam", 0.01, 200)
+    assert spec.aggregator == "mean" and spec.f == 0
+    custom = jobs.from_request({"task": "digits", "lr": 1, "rounds": 5}, now_ms=1)
+    assert custom.lr == 1.0 and isinstance(custom.lr, float) and custom.rounds == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "task: required"),
+        ({"task": "digits", "colour": 1}, "unknown job setting(s): colour"),
+        ({"task": "digits", "rounds": 0}, "rounds"),
+        ({"task": "digits", "rounds": True}, "rounds"),
+        ({"task": "digits", "lr": 0}, "lr"),
+        ({"task": "digits", "lr": float("nan")}, "lr"),
+        ({"task": "digits", "momentum": 1.0}, "momentum"),
+        ({"task": "digits", "momentum": 0.5}, "applies to sgd only"),
+        ({"task": "digits", "optimizer": "lbfgs"}, "optimizer"),
+        ({"task": "digits", "eval_every": 0}, "eval_every"),
+        ({"task": "digits", "aggregator": "nnm+bogus"}, "unknown rule"),
+        ({"task": "digits", "batch_size": 1, "functions_per_round": 2}, "cannot split"),
+        ({"task": "digits", "param_count": 5}, "unknown job setting"),
+    ],
+)
+def test_bad_requests(body: dict, message: str) -> None:
+    with pytest.raises(JobError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        jobs.from_request(body, now_ms=1)
+
+
+def test_record_round_trip_and_id_binds_every_byte() -> None:
+    spec = jobs.with_model(
+        jobs.from_request({"task": "digits", "task_options": {"hidden": 32}}, now_ms=5), 2410, "ab"
+    )
+    record = spec.to_record()
+    assert JobSpec.from_record(record) == spec
+    job_id = JobSpec.job_id(record)
+    assert len(job_id) == 32
+    other = jobs.with_model(spec, 2410, "ac").to_record()
+    assert JobSpec.job_id(other) != job_id
+
+
+def test_records_from_the_network_are_checked() -> None:
+    good = jobs.with_model(jobs.from_request({"task": "digits"}, now_ms=5), 10, "x").to_record()
+    obj = strictpack.unpack(good)
+    for change, message in [
+        ({"rounds": -1}, "rounds"),
+        ({"rounds": "many"}, "wrong type"),
+        ({"lr": True}, "wrong type"),
+        ({"extra": 1}, "unknown field"),
+        ({"v": 2}, "unknown version"),
+        ({"task_options": {"k": [1, 2]}}, "scalars"),
+    ]:
+        with pytest.raises(JobError, match=message):
+            JobSpec.from_record(strictpack.pack({**obj, **change}))
+    missing = dict(obj)
+    del missing["seed"]
+    with pytest.raises(JobError, match="lacks seed"):
+        JobSpec.from_record(strictpack.pack(missing))
+    with pytest.raises(JobError, match="exceeds"):
+        JobSpec.from_record(b"\x00" * (jobs.MAX_RECORD + 1))
+    with pytest.raises(JobError, match="does not decode"):
+        JobSpec.from_record(b"\xc1")
+
+
+@pytest.mark.parametrize(
+    ("name", "f", "need"),
+    [
+        ("mean", 0, 1),
+        ("mean", 3, 1),
+        ("median", 1, 3),
+        ("trimmed_mean", 2, 5),
+        ("geomed", 1, 3),
+        ("cclip", 1, 3),
+        ("krum", 1, 5),
+        ("multi_krum", 2, 7),
+        ("nnm+krum", 1, 5),
+        ("nnm+median", 3, 7),
+    ],
+)
+def test_aggregator_membership_bounds(name: str, f: int, need: int) -> None:
+    agg = Aggregator.parse(name, f)
+    assert agg.min_peers() == need
+    agg.check_membership(need)
+    with pytest.raises(AggregatorError, match=f"needs at least {need} peers"):
+        agg.check_membership(need - 1) if need > 1 else agg.check_membership(0)
+
+
+def test_meta_round_trips() -> None:
+    g = GradientMeta("a" * 32, 7, b"\x01" * 32, 64, 0.25)
+    assert decode_train_meta(g.encode()) == g
+    s = StateMeta("b" * 32, 3, b"\x02" * 32, False)
+    assert decode_train_meta(s.encode()) == s
+    assert decode_jobs_meta(encode_jobs_meta("stop", "c" * 32)) == ("stop", "c" * 32)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        ["g", "a" * 32, 1, b"\x00" * 31, 1, 0.0],  # short digest
+        ["g", "a" * 31, 1, b"\x00" * 32, 1, 0.0],  # short job id
+        ["g", "a" * 32, -1, b"\x00" * 32, 1, 0.0],
+        ["g", "a" * 32, True, b"\x00" * 32, 1, 0.0],
+        ["g", "a" * 32, 1, b"\x00" * 32, 1, float("inf")],
+        ["g", "a" * 32, 1, b"\x00" * 32, 1],
+        ["s", "a" * 32, 1, b"\x00" * 32, 1],  # participating must be a bool
+        ["x"],
+        {"g": 1},
+    ],
+)
+def test_bad_meta_is_refused(obj: object) -> None:
+    with pytest.raises(DecodeError):
+        decode_train_meta(strictpack.pack(obj))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_meta_decoders_never_crash(data: bytes) -> None:
+    for decode in (decode_train_meta, decode_jobs_meta):
+        with contextlib.suppress(DecodeError):
+            decode(data)
+
+
+def test_dataset_and_shard_settings(tmp_path: Path) -> None:
+    cfg = load(None, {"data_dir": str(tmp_path), "datasets": ["mnist=/srv/mnist"], "shard": "1/4"})
+    assert cfg.datasets == {"mnist": "/srv/mnist"} and cfg.shard == "1/4"
+    toml = tmp_path / "c.toml"
+    toml.write_text('[datasets]\nmnist = "/data/m"\n[training]\ndeadline_factor = 2\n')
+    cfg = load(toml, {"data_dir": str(tmp_path)})
+    assert cfg.datasets == {"mnist": "/data/m"} and cfg.training.deadline_factor == 2.0
+    for overrides, message in [
+        ({"datasets": ["mnist"]}, "expected NAME=DIR"),
+        ({"shard": "4/4"}, "shard"),
+        ({"shard": "x"}, "shard"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load(None, {"data_dir": str(tmp_path), **overrides})
+    toml.write_text('[datasets]\nmnist = "relative/dir"\n')
+    with pytest.raises(ConfigError, match="absolute"):
+        load(toml, {"data_dir": str(tmp_path)})
+    toml.write_text("[training]\ndeadline_floor_s = 0\n")
+    with pytest.raises(ConfigError, match=r"training\.deadline_floor_s"):
+        load(toml, {"data_dir": str(tmp_path)})
+    toml.write_text("[training]\nmin_slice_fraction = 0\n")
+    with pytest.raises(ConfigError, match="min_slice_fraction"):
+        load(toml, {"data_dir": str(tmp_path)})
