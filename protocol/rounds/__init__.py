@@ -25,11 +25,13 @@ from .events import (
     RoundClosed,
 )
 from .machine import RoundMachine
+from .vouch import Decision, Target, VouchTable, sync_decision
 
 __all__ = [
     "Action",
     "AdaptiveDeadline",
     "Aggregate",
+    "Decision",
     "Diverged",
     "Evaluate",
     "Event",
@@ -43,4 +45,7 @@ __all__ = [
     "RoundClosed",
     "RoundConfig",
     "RoundMachine",
+    "Target",
+    "VouchTable",
+    "sync_decision",
 ]
