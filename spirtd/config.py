@@ -84,6 +84,12 @@ class TrainingConfig:
     future_window: int = 2
     # This node's gradient counts when at least this fraction of its functions succeed.
     min_slice_fraction: float = 0.5
+    # State checkpoints in DATA_DIR/training every this many rounds (and at stop); 0: off.
+    checkpoint_every: int = 10
+    # State transfers this node serves at once to peers that sync from it.
+    max_state_serves: int = 2
+    # A state transfer that has not arrived by then is abandoned for another peer.
+    sync_timeout_s: float = 30.0
 
 
 @dataclass
@@ -139,6 +145,12 @@ class Config:
             raise ConfigError(f"training.{e}") from None
         if not 0.0 < tr.min_slice_fraction <= 1.0:
             raise ConfigError("training.min_slice_fraction: must be in (0, 1]")
+        if tr.checkpoint_every < 0:
+            raise ConfigError("training.checkpoint_every: must be >= 0 (0 turns it off)")
+        if tr.max_state_serves < 1:
+            raise ConfigError("training.max_state_serves: must be >= 1")
+        if tr.sync_timeout_s <= 0:
+            raise ConfigError("training.sync_timeout_s: must be positive")
         for name, path in self.datasets.items():
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"datasets.{name}: must be a directory path")

@@ -334,8 +334,13 @@ class RoundMachine:
         self._final_diverged.discard(node_id)
         self._maybe_close(now)
 
-    def aggregated(self, round: int, new_digest: bytes, now: float) -> None:
-        """The daemon aggregated ``round`` and updated theta to ``new_digest``."""
+    def aggregated(
+        self, round: int, new_digest: bytes, now: float, *, participate: bool | None = None
+    ) -> None:
+        """The daemon aggregated ``round`` and updated theta to ``new_digest``.
+        ``participate`` changes whether the next round computes (a peer that caught
+        up by state sync follows a round without computing, then joins in at the
+        next round start, when everyone's view can take it in); None keeps it."""
         self._now = now
         if round != self.round or self.phase != AGGREGATING:
             self.counters["late_aggregated"] += 1
@@ -356,7 +361,8 @@ class RoundMachine:
                 if r == final and d != new_digest:
                     self._final_mismatch(origin, r, d)
             return
-        self._begin(round + 1, new_digest, self.participating, now)
+        nxt = self.participating if participate is None else participate
+        self._begin(round + 1, new_digest, nxt, now)
 
     def tick(self, now: float) -> None:
         self._now = now

@@ -33,6 +33,7 @@ from spirtd.tasks import Shard, Task, TaskError, load_task
 from spirtd.tasks.sharding import ALL
 from spirtd.training import job as jobs
 from spirtd.training.aggregators import AggregatorError
+from spirtd.training.checkpoint import Checkpoints, Snapshot
 from spirtd.training.job import JobError, JobSpec
 from spirtd.training.messages import (
     DIGEST_SIZE,
@@ -44,6 +45,7 @@ from spirtd.training.messages import (
     decode_train_meta,
     encode_jobs_meta,
 )
+from spirtd.training.statesync import StateSync
 from spirtd.training.trainer import Trainer, TrainerEnv
 
 if TYPE_CHECKING:
@@ -90,11 +92,26 @@ class TrainingService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one job decision at a time
         self._saved: dict[str, Any] = {}  # what the data dir said of the job at start-up
+        self._record_bytes: bytes | None = None
+        self._refused: set[str] = set()  # jobs this node cannot run: not asked for again
+        self.sync: StateSync | None = None
+        self.checkpoints = Checkpoints(self.dir)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.sync = StateSync(
+            self.node,
+            snapshot=self._snapshot_for,
+            record=lambda job: self._record_bytes if job == self.job_id else None,
+            on_record=self._on_record,
+            max_serves=self.node.config.training.max_state_serves,
+        )
         self._load_persisted()
+        if self._saved.get("state") in ("running", "syncing") and self.spec is not None:
+            # Killed while training: pick the job up again (state from Redis, a
+            # checkpoint or the peers) without restarting it anywhere.
+            self._spawn(self._resume_persisted(), "resume")
         self.pubsub.subscribe(JOBS_TOPIC, self._on_jobs, validator=self._validate_jobs)
         self.pubsub.subscribe(TRAIN_TOPIC, self._on_train, validator=self._validate_train)
         self.membership.add_listener(self._on_member)
@@ -107,6 +124,8 @@ class TrainingService:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.sync is not None:
+            self.sync.close()
         if self.trainer is not None:
             await self.trainer.stop("daemon shutting down")
             self._persist()
@@ -209,14 +228,18 @@ class TrainingService:
         record: bytes,
         task: Task,
         uri: str | None,
-        params: np.ndarray,
+        params: np.ndarray | None,
         *,
         origin: str,
+        join: str | None = None,
     ) -> None:
+        """Runs ``job_id``: from its initial ``params``, or (``join``: why) from a state
+        established from this node's Redis, its checkpoint or the peers."""
         if self.trainer is not None:
             await self.trainer.stop("replaced by a new job")
         self.job_id, self.spec = job_id, spec
         self.state, self.detail = "running", f"started by {origin}"
+        self._record_bytes = record
         write_secret(self.dir / "job.rec", record)
         cfg = self.node.config
         assert self.redis.store is not None and self.functions.invoker is not None
@@ -231,10 +254,18 @@ class TrainingService:
             invoke_timeout_s=cfg.invoke.timeout_s,
             min_slice_fraction=cfg.training.min_slice_fraction,
             round_config=cfg.round_config(),
+            sync=self.sync,
+            checkpoints=self.checkpoints,
+            checkpoint_every=cfg.training.checkpoint_every,
+            sync_timeout_s=cfg.training.sync_timeout_s,
             counters=self.node.counters,
         )
+        assert self.sync is not None
         self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)
-        await self.trainer.start(params)
+        if params is None or join is not None:
+            await self.trainer.start_elsewhere(join or "joining")
+        else:
+            await self.trainer.start(params)
         self._persist()
         self._pending = None
         early, self._early = list(self._early), deque(maxlen=EARLY_MAX)
@@ -283,6 +314,7 @@ class TrainingService:
             log.warning("ignoring the saved job in %s: %s", self.dir, e)
             return
         self.job_id, self.spec = JobSpec.job_id(record), spec
+        self._record_bytes = record
         saved = info.get("state")
         self.state = "done" if saved == "done" else "stopped"
         self.detail = "daemon restarted" if saved == "running" else str(info.get("detail", ""))
@@ -317,8 +349,10 @@ class TrainingService:
         async with self._lock:
             await self._accept_remote(job_id, record, msg.origin)
 
-    async def _accept_remote(self, job_id: str, record: bytes, origin: str) -> None:
-        if job_id == self.job_id:
+    async def _accept_remote(
+        self, job_id: str, record: bytes, origin: str, join: str | None = None
+    ) -> None:
+        if job_id in self._refused or (job_id == self.job_id and self.trainer is not None):
             return
         try:
             if JobSpec.job_id(record) != job_id:
@@ -339,13 +373,14 @@ class TrainingService:
             log.warning("refusing job %s from %s: %s", job_id, origin, why)
             if self._pending == job_id:
                 self._pending = None
+            self._refused.add(job_id)
             if self.trainer is None or self.trainer.state != "running":
                 self.detail = f"refused job {job_id}: {why}"
             # Tell the others not to wait for this node's gradients.
             meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
             await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
             return
-        await self._run(job_id, spec, record, task, uri, params, origin=origin)
+        await self._run(job_id, spec, record, task, uri, params, origin=origin, join=join)
         log.info("joined job %s from %s: %s", job_id, origin, _describe(spec))
 
     def _validate_train(self, info: Info) -> Verdict:
@@ -357,6 +392,15 @@ class TrainingService:
             return self.trainer.validate(info, meta)
         if meta.job == self._pending:
             return Verdict.ACCEPT  # kept in _early until the job starts, then validated
+        if (
+            self.sync is not None
+            and meta.job != self.job_id
+            and meta.job not in self._refused
+            and (self.trainer is None or self.trainer.state not in ("running", "syncing"))
+        ):
+            # A job under way that this node does not know (it joined late, or was
+            # down when the job started): ask for its record.
+            self.sync.ask_job(info.origin, meta.job, time.monotonic())
         self.node.counters["training.gradient_rejected.job"] += 1
         return Verdict.IGNORE
 
@@ -369,6 +413,43 @@ class TrainingService:
             await self.trainer.deliver(msg, meta)
         elif meta.job == self._pending:
             self._early.append((msg, meta))
+
+    async def _on_record(self, job_id: str, record: bytes, origin: str) -> None:
+        """A job record we asked a peer for: join that job, through state sync."""
+        async with self._lock:
+            await self._accept_remote(job_id, record, origin, join="joining a running job")
+
+    async def _snapshot_for(self, job_id: str) -> Snapshot | None:
+        t = self.trainer
+        if t is None or job_id != self.job_id:
+            return None
+        return await t.snapshot()
+
+    async def _resume_persisted(self) -> None:
+        assert self.spec is not None and self.job_id is not None and self._record_bytes
+        spec, job_id = self.spec, self.job_id
+        async with self._lock:
+            try:
+                task, uri, _, digest = await asyncio.wait_for(
+                    self._prepare(spec), PREPARE_TIMEOUT_S
+                )
+                if digest != spec.init_digest:
+                    raise JobError("this node now builds different initial parameters")
+            except (JobError, TimeoutError) as e:
+                self.state, self.detail = "stopped", f"cannot resume after restart: {e}"
+                log.error("job %s: %s", job_id, self.detail)
+                return
+            log.info("resuming job %s after a restart", job_id)
+            await self._run(
+                job_id,
+                spec,
+                self._record_bytes,
+                task,
+                uri,
+                None,
+                origin="restart",
+                join="restarted",
+            )
 
     def _on_member(self, ev: Any) -> None:
         t = self.trainer

@@ -35,6 +35,9 @@ class StateKeys:
         self.v = p + "opt:v"
         self.agg = p + "agg"
         self.agg_prev = p + "agg:prev"
+        # Where the state stands, written after every update (not part of the digest).
+        self.completed = p + "completed"
+        self.digest = p + "digest"
 
     def slice(self, round: int, index: int) -> str:
         return f"{self.prefix}g:{round}:s:{index}"

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 
 from protocol.gossip import Verdict
 from protocol.rounds import (
@@ -47,6 +48,8 @@ from protocol.rounds import (
     RoundClosed,
     RoundConfig,
     RoundMachine,
+    VouchTable,
+    sync_decision,
 )
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
@@ -54,15 +57,31 @@ from spirtd.pubsub.service import Info, Message, PubSub
 from spirtd.redis.store import StoreError, TensorStore
 from spirtd.tasks import Task
 from spirtd.training import state
+from spirtd.training.checkpoint import (
+    Checkpoints,
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    max_encoded_size,
+    read_snapshot,
+)
 from spirtd.training.job import JobSpec
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
 from spirtd.training.state import StateKeys
+from spirtd.training.statesync import StateSync, SyncError
 
 log = logging.getLogger("spirtd.training")
 
 HISTORY_MAX = 2000  # rounds kept for `train status`
 SLICE_TTL_S = 600
 TICK_MAX_S = 1.0  # the timer wakes at least this often, deadline or not
+SYNC_RETRY_S = 0.5  # between sync decisions while nothing can be done yet
+SYNC_CHECK_S = 1.0  # how often a running trainer asks whether it must sync
+VOUCH_WAIT_S = 2.0  # a fetched state newer than the vouches seen may wait this long for them
+BUFFER_MAX = 512  # gradients kept while syncing, replayed once the state is loaded
+# Trouble with this node's Redis (down, restarted, flushed): the round's work is
+# abandoned and the state re-established from Redis, a checkpoint, or the peers.
+REDIS_TROUBLE = (OSError, TimeoutError, StoreError, RedisError)
 
 
 @dataclass
@@ -79,6 +98,10 @@ class TrainerEnv:
     invoke_timeout_s: float
     min_slice_fraction: float
     round_config: RoundConfig
+    sync: StateSync
+    checkpoints: Checkpoints
+    checkpoint_every: int
+    sync_timeout_s: float
     counters: Counter[str] = field(default_factory=Counter)
 
 
@@ -136,6 +159,14 @@ class Trainer:
         self.digest = b""
         self.completed = 0
         self.last_accuracy: float | None = None
+        self.following = False  # caught up by sync; computing again from the next round start
+        self._warmed = False  # the functions answered once (a cold start is behind us)
+        self._checked_at = 0.0
+        self.vouch = VouchTable(f=spec.f)
+        self.sync_detail = ""
+        self._state_lock = asyncio.Lock()  # state in Redis and (completed, digest) move together
+        self._buffer: deque[tuple[Message, GradientMeta]] = deque(maxlen=BUFFER_MAX)
+        self._sync_task: asyncio.Task[None] | None = None
         self.m = RoundMachine(
             self_id=env.node_id,
             job_id=job_id,
@@ -161,32 +192,49 @@ class Trainer:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self, initial: np.ndarray) -> None:
-        await state.initialise(self.env.store, self.job_id, self.spec, initial)
-        self.digest = await state.digest_of(self.env.store, self.job_id, self.spec, 0)
+        """A new job: round 1 from the job's initial parameters."""
+        async with self._state_lock:
+            await state.initialise(self.env.store, self.job_id, self.spec, initial)
+            self.digest = await state.digest_of(self.env.store, self.job_id, self.spec, 0)
+            await self._mark_position()
         self.state = "running"
         self.m.begin(1, self.digest, time.monotonic())
         self._loop_task = asyncio.create_task(self._run(), name=f"trainer-{self.job_id[:8]}")
 
+    async def start_elsewhere(self, why: str) -> None:
+        """A job already under way (a late join, a restart): establish the state from
+        this node's Redis or checkpoint if they still fit, else from the peers."""
+        self._loop_task = asyncio.create_task(self._run(), name=f"trainer-{self.job_id[:8]}")
+        self._enter_sync(why)
+
     async def stop(self, why: str) -> None:
-        if self.state in ("running", "starting"):
+        was = self.state
+        if self.state in ("running", "starting", "syncing"):
             self.state = "stopped"
             self.detail = why
-        for t in [*self._work, *([self._loop_task] if self._loop_task else [])]:
+        tasks = [*self._work, *(x for x in (self._loop_task, self._sync_task) if x is not None)]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._work, return_exceptions=True)
-        if self._loop_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if was == "running" and self.digest:
+            with contextlib.suppress(*REDIS_TROUBLE, SnapshotError):
+                await self._checkpoint()
 
     async def _run(self) -> None:
-        while self.state == "running":
+        while self.state in ("running", "syncing"):
             self._pump()
             dl = self.m.next_deadline()
             wait = TICK_MAX_S if dl is None else min(TICK_MAX_S, max(0.0, dl - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
-            self.m.tick(time.monotonic())
+            now = time.monotonic()
+            self.m.tick(now)
+            if now - self._checked_at >= SYNC_CHECK_S:
+                # A follower stuck on a round whose gradients it never got, or a peer
+                # left far behind, finds out here even when no round closes.
+                self._checked_at = now
+                self._check_sync()
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -198,8 +246,17 @@ class Trainer:
         if t.cancelled():
             return
         exc = t.exception()
-        if exc is not None:
-            self._fail(f"{t.get_name()} failed: {exc}")
+        if exc is None:
+            return
+        if isinstance(exc, REDIS_TROUBLE) and self.state == "running":
+            self.env.counters["training.redis_trouble"] += 1
+            log.warning("%s: %s; re-establishing the state", t.get_name(), exc)
+            self._enter_sync(f"redis trouble during {t.get_name()}: {exc}")
+            return
+        if t.get_name().startswith("evaluate-"):
+            log.warning("%s failed: %s", t.get_name(), exc)
+            return
+        self._fail(f"{t.get_name()} failed: {exc}")
 
     def _fail(self, why: str) -> None:
         if self.state != "running":
@@ -213,7 +270,12 @@ class Trainer:
     # --- the machine ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        for a in self.m.actions():
+        actions = self.m.actions()
+        if self.state == "syncing":
+            # No valid state to compute on; whatever the machine asks is moot (it is
+            # begun afresh once the state is back). Its events still count.
+            actions = []
+        for a in actions:
             if isinstance(a, InvokeFunctions):
                 self._spawn(self._compute(a.round), f"compute-{a.round}")
             elif isinstance(a, PublishState):
@@ -241,6 +303,8 @@ class Trainer:
             self._forget_body(ev.round, ev.origin)
         elif isinstance(ev, Diverged):
             c["training.diverged_peers"] += 1
+            self.vouch.note(ev.origin, ev.round, ev.digest)
+            self._check_sync()
             log.warning(
                 "peer %s holds another model at round %d (digest %s, ours %s)",
                 ev.origin,
@@ -272,12 +336,22 @@ class Trainer:
 
     def member_gone(self, node_id: str) -> None:
         self.m.member_gone(node_id, time.monotonic())
+        self.vouch.forget(node_id)
         self._kick()
 
     def validate(self, info: Info, meta: GradientMeta | StateMeta) -> Verdict:
         """The pub/sub validation hook: runs on the announcement, before any body byte."""
         if isinstance(meta, StateMeta):
             return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
+        self.vouch.note(info.origin, meta.round, meta.base_digest)
+        if self._buffers(meta.round):
+            # Kept for the rounds we will follow once the state is loaded, or that a
+            # follower reaches soon (the machine checks them then); far older ones
+            # can never be used.
+            newest = self.vouch.newest_round() or 0
+            if info.size != self.spec.param_count * 4:
+                return Verdict.REJECT
+            return Verdict.ACCEPT if meta.round >= min(newest - 1, self.m.round) else Verdict.IGNORE
         reason = self.m.validate(
             info.origin, meta.job, meta.round, meta.base_digest, info.size, time.monotonic()
         )
@@ -291,8 +365,13 @@ class Trainer:
     async def deliver(self, msg: Message, meta: GradientMeta | StateMeta) -> None:
         now = time.monotonic()
         if isinstance(meta, StateMeta):
+            if meta.participating or meta.round > self.spec.rounds:
+                self.vouch.note(msg.origin, meta.round, meta.digest)
             self.m.announce(msg.origin, meta.job, meta.round, meta.digest, meta.participating, now)
             self._kick()
+            return
+        if self._buffers(meta.round):
+            self._buffer.append((msg, meta))
             return
         r = meta.round
         key = self.keys.peer(r, msg.origin)
@@ -315,6 +394,27 @@ class Trainer:
             await self.env.store.delete(key)
         self._kick()
 
+    def _buffers(self, round: int) -> bool:
+        """Whether a gradient for ``round`` waits in the buffer rather than going to the
+        machine: while syncing, and while following for rounds past the machine's
+        window (a follower replays rounds faster than the others run them, so it
+        needs the gradients of every round between its state and theirs)."""
+        if self.state == "syncing":
+            return True
+        return self.following and round > self.m.round + self.env.round_config.future_window
+
+    def _replay(self) -> None:
+        """Hands buffered gradients that now fit the machine's window to it."""
+        keep: deque[tuple[Message, GradientMeta]] = deque(maxlen=BUFFER_MAX)
+        for msg, meta in self._buffer:
+            if self._buffers(meta.round):
+                keep.append((msg, meta))
+                continue
+            info = Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)
+            if self.validate(info, meta) is Verdict.ACCEPT:
+                self._spawn(self.deliver(msg, meta), f"replay-{meta.round}")
+        self._buffer = keep
+
     def _forget_body(self, round: int, origin: str) -> None:
         key = self.keys.peer(round, origin)
         stored = self._stored.get(round)
@@ -327,9 +427,9 @@ class Trainer:
     async def _publish(self, body: bytes, meta: bytes) -> None:
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
 
-    async def _compute(self, r: int) -> None:
+    def _events(self, r: int, output_round: int) -> list[dict[str, Any]]:
+        """The W function events of round ``r``'s minibatch, writing ``output_round``'s keys."""
         env, spec = self.env, self.spec
-        t0 = time.perf_counter()
         data = DataSlice(
             shard=env.data.shard,
             batch_size=spec.batch_size,
@@ -337,7 +437,7 @@ class Trainer:
             slices=spec.functions_per_round,
             uri=env.data.uri,
         )
-        events = [
+        return [
             GradientEvent(
                 job=self.job_id,
                 round=r,
@@ -347,14 +447,29 @@ class Trainer:
                 redis=env.redis_target,
                 params_key=self.keys.theta,
                 data=data,
-                output_key=self.keys.slice(r, i),
+                output_key=self.keys.slice(output_round, i),
                 ttl_seconds=SLICE_TTL_S,
             ).to_json()
             for i in range(spec.functions_per_round)
         ]
+
+    async def _warm_up(self, r: int) -> None:
+        """After a restart or a join the local functions are cold (worker start,
+        imports, dataset load: seconds). One throwaway invocation while following
+        warms them, so the first round this node computes does not miss its deadline."""
+        res = await self.env.invoker.invoke_round(self._events(r, 0), self.env.invoke_timeout_s)
+        await self.env.store.delete(*[self.keys.slice(0, i) for i in range(len(res.slices))])
+        self._warmed = bool(res.succeeded)
+        self._kick()
+
+    async def _compute(self, r: int) -> None:
+        env, spec = self.env, self.spec
+        t0 = time.perf_counter()
+        events = self._events(r, r)
         res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
         t1 = time.perf_counter()
         ok = res.succeeded
+        self._warmed = self._warmed or bool(ok)
         for s in res.slices:
             if s.error is not None:
                 env.counters["training.slice_failed"] += 1
@@ -389,6 +504,10 @@ class Trainer:
         self._phases[r]["ready_at"] = time.monotonic()
 
     async def _aggregate(self, r: int, contributors: tuple[str, ...]) -> None:
+        async with self._state_lock:
+            await self._aggregate_locked(r, contributors)
+
+    async def _aggregate_locked(self, r: int, contributors: tuple[str, ...]) -> None:
         env, spec, keys = self.env, self.spec, self.keys
         me = env.node_id
         t0 = time.perf_counter()
@@ -419,6 +538,8 @@ class Trainer:
             await env.store.mean(keys.agg_prev, [keys.agg])
         t2 = time.perf_counter()
         digest = await state.digest_of(env.store, self.job_id, spec, r)
+        self.digest, self.completed = digest, r
+        await self._mark_position()
         t3 = time.perf_counter()
         stale = [k for rr in [x for x in self._stored if x <= r] for k in self._stored.pop(rr)]
         if stale:
@@ -432,6 +553,10 @@ class Trainer:
         phases |= {"aggregation_s": t1 - t0, "update_s": t2 - t1, "digest_s": t3 - t2}
         losses = self._losses.pop(r, {})
         picked = [losses[c] for c in contributors if c in losses]
+        if self.env.checkpoint_every and (r % self.env.checkpoint_every == 0 or r == spec.rounds):
+            c0 = time.perf_counter()
+            await self._checkpoint_locked()
+            phases["checkpoint_s"] = time.perf_counter() - c0
         rec = RoundRecord(
             round=r,
             contributors=list(contributors),
@@ -445,14 +570,21 @@ class Trainer:
         )
         self._records[r] = rec
         self.history.append(rec)
-        self.digest = digest
-        self.completed = r
         env.counters["training.rounds"] += 1
         due = r % spec.eval_every == 0 or r == spec.rounds
         if not due:
             self._log_round(rec)
-        self.m.aggregated(r, digest, time.monotonic())
+        participate = None
+        if self.following and self._warmed and (self.vouch.newest_round() or 0) <= r + 1:
+            # Caught up: nobody is past the next round, so from its start on the
+            # others' views take this node in and it computes again.
+            self.following, participate = False, True
+            log.info("caught up at round %d; contributing from round %d", r, r + 1)
+        self.m.aggregated(r, digest, time.monotonic(), participate=participate)
+        if self._buffer:
+            self._replay()
         self._kick()
+        self._check_sync()
 
     async def _evaluate(self, r: int) -> None:
         params = await self.env.store.get(self.keys.theta)
@@ -497,13 +629,182 @@ class Trainer:
 
         self._spawn(finish(), f"finish-{r}")
 
+    # --- state: marks, checkpoints, snapshots -----------------------------------------------
+
+    async def _mark_position(self) -> None:
+        """Records (completed, digest) beside the state in Redis: a restarted daemon
+        checks the state against it before trusting it."""
+        await self.env.store.client.mset(
+            {self.keys.completed: str(self.completed), self.keys.digest: self.digest.hex()}
+        )
+
+    async def _checkpoint(self) -> None:
+        async with self._state_lock:
+            await self._checkpoint_locked()
+
+    async def _checkpoint_locked(self) -> None:
+        snap = await read_snapshot(self.env.store, self.job_id, self.spec, self.completed)
+        await asyncio.to_thread(self.env.checkpoints.save, snap)
+        self.env.counters["training.checkpoints"] += 1
+
+    async def snapshot(self) -> Snapshot | None:
+        """Our state now, for a peer that syncs from us; None while we have none."""
+        if self.state not in ("running", "done") or not self.digest:
+            return None
+        async with self._state_lock:
+            return await read_snapshot(self.env.store, self.job_id, self.spec, self.completed)
+
+    # --- state sync -------------------------------------------------------------------------
+
+    def _check_sync(self) -> None:
+        """After a round or a divergence: are we the ones who must sync?"""
+        if self.state != "running" or not self.digest:
+            return
+        d = sync_decision(
+            self.vouch, self_id=self.env.node_id, round=self.completed + 1, digest=self.digest
+        )
+        if d.action == "sync":
+            self._enter_sync(d.reason)
+
+    def _enter_sync(self, why: str) -> None:
+        if self.state not in ("running", "syncing", "starting"):
+            return
+        if self.state != "syncing":
+            log.warning("job %s: syncing state (%s)", self.job_id[:12], why)
+            self.env.counters["training.syncs_started"] += 1
+        self.state, self.sync_detail = "syncing", why
+        self.following = False
+        # Tell the others not to wait for us meanwhile.
+        meta = StateMeta(self.job_id, max(1, self.m.round), self.digest or bytes(32), False)
+        self._spawn(self._publish(b"", meta.encode()), "heads-up-sync")
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self._sync_loop(), name="sync")
+
+    async def _sync_loop(self) -> None:
+        try:
+            await self._establish_own()
+            while self.state == "syncing":
+                if await self._sync_once():
+                    return
+                await asyncio.sleep(SYNC_RETRY_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a sync that cannot go on must say so, not hang
+            self._fail(f"state sync failed: {e}")
+
+    async def _establish_own(self) -> None:
+        """What state do we hold? This node's Redis if it matches what we last knew
+        (or its own marks, after a restart); else our newest checkpoint; else none."""
+        env, spec = self.env, self.spec
+        while True:
+            try:
+                async with asyncio.timeout(5.0):
+                    await env.store.client.ping()
+                break
+            except REDIS_TROUBLE as e:
+                self.sync_detail = f"waiting for this node's Redis: {e}"
+                await asyncio.sleep(1.0)
+        async with self._state_lock:
+            marks = await env.store.client.mget([self.keys.completed, self.keys.digest])
+            try:
+                completed = int(marks[0]) if marks[0] is not None else -1
+                mark = bytes.fromhex(marks[1].decode()) if marks[1] is not None else b""
+            except ValueError:
+                completed, mark = -1, b""
+            if completed >= 0 and (not self.digest or mark == self.digest):
+                try:
+                    held = await state.digest_of(env.store, self.job_id, spec, completed)
+                except (StoreError, RedisError):
+                    held = b""
+                if held and held == mark:
+                    self.digest, self.completed = held, completed
+                    return
+            cp = await asyncio.to_thread(env.checkpoints.latest, self.job_id, spec)
+            if cp is not None and (
+                not self.digest
+                or cp.digest == self.digest
+                or self.vouch.vouched(cp.completed + 1, cp.digest)
+            ):
+                await load_snapshot(env.store, cp, spec, job_id=self.job_id)
+                self.digest, self.completed = cp.digest, cp.completed
+                await self._mark_position()
+                log.info("state from checkpoint: round %d", cp.completed)
+                env.counters["training.checkpoint_loads"] += 1
+                return
+            self.digest, self.completed = b"", 0
+
+    async def _sync_once(self) -> bool:
+        """One decision and, if it says so, one transfer. True once we are running."""
+        env, spec = self.env, self.spec
+        own = self.completed + 1 if self.digest else None
+        d = sync_decision(self.vouch, self_id=env.node_id, round=own, digest=self.digest or None)
+        self.sync_detail = d.reason
+        alone = len(self.m.status().get("view", [])) <= 1 and not self.vouch.newest_round()
+        if own is not None and (d.action == "in_sync" or (d.action == "wait" and alone)):
+            self._resume(own)
+            return True
+        if d.action != "sync" or d.target is None:
+            return False
+        max_total = max_encoded_size(spec)
+        for peer in d.target.vouchers:
+            if peer == env.node_id:
+                continue
+            try:
+                data = await env.sync.fetch(peer, self.job_id, max_total, env.sync_timeout_s)
+                snap = Snapshot.decode(data, spec, job_id=self.job_id)
+            except (SyncError, SnapshotError) as e:
+                env.counters["training.sync_failed"] += 1
+                log.warning("state from %s not taken: %s", peer, e)
+                continue
+            waited = 0.0
+            while not self.vouch.vouched(snap.completed + 1, snap.digest) and waited < VOUCH_WAIT_S:
+                await asyncio.sleep(0.1)  # the others' heads-ups for that round may be in flight
+                waited += 0.1
+            if not self.vouch.vouched(snap.completed + 1, snap.digest):
+                env.counters["training.sync_unvouched"] += 1
+                log.warning(
+                    "state from %s (round %d) is not vouched for by f+1 peers; not loaded",
+                    peer,
+                    snap.completed,
+                )
+                continue
+            async with self._state_lock:
+                await load_snapshot(env.store, snap, spec, job_id=self.job_id)
+                self.digest, self.completed = snap.digest, snap.completed
+                await self._mark_position()
+            env.counters["training.syncs_done"] += 1
+            log.info(
+                "synced job %s state from %s: round %d, digest %s",
+                self.job_id[:12],
+                peer,
+                snap.completed,
+                snap.digest.hex()[:12],
+            )
+            self._resume(snap.completed + 1)
+            return True
+        return False
+
+    def _resume(self, round: int) -> None:
+        """Runs again from ``round`` with the state we hold: following that round
+        (others' gradients only), computing again from the next round start."""
+        if round > self.spec.rounds:
+            self.state = "done"
+            self._on_finish(self)
+            return
+        self.state, self.sync_detail, self.following = "running", "", True
+        self.m.begin(round, self.digest, time.monotonic(), participating=False)
+        if not self._warmed:
+            self._spawn(self._warm_up(round), "warm-up")
+        self._replay()
+        self._kick()
+
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else None
         return {
-            "state": self.state,
-            "detail": self.detail,
+            "state": "syncing" if self.following else self.state,
+            "detail": self.sync_detail if self.state == "syncing" else self.detail,
             "round": self.completed,
             "model_digest": self.digest.hex() if self.digest else None,
             "loss": last.loss if last else None,

@@ -1,0 +1,134 @@
+"""Elastic training on real processes: late joiners, restarts, lost Redis and
+divergence, all repaired through the one verified state sync.
+
+Each scenario ends like the plain training tests: every live peer done, at
+accuracy >= 0.95 on digits, holding the same model digest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from spirtd.localcluster import LocalCluster, LocalNode, wait_for
+from tests.test_training_integration import _assert_trained, _cluster, _status, _wait_done
+
+pytestmark = pytest.mark.timeout(420)
+
+ROUNDS = 500  # ~25-40 s of rounds here: long enough to do something in the middle
+
+
+def _start(c: LocalCluster, rounds: int = ROUNDS, **job: Any) -> str:
+    return c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": rounds, **job})[
+        "job"
+    ]
+
+
+def _round(n: LocalNode) -> int:
+    return int(_status(n)["round"])
+
+
+def _contributes_after(nodes: list[LocalNode], who: str, after: int) -> bool:
+    return all(
+        any(h["round"] > after and who in h["contributors"] for h in _status(n)["history"])
+        for n in nodes
+    )
+
+
+def _redis_client(n: LocalNode) -> redis.Redis:
+    rd = n.data_dir / "redis"
+    password = (rd / "password").read_text().strip()
+    return redis.Redis(unix_socket_path=str(rd / "redis.sock"), username="spirt", password=password)
+
+
+def test_late_joiner_syncs_and_contributes(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 4)
+    job = _start(c)
+    wait_for(lambda: _round(c.nodes[0]) >= 10, 120, "round 10")
+    joiner = c.add_node(args=["--profile", "local"], index=4)
+    # It learns the job from the others' heads-ups, syncs, and takes part.
+    wait_for(lambda: _status(joiner)["job"] is not None, 60, "the joiner to learn the job")
+    assert _status(joiner)["job"]["id"] == job
+    joined_at = _round(c.nodes[0])
+    wait_for(
+        lambda: _contributes_after(c.nodes, joiner.node_id, joined_at), 120, "joiner contributing"
+    )
+    statuses = _wait_done(c.nodes)
+    _assert_trained(statuses, 0.95)
+    counters = joiner.status()["counters"]
+    assert counters.get("training.syncs_done", 0) >= 1
+    # Its history starts where it synced: it never ran the early rounds itself.
+    assert _status(joiner)["history"][0]["round"] > 10
+
+
+def test_killed_peer_restarts_and_catches_up(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 4)
+    job = _start(c)
+    victim = c.nodes[2]
+    wait_for(lambda: _round(victim) >= 30, 120, "round 30")
+    victim.kill()
+    wait_for(lambda: _round(c.nodes[0]) >= 60, 120, "round 60 without the victim")
+    victim.start()
+    back_at = _round(c.nodes[0])
+    wait_for(lambda: _contributes_after(c.nodes, victim.node_id, back_at), 120, "victim back")
+    statuses = _wait_done(c.nodes)
+    _assert_trained(statuses, 0.95)
+    # Never restarted anywhere: one job id, and every other peer's rounds ran once each.
+    assert {s["job"]["id"] for s in statuses} == {job}
+    for s in statuses[:2]:
+        rounds = [h["round"] for h in s["history"]]
+        assert rounds == sorted(set(rounds))
+
+
+def test_redis_killed_comes_back_with_its_aof(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 3)
+    _start(c)
+    node = c.nodes[1]
+    wait_for(lambda: _round(node) >= 30, 120, "round 30")
+    pid = node.status()["redis"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: node.status()["redis"]["restarts"] >= 1, 60, "redis to be restarted")
+    back_at = _round(c.nodes[0])
+    wait_for(lambda: _contributes_after(c.nodes, node.node_id, back_at), 120, "node back")
+    _assert_trained(_wait_done(c.nodes), 0.95)
+
+
+def test_flushed_redis_is_rebuilt(make_cluster: Any) -> None:
+    c = _cluster(make_cluster, 3)
+    _start(c)
+    node = c.nodes[2]
+    wait_for(lambda: _round(node) >= 30, 120, "round 30")
+    client = _redis_client(node)
+    client.flushall()
+    client.close()
+    flushed_at = _round(c.nodes[0])
+    wait_for(lambda: _contributes_after(c.nodes, node.node_id, flushed_at + 2), 120, "rebuilt")
+    _assert_trained(_wait_done(c.nodes), 0.95)
+
+
+def test_diverged_peer_repairs(make_cluster: Any) -> None:
+    """SIGSTOP one peer past a round deadline: the others close that round without
+    it, while it (once resumed) closes it with everyone's gradients, its own
+    included. It holds another model, sees the others announce theirs, and syncs."""
+    c = _cluster(make_cluster, 4)
+    _start(c)
+    odd = c.nodes[3]
+    wait_for(lambda: _round(odd) >= 30, 120, "round 30")
+    assert odd.proc is not None
+    os.kill(odd.proc.pid, signal.SIGSTOP)
+    time.sleep(3.0)  # past the 2 s deadline floor of the others' round
+    os.kill(odd.proc.pid, signal.SIGCONT)
+    wait_for(
+        lambda: (
+            odd.status()["counters"].get("training.syncs_done", 0) >= 1
+            or _contributes_after(c.nodes[:3], odd.node_id, _round(c.nodes[0]) + 2)
+        ),
+        60,
+        "the stopped peer to repair or rejoin",
+    )
+    _assert_trained(_wait_done(c.nodes), 0.95)
