@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from spirtd.localcluster import LocalCluster, LocalNode, wait_for
+from spirtd.keyfiles import DataDir, load_or_create_key
+from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from tests.test_training_integration import _assert_trained, _cluster, _status, _wait_done
 
 pytestmark = pytest.mark.timeout(420)
@@ -132,3 +133,68 @@ def test_diverged_peer_repairs(make_cluster: Any) -> None:
         "the stopped peer to repair or rejoin",
     )
     _assert_trained(_wait_done(c.nodes), 0.95)
+
+
+class _LyingNode(LocalNode):
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index("spirtd")] = "tests.lying_peer"
+        return cmd
+
+
+def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> None:
+    """The joiner tries vouchers in node-id order; the liar gets the smallest id, so
+    it is asked first, and its state (which does not match the digest it vouches
+    for) must be refused, counted, and replaced by an honest peer's."""
+    c: LocalCluster = make_cluster(0)
+    # Three fresh node keys, handed out in node-id order: node0 gets the smallest.
+    made = [c.root / f"key{i}" for i in range(3)]
+    by_id = sorted(made, key=lambda path: load_or_create_key(path)[0].node_id)
+    for i, path in enumerate(by_id):
+        (c.root / f"node{i}").mkdir(parents=True)
+        path.rename(c.root / f"node{i}" / "node.key")
+    for i in range(3):
+        d = c.root / f"node{i}"
+        c.ca.enroll(DataDir(d), now=time.time(), days=30)
+        cls = _LyingNode if i == 0 else LocalNode
+        boot = [c.nodes[0].address] if c.nodes else []
+        node = cls(d, bootstrap=boot, args=["--profile", "local", "--shard", f"{i}/3"])
+        c.nodes.append(node)
+        node.start()
+    liar = c.nodes[0]
+    assert liar.node_id == min(n.node_id for n in c.nodes)
+    everyone = {n.node_id: "alive" for n in c.nodes}
+    wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
+    _start(c)
+    wait_for(lambda: _round(c.nodes[1]) >= 10, 120, "round 10")
+    joiner = c.add_node(args=["--profile", "local"], index=3)
+    wait_for(
+        lambda: joiner.status()["counters"].get("training.syncs_done", 0) >= 1, 90, "joiner sync"
+    )
+    counters = joiner.status()["counters"]
+    assert counters.get("training.sync_bad_state", 0) >= 1, counters
+    _assert_trained(_wait_done(c.nodes), 0.95)
+
+
+def test_unvouched_state_is_never_loaded(make_cluster: Any) -> None:
+    """f = 1 needs two peers to vouch for a state; with one peer training alone the
+    joiner waits, says why, and loads nothing."""
+    c = _cluster(make_cluster, 1)
+    job = _start(c, rounds=100000, f=1)
+    wait_for(lambda: _round(c.nodes[0]) >= 5, 120, "round 5")
+    joiner = c.add_node(args=["--profile", "local"], index=1)
+    wait_for(lambda: _status(joiner)["job"] is not None, 60, "the joiner to learn the job")
+    time.sleep(3.0)
+    s = _status(joiner)
+    assert s["state"] == "syncing", s
+    assert "f+1 = 2" in s["detail"], s["detail"]
+    assert joiner.status()["counters"].get("training.syncs_done", 0) == 0
+    client = _redis_client(joiner)
+    try:
+        assert client.exists(f"spirt:{job}:theta") == 0  # nothing unvouched reached Redis
+    finally:
+        client.close()
+    # The lone trainer was never held up by the waiting joiner.
+    before = _round(c.nodes[0])
+    wait_for(lambda: _round(c.nodes[0]) >= before + 20, 60, "the trainer to go on")
+    c.nodes[0].call("POST", "/v1/train/stop", {})

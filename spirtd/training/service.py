@@ -466,10 +466,14 @@ class TrainingService:
         t = self.trainer
         st = t.status() if t is not None else {}
         saved = self._saved if t is None else {}
+        state, detail = self.state, self.detail
+        if self.state == "running" and st.get("state") == "syncing":
+            # The job runs; this node is (re)establishing its state or catching up.
+            state, detail = "syncing", st.get("detail") or detail
         return {
             "job": self.job_id,
-            "state": self.state,
-            "detail": self.detail,
+            "state": state,
+            "detail": detail,
             "round": st.get("round", saved.get("round", 0)),
             "model_digest": st.get("model_digest", saved.get("model_digest")),
             "loss": st.get("loss"),

@@ -751,10 +751,16 @@ class Trainer:
                 continue
             try:
                 data = await env.sync.fetch(peer, self.job_id, max_total, env.sync_timeout_s)
-                snap = Snapshot.decode(data, spec, job_id=self.job_id)
-            except (SyncError, SnapshotError) as e:
+            except SyncError as e:
                 env.counters["training.sync_failed"] += 1
-                log.warning("state from %s not taken: %s", peer, e)
+                log.warning("no state from %s: %s", peer, e)
+                continue
+            try:
+                snap = Snapshot.decode(data, spec, job_id=self.job_id)
+            except SnapshotError as e:
+                # It does not match the digest it claims: a broken or lying peer.
+                env.counters["training.sync_bad_state"] += 1
+                log.warning("state from %s refused: %s", peer, e)
                 continue
             waited = 0.0
             while not self.vouch.vouched(snap.completed + 1, snap.digest) and waited < VOUCH_WAIT_S:
