@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from protocol import strictpack
 from protocol.errors import DecodeError
 from spirtd.config import ConfigError, load
+from spirtd.redis.service import RedisService
 from spirtd.training import job as jobs
 from spirtd.training.aggregators import Aggregator, AggregatorError
 from spirtd.training.job import JobError, JobSpec
@@ -171,3 +173,32 @@ def test_dataset_and_shard_settings(tmp_path: Path) -> None:
     toml.write_text("[training]\nmin_slice_fraction = 0\n")
     with pytest.raises(ConfigError, match="min_slice_fraction"):
         load(toml, {"data_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "user"),
+    [
+        ("unix://spirt:s%40cret@/run/r.sock", "unix:///run/r.sock", "spirt"),
+        ("redis://ops:s%40cret@10.0.0.5:6380/2", "redis://10.0.0.5:6380/2", "ops"),
+        ("rediss://:s%40cret@cache.internal/0", "rediss://cache.internal/0", None),
+    ],
+)
+def test_function_target_never_carries_the_password(
+    tmp_path: Path, url: str, bare: str, user: str | None
+) -> None:
+    node = SimpleNamespace(
+        config=SimpleNamespace(redis_url=url), data=SimpleNamespace(root=tmp_path)
+    )
+    target = RedisService(node).function_target()  # type: ignore[arg-type]
+    assert (target.url, target.username, target.credentials.kind) == (bare, user, "file")
+    secret = Path(target.credentials.value)
+    assert secret.read_text() == "s@cret" and secret.stat().st_mode & 0o777 == 0o600
+    assert "cret" not in target.url
+
+
+def test_function_target_without_a_password(tmp_path: Path) -> None:
+    node = SimpleNamespace(
+        config=SimpleNamespace(redis_url="unix:///tmp/r.sock"), data=SimpleNamespace(root=tmp_path)
+    )
+    target = RedisService(node).function_target()  # type: ignore[arg-type]
+    assert (target.url, target.credentials.kind) == ("unix:///tmp/r.sock", "none")

@@ -99,9 +99,13 @@ class RedisService:
             return RedisTarget(url, parts.username, CredentialRef("none"))
         secret = self.node.data.root / "redis-url.secret"
         write_secret(secret, unquote(parts.password).encode())
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        if parts.scheme == "unix":
+            # urlunsplit would write "unix:/path", which redis-py refuses.
+            bare = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        else:
+            host = parts.hostname or ""
+            netloc = f"{host}:{parts.port}" if parts.port else host
+            bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         user = unquote(parts.username) if parts.username else None
         return RedisTarget(bare, user, CredentialRef("file", str(secret)))
 

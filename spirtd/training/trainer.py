@@ -264,6 +264,9 @@ class Trainer:
         log.error("job %s failed: %s", self.job_id[:12], why)
         self.state = "failed"
         self.detail = why
+        # The others must not wait for this node's gradients any more.
+        meta = StateMeta(self.job_id, max(1, self.m.round), self.digest or bytes(32), False)
+        self._spawn(self._publish(b"", meta.encode()), "heads-up-failed")
         self._wake.set()
         self._on_finish(self)
 
@@ -494,14 +497,18 @@ class Trainer:
         self._kick()
 
     async def _publish_gradient(self, r: int, base: bytes) -> None:
+        # Everything about round r is read before the first await: when our gradient
+        # is the last one the round waited for, the round closes (and its records
+        # are dropped by the aggregation) while the body is still being fetched.
+        meta = GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
+        phases = self._phases.get(r, {})
         t0 = time.perf_counter()
         body = await self.env.store.client.get(self.keys.local(r))
         if body is None:
             raise RuntimeError(f"local gradient for round {r} vanished from Redis")
-        meta = GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
-        self._phases.setdefault(r, {})["publish_s"] = time.perf_counter() - t0
-        self._phases[r]["ready_at"] = time.monotonic()
+        phases["publish_s"] = time.perf_counter() - t0
+        phases["ready_at"] = time.monotonic()
 
     async def _aggregate(self, r: int, contributors: tuple[str, ...]) -> None:
         async with self._state_lock:
