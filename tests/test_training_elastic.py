@@ -143,9 +143,10 @@ class _LyingNode(LocalNode):
 
 
 def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> None:
-    """The joiner tries vouchers in node-id order; the liar gets the smallest id, so
-    it is asked first, and its state (which does not match the digest it vouches
-    for) must be refused, counted, and replaced by an honest peer's."""
+    """Two of three peers serve state that does not match the digest they vouch for.
+    With f = 1 a target needs two vouchers, so at least one liar is among them, and
+    the liars hold the smallest node ids, which the joiner asks first: their state
+    must be refused, counted, and replaced by the honest peer's."""
     c: LocalCluster = make_cluster(0)
     # Three fresh node keys, handed out in node-id order: node0 gets the smallest.
     made = [c.root / f"key{i}" for i in range(3)]
@@ -156,17 +157,16 @@ def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> Non
     for i in range(3):
         d = c.root / f"node{i}"
         c.ca.enroll(DataDir(d), now=time.time(), days=30)
-        cls = _LyingNode if i == 0 else LocalNode
+        cls = _LyingNode if i < 2 else LocalNode
         boot = [c.nodes[0].address] if c.nodes else []
         node = cls(d, bootstrap=boot, args=["--profile", "local", "--shard", f"{i}/3"])
         c.nodes.append(node)
         node.start()
-    liar = c.nodes[0]
-    assert liar.node_id == min(n.node_id for n in c.nodes)
+    assert c.nodes[2].node_id == max(n.node_id for n in c.nodes)  # the honest one
     everyone = {n.node_id: "alive" for n in c.nodes}
     wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
-    _start(c)
-    wait_for(lambda: _round(c.nodes[1]) >= 10, 120, "round 10")
+    _start(c, f=1)
+    wait_for(lambda: _round(c.nodes[2]) >= 10, 120, "round 10")
     joiner = c.add_node(args=["--profile", "local"], index=3)
     wait_for(
         lambda: joiner.status()["counters"].get("training.syncs_done", 0) >= 1, 90, "joiner sync"
