@@ -25,7 +25,7 @@ from .events import (
     RoundClosed,
 )
 from .machine import RoundMachine
-from .vouch import Decision, Target, VouchTable, sync_decision
+from .vouch import Decision, Target, VouchTable, caught_up, sync_decision
 
 __all__ = [
     "Action",
@@ -47,5 +47,6 @@ __all__ = [
     "RoundMachine",
     "Target",
     "VouchTable",
+    "caught_up",
     "sync_decision",
 ]

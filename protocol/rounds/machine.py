@@ -499,6 +499,10 @@ class RoundMachine:
         contributors = tuple(sorted(v.have))
         self._closed_with = contributors
         duration = now - self.begun_at
-        self._deadline.record(duration)
+        if self.participating:
+            # A round followed without computing (catching up after a sync) may have
+            # begun mid-round and close at once from buffered gradients: it says
+            # nothing about how long rounds take, and would shrink the deadline.
+            self._deadline.record(duration)
         self._events.append(RoundClosed(self.round, contributors, duration, reason))
         self._actions.append(Aggregate(self.round, contributors))

@@ -182,6 +182,15 @@ class VouchTable:
         ex = frozenset(exclude)
         return sum(self._count(s, ex) for d, s in self._at.get(round, {}).items() if d != digest)
 
+    def undecided(self, round: int, exclude: Collection[str] = ()) -> int:
+        """Origins (outside ``exclude``) that announced ``round - 1`` but nothing at
+        ``round`` yet: they have not closed that round, so which side of a fork at
+        ``round`` they end on is still open."""
+        ex = frozenset(exclude)
+        before = set().union(*self._at.get(round - 1, {}).values())
+        now = set().union(*self._at.get(round, {}).values())
+        return len(before - now - ex)
+
     def rival(
         self, round: int, digest: bytes, exclude: Collection[str] = ()
     ) -> tuple[bytes, int] | None:
@@ -280,7 +289,13 @@ def sync_decision(
     rival = table.rival(round, digest, exclude=me)
     if rival is not None:
         rival_digest, rival_n = rival
-        if rival_n > holders or (rival_n == holders and rival_digest < digest):
+        # Peers still closing round - 1 may yet join our side: right after our own
+        # aggregation only the peers that closed earlier have announced, and counting
+        # them alone would send a majority to a minority's model.
+        open_ = table.undecided(round, exclude=me)
+        if rival_n > holders + open_ or (
+            rival_n == holders and open_ == 0 and rival_digest < digest
+        ):
             # The minority (or the loser of an even split): t exists, since the rival
             # is vouched, and is at this round or newer.
             assert t is not None
@@ -345,3 +360,11 @@ def _nothing(table: VouchTable, me: tuple[str]) -> str:
         f"no position is vouched for by f+1 = {_peers(need)} "
         f"(best: round {best[0]} by {_peers(best[2])})"
     )
+
+
+def caught_up(table: VouchTable, self_id: str, round: int) -> bool:
+    """Whether a follower that just closed ``round`` may compute again from the next
+    round start: no position past that round is vouched for. Only vouched positions
+    count, so f liars announcing rounds ahead cannot keep followers from taking part."""
+    t = table.target(exclude=(self_id,))
+    return t is None or t.round <= round + 1

@@ -388,7 +388,11 @@ class TrainingService:
             meta = decode_train_meta(info.meta)
         except DecodeError:
             return Verdict.REJECT
-        if self.trainer is not None and meta.job == self.job_id and self.state == "running":
+        if (
+            self.trainer is not None
+            and meta.job == self.job_id
+            and self.state in ("running", "done")
+        ):
             return self.trainer.validate(info, meta)
         if meta.job == self._pending:
             return Verdict.ACCEPT  # kept in _early until the job starts, then validated
@@ -409,7 +413,11 @@ class TrainingService:
             meta = decode_train_meta(msg.meta)
         except DecodeError:
             return
-        if self.trainer is not None and meta.job == self.job_id and self.state == "running":
+        if (
+            self.trainer is not None
+            and meta.job == self.job_id
+            and self.state in ("running", "done")
+        ):
             await self.trainer.deliver(msg, meta)
         elif meta.job == self._pending:
             self._early.append((msg, meta))
@@ -467,7 +475,7 @@ class TrainingService:
         st = t.status() if t is not None else {}
         saved = self._saved if t is None else {}
         state, detail = self.state, self.detail
-        if self.state == "running" and st.get("state") == "syncing":
+        if self.state in ("running", "done") and st.get("state") == "syncing":
             # The job runs; this node is (re)establishing its state or catching up.
             state, detail = "syncing", st.get("detail") or detail
         return {

@@ -49,6 +49,7 @@ from protocol.rounds import (
     RoundConfig,
     RoundMachine,
     VouchTable,
+    caught_up,
     sync_decision,
 )
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
@@ -221,7 +222,9 @@ class Trainer:
                 await self._checkpoint()
 
     async def _run(self) -> None:
-        while self.state in ("running", "syncing"):
+        # A done trainer keeps listening: a split in the last round shows in the final
+        # positions the others announce, and is repaired like any other.
+        while self.state in ("running", "syncing", "done"):
             self._pump()
             dl = self.m.next_deadline()
             wait = TICK_MAX_S if dl is None else min(TICK_MAX_S, max(0.0, dl - time.monotonic()))
@@ -582,7 +585,7 @@ class Trainer:
         if not due:
             self._log_round(rec)
         participate = None
-        if self.following and self._warmed and (self.vouch.newest_round() or 0) <= r + 1:
+        if self.following and self._warmed and caught_up(self.vouch, self.env.node_id, r):
             # Caught up: nobody is past the next round, so from its start on the
             # others' views take this node in and it computes again.
             self.following, participate = False, True
@@ -665,7 +668,7 @@ class Trainer:
 
     def _check_sync(self) -> None:
         """After a round or a divergence: are we the ones who must sync?"""
-        if self.state != "running" or not self.digest:
+        if self.state not in ("running", "done") or not self.digest:
             return
         d = sync_decision(
             self.vouch, self_id=self.env.node_id, round=self.completed + 1, digest=self.digest
@@ -674,7 +677,7 @@ class Trainer:
             self._enter_sync(d.reason)
 
     def _enter_sync(self, why: str) -> None:
-        if self.state not in ("running", "syncing", "starting"):
+        if self.state not in ("running", "syncing", "starting", "done"):
             return
         if self.state != "syncing":
             log.warning("job %s: syncing state (%s)", self.job_id[:12], why)
