@@ -358,6 +358,23 @@ class RoundSim:
 
     # --- the daemon's side ----------------------------------------------------------------
 
+    @staticmethod
+    def _record_close(x: SimPeer, ev: RoundClosed, now: float) -> None:
+        m = x.machine
+        x.closes.append(
+            Close(
+                ev.round,
+                m.digest,
+                ev.contributors,
+                ev.reason,
+                ev.duration_s,
+                m.deadline_s,
+                now,
+                frozenset(m.status()["view"]),
+                ev.round in x.quorum_waits,
+            )
+        )
+
     def _flush(self, x: SimPeer) -> None:
         if self.vouch:
             self._d_flush(x)
@@ -367,19 +384,7 @@ class RoundSim:
         for ev in m.events():
             t = type(ev)
             if t is RoundClosed:
-                x.closes.append(
-                    Close(
-                        ev.round,
-                        m.digest,
-                        ev.contributors,
-                        ev.reason,
-                        ev.duration_s,
-                        m.deadline_s,
-                        now,
-                        frozenset(m.status()["view"]),
-                        ev.round in x.quorum_waits,
-                    )
-                )
+                self._record_close(x, ev, now)
             elif t is Diverged:
                 x.diverged_seen.add((ev.origin, ev.round))
                 if ev.round > self.p.rounds:
@@ -815,19 +820,7 @@ class RoundSim:
         for ev in m.events():
             t = type(ev)
             if t is RoundClosed:
-                x.closes.append(
-                    Close(
-                        ev.round,
-                        m.digest,
-                        ev.contributors,
-                        ev.reason,
-                        ev.duration_s,
-                        m.deadline_s,
-                        now,
-                        frozenset(m.status()["view"]),
-                        ev.round in x.quorum_waits,
-                    )
-                )
+                self._record_close(x, ev, now)
             elif t is Diverged:
                 x.diverged_seen.add((ev.origin, ev.round))
                 assert x.table is not None
