@@ -163,6 +163,7 @@ class Trainer:
         self.following = False  # caught up by sync; computing again from the next round start
         self._warmed = False  # the functions answered once (a cold start is behind us)
         self._checked_at = 0.0
+        self._samples = 0  # this node's sample count in its current gradient
         self.vouch = VouchTable(f=spec.f)
         self.sync_detail = ""
         self._state_lock = asyncio.Lock()  # state in Redis and (completed, digest) move together
@@ -578,11 +579,12 @@ class Trainer:
             wait_s=closed.duration_s if closed else 0.0,
             deadline_s=deadline_s,
         )
-        self._records[r] = rec
         self.history.append(rec)
         env.counters["training.rounds"] += 1
         due = r % spec.eval_every == 0 or r == spec.rounds
-        if not due:
+        if due:
+            self._records[r] = rec  # its accuracy comes with the evaluation
+        else:
             self._log_round(rec)
         participate = None
         if self.following and self._warmed and caught_up(self.vouch, self.env.node_id, r):
@@ -808,6 +810,13 @@ class Trainer:
             self._on_finish(self)
             return
         self.state, self.sync_detail, self.following = "running", "", True
+        # Rounds abandoned by the sync leave no per-round records behind.
+        for per_round in (self._losses, self._phases, self._closed, self._records):
+            for old in [k for k in per_round if k < round]:
+                del per_round[old]
+        stale = [k for rr in [x for x in self._stored if x < round] for k in self._stored.pop(rr)]
+        if stale:
+            self._spawn(self.env.store.delete(*stale), "forget-abandoned")
         self.m.begin(round, self.digest, time.monotonic(), participating=False)
         if not self._warmed:
             self._spawn(self._warm_up(round), "warm-up")
