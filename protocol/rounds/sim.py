@@ -178,6 +178,7 @@ class SimPeer:
         "begins",
         "buffer",
         "byzantine",
+        "checked_completed",
         "closes",
         "completed",
         "crashed_at",
@@ -770,7 +771,9 @@ class RoundSim:
         """Trainer._run: every SYNC_CHECK_S, while running, syncing or done."""
         if not x.alive or x.dstate not in ("running", "syncing", "done"):
             return
-        self._d_check_sync(x)
+        dl = x.machine.deadline_at
+        stuck = x.dstate == "running" and dl is not None and self.loop.now > dl
+        self._d_check_sync(x, stuck=stuck)
         self.loop.schedule(self.loop.now + self.p.sync_check_s, self._d_periodic, x)
 
     def _d_flush(self, x: SimPeer) -> None:
@@ -946,7 +949,7 @@ class RoundSim:
         self._d_enter_sync(x, why)
         self._d_schedule_periodic(x)
 
-    def _d_check_sync(self, x: SimPeer) -> None:
+    def _d_check_sync(self, x: SimPeer, *, stuck: bool = False) -> None:
         if x.dstate not in ("running", "done") or not x.digest:
             return
         assert x.table is not None
@@ -956,6 +959,7 @@ class RoundSim:
             round=x.completed + 1,
             digest=x.digest,
             lag_rounds=self.p.lag_rounds,
+            final_round=self.p.rounds + 1 if stuck else None,
         )
         if d.action == SYNC:
             self._d_enter_sync(x, d.reason)
@@ -986,7 +990,11 @@ class RoundSim:
         assert x.table is not None
         own = x.completed + 1 if x.digest else None
         d = sync_decision(
-            x.table, self_id=x.id, round=own, digest=x.digest or None, lag_rounds=self.p.lag_rounds
+            x.table,
+            self_id=x.id,
+            round=own,
+            digest=x.digest or None,
+            lag_rounds=self.p.lag_rounds,
         )
         x.sync_detail = d.reason
         alone = len(x.machine.status()["view"]) <= 1 and not x.table.newest_round()

@@ -258,10 +258,13 @@ def sync_decision(
     round: int | None,
     digest: bytes | None,
     lag_rounds: int = 2,
+    final_round: int | None = None,
 ) -> Decision:
     """What a peer at (round, digest) should do; (None, None) when it has no usable
     state (a joiner, a restart without a trusted state, a Redis that lost its data).
     ``target`` is the table's target whenever there is one; only "sync" acts on it.
+    ``final_round`` (the job's rounds + 1) marks positions announced after the last
+    round: a peer behind one of those syncs however small its lag.
 
     Vouches never count self: a peer cannot vouch for its own model. Being a bit
     behind (at most ``lag_rounds``) is normal and left to the rounds to catch up;
@@ -279,6 +282,10 @@ def sync_decision(
             return Decision(WAIT, None, "waiting: no usable state; " + _nothing(table, me))
         return Decision(SYNC, t, f"syncing: no usable state; {_vouched_by(t)}")
 
+    if t is not None and final_round is not None and round < final_round <= t.round:
+        # The others finished the job: there are no more rounds to catch up in, so
+        # even a small lag must be closed by taking the final model.
+        return Decision(SYNC, t, f"syncing: the others finished the job; {_vouched_by(t)}")
     if t is not None and t.round > round + lag_rounds:
         return Decision(
             SYNC, t, f"syncing: at round {round}, {t.round - round} behind; {_vouched_by(t)}"

@@ -238,7 +238,9 @@ class Trainer:
                 # A follower stuck on a round whose gradients it never got, or a peer
                 # left far behind, finds out here even when no round closes.
                 self._checked_at = now
-                self._check_sync()
+                dl = self.m.deadline_at
+                stuck = self.state == "running" and dl is not None and now > dl
+                self._check_sync(stuck=stuck)
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -668,12 +670,19 @@ class Trainer:
 
     # --- state sync -------------------------------------------------------------------------
 
-    def _check_sync(self) -> None:
-        """After a round or a divergence: are we the ones who must sync?"""
+    def _check_sync(self, *, stuck: bool = False) -> None:
+        """After a round or a divergence, and every second: are we the ones who must
+        sync? ``stuck``: the open round is past its deadline; then a final
+        position the others announce counts however close it is (there are no more
+        rounds in which to catch up with them)."""
         if self.state not in ("running", "done") or not self.digest:
             return
         d = sync_decision(
-            self.vouch, self_id=self.env.node_id, round=self.completed + 1, digest=self.digest
+            self.vouch,
+            self_id=self.env.node_id,
+            round=self.completed + 1,
+            digest=self.digest,
+            final_round=self.spec.rounds + 1 if stuck else None,
         )
         if d.action == "sync":
             self._enter_sync(d.reason)
@@ -749,7 +758,12 @@ class Trainer:
         """One decision and, if it says so, one transfer. True once we are running."""
         env, spec = self.env, self.spec
         own = self.completed + 1 if self.digest else None
-        d = sync_decision(self.vouch, self_id=env.node_id, round=own, digest=self.digest or None)
+        d = sync_decision(
+            self.vouch,
+            self_id=env.node_id,
+            round=own,
+            digest=self.digest or None,
+        )
         self.sync_detail = d.reason
         alone = len(self.m.status().get("view", [])) <= 1 and not self.vouch.newest_round()
         if own is not None and (d.action == "in_sync" or (d.action == "wait" and alone)):
