@@ -774,6 +774,19 @@ class RoundSim:
         dl = x.machine.deadline_at
         stuck = x.dstate == "running" and dl is not None and self.loop.now > dl
         self._d_check_sync(x, stuck=stuck)
+        r = x.machine.round
+        if (
+            stuck
+            and x.dstate == "running"
+            and x.follow
+            and x.warmed
+            and x.table is not None
+            and caught_up(x.table, x.id, r - 1)
+        ):
+            # Trainer._unfollow: nobody computes this round; compute it after all.
+            x.follow = False
+            x.machine.begin(r, x.digest, self.loop.now, participating=True)
+            self._flush(x)
         self.loop.schedule(self.loop.now + self.p.sync_check_s, self._d_periodic, x)
 
     def _d_flush(self, x: SimPeer) -> None:

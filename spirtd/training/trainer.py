@@ -241,6 +241,8 @@ class Trainer:
                 dl = self.m.deadline_at
                 stuck = self.state == "running" and dl is not None and now > dl
                 self._check_sync(stuck=stuck)
+                if stuck and self.state == "running":
+                    self._unfollow(now)
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -686,6 +688,18 @@ class Trainer:
         )
         if d.action == "sync":
             self._enter_sync(d.reason)
+
+    def _unfollow(self, now: float) -> None:
+        """A follower whose round is past its deadline while nobody is past it may be
+        waiting for other followers, which wait for it in turn: compute this round
+        after all (a wrong guess shows as a divergence and is repaired by sync)."""
+        r = self.m.round
+        if self.following and self._warmed and caught_up(self.vouch, self.env.node_id, r - 1):
+            self.following = False
+            self.env.counters["training.unfollowed"] += 1
+            log.info("round %d: no one is computing it; computing it here", r)
+            self.m.begin(r, self.digest, now, participating=True)
+            self._kick()
 
     def _enter_sync(self, why: str) -> None:
         if self.state not in ("running", "syncing", "starting", "done"):
