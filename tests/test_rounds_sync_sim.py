@@ -12,9 +12,7 @@ syncing with round None.
 The tests below judge the scenarios against ground truth kept by the harness:
 ``sim.made`` (every position some peer aggregated to), ``sim.lies`` (the
 Byzantine peers' made-up positions) and ``sim.loads`` (every state loaded, with
-the vouchers the loader counted). The one marked xfail(strict) is a behaviour the
-simulation shows to be wrong in the daemon's rules; it says which and why, and
-fails loudly (XPASS) once the rule is fixed, so the mark can go.
+the vouchers the loader counted).
 """
 
 from __future__ import annotations
@@ -305,14 +303,11 @@ def test_split_early_minority_does_not_pull_the_majority(f: int) -> None:
     assert synced(sim) == set(minor)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a minority that forks one round before the last syncs to the majority's state "
-    "of that round, then follows the last round, whose gradients it had already dropped "
-    "(checked against its forked digest when it began the round); the others are done "
-    "at rounds + 1, within lag_rounds, so sync_decision says in_sync: it waits forever",
-)
 def test_split_one_round_before_the_last_everyone_finishes() -> None:
+    # The minority syncs to the majority's state of the last round but one, while the
+    # majority finishes the last round within lag_rounds of it. A sync pass that
+    # treated that as "in sync" resumed into a round whose gradients it had dropped
+    # and waited forever; a peer already out of the rounds takes the final model.
     n, rounds = 40, 10
     all_ids = ids(n)
     minor = frozenset(all_ids[30:])

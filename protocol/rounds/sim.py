@@ -1009,6 +1009,7 @@ class RoundSim:
             round=own,
             digest=x.digest or None,
             lag_rounds=self.p.lag_rounds,
+            final_round=self.p.rounds + 1,  # as the trainer: no rounds left to catch up in
         )
         x.sync_detail = d.reason
         alone = len(x.machine.status()["view"]) <= 1 and not x.table.newest_round()

@@ -777,6 +777,9 @@ class Trainer:
             self_id=env.node_id,
             round=own,
             digest=self.digest or None,
+            # Already out of the rounds: once the others have finished there is no
+            # round left to catch up in, so their final model is the only way out.
+            final_round=self.spec.rounds + 1,
         )
         self.sync_detail = d.reason
         alone = len(self.m.status().get("view", [])) <= 1 and not self.vouch.newest_round()
