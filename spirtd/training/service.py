@@ -61,6 +61,7 @@ log = logging.getLogger("spirtd.training")
 DATASET_TASKS = frozenset({"mnist"})
 # Training messages for a job whose record is still being checked, kept until it starts.
 EARLY_MAX = 256
+EVENTS_MAX = 1000  # the job's event log kept for `train status` and the report
 PREPARE_TIMEOUT_S = 300.0
 
 
@@ -96,6 +97,9 @@ class TrainingService:
         self._refused: set[str] = set()  # jobs this node cannot run: not asked for again
         self.sync: StateSync | None = None
         self.checkpoints = Checkpoints(self.dir)
+        # What happened to the job as this node saw it: joins, departures, syncs,
+        # transfers served. Wall-clock stamped, for the report's markers.
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_MAX)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class TrainingService:
             record=lambda job: self._record_bytes if job == self.job_id else None,
             on_record=self._on_record,
             max_serves=self.node.config.training.max_state_serves,
+            on_served=self._on_served,
         )
         self._load_persisted()
         if self._saved.get("state") in ("running", "syncing") and self.spec is not None:
@@ -237,6 +242,8 @@ class TrainingService:
         established from this node's Redis, its checkpoint or the peers."""
         if self.trainer is not None:
             await self.trainer.stop("replaced by a new job")
+        if job_id != self.job_id:
+            self.events.clear()
         self.job_id, self.spec = job_id, spec
         self.state, self.detail = "running", f"started by {origin}"
         self._record_bytes = record
@@ -259,6 +266,7 @@ class TrainingService:
             checkpoint_every=cfg.training.checkpoint_every,
             sync_timeout_s=cfg.training.sync_timeout_s,
             counters=self.node.counters,
+            note=self.note,
         )
         assert self.sync is not None
         self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)
@@ -459,13 +467,31 @@ class TrainingService:
                 join="restarted",
             )
 
+    def note(self, kind: str, detail: str = "", **extra: Any) -> None:
+        """Adds an event to the job's log (nothing while no job is known)."""
+        if self.job_id is None:
+            return
+        t = self.trainer
+        round_ = t.completed if t is not None else 0
+        self.events.append(
+            {"t": round(time.time(), 3), "round": round_, "kind": kind, "detail": detail, **extra}
+        )
+
+    def _on_served(self, job: str, peer: str, started: float, nbytes: int) -> None:
+        if job == self.job_id:
+            self.note("served", f"{nbytes} bytes to {peer}", start=round(started, 3))
+
     def _on_member(self, ev: Any) -> None:
         t = self.trainer
+        gone = ev.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REMOVED)
+        came = ev.kind in (EventKind.JOINED, EventKind.ALIVE)
+        if gone or came:
+            self.note("member_left" if gone else "member_joined", ev.node_id)
         if t is None or t.state != "running":
             return
-        if ev.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REMOVED):
+        if gone:
             t.member_gone(ev.node_id)
-        elif ev.kind in (EventKind.JOINED, EventKind.ALIVE):
+        elif came:
             t.member_alive(ev.node_id)
 
     # --- status ----------------------------------------------------------------------------
@@ -500,6 +526,7 @@ class TrainingService:
             else None
         )
         out["history"] = [r.to_json() for r in t.history] if t is not None else []
+        out["events"] = list(self.events)
         out["rounds"] = t.m.status() if t is not None else None
         return out
 

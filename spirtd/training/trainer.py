@@ -69,7 +69,7 @@ from spirtd.training.checkpoint import (
 from spirtd.training.job import JobSpec
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
 from spirtd.training.state import StateKeys
-from spirtd.training.statesync import StateSync, SyncError
+from spirtd.training.statesync import Position, StateSync, SyncError
 
 log = logging.getLogger("spirtd.training")
 
@@ -104,6 +104,8 @@ class TrainerEnv:
     checkpoint_every: int
     sync_timeout_s: float
     counters: Counter[str] = field(default_factory=Counter)
+    # (kind, detail): what the job's event log (train status, the report) shows.
+    note: Callable[[str, str], None] = lambda kind, detail: None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class RoundRecord:
     phases: dict[str, float] = field(default_factory=dict)
     wait_s: float = 0.0  # round begin to close: what the deadline bounds
     deadline_s: float = 0.0
+    closed_at: float = field(default_factory=time.time)  # wall clock, for plots against time
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,6 +133,7 @@ class RoundRecord:
             "closed_by": self.closed_by,
             "wait_s": round(self.wait_s, 4),
             "deadline_s": round(self.deadline_s, 3),
+            "closed_at": round(self.closed_at, 3),
             "phases": {k: round(v, 5) for k, v in self.phases.items()},
         }
 
@@ -707,6 +711,7 @@ class Trainer:
         if self.state != "syncing":
             log.warning("job %s: syncing state (%s)", self.job_id[:12], why)
             self.env.counters["training.syncs_started"] += 1
+            self.env.note("sync_started", why)
         self.state, self.sync_detail = "syncing", why
         self.following = False
         # Tell the others not to wait for us meanwhile.
@@ -789,11 +794,14 @@ class Trainer:
         if d.action != "sync" or d.target is None:
             return False
         max_total = max_encoded_size(spec)
+        want = Position(d.target.round - 1, d.target.digest)
         for peer in d.target.vouchers:
             if peer == env.node_id:
                 continue
             try:
-                data = await env.sync.fetch(peer, self.job_id, max_total, env.sync_timeout_s)
+                data = await env.sync.fetch(
+                    peer, self.job_id, max_total, env.sync_timeout_s, want=want
+                )
             except SyncError as e:
                 env.counters["training.sync_failed"] += 1
                 log.warning("no state from %s: %s", peer, e)
@@ -822,6 +830,7 @@ class Trainer:
                 self.digest, self.completed = snap.digest, snap.completed
                 await self._mark_position()
             env.counters["training.syncs_done"] += 1
+            env.note("synced", f"round {snap.completed} from {peer}")
             log.info(
                 "synced job %s state from %s: round %d, digest %s",
                 self.job_id[:12],
