@@ -194,6 +194,17 @@ def test_restarts_state_kept_or_lost_both_sync() -> None:
         assert len(x.loads) <= 4, (vid, x.loads)
 
 
+def test_everyone_restarted_at_once_follows_then_computes_again() -> None:
+    # The whole cluster killed together and back with its state: every peer is in
+    # sync, so every peer follows the next round and waits for gradients nobody
+    # computes. Past the round's deadline each finds nobody ahead and computes it.
+    sim = run(n=8, restarts=8, restart_at=8.0, restart_down=(5.0, 6.0), rounds=14, seed=1, f=1)
+    assert len(sim.restart_ids) == 8
+    assert sim.counters["unfollowed"] >= 1
+    assert_converged(sim)
+    assert_loads_sound(sim)
+
+
 # --- 3. vouching that splits ----------------------------------------------------------------
 
 SPLIT_ROUND = 4

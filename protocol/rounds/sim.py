@@ -791,6 +791,7 @@ class RoundSim:
             and caught_up(x.table, x.id, r - 1)
         ):
             # Trainer._unfollow: nobody computes this round; compute it after all.
+            self.counters["unfollowed"] += 1
             x.follow = False
             x.machine.begin(r, x.digest, self.loop.now, participating=True)
             self._flush(x)
