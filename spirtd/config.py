@@ -3,14 +3,18 @@
 Every flag has a top-level key of the same name with '_' for '-'
 (``--redis-url`` → ``redis_url``). Tunables without flags live in tables
 (``[transport]``). Unknown keys are an error that names them: a typo must not
-silently fall back to a default.
+silently fall back to a default. A value of the wrong type, or outside its
+range, is an error that names the key and what it accepts: ranges live on the
+fields themselves (``_opt``), so the loader, the error message and
+``deploy/spirtd.toml`` (checked by tests/test_config_validation.py) cannot drift.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +25,104 @@ class ConfigError(ValueError):
     """A fatal misconfiguration; the message names the setting."""
 
 
+def _opt(
+    default: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    nonempty: bool = False,
+) -> Any:
+    """A setting with its allowed range: > gt, >= ge, <= le, one of choices."""
+    meta = {"gt": gt, "ge": ge, "le": le, "choices": choices, "nonempty": nonempty or None}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def _allowed(f: Field[Any]) -> str:
+    """What a field accepts, in words, for error messages."""
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    parts = []
+    if "gt" in m:
+        parts.append(f"> {m['gt']}")
+    if "ge" in m:
+        parts.append(f">= {m['ge']}")
+    if "le" in m:
+        parts.append(f"<= {m['le']}")
+    if m.get("nonempty"):
+        parts.append("a non-empty string")
+    return " and ".join(parts)
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    for f in fields(obj):
+        if not f.metadata:
+            continue
+        v = getattr(obj, f.name)
+        key = f"{where}{f.name}"
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, not {v!r}")
+        m = f.metadata
+        bad = (
+            ("choices" in m and v not in m["choices"])
+            or ("gt" in m and v <= m["gt"])
+            or ("ge" in m and v < m["ge"])
+            or ("le" in m and v > m["le"])
+            or (m.get("nonempty") and not v)
+        )
+        if bad:
+            raise ConfigError(f"{key}: must be {_allowed(f)}, not {v!r}")
+
+
 @dataclass
 class TransportConfig:
-    handshake_timeout_s: float = 5.0
-    dial_timeout_s: float = 5.0
+    handshake_timeout_s: float = _opt(5.0, gt=0)
+    dial_timeout_s: float = _opt(5.0, gt=0)
     # A link that received nothing for this long is dropped; keepalives are sent
     # at a third of it so a healthy idle link never trips it.
-    idle_timeout_s: float = 30.0
-    max_pending_handshakes: int = 64
-    max_links: int = 1024
+    idle_timeout_s: float = _opt(30.0, gt=0)
+    max_pending_handshakes: int = _opt(64, ge=1)
+    max_links: int = _opt(1024, ge=1)
     # Frames queued per link before senders wait (backpressure) or drop (try_send).
-    send_queue_frames: int = 64
-    stream_chunk_bytes: int = 256 * 1024
-    rekey_every_frames: int = 1 << 20
-    reconnect_min_s: float = 0.2
-    reconnect_max_s: float = 10.0
+    send_queue_frames: int = _opt(64, ge=1)
+    # A chunk travels in one record, and records carry at most 1 MiB of payload.
+    stream_chunk_bytes: int = _opt(256 * 1024, ge=4096, le=1 << 20)
+    rekey_every_frames: int = _opt(1 << 20, ge=1, le=1 << 32)
+    reconnect_min_s: float = _opt(0.2, gt=0)
+    reconnect_max_s: float = _opt(10.0, gt=0)
     # Incoming streams open on one link at once; each holds at most one chunk in memory.
-    max_streams_per_link: int = 16
+    max_streams_per_link: int = _opt(16, ge=1)
+    # Before authentication (SECURITY.md): an inbound connection must send its
+    # hello within hello_timeout_s; one source address holds at most
+    # max_pending_per_source handshakes; a full table drops a connection that has
+    # not said hello rather than refuse a newcomer; and the responder's key work
+    # (X25519 + Ed25519) is budgeted per source address.
+    hello_timeout_s: float = _opt(2.0, gt=0)
+    max_pending_per_source: int = _opt(8, ge=1)
+    handshakes_per_source_s: float = _opt(16.0, gt=0)
+    handshake_burst_per_source: int = _opt(32, ge=1)
+    # Messages one link may deliver; past these budgets the link stops reading
+    # until the debt is repaid, and TCP pushes back on the sender.
+    messages_per_s: float = _opt(500.0, gt=0)
+    message_burst: int = _opt(2000, ge=1)
+    message_bytes_per_s: int = _opt(2 * 1024 * 1024, ge=1)
+    message_byte_burst: int = _opt(8 * 1024 * 1024, ge=1 << 20)
 
 
 @dataclass
 class InvokeConfig:
     """How gradient functions are invoked ([invoke] in the config file)."""
 
-    function_name: str = "spirt-gradient"
+    function_name: str = _opt("spirt-gradient", nonempty=True)
     # Functions running at once. Locally that is also the warm worker count: one
     # per core keeps them from fighting over CPUs.
-    concurrency: int = 2
-    timeout_s: float = 60.0
-    memory_mb: int = 1024
-    prewarm: int = 0  # local workers started with the daemon (no cold start in round 1)
-    region: str = "us-east-1"
+    concurrency: int = _opt(2, ge=1, le=1024)
+    timeout_s: float = _opt(60.0, gt=0, le=900)  # 900 s: AWS Lambda's own ceiling
+    memory_mb: int = _opt(1024, ge=128, le=10240)  # AWS Lambda's range
+    prewarm: int = _opt(0, ge=0)  # local workers started with the daemon (no cold start in round 1)
+    region: str = _opt("us-east-1", nonempty=True)
     endpoint_url: str = ""  # --functions lambda: override the AWS endpoint (e.g. a VPC endpoint)
 
 
@@ -59,14 +130,14 @@ class InvokeConfig:
 class PubSubConfig:
     """Where received pub/sub bodies are kept ([pubsub] in the config file)."""
 
-    memory_mb: int = 512  # bodies held in memory at once, in total
-    body_memory_max_mb: int = 64  # a larger body goes to a 0600 file instead
-    disk_mb: int = 16384  # bodies in files under DATA_DIR/pubsub, in total
-    retain_s: float = 300.0  # a delivered body is kept this long for peers still pulling it
+    memory_mb: int = _opt(512, ge=0)  # bodies held in memory at once, in total
+    body_memory_max_mb: int = _opt(64, ge=0)  # a larger body goes to a 0600 file instead
+    disk_mb: int = _opt(16384, ge=0)  # bodies in files under DATA_DIR/pubsub, in total
+    retain_s: float = _opt(300.0, gt=0)  # a delivered body is kept this long for peers pulling it
     # Body memory faulted in at start-up. A round lands (peers - 1) x gradient
     # bytes in every node; reserving that keeps the first round off fresh pages
     # (later rounds reuse the pool's pages either way).
-    reserve_mb: int = 0
+    reserve_mb: int = _opt(0, ge=0)
 
 
 @dataclass
@@ -76,20 +147,33 @@ class TrainingConfig:
     # A round closes at its deadline (with a quorum) even if some members have not
     # sent their gradient: deadline = factor x median of recent round durations,
     # clamped to [floor, ceiling]; the first round uses the initial value.
-    deadline_factor: float = 3.0
-    deadline_floor_s: float = 2.0
-    deadline_ceiling_s: float = 120.0
-    initial_deadline_s: float = 60.0
+    deadline_factor: float = _opt(3.0, gt=0)
+    deadline_floor_s: float = _opt(2.0, gt=0)
+    deadline_ceiling_s: float = _opt(120.0, gt=0)
+    initial_deadline_s: float = _opt(60.0, gt=0)
     # Gradients for this many rounds ahead are held; later ones are refused.
-    future_window: int = 2
+    future_window: int = _opt(2, ge=0)
     # This node's gradient counts when at least this fraction of its functions succeed.
-    min_slice_fraction: float = 0.5
+    min_slice_fraction: float = _opt(0.5, gt=0, le=1)
     # State checkpoints in DATA_DIR/training every this many rounds (and at stop); 0: off.
-    checkpoint_every: int = 10
+    checkpoint_every: int = _opt(10, ge=0)
     # State transfers this node serves at once to peers that sync from it.
-    max_state_serves: int = 2
+    max_state_serves: int = _opt(2, ge=1)
     # A state transfer that has not arrived by then is abandoned for another peer.
-    sync_timeout_s: float = 30.0
+    sync_timeout_s: float = _opt(30.0, gt=0)
+
+
+@dataclass
+class ControlConfig:
+    """The control API ([control] in the config file). It always listens on
+    DATA_DIR/api.sock (mode 0600: the daemon's user only); TCP is optional and
+    then every request must carry the token."""
+
+    # HOST:PORT to also serve the control API on; "" keeps it on the unix socket only.
+    listen_tcp: str = ""
+    # The bearer token TCP clients must send; "" means DATA_DIR/api.token, created
+    # (random, mode 0600) at start when TCP is on and the file does not exist.
+    token_file: str = ""
 
 
 @dataclass
@@ -99,15 +183,16 @@ class Config:
     advertise: str | None = None
     bootstrap: list[str] = field(default_factory=list)
     redis_url: str | None = None
-    functions: str = "local"
-    log_format: str = "text"
+    functions: str = _opt("local", choices=("local", "lambda"))
+    log_format: str = _opt("text", choices=("text", "json"))
     log_level: str = "info"
     cluster: str | None = None  # default: the cluster named in this node's certificate
-    profile: str = "lan"  # membership profile: local | lan | wan
+    profile: str = _opt("lan", choices=("local", "lan", "wan"))  # membership timing profile
     transport: TransportConfig = field(default_factory=TransportConfig)
     invoke: InvokeConfig = field(default_factory=InvokeConfig)
     pubsub: PubSubConfig = field(default_factory=PubSubConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     # Where this node's datasets live, by name (--dataset NAME=DIR; the [datasets] table).
     datasets: dict[str, str] = field(default_factory=dict)
     shard: str | None = None  # --shard I/N: train on shard I of N of a built-in dataset
@@ -120,37 +205,30 @@ class Config:
             parse_hostport(self.advertise, "advertise")
         for b in self.bootstrap:
             parse_hostport(b, "bootstrap")
-        if self.functions not in ("local", "lambda"):
-            raise ConfigError(f"functions: must be 'local' or 'lambda', not {self.functions!r}")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"log_format: must be 'text' or 'json', not {self.log_format!r}")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
-        if self.profile not in ("local", "lan", "wan"):
-            raise ConfigError(f"profile: must be local, lan or wan, not {self.profile!r}")
+        _check_ranges(self, "")
+        for table in (self.transport, self.invoke, self.pubsub, self.training, self.control):
+            _check_ranges(table, f"{_TABLES[type(table)]}.")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"log_level: must be one of {', '.join(LOG_LEVELS).lower()}, not {self.log_level!r}"
+            )
+        tp = self.transport
+        if tp.reconnect_max_s < tp.reconnect_min_s:
+            raise ConfigError(
+                f"transport.reconnect_max_s: must be >= transport.reconnect_min_s "
+                f"({tp.reconnect_min_s}), not {tp.reconnect_max_s}"
+            )
         ps = self.pubsub
-        for name in ("memory_mb", "body_memory_max_mb", "disk_mb", "reserve_mb"):
-            if getattr(ps, name) < 0:
-                raise ConfigError(f"pubsub.{name}: must not be negative")
         if ps.reserve_mb > ps.memory_mb:
             raise ConfigError(
                 f"pubsub.reserve_mb: {ps.reserve_mb} exceeds pubsub.memory_mb ({ps.memory_mb})"
             )
-        if ps.retain_s <= 0:
-            raise ConfigError("pubsub.retain_s: must be positive")
-        tr = self.training
         try:
             self.round_config().validate()
         except ValueError as e:
             raise ConfigError(f"training.{e}") from None
-        if not 0.0 < tr.min_slice_fraction <= 1.0:
-            raise ConfigError("training.min_slice_fraction: must be in (0, 1]")
-        if tr.checkpoint_every < 0:
-            raise ConfigError("training.checkpoint_every: must be >= 0 (0 turns it off)")
-        if tr.max_state_serves < 1:
-            raise ConfigError("training.max_state_serves: must be >= 1")
-        if tr.sync_timeout_s <= 0:
-            raise ConfigError("training.sync_timeout_s: must be positive")
+        if self.control.listen_tcp:
+            parse_hostport(self.control.listen_tcp, "control.listen_tcp")
         for name, path in self.datasets.items():
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"datasets.{name}: must be a directory path")
@@ -173,6 +251,27 @@ class Config:
             initial_deadline_s=tr.initial_deadline_s,
             future_window=tr.future_window,
         )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TABLES: dict[type, str] = {
+    TransportConfig: "transport",
+    InvokeConfig: "invoke",
+    PubSubConfig: "pubsub",
+    TrainingConfig: "training",
+    ControlConfig: "control",
+}
+
+
+def known_keys() -> dict[str, list[str]]:
+    """Every key the loader accepts: table name ("" for the top level) -> keys."""
+    out: dict[str, list[str]] = {"": []}
+    for f in fields(Config):
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            out[f.name] = [g.name for g in fields(f.default_factory)]
+        else:
+            out[""].append(f.name)
+    return out
 
 
 def default_data_dir() -> Path:
@@ -199,29 +298,63 @@ def parse_hostport(text: str, setting: str) -> tuple[str, int]:
 
 
 def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
+    """Sets ``target``'s fields from ``table``; ``where`` prefixes keys in messages
+    ("config " for the file, "--" for flags, plus the table path)."""
     known = {f.name: f for f in fields(target)}
+    types = _field_types(type(target))
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
         if name == "datasets":
-            value = _datasets(value, f"{where}{key}")
-        if isinstance(current, (TransportConfig, InvokeConfig, PubSubConfig, TrainingConfig)):
+            setattr(target, name, _datasets(value, f"{where}{key}"))
+            continue
+        if is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{key}: must be a table")
+                raise ConfigError(f"{where}{key}: must be a table ([{key}])")
             _apply_table(current, value, f"{where}{key}.")
             continue
         if name == "data_dir":
-            value = Path(value).expanduser()
-        elif name == "bootstrap" and isinstance(value, str):
+            if not isinstance(value, (str, Path)):
+                raise ConfigError(f"{where}{key}: expected a directory path, got {value!r}")
+            setattr(target, name, Path(value).expanduser())
+            continue
+        if name == "bootstrap" and isinstance(value, str):
             value = [value]
-        expected = type(current) if current is not None else None
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected is not None and expected is not Path and not isinstance(value, expected):
-            raise ConfigError(f"{where}{key}: expected {expected.__name__}, got {value!r}")
-        setattr(target, name, value)
+        setattr(target, name, _typed(value, types[name], f"{where}{key}"))
+
+
+def _field_types(cls: type) -> dict[str, str]:
+    # ``from __future__ import annotations`` leaves annotations as strings.
+    return {f.name: str(f.type) for f in fields(cls)}
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _typed(value: Any, annotation: str, key: str) -> Any:
+    """``value`` checked (and an int widened to float) against a field's annotation."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if base.startswith("list["):
+        inner = base[5:-1]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {inner}s, got {value!r}")
+        return [_typed(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }.get(base)
+    if ok is None:
+        return value
+    if not ok(value):
+        raise ConfigError(f"{key}: expected {_TYPE_WORDS[base]}, got {value!r}")
+    return float(value) if base == "float" else value
 
 
 def _datasets(value: Any, where: str) -> dict[str, str]:

@@ -190,6 +190,7 @@ class Node:
     def seal(self, msg_type: MsgType, body: Any) -> bytes:
         """Signs ``body`` as an envelope from this node, with a fresh sequence number."""
         self._seq += 1
+        self.counters[f"wire.out.{msg_type.name.lower()}"] += 1
         return wire.seal(self.key, msg_type, self._seq, int(time.time() * 1000), body)
 
     @staticmethod
@@ -214,6 +215,7 @@ class Node:
         if handler is None:
             self.counters["wire.unhandled_type"] += 1
             return
+        self.counters[f"wire.in.{env.type.name.lower()}"] += 1
         handler(link, env)
 
     def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None:

@@ -113,7 +113,7 @@ def test_spirtctl_exit_codes(short_tmp):
         r = run("-m", "spirtd.control.ctl", "peers", "--data-dir", str(n.data_dir))
         assert r.returncode == 0 and n.node_id in r.stdout and "STATE" in r.stdout
         r = run("-m", "spirtd.control.ctl", "metrics", "--data-dir", str(n.data_dir))
-        assert r.returncode == 0 and 'spirt_members{state="alive"} 1' in r.stdout
+        assert r.returncode == 0 and 'spirt_members{state="alive"} 1.0' in r.stdout
     finally:
         n.stop()
 

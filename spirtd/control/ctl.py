@@ -1,8 +1,9 @@
 """`spirtctl`: the operator CLI (INTERFACES.md).
 
-Daemon commands talk HTTP/JSON over DATA_DIR/api.sock; `ca` and `trust` work
-offline on directories. Exit codes: 0 success, 1 the daemon answered with an
-error, 2 usage error, 3 the daemon is unreachable.
+Daemon commands talk HTTP/JSON over DATA_DIR/api.sock (or, with --api
+HOST:PORT, over TCP with the node's token); `ca` and `trust` work offline on
+directories. Exit codes: 0 success, 1 the daemon answered with an error (or a
+followed job did not finish), 2 usage error, 3 the daemon is unreachable.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 import time
@@ -21,7 +23,10 @@ from spirtd.config import default_data_dir
 from spirtd.keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
 REQUEST_TIMEOUT_S = 30.0
+FOLLOW_POLL_S = 1.0
+SYSTEM_DATA_DIR = Path("/var/lib/spirt")  # the unit's StateDirectory
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -44,28 +49,59 @@ class DaemonError(Exception):
     pass
 
 
-def call(data_dir: Path, method: str, path: str, body: dict | None = None) -> Any:
+def call(
+    data_dir: Path,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    *,
+    api: str | None = None,
+    token: str | None = None,
+) -> Any:
+    """One control API request: over DATA_DIR/api.sock, or over TCP to ``api``
+    (HOST:PORT) with ``token``. Raises Unreachable or DaemonError."""
     sock = DataDir(data_dir).api_socket
-    conn = _UnixHTTPConnection(sock, REQUEST_TIMEOUT_S)
+    conn: http.client.HTTPConnection
+    if api is not None:
+        host, _, port = api.rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=REQUEST_TIMEOUT_S)
+        where = f"tcp {api}"
+    else:
+        conn = _UnixHTTPConnection(sock, REQUEST_TIMEOUT_S)
+        where = str(sock)
     try:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise Unreachable(f"cannot reach spirtd at {sock}: {e.strerror}") from None
+        raise Unreachable(
+            f"cannot reach spirtd at {where}: {e.strerror}. {_start_hint(data_dir, api)}"
+        ) from None
     except PermissionError:
-        raise Unreachable(f"cannot reach spirtd at {sock}: permission denied") from None
+        raise Unreachable(
+            f"cannot reach spirtd at {where}: permission denied. The socket is mode 0600, owned "
+            "by the daemon's user: run spirtctl as that user (e.g. `sudo -u spirt spirtctl ...`)"
+        ) from None
     except TimeoutError:
         raise Unreachable(
-            f"spirtd at {sock} did not answer within {REQUEST_TIMEOUT_S:.0f}s"
+            f"spirtd at {where} did not answer within {REQUEST_TIMEOUT_S:.0f}s; it may be "
+            "overloaded or stuck (check its log: `journalctl -u spirtd`)"
         ) from None
     except OSError as e:
-        raise Unreachable(f"cannot reach spirtd at {sock}: {e}") from None
+        raise Unreachable(
+            f"cannot reach spirtd at {where}: {e}. {_start_hint(data_dir, api)}"
+        ) from None
     finally:
         conn.close()
     ctype = resp.getheader("Content-Type", "")
+    if resp.status == 401:
+        raise DaemonError(
+            "the daemon refused the token: pass the node's DATA_DIR/api.token with --token-file"
+        )
     if resp.status >= 400:
         try:
             msg = json.loads(raw).get("error", raw.decode(errors="replace"))
@@ -73,6 +109,30 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None) -> An
             msg = raw.decode(errors="replace")
         raise DaemonError(msg)
     return json.loads(raw) if "json" in ctype else raw.decode()
+
+
+def _start_hint(data_dir: Path, api: str | None) -> str:
+    if api is not None:
+        return (
+            "Is [control] listen_tcp set on that node, and is the port reachable from here? "
+            "Or use spirtctl on the node itself."
+        )
+    return (
+        f"Is spirtd running on this data dir? Start it with `spirtd --data-dir {data_dir}` "
+        "(or `systemctl start spirtd`), or point spirtctl at the right one with --data-dir."
+    )
+
+
+def _ctl_data_dir() -> Path:
+    """spirtctl's data dir without --data-dir: $SPIRT_DATA_DIR, else this user's
+    default, else the system unit's /var/lib/spirt when a daemon listens there."""
+    env = os.environ.get("SPIRT_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    mine = default_data_dir()
+    if not DataDir(mine).api_socket.exists() and DataDir(SYSTEM_DATA_DIR).api_socket.exists():
+        return SYSTEM_DATA_DIR
+    return mine
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -121,19 +181,38 @@ def render_members(members: list[dict[str, Any]]) -> str:
 # -- commands ----------------------------------------------------------------------------
 
 
+def _call(a: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    return call(a.data_dir, method, path, body, api=a.api, token=a.token)
+
+
 def cmd_status(a: argparse.Namespace) -> str | dict:
-    s = call(a.data_dir, "GET", "/v1/status")
+    s = _call(a, "GET", "/v1/status")
     return s if a.json else render_status(s)
 
 
 def cmd_peers(a: argparse.Namespace) -> str | dict:
-    s = call(a.data_dir, "GET", "/v1/peers")
+    s = _call(a, "GET", "/v1/peers")
     return s if a.json else render_members(s["members"])
 
 
 def cmd_metrics(a: argparse.Namespace) -> str | dict:
-    text = call(a.data_dir, "GET", "/v1/metrics")
-    return {"metrics": text} if a.json else text.rstrip("\n")
+    text = _call(a, "GET", "/v1/metrics")
+    if not a.json:
+        return text.rstrip("\n")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = [
+        {
+            "name": fam.name,
+            "type": fam.type,
+            "help": fam.documentation,
+            "samples": [
+                {"name": smp.name, "labels": smp.labels, "value": smp.value} for smp in fam.samples
+            ],
+        }
+        for fam in text_string_to_metric_families(text)
+    ]
+    return {"families": families, "text": text}
 
 
 def _task_arg(text: str) -> tuple[str, Any]:
@@ -173,23 +252,90 @@ def cmd_train_start(a: argparse.Namespace) -> str | dict:
     }
     if a.task_arg:
         body["task_options"] = dict(a.task_arg)
-    r = call(a.data_dir, "POST", "/v1/train/start", body)
+    r = _call(a, "POST", "/v1/train/start", body)
+    started = (
+        f"started job {r.get('job')}: {r.get('task')}, {r.get('rounds')} rounds, "
+        f"{r.get('aggregator')} (f={r.get('f')}), {r.get('optimizer')} lr={r.get('lr')}"
+    )
+    if a.follow:
+        _progress(a, started)
+        final = follow(a, str(r.get("job")))
+        return {**r, "final": final} if a.json else _follow_summary(final)
     if a.json:
         return r
-    return (
-        f"started job {r.get('job')}: {r.get('task')}, {r.get('rounds')} rounds, "
-        f"{r.get('aggregator')} (f={r.get('f')}), {r.get('optimizer')} lr={r.get('lr')}\n"
-        "follow it with `spirtctl train status`"
-    )
+    return started + "\nfollow it with `spirtctl train status --follow`"
 
 
 def cmd_train_stop(a: argparse.Namespace) -> str | dict:
-    r = call(a.data_dir, "POST", "/v1/train/stop", {})
-    return r if a.json else f"stopped job {r.get('job')}"
+    try:
+        r = _call(a, "POST", "/v1/train/stop", {})
+    except DaemonError as e:
+        raise DaemonError(f"{e} (see `spirtctl train status`)") from None
+    return r if a.json else f"stopped job {r.get('job')} on every member"
+
+
+class JobNotFinished(Exception):
+    """A followed job ended without completing (stopped or failed)."""
+
+
+def _progress(a: argparse.Namespace, line: str) -> None:
+    # With --json, stdout carries only the final document; progress goes to stderr.
+    print(line, file=sys.stderr if a.json else sys.stdout, flush=True)
+
+
+def follow(a: argparse.Namespace, job: str | None = None) -> dict[str, Any]:
+    """Prints each round as it completes until the job ends; returns the last status.
+    Raises JobNotFinished when the job ended without completing."""
+    seen = 0
+    last_state = ""
+    while True:
+        r = _call(a, "GET", "/v1/train/status")
+        spec = r.get("job") or {}
+        if job is not None and spec.get("id") not in (None, job):
+            raise JobNotFinished(f"job {job} was replaced by job {spec.get('id')}")
+        total = spec.get("rounds", "?")
+        for h in r.get("history", []):
+            if h["round"] > seen:
+                seen = h["round"]
+                _progress(a, _round_line(h, total))
+        state = str(r.get("state"))
+        if state != last_state and state in ("syncing", "idle"):
+            detail = f" ({r['detail']})" if r.get("detail") else ""
+            _progress(a, f"{state}{detail}")
+        last_state = state
+        if state == "done":
+            return r
+        if state == "stopped":
+            detail = f": {r['detail']}" if r.get("detail") else ""
+            raise JobNotFinished(
+                f"job {spec.get('id')} stopped at round {r.get('round')}/{total}{detail}"
+            )
+        if not spec:
+            raise JobNotFinished("no training job (start one with `spirtctl train start`)")
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _round_line(h: dict[str, Any], total: Any) -> str:
+    acc = f" accuracy={h['accuracy']:.4f}" if h.get("accuracy") is not None else ""
+    loss = f"{h['loss']:.4f}" if h.get("loss") is not None else "-"
+    return (
+        f"round {h['round']}/{total} loss={loss}{acc} "
+        f"contributors={len(h.get('contributors', []))} duration={h.get('duration_s', 0):.3f}s"
+    )
+
+
+def _follow_summary(r: dict[str, Any]) -> str:
+    return (
+        f"job {r['job']['id']} done: round {r.get('round')}, loss {_cell(r.get('loss'))}, "
+        f"accuracy {_cell(r.get('accuracy'))}, model {_cell(r.get('model_digest'))}"
+    )
 
 
 def cmd_train_status(a: argparse.Namespace) -> str | dict:
-    r = call(a.data_dir, "GET", "/v1/train/status")
+    if a.follow:
+        final = follow(a)
+        return final if a.json else _follow_summary(final)
+    r = _call(a, "GET", "/v1/train/status")
     if a.json:
         return r
     job = r.get("job")
@@ -202,6 +348,11 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
         + (f"  ({r['detail']})" if r.get("detail") else ""),
         f"model    {_cell(r.get('model_digest'))}",
     ]
+    for ex in r.get("excluded") or []:
+        head.append(
+            f"excluded {ex['node_id']}: equivocated in round {ex['round']} "
+            f"({'seen here' if ex.get('how') == 'detected' else 'proof from a peer'})"
+        )
     rounds = r.get("rounds") or {}
     if rounds.get("waiting_for_quorum"):
         head.append(
@@ -216,7 +367,7 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
 
 
 def cmd_pubsub_subscribe(a: argparse.Namespace) -> str | dict:
-    r = call(a.data_dir, "POST", "/v1/pubsub/subscribe", {"topic": a.topic})
+    r = _call(a, "POST", "/v1/pubsub/subscribe", {"topic": a.topic})
     return r if a.json else f"subscribed to {a.topic}; deliveries appear in `spirtctl pubsub inbox`"
 
 
@@ -228,12 +379,12 @@ def cmd_pubsub_publish(a: argparse.Namespace) -> str | dict:
         body["path"] = str(a.file.resolve())
     else:
         body["random_size"] = a.random_size
-    r = call(a.data_dir, "POST", "/v1/pubsub/publish", body)
+    r = _call(a, "POST", "/v1/pubsub/publish", body)
     return r if a.json else f"published {r.get('size')} bytes as {r.get('msg_id')}"
 
 
 def cmd_pubsub_inbox(a: argparse.Namespace) -> str | dict:
-    r = call(a.data_dir, "GET", "/v1/pubsub/inbox")
+    r = _call(a, "GET", "/v1/pubsub/inbox")
     if a.json:
         return r
     rows = [
@@ -333,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
     )
+    common.add_argument(
+        "--api",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="reach the daemon over TCP ([control] listen_tcp) instead of DATA_DIR/api.sock",
+    )
+    common.add_argument(
+        "--token-file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the node's API token for --api (default: DATA_DIR/api.token)",
+    )
 
     p = argparse.ArgumentParser(prog="spirtctl", parents=[common], description="SPIRT operator CLI")
     sub = p.add_subparsers(dest="command", required=True)
@@ -343,14 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "peers", parents=[common], help="members with state, address, incarnation"
     ).set_defaults(fn=cmd_peers)
-    sub.add_parser("metrics", parents=[common], help="Prometheus text format").set_defaults(
-        fn=cmd_metrics
-    )
+    sub.add_parser(
+        "metrics", parents=[common], help="Prometheus text format (--json: parsed families)"
+    ).set_defaults(fn=cmd_metrics)
 
     train = sub.add_parser("train", help="training jobs").add_subparsers(
         dest="train_cmd", required=True
     )
-    ts = train.add_parser("start", parents=[common])
+    ts = train.add_parser(
+        "start", parents=[common], help="start a job on every member; prints its id"
+    )
     ts.add_argument("--task", required=True, help="digits, mnist, synthetic or module:attr")
     ts.add_argument(
         "--task-arg", action="append", type=_task_arg, metavar="KEY=VALUE", help="task option"
@@ -369,9 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--weight-decay", type=float)
     ts.add_argument("--seed", type=int)
     ts.add_argument("--eval-every", type=int)
+    ts.add_argument(
+        "--follow", action="store_true", help="print each round until the job ends (exit 0: done)"
+    )
     ts.set_defaults(fn=cmd_train_start)
-    train.add_parser("stop", parents=[common]).set_defaults(fn=cmd_train_stop)
-    train.add_parser("status", parents=[common]).set_defaults(fn=cmd_train_status)
+    train.add_parser("stop", parents=[common], help="stop the job on every member").set_defaults(
+        fn=cmd_train_stop
+    )
+    tst = train.add_parser("status", parents=[common], help="the job and its round history")
+    tst.add_argument(
+        "--follow", action="store_true", help="print each round until the job ends (exit 0: done)"
+    )
+    tst.set_defaults(fn=cmd_train_status)
 
     ps = sub.add_parser("pubsub", help="publish and inspect gossip topics").add_subparsers(
         dest="pubsub_cmd", required=True
@@ -430,19 +604,38 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "needs_node_dir", False) and explicit_dir is None:
         print("spirtctl: ca enroll needs --data-dir NODE_DIR", file=sys.stderr)
         return EXIT_USAGE
-    a.data_dir = explicit_dir or default_data_dir()
+    a.data_dir = explicit_dir or _ctl_data_dir()
     a.node_dir = a.data_dir
+    a.api = getattr(a, "api", None)
+    a.token = None
+    if a.api is not None:
+        host, sep, port = a.api.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            print(f"spirtctl: --api: expected HOST:PORT, got {a.api!r}", file=sys.stderr)
+            return EXIT_USAGE
+        token_file = getattr(a, "token_file", None) or a.data_dir / "api.token"
+        try:
+            a.token = token_file.read_text().strip()
+        except OSError as e:
+            print(
+                f"spirtctl: --token-file: cannot read {token_file}: {e.strerror} (copy the "
+                "node's DATA_DIR/api.token here, mode 0600)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     try:
         out = a.fn(a)
     except Unreachable as e:
         print(f"spirtctl: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except DaemonError as e:
+    except (DaemonError, JobNotFinished) as e:
         print(f"spirtctl: {e}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     except (KeyFileError, ValueError, OSError) as e:
         print(f"spirtctl: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     if isinstance(out, (dict, list)):
         print(json.dumps(out, indent=2))
     else:

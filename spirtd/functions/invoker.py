@@ -90,6 +90,7 @@ class InvokerStats:
     transport_errors: int = 0
     function_errors: int = 0
     environment_failures: int = 0  # timeouts and crashes reported by the runtime
+    succeeded: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,9 @@ class Invoker:
         async with self._sem:
             self.in_flight += 1
             try:
-                return await self._attempts(payload, deadline)
+                result = await self._attempts(payload, deadline)
+                self.stats.succeeded += 1
+                return result
             finally:
                 self.in_flight -= 1
 

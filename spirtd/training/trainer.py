@@ -52,6 +52,7 @@ from protocol.rounds import (
     caught_up,
     sync_decision,
 )
+from spirtd import metrics
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.service import Info, Message, PubSub
@@ -121,6 +122,8 @@ class RoundRecord:
     wait_s: float = 0.0  # round begin to close: what the deadline bounds
     deadline_s: float = 0.0
     closed_at: float = field(default_factory=time.time)  # wall clock, for plots against time
+    # Each contributor's minibatch loss, as its gradient message reported it.
+    peer_losses: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +137,7 @@ class RoundRecord:
             "wait_s": round(self.wait_s, 4),
             "deadline_s": round(self.deadline_s, 3),
             "closed_at": round(self.closed_at, 3),
+            "peer_losses": {k: round(v, 6) for k, v in self.peer_losses.items()},
             "phases": {k: round(v, 5) for k, v in self.phases.items()},
         }
 
@@ -586,8 +590,10 @@ class Trainer:
             phases=phases,
             wait_s=closed.duration_s if closed else 0.0,
             deadline_s=deadline_s,
+            peer_losses={c: float(losses[c]) for c in contributors if c in losses},
         )
         self.history.append(rec)
+        metrics.for_node(env.node_id).observe_round(rec.duration_s, rec.phases)
         env.counters["training.rounds"] += 1
         due = r % spec.eval_every == 0 or r == spec.rounds
         if due:
