@@ -4,7 +4,9 @@ Creates a throwaway CA, enrolls N nodes, starts N real spirtd processes (each wi
 its own managed Redis, its local Lambda-compatible function runtime and its own
 shard of the dataset), waits until every node sees every other alive, starts a
 training job with `spirtctl train start` on one member, prints progress while
-it trains, and ends with each peer's test accuracy and model digest. It exits 0
+it trains, and ends with each peer's test accuracy and model digest, and a
+training report (loss and accuracy against round and wall time, per peer, as
+a PNG; see `spirtctl train report`). It exits 0
 only if every peer finished with the same digest and at least the target
 accuracy, and every daemon exited 0 on SIGTERM.
 """
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spirtd.control import report
 from spirtd.control.ctl import render_status, table
 from spirtd.localcluster import LocalCluster, NodeError, all_see, wait_for
 
@@ -32,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.95, help="accuracy every peer must reach")
     p.add_argument("--dir", type=Path, help="keep the nodes' data dirs here (default: temp)")
     p.add_argument("--timeout", type=float, default=600.0, help="for the whole training job")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path("spirt-demo-report.png"),
+        help="where to write the training report PNG (default: ./spirt-demo-report.png)",
+    )
     a = p.parse_args(argv)
     if a.peers < 1:
         p.error("--peers must be at least 1")
@@ -121,6 +130,14 @@ def _run(cluster: LocalCluster, a: argparse.Namespace) -> bool:
         )
     print(f"\n[demo] trained in {time.monotonic() - t1:.1f}s:\n")
     print(table(rows, ["node", "state", "rounds", "accuracy", "model_digest"]), flush=True)
+    for n, s in zip(nodes, statuses, strict=True):
+        s["node_id"] = n.node_id
+    job = statuses[0].get("job") or {}
+    try:
+        out = report.render(statuses, a.report, title=f"SPIRT demo: {job.get('task')}")
+        print(f"\n[demo] training report: {out.resolve()}", flush=True)
+    except (report.ReportError, OSError) as e:
+        print(f"\n[demo] no training report: {e}", flush=True)
     digests = {s["model_digest"] for s in statuses}
     accs = [s["accuracy"] for s in statuses]
     same = len(digests) == 1

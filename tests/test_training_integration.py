@@ -8,6 +8,7 @@ operator reads: `train status` on each node.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from spirtd.tasks.idx import write_idx
@@ -110,6 +112,20 @@ def test_peer_killed_mid_job(make_cluster: Any) -> None:
         late = [h for h in s["history"] if h["round"] > killed_at + 5]
         assert late and all(victim.node_id not in h["contributors"] for h in late)
         assert all(len(h["contributors"]) == 3 for h in late)
+    # The operator's picture of it: the report, drawn by the real CLI, with the
+    # victim's departure among its markers.
+    assert any(
+        e["kind"] == "member_left" and e["detail"] == victim.node_id for e in statuses[0]["events"]
+    )
+    png = c.nodes[0].data_dir / "report.png"
+    r = _ctl(c.nodes[0], "train", "report", "--out", str(png), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rounds"] == 260 and out["peers"] == 4 and out["events"] >= 1
+    with Image.open(png) as im:
+        assert im.format == "PNG" and list(im.size) == out["size_px"] == [1200, 800]
+        # Not a blank canvas: the curves and markers put many colours on it.
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
 
 
 def _learnable_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:

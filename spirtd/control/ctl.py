@@ -20,6 +20,7 @@ from typing import Any
 
 from protocol.identity import node_id, parse_public_key
 from spirtd.config import default_data_dir
+from spirtd.control import report
 from spirtd.keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -366,6 +367,35 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
     return "\n".join(head) + "\n\n" + table(rows, cols)
 
 
+def cmd_train_report(a: argparse.Namespace) -> str | dict:
+    st = _call(a, "GET", "/v1/train/status")
+    job = st.get("job")
+    if job is None:
+        raise DaemonError(
+            "no training job to report on (start one with `spirtctl train start --task digits`)"
+        )
+    st["node_id"] = _call(a, "GET", "/v1/status")["node_id"]
+    try:
+        out = report.render([st], a.out, title=f"job {job['id'][:12]}: {job['task']}")
+    except report.ReportError as e:
+        raise DaemonError(f"{e}; try again once a round has closed") from None
+    peers = {p for h in st.get("history", []) for p in h.get("contributors", [])}
+    r = {
+        "out": str(out),
+        "size_px": list(report.SIZE_PX),
+        "job": job["id"],
+        "rounds": len(st.get("history", [])),
+        "peers": len(peers),
+        "events": len(st.get("events", [])),
+    }
+    if a.json:
+        return r
+    return (
+        f"wrote {out} ({r['size_px'][0]}x{r['size_px'][1]}): {r['rounds']} rounds, "
+        f"{r['peers']} peers, {r['events']} events marked"
+    )
+
+
 def cmd_pubsub_subscribe(a: argparse.Namespace) -> str | dict:
     r = _call(a, "POST", "/v1/pubsub/subscribe", {"topic": a.topic})
     return r if a.json else f"subscribed to {a.topic}; deliveries appear in `spirtctl pubsub inbox`"
@@ -546,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow", action="store_true", help="print each round until the job ends (exit 0: done)"
     )
     tst.set_defaults(fn=cmd_train_status)
+    trp = train.add_parser(
+        "report", parents=[common], help="loss and accuracy against round and time, as a PNG"
+    )
+    trp.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    trp.set_defaults(fn=cmd_train_report)
 
     ps = sub.add_parser("pubsub", help="publish and inspect gossip topics").add_subparsers(
         dest="pubsub_cmd", required=True
