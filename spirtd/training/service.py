@@ -100,6 +100,7 @@ class TrainingService:
         # What happened to the job as this node saw it: joins, departures, syncs,
         # transfers served. Wall-clock stamped, for the report's markers.
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_MAX)
+        self._gone: set[str] = set()  # members last seen dead or gone (for those events)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -485,8 +486,14 @@ class TrainingService:
         t = self.trainer
         gone = ev.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REMOVED)
         came = ev.kind in (EventKind.JOINED, EventKind.ALIVE)
-        if gone or came:
-            self.note("member_left" if gone else "member_joined", ev.node_id)
+        # A suspicion refuted (suspect -> alive) changes nobody's membership: only
+        # a first sighting, a departure, and a return from one are events.
+        if gone and ev.node_id not in self._gone:
+            self._gone.add(ev.node_id)
+            self.note("member_left", ev.node_id)
+        elif ev.kind is EventKind.JOINED or (came and ev.node_id in self._gone):
+            self._gone.discard(ev.node_id)
+            self.note("member_joined", ev.node_id)
         if t is None or t.state != "running":
             return
         if gone:
