@@ -21,8 +21,16 @@ seen recently) and its freshness window; a replayed ``finish`` fails because the
 responder's ephemeral key — and therefore the transcript — is new each time.
 
 Either side may answer with ``reject`` carrying a reason, so the refused party
-can log why. The shell frames these messages; this module never touches I/O,
-clocks or randomness it was not handed.
+can log why.
+
+A hello costs its sender nothing, so the responder does no key work for it
+until it has passed every cheap check (``screen_hello``: size, exact shape,
+protocol version, cluster, clock freshness). Even the responder's ephemeral
+key is made only then. The shell may budget the expensive step per source
+between the two (spirtd.net.transport does).
+
+The shell frames these messages; this module never touches I/O, clocks or
+randomness it was not handed.
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ PROTOCOL = "spirt/1"
 DOMAIN_RESPONDER = b"spirt/v1/handshake/responder\0"
 DOMAIN_INITIATOR = b"spirt/v1/handshake/initiator\0"
 MAX_MESSAGE = 4096  # a handshake message carries two keys and a certificate at most
+# A hello is six short fields (a cluster name of at most 128 bytes the longest).
+MAX_HELLO = 512
+_HELLO_KEYS = frozenset({"k", "p", "c", "e", "n", "t"})
 NONCE_SIZE = 16
 MAX_CLOCK_SKEW_S = 120.0
 
@@ -144,7 +155,9 @@ class Handshake:
         self.result: HandshakeResult | None = None
         self._random = random_bytes
         self._e_secret = random_bytes(32)
-        self._e_public = sodium.crypto_scalarmult_base(self._e_secret)
+        # The public half costs a scalar multiplication: made when first sent,
+        # so a responder spends nothing on a connection that never says hello.
+        self._e_public = b""
         self._nonce = random_bytes(NONCE_SIZE)
         self._now = now
         self._transcript = b""
@@ -157,6 +170,7 @@ class Handshake:
     def start(self) -> bytes:
         if self.role is not Role.INITIATOR or self._stage != "start":
             raise RuntimeError("only a fresh initiator starts")
+        self._e_public = sodium.crypto_scalarmult_base(self._e_secret)
         hello = strictpack.pack(
             {
                 "k": "hello",
@@ -183,6 +197,8 @@ class Handshake:
         Raises HandshakeError (reason says why); the caller should then send
         ``Handshake.reject(e.reason)`` where that is useful, and close."""
         self._now = now
+        if self.role is Role.RESPONDER and self._stage == "start" and len(data) > MAX_HELLO:
+            raise HandshakeError("handshake_oversized", f"hello of {len(data)} bytes > {MAX_HELLO}")
         try:
             msg = strictpack.unpack(data, _LIMITS)
         except DecodeError as e:
@@ -202,12 +218,11 @@ class Handshake:
         raise HandshakeError("handshake_unexpected", f"{kind!r} at stage {self._stage}")
 
     def _on_hello(self, raw: bytes, msg: dict) -> bytes:
-        self._check_proto_and_cluster(msg)
-        e_i = _get_bytes(msg, "e", 32)
-        _get_bytes(msg, "n", NONCE_SIZE)
-        ts = _get(msg, "t", int) / 1000.0
+        e_i, ts = _check_hello(raw, msg, self.trust.cluster, self._now)
         if self.replay_cache is not None:
             self.replay_cache.check_and_add(e_i, ts, self._now)
+        # Every cheap check has passed: only now the key work.
+        self._e_public = sodium.crypto_scalarmult_base(self._e_secret)
         self._dh = self._shared(e_i)
         clear = strictpack.pack(
             {"p": PROTOCOL, "c": self.trust.cluster, "e": self._e_public, "n": self._nonce}
@@ -354,6 +369,45 @@ class Handshake:
     @property
     def complete(self) -> bool:
         return self.result is not None
+
+
+def screen_hello(data: bytes, cluster: str, now: float) -> None:
+    """The responder's cheap checks on a first message, without key work:
+    size, exact shape, protocol version, cluster and clock freshness. Raises
+    HandshakeError; a hello that passes may still fail the replay check and
+    everything after it. A reject message passes (the caller reads it next)."""
+    if len(data) > MAX_HELLO:
+        raise HandshakeError("handshake_oversized", f"hello of {len(data)} bytes > {MAX_HELLO}")
+    try:
+        msg = strictpack.unpack(data, _LIMITS)
+    except DecodeError as e:
+        raise HandshakeError("handshake_malformed", e.detail) from None
+    kind = _get(msg, "k", str)
+    if kind == "reject":
+        return
+    if kind != "hello":
+        raise HandshakeError("handshake_unexpected", f"{kind!r} as a first message")
+    _check_hello(data, msg, cluster, now)
+
+
+def _check_hello(raw: bytes, msg: dict, cluster: str, now: float) -> tuple[bytes, float]:
+    """(initiator ephemeral key, timestamp) of a hello that passes the cheap checks."""
+    if len(raw) > MAX_HELLO:
+        raise HandshakeError("handshake_oversized", f"hello of {len(raw)} bytes > {MAX_HELLO}")
+    if set(msg) != _HELLO_KEYS:
+        raise HandshakeError("handshake_malformed", "hello fields are not the expected set")
+    proto = _get(msg, "p", str)
+    if proto != PROTOCOL:
+        raise HandshakeError("bad_version", f"peer speaks {proto!r}")
+    peer_cluster = _get(msg, "c", str)
+    if peer_cluster != cluster:
+        raise HandshakeError("wrong_cluster", f"peer is in cluster {peer_cluster!r}")
+    e_i = _get_bytes(msg, "e", 32)
+    _get_bytes(msg, "n", NONCE_SIZE)
+    ts = _get(msg, "t", int) / 1000.0
+    if abs(now - ts) > MAX_CLOCK_SKEW_S:
+        raise HandshakeError("handshake_stale", f"hello timestamp {now - ts:+.0f}s off")
+    return e_i, ts
 
 
 def _get(msg: object, key: str, typ: type | tuple[type, ...]) -> object:

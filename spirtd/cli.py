@@ -25,7 +25,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--redis-url", help="use this Redis instead of a managed redis-server")
     p.add_argument("--functions", choices=["local", "lambda"])
-    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="one event per line on stderr: text, or JSON objects for journald and log shippers",
+    )
     p.add_argument("--log-level")
     p.add_argument("--cluster", help="cluster name (default: the one in this node's certificate)")
     p.add_argument("--profile", choices=["local", "lan", "wan"], help="membership timing profile")

@@ -19,7 +19,7 @@ from typing import Any
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
 from protocol.wire import MsgType
-from spirtd import __version__, services
+from spirtd import __version__, logs, services
 from spirtd.config import Config, ConfigError
 from spirtd.control.api import ApiServer
 from spirtd.keyfiles import DataDir, load_or_create_key
@@ -60,6 +60,7 @@ class Node:
             raise ConfigError(f"data_dir: cannot create {self.data.root}: {e.strerror}") from None
         self._lock_data_dir()
         self.key, created = load_or_create_key(self.data.key_path)
+        logs.bind(node=self.key.node_id)  # every later log line names this node
         if created:
             log.info("created a new node identity in %s", self.data.key_path)
         self.certificate = self.data.certificate()

@@ -180,3 +180,58 @@ def test_receiver_property(size: int, first: int, flip: int | None, seed: int) -
         return
     assert rx.done
     assert bytes(body) == data
+
+
+# --- the chunk table is bounded and verified as it arrives (SECURITY.md) ----------------------
+
+
+def test_an_announcement_cannot_imply_a_table_past_the_bound() -> None:
+    from protocol.errors import DecodeError
+    from protocol.gossip.messages import MAX_CHUNKS, Announcement
+
+    def ann(size: int, chunk: int) -> Announcement:
+        obj = Announcement("t", size, bytes(32), chunk).to_obj()
+        return Announcement.from_obj(obj, max_payload=1 << 30, max_meta=0, inline_max=0)
+
+    # The worst the old decoder allowed: 1 GiB in 1 KiB chunks, a 32 MiB table.
+    with pytest.raises(DecodeError) as e:
+        ann(1 << 30, 1024)
+    assert e.value.reason == "oversized"
+    assert ann(MAX_CHUNKS * 1024, 1024).size == MAX_CHUNKS * 1024  # 1 MiB of table
+    assert ann(1 << 30, 256 * 1024).chunk_size == 256 * 1024  # the default chunk size
+    with pytest.raises(ValueError):
+        BodyReceiver(MAX_CHUNKS * CS + 1, CS, bytes(32))
+
+
+def test_unverified_table_held_never_exceeds_what_the_size_implies() -> None:
+    data = random.Random(9).randbytes(40 * CS)
+    table, digest = digest_of(data, CS)
+    rx = BodyReceiver(len(data), CS, digest)
+    held = []
+    stream = table + data
+    for off in range(0, len(stream), 500):
+        rx.feed(stream[off : off + 500], writer(bytearray(len(data))))
+        held.append(rx.buffered)
+    assert max(held) <= len(table) and held[-1] == 0
+    assert rx.done and rx.table == table
+
+
+def test_a_resumed_pull_checks_the_table_in_place_against_the_verified_one() -> None:
+    data = random.Random(10).randbytes(20 * CS)
+    table, digest = digest_of(data, CS)
+    # The honest copy passes without being held...
+    rx = BodyReceiver(len(data), CS, digest, 5, known_table=table)
+    stream = b"".join(stream_pieces(table, data, CS, 5, 100))
+    body = bytearray(data[: 5 * CS]) + bytearray(15 * CS)
+    for off in range(0, len(stream), 100):
+        rx.feed(stream[off : off + 100], writer(body))
+        assert rx.buffered == 0
+    assert rx.done and bytes(body) == data
+    # ...and a lying source is caught at its first wrong piece, not at the end.
+    forged = bytearray(table)
+    forged[40] ^= 1
+    rx = BodyReceiver(len(data), CS, digest, 5, known_table=table)
+    rx.feed(bytes(forged[:32]), writer(body))
+    with pytest.raises(TransferError) as e:
+        rx.feed(bytes(forged[32:64]), writer(body))
+    assert e.value.reason == "bad_table" and rx.verified == 5 * CS

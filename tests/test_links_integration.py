@@ -166,7 +166,8 @@ def test_random_frames_and_half_open_connections_do_not_hurt(make_cluster):
     )
     assert out.returncode == 0, out.stderr
     assert '"node_id"' in out.stdout
-    # The handshake timeout (2 s here) closes both half-open connections.
+    # Both half-open connections are closed: the silent one at the hello deadline,
+    # the one stuck mid-record because its length is past any hello's.
     for s in (silent, partial):
         s.settimeout(10)
         try:
@@ -178,7 +179,7 @@ def test_random_frames_and_half_open_connections_do_not_hurt(make_cluster):
     cnt = counters(a)
     refused = sum(v for k, v in cnt.items() if k.startswith("handshake."))
     assert refused >= conns  # every garbage connection was refused and counted
-    assert cnt.get("handshake.timeout", 0) >= 2
+    assert cnt.get("handshake.hello_timeout", 0) >= 1
     assert a.running
 
 

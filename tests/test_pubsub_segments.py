@@ -59,3 +59,29 @@ def test_mutable_sources_are_copied():
     seg.write(0, memoryview(buf))
     buf[:] = b"y" * 100  # the producer reuses its buffer
     assert seg.read() == b"x" * 100
+
+
+def test_a_partial_keeps_its_verified_table_for_the_next_source():
+    from protocol.gossip import Announcement
+    from protocol.gossip.transfer import TransferError, digest_of, stream_pieces
+    from spirtd.pubsub.store import _Partial
+
+    cs = 1024
+    data = os.urandom(8 * cs)
+    table, digest = digest_of(data, cs)
+    p = _Partial(Announcement("t", len(data), digest, cs))
+    p.mem = Segments()
+    rx = p.receiver(0)
+    assert p.table == b""
+    bad = bytearray(data)
+    bad[3 * cs] ^= 1
+    with pytest.raises(TransferError):
+        rx.feed(table + bytes(bad), p.write)
+    assert p.table == table and rx.verified == 3 * cs
+    # The next source resumes at chunk 3; its table is compared, never held.
+    rx2 = p.receiver(3)
+    for piece in stream_pieces(table, data, cs, 3, 100):
+        for off in range(0, len(piece), 100):
+            rx2.feed(piece[off : off + 100], p.write)
+            assert rx2.buffered == 0
+    assert rx2.done and p.mem.read() == data

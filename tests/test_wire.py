@@ -74,10 +74,17 @@ def test_strict_field_checks(fields, reason):
 
 
 def test_limits_checked_before_allocation():
-    # An array header claiming 2^32-1 elements in a 70-byte message.
+    # An array header claiming 2^32-1 elements in a 70-byte message: refused by
+    # the fixed-position peek, before the signature or any scan.
     raw = b"\xdd\xff\xff\xff\xff" + b"\x00" * 5
     with pytest.raises(DecodeError) as e:
         wire.decode(raw + bytes(SIGNATURE_SIZE))
+    assert e.value.reason == "malformed"
+    # The same claim inside a signed body is caught by the structural scan.
+    head = strictpack.pack([1, int(MsgType.GOSSIP), K.public_key, 1, 1])[1:]
+    raw = b"\x96" + head + b"\xdd\xff\xff\xff\xff" + b"\x00" * 5
+    with pytest.raises(DecodeError) as e:
+        wire.decode(resign(raw))
     assert e.value.reason == "oversized"
     with pytest.raises(DecodeError) as e:
         wire.decode(bytes(wire.MAX_ENVELOPE + 1))

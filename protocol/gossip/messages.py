@@ -37,6 +37,9 @@ MAX_ADDR = 128
 MAX_TOPIC_ENTRIES = 256  # subscriptions, grafts, prunes, pulls, refusals, cancels per message
 MAX_IDS = 2048  # ids in IHAVE (all topics together) or IWANT, per message
 MAX_PX = 16
+# Chunks of one body: its chunk table (32 bytes a chunk, 1 MiB at most) is what a
+# receiver must hold before it can verify anything (see transfer).
+MAX_CHUNKS = 1 << 15
 
 # A Control travels alone in an envelope (wire.LIMITS); these fit well inside it.
 _CONTROL_LIMITS = strictpack.Limits(
@@ -107,6 +110,8 @@ class Announcement:
         chunk = strictpack.field(obj, "c", int, what="announcement")
         if not 1024 <= chunk <= 1 << 24:
             raise DecodeError("bad_field", f"chunk size {chunk} out of range")
+        if (size + chunk - 1) // chunk > MAX_CHUNKS:
+            raise DecodeError("oversized", f"body of {size} bytes in chunks of {chunk}")
         meta = strictpack.field(obj, "m", bytes, what="announcement")
         if len(meta) > max_meta:
             raise DecodeError("oversized", f"metadata of {len(meta)} bytes > {max_meta}")

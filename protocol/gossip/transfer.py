@@ -12,7 +12,15 @@ signature covers every byte.
 A body moves as a *body stream*: the chunk table first, then the chunks from the
 first one the receiver lacks. ``BodyReceiver`` checks the table against the
 announced digest before accepting any body byte, then each chunk as it
-completes, whatever the framing below cut the stream into. Memory per transfer
+completes, whatever the framing below cut the stream into.
+
+The table is the one thing held before it can be verified, so it is bounded:
+an announcement may imply at most ``MAX_CHUNKS`` chunks (1 MiB of table; the
+gossip decoder refuses more), the receiver takes no byte past what the announced
+size implies, and it hashes the table as it arrives rather than keeping it for
+one pass at the end. A transfer resumed from another source already holds the
+verified table: the new source's copy is compared piece by piece as it arrives
+and never buffered, so a lying source is caught at its first wrong byte. Memory per transfer
 is one hash state: bytes go straight to the caller's store through a write
 callback, and ``verified`` tells how far they can be trusted. A chunk that fails
 is caught before the next one starts, and the transfer can resume from
@@ -26,7 +34,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 from ..errors import ProtocolError
-from .messages import DIGEST_SIZE
+from .messages import DIGEST_SIZE, MAX_CHUNKS
 
 DOMAIN_BODY = b"spirt/v1/gossip-body\0"
 _SIZES = struct.Struct(">QI")
@@ -50,12 +58,23 @@ def chunk_digest(data: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def body_digest(size: int, chunk_size: int, table: bytes | memoryview) -> bytes:
+def _table_hash(size: int, chunk_size: int) -> hashlib._Hash:
+    """The body digest's hash state before the table: fed the table, it gives the digest."""
     h = _chunk_hash()
     h.update(DOMAIN_BODY)
     h.update(_SIZES.pack(size, chunk_size))
+    return h
+
+
+def body_digest(size: int, chunk_size: int, table: bytes | memoryview) -> bytes:
+    h = _table_hash(size, chunk_size)
     h.update(table)
     return h.digest()
+
+
+def table_size(size: int, chunk_size: int) -> int:
+    """Bytes of chunk table a body of ``size`` implies."""
+    return chunk_count(size, chunk_size) * DIGEST_SIZE
 
 
 class TableBuilder:
@@ -126,6 +145,10 @@ class BodyReceiver:
     ``write(body offset, view)``; they are not trusted until counted in
     ``verified``: is the body length whose chunks all checked out; a failure
     raises TransferError and ``verified`` stays at the last good chunk boundary.
+
+    ``known_table`` is a table this body's transfer already verified (from an
+    earlier source): the stream's copy is then compared as it arrives instead
+    of being buffered and hashed.
     """
 
     __slots__ = (
@@ -133,7 +156,10 @@ class BodyReceiver:
         "_digests",
         "_h",
         "_in_chunk",
+        "_known",
         "_table",
+        "_table_got",
+        "_table_h",
         "_table_len",
         "digest",
         "first_chunk",
@@ -142,8 +168,19 @@ class BodyReceiver:
         "verified",
     )
 
-    def __init__(self, size: int, chunk_size: int, digest: bytes, first_chunk: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        chunk_size: int,
+        digest: bytes,
+        first_chunk: int = 0,
+        *,
+        known_table: bytes | None = None,
+    ) -> None:
         n = chunk_count(size, chunk_size)
+        if n > MAX_CHUNKS:
+            # Announcements past it are refused by the decoder; never buffer for one.
+            raise ValueError(f"{n} chunks > {MAX_CHUNKS}")
         if not 0 <= first_chunk <= n:
             raise ValueError(f"first chunk {first_chunk} outside 0..{n}")
         self.size = size
@@ -152,6 +189,11 @@ class BodyReceiver:
         self.first_chunk = first_chunk
         self._table_len = n * DIGEST_SIZE
         self._table = bytearray()
+        self._table_got = 0
+        self._table_h = _table_hash(size, chunk_size)
+        self._known = memoryview(known_table) if known_table else None
+        if self._known is not None and len(self._known) != self._table_len:
+            raise ValueError("known table does not fit the body size")
         self._digests: memoryview | None = None
         self.offset = min(size, first_chunk * chunk_size)  # next body byte expected
         self.verified = self.offset
@@ -170,8 +212,40 @@ class BodyReceiver:
         return bytes(self._digests) if self._digests is not None else b""
 
     @property
+    def buffered(self) -> int:
+        """Bytes of unverified table held right now."""
+        return len(self._table)
+
+    @property
     def done(self) -> bool:
         return self._digests is not None and self.verified == self.size
+
+    def _feed_table(self, view: memoryview) -> memoryview:
+        """Takes the table's share of ``view`` (no byte past what the announced
+        size implies) and returns the rest."""
+        take = min(self._table_len - self._table_got, len(view))
+        piece, rest = view[:take], view[take:]
+        if self._known is not None:
+            if piece != self._known[self._table_got : self._table_got + take]:
+                raise TransferError("bad_table", "chunk table differs from the verified one")
+        else:
+            self._table_h.update(piece)
+            self._table += piece
+        self._table_got += take
+        if self._table_got < self._table_len:
+            return rest
+        if self._known is not None:
+            self._digests = self._known
+        else:
+            if self._table_h.digest() != self.digest:
+                self._table = bytearray()
+                raise TransferError("bad_table", "chunk table does not match the body digest")
+            # The bytearray is never written again: view it rather than copy 1 MiB.
+            self._digests = memoryview(self._table).toreadonly()
+        self._table = bytearray()
+        if self.size == 0:
+            self.verified = 0
+        return rest
 
     def feed(self, data: bytes | memoryview, write: Callable[[int, memoryview], None]) -> None:
         """Checks ``data`` and hands each body segment in it to ``write(offset,
@@ -179,17 +253,9 @@ class BodyReceiver:
         even when a later chunk in the same call fails."""
         view = memoryview(data)
         if self._digests is None:
-            need = self._table_len - len(self._table)
-            self._table += view[:need]
-            view = view[need:]
-            if len(self._table) < self._table_len:
+            view = self._feed_table(view)
+            if self._digests is None:
                 return
-            if body_digest(self.size, self._chunk_size, self._table) != self.digest:
-                raise TransferError("bad_table", "chunk table does not match the body digest")
-            self._digests = memoryview(bytes(self._table))
-            self._table = bytearray()
-            if self.size == 0:
-                self.verified = 0
         cs = self._chunk_size
         while len(view):
             if self.offset >= self.size:

@@ -8,6 +8,11 @@ which lands record bodies in place; the reader task decrypts and dispatches.
 Streams move payloads of any size in chunks: the sender waits for queue space,
 the reader waits for the sink, so memory stays at a few chunks per link however
 large the payload.
+
+Every frame but stream data (which we asked for) is charged to the link's
+message budget before it is decoded; a peer over budget is simply not read
+from until the debt is repaid, so a flood of cheap-to-send messages costs us
+at most the budget's worth of decoding, and an honest burst is only delayed.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 from protocol import strictpack
+from protocol.budget import LinkBudget, MessageBudget
 from protocol.errors import DecodeError, SessionError
 from protocol.handshake import HandshakeResult
 from protocol.session import HEADER_SIZE, FrameKind, Session
+from spirtd import logs
 from spirtd.config import TransportConfig
 from spirtd.net.records import ReadClosed, RecordReader
 from spirtd.net.sendqueue import QueueClosed, SendQueue
@@ -33,6 +40,9 @@ log = logging.getLogger("spirtd.link")
 MAX_STREAM_BYTES = 1 << 40  # a stream may be huge; it is never held in memory whole
 _STREAM_OPEN_LIMITS = strictpack.Limits(max_size=8192, max_depth=2, max_items=8, max_bin=4096)
 _WRITE_HIGH_WATER = 1 << 20
+# While in debt the reader re-reads the clock at least this often, so a clock
+# that is not the event loop's (tests inject one) is followed.
+_BUDGET_POLL_S = 0.25
 
 
 class LinkClosed(Exception):
@@ -67,6 +77,7 @@ class Link:
         config: TransportConfig,
         handler: LinkHandler,
         counters: Counter[str],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -96,6 +107,8 @@ class Link:
         self._in_streams: dict[int, _InStream] = {}
         self._tasks: list[asyncio.Task] = []
         self._rx = RecordReader(session)
+        self._clock = clock
+        self.budget = LinkBudget(message_budget(config), clock())
 
     def __repr__(self) -> str:
         return f"<Link {self.peer_id[-8:]} {'out' if self.outbound else 'in'} {self.session_id}>"
@@ -236,6 +249,8 @@ class Link:
                 frame = session.open(header, body)
                 self.last_rx = time.monotonic()
                 self.bytes_in += HEADER_SIZE + len(body)
+                if frame.kind is not FrameKind.STREAM_DATA:
+                    await self._pay(len(frame.payload))
                 await self._dispatch(frame.kind, frame.stream, frame.payload)
         except SessionError as e:
             self.counters[f"session.{e.reason}"] += 1
@@ -249,6 +264,17 @@ class Link:
         except _StreamViolation as e:
             self.counters["session.stream_violation"] += 1
             self._fail("stream_violation", str(e))
+
+    async def _pay(self, nbytes: int) -> None:
+        """Charges one frame to the budget and, if that leaves a debt, stops
+        reading until it is repaid (the frame waits too: it made the debt)."""
+        if self.budget.charge(nbytes, self._clock()) <= 0:
+            return
+        self.counters["link.budget_throttled"] += 1
+        while (wait := self.budget.delay(self._clock())) > 0:
+            # Keep the watchdog from mistaking a throttled peer for a dead one.
+            self.last_rx = time.monotonic()
+            await asyncio.sleep(min(wait, _BUDGET_POLL_S))
 
     async def _watchdog(self) -> None:
         idle = self.config.idle_timeout_s
@@ -264,8 +290,13 @@ class Link:
 
     def _fail(self, reason: str, detail: str, *, quiet: bool = False, notify: bool = True) -> None:
         if self.close_reason is None:
+            # reason and detail may carry the peer's own words (a CLOSE frame).
             (log.debug if quiet else log.warning)(
-                "link to %s dropped: %s %s", self.peer_id, reason, detail
+                "link to %s dropped: %s %s",
+                self.peer_id,
+                logs.quote(reason),
+                logs.quote(detail),
+                extra={"peer": self.peer_id},
             )
         self.close(reason, notify_peer=notify)
 
@@ -301,9 +332,9 @@ class Link:
         elif kind is FrameKind.STREAM_ABORT:
             s = self._in_streams.pop(stream, None)
             if s is not None:
-                s.sink.abort(bytes(payload).decode(errors="replace"))
+                s.sink.abort(logs.sanitize(bytes(payload).decode(errors="replace")))
         elif kind is FrameKind.CLOSE:
-            raise _PeerClosed(bytes(payload).decode(errors="replace")[:100])
+            raise _PeerClosed(logs.sanitize(bytes(payload).decode(errors="replace")[:100]))
 
     def _open_stream(self, stream: int, payload: bytes) -> None:
         if stream in self._in_streams:
@@ -346,6 +377,15 @@ class Link:
             "last_heard_s": round(time.monotonic() - self.last_rx, 3),
             "queued_frames": len(self._queue),
         }
+
+
+def message_budget(config: TransportConfig) -> MessageBudget:
+    return MessageBudget(
+        messages_per_s=config.messages_per_s,
+        message_burst=config.message_burst,
+        bytes_per_s=config.message_bytes_per_s,
+        byte_burst=config.message_byte_burst,
+    )
 
 
 class _InStream:

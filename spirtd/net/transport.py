@@ -7,7 +7,15 @@ WebSocket framing and masking on top of our own records, and the encrypted
 link then runs at the AEAD's own speed.
 
 Before the handshake completes, records are ``u32 length || msgpack`` capped at
-protocol.handshake.MAX_MESSAGE; after it, protocol.session records.
+protocol.handshake.MAX_MESSAGE (MAX_HELLO for an inbound first message); after
+it, protocol.session records.
+
+Inbound connections are unauthenticated until their handshake completes, so
+everything they can make us hold or compute is bounded (SECURITY.md): the
+pending table (spirtd.net.admission) caps them in total and per source address
+and drops silent ones first; the first message has a short deadline of its own;
+and the responder's key work happens only for a hello that passed the cheap
+checks, within a per-source budget.
 """
 
 from __future__ import annotations
@@ -22,11 +30,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from protocol.budget import KeyedBuckets
 from protocol.errors import HandshakeError, TrustError
-from protocol.handshake import MAX_MESSAGE, Handshake, HandshakeResult, ReplayCache, Role
+from protocol.handshake import (
+    MAX_HELLO,
+    MAX_MESSAGE,
+    Handshake,
+    HandshakeResult,
+    ReplayCache,
+    Role,
+    screen_hello,
+)
 from protocol.identity import Certificate, NodeKey, TrustStore
 from protocol.session import Session
+from spirtd import logs
 from spirtd.config import TransportConfig, parse_hostport
+from spirtd.net.admission import Pending, PendingTable, source_key
 from spirtd.net.link import Link, LinkHandler
 
 log = logging.getLogger("spirtd.transport")
@@ -57,6 +76,7 @@ class Transport:
         on_link_up: Callable[[Link], None] = lambda link: None,
         on_link_down: Callable[[Link], None] = lambda link: None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.key = key
         self.node_id = key.node_id
@@ -72,8 +92,14 @@ class Transport:
         self.advertise = ""
         self.listen_addr = ""
         self._server: asyncio.base_events.Server | None = None
+        self.clock = clock
         self._replay = ReplayCache()
-        self._pending_handshakes = 0
+        self._pending = PendingTable(
+            config.max_pending_handshakes, config.max_pending_per_source, self.rng
+        )
+        self._hello_work = KeyedBuckets(
+            config.handshakes_per_source_s, config.handshake_burst_per_source
+        )
         self._dials: dict[str, asyncio.Future[Link]] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # addr -> (retry_at, delay)
         self._tasks: set[asyncio.Task] = set()
@@ -118,7 +144,9 @@ class Transport:
                 trust.check(link.peer_key, link.peer_cert, now)
             except TrustError as e:
                 self.counters[f"transport.evicted.{e.reason}"] += 1
-                log.warning("dropping link to %s: %s", link.peer_id, e)
+                log.warning(
+                    "dropping link to %s: %s", link.peer_id, e, extra={"peer": link.peer_id}
+                )
                 link.close(e.reason)
 
     # -- dialing -------------------------------------------------------------------------
@@ -184,23 +212,32 @@ class Transport:
     # -- accepting -----------------------------------------------------------------------
 
     async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing or self._pending_handshakes >= self.config.max_pending_handshakes:
-            # Bounded: a flood of half-open connections cannot exhaust us.
-            self.counters["transport.handshake_overload"] += 1
+        if self._closing:
             writer.close()
             return
         if len(self.links) >= self.config.max_links:
             self.counters["transport.too_many_links"] += 1
             writer.close()
             return
-        self._pending_handshakes += 1
+        peer = writer.get_extra_info("peername")
+        source = source_key(str(peer[0])) if peer else "?"
+        entry, evicted = self._pending.admit(source, writer.transport.abort)
+        for victim in evicted:
+            # Bounded: the flood's silent connections go, not the newcomer.
+            self.counters["handshake.evicted"] += 1
+            victim.abort()
+        if entry is None:
+            # Every slot of this source is in a handshake past its hello.
+            self.counters["transport.handshake_overload"] += 1
+            writer.close()
+            return
         try:
-            result = await self._handshake(reader, writer, Role.RESPONDER, None)
+            result = await self._handshake(reader, writer, Role.RESPONDER, None, entry)
         except DialError:
             writer.close()
             return
         finally:
-            self._pending_handshakes -= 1
+            self._pending.remove(entry)
         self._establish(reader, writer, result, outbound=False, dialed=None)
 
     # -- handshake -----------------------------------------------------------------------
@@ -211,6 +248,7 @@ class Transport:
         writer: asyncio.StreamWriter,
         role: Role,
         expected_peer: str | None,
+        pending: Pending | None = None,
     ) -> HandshakeResult:
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -225,10 +263,14 @@ class Transport:
             expected_peer=expected_peer,
             advertise=self.advertise,
         )
+        stage = "hello"
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 if role is Role.INITIATOR:
                     _write_record(writer, hs.start())
+                else:
+                    await self._screen_first(reader, writer, hs, pending)
+                stage = "handshake"
                 while not hs.complete:
                     data = await _read_record(reader)
                     reply = hs.receive(data, time.time())
@@ -237,22 +279,61 @@ class Transport:
                 await writer.drain()
         except HandshakeError as e:
             self.counters[f"handshake.{e.reason}"] += 1
-            log.warning("handshake with %s (%s) refused: %s", where, role.value, e)
+            # The detail may quote the peer (its reject reason, its cluster name).
+            detail = logs.quote(e.detail)
+            log.warning(
+                "handshake with %s (%s) refused: %s %s",
+                where,
+                role.value,
+                e.reason,
+                detail,
+                extra={"addr": where, "peer": expected_peer},
+            )
             if e.reason != "rejected_by_peer":
                 with contextlib.suppress(Exception):
                     _write_record(writer, Handshake.reject(e.reason))
                     async with asyncio.timeout(1.0):
                         await writer.drain()
-            raise DialError(e.reason, e.detail) from None
+            raise DialError(e.reason, detail) from None
         except TimeoutError:
-            self.counters["handshake.timeout"] += 1
-            log.info("handshake with %s (%s) timed out", where, role.value)
+            reason = "hello_timeout" if stage == "hello" and role is Role.RESPONDER else "timeout"
+            self.counters[f"handshake.{reason}"] += 1
+            log.info(
+                "handshake with %s (%s) timed out (%s)",
+                where,
+                role.value,
+                reason,
+                extra={"addr": where, "peer": expected_peer},
+            )
             raise DialError("handshake_timeout") from None
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            if pending is not None and pending.evicted:
+                raise DialError("evicted") from None  # counted when evicted
             self.counters["handshake.connection_lost"] += 1
-            raise DialError("connection_lost", str(e)) from None
+            raise DialError("connection_lost", logs.sanitize(str(e))) from None
         assert hs.result is not None
         return hs.result
+
+    async def _screen_first(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        hs: Handshake,
+        pending: Pending | None,
+    ) -> None:
+        """The responder's first step: the hello within its own short deadline,
+        the cheap checks, the per-source work budget, and only then the key work."""
+        async with asyncio.timeout(self.config.hello_timeout_s):
+            data = await _read_record(reader, MAX_HELLO)
+        now = time.time()
+        screen_hello(data, self.trust.cluster, now)
+        if pending is not None:
+            self._pending.said_hello(pending)
+            if not self._hello_work.try_take(pending.source, 1, self.clock()):
+                raise HandshakeError("handshake_rate", "too many handshakes from this address")
+        reply = hs.receive(data, now)
+        if reply is not None:
+            _write_record(writer, reply)
 
     def _establish(
         self,
@@ -280,6 +361,7 @@ class Transport:
             config=self.config,
             handler=self.handler,
             counters=self.counters,
+            clock=self.clock,
         )
         link.start()
         keep = self._register(link)
@@ -306,10 +388,11 @@ class Transport:
         log.info(
             "link up: %s at %s (%s, %s, session %s)",
             link.peer_id,
-            link.peer_addr,
+            logs.quote(link.peer_addr),  # the address the peer says it listens on
             "outbound" if link.outbound else "inbound",
             link.admitted_by,
             link.session_id,
+            extra={"peer": link.peer_id},
         )
         self.on_link_up(link)
         return link
@@ -318,7 +401,12 @@ class Transport:
         await link.closed.wait()
         if self.links.get(link.peer_id) is link:
             del self.links[link.peer_id]
-            log.info("link down: %s (%s)", link.peer_id, link.close_reason)
+            log.info(
+                "link down: %s (%s)",
+                link.peer_id,
+                logs.sanitize(link.close_reason or ""),
+                extra={"peer": link.peer_id},
+            )
             self.on_link_down(link)
 
 
@@ -326,8 +414,8 @@ def _write_record(writer: asyncio.StreamWriter, payload: bytes) -> None:
     writer.write(_LEN.pack(len(payload)) + payload)
 
 
-async def _read_record(reader: asyncio.StreamReader) -> bytes:
+async def _read_record(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE) -> bytes:
     (n,) = _LEN.unpack(await reader.readexactly(4))
-    if n > MAX_MESSAGE:
-        raise HandshakeError("handshake_oversized", f"{n} bytes > {MAX_MESSAGE}")
+    if n > limit:
+        raise HandshakeError("handshake_oversized", f"{n} bytes > {limit}")
     return await reader.readexactly(n)

@@ -643,7 +643,7 @@ class PubSub:
             self.m.body_failed(link.peer_id, mid, "bad_resume", time.monotonic())
             self._pump()
             return None
-        rx = BodyReceiver(ann.size, ann.chunk_size, ann.digest, first)
+        rx = p.receiver(first)  # reuses a table verified by an earlier source
         sink = _BodySink(self, link.peer_id, mid, p, rx)
         self._sinks[key] = sink
         return sink

@@ -27,6 +27,7 @@ from protocol.gossip import (
     Announcement,
 )
 from protocol.gossip.transfer import (
+    BodyReceiver,
     ByteBudget,
 )
 from spirtd import malloc_tuning
@@ -315,9 +316,13 @@ class Body:
 
 class _Partial:
     """A body being received: storage for ``size`` bytes, verified up to a chunk
-    boundary; survives a change of source so the transfer resumes there."""
+    boundary; survives a change of source so the transfer resumes there.
 
-    __slots__ = ("ann", "fd", "mem", "path", "reserved", "verified_chunks")
+    It also keeps the chunk table once one source's copy has verified, so a
+    resumed pull compares the next source's copy in place instead of buffering
+    another one (see transfer.BodyReceiver)."""
+
+    __slots__ = ("_rx", "ann", "fd", "mem", "path", "reserved", "table", "verified_chunks")
 
     def __init__(self, ann: Announcement) -> None:
         self.ann = ann
@@ -326,8 +331,22 @@ class _Partial:
         self.fd: int | None = None
         self.reserved = 0
         self.verified_chunks = 0
+        self.table = b""
+        self._rx: BodyReceiver | None = None
+
+    def receiver(self, first_chunk: int) -> BodyReceiver:
+        """The verifier for a pull of this body starting at ``first_chunk``."""
+        ann = self.ann
+        rx = BodyReceiver(
+            ann.size, ann.chunk_size, ann.digest, first_chunk, known_table=self.table or None
+        )
+        self._rx = rx
+        return rx
 
     def write(self, off: int, data: memoryview) -> None:
+        if not self.table and self._rx is not None:
+            # A body byte is only ever written after its table verified.
+            self.table = self._rx.table
         if self.mem is not None:
             self.mem.write(off, data)
         else:

@@ -1,0 +1,276 @@
+"""Finding 8 (SECURITY.md) and issue 15's log format: peer-supplied text is
+quoted, repeated lines are rate-limited with a count of the suppressed ones,
+and every line is one event, as text or JSON, with its context fields."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from protocol import strictpack
+from protocol.handshake import Handshake
+from protocol.identity import NodeKey, TrustStore
+from spirtd import logs
+from spirtd.config import TransportConfig
+from spirtd.keyfiles import CaDir, DataDir
+from spirtd.localcluster import LocalNode, wait_for
+from spirtd.net.transport import DialError, Transport
+from tests.fixtures_cluster import FAST_TRANSPORT
+
+pytestmark = pytest.mark.timeout(120)
+
+INJECTION = "no\n2030-01-01T00:00:00.000Z ERROR spirtd.node: \x1b[2Jroot key stolen\r"
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ [\w.]+: ")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Capture:
+    def __init__(self, fmt: str, clock: FakeClock | None = None, burst: int = 20) -> None:
+        self.stream = io.StringIO()
+        self.limiter = logs.RateLimit(burst=burst, rate=1.0, clock=clock or FakeClock())
+        self.handler = logs.make_handler(fmt, self.stream, ratelimit=self.limiter)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stream.getvalue().splitlines()
+
+
+@pytest.fixture
+def capture() -> Iterator[Callable[..., Capture]]:
+    logger = logging.getLogger("spirtd")
+    old_level, old_propagate = logger.level, logger.propagate
+    made: list[Capture] = []
+
+    def make(fmt: str = "text", **kw) -> Capture:
+        c = Capture(fmt, **kw)
+        logger.addHandler(c.handler)
+        made.append(c)
+        return c
+
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield make
+    for c in made:
+        logger.removeHandler(c.handler)
+    logger.setLevel(old_level)
+    logger.propagate = old_propagate
+
+
+def test_quote_escapes_control_characters_and_caps_length():
+    q = logs.quote(INJECTION)
+    assert "\n" not in q and "\r" not in q and "\x1b" not in q
+    assert q.startswith("'") and "\\n" in q and "\\x1b" in q
+    assert logs.quote(b"\xff\x00") == repr("\ufffd\x00")
+    long = logs.quote("x" * 1000)
+    assert len(long) < 220 and long.endswith("...")
+    assert logs.quote("bidi \u202e txt") == "'bidi \\u202e txt'"
+    assert "\n" not in logs.sanitize("a\nb\u2028c") and "\u2028" not in logs.sanitize("a\u2028")
+
+
+def test_a_formatter_keeps_one_event_on_one_line_whatever_the_caller_did(capture):
+    cap = capture("text")
+    log = logging.getLogger("spirtd.test")
+    log.warning("raw: %s", INJECTION)  # a careless call site
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        log.exception("failed")
+    assert len(cap.lines) == 2
+    assert all(TEXT_LINE.match(line) for line in cap.lines)
+    assert "Traceback" in cap.lines[1] and "ValueError" in cap.lines[1]
+
+
+async def fake_responder(reason: str) -> tuple[asyncio.Server, str]:
+    """A listener that answers any hello with a reject carrying ``reason``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        (n,) = struct.unpack(">I", await reader.readexactly(4))
+        await reader.readexactly(n)
+        msg = strictpack.pack({"k": "reject", "r": reason})
+        writer.write(struct.pack(">I", len(msg)) + msg)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    return server, f"{host}:{port}"
+
+
+def transport(k: NodeKey | None = None, allow: bytes | None = None) -> Transport:
+    k = k or NodeKey(os.urandom(32))
+
+    class Quiet:
+        def on_message(self, link, data):
+            pass
+
+        def on_stream(self, link, stream, total, meta):
+            return None
+
+    trust = TrustStore("t", allowlist={allow} if allow else set())
+    return Transport(k, None, trust, TransportConfig(), Quiet(), counters=Counter())
+
+
+async def test_a_peers_reject_reason_is_logged_quoted(capture):
+    cap = capture("text")
+    server, addr = await fake_responder(INJECTION)
+    t = transport()
+    try:
+        with pytest.raises(DialError) as e:
+            await t.connect(addr)
+        assert e.value.reason == "rejected_by_peer"
+        assert "\n" not in str(e.value)  # callers that log the error are safe too
+    finally:
+        server.close()
+        await t.stop()
+    refused = [line for line in cap.lines if "refused" in line]
+    assert len(refused) == 1 and len(cap.lines) == 1
+    assert "rejected_by_peer 'no\\n2030-01-01" in refused[0]
+    assert "\\x1b[2Jroot key stolen\\r'" in refused[0]
+
+
+async def test_a_peers_close_reason_is_logged_quoted(capture):
+    cap = capture("json")
+    ka, kb = NodeKey(os.urandom(32)), NodeKey(os.urandom(32))
+    a = transport(ka, allow=kb.public_key)
+    b = transport(kb, allow=ka.public_key)
+    await a.start("127.0.0.1:0")
+    await b.start("127.0.0.1:0")
+    try:
+        link = await a.connect(b.listen_addr)
+        link.close(INJECTION[:150])
+        async with asyncio.timeout(20):
+            while a.node_id in b.links:
+                await asyncio.sleep(0.05)
+    finally:
+        await a.stop()
+        await b.stop()
+    events = [json.loads(line) for line in cap.lines]  # every line is one JSON event
+    down = [e for e in events if e["msg"].startswith("link down") and e.get("peer") == ka.node_id]
+    assert down, events
+    assert "peer_closed:no\\n2030" in down[0]["msg"]
+    assert "\n" not in down[0]["msg"] and "\x1b" not in down[0]["msg"]
+
+
+async def test_refused_handshakes_are_rate_limited_with_a_count(capture):
+    clock = FakeClock()
+    cap = capture("text", clock=clock, burst=5)
+    t = transport()
+    await t.start("127.0.0.1:0")
+    host, port = t.listen_addr.rsplit(":", 1)
+
+    async def garbage() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        msg = strictpack.pack({"k": "hello", "junk": 1})
+        writer.write(struct.pack(">I", len(msg)) + msg)
+        await reader.read()  # the reject, then the close
+        writer.close()
+
+    try:
+        for _ in range(40):
+            await garbage()
+        assert t.counters["handshake.handshake_malformed"] == 40
+        refused = [line for line in cap.lines if "refused" in line]
+        assert len(refused) == 5  # the burst, then silence
+        assert cap.limiter.suppressed_total == 35
+        clock.t += 10.0
+        await garbage()
+    finally:
+        await t.stop()
+    refused = [line for line in cap.lines if "refused" in line]
+    assert len(refused) == 6
+    assert "(35 similar lines suppressed)" in refused[-1]
+
+
+def test_rate_limit_is_per_template_and_bounded():
+    clock = FakeClock()
+    limiter = logs.RateLimit(burst=2, rate=1.0, max_keys=4, clock=clock)
+
+    def rec(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("spirtd.x", logging.WARNING, __file__, 1, msg, args, None)
+
+    assert [limiter.filter(rec("a %s", i)) for i in range(4)] == [True, True, False, False]
+    assert limiter.filter(rec("b %s", 1))  # another template has its own budget
+    clock.t += 1.0
+    r = rec("a %s", 9)
+    assert limiter.filter(r) and r.suppressed == 2
+    for i in range(10):
+        limiter.filter(rec(f"t{i}"))
+    assert len(limiter._keys) == 4
+
+
+def test_json_lines_carry_node_job_round_and_peer(capture):
+    cap = capture("json")
+    log = logging.getLogger("spirtd.training")
+    logs.bind(node="node-xyz")
+    try:
+        with logs.context(job="job-1", round=7):
+            log.info("round closed with %d contributions", 3, extra={"peer": "peer-abc"})
+        log.info("outside the job")
+    finally:
+        logs._bound.clear()
+    first, second = (json.loads(line) for line in cap.lines)
+    assert first["msg"] == "round closed with 3 contributions"
+    assert (first["node"], first["job"], first["round"], first["peer"]) == (
+        "node-xyz",
+        "job-1",
+        7,
+        "peer-abc",
+    )
+    assert first["level"] == "info" and first["logger"] == "spirtd.training"
+    assert second["node"] == "node-xyz" and "job" not in second and "round" not in second
+
+
+def test_text_lines_carry_context_as_fields(capture):
+    cap = capture("text")
+    logs.bind(node="node-xyz")
+    try:
+        with logs.context(job="j", round=2):
+            logging.getLogger("spirtd.t").warning("x", extra={"peer": "p\nq"})
+    finally:
+        logs._bound.clear()
+    (line,) = cap.lines
+    assert line.endswith(": x node=node-xyz job=j round=2 peer=p\\nq")
+
+
+def test_daemon_writes_json_lines_with_its_node_id(short_tmp):
+    ca = CaDir(short_tmp / "ca")
+    ca.init("spirt")
+    ca.enroll(DataDir(short_tmp / "n0"), now=time.time(), days=1)
+    node = LocalNode(short_tmp / "n0", args=["--log-format", "json"], config=FAST_TRANSPORT)
+    node.start()
+    try:
+        node_id = node.node_id
+        # Up and serving (its signal handlers are installed once it serves).
+        wait_for(lambda: node.status()["node_id"] == node_id, 30, "the daemon to serve")
+        assert node.stop() == 0
+    finally:
+        node.kill()
+    lines = [line for line in node.log_path.read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    up = [e for e in events if "up: node" in e["msg"]]
+    assert up and up[0]["node"] == node_id
+
+
+def test_handshake_reject_reason_we_send_is_our_own_token():
+    # What we tell a refused peer is a reason token, never its own text echoed.
+    assert strictpack.unpack(Handshake.reject("wrong_cluster")) == {
+        "k": "reject",
+        "r": "wrong_cluster",
+    }
