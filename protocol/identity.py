@@ -7,6 +7,7 @@ writing key files is the daemon's job (spirtd/keyfiles.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,12 @@ SEED_SIZE = 32
 _LIBP2P_ED25519_PREFIX = bytes([0x08, 0x01, 0x12, 0x20])
 _IDENTITY_MULTIHASH = bytes([0x00, len(_LIBP2P_ED25519_PREFIX) + PUBLIC_KEY_SIZE])
 
-_CERT_LIMITS = strictpack.Limits(max_size=1024, max_depth=2, max_items=32, max_str=128, max_bin=512)
+MAX_CERT_BYTES = 1024  # an encoded certificate is about 200 bytes
+CRL_VALIDITY_DAYS = 30.0  # default time until a revocation list's next update is due
+
+_CERT_LIMITS = strictpack.Limits(
+    max_size=MAX_CERT_BYTES, max_depth=2, max_items=32, max_str=128, max_bin=512
+)
 _CRL_LIMITS = strictpack.Limits(
     max_size=1 << 20,
     max_depth=3,
@@ -181,11 +187,14 @@ def _fields(cert: Certificate) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class RevocationList:
     """The CA's signed list of revoked node keys. ``version`` only grows, so a node
-    can always tell the newer of two lists and an old one cannot be replayed."""
+    can always tell the newer of two lists and an old one cannot be replayed.
+    ``next_update`` (unix seconds) is when the CA promises a fresh list: a node
+    holding one past it warns that it may be missing revocations."""
 
     issuer: bytes
     version: int
     revoked: frozenset[bytes]
+    next_update: int
     signature: bytes = b""
 
     def body(self) -> bytes:
@@ -194,14 +203,29 @@ class RevocationList:
                 "v": 1,
                 "issuer": self.issuer,
                 "version": self.version,
+                "next": self.next_update,
                 "revoked": sorted(self.revoked),
             }
         )
 
     @classmethod
-    def issue(cls, ca: NodeKey, version: int, revoked: frozenset[bytes]) -> RevocationList:
-        unsigned = cls(ca.public_key, version, revoked)
-        return cls(ca.public_key, version, revoked, ca.sign(DOMAIN_CRL, unsigned.body()))
+    def issue(
+        cls,
+        ca: NodeKey,
+        version: int,
+        revoked: frozenset[bytes],
+        *,
+        now: float,
+        days: float = CRL_VALIDITY_DAYS,
+    ) -> RevocationList:
+        unsigned = cls(ca.public_key, version, revoked, int(now + days * 86400))
+        return cls(
+            ca.public_key,
+            version,
+            revoked,
+            unsigned.next_update,
+            ca.sign(DOMAIN_CRL, unsigned.body()),
+        )
 
     def encode(self) -> bytes:
         return strictpack.pack({"body": self.body(), "sig": self.signature})
@@ -216,6 +240,7 @@ class RevocationList:
             issuer=strictpack.fixed_bytes(body, "issuer", PUBLIC_KEY_SIZE, what="revocation list"),
             version=strictpack.field(body, "version", int, what="revocation list"),
             revoked=frozenset(keys),
+            next_update=strictpack.field(body, "next", int, what="revocation list"),
             signature=sig,
         )
         if crl.body() != body_raw:
@@ -249,8 +274,29 @@ class TrustStore:
     def is_revoked(self, public_key: bytes) -> bool:
         return any(public_key in crl.revoked for crl in self.crls.values())
 
-    def check(self, public_key: bytes, cert: Certificate | None, now: float) -> str:
-        """Admits a peer or raises TrustError. Returns how it was admitted."""
+    def stale_crls(self, now: float, warn_before: float) -> list[tuple[RevocationList, float]]:
+        """Held lists whose next update is due within ``warn_before`` seconds (or
+        overdue), with the seconds left (negative when overdue). A stale list is
+        still enforced: revocations are never forgotten, only a newer list replaces it."""
+        out = []
+        for crl in self.crls.values():
+            left = crl.next_update - now
+            if left <= warn_before:
+                out.append((crl, left))
+        return out
+
+    def check(
+        self,
+        public_key: bytes,
+        cert: Certificate | None,
+        now: float,
+        *,
+        signature_checked: bool = False,
+    ) -> str:
+        """Admits a peer or raises TrustError. Returns how it was admitted.
+        ``signature_checked``: this process already verified the certificate's
+        signature (the one expensive step); everything that can change over time
+        is checked again."""
         if self.is_revoked(public_key):
             raise TrustError("peer_revoked", f"key of {node_id(public_key)} is revoked")
         if public_key in self.allowlist:
@@ -263,7 +309,7 @@ class TrustStore:
             raise TrustError("peer_untrusted", "certificate is for another key")
         if cert.issuer not in self.ca_keys:
             raise TrustError("peer_untrusted", "certificate is from an untrusted CA")
-        if not cert.signature_valid():
+        if not signature_checked and not cert.signature_valid():
             raise TrustError("peer_untrusted", "certificate signature is invalid")
         if cert.cluster != self.cluster:
             raise TrustError("wrong_cluster", f"certificate is for cluster {cert.cluster!r}")
@@ -272,3 +318,99 @@ class TrustStore:
         if now < cert.issued_at - 300:  # tolerate modest clock skew
             raise TrustError("peer_untrusted", "certificate is not yet valid")
         return "certificate"
+
+
+class Admission:
+    """The link's trust decision applied to identities that arrive *inside*
+    messages: gossip origins and the subjects and accusers of membership records.
+    An admitted member could otherwise speak for any number of made-up keys.
+
+    Certificates travel with what they vouch for (in announcements and alive
+    records) and are also learnt from links. One that verifies is cached by key,
+    so a relayed message costs a byte comparison, not a signature check or a round
+    trip. Revocation, expiry, the CA set and the allowlist are re-read from the
+    current TrustStore on every decision, so a revoked or expired member is refused
+    from the next message on. Pure: time comes in as ``now``.
+    """
+
+    __slots__ = ("_certs", "max_certs", "trust")
+
+    def __init__(self, trust: TrustStore, *, max_certs: int = 16_384) -> None:
+        self.trust = trust
+        self.max_certs = max_certs
+        # key -> (certificate whose signature verified, its exact encoding)
+        self._certs: OrderedDict[bytes, tuple[Certificate, bytes]] = OrderedDict()
+
+    def update(self, trust: TrustStore) -> None:
+        """Swaps the policy; cached certificates are re-judged by it at each use."""
+        self.trust = trust
+
+    def learn(self, cert: Certificate | None, now: float) -> bool:
+        """Caches ``cert`` (from a link's handshake, say) if it admits its key now."""
+        if cert is None:
+            return False
+        try:
+            self.trust.check(cert.public_key, cert, now)
+        except TrustError:
+            return False
+        self._remember(cert, cert.encode())
+        return True
+
+    def check(self, public_key: bytes, now: float, cert: bytes = b"") -> str | None:
+        """None if ``public_key`` is admitted, else the refusal's reason token.
+        ``cert`` is the encoded certificate that came with the message, if any."""
+        try:
+            self._judge(public_key, cert, now)
+        except TrustError as e:
+            return e.reason
+        return None
+
+    def check_node(self, nid: str, now: float, cert: bytes = b"") -> str | None:
+        """check() for a node id; an id that is not an Ed25519 key is untrusted."""
+        try:
+            public_key = public_key_from_node_id(nid)
+        except ValueError:
+            return "peer_untrusted"
+        return self.check(public_key, now, cert)
+
+    def _judge(self, public_key: bytes, raw: bytes, now: float) -> None:
+        held = self._certs.get(public_key)
+        if held is not None:
+            self._certs.move_to_end(public_key)
+        if held is not None and (not raw or raw == held[1]):
+            self.trust.check(public_key, held[0], now, signature_checked=True)
+            return
+        carried = _decode_certificate(raw)
+        if carried is not None:
+            try:
+                self.trust.check(public_key, carried, now)
+            except TrustError:
+                if held is None:
+                    raise
+            else:
+                # Only certificates that admit their key are cached, so the cache
+                # holds at most what the CA issued and cannot be flooded; a relayed
+                # older certificate does not displace a newer one.
+                if held is None or carried.expires_at >= held[0].expires_at:
+                    self._remember(carried, raw)
+                return
+        cert = held[0] if held is not None else None
+        self.trust.check(public_key, cert, now, signature_checked=True)
+
+    def _remember(self, cert: Certificate, raw: bytes) -> None:
+        self._certs[cert.public_key] = (cert, raw)
+        self._certs.move_to_end(cert.public_key)
+        while len(self._certs) > self.max_certs:
+            self._certs.popitem(last=False)
+
+    def certificates(self) -> int:
+        return len(self._certs)
+
+
+def _decode_certificate(raw: bytes) -> Certificate | None:
+    if not raw:
+        return None
+    try:
+        return Certificate.decode(raw)
+    except DecodeError:
+        return None

@@ -6,7 +6,10 @@ Data dir::
     node.cert       this node's certificate from the cluster CA (optional)
     trust/ca.pub    trusted CA public keys, hex, one per line
     trust/allowlist peer public keys admitted without a certificate, hex, one per line
-    trust/crl       the newest revocation list seen from a trusted CA
+    trust/crl       the revocation list the operator installs (copied from the CA)
+    trust/crl.held/ the newest list accepted from each CA, one file per CA named by
+                    its key in hex (mode 0600). It is what is enforced: an older
+                    trust/crl, or none at all, cannot undo a revocation
 
 CA dir::
 
@@ -19,14 +22,25 @@ CA dir::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+import tempfile
+import time
 from pathlib import Path
 
 from protocol.errors import DecodeError
-from protocol.identity import Certificate, NodeKey, RevocationList, TrustStore
+from protocol.identity import (
+    CRL_VALIDITY_DAYS,
+    Certificate,
+    NodeKey,
+    RevocationList,
+    TrustStore,
+)
 
 DEFAULT_CLUSTER = "spirt"
+
+log = logging.getLogger("spirtd.keyfiles")
 
 
 class KeyFileError(RuntimeError):
@@ -35,26 +49,33 @@ class KeyFileError(RuntimeError):
 
 def write_secret(path: Path, data: bytes) -> None:
     """Creates ``path`` with mode 0600 from the start (never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked for large buffers
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Writes ``path`` whole or not at all. The temporary file has an unpredictable
+    name and is created exclusively without following symlinks (mkstemp), so a
+    planted file or link cannot redirect the write; the rename replaces a link at
+    ``path`` rather than writing through it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked for large buffers
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_secret_seed(path: Path) -> bytes:
@@ -126,6 +147,7 @@ class DataDir:
         self.ca_pub_path = self.trust_dir / "ca.pub"
         self.allowlist_path = self.trust_dir / "allowlist"
         self.crl_path = self.trust_dir / "crl"
+        self.crl_held_dir = self.trust_dir / "crl.held"
         self.api_socket = root / "api.sock"
 
     def ensure(self) -> None:
@@ -141,7 +163,12 @@ class DataDir:
 
     def trust_store(self, cluster: str | None = None) -> TrustStore:
         """Builds the admission policy from disk. ``cluster`` defaults to the one
-        named in our own certificate, else DEFAULT_CLUSTER."""
+        named in our own certificate, else DEFAULT_CLUSTER.
+
+        Revocation lists only move forward: the held lists (trust/crl.held) are
+        loaded first, and trust/crl replaces one only if it is newer; then it is
+        held in turn. An older or missing trust/crl is refused with an error log,
+        and the held list stays in force."""
         cert = self.certificate()
         if cluster is None:
             cluster = cert.cluster if cert else DEFAULT_CLUSTER
@@ -150,12 +177,58 @@ class DataDir:
             ca_keys=read_key_lines(self.ca_pub_path),
             allowlist=read_key_lines(self.allowlist_path),
         )
-        if self.crl_path.exists():
-            try:
-                store.add_crl(RevocationList.decode(self.crl_path.read_bytes()))
-            except (OSError, DecodeError) as e:
-                raise KeyFileError(f"revocation list {self.crl_path} is unreadable: {e}") from None
+        for crl in self._held_crls():
+            store.add_crl(crl)
+        offered = self._read_crl(self.crl_path)
+        if offered is None:
+            for held in store.crls.values():
+                log.error(
+                    "revocation list %s is missing; keeping the held list v%d (%s)",
+                    self.crl_path,
+                    held.version,
+                    self._held_path(held.issuer),
+                )
+            return store
+        held = store.crls.get(offered.issuer)
+        if store.add_crl(offered):
+            write_secret(self._held_path(offered.issuer), offered.encode())
+        elif held is not None and offered.version < held.version:
+            log.error(
+                "revocation list %s is v%d, older than the held v%d: refused (a rollback?); "
+                "keeping the held list",
+                self.crl_path,
+                offered.version,
+                held.version,
+            )
+        elif held is None:
+            log.error("revocation list %s is not signed by a trusted CA; ignored", self.crl_path)
         return store
+
+    def _held_path(self, issuer: bytes) -> Path:
+        return self.crl_held_dir / issuer.hex()
+
+    def _held_crls(self) -> list[RevocationList]:
+        if not self.crl_held_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.crl_held_dir.iterdir()):
+            crl = self._read_crl(path)
+            if crl is not None and path.name == crl.issuer.hex():
+                out.append(crl)
+        return out
+
+    @staticmethod
+    def _read_crl(path: Path) -> RevocationList | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise KeyFileError(f"revocation list {path} is unreadable: {e.strerror}") from None
+        try:
+            return RevocationList.decode(data)
+        except DecodeError as e:
+            raise KeyFileError(f"revocation list {path} is unreadable: {e}") from None
 
 
 class CaDir:
@@ -166,7 +239,7 @@ class CaDir:
         self.meta_path = root / "ca.json"
         self.crl_path = root / "crl"
 
-    def init(self, cluster: str) -> NodeKey:
+    def init(self, cluster: str, *, now: float | None = None) -> NodeKey:
         if self.key_path.exists():
             raise KeyFileError(f"a CA already exists in {self.root} (refusing to overwrite it)")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -175,7 +248,8 @@ class CaDir:
         write_secret(self.key_path, (seed.hex() + "\n").encode())
         write_public(self.pub_path, (key.public_key.hex() + "\n").encode())
         self._write_meta({"cluster": cluster, "next_serial": 1})
-        write_public(self.crl_path, RevocationList.issue(key, 1, frozenset()).encode())
+        first = RevocationList.issue(key, 1, frozenset(), now=_now(now))
+        write_public(self.crl_path, first.encode())
         return key
 
     def key(self) -> NodeKey:
@@ -209,9 +283,15 @@ class CaDir:
         except (OSError, DecodeError) as e:
             raise KeyFileError(f"revocation list {self.crl_path} is unreadable: {e}") from None
 
-    def revoke(self, public_key: bytes) -> RevocationList:
+    def revoke(
+        self, public_key: bytes, *, now: float | None = None, days: float = CRL_VALIDITY_DAYS
+    ) -> RevocationList:
+        """Issues the next list with ``public_key`` added (revoking a key again just
+        issues a fresh list: the way to renew one before its next update)."""
         old = self.crl()
-        crl = RevocationList.issue(self.key(), old.version + 1, old.revoked | {public_key})
+        crl = RevocationList.issue(
+            self.key(), old.version + 1, old.revoked | {public_key}, now=_now(now), days=days
+        )
         write_public(self.crl_path, crl.encode())
         return crl
 
@@ -224,3 +304,7 @@ class CaDir:
         append_key_line(data_dir.ca_pub_path, ca_pub)
         write_public(data_dir.crl_path, self.crl().encode())
         return node_key, cert
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now

@@ -18,6 +18,7 @@ from typing import Any
 
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
+from protocol.identity import Admission, node_id
 from protocol.wire import MsgType
 from spirtd import __version__, logs, services
 from spirtd.config import Config, ConfigError
@@ -30,6 +31,10 @@ from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
 log = logging.getLogger("spirtd.node")
 
 _STREAM_META_LIMITS = strictpack.Limits(max_size=4096, max_depth=2, max_items=4, max_str=64)
+# Revocation lists due for their next update within this long are warned about,
+# at most once per CRL_WARN_EVERY_S.
+CRL_WARN_BEFORE_S = 7 * 86400.0
+CRL_WARN_EVERY_S = 3600.0
 
 
 class Node:
@@ -49,6 +54,7 @@ class Node:
         self.transport: Transport | None = None
         self.api: ApiServer | None = None
         self.services: list[services.Service] = []
+        self._crl_warned_at = -float("inf")
 
     # -- startup -------------------------------------------------------------------------
 
@@ -65,6 +71,9 @@ class Node:
             log.info("created a new node identity in %s", self.data.key_path)
         self.certificate = self.data.certificate()
         self.trust = self.data.trust_store(self.config.cluster)
+        # Shared by every service that judges identities carried inside messages.
+        self.admission = Admission(self.trust)
+        self._warn_stale_crls(time.time())
         if self.certificate is not None and self.certificate.public_key != self.key.public_key:
             raise ConfigError(f"data_dir: {self.data.cert_path} is for another key than node.key")
         if not self.trust.ca_keys and not self.trust.allowlist:
@@ -153,8 +162,37 @@ class Node:
             log.error("trust reload failed, keeping the current policy: %s", e)
             return
         self.trust = trust
+        self.admission.update(trust)
         if self.transport is not None:
             self.transport.update_trust(trust)
+
+    def _warn_stale_crls(self, now: float) -> None:
+        if now - self._crl_warned_at < CRL_WARN_EVERY_S:
+            return
+        stale = self.trust.stale_crls(now, CRL_WARN_BEFORE_S)
+        if stale:
+            self._crl_warned_at = now
+        for crl, left in stale:
+            ca = node_id(crl.issuer)
+            if left < 0:
+                log.error(
+                    "the revocation list of CA %s (v%d) is %.1f days past its next update; it is "
+                    "still enforced, but revocations issued since may be missing: install a "
+                    "newer one in %s",
+                    ca,
+                    crl.version,
+                    -left / 86400,
+                    self.data.crl_path,
+                )
+            else:
+                log.warning(
+                    "the revocation list of CA %s (v%d) is due for its next update in %.1f days; "
+                    "issue one with `spirtctl ca revoke` and install it in %s",
+                    ca,
+                    crl.version,
+                    left / 86400,
+                    self.data.crl_path,
+                )
 
     async def _trust_refresher(self) -> None:
         """Picks up revocations and allowlist edits, and expires certificates, without a restart."""
@@ -176,6 +214,7 @@ class Node:
                 self.reload_trust()
             elif self.transport is not None:
                 self.transport.update_trust(self.trust)  # catches certificate expiry
+            self._warn_stale_crls(time.time())
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -239,6 +278,9 @@ class Node:
         return handler(link, total, obj[1])
 
     def _on_link_up(self, link: Link) -> None:
+        # The handshake verified this certificate: identities it vouches for inside
+        # messages then need no signature check of their own.
+        self.admission.learn(link.peer_cert, time.time())
         for listener in self._link_listeners:
             listener(link, True)
 

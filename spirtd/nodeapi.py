@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from protocol.wire import Envelope, MsgType
 
 if TYPE_CHECKING:
-    from protocol.identity import NodeKey
+    from protocol.identity import Admission, Certificate, NodeKey
     from spirtd.config import Config
     from spirtd.keyfiles import DataDir
     from spirtd.net.link import Link, StreamSink
@@ -46,6 +46,8 @@ class NodeApi(StatusSource, Protocol):
     config: Config
     data: DataDir
     key: NodeKey
+    certificate: Certificate | None
+    admission: Admission  # judges identities carried inside messages (gossip, membership)
     counters: Counter[str]
     transport: Transport | None
     api: Routes | None

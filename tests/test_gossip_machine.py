@@ -96,19 +96,22 @@ def test_seen_cache_ttl_and_bound() -> None:
 
 
 def test_seq_window_rejects_replays_and_too_old() -> None:
-    w = SeqWindows(window=4, max_origins=2)
+    w = SeqWindows(window=4, max_origins=2, max_per_peer=3, idle_evict=100.0)
     o = b"o" * 32
     for seq in (10, 12, 11):  # reordering inside the window is fine
         assert w.check(o, seq)
-        w.accept(o, seq)
+        w.accept(o, seq, 0.0)
     assert not w.check(o, 11)  # replay
-    w.accept(o, 20)
-    w.accept(o, 21)  # window now 11,12,20,21
+    w.accept(o, 20, 0.0)
+    w.accept(o, 21, 0.0)  # window now 11,12,20,21
     assert not w.check(o, 10) and not w.check(o, 11) and not w.check(o, 5)  # too old
     assert w.check(o, 15) and w.check(o, 22)
-    w.accept(b"p" * 32, 1)
-    w.accept(b"q" * 32, 1)  # a third origin evicts the least recently active
-    assert w.evicted == 1 and w.origins() == 2
+    w.accept(b"p" * 32, 1, 0.0)
+    # Full of active origins: a third gets no room rather than evicting one...
+    assert w.room(b"q" * 32, "", 50.0) == "origins_full" and w.origins() == 2
+    # ...until the least recently active has been silent past idle_evict.
+    assert w.room(b"q" * 32, "", 100.0) is None
+    assert w.evicted == 1 and w.origins() == 1 and w.check(o, 11)
 
 
 def test_mcache_windows_and_iwant_limit() -> None:

@@ -75,7 +75,7 @@ def test_expired_peer_refused():
 
 def test_revoked_peer_refused():
     t = trust()
-    t.add_crl(RevocationList.issue(CA, 2, frozenset({key("alice").public_key})))
+    t.add_crl(RevocationList.issue(CA, 2, frozenset({key("alice").public_key}), now=NOW))
     i, r = pair(r_trust=t)
     m3 = i.receive(r.receive(i.start(), NOW), NOW)
     expect("peer_revoked", lambda: r.receive(m3, NOW))

@@ -111,15 +111,15 @@ def test_allowlist_admits_without_certificate():
 def test_revocation_list_revokes_and_only_newer_lists_are_taken():
     k = key("alice")
     t = trust()
-    crl1 = RevocationList.issue(CA, 1, frozenset({k.public_key}))
+    crl1 = RevocationList.issue(CA, 1, frozenset({k.public_key}), now=NOW)
     assert t.add_crl(RevocationList.decode(crl1.encode()))
     with pytest.raises(TrustError) as e:
         t.check(k.public_key, cert(k), NOW)
     assert e.value.reason == "peer_revoked"
     # An older or equal version is ignored (no rollback by replaying an old list).
-    assert not t.add_crl(RevocationList.issue(CA, 1, frozenset()))
+    assert not t.add_crl(RevocationList.issue(CA, 1, frozenset(), now=NOW))
     # A list signed by another CA is ignored.
-    assert not t.add_crl(RevocationList.issue(key("other-ca"), 9, frozenset()))
+    assert not t.add_crl(RevocationList.issue(key("other-ca"), 9, frozenset(), now=NOW))
     assert t.is_revoked(k.public_key)
 
 

@@ -439,16 +439,16 @@ def test_rejoin_from_a_new_address_moves_the_single_entry() -> None:
 
 
 def test_large_state_goes_in_chunks_and_is_answered_once() -> None:
-    cfg = CFG.with_overrides(piggyback_budget_bytes=1024, max_message_bytes=4096)
+    cfg = CFG.with_overrides(piggyback_budget_bytes=2048, max_message_bytes=8192)
     net = Net(cfg)
     a = net.add("n1")
     a.join([], 0.0)
     extra = [
         sign(Alive(f"x{i:03d}", f"10.1.{i // 250}.{i % 250}:7946", 0), f"x{i:03d}")
-        for i in range(200)
+        for i in range(400)
     ]
     a.receive("x000", "10.1.0.0:7946", PushPull(False, True, False, tuple(extra)), 0.0)
-    assert a.known_count() == 201
+    assert a.known_count() == 401
     a.drain_outgoing()
     b = net.add("n2")
     b.join([a.addr], 0.0)
@@ -457,7 +457,7 @@ def test_large_state_goes_in_chunks_and_is_answered_once() -> None:
     assert len(chunks) >= 3
     assert all(c.reply for c in chunks)
     assert [c.more for c in chunks] == [True] * (len(chunks) - 1) + [False]
-    assert b.known_count() == 202 and b.joined
+    assert b.known_count() == 402 and b.joined
 
 
 def test_member_table_is_bounded() -> None:

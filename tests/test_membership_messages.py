@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import DecodeError
+from protocol.identity import MAX_CERT_BYTES
 from protocol.membership.messages import (
     MAX_ADDR_CHARS,
     MAX_ID_CHARS,
@@ -59,7 +60,7 @@ MESSAGES = [
 def _plain(update: object) -> list[object]:
     """The expected msgpack structure of an update, written out by hand."""
     if isinstance(update, Alive):
-        return [1, update.node_id, update.addr, update.incarnation, update.sig]
+        return [1, update.node_id, update.addr, update.incarnation, update.sig, update.cert]
     if isinstance(update, Suspect):
         return [2, update.node_id, update.incarnation, update.from_id, update.sig]
     if isinstance(update, Dead):
@@ -111,7 +112,11 @@ def test_many_updates_use_wide_array_headers() -> None:
 
 def test_max_update_bytes_is_an_upper_bound() -> None:
     big = Alive(
-        "a" * MAX_ID_CHARS, "h" * (MAX_ADDR_CHARS - 6) + ":65535", 2**63 - 1, b"s" * MAX_SIG_BYTES
+        "a" * MAX_ID_CHARS,
+        "h" * (MAX_ADDR_CHARS - 6) + ":65535",
+        2**63 - 1,
+        b"s" * MAX_SIG_BYTES,
+        b"c" * MAX_CERT_BYTES,
     )
     assert len(big.encoded()) <= MAX_UPDATE_BYTES
     assert decode_message(encode_message(Gossip((big,)))) == Gossip((big,))
@@ -138,7 +143,7 @@ def _raw(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-ALIVE_RAW = [1, "n1", "127.0.0.1:1", 0, b""]
+ALIVE_RAW = [1, "n1", "127.0.0.1:1", 0, b"", b""]
 
 BAD = {
     "empty": (b"", "malformed"),
@@ -160,19 +165,27 @@ BAD = {
     "update kind bool": (_raw([1, 5, [[True, "n1", "127.0.0.1:1", 0, b""]]]), "unknown_update"),
     "alive arity": (_raw([1, 5, [[1, "n1", "127.0.0.1:1", 0]]]), "bad_update"),
     "left arity": (_raw([1, 5, [[4, "n1", 0, b"", b""]]]), "bad_update"),
-    "empty id": (_raw([1, 5, [[1, "", "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "long id": (_raw([1, 5, [[1, "x" * (MAX_ID_CHARS + 1), "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "space in id": (_raw([1, 5, [[1, "n 1", "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "control char": (_raw([1, 5, [[1, "n\x001", "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "non-ascii id": (_raw([1, 5, [[1, "nä", "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "id is bytes": (_raw([1, 5, [[1, b"n1", "127.0.0.1:1", 0, b""]]]), "bad_field"),
-    "addr no port": (_raw([1, 5, [[1, "n1", "127.0.0.1", 0, b""]]]), "bad_field"),
-    "addr port big": (_raw([1, 5, [[1, "n1", "127.0.0.1:65536", 0, b""]]]), "bad_field"),
-    "addr port text": (_raw([1, 5, [[1, "n1", "h:http", 0, b""]]]), "bad_field"),
-    "addr no host": (_raw([1, 5, [[1, "n1", ":80", 0, b""]]]), "bad_field"),
-    "sig is str": (_raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, "sig"]]]), "bad_field"),
+    "empty id": (_raw([1, 5, [[1, "", "127.0.0.1:1", 0, b"", b""]]]), "bad_field"),
+    "long id": (
+        _raw([1, 5, [[1, "x" * (MAX_ID_CHARS + 1), "127.0.0.1:1", 0, b"", b""]]]),
+        "bad_field",
+    ),
+    "space in id": (_raw([1, 5, [[1, "n 1", "127.0.0.1:1", 0, b"", b""]]]), "bad_field"),
+    "control char": (_raw([1, 5, [[1, "n\x001", "127.0.0.1:1", 0, b"", b""]]]), "bad_field"),
+    "non-ascii id": (_raw([1, 5, [[1, "nä", "127.0.0.1:1", 0, b"", b""]]]), "bad_field"),
+    "id is bytes": (_raw([1, 5, [[1, b"n1", "127.0.0.1:1", 0, b"", b""]]]), "bad_field"),
+    "addr no port": (_raw([1, 5, [[1, "n1", "127.0.0.1", 0, b"", b""]]]), "bad_field"),
+    "addr port big": (_raw([1, 5, [[1, "n1", "127.0.0.1:65536", 0, b"", b""]]]), "bad_field"),
+    "addr port text": (_raw([1, 5, [[1, "n1", "h:http", 0, b"", b""]]]), "bad_field"),
+    "addr no host": (_raw([1, 5, [[1, "n1", ":80", 0, b"", b""]]]), "bad_field"),
+    "sig is str": (_raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, "sig", b""]]]), "bad_field"),
     "sig too long": (
-        _raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, b"s" * (MAX_SIG_BYTES + 1)]]]),
+        _raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, b"s" * (MAX_SIG_BYTES + 1), b""]]]),
+        "bad_field",
+    ),
+    "cert is str": (_raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, b"", "cert"]]]), "bad_field"),
+    "cert too long": (
+        _raw([1, 5, [[1, "n1", "127.0.0.1:1", 0, b"", b"c" * (MAX_CERT_BYTES + 1)]]]),
         "oversized",
     ),
     "incarnation negative": (_raw([1, 5, [[2, "n1", -3, "n2", b""]]]), "bad_field"),
@@ -186,7 +199,7 @@ BAD = {
     "too many updates": (_raw([1, 5, [ALIVE_RAW] * (MAX_UPDATES_PER_MESSAGE + 1)]), "oversized"),
     "oversized": (b"\x00" * (MAX_MESSAGE_BYTES + 1), "oversized"),
     "invalid utf-8": (
-        b"\x93\x01\x05\x91\x95\x01\xa2\xff\xfe\xab127.0.0.1:1\x00\xc4\x00",
+        b"\x93\x01\x05\x91\x96\x01\xa2\xff\xfe\xab127.0.0.1:1\x00\xc4\x00\xc4\x00",
         "malformed",
     ),
 }
@@ -217,7 +230,7 @@ _addrs = st.builds(lambda h, p: f"{h}:{p}", _ids, st.integers(0, 65535))
 _incs = st.integers(0, 2**63 - 1)
 _sigs = st.binary(max_size=MAX_SIG_BYTES)
 _updates = st.one_of(
-    st.builds(Alive, _ids, _addrs, _incs, _sigs),
+    st.builds(Alive, _ids, _addrs, _incs, _sigs, st.binary(max_size=MAX_CERT_BYTES)),
     st.builds(Suspect, _ids, _incs, _ids, _sigs),
     st.builds(Dead, _ids, _incs, _ids, _sigs),
     st.builds(Left, _ids, _incs, _sigs),

@@ -59,8 +59,16 @@ class GossipConfig:
     kept one, is a replay. Tolerates reordering among the last 1024 messages."""
 
     max_origins: int = 10_000
-    """Bound on per-origin windows; the least recently active origin is forgotten
-    first (counted). Origins are admitted members, so this is rarely reached."""
+    """Bound on per-origin windows. Origins are admitted members (see Admission),
+    so this is rarely reached; when it is, a window is forgotten only if its origin
+    has been silent longer than ``max_message_age + max_future_skew`` (anything it
+    could still stop is refused as stale), otherwise the new origin's message is
+    ignored (counted ``origins_full``): an active origin's window is never evicted."""
+
+    max_origins_per_peer: int = 4096
+    """Windows one neighbour may bring into being (origins it was first to relay);
+    past it, messages from further new origins via that neighbour are ignored
+    (counted ``origins_per_peer``), so one link cannot claim the whole table."""
 
     max_message_age: float = 600.0
     """When the caller provides a wall clock, announcements whose signed timestamp is
@@ -97,6 +105,11 @@ class GossipConfig:
 
     prune_peers: int = 16
     """Peers offered in a PRUNE's peer exchange."""
+
+    max_backoffs_per_peer: int = 64
+    """Backoff entries kept per peer. A PRUNE only creates one for a topic we hold a
+    mesh for; one past this bound (or for a topic without a mesh) is ignored, counted
+    and charged to the peer as a broken promise."""
 
     # --- publishing -------------------------------------------------------------------
     flood_publish: bool = True

@@ -42,6 +42,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import DecodeError
+from ..identity import Admission
 from ..wire import Envelope, MsgType
 from .config import GossipConfig
 from .mcache import MessageCache
@@ -187,20 +188,32 @@ class GossipMachine:
         *,
         verify: Verifier = wire.decode,
         wall_offset: float | None = None,
+        admission: Admission | None = None,
     ) -> None:
         """``verify`` parses and authenticates an envelope (wire.decode). With
         ``wall_offset`` (wall clock minus ``now``), announcements are also checked
-        for age against their signed timestamp."""
+        for age against their signed timestamp. With ``admission`` (which needs
+        ``wall_offset`` for certificate expiry), every origin must pass the same
+        trust decision as a link; without it any correctly signed origin is taken
+        (simulations and unit tests only)."""
+        if admission is not None and wall_offset is None:
+            raise ValueError("admission judges certificates by wall clock: give wall_offset")
         self.self_id = self_id
         self.config = config
         self.rng = rng
         self._verify = verify
         self._wall_offset = wall_offset
+        self._admission = admission
         self.counters: Counter[str] = Counter()
         self.mesh = Mesh(config)
         self.scores = Scoreboard(config)
         self.seen = SeenCache(config.seen_ttl, config.seen_max)
-        self.seqs = SeqWindows(config.seq_window, config.max_origins)
+        self.seqs = SeqWindows(
+            config.seq_window,
+            config.max_origins,
+            config.max_origins_per_peer,
+            config.max_message_age + config.max_future_skew,
+        )
         self.mcache = MessageCache(config.mcache_len, config.mcache_gossip)
         self.subscriptions: set[str] = set()
         self.validators: dict[str, Validator] = {}
@@ -357,7 +370,8 @@ class GossipMachine:
         mid = message_id(envelope_wire)
         if not self.seen.add(mid, now, _ACCEPTED):
             raise DecodeError("duplicate", "this message was already published")
-        self.seqs.accept(env.origin, env.seq)
+        if self.seqs.room(env.origin, self.self_id, now) is None:
+            self.seqs.accept(env.origin, env.seq, now, self.self_id)
         self.counters["published"] += 1
         self._hold(mid, ann, env, set(), now)
         c = self.config
@@ -461,9 +475,16 @@ class GossipMachine:
             self.seen.add(mid, now, _REJECTED)
             self._invalid(sender, e.reason)
             return
+        if not self._origin_admitted(sender, mid, env, ann, now):
+            return
         if not self.seqs.check(env.origin, env.seq):
             self.seen.add(mid, now, _REJECTED)
             self._invalid(sender, "replay")
+            return
+        no_room = self.seqs.room(env.origin, sender, now)
+        if no_room is not None:
+            # Not remembered: once there is room the message can come back.
+            self.counters[f"ignored.{no_room}"] += 1
             return
         if self._wall_offset is not None:
             age = now + self._wall_offset - env.ts_ms / 1000.0
@@ -496,7 +517,7 @@ class GossipMachine:
             self.counters["body_backlog_full"] += 1
             return
         self.seen.add(mid, now, _ACCEPTED)
-        self.seqs.accept(env.origin, env.seq)
+        self.seqs.accept(env.origin, env.seq, now, sender)
         self.scores.first_delivery(sender)
         self.counters["accepted"] += 1
         if not needs_body:
@@ -506,6 +527,27 @@ class GossipMachine:
         self._wants[mid] = w
         self._ready[mid] = w
         self._sched = True
+
+    def _origin_admitted(
+        self, sender: str, mid: bytes, env: Envelope, ann: Announcement, now: float
+    ) -> bool:
+        """The link's trust decision for the message's origin. A made-up or
+        untrusted origin is the relay's doing (honest relays apply this same rule),
+        so it is charged as invalid. A revoked or expired one is refused without
+        penalty: an honest relay may not have the newest revocation list yet."""
+        if self._admission is None:
+            return True
+        assert self._wall_offset is not None
+        reason = self._admission.check(env.origin, now + self._wall_offset, ann.cert)
+        if reason is None:
+            return True
+        self.counters[f"origin_refused.{reason}"] += 1
+        if reason in ("peer_revoked", "peer_expired"):
+            self.seen.add(mid, now, _IGNORED)
+        else:
+            self.seen.add(mid, now, _REJECTED)
+            self._invalid(sender, "origin_untrusted")
+        return False
 
     def _announcement(self, env: Envelope) -> Announcement:
         c = self.config
@@ -585,10 +627,19 @@ class GossipMachine:
 
     def _on_prune(self, peer: str, p: Prune, now: float) -> None:
         mesh = self.mesh.meshes.get(p.topic)
-        if mesh is not None:
-            mesh.discard(peer)
+        if mesh is None:
+            # Nothing to back off from; remembering it would let any topic name
+            # leave state behind. An honest peer does this only in a race with our
+            # unsubscribe, which the forgiven behaviour threshold absorbs.
+            self.counters["prune_ignored.no_mesh"] += 1
+            self.scores.broken_promise(peer)
+            return
+        mesh.discard(peer)
         backoff = max(float(p.backoff), 1.0)
-        self.mesh.set_backoff(p.topic, peer, now + backoff)
+        if not self.mesh.set_backoff(p.topic, peer, now + backoff, capped=True):
+            self.counters["prune_ignored.backoff_full"] += 1
+            self.scores.broken_promise(peer)
+            return
         if p.px and self.score(peer) >= self.config.accept_px_threshold:
             fresh = tuple(
                 (nid, addr) for nid, addr in p.px if nid != self.self_id and nid not in self.addrs
@@ -821,6 +872,8 @@ class GossipMachine:
             "mesh": {t: sorted(m) for t, m in self.mesh.meshes.items()},
             "topic_peers": {t: len(self.mesh.subscribers(t)) for t in sorted(self.subscriptions)},
             "seen": len(self.seen),
+            "origins": self.seqs.origins(),
+            "backoffs": self.mesh.backoffs(),
             "held": len(self._held),
             "wanted": len(self._wants),
             "pulling": len(self._active),

@@ -9,13 +9,14 @@ machine's job; this only says to whom.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 
 from .config import GossipConfig
 
 
 class Mesh:
-    __slots__ = ("_backoff", "_c", "meshes", "peer_topics", "topic_peers")
+    __slots__ = ("_backoff", "_backoffs_of", "_c", "meshes", "peer_topics", "topic_peers")
 
     def __init__(self, config: GossipConfig) -> None:
         self._c = config
@@ -23,6 +24,7 @@ class Mesh:
         self.topic_peers: dict[str, set[str]] = {}  # topic -> connected subscribers
         self.meshes: dict[str, set[str]] = {}  # topics we are subscribed to -> mesh
         self._backoff: dict[tuple[str, str], float] = {}  # (topic, peer) -> until
+        self._backoffs_of: Counter[str] = Counter()  # peer -> its entries in _backoff
 
     # -- peers and their subscriptions -------------------------------------------------
 
@@ -78,10 +80,24 @@ class Mesh:
 
     # -- backoff -----------------------------------------------------------------------
 
-    def set_backoff(self, topic: str, peer: str, until: float) -> None:
+    def set_backoff(self, topic: str, peer: str, until: float, *, capped: bool = False) -> bool:
+        """Records (or extends) a backoff. ``capped`` (the peer asked for it): False,
+        and nothing recorded, if it would be a new entry past the peer's
+        ``max_backoffs_per_peer``. Our own backoffs are bounded by our meshes."""
         key = (topic, peer)
-        if self._backoff.get(key, 0.0) < until:
+        held = self._backoff.get(key)
+        if held is None:
+            if capped and self._backoffs_of[peer] >= self._c.max_backoffs_per_peer:
+                return False
+            self._backoffs_of[peer] += 1
             self._backoff[key] = until
+        elif held < until:
+            self._backoff[key] = until
+        return True
+
+    def backoffs(self, peer: str | None = None) -> int:
+        """Backoff entries held, for one peer or in all."""
+        return len(self._backoff) if peer is None else self._backoffs_of[peer]
 
     def backoff_until(self, topic: str, peer: str) -> float:
         return self._backoff.get((topic, peer), 0.0)
@@ -92,6 +108,10 @@ class Mesh:
     def expire_backoff(self, now: float) -> None:
         for key in [k for k, until in self._backoff.items() if until <= now]:
             del self._backoff[key]
+            peer = key[1]
+            self._backoffs_of[peer] -= 1
+            if not self._backoffs_of[peer]:
+                del self._backoffs_of[peer]
 
     # -- the heartbeat's mesh policy ---------------------------------------------------
 

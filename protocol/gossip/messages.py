@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import strictpack
 from ..errors import DecodeError
-from ..identity import SIGNATURE_SIZE
+from ..identity import MAX_CERT_BYTES, SIGNATURE_SIZE
 
 DOMAIN_MESSAGE_ID = b"spirt/v1/gossip-id\0"
 ID_SIZE = 20
@@ -80,6 +80,9 @@ class Announcement:
     chunk_size: int
     meta: bytes = b""
     inline: bytes | None = None  # the payload itself, when small
+    # The origin's encoded certificate, so any receiver can admit the origin without
+    # a round trip (empty for an allowlisted origin).
+    cert: bytes = b""
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -91,6 +94,8 @@ class Announcement:
         }
         if self.inline is not None:
             obj["x"] = self.inline
+        if self.cert:
+            obj["k"] = self.cert
         return obj
 
     @classmethod
@@ -99,7 +104,7 @@ class Announcement:
     ) -> Announcement:
         if not isinstance(obj, dict):
             raise DecodeError("bad_field", "announcement is not a map")
-        extra = set(obj) - {"t", "n", "d", "c", "m", "x"}
+        extra = set(obj) - {"t", "n", "d", "c", "m", "x", "k"}
         if extra:
             raise DecodeError("bad_field", f"announcement has unknown keys {sorted(extra)}")
         topic = _topic(strictpack.field(obj, "t", str, what="announcement"))
@@ -122,7 +127,12 @@ class Announcement:
                 raise DecodeError("bad_field", "inline payload does not match its size")
             if size > inline_max:
                 raise DecodeError("oversized", f"inline payload of {size} > {inline_max}")
-        return cls(topic, size, digest, chunk, meta, inline)
+        cert = b""
+        if "k" in obj:
+            cert = strictpack.field(obj, "k", bytes, what="announcement")
+            if not 0 < len(cert) <= MAX_CERT_BYTES:
+                raise DecodeError("bad_field", "origin certificate is empty or oversized")
+        return cls(topic, size, digest, chunk, meta, inline, cert)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ replayed two minutes later; the per-origin sequence window is what stops that.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 
 
 class SeenCache:
@@ -63,15 +63,36 @@ class SeqWindows:
     to a kept one is a replay; a seq at or below the oldest kept one (once the
     window is full) is too old to tell, so it is refused as a replay too. Newer
     seqs, or older ones that still fall inside the window (reordering), pass.
-    Origins are forgotten least-recently-active first beyond ``max_origins``.
+
+    A forgotten window would let its origin's old messages be replayed, so windows
+    are bounded without evicting live ones: at most ``max_origins`` in all and
+    ``max_per_peer`` brought in through one neighbour, and a window is forgotten
+    only once its origin has been silent for ``idle_evict`` seconds. A new origin
+    that finds no room is refused (``room`` says False) rather than pushing out an
+    honest origin's window.
     """
 
-    __slots__ = ("_origins", "evicted", "max_origins", "window")
+    __slots__ = (
+        "_last",
+        "_origins",
+        "_per_peer",
+        "_via",
+        "evicted",
+        "idle_evict",
+        "max_origins",
+        "max_per_peer",
+        "window",
+    )
 
-    def __init__(self, window: int, max_origins: int) -> None:
+    def __init__(self, window: int, max_origins: int, max_per_peer: int, idle_evict: float) -> None:
         self.window = window
         self.max_origins = max_origins
-        self._origins: OrderedDict[bytes, list[int]] = OrderedDict()
+        self.max_per_peer = max_per_peer
+        self.idle_evict = idle_evict
+        self._origins: OrderedDict[bytes, list[int]] = OrderedDict()  # least active first
+        self._last: dict[bytes, float] = {}  # origin -> when it last had a seq accepted
+        self._via: dict[bytes, str] = {}  # origin -> the neighbour that brought it
+        self._per_peer: Counter[str] = Counter()
         self.evicted = 0
 
     def check(self, origin: bytes, seq: int) -> bool:
@@ -84,19 +105,47 @@ class SeqWindows:
         i = bisect.bisect_left(seqs, seq)
         return not (i < len(seqs) and seqs[i] == seq)
 
-    def accept(self, origin: bytes, seq: int) -> None:
-        """Records an accepted seq (call only after ``check`` said True)."""
+    def room(self, origin: bytes, via: str, now: float) -> str | None:
+        """None if ``origin`` has a window or one can be made for it through
+        neighbour ``via`` (forgetting an idle origin if need be); else why not:
+        ``origins_per_peer`` or ``origins_full``."""
+        if origin in self._origins:
+            return None
+        if self._per_peer[via] >= self.max_per_peer:
+            return "origins_per_peer"
+        if len(self._origins) >= self.max_origins:
+            oldest = next(iter(self._origins))
+            if now - self._last[oldest] < self.idle_evict:
+                return "origins_full"
+            self._forget(oldest)
+            self.evicted += 1
+        return None
+
+    def accept(self, origin: bytes, seq: int, now: float, via: str = "") -> None:
+        """Records an accepted seq (call only after ``check`` said True and ``room``
+        said None)."""
         seqs = self._origins.get(origin)
         if seqs is None:
-            if len(self._origins) >= self.max_origins:
-                self._origins.popitem(last=False)
-                self.evicted += 1
             seqs = self._origins[origin] = []
+            self._via[origin] = via
+            self._per_peer[via] += 1
         else:
             self._origins.move_to_end(origin)
+        self._last[origin] = now
         bisect.insort(seqs, seq)
         if len(seqs) > self.window:
             del seqs[0]
 
+    def _forget(self, origin: bytes) -> None:
+        del self._origins[origin]
+        del self._last[origin]
+        via = self._via.pop(origin)
+        self._per_peer[via] -= 1
+        if not self._per_peer[via]:
+            del self._per_peer[via]
+
     def origins(self) -> int:
         return len(self._origins)
+
+    def brought_by(self, via: str) -> int:
+        return self._per_peer[via]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from .messages import MAX_UPDATE_BYTES
+
 
 @dataclass(frozen=True, slots=True)
 class MembershipConfig:
@@ -148,8 +150,8 @@ class MembershipConfig:
             raise ValueError("probe_timeout must be shorter than probe_interval")
         # One update of maximal size (see messages.MAX_UPDATE_BYTES) must always fit,
         # otherwise it could never be sent and would sit in the queue forever.
-        if self.piggyback_budget_bytes < 1024:
-            raise ValueError("piggyback_budget_bytes must be at least 1024")
+        if self.piggyback_budget_bytes < MAX_UPDATE_BYTES:
+            raise ValueError(f"piggyback_budget_bytes must be at least {MAX_UPDATE_BYTES}")
         if self.max_message_bytes < 4 * self.piggyback_budget_bytes:
             raise ValueError("max_message_bytes must be at least 4 * piggyback_budget_bytes")
 

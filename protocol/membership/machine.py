@@ -32,6 +32,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from ..identity import Admission
 from .awareness import Awareness
 from .broadcast import BroadcastQueue
 from .config import MembershipConfig
@@ -103,12 +104,22 @@ class Membership:
         record_signer: RecordSigner | None = None,
         record_verifier: RecordVerifier | None = None,
         view: SharedView | None = None,
+        certificate: bytes = b"",
+        admission: Admission | None = None,
+        wall_offset: float | None = None,
     ) -> None:
         """``record_signer``/``record_verifier`` sign and check updates; without a
         verifier, relayed claims are taken on trust (tests only). ``view`` is a
-        shared converged starting view (simulator); the daemon starts empty."""
+        shared converged starting view (simulator); the daemon starts empty.
+
+        ``certificate`` (this node's, encoded) rides in its alive records. With
+        ``admission`` (and ``wall_offset``, wall clock minus ``now``, to judge
+        certificate expiry) every member and every accuser must pass the same trust
+        decision as a link, so an admitted member cannot conjure others."""
         if not 0 <= incarnation < MAX_INT:
             raise ValueError("incarnation out of range")
+        if admission is not None and wall_offset is None:
+            raise ValueError("admission judges certificates by wall clock: give wall_offset")
         self.node_id = node_id
         self.addr = addr
         self.config = config
@@ -117,6 +128,9 @@ class Membership:
         self._now = now
         self._signer = record_signer
         self._verifier = record_verifier
+        self._cert = certificate
+        self._admission = admission
+        self._wall_offset = wall_offset or 0.0
         self._inc = incarnation
         self._table = MemberTable(view)
         self._queue = BroadcastQueue(config.broadcast_queue_limit, self.counters)
@@ -453,6 +467,16 @@ class Membership:
         if m.target_id == self.node_id or m.target_id == sid:
             self.counters["ping_req_bad_target"] += 1
             return
+        e = self._table.get(m.target_id)
+        if e is None or not (e.state is ALIVE or e.state is SUSPECT):
+            # We dial only members we admitted, at the address they signed: a
+            # request must not aim our connections at any host:port it likes.
+            self.counters["ping_req_unknown_target"] += 1
+            if m.nack:
+                self._send(sid, saddr, Nack(m.seq))
+            return
+        if m.target_addr != e.record.addr:
+            self.counters["ping_req_addr_mismatch"] += 1
         if len(self._relays) >= self.config.max_pending_relays:
             self.counters["relay_limit"] += 1
             return
@@ -460,9 +484,8 @@ class Membership:
         deadline = now + self._relay_timeout
         self._relays[seq] = Relay(sid, saddr, m.seq, m.target_id, deadline, m.nack)
         self._push_timer(deadline, _T_RELAY, seq)
-        e = self._table.get(m.target_id)
-        extra = (e.claim,) if e is not None and e.state is SUSPECT and e.claim else ()
-        self._send(m.target_id, m.target_addr, Ping(seq, m.target_id, self._piggyback(extra)))
+        extra = (e.claim,) if e.state is SUSPECT and e.claim else ()
+        self._send(m.target_id, e.record.addr, Ping(seq, m.target_id, self._piggyback(extra)))
 
     def _on_relay_timeout(self, seq: int, when: float, now: float) -> None:
         r = self._relays.pop(seq, None)
@@ -630,6 +653,8 @@ class Membership:
             if u.incarnation == e.record.incarnation and u.addr != e.record.addr:
                 self.counters["alive_conflict"] += 1
             return
+        if not self._admitted(nid, u.cert, "member", now):
+            return
         if e is None and len(self._table) >= self.config.max_members:
             self.counters["table_full"] += 1
             return
@@ -671,7 +696,7 @@ class Membership:
         e = self._table.get(nid)
         if e is not None and (e.state is DEAD or e.state is LEFT):
             return
-        if not self._claim_ok(e, u.incarnation):
+        if not self._claim_ok(e, u.incarnation) or not self._accuser_admitted(u, now):
             return
         assert e is not None
         if e.state is SUSPECT:
@@ -701,7 +726,7 @@ class Membership:
         e = self._table.get(nid)
         if e is not None and (e.state is DEAD or e.state is LEFT):
             return
-        if not self._claim_ok(e, u.incarnation):
+        if not self._claim_ok(e, u.incarnation) or not self._accuser_admitted(u, now):
             return
         assert e is not None
         if not self._verify(u, u.from_id):
@@ -719,7 +744,7 @@ class Membership:
         e = self._table.get(nid)
         if e is not None and (e.state is DEAD or e.state is LEFT):
             return
-        if not self._claim_ok(e, u.incarnation):
+        if not self._claim_ok(e, u.incarnation) or not self._accuser_admitted(u, now):
             return
         assert e is not None
         if e.state is SUSPECT:
@@ -787,6 +812,8 @@ class Membership:
             self.counters["claim_ahead"] += 1
             return
         signer = self.node_id if is_left else u.from_id  # type: ignore[union-attr]
+        if not is_left and not self._accuser_admitted(u, now):  # type: ignore[arg-type]
+            return
         if not self._verify(u, signer):
             return
         if not is_left:
@@ -926,10 +953,27 @@ class Membership:
             return t(u.node_id, u.incarnation, u.from_id, sig)  # type: ignore[union-attr]
         if t is Left:
             return Left(u.node_id, u.incarnation, sig)
-        return Alive(u.node_id, u.addr, u.incarnation, sig)  # type: ignore[union-attr]
+        return Alive(u.node_id, u.addr, u.incarnation, sig, u.cert)  # type: ignore[union-attr]
 
     def _sign_alive(self) -> Alive:
-        return self._sign(Alive(self.node_id, self.addr, self._inc))  # type: ignore[return-value]
+        alive = Alive(self.node_id, self.addr, self._inc, cert=self._cert)
+        return self._sign(alive)  # type: ignore[return-value]
+
+    def _admitted(self, nid: str, cert: bytes, role: str, now: float) -> bool:
+        """The link's trust decision for an identity named in a record; refusals are
+        counted as ``<role>_refused.<reason>``."""
+        if self._admission is None:
+            return True
+        reason = self._admission.check_node(nid, now + self._wall_offset, cert)
+        if reason is None:
+            return True
+        self.counters[f"{role}_refused.{reason}"] += 1
+        return False
+
+    def _accuser_admitted(self, u: Suspect | Dead, now: float) -> bool:
+        """Made-up accusers would count as independent confirmations and shorten
+        a suspicion; an accuser is known to us by its alive record or its link."""
+        return u.from_id == self.node_id or self._admitted(u.from_id, b"", "accuser", now)
 
     def _verify(self, u: Update, signer: str) -> bool:
         verifier = self._verifier

@@ -25,6 +25,7 @@ import msgpack
 
 from .. import strictpack
 from ..errors import DecodeError
+from ..identity import MAX_CERT_BYTES
 
 WIRE_VERSION = 1
 
@@ -34,15 +35,18 @@ MAX_SIG_BYTES = 128
 MAX_INT = (1 << 63) - 1
 MAX_UPDATES_PER_MESSAGE = 8192
 MAX_MESSAGE_BYTES = 1 << 20
-# One update of maximal size: array header, kind, two strings, an int, a signature.
-MAX_UPDATE_BYTES = 1 + 1 + (3 + MAX_ID_CHARS) + (3 + MAX_ADDR_CHARS) + 9 + (2 + MAX_SIG_BYTES)
+# One update of maximal size: array header, kind, two strings, an int, a signature
+# and a certificate.
+MAX_UPDATE_BYTES = (1 + 1 + (3 + MAX_ID_CHARS) + (3 + MAX_ADDR_CHARS) + 9 + (2 + MAX_SIG_BYTES)) + (
+    3 + MAX_CERT_BYTES
+)
 
 _LIMITS = strictpack.Limits(
     max_size=MAX_MESSAGE_BYTES,
     max_depth=3,  # message -> updates -> update
     max_items=MAX_UPDATES_PER_MESSAGE * 6 + 16,
     max_str=MAX_ADDR_CHARS,
-    max_bin=MAX_SIG_BYTES,
+    max_bin=max(MAX_SIG_BYTES, MAX_CERT_BYTES),
     max_container=MAX_UPDATES_PER_MESSAGE,
 )
 
@@ -65,19 +69,22 @@ def _packed(obj: Any) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Alive:
-    """``node_id`` is reachable at ``addr`` in incarnation ``incarnation``; signed by node_id."""
+    """``node_id`` is reachable at ``addr`` in incarnation ``incarnation``; signed by
+    node_id. ``cert`` is node_id's encoded certificate (empty if it is admitted by
+    allowlist), so every receiver can admit the member without asking anyone."""
 
     node_id: str
     addr: str
     incarnation: int
     sig: bytes = b""
+    cert: bytes = b""
     _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
     _signed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def encoded(self) -> bytes:
         w = self._wire
         if w is None:
-            w = _packed([U_ALIVE, self.node_id, self.addr, self.incarnation, self.sig])
+            w = _packed([U_ALIVE, self.node_id, self.addr, self.incarnation, self.sig, self.cert])
             object.__setattr__(self, "_wire", w)
         return w
 
@@ -306,15 +313,27 @@ def _sig(v: Any) -> bytes:
     return v
 
 
+def _cert(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) > MAX_CERT_BYTES:
+        raise _fail("bad_field", f"certificate is not bytes of at most {MAX_CERT_BYTES}")
+    return v
+
+
 def _decode_update(raw: Any) -> Update:
     if type(raw) is not list or not raw:
         raise _fail("bad_update", "update is not a non-empty array")
     kind = raw[0]
     n = len(raw)
     if kind == U_ALIVE and type(kind) is int:
-        if n != 5:
+        if n != 6:
             raise _fail("bad_update", "alive has the wrong number of fields")
-        return Alive(_node_id(raw[1]), _addr(raw[2]), _int(raw[3], "incarnation"), _sig(raw[4]))
+        return Alive(
+            _node_id(raw[1]),
+            _addr(raw[2]),
+            _int(raw[3], "incarnation"),
+            _sig(raw[4]),
+            _cert(raw[5]),
+        )
     if (kind in (U_SUSPECT, U_DEAD)) and type(kind) is int:
         if n != 5:
             raise _fail("bad_update", "suspect/dead has the wrong number of fields")

@@ -33,6 +33,10 @@ def _field(s: str) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
+def _blob(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
 def record_bytes(update: Update) -> bytes:
     """The bytes a record's signature covers (the update minus its signature).
     Cached on the immutable update: a relayed record is checked by every node."""
@@ -46,11 +50,14 @@ def record_bytes(update: Update) -> bytes:
 def _record_bytes(update: Update) -> bytes:
     t = type(update)
     if t is Alive:
+        # The certificate is covered too, so a relay cannot swap in an older or
+        # foreign one and get the member refused in its name.
         return (
             b"A"
             + _field(update.node_id)
             + _field(update.addr)  # type: ignore[union-attr]
             + update.incarnation.to_bytes(8, "big")
+            + _blob(update.cert)  # type: ignore[union-attr]
         )
     if t is Suspect or t is Dead:
         return (

@@ -470,10 +470,11 @@ def cmd_ca_sign(a: argparse.Namespace) -> str | dict:
 
 def cmd_ca_revoke(a: argparse.Namespace) -> str | dict:
     pub = parse_public_key(a.pubkey)
-    crl = CaDir(a.ca_dir).revoke(pub)
+    crl = CaDir(a.ca_dir).revoke(pub, now=time.time(), days=a.days)
     out = {
         "revoked": node_id(pub),
         "crl_version": crl.version,
+        "crl_next_update": crl.next_update,
         "crl": str(CaDir(a.ca_dir).crl_path),
     }
     return (
@@ -481,7 +482,8 @@ def cmd_ca_revoke(a: argparse.Namespace) -> str | dict:
         if a.json
         else (
             f"revoked {node_id(pub)}; revocation list v{crl.version} is {out['crl']}: copy it to "
-            "each node's trust/crl (nodes pick it up within seconds)"
+            "each node's trust/crl (nodes pick it up within seconds). Issue the next list "
+            f"before {time.strftime('%Y-%m-%d', time.gmtime(crl.next_update))}"
         )
     )
 
@@ -614,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(fn=cmd_ca_sign)
     cr = ca.add_parser("revoke", parents=[common])
     cr.add_argument("--ca-dir", type=Path, required=True)
+    cr.add_argument(
+        "--days", type=float, default=30.0, help="days until the list's next update (default 30)"
+    )
     cr.add_argument("pubkey")
     cr.set_defaults(fn=cmd_ca_revoke)
     cinst = ca.add_parser(

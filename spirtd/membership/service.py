@@ -65,15 +65,19 @@ class MembershipService:
         node = self.node
         assert node.transport is not None
         incarnation = self._next_incarnation()
+        now = time.monotonic()
         self.m = Membership(
             node.key.node_id,
             node.transport.advertise,
             self.config,
             random.Random(),
-            time.monotonic(),
+            now,
             incarnation,
             record_signer=ed25519_signer(node.key),
             record_verifier=ed25519_verifier(),
+            certificate=node.certificate.encode() if node.certificate else b"",
+            admission=node.admission,
+            wall_offset=time.time() - now,
         )
         node.register(MsgType.MEMBERSHIP, self._on_envelope)
         if node.config.bootstrap:

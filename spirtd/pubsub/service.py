@@ -96,6 +96,9 @@ class Info:
     size: int
     digest: bytes
     meta: bytes
+    # The origin's signed envelope, byte for byte: what a validator keeps as proof
+    # when an origin signs two conflicting messages (training's equivocation).
+    wire: bytes = b""
 
 
 # --- what subscribers get -----------------------------------------------------------------
@@ -232,6 +235,7 @@ class PubSub:
         self._handles = itertools.count(1)
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
         self._inbox_topics: set[str] = set()
+        self._cert = b""  # our certificate, carried in our announcements (set in start)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -245,7 +249,9 @@ class PubSub:
             random.Random(),
             now,
             wall_offset=time.time() - now,
+            admission=node.admission,
         )
+        self._cert = node.certificate.encode() if node.certificate else b""
         node.register(MsgType.GOSSIP_PUBLISH, self._on_publish_envelope)
         node.register(MsgType.GOSSIP, self._on_control_envelope)
         node.register_stream(STREAM_KIND, self._on_stream)
@@ -383,7 +389,9 @@ class PubSub:
         staged = payload if isinstance(payload, Staged) else await self.stage(payload, size=size)
         if self._staged.pop(staged.handle, None) is None:
             raise ValueError("that staged payload was already published or dropped")
-        ann = Announcement(topic, staged.size, staged.digest, staged.chunk_size, meta, staged.data)
+        ann = Announcement(
+            topic, staged.size, staged.digest, staged.chunk_size, meta, staged.data, self._cert
+        )
         envelope = self.node.seal(MsgType.GOSSIP_PUBLISH, ann.to_obj())
         mid = self.m.publish(envelope, time.monotonic())
         if staged.partial is not None:
@@ -400,7 +408,14 @@ class PubSub:
         if fn is None:
             return Verdict.ACCEPT
         info = Info(
-            ann.topic, node_id(env.origin), env.seq, env.ts_ms, ann.size, ann.digest, ann.meta
+            ann.topic,
+            node_id(env.origin),
+            env.seq,
+            env.ts_ms,
+            ann.size,
+            ann.digest,
+            ann.meta,
+            env.wire,
         )
         try:
             return fn(info)
@@ -554,9 +569,15 @@ class PubSub:
         assert self.m is not None
         if len(self.m.addrs) >= self.config.d:
             return
+        # Only members we admitted, at the address their own signed record gives: a
+        # PRUNE must not aim our dials at a host:port of the sender's choosing.
+        known = {m["node_id"]: m["address"] for m in self.node.members() if m["state"] == "alive"}
         for nid, addr in ev.peers[: self.config.d]:
             if len(self._dials) >= self.config.d:
                 break
+            if known.get(nid) != addr:
+                self.counters["gossip.px_unknown_peer"] += 1
+                continue
             task = asyncio.create_task(self._dial(nid, addr))
             self._dials.add(task)
             task.add_done_callback(self._dials.discard)
