@@ -196,7 +196,10 @@ async def run(
 ) -> dict[str, Any]:
     d = Path(tempfile.mkdtemp(prefix="spirt-bench-", dir="/tmp"))
     server = ManagedRedis(
-        d, module_args=["THREADS", str(threads)], logger=logging.getLogger("bench.redis")
+        d,
+        module_args=["THREADS", str(threads)],
+        logger=logging.getLogger("bench.redis"),
+        admin=True,  # it reconfigures and flushes the server, which spirtd's user may not
     )
     await server.start()
     c = await server.client()

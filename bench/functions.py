@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from spirtd.functions import gradient
-from spirtd.functions.event import CredentialRef, DataSlice, GradientEvent, RedisTarget
+from spirtd.functions.credentials import bindings_env
+from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.context import local_context
@@ -70,12 +71,11 @@ def make_event(
         slice=slice_index,
         task="synthetic",
         task_options=options,
-        redis=RedisTarget(
-            redis.url, redis.username, CredentialRef("file", str(redis.password_file))
-        ),
+        redis=RedisTarget(redis.url),
         params_key=params_key,
         data=DataSlice(Shard(0, 1), batch_size=batch, seed=1, slices=slices),
-        output_key=f"bench:grad:{tag}:{slice_index}",
+        # Under spirt:*:g:*, the only keys the functions' Redis user may write.
+        output_key=f"spirt:bench:g:{tag}:s:{slice_index}",
         ttl_seconds=300,
     ).to_json()
 
@@ -99,7 +99,7 @@ async def overhead(redis: ManagedRedis, rt: LocalRuntime, reps: int) -> dict[str
         batch=64,
         slices=1,
         slice_index=0,
-        params_key="bench:params:small",
+        params_key="spirt:bench:params:small",
         tag="small",
     )
     ctx = local_context()
@@ -138,7 +138,7 @@ async def throughput(
             batch=batch * gradients,
             slices=gradients,
             slice_index=k,
-            params_key="bench:params:heavy",
+            params_key="spirt:bench:params:heavy",
             tag=f"c{concurrency}",
         )
         for k in range(gradients)
@@ -190,10 +190,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis = ManagedRedis(tmp, load_module=False)
     await redis.start()
     try:
-        await put_params(redis, "bench:params:small", SMALL)
-        heavy_params = await put_params(redis, "bench:params:heavy", HEAVY)
+        await put_params(redis, "spirt:bench:params:small", SMALL)
+        heavy_params = await put_params(redis, "spirt:bench:params:heavy", HEAVY)
+        # The functions' Redis and credentials are their configuration, never the event's;
+        # the direct calls in this process read the same variable.
+        env = bindings_env([redis.function_binding()])
+        os.environ.update(env)
         cfg = RuntimeConfig(
-            functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=300)}, concurrency=2, prewarm=2
+            functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=300, environment=env)},
+            concurrency=2,
+            prewarm=2,
         )
         async with LocalRuntime(cfg) as rt:
             over = await overhead(redis, rt, args.reps)

@@ -112,9 +112,9 @@ static void report_option_keys(Args *a, int from, int n, const OptSpec *spec) {
 }
 
 static const OptSpec AGG_OPTS[] = {
-    {"NNM", 1, 0},     {"WEIGHTS", -1, 0}, {"BETA", 1, 0}, {"F", 1, 0},     {"M", 1, 0},
-    {"MAXITER", 1, 0}, {"EPS", 1, 0},      {"TAU", 1, 0},  {"ITERS", 1, 0}, {"START", 1, 1},
-    {NULL, 0, 0},
+    {"NNM", 1, 0},   {"WEIGHTS", -1, 0}, {"BETA", 1, 0},  {"TRIM", 1, 0},
+    {"F", 1, 0},     {"M", 1, 0},        {"MAXITER", 1, 0}, {"EPS", 1, 0},
+    {"TAU", 1, 0},   {"ITERS", 1, 0},    {"START", 1, 1},   {NULL, 0, 0},
 };
 
 static int agg_key_positions(Args *a) {
@@ -149,8 +149,8 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
     p->iters = 1;
     for (size_t i = 0; i < n; i++) job_add_input(job, argv[3 + i], 0);
 
-    int s_nnm = 0, s_w = 0, s_beta = 0, s_f = 0, s_m = 0, s_it = 0, s_eps = 0, s_tau = 0,
-        s_iters = 0, s_start = 0;
+    int s_nnm = 0, s_w = 0, s_beta = 0, s_trim = 0, s_f = 0, s_m = 0, s_it = 0, s_eps = 0,
+        s_tau = 0, s_iters = 0, s_start = 0;
     long long v;
     double d;
     RedisModuleString *start = NULL;
@@ -170,14 +170,16 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
                 fail(&a, "out of memory");
                 goto bad;
             }
-            double sum = 0.0;
+            int any_positive = 0;
             for (size_t k = 0; k < n; k++) {
                 if (get_dbl(&a, i + 1 + (int)k, "weight", 0.0, HUGE_VAL, 0, &p->weights[k]))
                     goto bad;
-                sum += p->weights[k];
+                any_positive |= p->weights[k] > 0.0;
             }
-            if (!(sum > 0.0) || !isfinite(sum)) {
-                fail(&a, "weights must have a positive, finite sum");
+            /* The rule normalises the weights, so any finite, non-negative set with one
+             * positive weight is usable: denormal ones, or ones whose plain sum overflows. */
+            if (!any_positive) {
+                fail(&a, "weights must have a positive sum");
                 goto bad;
             }
             i += 1 + (int)n;
@@ -186,6 +188,13 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
                 get_dbl(&a, i + 1, "BETA", 0.0, 0.5, 1, &d))
                 goto bad;
             p->trim_b = (size_t)floor(d * (double)n);
+            i += 2;
+        } else if (op == OP_TRIMMEAN && is_kw(o, "TRIM")) {
+            /* An exact count: a fraction such as 3/47 can floor to one less than meant. */
+            if (once(&a, &s_trim, "TRIM") || need(&a, i, 1, "TRIM") ||
+                get_ll(&a, i + 1, "TRIM", 0, ((long long)n - 1) / 2, &v))
+                goto bad;
+            p->trim_b = (size_t)v;
             i += 2;
         } else if (op == OP_KRUM && is_kw(o, "F")) {
             if (once(&a, &s_f, "F") || need(&a, i, 1, "F") ||
@@ -234,8 +243,8 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
             goto bad;
         }
     }
-    if (op == OP_TRIMMEAN && !s_beta) {
-        fail(&a, "TRIMMEAN needs BETA");
+    if (op == OP_TRIMMEAN && s_beta + s_trim != 1) {
+        fail(&a, s_beta ? "TRIMMEAN takes BETA or TRIM, not both" : "TRIMMEAN needs TRIM or BETA");
         goto bad;
     }
     if (op == OP_CCLIP && !s_tau) {

@@ -29,7 +29,7 @@ struct Job {
     RedisModuleString *in_keys[SPIRT_MAX_INPUTS + 4];
     unsigned char optional[SPIRT_MAX_INPUTS + 4];
     unsigned char present[SPIRT_MAX_INPUTS + 4];
-    const float *direct[SPIRT_MAX_INPUTS + 4]; /* main-thread pointers into Redis */
+    const unsigned char *direct[SPIRT_MAX_INPUTS + 4]; /* main-thread pointers into Redis */
     size_t len;
     char shape[SPIRT_MAX_SHAPE_LEN];
     size_t shape_len;
@@ -220,10 +220,28 @@ static int check_rows_finite(JobSrc *js, size_t off, size_t cnt, const float **o
     return 0;
 }
 
+/* Reads in place where the bytes are float-aligned. Redis' string headers are 3, 5, 9
+ * or 17 bytes, so a value's buffer is usually not; reading it through a float pointer
+ * would be undefined behaviour (merely slower on x86, a fault elsewhere), so such a
+ * chunk is copied into the job's aligned buffer first. The values, and so the results,
+ * are the same bits either way. */
 static int direct_fetch(Src *s, size_t off, size_t cnt, const float **out) {
     JobSrc *js = (JobSrc *)s;
-    for (size_t i = 0; i < js->job->n_in; i++)
-        out[i] = js->job->present[i] ? js->job->direct[i] + off : NULL;
+    Job *j = js->job;
+    for (size_t i = 0; i < j->n_in; i++) {
+        if (!j->present[i]) {
+            out[i] = NULL;
+            continue;
+        }
+        const unsigned char *p = j->direct[i] + off * sizeof(float);
+        if ((uintptr_t)p % _Alignof(float) == 0) {
+            out[i] = (const float *)(const void *)p;
+        } else {
+            float *dst = j->chunkbuf + i * s->chunk;
+            memcpy(dst, p, cnt * sizeof(float));
+            out[i] = dst;
+        }
+    }
     return check_rows_finite(js, off, cnt, out);
 }
 
@@ -533,7 +551,11 @@ int job_submit(RedisModuleCtx *ctx, Job *j) {
          * compute here, in place, with nothing else running. */
         JobSrc js;
         init_src(&js, j, 0);
-        if (compute(j, &js.base)) j->failed = 1;
+        j->chunkbuf = malloc(j->n_in * js.base.chunk * sizeof(float));
+        if (!j->chunkbuf)
+            j->failed = src_fail(&js.base, "out of memory") != 0;
+        else if (compute(j, &js.base))
+            j->failed = 1;
         BUMP(st_sync, 1);
         finish(ctx, j);
         job_free(j);

@@ -29,35 +29,61 @@ size_t src_pick_chunk(size_t rows) {
 
 /* ---- mean ----------------------------------------------------------------------- */
 
-int rule_mean(Src *s, size_t n, const double *w, float *out) {
-    double total = (double)n;
-    if (w) {
-        total = 0.0;
-        for (size_t i = 0; i < n; i++) total += w[i];
+/* Weights scaled to sum to 1: first by the largest (so the sum cannot overflow), then
+ * by that sum (in [1, n], so its reciprocal is finite even for denormal weights, whose
+ * plain sum would have an infinite reciprocal). */
+static int normalise_weights(Src *s, size_t n, const double *w, double *nw) {
+    double wmax = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(w[i]) || w[i] < 0.0)
+            return src_fail(s, "weights must be finite and non-negative");
+        if (w[i] > wmax) wmax = w[i];
     }
+    if (!(wmax > 0.0)) return src_fail(s, "weights must have a positive sum");
+    double total = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        nw[i] = w[i] / wmax;
+        total += nw[i];
+    }
+    for (size_t i = 0; i < n; i++) nw[i] /= total;
+    return 0;
+}
+
+int rule_mean(Src *s, size_t n, const double *w, float *out) {
     double *acc = malloc(s->chunk * sizeof(double));
     const float **rows = malloc(s->rows * sizeof(*rows));
+    double *nw = w ? malloc(n * sizeof(double)) : NULL;
     int rc = -1;
-    if (!acc || !rows) {
+    if (!acc || !rows || (w && !nw)) {
         OOM(s);
         goto done;
     }
+    if (w && normalise_weights(s, n, w, nw)) goto done;
     for (size_t off = 0; off < s->len; off += s->chunk) {
         size_t cnt = src_chunk_len(s, off);
         if (s->fetch(s, off, cnt, rows)) goto done;
         if (w) {
             memset(acc, 0, cnt * sizeof(double));
             for (size_t i = 0; i < n; i++)
-                if (w[i] != 0.0) k_acc_axpy(acc, w[i], rows[i], cnt);
+                if (nw[i] != 0.0) k_acc_axpy(acc, nw[i], rows[i], cnt);
+            k_store_scaled(out + off, acc, 1.0, cnt);
         } else {
             k_acc_sum(acc, rows, n, cnt);
+            k_store_scaled(out + off, acc, 1.0 / (double)n, cnt);
         }
-        k_store_scaled(out + off, acc, 1.0 / total, cnt);
+        /* A convex combination of finite floats is finite; checked anyway, as the
+         * optimizers do, so no weighting can ever store NaN or Inf. */
+        size_t bad = k_first_nonfinite(out + off, cnt);
+        if (bad < cnt) {
+            src_fail(s, "non-finite result at index %zu; nothing was written", off + bad);
+            goto done;
+        }
     }
     rc = 0;
 done:
     free(acc);
     free(rows);
+    free(nw);
     return rc;
 }
 

@@ -131,7 +131,7 @@ int tensor_read(RedisModuleCtx *ctx, RedisModuleString *key, TensorView *tv, cha
                  elems * sizeof(float));
         return -1;
     }
-    tv->data = (const float *)data;
+    tv->data = (const unsigned char *)data;
     tv->len = elems;
     return 1;
 }

@@ -17,7 +17,9 @@
 #define SPIRT_MAX_SHAPE_LEN 128
 
 typedef struct {
-    const float *data; /* valid until the key is modified */
+    /* Valid until the key is modified. Bytes, not floats: a Redis string's buffer follows
+     * an odd-sized header, so it is rarely float-aligned (see jobs.c, direct_fetch). */
+    const unsigned char *data;
     size_t len;        /* elements */
     char shape[SPIRT_MAX_SHAPE_LEN];
     size_t shape_len;

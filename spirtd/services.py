@@ -32,7 +32,8 @@ def build(node: NodeApi) -> list[Service]:
     from spirtd.redis.service import RedisService
     from spirtd.training.service import TrainingService
 
-    redis, functions = RedisService(node), FunctionsService(node)
+    redis = RedisService(node)
+    functions = FunctionsService(node, redis=redis)
     membership, pubsub = MembershipService(node), PubSub(node)
     training = TrainingService(
         node, redis=redis, functions=functions, membership=membership, pubsub=pubsub

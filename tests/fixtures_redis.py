@@ -9,7 +9,9 @@
 
 All yield a :class:`RunningRedis` with ``.url``, ``.username``, ``.password_file``,
 ``.socket_path``, ``.client`` (an open ``redis.asyncio.Redis``) and ``.server`` (the
-``ManagedRedis``). Each test gets a fresh server in a short temp dir (unix socket
+``ManagedRedis``). Tests flush and reconfigure these servers, so ``.client`` logs in as
+the admin user (``admin=True``); ``daemon_client()`` gives a client as spirtd's own,
+least-privileged user. Each test gets a fresh server in a short temp dir (unix socket
 paths are limited to 107 bytes, which pytest's tmp_path can exceed).
 """
 
@@ -26,7 +28,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from spirtd.redis.module import ModuleNotBuilt, module_path
-from spirtd.redis.process import ManagedRedis
+from spirtd.redis.process import USERNAME, ManagedRedis
 
 
 @dataclass
@@ -54,6 +56,14 @@ class RunningRedis:
     def data_dir(self) -> Path:
         return self.server.data_dir
 
+    def daemon_client(self) -> aioredis.Redis:
+        """A client as the daemon's ACL user (the caller closes it)."""
+        return aioredis.Redis(
+            unix_socket_path=str(self.server.socket_path),
+            username=USERNAME,
+            password=self.server.daemon_password,
+        )
+
 
 def require_module() -> Path:
     """The built module's path; fails the test with the fix if it is not built."""
@@ -76,6 +86,7 @@ async def start_redis(
     """Starts a ManagedRedis in ``data_dir`` and opens a client; for tests needing options."""
     if load_module:
         require_module()
+    kw.setdefault("admin", True)
     server = ManagedRedis(data_dir, load_module=load_module, module_args=module_args, **kw)  # type: ignore[arg-type]
     await server.start()
     return RunningRedis(server=server, client=await server.client())

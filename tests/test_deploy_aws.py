@@ -101,3 +101,22 @@ def test_egress_only_to_redis_tls_and_secrets(template: dict[str, Any]) -> None:
     ]
     extra = res["SecretsEgress"]["Properties"]
     assert (extra["FromPort"], extra["ToPort"]) == (443, 443)
+
+
+def test_function_config_binds_the_redis_url_to_its_secret(template: dict[str, Any]) -> None:
+    """The Redis and its credentials are the function's configuration; an event names
+    neither the secret nor where it is (spirtd/functions/credentials.py)."""
+    from spirtd.functions import credentials
+
+    env = template["Resources"]["GradientFunction"]["Properties"]["Environment"]["Variables"]
+    text = env[credentials.TARGETS_ENV]["Fn::Sub"]
+    url = "rediss://10.0.1.15:6380/0"
+    arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:spirt/redis-fn-AbCdEf"
+    params = template["Parameters"]
+    assert re.fullmatch(params["RedisUrl"]["AllowedPattern"], url)
+    assert re.fullmatch(params["RedisSecretArn"]["AllowedPattern"], arn)
+    assert not re.fullmatch(params["RedisUrl"]["AllowedPattern"], "redis://10.0.1.15:6379/0")
+    doc = text.replace("${RedisUrl}", url).replace("${RedisSecretArn}", arn)
+    (binding,) = credentials.configured({credentials.TARGETS_ENV: doc})
+    assert binding.url == url
+    assert binding.credentials == credentials.CredentialRef("secretsmanager", arn)

@@ -15,18 +15,36 @@ import torch
 from torch import nn
 
 from spirtd.functions import gradient
-from spirtd.functions.credentials import CredentialError
-from spirtd.functions.event import (
+from spirtd.functions.credentials import (
+    CredentialError,
     CredentialRef,
-    DataSlice,
-    EventError,
-    GradientEvent,
-    RedisTarget,
+    RedisBinding,
+    bindings_env,
 )
+from spirtd.functions.event import DataSlice, EventError, GradientEvent, RedisTarget
 from spirtd.functions.runtime.context import local_context
 from spirtd.redis import tensorfmt
+from spirtd.redis.process import FUNCTION_ACL
 from spirtd.tasks import Shard, TaskError, load_task, minibatch_slice
 from tests.fixtures_redis import RunningRedis
+
+
+@pytest.fixture(autouse=True)
+def function_config(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Sets the in-process function's Redis binding, like the runtime's environment."""
+
+    def bind(*bindings: RedisBinding) -> None:
+        for k, v in bindings_env(bindings).items():
+            monkeypatch.setenv(k, v)
+
+    return bind
+
+
+@pytest.fixture
+def plain_redis(plain_redis: RunningRedis, function_config: Any) -> RunningRedis:
+    """The plain server, bound in the function's configuration to its functions' user."""
+    function_config(plain_redis.server.function_binding())
+    return plain_redis
 
 
 def make_event(
@@ -39,7 +57,6 @@ def make_event(
     seed: int = 5,
     shard: str = "0/1",
     indices: list[int] | None = None,
-    creds: CredentialRef | None = None,
     options: dict[str, Any] | None = None,
     job: str = "job1",
     rnd: int = 4,
@@ -56,10 +73,10 @@ def make_event(
         slice=slice_index,
         task=task,
         task_options=options or {},
-        redis=RedisTarget(r.url, r.username, creds or CredentialRef("file", str(r.password_file))),
+        redis=RedisTarget(r.url),
         params_key=params_key,
         data=data,
-        output_key=f"spirt:{job}:grad:{rnd}:{slice_index}",
+        output_key=f"spirt:{job}:g:{rnd}:s:{slice_index}",
         ttl_seconds=ttl,
     )
 
@@ -135,7 +152,7 @@ async def test_retry_overwrites_never_adds(plain_redis: RunningRedis) -> None:
     p2 = task.initial_params(2)
     await put_params(plain_redis, "spirt:job1:params", p2)
     await call(ev)
-    keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:grad:*"))
+    keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:g:*"))
     assert keys == [ev.output_key, tensorfmt.shape_key(ev.output_key)]
     want, _ = reference_gradient(
         "synthetic", "0/1", p2, minibatch_slice(len(task.train), 5, 48, 1, 3)
@@ -159,32 +176,39 @@ async def test_missing_or_misshapen_params(plain_redis: RunningRedis) -> None:
 
 
 async def test_credentials_by_reference(
-    plain_redis: RunningRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plain_redis: RunningRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function_config: Any
 ) -> None:
     await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
-    password = plain_redis.password_file.read_text().strip()
+    info = plain_redis.server.connection_info()
+    password = Path(info.password_file).read_text().strip()
+
+    def bind(ref: CredentialRef) -> None:
+        function_config(RedisBinding(info.url, info.username, ref))
 
     loose = tmp_path / "loose"
     loose.write_text(password)
     loose.chmod(0o644)
+    bind(CredentialRef("file", str(loose)))
     with pytest.raises(CredentialError, match="0600"):
-        await call(make_event(plain_redis, creds=CredentialRef("file", str(loose))))
+        await call(make_event(plain_redis))
+    bind(CredentialRef("file", str(tmp_path / "none")))
     with pytest.raises(CredentialError, match="cannot open"):
-        await call(make_event(plain_redis, creds=CredentialRef("file", str(tmp_path / "none"))))
+        await call(make_event(plain_redis))
 
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password")
     wrong.chmod(0o600)
+    bind(CredentialRef("file", str(wrong)))
     with pytest.raises(redis.AuthenticationError):
-        await call(make_event(plain_redis, creds=CredentialRef("file", str(wrong))))
+        await call(make_event(plain_redis))
 
     monkeypatch.setenv("SPIRT_TEST_REDIS_PASSWORD", password)
-    by_env = CredentialRef("env", "SPIRT_TEST_REDIS_PASSWORD")
-    out = await call(make_event(plain_redis, creds=by_env, slice_index=2))
+    bind(CredentialRef("env", "SPIRT_TEST_REDIS_PASSWORD"))
+    out = await call(make_event(plain_redis, slice_index=2))
     assert out["samples"] == 16
-    monkeypatch.delenv("SPIRT_TEST_REDIS_PASSWORD")
+    bind(CredentialRef("env", "SPIRT_UNSET_VAR_X"))
     with pytest.raises(CredentialError, match="not set"):
-        await call(make_event(plain_redis, creds=CredentialRef("env", "SPIRT_UNSET_VAR_X")))
+        await call(make_event(plain_redis))
 
 
 def _valid(r: RunningRedis) -> dict[str, Any]:
@@ -202,15 +226,9 @@ def _valid(r: RunningRedis) -> dict[str, Any]:
         (lambda e: e.update(password="hunter2"), "unknown field"),
         (lambda e: e["redis"].update(password="hunter2"), "unknown field"),
         (lambda e: e["redis"].update(url="http://127.0.0.1:6379"), "redis.url"),
-        (lambda e: e["redis"]["credentials"].update(path="relative/pw"), "absolute path"),
-        (
-            lambda e: e["redis"].update(credentials={"kind": "inline", "value": "pw"}),
-            "unknown field",
-        ),
-        (
-            lambda e: e["redis"].update(credentials={"kind": "secretsmanager", "arn": "x"}),
-            "credentials.arn",
-        ),
+        (lambda e: e["redis"].update(credentials={"kind": "none"}), "only the url"),
+        (lambda e: e["redis"].update(username="spirt"), "only the url"),
+        (lambda e: e.update(redis="unix:///x"), "event.redis must be a JSON object"),
         (lambda e: e.update(output_key="has space"), "output_key"),
         (lambda e: e.update(output_key="k" * 513), "output_key"),
         (lambda e: e.update(ttl_seconds=0), "ttl_seconds"),
@@ -248,70 +266,56 @@ def test_event_json_round_trip() -> None:
         round=1,
         slice=0,
         task="digits",
-        redis=RedisTarget("unix:///tmp/x.sock", "spirt", CredentialRef("env", "PW")),
+        redis=RedisTarget("unix:///tmp/x.sock"),
         params_key="p",
         data=DataSlice(Shard(0, 2), 8, seed=3, slices=2),
         output_key="o",
         task_options={"model": "cnn"},
     )
     assert GradientEvent.from_json(ev.to_json()) == ev
-    # The event names where the secret is, never the secret.
-    assert ev.to_json()["redis"]["credentials"] == {"kind": "env", "name": "PW"}
+    # The event names which Redis, never a secret or where one is.
+    assert ev.to_json()["redis"] == {"url": "unix:///tmp/x.sock"}
+    anywhere = replace(ev, redis=RedisTarget())
+    assert anywhere.to_json()["redis"] == {}
+    assert GradientEvent.from_json(anywhere.to_json()) == anywhere
 
 
-# The ACL documented in deploy/aws/README.md for the function's Redis user.
-FUNCTION_ACL = [
-    "~spirt:*",
-    "resetchannels",
-    "-@all",
-    "+get",
-    "+set",
-    "+strlen",
-    "+multi",
-    "+exec",
-    "+ping",
-]
-
-
-async def test_works_with_least_privilege_acl_user(
-    plain_redis: RunningRedis, tmp_path: Path
-) -> None:
-    await plain_redis.client.execute_command(
-        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">fn-password-0123456789", *FUNCTION_ACL
-    )
-    pw = tmp_path / "fn-password"
-    pw.write_text("fn-password-0123456789\n")
-    pw.chmod(0o600)
+async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis) -> None:
+    """The binding logs in as the managed Redis's functions' user (process.FUNCTION_ACL,
+    the same rule deploy/aws/README.md gives), which can do exactly what the function does."""
+    assert plain_redis.server.function_binding().username == "spirt-fn"
     task = load_task("synthetic")
     params = task.initial_params(6)
     await put_params(plain_redis, "spirt:job1:params", params)
-    base = make_event(plain_redis, creds=CredentialRef("file", str(pw)))
-    ev = replace(base, redis=replace(base.redis, username="spirt-fn"))
+    ev = make_event(plain_redis)
     out = await call(ev)
     assert out["samples"] == 16
     want, _ = reference_gradient(
         "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 0, 3)
     )
     np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
-    # ... and it cannot touch keys outside its namespace.
+    # ... and it cannot touch keys outside its namespace, or overwrite the model.
     await put_params(plain_redis, "other:params", params)
     with pytest.raises(redis.exceptions.NoPermissionError):
         await call(replace(ev, params_key="other:params"))
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await call(replace(ev, output_key="spirt:job1:params"))
+    np.testing.assert_array_equal(await get_tensor(plain_redis, "spirt:job1:params"), params)
 
 
 async def test_credentials_from_secrets_manager(
-    plain_redis: RunningRedis, monkeypatch: pytest.MonkeyPatch
+    plain_redis: RunningRedis, monkeypatch: pytest.MonkeyPatch, function_config: Any
 ) -> None:
     """The AWS path, with the real boto3 client pointed at a stand-in Secrets Manager
     on 127.0.0.1 (AWS_ENDPOINT_URL_SECRETS_MANAGER)."""
     from aiohttp import web
 
     await plain_redis.client.execute_command(
-        "ACL", "SETUSER", "spirt-fn", "reset", "on", ">sm-password-0123456789", *FUNCTION_ACL
+        "ACL", "SETUSER", "spirt-sm", "reset", "on", ">sm-password-0123456789", *FUNCTION_ACL
     )
     secrets = {
-        "good": json.dumps({"username": "spirt-fn", "password": "sm-password-0123456789"}),
-        "nopw": json.dumps({"username": "spirt-fn"}),
+        "good": json.dumps({"username": "spirt-sm", "password": "sm-password-0123456789"}),
+        "nopw": json.dumps({"username": "spirt-sm"}),
     }
     asked: list[str] = []
 
@@ -339,14 +343,15 @@ async def test_credentials_from_secrets_manager(
     try:
         await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
         arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:good"
-        base = make_event(plain_redis, creds=CredentialRef("secretsmanager", arn))
-        # The username comes from the secret, not the event.
-        ev = replace(base, redis=replace(base.redis, username=None))
+        # The username comes from the secret, not the binding.
+        function_config(RedisBinding(plain_redis.url, None, CredentialRef("secretsmanager", arn)))
+        ev = replace(make_event(plain_redis), redis=RedisTarget())  # the only one configured
         assert (await call(ev))["samples"] == 16
         assert (await call(ev))["samples"] == 16
         assert asked == [arn]  # a warm function reuses the secret (and connection)
         bad = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nopw"
+        function_config(RedisBinding(plain_redis.url, None, CredentialRef("secretsmanager", bad)))
         with pytest.raises(CredentialError, match="no string 'password'"):
-            await call(make_event(plain_redis, creds=CredentialRef("secretsmanager", bad)))
+            await call(make_event(plain_redis))
     finally:
         await runner.cleanup()

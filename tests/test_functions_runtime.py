@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from spirtd.functions.credentials import bindings_env
 from spirtd.functions.invoker import FunctionError, Invoker
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime
@@ -19,11 +20,16 @@ from tests.test_functions import get_tensor, make_event, put_params, reference_g
 from tests.test_runtime import invoke, lambda_client, wait_until
 
 
+def gradient_spec(r: RunningRedis) -> FunctionSpec:
+    """The gradient function configured, as spirtd configures it, for ``r``'s Redis."""
+    return FunctionSpec(timeout_s=60, environment=bindings_env([r.server.function_binding()]))
+
+
 async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
     task = load_task("digits", "0/2")
     params = task.initial_params(8)
     await put_params(plain_redis, "spirt:job1:params", params)
-    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)}, concurrency=2)
+    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: gradient_spec(plain_redis)}, concurrency=2)
     async with (
         LocalRuntime(cfg) as rt,
         Invoker(
@@ -39,12 +45,12 @@ async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
         # Every slice sent twice, as an at-least-once retry would.
         res = await inv.invoke_round(events + events, deadline=120.0, min_fraction=1.0)
         assert res.met_quorum, [s.error for s in res.slices]
-        keys = {k.decode() for k in await plain_redis.client.keys("spirt:job1:grad:*")}
+        keys = {k.decode() for k in await plain_redis.client.keys("spirt:job1:g:*")}
         assert len(keys) == 8  # one values key and one shape key per slice, no more
         for k in range(4):
             rows = minibatch_slice(len(task.train), 5, 64, k, 4)
             want, want_loss = reference_gradient("digits", "0/2", params, rows)
-            got = await get_tensor(plain_redis, f"spirt:job1:grad:4:{k}")
+            got = await get_tensor(plain_redis, f"spirt:job1:g:4:s:{k}")
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
             assert res.slices[k].result["loss"] == pytest.approx(want_loss, abs=1e-6)  # type: ignore[index]
             assert res.slices[k].result["samples"] == 16  # type: ignore[index]
@@ -61,7 +67,7 @@ async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> No
     task = load_task("synthetic")
     params = task.initial_params(3)
     await put_params(plain_redis, "spirt:job1:params", params)
-    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: FunctionSpec(timeout_s=60)}, concurrency=1)
+    cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: gradient_spec(plain_redis)}, concurrency=1)
     async with LocalRuntime(cfg) as rt:
         c = lambda_client(rt)
         ev = make_event(plain_redis, slice_index=2)

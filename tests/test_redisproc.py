@@ -33,7 +33,15 @@ async def test_serves_on_unix_socket_with_acl(managed_redis: RunningRedis) -> No
     assert r.socket_path.is_socket()
     assert _mode(r.password_file) == 0o600
     assert _mode(r.server.config_file) == 0o600
-    assert await r.client.acl_whoami() in ("spirt", b"spirt")
+    # Tests log in as the admin user; the daemon has its own (tests/test_redis_acl.py).
+    assert await r.client.acl_whoami() in ("spirt-admin", b"spirt-admin")
+    daemon = r.daemon_client()
+    try:
+        assert await daemon.ping()
+        with pytest.raises(ResponseError, match="no permissions"):
+            await daemon.acl_whoami()
+    finally:
+        await daemon.aclose()
     # No TCP listener unless configured.
     assert (await r.client.config_get("port"))["port"] == "0"
     assert r.server.tcp_url is None
@@ -43,8 +51,11 @@ async def test_serves_on_unix_socket_with_acl(managed_redis: RunningRedis) -> No
     cfg = await r.client.config_get("appendonly")
     assert cfg["appendonly"] == "yes"
     assert (await r.client.config_get("dir"))["dir"] == str(r.server.dir)
-    # The password is not in the config file, only its hash.
-    assert r.server.password not in r.server.config_file.read_text()
+    # The passwords are not in the config file, only their hashes.
+    conf = r.server.config_file.read_text()
+    for f in (r.password_file, r.server.function_password_file, r.server.admin_password_file):
+        assert _mode(f) == 0o600
+        assert f.read_text().strip() not in conf
 
 
 async def test_default_user_and_wrong_password_rejected(managed_redis: RunningRedis) -> None:
@@ -104,8 +115,9 @@ async def test_connection_info_lets_another_client_in(managed_redis: RunningRedi
     password = Path(info["password_file"]).read_text().strip()
     c = aioredis.Redis.from_url(info["url"], username=info["username"], password=password)
     try:
-        await c.set("k", b"v")
-        assert await managed_redis.client.get("k") == b"v"
+        assert info["username"] == "spirt-fn"
+        await c.set("spirt:j:g:1:s:0", b"v")
+        assert await managed_redis.client.get("spirt:j:g:1:s:0") == b"v"
     finally:
         await c.aclose()
 

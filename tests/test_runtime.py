@@ -13,6 +13,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from spirtd.functions.invoker import add_request_nonce
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig, RuntimeConfigError
 from spirtd.functions.runtime.server import LocalRuntime
 
@@ -22,7 +23,7 @@ PROBE = "spirtd.functions.probe:handler"
 def lambda_client(rt: LocalRuntime, credentials: tuple[str, str] | None = None) -> Any:
     """The real boto3 Lambda client, signing with the runtime's own access key."""
     key, secret = credentials or rt.credentials
-    return boto3.client(
+    client = boto3.client(
         "lambda",
         endpoint_url=rt.endpoint_url,
         region_name="us-east-1",
@@ -30,6 +31,10 @@ def lambda_client(rt: LocalRuntime, credentials: tuple[str, str] | None = None) 
         aws_secret_access_key=secret,
         config=Config(retries={"total_max_attempts": 1}, read_timeout=60),
     )
+    # As spirtd's invoker does: identical calls in one second would otherwise carry
+    # identical signatures, which the runtime refuses as replays.
+    add_request_nonce(client)
+    return client
 
 
 async def invoke(client: Any, event: Any, name: str = "probe", **kw: Any) -> dict[str, Any]:
@@ -154,10 +159,11 @@ async def test_oversized_payload() -> None:
             await invoke(c, big)
         assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
         assert "6291456 bytes" in info.value.response["Error"]["Message"]
-        # Async invocations have Lambda's smaller limit (256 KiB).
-        mid = json.dumps({"action": "echo", "value": "x" * 300_000}).encode()
-        with pytest.raises(c.exceptions.RequestTooLargeException):
+        # Async invocations have Lambda's smaller limit (1 MB).
+        mid = json.dumps({"action": "echo", "value": "x" * 1_048_576}).encode()
+        with pytest.raises(c.exceptions.RequestTooLargeException) as info:
             await invoke(c, mid, InvocationType="Event")
+        assert "1048576 bytes" in info.value.response["Error"]["Message"]
         # Just under the synchronous limit still works, and nothing was lost.
         ok = json.dumps({"action": "echo", "value": "x" * 6_000_000}).encode()
         assert (await invoke(c, ok))["body"]["echo"] == "x" * 6_000_000
@@ -247,12 +253,16 @@ async def test_requests_must_be_signed_with_the_runtime_key(runtime: LocalRuntim
         await invoke(forged, {"action": "echo"})
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     assert info.value.response["Error"]["Code"] == "InvalidSignatureException"
+    # Lambda's codes: an unknown key is not a bad signature, and no signature is neither.
     stranger = lambda_client(runtime, credentials=("AKIDSTRANGER", "secret"))
-    with pytest.raises(ClientError, match="unknown access key"):
+    with pytest.raises(ClientError, match="unknown access key") as info:
         await invoke(stranger, {"action": "echo"})
+    assert info.value.response["Error"]["Code"] == "UnrecognizedClientException"
     url = f"{runtime.endpoint_url}/2015-03-31/functions/probe/invocations"
     async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as resp:
         assert resp.status == 403
+        assert resp.headers["X-Amzn-ErrorType"] == "MissingAuthenticationTokenException"
+        assert (await resp.json())["Message"] == "Missing Authentication Token"
     assert runtime.rejected_signatures == 3
     assert runtime.pools["probe"].stats.invocations == 0  # nothing ran
 

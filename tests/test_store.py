@@ -280,9 +280,10 @@ async def test_client_side_input_changed_while_computing(
     s = await TensorStore.open(plain_redis.client)
     X = data(3, 3, 100)
     keys = await load(s, X)
-    password = plain_redis.password_file.read_text().strip()
     meddler = redis.Redis(
-        unix_socket_path=str(plain_redis.socket_path), username="spirt", password=password
+        unix_socket_path=str(plain_redis.socket_path),
+        username=plain_redis.username,
+        password=plain_redis.server.password,
     )
     real = store_mod._aggregate_torch
 
@@ -305,14 +306,15 @@ async def test_from_url_and_health(
     for r, module in ((module_managed_redis, True), (module_plain_redis, False)):
         await reset_shared(r)
         password = r.password_file.read_text().strip()
+        # As spirtd's own user, which may use only keys under spirt:.
         url = f"unix://spirt:{password}@{r.socket_path}"
         s = await TensorStore.from_url(url)
         try:
             assert s.uses_module is module
             assert await s.health() == {"ok": True, "module": module}
-            await s.put("h", np.ones(3, np.float32))
-            await s.mean("hm", ["h", "h"])
-            np.testing.assert_array_equal(await s.get("hm"), np.ones(3, np.float32))
+            await s.put("spirt:h", np.ones(3, np.float32))
+            await s.mean("spirt:hm", ["spirt:h", "spirt:h"])
+            np.testing.assert_array_equal(await s.get("spirt:hm"), np.ones(3, np.float32))
         finally:
             await s.client.aclose()
     gone = aioredis.Redis(unix_socket_path=str(module_managed_redis.socket_path) + ".gone")

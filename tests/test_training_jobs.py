@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from protocol import strictpack
 from protocol.errors import DecodeError
 from spirtd.config import ConfigError, load
+from spirtd.functions.credentials import CredentialError
 from spirtd.redis.service import RedisService
 from spirtd.training import job as jobs
 from spirtd.training.aggregators import Aggregator, AggregatorError
@@ -179,7 +180,12 @@ def test_dataset_and_shard_settings(tmp_path: Path) -> None:
     ("url", "bare", "user"),
     [
         ("unix://spirt:s%40cret@/run/r.sock", "unix:///run/r.sock", "spirt"),
-        ("redis://ops:s%40cret@10.0.0.5:6380/2", "redis://10.0.0.5:6380/2", "ops"),
+        (
+            "unix:///run/r.sock?username=spirt&password=s%40cret&db=1",
+            "unix:///run/r.sock?db=1",
+            "spirt",
+        ),
+        ("redis://ops:s%40cret@127.0.0.1:6380/2", "redis://127.0.0.1:6380/2", "ops"),
         ("rediss://:s%40cret@cache.internal/0", "rediss://cache.internal/0", None),
     ],
 )
@@ -187,18 +193,33 @@ def test_function_target_never_carries_the_password(
     tmp_path: Path, url: str, bare: str, user: str | None
 ) -> None:
     node = SimpleNamespace(
-        config=SimpleNamespace(redis_url=url), data=SimpleNamespace(root=tmp_path)
+        config=SimpleNamespace(redis_url=url, functions="local"),
+        data=SimpleNamespace(root=tmp_path),
     )
-    target = RedisService(node).function_target()  # type: ignore[arg-type]
-    assert (target.url, target.username, target.credentials.kind) == (bare, user, "file")
-    secret = Path(target.credentials.value)
+    service = RedisService(node)  # type: ignore[arg-type]
+    # The event names only the URL; the password is in the functions' configuration.
+    assert service.function_target().to_json() == {"url": bare}
+    binding = service.function_binding()
+    assert (binding.url, binding.username, binding.credentials.kind) == (bare, user, "file")
+    secret = Path(binding.credentials.value)
     assert secret.read_text() == "s@cret" and secret.stat().st_mode & 0o777 == 0o600
-    assert "cret" not in target.url
+    assert "cret" not in binding.url
 
 
 def test_function_target_without_a_password(tmp_path: Path) -> None:
     node = SimpleNamespace(
-        config=SimpleNamespace(redis_url="unix:///tmp/r.sock"), data=SimpleNamespace(root=tmp_path)
+        config=SimpleNamespace(redis_url="unix:///tmp/r.sock", functions="local"),
+        data=SimpleNamespace(root=tmp_path),
     )
-    target = RedisService(node).function_target()  # type: ignore[arg-type]
-    assert (target.url, target.credentials.kind) == ("unix:///tmp/r.sock", "none")
+    binding = RedisService(node).function_binding()  # type: ignore[arg-type]
+    assert (binding.url, binding.credentials.kind) == ("unix:///tmp/r.sock", "none")
+
+
+def test_function_binding_refuses_plain_tcp_off_this_machine(tmp_path: Path) -> None:
+    node = SimpleNamespace(
+        config=SimpleNamespace(redis_url="redis://ops:pw@10.0.0.5:6380/2", functions="local"),
+        data=SimpleNamespace(root=tmp_path),
+    )
+    with pytest.raises(CredentialError, match="TLS"):
+        RedisService(node).function_binding()  # type: ignore[arg-type]
+    assert not (tmp_path / "redis-url.secret").exists()  # the password went nowhere

@@ -1,35 +1,142 @@
-"""Resolves the Redis credentials reference an event carries into a password.
+"""The Redis a gradient function may use, and the credentials bound to it.
 
-* ``file``: a password file on this machine. It must be a regular file, not
-  readable by group or others (mode 0600), and small. Used by the local runtime,
-  whose workers run as the daemon's user.
-* ``env``: an environment variable of the function (set from the deployment,
-  e.g. a Lambda environment variable filled from a secret at deploy time).
-* ``secretsmanager``: an AWS Secrets Manager secret, fetched with the function's
-  own IAM role. Its value is the password itself, or a JSON object with
-  ``"password"`` (and optionally ``"username"``, which then overrides the event's).
+Both come from the function's own configuration, never from its event: an event
+is whatever the invoker sent, and on AWS anyone allowed ``lambda:InvokeFunction``
+can send one. An event that could name the credential reference could make the
+function read any secret it can reach (its ``AWS_SECRET_ACCESS_KEY``, a key file)
+and send it to a Redis of the sender's choosing.
 
-Resolved secrets are cached for a warm function for ``CACHE_S`` so a rotated
-secret is picked up without a cold start.
+The configuration is the environment variable ``SPIRT_REDIS_TARGETS``: a JSON list
+of bindings, each a Redis URL with the one credential reference it may be used with::
+
+    [{"url": "rediss://10.0.1.15:6380/0", "username": "spirt-fn",
+      "credentials": {"kind": "secretsmanager", "arn": "arn:aws:secretsmanager:..."}}]
+
+An event names at most the URL (which must be one of these, exactly); with a single
+binding it may name none. Credential kinds:
+
+* ``none``: no password;
+* ``file``: a password file on this machine. It must be a regular file, not readable
+  by group or others (mode 0600), and small. Used by the local runtime, whose
+  workers run as the daemon's user;
+* ``env``: an environment variable of the function (e.g. a Lambda environment
+  variable filled from a secret at deploy time). ``AWS_*`` variables are refused:
+  they hold the function's own AWS credentials;
+* ``secretsmanager``: an AWS Secrets Manager secret, fetched with the function's own
+  IAM role. Its value is the password itself, or a JSON object with ``"password"``
+  (and optionally ``"username"``, which then overrides the binding's).
+
+A binding's URL is ``unix://``, ``rediss://`` (TLS), or ``redis://`` on a loopback
+address: a password never crosses a network in clear text.
+
+Resolved secrets are cached for a warm function for ``CACHE_S`` so a rotated secret
+is picked up without a cold start.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import stat
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
-from spirtd.functions.event import CredentialRef
-
+TARGETS_ENV = "SPIRT_REDIS_TARGETS"
+MAX_TARGETS = 16
 MAX_SECRET_BYTES = 4096
 CACHE_S = 300.0
 
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ARN_RE = re.compile(
+    r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
+)
+_USER_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_URL_SCHEMES = ("unix://", "redis://", "rediss://")
+
 
 class CredentialError(RuntimeError):
-    """A credentials reference could not be resolved; the message says why (never the secret)."""
+    """A binding is malformed or its secret could not be resolved; the message says
+    why (never the secret)."""
+
+
+@dataclass(frozen=True)
+class CredentialRef:
+    kind: str  # "none" | "file" | "env" | "secretsmanager"
+    value: str = ""  # path, variable name or ARN
+
+    def to_json(self) -> dict[str, str]:
+        key = {"file": "path", "env": "name", "secretsmanager": "arn"}.get(self.kind)
+        return {"kind": self.kind} | ({key: self.value} if key else {})
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> CredentialRef:
+        c = _obj(obj, where, {"kind", "path", "name", "arn"})
+        kind = c.get("kind")
+        if kind == "none":
+            return cls("none")
+        if kind == "file":
+            path = c.get("path")
+            if (
+                not isinstance(path, str)
+                or not path.startswith("/")
+                or len(path) > 1024
+                or "\x00" in path
+            ):
+                raise CredentialError(f"{where}.path must be an absolute path")
+            return cls("file", path)
+        if kind == "env":
+            name = c.get("name")
+            if not isinstance(name, str) or not _ENV_RE.match(name):
+                raise CredentialError(f"{where}.name must be an environment variable name")
+            _refuse_aws_variable(name)
+            return cls("env", name)
+        if kind == "secretsmanager":
+            arn = c.get("arn")
+            if not isinstance(arn, str) or not _ARN_RE.match(arn):
+                raise CredentialError(f"{where}.arn must be a Secrets Manager secret ARN")
+            return cls("secretsmanager", arn)
+        raise CredentialError(f"{where}.kind must be none, file, env or secretsmanager")
+
+
+@dataclass(frozen=True)
+class RedisBinding:
+    """One Redis a function may use and how it logs in there."""
+
+    url: str
+    username: str | None
+    credentials: CredentialRef
+
+    def __post_init__(self) -> None:
+        check_url(self.url)
+        if self.username is not None and not _USER_RE.match(self.username):
+            raise CredentialError("a Redis binding's username is malformed")
+        if self.credentials.kind == "env":
+            _refuse_aws_variable(self.credentials.value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "username": self.username,
+            "credentials": self.credentials.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> RedisBinding:
+        b = _obj(obj, where, {"url", "username", "credentials"})
+        url, user = b.get("url"), b.get("username")
+        if not isinstance(url, str):
+            raise CredentialError(f"{where}.url must be a string")
+        if user is not None and not isinstance(user, str):
+            raise CredentialError(f"{where}.username must be a string or null")
+        creds = b.get("credentials", {"kind": "none"})
+        ref = CredentialRef.from_json(creds, f"{where}.credentials")
+        return cls(url, user, ref)
 
 
 @dataclass(frozen=True)
@@ -38,7 +145,104 @@ class Credentials:
     password: str | None
 
 
-_cache: dict[CredentialRef, tuple[float, Credentials]] = {}
+def _obj(v: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise CredentialError(f"{where} must be a JSON object")
+    unknown = sorted(set(v) - allowed)
+    if unknown:
+        raise CredentialError(f"{where} has unknown field(s): {', '.join(map(str, unknown))[:200]}")
+    return v
+
+
+def _refuse_aws_variable(name: str) -> None:
+    if name.upper().startswith("AWS_"):
+        raise CredentialError(
+            f"environment variable {name} cannot be a Redis password: AWS_* variables "
+            "hold the function's own AWS credentials"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> None:
+    """Raises ``CredentialError`` unless ``url`` may carry a password: a unix socket,
+    TLS, or plain TCP to this machine's loopback."""
+    if len(url) > 1024 or not url.startswith(_URL_SCHEMES):
+        raise CredentialError("a Redis URL must be unix://, redis:// or rediss:// (at most 1024)")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as e:
+        raise CredentialError(f"malformed Redis URL: {e}") from None
+    if parts.password is not None or "password=" in parts.query:
+        raise CredentialError("a Redis URL must not hold a password; bind a credential instead")
+    if url.startswith("redis://") and not _is_loopback(host):
+        raise CredentialError(
+            f"Redis at {host or '?'} is not on this machine: use TLS (rediss://) so the "
+            "password and the tensors are not sent in clear text"
+        )
+
+
+def bindings_env(bindings: Iterable[RedisBinding]) -> dict[str, str]:
+    """The function environment that allows exactly ``bindings``."""
+    return {TARGETS_ENV: json.dumps([b.to_json() for b in bindings], separators=(",", ":"))}
+
+
+_parsed: tuple[str, tuple[RedisBinding, ...]] | None = None
+
+
+def configured(environ: Mapping[str, str] | None = None) -> tuple[RedisBinding, ...]:
+    """The bindings in the function's environment (empty when none are configured)."""
+    global _parsed
+    text = (os.environ if environ is None else environ).get(TARGETS_ENV, "")
+    hit = _parsed
+    if hit is not None and hit[0] == text:
+        return hit[1]
+    if not text.strip():
+        return ()
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise CredentialError(f"{TARGETS_ENV} is not JSON: {e}") from None
+    if not isinstance(doc, list) or not (1 <= len(doc) <= MAX_TARGETS):
+        raise CredentialError(f"{TARGETS_ENV} must be a list of 1..{MAX_TARGETS} bindings")
+    out = tuple(RedisBinding.from_json(b, f"{TARGETS_ENV}[{i}]") for i, b in enumerate(doc))
+    if len({b.url for b in out}) != len(out):
+        raise CredentialError(f"{TARGETS_ENV} binds one URL twice")
+    _parsed = (text, out)
+    return out
+
+
+def binding_for(url: str | None, environ: Mapping[str, str] | None = None) -> RedisBinding:
+    """The configured binding for the event's ``url`` (None: the only one configured)."""
+    bindings = configured(environ)
+    if not bindings:
+        raise CredentialError(
+            f"this function has no Redis configured: set {TARGETS_ENV} in its environment"
+        )
+    if url is None:
+        if len(bindings) != 1:
+            raise CredentialError(
+                f"the event names no Redis and {len(bindings)} are configured; name one"
+            )
+        return bindings[0]
+    for b in bindings:
+        if b.url == url:
+            return b
+    raise CredentialError(
+        f"event.redis.url {url[:200]!r} is not a Redis this function is configured for "
+        f"({TARGETS_ENV})"
+    )
+
+
+_cache: dict[RedisBinding, tuple[float, Credentials]] = {}
 _lock = threading.Lock()
 
 
@@ -96,6 +300,7 @@ def _resolve_uncached(ref: CredentialRef) -> Credentials:
     if ref.kind == "file":
         return Credentials(None, _read_password_file(ref.value))
     if ref.kind == "env":
+        _refuse_aws_variable(ref.value)
         value = os.environ.get(ref.value)
         if not value:
             raise CredentialError(f"environment variable {ref.value} is not set")
@@ -105,23 +310,24 @@ def _resolve_uncached(ref: CredentialRef) -> Credentials:
     raise CredentialError(f"unknown credentials kind {ref.kind!r}")
 
 
-def resolve(ref: CredentialRef, username: str | None) -> Credentials:
-    """Username and password for Redis; a username stored with the secret wins."""
+def resolve(binding: RedisBinding) -> Credentials:
+    """Username and password for ``binding``'s Redis; a username stored with the
+    secret wins over the binding's."""
     now = time.monotonic()
     with _lock:
-        hit = _cache.get(ref)
+        hit = _cache.get(binding)
     if hit is not None and now - hit[0] < CACHE_S:
         secret = hit[1]
     else:
-        secret = _resolve_uncached(ref)
+        secret = _resolve_uncached(binding.credentials)
         with _lock:
-            if len(_cache) >= 16:
+            if len(_cache) >= MAX_TARGETS:
                 _cache.clear()
-            _cache[ref] = (now, secret)
-    return Credentials(secret.username or username, secret.password)
+            _cache[binding] = (now, secret)
+    return Credentials(secret.username or binding.username, secret.password)
 
 
-def forget(ref: CredentialRef) -> None:
+def forget(binding: RedisBinding) -> None:
     """Drops a cached secret (after Redis rejected it, e.g. it was rotated)."""
     with _lock:
-        _cache.pop(ref, None)
+        _cache.pop(binding, None)

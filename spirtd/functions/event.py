@@ -1,17 +1,14 @@
 """The gradient function's event: its schema, strict validation, and a builder.
 
-The event never carries a secret. Redis credentials travel as a *reference*
-(credentials.py): a 0600 password file on the peer, an environment variable of
-the function, or an AWS Secrets Manager secret.
+The event carries neither a secret nor a reference to one. Which Redis the
+function may use, and with which credentials, is the function's own configuration
+(credentials.py); the event at most picks one of those Redis by its URL.
 
 Schema (version 1)::
 
     {"v": 1, "job": str, "round": int, "slice": int,
      "task": str, "task_options": {str: scalar},
-     "redis": {"url": "unix://...|redis://...|rediss://...", "username": str|null,
-               "credentials": {"kind": "none"} | {"kind": "file", "path": "/abs"}
-                              | {"kind": "env", "name": "VAR"}
-                              | {"kind": "secretsmanager", "arn": "arn:..."}},
+     "redis": {"url": "unix://...|redis://...|rediss://..."} | {},
      "params_key": str,
      "data": {"uri": str|null, "shard": "i/n", "batch_size": int,
               "indices": [int, ...]|null, "seed": int|null, "slices": int},
@@ -43,11 +40,6 @@ MAX_TASK_OPTIONS = 32
 _JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 # Keys: printable ASCII without spaces; the caller's namespace, e.g. "spirt:job:grad:3:1".
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_ARN_RE = re.compile(
-    r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
-)
-_USER_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _URL_SCHEMES = ("unix://", "redis://", "rediss://")
 
 
@@ -56,27 +48,13 @@ class EventError(ValueError):
 
 
 @dataclass(frozen=True)
-class CredentialRef:
-    kind: str  # "none" | "file" | "env" | "secretsmanager"
-    value: str = ""  # path, variable name or ARN
-
-    def to_json(self) -> dict[str, str]:
-        key = {"file": "path", "env": "name", "secretsmanager": "arn"}.get(self.kind)
-        return {"kind": self.kind} | ({key: self.value} if key else {})
-
-
-@dataclass(frozen=True)
 class RedisTarget:
-    url: str
-    username: str | None
-    credentials: CredentialRef
+    """Which of the function's configured Redis to use; None: its only one."""
+
+    url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "username": self.username,
-            "credentials": self.credentials.to_json(),
-        }
+        return {} if self.url is None else {"url": self.url}
 
 
 @dataclass(frozen=True)
@@ -155,7 +133,7 @@ class GradientEvent:
         if not isinstance(task, str) or not (1 <= len(task) <= 256):
             raise EventError("event.task must be a task name of 1..256 characters")
         opts = _task_options(ev.get("task_options", {}))
-        redis = _redis(ev.get("redis"))
+        redis = _redis(ev.get("redis", {}))
         data = _data(ev.get("data"), slc)
         return cls(
             job=job,
@@ -206,38 +184,18 @@ def _task_options(v: Any) -> dict[str, Any]:
 
 
 def _redis(v: Any) -> RedisTarget:
-    r = _obj(v, "event.redis", {"url", "username", "credentials"})
+    if isinstance(v, dict) and {"username", "credentials"} & set(v):
+        raise EventError(
+            "event.redis may name only the url: the function's own configuration "
+            "(SPIRT_REDIS_TARGETS) says which credentials go with it"
+        )
+    r = _obj(v, "event.redis", {"url"})
     url = r.get("url")
+    if url is None:
+        return RedisTarget()
     if not isinstance(url, str) or len(url) > 1024 or not url.startswith(_URL_SCHEMES):
         raise EventError("event.redis.url must be a unix://, redis:// or rediss:// URL")
-    user = r.get("username")
-    if user is not None and (not isinstance(user, str) or not _USER_RE.match(user)):
-        raise EventError("event.redis.username is malformed")
-    c = _obj(
-        r.get("credentials", {"kind": "none"}),
-        "event.redis.credentials",
-        {"kind", "path", "name", "arn"},
-    )
-    kind = c.get("kind")
-    if kind == "none":
-        ref = CredentialRef("none")
-    elif kind == "file":
-        path = c.get("path")
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or len(path) > 1024
-            or "\x00" in path
-        ):
-            raise EventError("event.redis.credentials.path must be an absolute path")
-        ref = CredentialRef("file", path)
-    elif kind == "env":
-        ref = CredentialRef("env", _str(c, "name", _ENV_RE, "event.redis.credentials"))
-    elif kind == "secretsmanager":
-        ref = CredentialRef("secretsmanager", _str(c, "arn", _ARN_RE, "event.redis.credentials"))
-    else:
-        raise EventError("event.redis.credentials.kind must be none, file, env or secretsmanager")
-    return RedisTarget(url=url, username=user, credentials=ref)
+    return RedisTarget(url)
 
 
 def _data(v: Any, slice_index: int) -> DataSlice:

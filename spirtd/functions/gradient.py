@@ -10,8 +10,10 @@ For one slice of one round it:
    a retried invocation overwrites its own output and never adds a second one);
 5. returns ``{"loss", "samples", "duration_ms", ...}``.
 
-The event is validated strictly (event.py). A warm container keeps its tasks
-(datasets) and Redis connections between invocations.
+The event is validated strictly (event.py). The Redis it writes to, and the
+credentials for it, come from the function's own configuration (credentials.py);
+the event can only pick one of the configured Redis by URL. A warm container keeps
+its tasks (datasets) and Redis connections between invocations.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 import redis
 
 from spirtd.functions import credentials
-from spirtd.functions.event import GradientEvent, RedisTarget
+from spirtd.functions.credentials import RedisBinding
+from spirtd.functions.event import GradientEvent
 from spirtd.redis import tensorfmt
 from spirtd.tasks import Task, load_task, minibatch_slice
 from spirtd.tasks.base import TaskError
@@ -53,7 +56,7 @@ class GradientError(RuntimeError):
 
 _lock = threading.Lock()
 _tasks: OrderedDict[tuple[Any, ...], Task] = OrderedDict()
-_clients: OrderedDict[tuple[Any, ...], redis.Redis] = OrderedDict()
+_clients: OrderedDict[RedisBinding, redis.Redis] = OrderedDict()
 
 
 def _task_for(ev: GradientEvent) -> Task:
@@ -79,40 +82,39 @@ def _task_for(ev: GradientEvent) -> Task:
     return task
 
 
-def _client_for(target: RedisTarget) -> redis.Redis:
-    key = (target.url, target.username, target.credentials)
+def _client_for(binding: RedisBinding) -> redis.Redis:
     with _lock:
-        client = _clients.get(key)
+        client = _clients.get(binding)
         if client is not None:
-            _clients.move_to_end(key)
+            _clients.move_to_end(binding)
             return client
-    creds = credentials.resolve(target.credentials, target.username)
+    creds = credentials.resolve(binding)
     kw: dict[str, Any] = {
         "username": creds.username,
         "password": creds.password,
         "socket_timeout": REDIS_TIMEOUT_S,
         "socket_connect_timeout": 10.0,
     }
-    if target.url.startswith("rediss://"):
+    if binding.url.startswith("rediss://"):
         kw["ssl_cert_reqs"] = "required"
         if os.environ.get(CA_FILE_ENV):
             kw["ssl_ca_certs"] = os.environ[CA_FILE_ENV]
         elif os.environ.get(CA_PEM_ENV):
             kw["ssl_ca_data"] = os.environ[CA_PEM_ENV]
-    client = redis.Redis.from_url(target.url, **kw)
+    client = redis.Redis.from_url(binding.url, **kw)
     with _lock:
-        _clients[key] = client
+        _clients[binding] = client
         while len(_clients) > _MAX_CACHED:
             _clients.popitem(last=False)[1].close()
     return client
 
 
-def _forget_client(target: RedisTarget) -> None:
+def _forget_client(binding: RedisBinding) -> None:
     with _lock:
-        client = _clients.pop((target.url, target.username, target.credentials), None)
+        client = _clients.pop(binding, None)
     if client is not None:
         client.close()
-    credentials.forget(target.credentials)
+    credentials.forget(binding)
 
 
 def read_params(client: redis.Redis, key: str, expected: int) -> np.ndarray:
@@ -157,7 +159,8 @@ def rows_for(ev: GradientEvent, task: Task) -> np.ndarray:
 def compute(ev: GradientEvent) -> dict[str, Any]:
     t0 = time.perf_counter()
     task = _task_for(ev)
-    client = _client_for(ev.redis)
+    binding = credentials.binding_for(ev.redis.url)
+    client = _client_for(binding)
     try:
         params = read_params(client, ev.params_key, task.param_count)
         grad = task.gradient(params, rows_for(ev, task))
@@ -169,7 +172,7 @@ def compute(ev: GradientEvent) -> dict[str, Any]:
         write_gradient(client, ev.output_key, grad.values, ev.ttl_seconds)
     except (redis.AuthenticationError, redis.ConnectionError):
         # A rotated password or a restarted Redis: start clean next time.
-        _forget_client(ev.redis)
+        _forget_client(binding)
         raise
     return {
         "job": ev.job,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,22 @@ _TRANSPORT_ERRORS = (
     bexc.EndpointConnectionError,
     bexc.ConnectionClosedError,
 )
+
+
+# A random header on every attempt, signed with it: the local runtime refuses a
+# signed request it has already run (a replay), and two attempts of one event in
+# the same second would otherwise carry identical signatures. AWS ignores it.
+NONCE_HEADER = "X-Spirt-Nonce"
+
+
+def _add_nonce(request: Any, **_: Any) -> None:
+    request.headers[NONCE_HEADER] = secrets.token_hex(8)
+
+
+def add_request_nonce(client: Any) -> None:
+    """Makes a boto3 Lambda client sign a random header into every Invoke request, so
+    a repeated identical call is never taken for a replay by the local runtime."""
+    client.meta.events.register("before-sign.lambda.Invoke", _add_nonce)
 
 
 class InvocationError(RuntimeError):
@@ -169,6 +186,7 @@ class Invoker:
         elif credentials is not None:
             kw.update(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
         self.client = boto3.session.Session().client("lambda", **kw)
+        add_request_nonce(self.client)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

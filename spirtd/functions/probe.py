@@ -4,7 +4,10 @@ It exercises what a deployment must handle (a plain reply, a handler error, a
 slow call, a crash, memory pressure, a large reply) so tests and operators can
 check a local runtime or a Lambda deployment without touching Redis or data.
 
-Event: ``{"action": "echo"|"sleep"|"raise"|"exit"|"allocate"|"reply"|"flaky", ...}``.
+Event: ``{"action": "echo"|"sleep"|"raise"|"exit"|"allocate"|"reply"|"flaky"|"print"|
+"context", ...}``. ``print`` writes ``lines`` to stdout (and one line to stderr and
+one through ``logging``), for the log an invocation returns with LogType=Tail;
+``context`` returns what the handler sees of its context.
 
 ``flaky`` misbehaves (``"mode"``: sleep, exit or raise) the first time it sees a
 ``marker`` name and succeeds after, to check that a client retries. Its markers
@@ -14,14 +17,17 @@ live only in the directory the function's environment names in
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 import time
 from typing import Any
 
 MAX_SLEEP_S = 900.0
 MAX_ALLOCATE_MB = 16_384
 MAX_REPLY_BYTES = 16 * 1024 * 1024
+MAX_PRINT_LINES = 100_000
 PROBE_DIR_ENV = "SPIRT_PROBE_DIR"
 _MARKER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -65,6 +71,28 @@ def handler(event: Any, context: Any) -> Any:
         return {"data": "x" * size}
     if action == "flaky":
         return _flaky(event, context)
+    if action == "print":
+        lines = event.get("lines", [])
+        if not isinstance(lines, list) or len(lines) > MAX_PRINT_LINES:
+            raise ValueError(f"lines must be a list of at most {MAX_PRINT_LINES}")
+        for line in lines:
+            print(str(line))
+        print("probe stderr line", file=sys.stderr)
+        logging.getLogger("spirt.probe").warning("probe logging line")
+        return {"printed": len(lines)}
+    if action == "context":
+        cc = context.client_context
+        return {
+            "arn": context.invoked_function_arn,
+            "identity": None if context.identity is None else vars(context.identity),
+            "client_context": None
+            if cc is None
+            else {
+                "custom": cc.custom,
+                "env": cc.env,
+                "client": None if cc.client is None else vars(cc.client),
+            },
+        }
     raise ValueError(f"unknown probe action {action!r}")
 
 

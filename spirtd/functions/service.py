@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from spirtd.config import ConfigError
+from spirtd.functions.credentials import CredentialError, bindings_env
 from spirtd.functions.invoker import Invoker
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime
 
 if TYPE_CHECKING:
     from spirtd.nodeapi import NodeApi
+    from spirtd.redis.service import RedisService
 
 log = logging.getLogger("spirtd.functions")
 
@@ -23,8 +26,11 @@ log = logging.getLogger("spirtd.functions")
 class FunctionsService:
     name = "functions"
 
-    def __init__(self, node: NodeApi) -> None:
+    def __init__(self, node: NodeApi, redis: RedisService | None = None) -> None:
         self.node = node
+        # Which Redis the local functions may use, and how they log in there, is
+        # their configuration (environment), never something an event says.
+        self.redis = redis
         self.runtime: LocalRuntime | None = None
         self.invoker: Invoker | None = None
 
@@ -32,15 +38,25 @@ class FunctionsService:
         cfg = self.node.config.invoke
         backend = self.node.config.functions
         if backend == "local":
+            environment: dict[str, str] = {}
+            if self.redis is not None:
+                try:
+                    environment = bindings_env([self.redis.function_binding()])
+                except CredentialError as e:
+                    raise ConfigError(f"functions: {e}") from None
             self.runtime = LocalRuntime(
                 RuntimeConfig(
                     functions={
                         cfg.function_name: FunctionSpec(
-                            timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb
+                            timeout_s=cfg.timeout_s,
+                            memory_mb=cfg.memory_mb,
+                            environment=environment,
                         )
                     },
                     concurrency=cfg.concurrency,
                     prewarm=cfg.prewarm,
+                    # The invoker signs for this region; the runtime accepts no other.
+                    region=cfg.region,
                 )
             )
             endpoint: str | None = await self.runtime.start()

@@ -3,11 +3,20 @@
 Layout, all inside ``DATA_DIR/redis/`` (mode 0700):
 
 * ``redis.sock``     the unix socket (mode 0700); no TCP port unless one is configured;
-* ``password``       the generated password of the ACL user ``spirt`` (mode 0600);
-* ``redis.conf``     written on every start (mode 0600); it holds only the password's
+* ``password``       the generated password of the daemon's ACL user ``spirt`` (mode 0600);
+* ``function-password``  the password of the functions' ACL user ``spirt-fn`` (0600);
+* ``admin-password`` only with ``admin=True`` (tests, benchmarks): a user with every right;
+* ``redis.conf``     written on every start (mode 0600); it holds only the passwords'
                      SHA-256, and disables the ``default`` user;
 * ``appendonlydir/`` AOF persistence;
 * ``redis.log``      redis-server's own log; ``redis.out`` its stdout/stderr.
+
+Each user gets only what it needs (``DAEMON_ACL``, ``FUNCTION_ACL``): the daemon reads
+and writes ``spirt:*`` keys with data, transaction and SPIRT commands; a function reads
+``spirt:*`` and writes only gradient keys (``spirt:*:g:*``) with GET, SET, STRLEN,
+MULTI/EXEC and PING. Neither can run ACL, FLUSHALL, SHUTDOWN, CONFIG, MODULE or
+SPIRT.CONFIG. A password file readable by group or others is refused, not repaired:
+someone may already have read it.
 
 The supervisor restarts a dead server with exponential backoff and logs why it died
 (exit status plus the tail of its log). ``stop()`` shuts it down with SIGTERM, which
@@ -37,9 +46,58 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.retry import Retry
 
+from spirtd.functions.credentials import CredentialRef, RedisBinding
 from spirtd.redis.module import module_path
 
 USERNAME = "spirt"
+FUNCTION_USERNAME = "spirt-fn"
+ADMIN_USERNAME = "spirt-admin"
+# Every key spirtd writes is under "spirt:" (training/state.py's StateKeys).
+DAEMON_ACL = (
+    "resetkeys",
+    "~spirt:*",
+    "resetchannels",
+    "-@all",
+    "+@read",
+    "+@write",
+    "+@keyspace",
+    "+@string",
+    "+@transaction",
+    "+@connection",
+    # After the grants: takes back FLUSHALL, KEYS, CONFIG, ACL, SHUTDOWN, MODULE, ...
+    "-@dangerous",
+)
+# The module's commands spirtd runs; SPIRT.CONFIG (admin) is not among them.
+DAEMON_MODULE_COMMANDS = (
+    "spirt.put",
+    "spirt.get",
+    "spirt.mean",
+    "spirt.median",
+    "spirt.trimmean",
+    "spirt.krum",
+    "spirt.geomed",
+    "spirt.cclip",
+    "spirt.sgd",
+    "spirt.adam",
+    "spirt.norm",
+    "spirt.digest",
+    "spirt.info",
+)
+# A gradient function reads the parameters and writes its slice's gradient
+# (spirtd/functions/gradient.py); the same rule deploy/aws/README.md gives for AWS.
+FUNCTION_ACL = (
+    "resetkeys",
+    "%R~spirt:*",
+    "%W~spirt:*:g:*",
+    "resetchannels",
+    "-@all",
+    "+get",
+    "+set",
+    "+strlen",
+    "+multi",
+    "+exec",
+    "+ping",
+)
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH = 107
 _LOG_TAIL_LINES = 8
@@ -125,15 +183,21 @@ class ManagedRedis:
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
         extra_config: Sequence[str] = (),
+        admin: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.dir = self.data_dir / "redis"
         self.socket_path = self.dir / "redis.sock"
         self.password_file = self.dir / "password"
+        self.function_password_file = self.dir / "function-password"
+        self.admin_password_file = self.dir / "admin-password"
+        self.admin = admin
         self.config_file = self.dir / "redis.conf"
         self.log_file = self.dir / "redis.log"
         self.out_file = self.dir / "redis.out"
-        self.username = USERNAME
+        # Who client() logs in as: the daemon's user, or with admin=True (tests and
+        # benchmarks that flush or reconfigure the server) the admin user.
+        self.username = ADMIN_USERNAME if admin else USERNAME
         self.load_module = load_module
         self.port = port
         self.module_args = list(module_args)
@@ -146,7 +210,7 @@ class ManagedRedis:
         self.extra_config = list(extra_config)
         self.restarts = 0
         self.last_exit: str | None = None
-        self._password: str | None = None
+        self._passwords: dict[Path, str] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -166,9 +230,21 @@ class ManagedRedis:
 
     @property
     def password(self) -> str:
-        if self._password is None:
-            self._password = self._load_or_create_password()
-        return self._password
+        """The password client() logs in with (the daemon's, or the admin's)."""
+        return self._password_of(self.admin_password_file if self.admin else self.password_file)
+
+    @property
+    def daemon_password(self) -> str:
+        return self._password_of(self.password_file)
+
+    @property
+    def client_password_file(self) -> Path:
+        return self.admin_password_file if self.admin else self.password_file
+
+    def _password_of(self, path: Path) -> str:
+        if path not in self._passwords:
+            self._passwords[path] = self._load_or_create_password(path)
+        return self._passwords[path]
 
     @property
     def pid(self) -> int | None:
@@ -179,12 +255,18 @@ class ManagedRedis:
         return self.pid is not None and self._ready.is_set()
 
     def connection_info(self, *, tcp: bool = False) -> RedisConnectionInfo:
-        """URL, user and password file for another process (e.g. a gradient function);
-        ``tcp=True`` gives the TCP address (a port must be configured)."""
+        """URL, user and password file of the functions' user (what a gradient function
+        needs); ``tcp=True`` gives the TCP address (a port must be configured)."""
         url = self.tcp_url if tcp else self.url
         if url is None:
             raise RuntimeError("no TCP port configured for this Redis")
-        return RedisConnectionInfo(url, self.username, str(self.password_file))
+        self._password_of(self.function_password_file)
+        return RedisConnectionInfo(url, FUNCTION_USERNAME, str(self.function_password_file))
+
+    def function_binding(self, *, tcp: bool = False) -> RedisBinding:
+        """The binding a gradient function's configuration needs for this Redis."""
+        info = self.connection_info(tcp=tcp)
+        return RedisBinding(info.url, info.username, CredentialRef("file", info.password_file))
 
     def connection_kwargs(self) -> dict[str, Any]:
         return {
@@ -248,7 +330,14 @@ class ManagedRedis:
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        password_hash = hashlib.sha256(self.password.encode()).hexdigest()
+
+        def sha(path: Path) -> str:
+            return hashlib.sha256(self._password_of(path).encode()).hexdigest()
+
+        daemon_rules = list(DAEMON_ACL)
+        if self.load_module:
+            # Naming a command that is not loaded would stop redis-server from starting.
+            daemon_rules += [f"+{c}" for c in DAEMON_MODULE_COMMANDS]
         lines = [
             "daemonize no",
             f"dir {_quote(str(self.dir))}",
@@ -267,8 +356,12 @@ class ManagedRedis:
             # The default user cannot log in ("off"), but keeps full rights: Redis 7.0 replays
             # MULTI/EXEC blocks of the AOF as the default user, and without rights they fail.
             "user default off ~* &* +@all",
-            f"user {USERNAME} on #{password_hash} ~* &* +@all",
+            f"user {USERNAME} on #{sha(self.password_file)} {' '.join(daemon_rules)}",
+            f"user {FUNCTION_USERNAME} on #{sha(self.function_password_file)} "
+            + " ".join(FUNCTION_ACL),
         ]
+        if self.admin:
+            lines.append(f"user {ADMIN_USERNAME} on #{sha(self.admin_password_file)} ~* &* +@all")
         lines += [f"unixsocket {_quote(str(self.socket_path))}", "unixsocketperm 700"]
         if self.port is None:
             lines.append("port 0")
@@ -287,26 +380,34 @@ class ManagedRedis:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.config_file)
 
-    def _load_or_create_password(self) -> str:
+    def _load_or_create_password(self, path: Path) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
         try:
-            st = self.password_file.stat()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             password = secrets.token_urlsafe(32)
-            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(password + "\n")
             return password
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            self.log.warning(
-                "redis password file %s was readable by others (mode %o); set it to 0600",
-                self.password_file,
-                stat.S_IMODE(st.st_mode),
-            )
-            os.chmod(self.password_file, 0o600)
-        password = self.password_file.read_text().strip()
+        except OSError as e:
+            raise RedisStartError(f"cannot open redis password file {path}: {e.strerror}") from e
+        with os.fdopen(fd) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise RedisStartError(f"redis password file {path} is not a regular file")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                # Refused rather than chmod'ed: whoever could read it may already have
+                # the password, so tightening the mode would hide a leak, not undo it.
+                raise RedisStartError(
+                    f"redis password file {path} is readable by others (mode "
+                    f"{stat.S_IMODE(st.st_mode):o}); delete it so a new password is made "
+                    "(or chmod 600 it if no one else could have read it)"
+                )
+            password = f.read(4096).strip()
         if len(password) < 16:
-            raise RedisStartError(f"redis password file {self.password_file} is empty or too short")
+            raise RedisStartError(f"redis password file {path} is empty or too short")
         return password
 
     async def _refuse_if_already_serving(self) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from spirtd.config import ConfigError
-from spirtd.functions.event import CredentialRef, RedisTarget
+from spirtd.functions.credentials import CredentialRef, RedisBinding, check_url
+from spirtd.functions.event import RedisTarget
 from spirtd.keyfiles import write_secret
 from spirtd.redis.process import ManagedRedis, RedisStartError
 from spirtd.redis.store import TensorStore
@@ -88,26 +89,42 @@ class RedisService:
             await self.managed.stop()
 
     def function_target(self) -> RedisTarget:
-        """How a gradient function reaches this Redis. The event never carries a
-        secret: a password travels as the path of a 0600 file."""
+        """What a gradient event says about Redis: only which one, by URL. On AWS
+        Lambda the function's own configuration names its Redis, so nothing."""
+        if self.node.config.functions == "lambda":
+            return RedisTarget()
+        return RedisTarget(self.function_binding().url)
+
+    def function_binding(self) -> RedisBinding:
+        """This Redis as the local functions' configuration binds it: its URL and a
+        0600 password file (the functions' own ACL user for the managed Redis).
+        Raises CredentialError for a plain redis:// URL off this machine."""
         if self.managed is not None:
-            m = self.managed
-            return RedisTarget(m.url, m.username, CredentialRef("file", str(m.password_file)))
+            return self.managed.function_binding()
         url = self.node.config.redis_url or ""
         parts = urlsplit(url)
-        if parts.password is None:
-            return RedisTarget(url, parts.username, CredentialRef("none"))
-        secret = self.node.data.root / "redis-url.secret"
-        write_secret(secret, unquote(parts.password).encode())
+        # Credentials may be in the userinfo or (redis-py's form for unix sockets) the
+        # query; the binding's URL keeps neither.
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        q_user = next((v for k, v in query if k == "username"), None)
+        q_password = next((v for k, v in query if k == "password"), None)
+        rest = urlencode([(k, v) for k, v in query if k not in ("username", "password")])
         if parts.scheme == "unix":
             # urlunsplit would write "unix:/path", which redis-py refuses.
-            bare = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+            bare = f"unix://{parts.path}" + (f"?{rest}" if rest else "")
         else:
             host = parts.hostname or ""
-            netloc = f"{host}:{parts.port}" if parts.port else host
-            bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-        user = unquote(parts.username) if parts.username else None
-        return RedisTarget(bare, user, CredentialRef("file", str(secret)))
+            netloc = f"[{host}]" if ":" in host else host
+            netloc += f":{parts.port}" if parts.port else ""
+            bare = urlunsplit((parts.scheme, netloc, parts.path, rest, parts.fragment))
+        user = unquote(parts.username) if parts.username else q_user
+        password = unquote(parts.password) if parts.password is not None else q_password
+        if password is None:
+            return RedisBinding(bare, user, CredentialRef("none"))
+        check_url(bare)  # before the password is written anywhere
+        secret = self.node.data.root / "redis-url.secret"
+        write_secret(secret, password.encode())
+        return RedisBinding(bare, user, CredentialRef("file", str(secret)))
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {

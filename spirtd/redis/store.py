@@ -125,7 +125,8 @@ class _Agg:
     keys: tuple[str, ...]
     weights: tuple[float, ...] | None = None
     nnm_f: int | None = None
-    beta: float = 0.0
+    beta: float | None = None
+    trim: int | None = None
     f: int = 0
     m: int = 1
     maxiter: int = 100
@@ -148,10 +149,16 @@ class _Agg:
         if self.weights is not None:
             _check(len(self.weights) == n, f"WEIGHTS needs {n} values, got {len(self.weights)}")
             ch["weights"] = tuple(_num(w, "weight", 0.0) for w in self.weights)
-            total = math.fsum(ch["weights"])
-            _check(total > 0 and math.isfinite(total), "weights must have a positive, finite sum")
+            _check(max(ch["weights"]) > 0, "weights must have a positive sum")
         if self.rule == "trimmed_mean":
-            ch["beta"] = _num(self.beta, "BETA", 0.0, 0.5, hi_open=True)
+            _check(
+                (self.beta is None) != (self.trim is None),
+                "TRIMMEAN needs TRIM or BETA, not both",
+            )
+            if self.trim is not None:
+                ch["trim"] = _int(self.trim, "TRIM", 0, (n - 1) // 2)
+            else:
+                ch["beta"] = _num(self.beta, "BETA", 0.0, 0.5, hi_open=True)
         if self.rule == "krum":
             f = ch["f"] = _int(self.f, "F", 0, MAX_INPUTS)
             m = ch["m"] = _int(self.m, "M", 1, MAX_INPUTS)
@@ -172,7 +179,7 @@ class _Agg:
         if self.weights is not None:
             args += ["WEIGHTS", *self.weights]
         if self.rule == "trimmed_mean":
-            args += ["BETA", float(self.beta)]
+            args += ["TRIM", self.trim] if self.trim is not None else ["BETA", float(self.beta)]
         elif self.rule == "krum":
             args += ["F", self.f, "M", self.m]
         elif self.rule == "geomed":
@@ -410,9 +417,18 @@ class TensorStore:
         await self._aggregate(out, _Agg("median", tuple(keys), nnm_f=nnm_f))
 
     async def trimmed_mean(
-        self, out: str, keys: Sequence[str], beta: float, *, nnm_f: int | None = None
+        self,
+        out: str,
+        keys: Sequence[str],
+        beta: float | None = None,
+        *,
+        trim: int | None = None,
+        nnm_f: int | None = None,
     ) -> None:
-        await self._aggregate(out, _Agg("trimmed_mean", tuple(keys), beta=beta, nnm_f=nnm_f))
+        """Drops the ``trim`` smallest and largest values per coordinate (or
+        ``floor(beta * n)``; give exactly one) and averages the rest."""
+        agg = _Agg("trimmed_mean", tuple(keys), beta=beta, trim=trim, nnm_f=nnm_f)
+        await self._aggregate(out, agg)
 
     async def krum(
         self, out: str, keys: Sequence[str], f: int, *, m: int = 1, nnm_f: int | None = None
@@ -669,7 +685,7 @@ def _aggregate_torch(agg: _Agg, xs: list[torch.Tensor | None]) -> tuple[list[tor
     elif agg.rule == "median":
         out = _rank_mean(data, (n - 1) // 2, n // 2)
     elif agg.rule == "trimmed_mean":
-        b = math.floor(agg.beta * n)
+        b = agg.trim if agg.trim is not None else math.floor((agg.beta or 0.0) * n)
         out = _rank_mean(data, b, n - b - 1)
     elif agg.rule == "krum":
         out, ret = _krum(data, agg.f, agg.m)
@@ -688,10 +704,20 @@ def _mean(xs: list[torch.Tensor], weights: Sequence[float] | None = None) -> tor
         for x in xs:
             acc += x
         return (acc / len(xs)).to(_F32)
-    for x, w in zip(xs, weights, strict=True):
+    # Normalised as the module does (rules.c): by the largest weight, then by the sum,
+    # so denormal weights or ones whose sum overflows still give the weighted mean.
+    wmax = max(weights)
+    scaled = [w / wmax for w in weights]
+    total = 0.0
+    for w in scaled:
+        total += w
+    for x, w in zip(xs, scaled, strict=True):
         if w:
-            acc.add_(x.to(_F64), alpha=float(w))
-    return (acc / math.fsum(weights)).to(_F32)
+            acc.add_(x.to(_F64), alpha=w / total)
+    out = acc.to(_F32)
+    if not bool(torch.isfinite(out).all()):
+        raise StoreError("non-finite result; nothing was written")
+    return out
 
 
 def _rank_mean(xs: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:

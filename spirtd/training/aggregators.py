@@ -77,12 +77,8 @@ class Aggregator:
         if self.rule == "median":
             return await store.median(out, keys, **kw)
         if self.rule == "trimmed_mean":
-            if n == 2 * self.f + 1:
-                # Trimming f from each side of 2f + 1 values leaves the middle one.
-                return await store.median(out, keys, **kw)
-            # The module trims floor(beta * n); aim between two integers so float
-            # rounding can never land on f - 1.
-            return await store.trimmed_mean(out, keys, (self.f + 0.5) / n, **kw)
+            # An exact count: a fraction f/n can floor to f - 1 in floating point.
+            return await store.trimmed_mean(out, keys, trim=self.f, **kw)
         if self.rule == "krum":
             return await store.krum(out, keys, self.f, m=1, **kw)
         if self.rule == "multi_krum":

@@ -55,8 +55,12 @@ class RuntimeConfig:
     max_request_bytes: int = lambda_errors.MAX_SYNC_REQUEST
     max_event_bytes: int = lambda_errors.MAX_ASYNC_REQUEST
     max_response_bytes: int = lambda_errors.MAX_RESPONSE
-    # Event (async) invocations accepted but not yet running; more get 429.
+    # Event (async) invocations accepted but not yet running (retries waiting
+    # included); more get 429.
     event_queue: int = 256
+    # A failed Event invocation is retried after each of these delays, as Lambda
+    # retries twice (after about one and two minutes).
+    event_retry_delays_s: tuple[float, ...] = (60.0, 120.0)
     # An Event invocation still waiting for a slot after this is dropped (Lambda's
     # default maximum event age is 6 hours).
     event_max_age_s: float = 6 * 3600.0
@@ -64,6 +68,15 @@ class RuntimeConfig:
     # is random per start unless given here (see sigv4.py for why).
     require_signature: bool = True
     access_key: tuple[str, str] | None = None
+    # Requests must be signed for this region (and the "lambda" service), as AWS's
+    # endpoints refuse a signature scoped for another.
+    region: str = "us-east-1"
+    # Requests whose signature header passed but whose body is still being read and
+    # checked; more get 429, so no one can make the runtime buffer many bodies.
+    max_unverified: int = 8
+    # Signatures remembered to refuse replays within the clock window.
+    replay_cache: int = 32768
+    account_id: str = "000000000000"
 
     def __post_init__(self) -> None:
         try:
@@ -85,5 +98,15 @@ class RuntimeConfig:
             raise RuntimeConfigError("threads_per_worker must be in 1..256")
         if not (1 <= self.event_queue <= 100_000):
             raise RuntimeConfigError("event_queue must be in 1..100000")
+        if len(self.event_retry_delays_s) > 2 or any(
+            not (0 <= d <= 3600) for d in self.event_retry_delays_s
+        ):
+            raise RuntimeConfigError("event_retry_delays_s: at most 2 delays of 0..3600 s")
+        if not (1 <= self.max_unverified <= 1024):
+            raise RuntimeConfigError("max_unverified must be in 1..1024")
+        if not (64 <= self.replay_cache <= 10_000_000):
+            raise RuntimeConfigError("replay_cache must be in 64..10000000")
+        if not self.region or not all(c.isalnum() or c == "-" for c in self.region):
+            raise RuntimeConfigError(f"bad region {self.region!r}")
         if not (0 <= self.port <= 65535):
             raise RuntimeConfigError("port must be in 0..65535")

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 # Limits as Lambda applies them (bytes).
 MAX_SYNC_REQUEST = 6_291_456
-MAX_ASYNC_REQUEST = 262_144
+MAX_ASYNC_REQUEST = 1_048_576  # Lambda raised it from 256 KB to 1 MB
+# Base64 of the client context, and of the log tail returned by LogType=Tail.
+MAX_CLIENT_CONTEXT = 3583
+LOG_TAIL_BYTES = 4096
 MAX_RESPONSE = 6_291_556
 
 # errorType values Lambda itself emits for failures outside the handler.
@@ -39,21 +42,19 @@ class ServiceError:
         return {"X-Amzn-ErrorType": self.code, "Content-Type": "application/json"}
 
     def body(self) -> bytes:
+        # "Message", as the Lambda API model names it (botocore reads either case;
+        # other SDKs and tools do not).
         doc: dict[str, str] = {
             "Type": "User" if self.status < 500 else "Service",
-            "message": self.message,
+            "Message": self.message,
         }
         if self.reason is not None:
             doc["Reason"] = self.reason
         return json.dumps(doc).encode()
 
 
-def not_found(name: str) -> ServiceError:
-    return ServiceError(
-        404,
-        "ResourceNotFoundException",
-        f"Function not found: arn:aws:lambda:local:000000000000:function:{name}",
-    )
+def not_found(arn: str) -> ServiceError:
+    return ServiceError(404, "ResourceNotFoundException", f"Function not found: {arn}")
 
 
 def too_large(limit: int) -> ServiceError:
@@ -83,8 +84,12 @@ def bad_parameter(message: str) -> ServiceError:
     return ServiceError(400, "InvalidParameterValueException", message)
 
 
-def forbidden(message: str) -> ServiceError:
-    return ServiceError(403, "InvalidSignatureException", message)
+def forbidden(message: str, code: str = "InvalidSignatureException") -> ServiceError:
+    return ServiceError(403, code, message)
+
+
+def bad_content(message: str) -> ServiceError:
+    return ServiceError(400, "InvalidRequestContentException", message)
 
 
 def function_error(error_type: str, message: str, trace: list[str] | None = None) -> bytes:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import time
@@ -33,6 +35,15 @@ class Outcome:
     body: bytes
     error: bool  # True: a function error (HTTP 200 + X-Amz-Function-Error)
     cold: bool
+    log: bytes | None = None  # the invocation's log tail, when asked for
+
+
+def _runtime_log(request_id: str, message: str) -> bytes:
+    """The log Lambda shows for an invocation its environment cut short."""
+    return (
+        f"START RequestId: {request_id} Version: $LATEST\n{message}\n"
+        f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\n"
+    ).encode()[-lambda_errors.LOG_TAIL_BYTES :]
 
 
 class FunctionPool:
@@ -124,20 +135,34 @@ class FunctionPool:
         self.stats.replacements += 1
         self._start_spare()
 
-    async def invoke(self, request_id: str, payload: bytes) -> Outcome:
+    async def invoke(
+        self,
+        request_id: str,
+        payload: bytes,
+        *,
+        log: bool = False,
+        client_context: dict[str, object] | None = None,
+        arn: str | None = None,
+    ) -> Outcome:
+        """Runs one invocation; ``log`` asks for its log tail (LogType=Tail)."""
         self.stats.invocations += 1
         try:
             w, cold = await self._acquire()
         except WorkerInitError as e:
             self.stats.function_errors += 1
-            return Outcome(lambda_errors.function_error(e.error_type, str(e)), True, True)
+            body = lambda_errors.function_error(e.error_type, str(e))
+            tail = _runtime_log(request_id, f"{e.error_type}: {e}") if log else None
+            return Outcome(body, True, True, tail)
         if cold:
             self.stats.cold_invocations += 1
         timeout = self.spec.timeout_s
-        header = {
+        header: dict[str, object] = {
             "type": "invoke",
             "id": request_id,
             "deadline_ms": int(time.time() * 1000 + timeout * 1000),
+            "log": log,
+            "client_context": client_context,
+            "arn": arn,
         }
         t0 = time.perf_counter()
         try:
@@ -147,12 +172,15 @@ class FunctionPool:
             self.stats.timeouts += 1
             self._drop_and_replace(w)
             msg = f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds"
-            return Outcome(lambda_errors.function_error(lambda_errors.TIMEOUT, msg), True, cold)
+            tail = _runtime_log(request_id, msg) if log else None
+            body = lambda_errors.function_error(lambda_errors.TIMEOUT, msg)
+            return Outcome(body, True, cold, tail)
         except WorkerDied as e:
             self.stats.worker_deaths += 1
             self._drop_and_replace(w)
             msg = f"RequestId: {request_id} Error: Runtime exited with error: {e}"
-            return Outcome(lambda_errors.function_error(lambda_errors.EXIT, msg), True, cold)
+            tail = _runtime_log(request_id, msg) if log else None
+            return Outcome(lambda_errors.function_error(lambda_errors.EXIT, msg), True, cold, tail)
         except BaseException:
             # Cancelled mid-call (runtime stopping): the worker's state is unknown.
             await w.kill()
@@ -171,7 +199,14 @@ class FunctionPool:
         ok = bool(reply.get("ok"))
         if not ok:
             self.stats.function_errors += 1
-        return Outcome(body, not ok, cold)
+        tail: bytes | None = None
+        if log:
+            try:
+                tail = base64.b64decode(str(reply.get("log", "")), validate=True)
+            except binascii.Error:
+                tail = b""
+            tail = tail[-lambda_errors.LOG_TAIL_BYTES :]
+        return Outcome(body, not ok, cold, tail)
 
     async def close(self) -> None:
         self._closed = True

@@ -9,8 +9,10 @@ handler's imports too.
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
+import math
 import os
 import resource
 import socket
@@ -50,6 +52,58 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+class LogCapture:
+    """What the handler writes to fds 1 and 2 during one invocation, kept in a memfd
+    (so output from C code is caught too) and passed on to the runtime's stderr
+    afterwards, as it would go there without capture."""
+
+    def __enter__(self) -> LogCapture:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.fd = os.memfd_create("spirt-invocation-log")
+        self._saved = (os.dup(1), os.dup(2))
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+        return self
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+
+    def tail(self, n: int) -> bytes:
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        return os.pread(self.fd, n, max(0, size - n))
+
+    def forward_and_close(self) -> None:
+        size, off = os.lseek(self.fd, 0, os.SEEK_END), 0
+        while off < size:
+            chunk = os.pread(self.fd, min(1 << 16, size - off), off)
+            if not chunk:
+                break
+            off += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(2, view) :]
+        os.close(self.fd)
+
+
+def _report(rid: str, t0: float, memory_mb: int) -> str:
+    ms = (time.perf_counter() - t0) * 1000
+    used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return (
+        f"END RequestId: {rid}\nREPORT RequestId: {rid}\tDuration: {ms:.2f} ms\t"
+        f"Billed Duration: {math.ceil(ms)} ms\tMemory Size: {memory_mb} MB\t"
+        f"Max Memory Used: {used} MB\t\n"
+    )
+
+
 def run_one(
     handler: Handler,
     header: dict[str, Any],
@@ -58,15 +112,51 @@ def run_one(
     memory_mb: int,
     max_response: int,
 ) -> tuple[dict[str, Any], bytes, bool]:
-    """Runs one invocation. Returns (reply header, reply body, worker must exit)."""
+    """Runs one invocation. Returns (reply header, reply body, worker must exit).
+
+    With ``header["log"]`` the reply carries ``log``: the base64 of the last 4 KB of
+    the invocation's log (Lambda's START / output / END / REPORT lines)."""
+    if not header.get("log"):
+        return _run(handler, header, body, function, memory_mb, max_response, None)
     rid = str(header.get("id", ""))
-    ctx = LambdaContext(function, rid, memory_mb, int(header.get("deadline_ms", 0)))
+    t0 = time.perf_counter()
+    with LogCapture() as cap:
+        cap.write(f"START RequestId: {rid} Version: $LATEST\n")
+        reply, out, must_exit = _run(handler, header, body, function, memory_mb, max_response, cap)
+        cap.write(_report(rid, t0, memory_mb))
+    reply["log"] = base64.b64encode(cap.tail(lambda_errors.LOG_TAIL_BYTES)).decode()
+    cap.forward_and_close()
+    return reply, out, must_exit
+
+
+def _run(
+    handler: Handler,
+    header: dict[str, Any],
+    body: bytes,
+    function: str,
+    memory_mb: int,
+    max_response: int,
+    log: LogCapture | None,
+) -> tuple[dict[str, Any], bytes, bool]:
+    rid = str(header.get("id", ""))
+    client_context = header.get("client_context")
+    ctx = LambdaContext(
+        function,
+        rid,
+        memory_mb,
+        int(header.get("deadline_ms", 0)),
+        invoked_function_arn=header.get("arn") if isinstance(header.get("arn"), str) else None,
+        client_context=client_context if isinstance(client_context, dict) else None,
+    )
     reply: dict[str, Any] = {"type": "result", "id": rid, "ok": False}
     try:
         event = json.loads(body)
         result = handler(event, ctx)
     except Exception as e:
         trace = traceback.format_exception(e)[-20:]
+        if log is not None:
+            # Lambda's Python runtime logs a handler's exception like this.
+            log.write(f"[ERROR] {type(e).__name__}: {e}\n" + "".join(trace))
         if _is_oom(e):
             msg = f"RequestId: {rid} Error: Runtime exited with error: out of memory ({e})"
             reply["exit"] = True
