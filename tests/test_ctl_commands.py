@@ -92,6 +92,9 @@ def test_training_commands(cluster: LocalCluster) -> None:
     assert r.returncode == 1 and "no job is running" in r.stderr and "train status" in r.stderr
     r = spirtctl("train", "stop", "--json", *d(a))
     assert r.returncode == 1
+    r = spirtctl("train", "report", "--out", str(a.data_dir / "none.png"), *d(a))
+    assert r.returncode == 1 and "no training job" in r.stderr
+    assert not (a.data_dir / "none.png").exists()
 
     # Refused jobs: exit 1, one line that says why, nothing starts.
     r = spirtctl("train", "start", "--task", "no_such_task", *d(a))
@@ -121,6 +124,14 @@ def test_training_commands(cluster: LocalCluster) -> None:
     assert st["round"] == 2 and [h["round"] for h in st["history"]] == [1, 2]
     text = ok("train", "status", *d(b)).stdout
     assert "ROUND" in text and "CONTRIBUTORS" in text and doc["job"] in text
+    # The report of that job, both ways (its pixels are checked in the training tests).
+    png = b.data_dir / "report.png"
+    assert (
+        f"wrote {png} (1200x800): 2 rounds, 2 peers"
+        in ok("train", "report", "--out", str(png), *d(b)).stdout
+    )
+    out = json.loads(ok("train", "report", "--out", str(png), "--json", *d(b)).stdout)
+    assert out["job"] == doc["job"] and out["rounds"] == 2 and png.stat().st_size > 10_000
 
     # A long job, stopped from the other node: followers exit 1 saying so.
     r = ok("train", "start", "--task", "synthetic", "--rounds", "100000", "--json", *d(a))
