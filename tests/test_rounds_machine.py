@@ -512,8 +512,10 @@ def test_each_rejection_reason_is_counted_and_reported() -> None:
         ("not_member", dict()),
     ]
     for want, kw in cases:
-        origin = "n9" if want == "not_member" else "n2"
+        # A wrong-sized gradient spends its origin's one gradient for the round.
+        origin = {"not_member": "n9", "size": "n4"}.get(want, "n2")
         assert give(m, origin, 5.0, **kw) == want, kw
+    assert give(m, "n4", 5.0) == "duplicate"
     assert give(m, "n2", 5.0) is None
     assert give(m, "n2", 5.0) == "duplicate"
     assert give(m, "n1", 5.0) == "duplicate"  # our own comes from local_gradient_ready
@@ -524,11 +526,12 @@ def test_each_rejection_reason_is_counted_and_reported() -> None:
         "future": 2,
         "size": 1,
         "not_member": 1,
-        "duplicate": 2,
+        "duplicate": 3,
         "digest": 1,
     }
     ev = m.events()
-    assert len(of(ev, GradientRejected)) == 10
+    assert len(of(ev, GradientRejected)) == 11
+    assert LeftView(3, "n4", "bad_gradient") in ev
     assert Diverged("n3", 3, b"z" * 32) in ev and LeftView(3, "n3", "diverged") in ev
     assert m.status()["rejected"] == dict(m.rejected)
     assert m.digest == d
@@ -551,19 +554,87 @@ def test_receive_rechecks_after_the_round_moved() -> None:
     assert GradientRejected("n5", 1, "stale") in m.events()
 
 
-def test_daemon_reject_forgets_a_counted_gradient() -> None:
+def test_daemon_reject_forgets_a_counted_gradient_and_stops_waiting() -> None:
     m = machine()
     m.local_gradient_ready(1, 1.0)
     for p in ("n2", "n3", "n4"):
         give(m, p, 1.0)
     m.reject("n4", 1, "non_finite", 1.1)
     assert m.rejected["non_finite"] == 1
-    assert GradientRejected("n4", 1, "non_finite") in m.events()
+    ev = m.events()
+    assert GradientRejected("n4", 1, "non_finite") in ev
+    assert LeftView(1, "n4", "bad_gradient") in ev
+    assert m.status()["bad_gradient"] == ["n4"]
+    # One gradient per origin and round: a second copy, good or not, is refused,
+    # and the round does not wait for n4 (no deadline spent on a liar).
+    assert give(m, "n4", 1.15) == "duplicate"
     give(m, "n5", 1.2)
-    assert m.phase == "collecting"  # n4 is awaited again
-    assert m.status()["waiting_for"] == ["n4"]
-    assert give(m, "n4", 1.3) is None  # a fresh, good copy is accepted
-    assert closed(m).contributors == tuple(PEERS)
+    assert closed(m).contributors == ("n1", "n2", "n3", "n5")
+    # Next round n4 is a member again.
+    m.aggregated(1, D2, 1.3)
+    assert "n4" in m.status()["view"] and m.status()["bad_gradient"] == []
+
+
+def test_a_rejected_gradient_lowers_f_and_the_quorum_with_min_for_f() -> None:
+    """Krum at n = 2f + 3: two liars sending non-finite values must not leave the
+    round short of its quorum forever; they are proven, so f drops with them."""
+    m = RoundMachine(
+        self_id="n1",
+        job_id=JOB,
+        rounds=5,
+        min_contributors=7,
+        eval_every=2,
+        param_count=PARAMS,
+        members=[f"n{i}" for i in range(1, 8)],
+        config=CFG,
+        f=2,
+        min_for_f=lambda f: 2 * f + 3,
+    )
+    m.begin(1, D1, 0.0)
+    m.local_gradient_ready(1, 0.5)
+    for p in ("n2", "n3", "n4", "n5"):
+        give(m, p, 1.0)
+    # As the daemon does: validated, pulled, refused by the store, never received.
+    for p in ("n6", "n7"):
+        assert m.validate(p, JOB, 1, D1, SIZE, 1.05) is None
+        m.reject(p, 1, "nonfinite", 1.1)
+    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5"), 0)]
+
+
+def test_excluded_peer_is_out_for_the_rest_of_the_job() -> None:
+    m = RoundMachine(
+        self_id="n1",
+        job_id=JOB,
+        rounds=5,
+        min_contributors=7,
+        eval_every=2,
+        param_count=PARAMS,
+        members=[f"n{i}" for i in range(1, 8)],
+        config=CFG,
+        f=2,
+        min_for_f=lambda f: 2 * f + 3,
+    )
+    m.begin(1, D1, 0.0)
+    m.local_gradient_ready(1, 0.5)
+    for p in ("n2", "n3", "n7"):
+        give(m, p, 1.0)
+    assert give(m, "n6", 1.0, round=2, digest=D2) is None  # held for round 2
+    m.exclude("n7", 1.1)
+    assert LeftView(1, "n7", "excluded") in m.events()
+    for p in ("n4", "n5", "n6"):
+        give(m, p, 1.2)
+    # n7's counted gradient is dropped; f drops by one for the proven liar.
+    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5", "n6"), 1)]
+    m.aggregated(1, D2, 2.0)
+    assert "n7" not in m.status()["view"] and m.status()["excluded"] == ["n7"]
+    m.announce("n7", JOB, 2, D2, True, 2.1)  # announcing our position brings it back? no
+    assert "n7" not in m.status()["view"]
+    assert give(m, "n7", 2.2) == "excluded"
+    m.member_alive("n7", 2.3)
+    assert give(m, "n7", 2.3) == "excluded"
+    assert m.rejected["excluded"] == 2
 
 
 # --- held future gradients --------------------------------------------------------------
@@ -782,3 +853,35 @@ def test_random_call_orders_never_crash_and_keep_invariants() -> None:
                 dl = m.next_deadline()
                 assert dl is None or s["waiting_for_quorum"] is False
             m.events()
+
+
+def test_bad_gradient_for_a_round_not_begun_yet_is_not_waited_for() -> None:
+    """A peer ahead of us relays round 2's gradients while we are in round 1: the
+    liars' non-finite ones are refused then, and round 2 must not wait for them."""
+    m = RoundMachine(
+        self_id="n1",
+        job_id=JOB,
+        rounds=5,
+        min_contributors=7,
+        eval_every=2,
+        param_count=PARAMS,
+        members=[f"n{i}" for i in range(1, 8)],
+        config=CFG,
+        f=2,
+        min_for_f=lambda f: 2 * f + 3,
+    )
+    m.begin(1, D1, 0.0)
+    for p in ("n6", "n7"):
+        assert m.validate(p, JOB, 2, D2, SIZE, 0.1) is None
+        m.reject(p, 2, "nonfinite", 0.2)
+        assert m.validate(p, JOB, 2, D2, SIZE, 0.3) == "duplicate"
+    m.local_gradient_ready(1, 0.5)
+    for p in ("n2", "n3", "n4", "n5", "n6", "n7"):
+        give(m, p, 1.0)
+    m.aggregated(1, D2, 1.5)
+    assert m.status()["bad_gradient"] == ["n6", "n7"]
+    m.local_gradient_ready(2, 2.0)
+    for p in ("n2", "n3", "n4", "n5"):
+        give(m, p, 2.5)
+    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    assert agg[-1] == Aggregate(2, ("n1", "n2", "n3", "n4", "n5"), 0)

@@ -45,10 +45,12 @@ class Aggregate:
     """Aggregate these stored gradients (sorted by node id: the order is part of the
     result's bits), update theta, and report ``aggregated`` with the new digest.
     Stored bodies of other origins for this round, and of any earlier round, can
-    be deleted."""
+    be deleted. ``f``: the Byzantine bound to aggregate with (the job's, less the
+    peers proven Byzantine), or None when the machine was not told the job's f."""
 
     round: int
     contributors: tuple[str, ...]
+    f: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +117,10 @@ class QuorumWait:
 @dataclass(frozen=True, slots=True)
 class LeftView:
     """``node_id`` is no longer waited for. ``why``: "gone", "not_participating",
-    "diverged", "failed" (this peer's own functions), or "absent" (missed this
-    round's deadline: not waited for in the next rounds)."""
+    "diverged", "failed" (this peer's own functions), "absent" (missed this
+    round's deadline: not waited for in the next rounds), "bad_gradient" (its
+    gradient for this round was refused after all) or "excluded" (proven
+    Byzantine: never again in this job)."""
 
     round: int
     node_id: str

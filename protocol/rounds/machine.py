@@ -15,6 +15,14 @@ Phases of the current round: "idle" (before the first ``begin``), "computing"
 others), "aggregating" (closed, daemon aggregating), "done" (last round
 aggregated). Gradients are counted in "computing" and "collecting" alike.
 
+Byzantine peers: a gradient proven unusable (wrong size, non-finite values) takes
+its origin out of the current round at once (it cannot send another one), and
+``exclude`` takes a peer proven to equivocate out of the job for good. Each such
+peer is one of the at most f Byzantine identities, so, given the rule's
+``min_for_f``, the quorum and the f the round is aggregated with shrink with them:
+otherwise f liars that send garbage would leave a Krum round at n = 2f + 3
+short of its quorum forever.
+
 Any call may come in any order (a late body, a duplicate report, an old round):
 what does not apply to the current state is ignored and counted in ``counters``
 or, for gradients, rejected and counted in ``rejected``.
@@ -23,7 +31,7 @@ or, for gradients, rejected and counted in ``rejected``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .config import RoundConfig
@@ -59,6 +67,7 @@ R_DIGEST = "digest"
 R_DUPLICATE = "duplicate"
 R_SIZE = "size"
 R_NOT_MEMBER = "not_member"
+R_EXCLUDED = "excluded"
 
 # How a gradient's round relates to ours.
 _CURRENT = 0
@@ -82,10 +91,15 @@ class RoundMachine:
         members: Iterable[str],
         config: RoundConfig = DEFAULT_CONFIG,
         start_round: int = 1,
+        f: int = 0,
+        min_for_f: Callable[[int], int] | None = None,
     ) -> None:
         """``members``: the live members known now (self may be included or not).
         ``min_contributors``: the aggregation rule's minimum n (2f+3 for Krum).
-        ``eval_every``: evaluate every that many rounds (0: only after the last)."""
+        ``eval_every``: evaluate every that many rounds (0: only after the last).
+        ``f``, ``min_for_f``: the job's Byzantine bound and the rule's minimum n for
+        a given f; with them, peers proven Byzantine lower both (see above) and
+        every ``Aggregate`` says which f to aggregate with."""
         config.validate()
         if rounds < 1:
             raise ValueError("rounds must be >= 1")
@@ -97,10 +111,14 @@ class RoundMachine:
             raise ValueError("param_count must be >= 1")
         if not 1 <= start_round <= rounds:
             raise ValueError("start_round must be in [1, rounds]")
+        if f < 0:
+            raise ValueError("f must be >= 0")
         self.self_id = self_id
         self.job_id = job_id
         self.rounds = rounds
         self.min_contributors = min_contributors
+        self.f = f
+        self._min_for_f = min_for_f
         self.eval_every = eval_every
         self.param_count = param_count
         self.config = config
@@ -123,6 +141,9 @@ class RoundMachine:
         self._final_diverged: set[str] = set()  # final positions found different from ours
         # Gradients for rounds not begun yet: round -> origin -> base digest.
         self._held: dict[int, dict[str, bytes]] = {}
+        # Origins whose gradient for a round not begun yet was refused after all
+        # (non-finite, wrong size): that round starts without waiting for them.
+        self._held_bad: dict[int, set[str]] = {}
         self._actions: list[Action] = []
         self._events: list[Event] = []
 
@@ -155,13 +176,15 @@ class RoundMachine:
             "view": sorted(v.members),
             "have": sorted(v.have) if open_ else list(self._closed_with),
             "waiting_for": sorted(v.missing) if open_ else [],
-            "quorum": v.quorum(self.min_contributors),
+            "quorum": v.quorum(self._min()),
             "deadline_in_s": (
                 self.deadline_at - self._now if open_ and self.deadline_at is not None else None
             ),
             "waiting_for_quorum": open_ and self._quorum_waited,
             "absent": sorted(v.absent),
             "diverged": sorted(v.diverged),
+            "excluded": sorted(v.excluded),
+            "bad_gradient": sorted(v.bad) if open_ else [],
             "not_participating": sorted(v.nonpart),
             "live": len(v.live) + 1,
             "held": {r: len(h) for r, h in sorted(self._held.items())},
@@ -251,18 +274,39 @@ class RoundMachine:
         return None
 
     def reject(self, origin: str, round: int, reason: str, now: float) -> None:
-        """The daemon found the stored body bad (non-finite values, ...): forget it.
-        Once the round is closed it is too late to take it out (the Aggregate went
-        out); it is still counted."""
+        """The daemon found the stored body bad (non-finite values, ...): forget it,
+        and stop waiting for its origin this round (one gradient per origin and
+        round: it cannot send a good one any more). Once the round is closed it is
+        too late to take it out (the Aggregate went out); it is still counted."""
         self._now = now
         self.rejected[reason] += 1
         self._events.append(GradientRejected(origin, round, reason))
         if round == self.round and self._is_open():
-            self._view.forget(origin)
+            self._view.spoil(origin)
+            self._maybe_close(now)
         else:
             held = self._held.get(round)
             if held is not None:
                 held.pop(origin, None)
+            self._spoil_later(origin, round)
+
+    def exclude(self, node_id: str, now: float) -> None:
+        """``node_id`` is proven Byzantine (it equivocated): its gradients are refused
+        and the rounds never wait for it again, for the rest of the job. A
+        contribution already counted in the open round is dropped; one in a
+        closed round is not (its Aggregate went out)."""
+        self._now = now
+        if node_id == self.self_id or node_id in self._view.excluded:
+            return
+        self.counters["excluded"] += 1
+        self._view.exclude(node_id)
+        for held in self._held.values():
+            held.pop(node_id, None)
+        self._maybe_close(now)
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        return frozenset(self._view.excluded)
 
     def announce(
         self, origin: str, job: str, round: int, digest: bytes, participating: bool, now: float
@@ -413,6 +457,10 @@ class RoundMachine:
                         self._rejected(origin, hr, base, R_DIGEST)
                     else:
                         v.contributed(origin)
+        for hr in [r for r in self._held_bad if r <= round]:
+            for origin in sorted(self._held_bad.pop(hr)):
+                if hr == round:
+                    v.spoil(origin)
         self._maybe_close(now)
 
     def _check(
@@ -424,6 +472,8 @@ class RoundMachine:
         if job != self.job_id:
             return R_JOB, 0
         v = self._view
+        if origin in v.excluded:
+            return R_EXCLUDED, 0
         if not v.is_member(origin) or v.is_gone(origin):
             return R_NOT_MEMBER, 0
         if round > self.rounds:
@@ -445,11 +495,15 @@ class RoundMachine:
         if round > self.round + self.config.future_window:
             return R_FUTURE, 0
         if where == _CURRENT:
-            if origin in v.have or origin == self.self_id:
+            if origin in v.have or origin in v.bad or origin == self.self_id:
                 return R_DUPLICATE, 0
         else:
             held = self._held.get(round)
-            if origin == self.self_id or (held is not None and origin in held):
+            if (
+                origin == self.self_id
+                or (held is not None and origin in held)
+                or origin in self._held_bad.get(round, ())
+            ):
                 return R_DUPLICATE, 0
         if size != self._size:
             return R_SIZE, 0
@@ -462,6 +516,18 @@ class RoundMachine:
         self._events.append(GradientRejected(origin, round, reason))
         if reason == R_DIGEST and round == self.round and self._is_open():
             self._diverge(origin, base)
+        elif reason == R_SIZE and round == self.round and self._is_open():
+            self._view.spoil(origin)
+        elif reason == R_SIZE:
+            self._spoil_later(origin, round)
+
+    def _spoil_later(self, origin: str, round: int) -> None:
+        """A bad gradient for a round not begun yet (a peer ahead of us sent it):
+        without this, that round would wait for the origin, and a Krum round at
+        n = 2f + 3 would never reach its quorum."""
+        ahead = round > self.round or (round == self.round and self.phase == IDLE)
+        if ahead and round <= self.round + self.config.future_window:
+            self._held_bad.setdefault(round, set()).add(origin)
 
     def _diverge(self, origin: str, digest: bytes) -> None:
         if self._view.diverge(origin, digest):
@@ -475,11 +541,25 @@ class RoundMachine:
     def _left(self, node_id: str, why: str) -> None:
         self._events.append(LeftView(self.round, node_id, why))
 
+    def _f_now(self) -> int | None:
+        """The f left for the honest-looking rest: the job's f less the peers proven
+        Byzantine (excluded for good, or bad this round). None without ``min_for_f``."""
+        if self._min_for_f is None:
+            return None
+        v = self._view
+        return max(0, self.f - len(v.excluded) - len(v.bad))
+
+    def _min(self) -> int:
+        f = self._f_now()
+        if f is None or self._min_for_f is None:
+            return self.min_contributors
+        return max(1, min(self.min_contributors, self._min_for_f(f)))
+
     def _maybe_close(self, now: float) -> None:
         if not self._is_open():
             return
         v = self._view
-        need = v.quorum(self.min_contributors)
+        need = v.quorum(self._min())
         have = len(v.have)
         if not v.missing and have >= need:
             self._close("complete", now)
@@ -505,4 +585,4 @@ class RoundMachine:
             # nothing about how long rounds take, and would shrink the deadline.
             self._deadline.record(duration)
         self._events.append(RoundClosed(self.round, contributors, duration, reason))
-        self._actions.append(Aggregate(self.round, contributors))
+        self._actions.append(Aggregate(self.round, contributors, self._f_now()))

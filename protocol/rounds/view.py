@@ -6,8 +6,10 @@ absent (missed an earlier deadline). The view, the contributions and the members
 still awaited are kept incrementally, so a contribution costs O(1) and closing is
 a length test even with hundreds of members.
 
-Membership knowledge (live, gone, not participating, absent) outlives a round;
-divergence, "learned mid-round" and the contributions are per round.
+Membership knowledge (live, gone, not participating, absent, excluded) outlives
+a round; divergence, "learned mid-round", bad gradients and the contributions are
+per round. Excluded members (proven Byzantine: equivocation) never come back for
+the rest of the job, whatever they announce or send.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ class RoundView:
         "_qn",
         "_strikes",
         "absent",
+        "bad",
         "diverged",
+        "excluded",
         "gone",
         "have",
         "late",
@@ -58,6 +62,8 @@ class RoundView:
         self.absent: set[str] = set()
         self.misses: dict[str, int] = {}  # deadlines missed in a row
         self.diverged: dict[str, bytes] = {}  # this round: origin -> its digest
+        self.excluded: set[str] = set()  # proven Byzantine: out for the rest of the job
+        self.bad: set[str] = set()  # this round: sent a gradient proven unusable
         self.late: set[str] = set()  # learned (or back) mid-round, not yet at our round
         self.skipped: set[str] = set()  # said (late) it does not take part in this round
         self.members: set[str] = set()  # the view
@@ -74,6 +80,7 @@ class RoundView:
         self.diverged.clear()
         self.late.clear()
         self.skipped.clear()
+        self.bad.clear()
         self.have.clear()
         self.self_in = self_in
         members = {m for m in self.live if self._eligible(m)}
@@ -110,6 +117,7 @@ class RoundView:
                 1
                 for m in self.diverged
                 if m not in self.absent
+                and m not in self.excluded
                 and m not in self.nonpart
                 and m not in self.late
                 and m not in self.skipped
@@ -217,6 +225,26 @@ class RoundView:
             if m in self.members:
                 self.missing.add(m)
 
+    def exclude(self, m: str) -> None:
+        """``m`` is proven Byzantine: out of this round (its contribution, if
+        counted, forgotten) and of every later one."""
+        if m == self.self_id or m in self.excluded:
+            return
+        self._qn = None
+        self.excluded.add(m)
+        self.have.discard(m)
+        self._refresh(m, "excluded")
+
+    def spoil(self, m: str) -> None:
+        """``m``'s gradient for this round is unusable (wrong size, non-finite): it
+        cannot send another, so the round stops waiting for it at once."""
+        if m == self.self_id:
+            return
+        self._qn = None
+        self.bad.add(m)
+        self.have.discard(m)
+        self._refresh(m, "bad_gradient")
+
     def self_failed(self) -> None:
         self._qn = None
         self.self_in = False
@@ -229,6 +257,8 @@ class RoundView:
             return self.self_in
         return (
             m in self.live
+            and m not in self.excluded
+            and m not in self.bad
             and m not in self.nonpart
             and m not in self.diverged
             and m not in self.absent

@@ -52,7 +52,16 @@ def _peers(n: int) -> str:
 
 
 class VouchTable:
-    __slots__ = ("_at", "_by_origin", "_newest", "counters", "f", "max_peers", "window")
+    __slots__ = (
+        "_at",
+        "_barred",
+        "_by_origin",
+        "_newest",
+        "counters",
+        "f",
+        "max_peers",
+        "window",
+    )
 
     def __init__(self, *, f: int, window: int = 64, max_peers: int = 4096) -> None:
         """``f``: the job's tolerated number of Byzantine peers. ``window``: rounds
@@ -78,6 +87,7 @@ class VouchTable:
         # round -> digest -> origins: the inverse index, so that a vouch count is a
         # length and ``target`` does not rescan every origin.
         self._at: dict[int, dict[bytes, set[str]]] = {}
+        self._barred: set[str] = set()  # proven Byzantine: never vouches again
 
     # --- statements -------------------------------------------------------------------
 
@@ -86,6 +96,9 @@ class VouchTable:
         be a position is counted and ignored rather than raised."""
         if not origin or round < 1 or not digest:
             self.counters["invalid"] += 1
+            return
+        if origin in self._barred:
+            self.counters["barred"] += 1
             return
         rounds = self._by_origin.get(origin)
         if rounds is None:
@@ -130,6 +143,12 @@ class VouchTable:
         for r, d in rounds.items():
             self._unindex(origin, r, d)
         self.counters["forgotten"] += 1
+
+    def bar(self, origin: str) -> None:
+        """Proven Byzantine (it equivocated): its vouches, past and future, never
+        count again; a peer must not load a state on a liar's word."""
+        self._barred.add(origin)
+        self.forget(origin)
 
     # --- queries ----------------------------------------------------------------------
 

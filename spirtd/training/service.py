@@ -34,6 +34,7 @@ from spirtd.tasks.sharding import ALL
 from spirtd.training import job as jobs
 from spirtd.training.aggregators import AggregatorError
 from spirtd.training.checkpoint import Checkpoints, Snapshot
+from spirtd.training.equivocation import EVIDENCE_TOPIC
 from spirtd.training.job import JobError, JobSpec
 from spirtd.training.messages import (
     DIGEST_SIZE,
@@ -120,6 +121,7 @@ class TrainingService:
             self._spawn(self._resume_persisted(), "resume")
         self.pubsub.subscribe(JOBS_TOPIC, self._on_jobs, validator=self._validate_jobs)
         self.pubsub.subscribe(TRAIN_TOPIC, self._on_train, validator=self._validate_train)
+        self.pubsub.subscribe(EVIDENCE_TOPIC, self._on_evidence, validator=self._validate_evidence)
         self.membership.add_listener(self._on_member)
         api = self.node.api
         if api is not None:
@@ -431,6 +433,17 @@ class TrainingService:
         elif meta.job == self._pending:
             self._early.append((msg, meta))
 
+    def _validate_evidence(self, info: Info) -> Verdict:
+        t = self.trainer
+        if t is None or self.state not in ("running", "done"):
+            return Verdict.IGNORE
+        return t.validate_evidence(info)
+
+    async def _on_evidence(self, msg: Message) -> None:
+        t = self.trainer
+        if t is not None and self.state in ("running", "done"):
+            await t.deliver_evidence(msg)
+
     async def _on_record(self, job_id: str, record: bytes, origin: str) -> None:
         """A job record we asked a peer for: join that job, through state sync."""
         async with self._lock:
@@ -519,6 +532,8 @@ class TrainingService:
             "model_digest": st.get("model_digest", saved.get("model_digest")),
             "loss": st.get("loss"),
             "accuracy": st.get("accuracy"),
+            # Peers proven Byzantine (equivocation), out of this job for good.
+            "excluded": st.get("excluded", []),
         }
 
     def status(self) -> dict[str, Any]:

@@ -27,12 +27,13 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from redis.exceptions import RedisError
 
+from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.rounds import (
     Aggregate,
@@ -67,6 +68,15 @@ from spirtd.training.checkpoint import (
     max_encoded_size,
     read_snapshot,
 )
+from spirtd.training.equivocation import (
+    EVIDENCE_TOPIC,
+    MAX_EVIDENCE,
+    EvidenceError,
+    Ledger,
+    Proof,
+    decode_evidence_meta,
+)
+from spirtd.training.equivocation import verify as verify_evidence
 from spirtd.training.job import JobSpec
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
 from spirtd.training.state import StateKeys
@@ -186,7 +196,13 @@ class Trainer:
             param_count=spec.param_count,
             members=members,
             config=env.round_config,
+            f=spec.f,
+            min_for_f=lambda f: replace(self.rule, f=f).min_peers(),
         )
+        # Equivocation: first gradient announcement per (origin, round), and the
+        # peers proven to have signed two (node id -> how and when we learned it).
+        self.ledger = Ledger(job_id)
+        self.excluded: dict[str, dict[str, Any]] = {}
         self._on_finish = on_finish
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -303,7 +319,7 @@ class Trainer:
             elif isinstance(a, PublishGradient):
                 self._spawn(self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}")
             elif isinstance(a, Aggregate):
-                self._spawn(self._aggregate(a.round, a.contributors), f"aggregate-{a.round}")
+                self._spawn(self._aggregate(a.round, a.contributors, a.f), f"aggregate-{a.round}")
             elif isinstance(a, Evaluate):
                 self._spawn(self._evaluate(a.round), f"evaluate-{a.round}")
             elif isinstance(a, Finished):
@@ -362,6 +378,17 @@ class Trainer:
         """The pub/sub validation hook: runs on the announcement, before any body byte."""
         if isinstance(meta, StateMeta):
             return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
+        if info.origin in self.excluded:
+            # Proven Byzantine: nothing of it is pulled again. IGNORE, not REJECT:
+            # the neighbour that relayed it need not know yet.
+            self.env.counters["training.gradient_rejected.excluded"] += 1
+            return Verdict.IGNORE
+        proof = self.ledger.see(
+            info.origin, meta.round, meta.base_digest, info.digest, info.size, info.wire
+        )
+        if proof is not None:
+            self.convict(proof, "detected")
+            return Verdict.IGNORE
         self.vouch.note(info.origin, meta.round, meta.base_digest)
         if self._buffers(meta.round):
             # Kept for the rounds we will follow once the state is loaded, or that a
@@ -380,6 +407,63 @@ class Trainer:
         # Wrong size or a second gradient for one round is misbehaviour; the rest
         # (late, early, another model) happens to honest peers too.
         return Verdict.REJECT if reason in ("size", "duplicate") else Verdict.IGNORE
+
+    # --- equivocation -----------------------------------------------------------------------
+
+    def convict(self, proof: Proof, how: str) -> None:
+        """``proof.offender`` signed two gradients for one round: out of every round
+        from now on, its vouches void. ``how``: "detected" here (the proof is then
+        gossiped) or "evidence" (checked proof from a peer)."""
+        origin = proof.offender
+        if origin == self.env.node_id or origin in self.excluded:
+            return
+        self.excluded[origin] = {
+            "node_id": origin,
+            "round": proof.round,  # the round it equivocated in
+            "at_round": self.m.round,  # ours when we excluded it
+            "how": how,
+        }
+        c = self.env.counters
+        c["training.excluded"] += 1
+        c[f"training.equivocation.{how}"] += 1
+        log.warning(
+            "peer %s equivocated in round %d (%s); excluded for the rest of job %s",
+            origin,
+            proof.round,
+            "seen here" if how == "detected" else "proof from a peer",
+            self.job_id[:12],
+        )
+        self.m.exclude(origin, time.monotonic())
+        self.vouch.bar(origin)
+        self.ledger.forget(origin)
+        if how == "detected":
+            self._spawn(
+                self.env.pubsub.publish(EVIDENCE_TOPIC, proof.encode(), meta=proof.meta()),
+                f"evidence-{proof.round}",
+            )
+        self._kick()
+
+    def validate_evidence(self, info: Info) -> Verdict:
+        """The hook for the evidence topic: pull a proof only if it is news."""
+        try:
+            job, offender, _ = decode_evidence_meta(info.meta)
+        except DecodeError:
+            return Verdict.REJECT
+        if info.size > MAX_EVIDENCE:
+            return Verdict.REJECT
+        if job != self.job_id or offender in self.excluded or offender == self.env.node_id:
+            return Verdict.IGNORE
+        return Verdict.ACCEPT
+
+    async def deliver_evidence(self, msg: Message) -> None:
+        data = await msg.read()
+        try:
+            proof = verify_evidence(data, self.job_id, self.env.pubsub.config)
+        except (EvidenceError, DecodeError) as e:
+            self.env.counters["training.evidence_invalid"] += 1
+            log.warning("equivocation evidence from %s refused: %s", msg.origin, e)
+            return
+        self.convict(proof, "evidence")
 
     async def deliver(self, msg: Message, meta: GradientMeta | StateMeta) -> None:
         now = time.monotonic()
@@ -526,17 +610,22 @@ class Trainer:
         phases["publish_s"] = time.perf_counter() - t0
         phases["ready_at"] = time.monotonic()
 
-    async def _aggregate(self, r: int, contributors: tuple[str, ...]) -> None:
+    async def _aggregate(self, r: int, contributors: tuple[str, ...], f: int | None = None) -> None:
         async with self._state_lock:
-            await self._aggregate_locked(r, contributors)
+            await self._aggregate_locked(r, contributors, f)
 
-    async def _aggregate_locked(self, r: int, contributors: tuple[str, ...]) -> None:
+    async def _aggregate_locked(
+        self, r: int, contributors: tuple[str, ...], f: int | None = None
+    ) -> None:
+        """``f``: the round's Byzantine bound, lower than the job's when peers were
+        proven Byzantine (the machine decides; the same on every honest peer)."""
         env, spec, keys = self.env, self.spec, self.keys
+        rule = self.rule if f is None or f == self.rule.f else replace(self.rule, f=f)
         me = env.node_id
         t0 = time.perf_counter()
         inputs = [keys.local(r) if c == me else keys.peer(r, c) for c in contributors]
         previous = keys.agg_prev if await env.store.exists(keys.agg_prev) else None
-        await self.rule.run(env.store, keys.agg, inputs, previous=previous)
+        await rule.run(env.store, keys.agg, inputs, previous=previous)
         t1 = time.perf_counter()
         if spec.optimizer == "adam":
             await env.store.adam(
@@ -880,5 +969,6 @@ class Trainer:
             "model_digest": self.digest.hex() if self.digest else None,
             "loss": last.loss if last else None,
             "accuracy": self.last_accuracy,
+            "excluded": [self.excluded[k] for k in sorted(self.excluded)],
             "machine": self.m.status(),
         }

@@ -1,0 +1,280 @@
+"""Turns a running spirtd into a Byzantine peer: for experiments only.
+
+The peer is the real daemon with its real admission certificate; only what it
+publishes as its gradient changes. ``install`` patches, in this process alone:
+
+* the trainer's machine: when the honest local gradient is ready, the attack
+  first waits (omniscient attacks) for the honest gradients of the round it has
+  received, crafts its gradient(s), and only then reports ready, so that the
+  round cannot close on this peer before the crafted gradient is in place;
+* what is kept as its local gradient: the crafted one, so this peer aggregates
+  what the others received and stays on their model (its next gradients then
+  pass the base-digest check); not for NaN or equivocation;
+* the publish: NaN bytes that Redis would refuse, or two signed gradients for
+  one round sent to two halves of the peers (equivocation);
+* the control API: ``POST /v1/byzantine/attack`` switches the attack between
+  jobs (a benchmark runs many cells on one cluster), ``GET`` shows it.
+
+Only ``python -m spirtd.byzantine`` with its confirmation calls ``install``;
+nothing in spirtd imports this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocol.gossip.messages import Announcement
+from protocol.wire import MsgType
+from spirtd.byzantine.attacks import Attack, AttackError, craft
+from spirtd.control.api import ApiError
+from spirtd.pubsub.service import PubSub
+from spirtd.tasks import Task
+from spirtd.tasks.sharding import minibatch
+from spirtd.training.messages import TRAIN_TOPIC, GradientMeta
+from spirtd.training.service import TrainingService
+from spirtd.training.trainer import Trainer, minibatch_seed
+
+log = logging.getLogger("spirtd.byzantine")
+
+CONFIRM_ENV = "SPIRT_I_UNDERSTAND_THIS_IS_AN_ATTACK"
+CONFIRM_VALUE = "yes"
+POLL_S = 0.02
+# An omniscient attacker waits at most this share of its round's deadline for the
+# honest gradients: late enough to have them, early enough to still count.
+WAIT_SHARE = 0.5
+
+
+class NotConfirmed(RuntimeError):
+    pass
+
+
+@dataclass
+class HarnessState:
+    attack: Attack = field(default_factory=Attack)
+    colluders: frozenset[str] = frozenset()
+    rounds_attacked: int = 0
+
+
+STATE = HarnessState()
+_installed = False
+
+
+def confirmed(environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(CONFIRM_ENV) == CONFIRM_VALUE
+
+
+def install(attack: Attack, colluders: frozenset[str] = frozenset()) -> None:
+    """Patches this process's trainer and control API. Refuses without the
+    confirmation in the environment, whoever calls it."""
+    global _installed
+    if not confirmed():
+        raise NotConfirmed(f"set {CONFIRM_ENV}={CONFIRM_VALUE} to run an attack")
+    STATE.attack, STATE.colluders = attack, colluders
+    if _installed:
+        return
+    _installed = True
+    _patch_trainer()
+    _patch_service()
+
+
+# --- the trainer --------------------------------------------------------------------------
+
+
+def _patch_trainer() -> None:
+    honest_init = Trainer.__init__
+    honest_publish = Trainer._publish_gradient
+
+    def init(self: Trainer, *args: Any, **kw: Any) -> None:
+        honest_init(self, *args, **kw)
+        ready = self.m.local_gradient_ready
+        self.byz_crafted = {}  # type: ignore[attr-defined]
+
+        def attacked_ready(r: int, now: float) -> None:
+            if STATE.attack.name == "none":
+                ready(r, now)
+                return
+            self._spawn(_attack_round(self, r, ready), f"attack-{r}")
+
+        self.m.local_gradient_ready = attacked_ready  # type: ignore[method-assign]
+
+    async def publish(self: Trainer, r: int, base: bytes) -> None:
+        crafted: dict[int, list[np.ndarray]] = self.byz_crafted  # type: ignore[attr-defined]
+        variants = crafted.pop(r, None)
+        if variants is None or STATE.attack.name not in ("nonfinite", "equivocation"):
+            await honest_publish(self, r, base)  # the crafted gradient is the local one
+            return
+        meta = GradientMeta(
+            self.job_id, r, base, self._samples, self._losses[r][self.env.node_id]
+        ).encode()
+        if len(variants) == 1:
+            await self.env.pubsub.publish(TRAIN_TOPIC, variants[0].tobytes(), meta=meta)
+            return
+        peers = sorted(set(self.m.status()["view"]) - {self.env.node_id})
+        honest = [p for p in peers if p not in STATE.colluders]
+        half = set(honest[: (len(honest) + 1) // 2]) | (set(peers) - set(honest))
+        await publish_to(self.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), meta, half)
+        await publish_to(
+            self.env.pubsub, TRAIN_TOPIC, variants[1].tobytes(), meta, set(peers) - half
+        )
+
+    Trainer.__init__ = init  # type: ignore[method-assign]
+    Trainer._publish_gradient = publish  # type: ignore[method-assign]
+
+
+async def _attack_round(t: Trainer, r: int, ready: Callable[[int, float], None]) -> None:
+    attack = STATE.attack
+    env, keys = t.env, t.keys
+    try:
+        own = await env.store.get(keys.local(r))
+        if attack.name == "labelflip":
+            theta = await env.store.get(keys.theta)
+            rows = minibatch(
+                len(env.task.train),
+                minibatch_seed(t.spec.seed, r, env.node_id),
+                t.spec.batch_size,
+            )
+            own = await asyncio.to_thread(flipped_gradient, env.task, theta, rows)
+        honest = await _honest_gradients(t, r) if attack.omniscient else []
+        n = max(len(t.m.status()["view"]), t.spec.f + 1)
+        variants = craft(
+            attack,
+            own,
+            honest,
+            n=n,
+            f=t.spec.f,
+            round=r,
+            rng_key=zlib.crc32(env.node_id.encode()),
+        )
+        if attack.name not in ("nonfinite", "equivocation"):
+            await env.store.put(keys.local(r), variants[0])
+        t.byz_crafted[r] = variants  # type: ignore[attr-defined]
+        STATE.rounds_attacked += 1
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # an attack that cannot run this round sends the honest one
+        log.warning("attack %s failed in round %d: %s", attack.name, r, e)
+    ready(r, time.monotonic())
+    t._kick()
+
+
+async def _honest_gradients(t: Trainer, r: int) -> list[np.ndarray]:
+    """The honest gradients of round ``r`` this peer holds, waiting (bounded) for
+    every honest member of its view."""
+    me = t.env.node_id
+    dl = t.m.deadline_at
+    until = time.monotonic() + (WAIT_SHARE * max(0.0, dl - time.monotonic()) if dl else 1.0)
+    have: set[str] = set()
+    while True:
+        st = t.m.status()
+        if t.m.round != r:
+            break
+        want = set(st["view"]) - {me} - STATE.colluders
+        have = set(st["have"]) - {me} - STATE.colluders
+        if want <= have or time.monotonic() >= until:
+            break
+        await asyncio.sleep(POLL_S)
+    out = []
+    for origin in sorted(have):
+        with contextlib.suppress(Exception):  # aggregated and deleted meanwhile
+            out.append(await t.env.store.get(t.keys.peer(r, origin)))
+    return out
+
+
+def flipped_gradient(task: Task, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean-loss gradient over ``rows`` with every label y turned into C-1-y."""
+    batch = task.train.take(rows)
+    model = task.load_params(params)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(batch.x)
+    classes = int(out.shape[1])
+    loss = task.loss(out, (classes - 1) - batch.y)
+    loss.backward()
+    grads = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+        for p in model.parameters()
+    ]
+    return torch.cat(grads).to(torch.float32).numpy().copy()
+
+
+async def publish_to(pubsub: PubSub, topic: str, body: bytes, meta: bytes, peers: set[str]) -> None:
+    """Publishes like ``PubSub.publish`` but sends the signed announcement only to
+    ``peers`` (the rest learn of it, if at all, by gossip)."""
+    m = pubsub.m
+    assert m is not None
+    staged = await pubsub.stage(body)
+    pubsub._staged.pop(staged.handle, None)  # published here, not by PubSub.publish
+    ann = Announcement(topic, staged.size, staged.digest, staged.chunk_size, meta, staged.data)
+    envelope = pubsub.node.seal(MsgType.GOSSIP_PUBLISH, ann.to_obj())
+    before = len(m._out)
+    mid = m.publish(envelope, time.monotonic())
+    m._out[before:] = [o for o in m._out[before:] if o.peer_id in peers]
+    if staged.partial is not None:
+        staged.partial.ann = ann
+        pubsub.store.commit(mid, staged.partial, staged.table)
+    pubsub._pump()
+    pubsub._wake.set()
+
+
+# --- the control API ----------------------------------------------------------------------
+
+
+def _patch_service() -> None:
+    honest_start = TrainingService.start
+
+    async def start(self: TrainingService) -> None:
+        await honest_start(self)
+        log.warning("EXPERIMENTAL: this peer is Byzantine: %s", describe())
+        api = self.node.api
+        if api is not None:
+            api.route("POST", "/v1/byzantine/attack", _api_set)
+            api.route("GET", "/v1/byzantine/attack", _api_get)
+
+    TrainingService.start = start  # type: ignore[method-assign]
+
+
+def describe() -> dict[str, Any]:
+    a = STATE.attack
+    return {
+        "attack": a.name,
+        "params": dict(a.params),
+        "seed": a.seed,
+        "colluders": sorted(STATE.colluders),
+        "rounds_attacked": STATE.rounds_attacked,
+    }
+
+
+async def _api_get(body: dict[str, Any]) -> dict[str, Any]:
+    return describe()
+
+
+async def _api_set(body: dict[str, Any]) -> dict[str, Any]:
+    name = body.get("attack")
+    params = body.get("params") or {}
+    colluders = body.get("colluders") or []
+    seed = body.get("seed", 0)
+    if not isinstance(name, str) or not isinstance(params, dict):
+        raise ApiError(400, "attack: a name and a params object are required")
+    if not isinstance(colluders, list) or not all(isinstance(c, str) for c in colluders):
+        raise ApiError(400, "colluders: a list of node ids")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ApiError(400, "seed: an integer")
+    try:
+        attack = Attack.make(name, params, seed)
+    except AttackError as e:
+        raise ApiError(400, str(e)) from None
+    STATE.attack, STATE.colluders = attack, frozenset(colluders)
+    log.warning("attack switched to %s %s", attack.name, dict(attack.params))
+    return describe()

@@ -1,0 +1,106 @@
+"""bench.byzantine --quick on real peers, with fewer rounds: the JSON it prints,
+resuming, and that sign flip hurts the mean more than the robust rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import byzantine
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {
+    "setting",
+    "n",
+    "f",
+    "rule",
+    "attack",
+    "rounds",
+    "seed",
+    "attack_seed",
+    "accuracy_min",
+    "accuracy_mean",
+    "clean_accuracy_min",
+    "clean_accuracy_mean",
+    "drop",
+    "equal_digests",
+    "excluded",
+    "duration_s",
+    "error",
+}
+
+
+def _run(*args: str) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.byzantine", *args],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+def test_quick_mode(tmp_path: Path) -> None:
+    resume = tmp_path / "cells.jsonl"
+    plot = tmp_path / "matrix.png"
+    out = _run("--quick", "--rounds", "12", "--json", "--resume", str(resume), "--plot", str(plot))
+    inputs = out["inputs"]
+    assert (
+        inputs["job_seed"] == byzantine.JOB_SEED and inputs["attack_seed"] == byzantine.ATTACK_SEED
+    )
+    assert inputs["settings"] == {"7p_f2": {"peers": 7, "f": 2}} and inputs["rounds"] == 12
+    rows = out["rows"]
+    want = {(r, a) for r in byzantine.QUICK_RULES for a in ["none", *byzantine.QUICK_ATTACKS]}
+    assert {(x["rule"], x["attack"]) for x in rows} == want
+    for x in rows:
+        assert set(x) >= ROW_KEYS, ROW_KEYS - set(x)
+        assert x["error"] is None, x
+        assert 0.0 <= x["accuracy_min"] <= x["accuracy_mean"] + 1e-9 <= 1.0 + 1e-9
+        assert x["drop"] == pytest.approx(x["clean_accuracy_mean"] - x["accuracy_mean"], abs=1e-3)
+    by = {(x["rule"], x["attack"]): x for x in rows}
+    robust = byzantine.QUICK_RULES[1]
+    assert by[("mean", "signflip")]["drop"] > by[(robust, "signflip")]["drop"] + 0.2
+    assert out["cell_s_mean"] > 0 and out["full_matrix_cells"] == 234
+    assert plot.stat().st_size > 10_000
+    # Every cell is on file: a resumed run has nothing left to do.
+    assert len(resume.read_text().splitlines()) == len(rows)
+    again = _run("--quick", "--rounds", "12", "--json", "--resume", str(resume))
+    assert again["rows"] == rows and again["cluster_start_s"] == {}
+
+
+def test_cells_and_drops_without_peers() -> None:
+    cells = byzantine.cells(["7p_f2"], ["mean", "krum"], ["signflip"])
+    assert cells == [
+        ("7p_f2", "mean", "none"),
+        ("7p_f2", "mean", "signflip"),
+        ("7p_f2", "krum", "none"),
+        ("7p_f2", "krum", "signflip"),
+    ]
+    assert (
+        len(byzantine.cells(list(byzantine.SETTINGS), byzantine.RULES, byzantine.ATTACK_NAMES))
+        == 234
+    )
+    base = {"setting": "7p_f2", "rounds": 5, "seed": 1}
+    rows = byzantine.with_clean(
+        [
+            {**base, "rule": "mean", "attack": "none", "accuracy_min": 0.9, "accuracy_mean": 0.92},
+            {
+                **base,
+                "rule": "mean",
+                "attack": "signflip",
+                "accuracy_min": 0.1,
+                "accuracy_mean": 0.12,
+            },
+        ]
+    )
+    assert rows[1]["clean_accuracy_mean"] == 0.92 and rows[1]["drop"] == pytest.approx(0.8)
+    assert rows[0]["drop"] == 0.0

@@ -1,0 +1,182 @@
+"""Equivocation: two signed gradients of one origin for one (job, round) are proof.
+
+Unit tests of the ledger and of the proof check, on real signed envelopes; the
+integration test runs a Byzantine spirtd that equivocates among real peers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import strictpack, wire
+from protocol.errors import DecodeError
+from protocol.gossip import GossipConfig
+from protocol.gossip.messages import Announcement
+from protocol.identity import NodeKey
+from spirtd.training.equivocation import (
+    EvidenceError,
+    Ledger,
+    decode_evidence_meta,
+    verify,
+)
+from spirtd.training.messages import TRAIN_TOPIC, GradientMeta
+
+JOB = "ab" * 16
+BASE = b"b" * 32
+CFG = GossipConfig()
+
+
+def _key(i: int) -> NodeKey:
+    return NodeKey(bytes([i]) * 32)
+
+
+def _gradient(
+    key: NodeKey,
+    *,
+    round: int = 5,
+    body: bytes = b"\x01" * 32,
+    base: bytes = BASE,
+    job: str = JOB,
+    seq: int = 1,
+    topic: str = TRAIN_TOPIC,
+) -> bytes:
+    meta = GradientMeta(job, round, base, 64, 0.5).encode()
+    ann = Announcement(topic, 4096, body, 1024, meta)
+    return wire.seal(key, wire.MsgType.GOSSIP_PUBLISH, seq, 1_700_000_000_000, ann.to_obj())
+
+
+def _see(ledger: Ledger, env: bytes) -> Any:
+    e = wire.decode(env)
+    ann = Announcement.from_obj(
+        e.body, max_payload=CFG.max_payload, max_meta=CFG.max_meta, inline_max=CFG.inline_max
+    )
+    from spirtd.training.messages import decode_train_meta
+
+    m = decode_train_meta(ann.meta)
+    assert isinstance(m, GradientMeta)
+    from protocol.identity import node_id
+
+    return ledger.see(node_id(e.origin), m.round, m.base_digest, ann.digest, ann.size, env)
+
+
+def test_second_different_gradient_for_a_round_is_proof_that_verifies() -> None:
+    k = _key(1)
+    ledger = Ledger(JOB)
+    a = _gradient(k, seq=1)
+    b = _gradient(k, seq=2, body=b"\x02" * 32)
+    assert _see(ledger, a) is None
+    assert _see(ledger, a) is None  # the same message again is no proof
+    proof = _see(ledger, b)
+    assert proof is not None and proof.offender == k.node_id and proof.round == 5
+    checked = verify(proof.encode(), JOB, CFG)
+    assert checked.offender == k.node_id and checked.round == 5
+    assert decode_evidence_meta(proof.meta()) == (JOB, k.node_id, 5)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        dict(seq=2),  # the same gradient re-signed (a restart): not a conflict
+        dict(seq=2, body=b"\x02" * 32, base=b"c" * 32),  # recomputed on another model
+        dict(seq=2, body=b"\x02" * 32, round=6),  # another round
+    ],
+)
+def test_what_an_honest_peer_may_do_is_no_proof(second: dict[str, Any]) -> None:
+    k = _key(1)
+    ledger = Ledger(JOB)
+    assert _see(ledger, _gradient(k, seq=1)) is None
+    assert _see(ledger, _gradient(k, **second)) is None
+
+
+def test_ledger_is_bounded_by_a_window_of_rounds() -> None:
+    k = _key(1)
+    ledger = Ledger(JOB, window=4)
+    for r in range(1, 20):
+        assert _see(ledger, _gradient(k, round=r, seq=r)) is None
+    assert len(ledger._seen[k.node_id]) <= 4
+    # Far behind what the origin is at: not kept, so not a proof either.
+    assert _see(ledger, _gradient(k, round=2, seq=100, body=b"\x09" * 32)) is None
+
+
+def _pair(a: bytes, b: bytes) -> bytes:
+    return strictpack.pack([a, b])
+
+
+def test_forged_or_mismatched_evidence_is_refused() -> None:
+    k, other = _key(1), _key(2)
+    a = _gradient(k, seq=1)
+    cases = {
+        "different origins": _pair(a, _gradient(other, seq=2, body=b"\x02" * 32)),
+        "different rounds": _pair(a, _gradient(k, seq=2, round=6, body=b"\x02" * 32)),
+        "different models": _pair(a, _gradient(k, seq=2, base=b"c" * 32, body=b"\x02" * 32)),
+        "the same": _pair(a, _gradient(k, seq=2)),
+        "one message": _pair(a, a),
+        "not about this job": _pair(
+            _gradient(k, seq=1, job="cd" * 16),
+            _gradient(k, seq=2, job="cd" * 16, body=b"\x02" * 32),
+        ),
+        "not a training message": _pair(
+            _gradient(k, seq=1, topic="other"),
+            _gradient(k, seq=2, topic="other", body=b"\x02" * 32),
+        ),
+        "not two envelopes": strictpack.pack([a]),
+    }
+    for want, data in cases.items():
+        with pytest.raises(EvidenceError, match=want):
+            verify(data, JOB, CFG)
+    # A tampered signature (someone framing k) fails the signature check.
+    b = bytearray(_gradient(k, seq=2, body=b"\x02" * 32))
+    b[-1] ^= 1
+    with pytest.raises(DecodeError):
+        verify(_pair(a, bytes(b)), JOB, CFG)
+    with pytest.raises(DecodeError):
+        verify(b"\xc1garbage", JOB, CFG)
+
+
+# --- on real peers ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path) -> None:
+    from bench.byzantine import run_cell, start_cluster
+
+    os.environ.pop("SPIRT_I_UNDERSTAND_THIS_IS_AN_ATTACK", None)
+    cluster, honest, byz = start_cluster(short_tmp / "c", 5, 1)
+    try:
+        row = run_cell(
+            cluster,
+            honest,
+            byz,
+            f=1,
+            rule="median",
+            attack="equivocation",
+            rounds=12,
+            seed=1,
+            timeout=400,
+        )
+        assert row["error"] is None, row
+        statuses = [h.call("GET", "/v1/train/status") for h in honest]
+        counters = [h.status()["counters"] for h in honest]
+    finally:
+        cluster.kill_all()
+    (offender,) = byz
+    # The attack is on before the job starts: it first equivocates in round 1.
+    first = 1
+    for s in statuses:
+        assert s["state"] == "done", s["detail"]
+        (ex,) = s["excluded"]
+        assert ex["node_id"] == offender and ex["how"] in ("detected", "evidence")
+        assert ex["round"] <= first + 2 and ex["at_round"] <= first + 2, ex
+    for s in statuses:
+        # Within 2 rounds of its first equivocation, out of every round.
+        late = [h for h in s["history"] if h["round"] >= first + 2]
+        assert late and all(offender not in h["contributors"] for h in late), s["history"]
+        assert s["rounds"]["excluded"] == [offender]
+    assert all(c["training.excluded"] == 1 for c in counters), counters
+    # At least one honest peer caught it itself; the others may have its proof.
+    assert sum(c.get("training.equivocation.detected", 0) for c in counters) >= 1
+    assert len({s["model_digest"] for s in statuses}) == 1
