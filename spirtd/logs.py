@@ -81,6 +81,15 @@ def context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def task_context(**fields: Any) -> contextvars.Context:
+    """A copy of the current context with ``fields`` added, for a task's
+    ``context=``: its lines carry them, and the caller's do not."""
+    ctx = contextvars.copy_context()
+    current = ctx.get(_context) or {}
+    ctx.run(_context.set, {**current, **{k: v for k, v in fields.items() if v is not None}})
+    return ctx
+
+
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     """The context fields of one record: bound, then the task's context, then
     the call's ``extra`` (most specific wins)."""

@@ -249,6 +249,22 @@ def test_text_lines_carry_context_as_fields(capture):
     assert line.endswith(": x node=node-xyz job=j round=2 peer=p\\nq")
 
 
+async def test_a_task_started_with_a_context_carries_it_and_its_starter_does_not(capture):
+    # How the trainer tags its per-round work: each round's tasks carry job and round.
+    cap = capture("json")
+    log = logging.getLogger("spirtd.training")
+
+    async def work() -> None:
+        log.info("aggregated")
+
+    ctx = logs.task_context(job="job-2", round=11)
+    await asyncio.create_task(work(), context=ctx)
+    log.info("between rounds")
+    first, second = (json.loads(line) for line in cap.lines)
+    assert (first["job"], first["round"]) == ("job-2", 11)
+    assert "job" not in second and "round" not in second
+
+
 def test_daemon_writes_json_lines_with_its_node_id(short_tmp):
     ca = CaDir(short_tmp / "ca")
     ca.init("spirt")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import time
@@ -53,7 +54,7 @@ from protocol.rounds import (
     caught_up,
     sync_decision,
 )
-from spirtd import metrics
+from spirtd import logs, metrics
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.service import Info, Message, PubSub
@@ -225,12 +226,16 @@ class Trainer:
             await self._mark_position()
         self.state = "running"
         self.m.begin(1, self.digest, time.monotonic())
-        self._loop_task = asyncio.create_task(self._run(), name=f"trainer-{self.job_id[:8]}")
+        self._loop_task = asyncio.create_task(
+            self._run(), name=f"trainer-{self.job_id[:8]}", context=self._log_context()
+        )
 
     async def start_elsewhere(self, why: str) -> None:
         """A job already under way (a late join, a restart): establish the state from
         this node's Redis or checkpoint if they still fit, else from the peers."""
-        self._loop_task = asyncio.create_task(self._run(), name=f"trainer-{self.job_id[:8]}")
+        self._loop_task = asyncio.create_task(
+            self._run(), name=f"trainer-{self.job_id[:8]}", context=self._log_context()
+        )
         self._enter_sync(why)
 
     async def stop(self, why: str) -> None:
@@ -268,10 +273,15 @@ class Trainer:
                 if stuck and self.state == "running":
                     self._unfollow(now)
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        t = asyncio.create_task(coro, name=name)
+    def _spawn(self, coro: Any, name: str, round: int | None = None) -> None:
+        # Its log lines carry the job and, for a round's work, the round.
+        ctx = logs.task_context(job=self.job_id[:12], round=round)
+        t = asyncio.create_task(coro, name=name, context=ctx)
         self._work.add(t)
         t.add_done_callback(self._work_done)
+
+    def _log_context(self) -> contextvars.Context:
+        return logs.task_context(job=self.job_id[:12])
 
     def _work_done(self, t: asyncio.Task[None]) -> None:
         self._work.discard(t)
@@ -312,16 +322,20 @@ class Trainer:
             actions = []
         for a in actions:
             if isinstance(a, InvokeFunctions):
-                self._spawn(self._compute(a.round), f"compute-{a.round}")
+                self._spawn(self._compute(a.round), f"compute-{a.round}", a.round)
             elif isinstance(a, PublishState):
                 meta = StateMeta(self.job_id, a.round, a.digest, a.participating).encode()
-                self._spawn(self._publish(b"", meta), f"heads-up-{a.round}")
+                self._spawn(self._publish(b"", meta), f"heads-up-{a.round}", a.round)
             elif isinstance(a, PublishGradient):
-                self._spawn(self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}")
+                self._spawn(
+                    self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}", a.round
+                )
             elif isinstance(a, Aggregate):
-                self._spawn(self._aggregate(a.round, a.contributors, a.f), f"aggregate-{a.round}")
+                self._spawn(
+                    self._aggregate(a.round, a.contributors, a.f), f"aggregate-{a.round}", a.round
+                )
             elif isinstance(a, Evaluate):
-                self._spawn(self._evaluate(a.round), f"evaluate-{a.round}")
+                self._spawn(self._evaluate(a.round), f"evaluate-{a.round}", a.round)
             elif isinstance(a, Finished):
                 self._finished(a.round)
         for ev in self.m.events():
@@ -515,7 +529,7 @@ class Trainer:
                 continue
             info = Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)
             if self.validate(info, meta) is Verdict.ACCEPT:
-                self._spawn(self.deliver(msg, meta), f"replay-{meta.round}")
+                self._spawn(self.deliver(msg, meta), f"replay-{meta.round}", meta.round)
         self._buffer = keep
 
     def _forget_body(self, round: int, origin: str) -> None:
@@ -742,7 +756,7 @@ class Trainer:
             self._wake.set()
             self._on_finish(self)
 
-        self._spawn(finish(), f"finish-{r}")
+        self._spawn(finish(), f"finish-{r}", r)
 
     # --- state: marks, checkpoints, snapshots -----------------------------------------------
 
@@ -813,7 +827,9 @@ class Trainer:
         meta = StateMeta(self.job_id, max(1, self.m.round), self.digest or bytes(32), False)
         self._spawn(self._publish(b"", meta.encode()), "heads-up-sync")
         if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.create_task(self._sync_loop(), name="sync")
+            self._sync_task = asyncio.create_task(
+                self._sync_loop(), name="sync", context=self._log_context()
+            )
 
     async def _sync_loop(self) -> None:
         try:
