@@ -353,3 +353,21 @@ def test_simulated_joiners_only_ever_target_honest_positions(seed: int) -> None:
             if dh.action == "sync":
                 assert dh.target is not None
                 assert (dh.target.round, dh.target.digest) in honest_positions
+
+
+def test_a_peer_stuck_past_its_deadline_syncs_to_the_round_the_others_moved_to() -> None:
+    # It holds the others' model of round 12 (it synced to it), but they closed
+    # round 12 meanwhile and announce round 13: one round behind is within the lag,
+    # and normally left to the rounds. Stuck past the deadline without a quorum, the
+    # gradients of round 12 will not come again: it syncs.
+    t = table(f=1)
+    announce(t, ["a", "b", "c"], 12, D12)
+    announce(t, ["a", "b", "c"], 13, D13)
+    assert decide(t, 12, D12).action == "in_sync"
+    d = decide(t, 12, D12, stuck=True)
+    assert d.action == "sync" and d.target == Target(13, D13, ("a", "b", "c"))
+    assert "stuck in round 12" in d.reason
+    # Stuck with nobody ahead: waiting is all it can do (there is nothing to take).
+    t2 = table(f=1)
+    announce(t2, ["a", "b"], 12, D12)
+    assert decide(t2, 12, D12, stuck=True).action == "in_sync"

@@ -166,6 +166,11 @@ class RoundMachine:
             return self.deadline_at
         return None
 
+    @property
+    def waiting_for_quorum(self) -> bool:
+        """The open round is past its deadline with fewer gradients than a quorum."""
+        return self._is_open() and self._quorum_waited
+
     def status(self) -> dict[str, Any]:
         v = self._view
         open_ = self._is_open()
@@ -180,7 +185,7 @@ class RoundMachine:
             "deadline_in_s": (
                 self.deadline_at - self._now if open_ and self.deadline_at is not None else None
             ),
-            "waiting_for_quorum": open_ and self._quorum_waited,
+            "waiting_for_quorum": self.waiting_for_quorum,
             "absent": sorted(v.absent),
             "diverged": sorted(v.diverged),
             "excluded": sorted(v.excluded),

@@ -975,6 +975,7 @@ class RoundSim:
             digest=x.digest,
             lag_rounds=self.p.lag_rounds,
             final_round=self.p.rounds + 1 if stuck else None,
+            stuck=stuck and x.machine.waiting_for_quorum,  # as the trainer
         )
         if d.action == SYNC:
             self._d_enter_sync(x, d.reason)

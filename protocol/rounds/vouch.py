@@ -278,12 +278,17 @@ def sync_decision(
     digest: bytes | None,
     lag_rounds: int = 2,
     final_round: int | None = None,
+    stuck: bool = False,
 ) -> Decision:
     """What a peer at (round, digest) should do; (None, None) when it has no usable
     state (a joiner, a restart without a trusted state, a Redis that lost its data).
     ``target`` is the table's target whenever there is one; only "sync" acts on it.
     ``final_round`` (the job's rounds + 1) marks positions announced after the last
-    round: a peer behind one of those syncs however small its lag.
+    round: a peer behind one of those syncs however small its lag. ``stuck``: the
+    peer's open round is past its deadline without a quorum; then any vouched
+    position ahead of it is one it cannot reach by rounds (the others have left
+    the round it waits in, and their gradients for it, if it ever dropped them,
+    will not come again), so it syncs however small its lag.
 
     Vouches never count self: a peer cannot vouch for its own model. Being a bit
     behind (at most ``lag_rounds``) is normal and left to the rounds to catch up;
@@ -305,6 +310,13 @@ def sync_decision(
         # The others finished the job: there are no more rounds to catch up in, so
         # even a small lag must be closed by taking the final model.
         return Decision(SYNC, t, f"syncing: the others finished the job; {_vouched_by(t)}")
+    if t is not None and stuck and t.round > round:
+        return Decision(
+            SYNC,
+            t,
+            f"syncing: stuck in round {round} past its deadline while the others moved "
+            f"on; {_vouched_by(t)}",
+        )
     if t is not None and t.round > round + lag_rounds:
         return Decision(
             SYNC, t, f"syncing: at round {round}, {t.round - round} behind; {_vouched_by(t)}"

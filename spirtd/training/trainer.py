@@ -798,6 +798,9 @@ class Trainer:
             round=self.completed + 1,
             digest=self.digest,
             final_round=self.spec.rounds + 1 if stuck else None,
+            # Past the deadline for want of a quorum (not merely slow functions):
+            # a position the others moved on to is out of reach by rounds.
+            stuck=stuck and self.m.waiting_for_quorum,
         )
         if d.action == "sync":
             self._enter_sync(d.reason)
