@@ -40,10 +40,10 @@ BAD_CLASSES = (
     "stale",
     "digest",
     "future_flood",
+    "nonfinite",  # its announcement is valid: refused only once the body is read
     "replay",
     "reused_seq",
     "size",
-    "nonfinite",
 )
 FLOOD = 20
 
