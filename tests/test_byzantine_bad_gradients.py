@@ -17,11 +17,7 @@ import pytest
 from spirtd.keyfiles import DataDir
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 
-# Long until it passes reliably: it has found a stall (the liar, graylisted by each
-# peer's gossip at its own moment, splits the honest peers; the repair by state
-# sync then deadlocked below the median's quorum) and the wrong-job class going
-# uncounted. See the byzantine report.
-pytestmark = [pytest.mark.long, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 
 class _LyingNode(LocalNode):
