@@ -206,6 +206,7 @@ class SimPeer:
         "quorum_waits",
         "straggler",
         "switches",
+        "sync_ahead",
         "sync_detail",
         "sync_running",
         "sync_starts",
@@ -251,6 +252,7 @@ class SimPeer:
         self.warming = False
         self.buffer: deque[tuple[str, int, bytes]] = deque()
         self.sync_running = False  # the sync loop (a task in the daemon) is on
+        self.sync_ahead = False  # Trainer._sync_ahead
         self.sync_detail = ""
         self.sync_starts: list[tuple[float, str]] = []  # (when, why) entering "syncing"
         self.loads: list[Load] = []
@@ -978,6 +980,7 @@ class RoundSim:
             stuck=stuck and x.machine.waiting_for_quorum,  # as the trainer
         )
         if d.action == SYNC:
+            x.sync_ahead = stuck and x.machine.waiting_for_quorum
             self._d_enter_sync(x, d.reason)
 
     def _d_enter_sync(self, x: SimPeer, why: str) -> None:
@@ -1012,6 +1015,7 @@ class RoundSim:
             digest=x.digest or None,
             lag_rounds=self.p.lag_rounds,
             final_round=self.p.rounds + 1,  # as the trainer: no rounds left to catch up in
+            stuck=x.sync_ahead,
         )
         x.sync_detail = d.reason
         alone = len(x.machine.status()["view"]) <= 1 and not x.table.newest_round()
@@ -1107,6 +1111,7 @@ class RoundSim:
         """Trainer._resume: follow ``round`` (others' gradients only), computing again
         from a next round start."""
         x.sync_running = False
+        x.sync_ahead = False
         if round > self.p.rounds:
             x.dstate = "done"
             self._d_done(x, "sync")

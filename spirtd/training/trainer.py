@@ -180,6 +180,7 @@ class Trainer:
         self.completed = 0
         self.last_accuracy: float | None = None
         self.following = False  # caught up by sync; computing again from the next round start
+        self._sync_ahead = False  # syncing because stuck where the others had moved on
         self._warmed = False  # the functions answered once (a cold start is behind us)
         self._checked_at = 0.0
         self._samples = 0  # this node's sample count in its current gradient
@@ -803,6 +804,9 @@ class Trainer:
             stuck=stuck and self.m.waiting_for_quorum,
         )
         if d.action == "sync":
+            # The sync pass must take a position ahead, not resume into the round
+            # we were stuck in (which would only get us stuck again).
+            self._sync_ahead = stuck and self.m.waiting_for_quorum
             self._enter_sync(d.reason)
 
     def _unfollow(self, now: float) -> None:
@@ -899,6 +903,7 @@ class Trainer:
             # Already out of the rounds: once the others have finished there is no
             # round left to catch up in, so their final model is the only way out.
             final_round=self.spec.rounds + 1,
+            stuck=self._sync_ahead,
         )
         self.sync_detail = d.reason
         alone = len(self.m.status().get("view", [])) <= 1 and not self.vouch.newest_round()
@@ -964,6 +969,7 @@ class Trainer:
             self._on_finish(self)
             return
         self.state, self.sync_detail, self.following = "running", "", True
+        self._sync_ahead = False
         # Rounds abandoned by the sync leave no per-round records behind.
         for per_round in (self._losses, self._phases, self._closed, self._records):
             for old in [k for k in per_round if k < round]:
