@@ -287,7 +287,9 @@ class TrainingService:
                 await self.trainer.deliver(msg, meta)
 
     async def _stop_job(self, job_id: str, why: str) -> None:
-        if self.job_id != job_id or self.trainer is None:
+        if self.job_id != job_id or self.trainer is None or self.state == "done":
+            # A finished job stays finished: a stop that arrives after the last
+            # round (from a member still catching up) changes nothing.
             return
         await self.trainer.stop(why)
         self.state, self.detail = "stopped", why
