@@ -166,7 +166,7 @@ def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> Non
     assert c.nodes[2].node_id == max(n.node_id for n in c.nodes)  # the honest one
     everyone = {n.node_id: "alive" for n in c.nodes}
     wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
-    _start(c, f=1)
+    _start(c, f=1, aggregator="mean")  # the state sync under test, not a robust rule
     wait_for(lambda: _round(c.nodes[2]) >= 10, 120, "round 10")
     joiner = c.add_node(args=["--profile", "local"], index=3)
     wait_for(
@@ -181,7 +181,8 @@ def test_unvouched_state_is_never_loaded(make_cluster: Any) -> None:
     """f = 1 needs two peers to vouch for a state; with one peer training alone the
     joiner waits, says why, and loads nothing."""
     c = _cluster(make_cluster, 1)
-    job = _start(c, rounds=100000, f=1)
+    # f = 1 for the vouching rule (f+1 = 2 vouchers); the mean, so that one peer may train.
+    job = _start(c, rounds=100000, f=1, aggregator="mean")
     wait_for(lambda: _round(c.nodes[0]) >= 5, 120, "round 5")
     joiner = c.add_node(args=["--profile", "local"], index=1)
     wait_for(lambda: _status(joiner)["job"] is not None, 60, "the joiner to learn the job")

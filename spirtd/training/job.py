@@ -206,6 +206,12 @@ _TYPES: dict[str, type] = {
 }
 
 
+# The aggregator of a job with f > 0 that names none. In bench.byzantine (7 peers,
+# f = 2, digits) the median kept the honest peers within 2.5 points of the clean
+# run under every attack, the best worst case of the rules measured.
+ROBUST_DEFAULT = "median"
+
+
 def from_request(body: dict[str, Any], *, now_ms: int) -> JobSpec:
     """A JobSpec from `train start` arguments, with the task's defaults for what is absent."""
     if not isinstance(body, dict):
@@ -219,6 +225,10 @@ def from_request(body: dict[str, Any], *, now_ms: int) -> JobSpec:
         raise JobError(f"unknown job setting(s): {', '.join(sorted(unknown))}")
     defaults = TASK_DEFAULTS.get(task, GENERIC_DEFAULTS)
     kw = {**defaults, **{k: v for k, v in body.items() if v is not None}}
+    f = kw.get("f", 0)
+    if body.get("aggregator") is None and isinstance(f, int) and not isinstance(f, bool) and f > 0:
+        # A job that names Byzantine peers to tolerate gets a rule that tolerates them.
+        kw["aggregator"] = ROBUST_DEFAULT
     for name in ("lr", "momentum", "weight_decay"):
         if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
             kw[name] = float(kw[name])
