@@ -207,9 +207,10 @@ _TYPES: dict[str, type] = {
 
 
 # The aggregator of a job with f > 0 that names none. In bench.byzantine (7 peers,
-# f = 2, digits) the median kept the honest peers within 2.5 points of the clean
-# run under every attack, the best worst case of the rules measured.
-ROBUST_DEFAULT = "median"
+# f = 2, digits, 2026-11-29) nearest-neighbour mixing then the median kept the honest
+# peers within 1.1 points of the clean run under every attack (the plain median:
+# 2.5), the best worst case measured, and never stalled.
+ROBUST_DEFAULT = "nnm+median"
 
 
 def from_request(body: dict[str, Any], *, now_ms: int) -> JobSpec:
