@@ -47,9 +47,9 @@ def _run(*args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_quick_mode(tmp_path: Path) -> None:
+    # The CI run of the bench (the "the quick mode runs in CI"): 6 cells.
     resume = tmp_path / "cells.jsonl"
     plot = tmp_path / "matrix.png"
     out = _run("--quick", "--rounds", "12", "--json", "--resume", str(resume), "--plot", str(plot))
