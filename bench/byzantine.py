@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", help="comma-separated (default: all)")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--seed", type=int, default=JOB_SEED)
-    p.add_argument("--cell-timeout", type=float, default=0.0, help="s; default max(150, 60 + 1.5 x rounds)")
+    p.add_argument(
+        "--cell-timeout", type=float, default=0.0, help="s; default max(150, 60 + 1.5 x rounds)"
+    )
     p.add_argument("--resume", type=Path, help="JSON lines: skip cells in it, append new ones")
     p.add_argument("--plot", type=Path, help="heat map PNG")
     p.add_argument("--dir", type=Path, help="keep the nodes' data dirs here")
