@@ -188,6 +188,7 @@ class NodeCollector(Collector):
         yield from _training(status.get("training", {}), counters, self._round_machine())
         yield from _functions(status.get("functions", {}), counters, self._invoker_stats())
         yield from _redis(status.get("redis", {}))
+        yield from _plain(counters)
         yield from _events(counters)
 
     def _service(self, name: str) -> Any:
@@ -247,6 +248,49 @@ def _members(members: list[dict[str, Any]]) -> Iterator[Metric]:
     for state, n in counts.items():
         g.add_metric([state], n)
     yield g
+
+
+# Counters exposed one to one: (metric family, the services' counter, help).
+_PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("spirt_links_opened", "transport.links_opened", "Peer links established since start."),
+    ("spirt_gossip_published", "gossip.published", "Messages this node published."),
+    (
+        "spirt_gossip_body_received_bytes",
+        "gossip.body_bytes_in",
+        "Bytes of gossip bodies (gradients) pulled from peers.",
+    ),
+    (
+        "spirt_training_rounds",
+        "training.rounds",
+        "Training rounds this node completed since start.",
+    ),
+    (
+        "spirt_state_syncs_served",
+        "training.sync_served",
+        "State transfers this node served to peers.",
+    ),
+    ("spirt_checkpoints", "training.checkpoints", "State checkpoints written to the data dir."),
+    (
+        "spirt_checkpoint_loads",
+        "training.checkpoint_loads",
+        "Times the state was restored from a checkpoint.",
+    ),
+    (
+        "spirt_training_redis_trouble",
+        "training.redis_trouble",
+        "Rounds abandoned because this node's Redis failed under them.",
+    ),
+    (
+        "spirt_function_slices_failed",
+        "training.slice_failed",
+        "Gradient slices that failed for good (their round went on without them).",
+    ),
+)
+
+
+def _plain(counters: Mapping[str, int]) -> Iterator[Metric]:
+    for name, key, text in _PLAIN_COUNTERS:
+        yield CounterMetricFamily(name, text, counters.get(key, 0))
 
 
 def _with_prefix(counters: Mapping[str, int], prefix: str) -> dict[str, int]:
@@ -330,11 +374,6 @@ def _handshakes(counters: Mapping[str, int]) -> Iterator[Metric]:
     for reason, n in sorted(_with_prefix(counters, "session.").items()):
         s.add_metric([_label(reason)], n)
     yield s
-    yield CounterMetricFamily(
-        "spirt_links_opened",
-        "Peer links established since start.",
-        counters.get("transport.links_opened", 0),
-    )
 
 
 def _gossip(counters: Mapping[str, int]) -> Iterator[Metric]:
@@ -348,16 +387,6 @@ def _gossip(counters: Mapping[str, int]) -> Iterator[Metric]:
         if key in ("accepted", "duplicate") or key.startswith(("ignored.", "invalid.")):
             c.add_metric([_label(key)], n)
     yield c
-    yield CounterMetricFamily(
-        "spirt_gossip_published",
-        "Messages this node published.",
-        counters.get("gossip.published", 0),
-    )
-    yield CounterMetricFamily(
-        "spirt_gossip_body_received_bytes",
-        "Bytes of gossip bodies (gradients) pulled from peers.",
-        counters.get("gossip.body_bytes_in", 0),
-    )
 
 
 def _training(
@@ -386,11 +415,6 @@ def _training(
                 else "The last test accuracy.",
                 float(training[key]),
             )
-    yield CounterMetricFamily(
-        "spirt_training_rounds",
-        "Training rounds this node completed since start.",
-        counters.get("training.rounds", 0),
-    )
     closed = CounterMetricFamily(
         "spirt_training_rounds_closed",
         "Rounds by how they closed (complete, deadline).",
@@ -423,26 +447,6 @@ def _training(
         key = {"started": "syncs_started", "done": "syncs_done"}.get(outcome, f"sync_{outcome}")
         syncs.add_metric([outcome], counters.get(f"training.{key}", 0))
     yield syncs
-    yield CounterMetricFamily(
-        "spirt_state_syncs_served",
-        "State transfers this node served to peers.",
-        counters.get("training.sync_served", 0),
-    )
-    yield CounterMetricFamily(
-        "spirt_checkpoints",
-        "State checkpoints written to the data dir.",
-        counters.get("training.checkpoints", 0),
-    )
-    yield CounterMetricFamily(
-        "spirt_checkpoint_loads",
-        "Times the state was restored from a checkpoint.",
-        counters.get("training.checkpoint_loads", 0),
-    )
-    yield CounterMetricFamily(
-        "spirt_training_redis_trouble",
-        "Rounds abandoned because this node's Redis failed under them.",
-        counters.get("training.redis_trouble", 0),
-    )
 
 
 def _functions(
@@ -468,11 +472,6 @@ def _functions(
         "spirt_function_retries",
         "Invocations retried after a throttle, a server error or a timeout.",
         stats.get("retries", 0),
-    )
-    yield CounterMetricFamily(
-        "spirt_function_slices_failed",
-        "Gradient slices that failed for good (their round went on without them).",
-        counters.get("training.slice_failed", 0),
     )
     yield CounterMetricFamily(
         "spirt_function_cold_starts",
