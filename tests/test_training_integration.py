@@ -96,7 +96,9 @@ def test_four_peers_train_digits(make_cluster: Any) -> None:
 def test_peer_killed_mid_job(make_cluster: Any) -> None:
     c = _cluster(make_cluster, 4)
     victim, survivors = c.nodes[1], [c.nodes[0], *c.nodes[2:]]
-    r = c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": 260})
+    # 300 rounds: the victim's shard (a quarter of the data) is gone from round 40
+    # on, and at 260 the survivors ended at 0.9499 once (node ids seed minibatches).
+    r = c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": 300})
     job = r["job"]
     wait_for(lambda: _status(c.nodes[0])["round"] >= 40, 120, "round 40")
     victim.kill()
@@ -121,7 +123,7 @@ def test_peer_killed_mid_job(make_cluster: Any) -> None:
     r = _ctl(c.nodes[0], "train", "report", "--out", str(png), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["rounds"] == 260 and out["peers"] == 4 and out["events"] >= 1
+    assert out["rounds"] == 300 and out["peers"] == 4 and out["events"] >= 1
     with Image.open(png) as im:
         assert im.format == "PNG" and list(im.size) == out["size_px"] == [1200, 800]
         # Not a blank canvas: the curves and markers put many colours on it.
