@@ -127,11 +127,12 @@ def run_cell(
     rounds: int,
     seed: int,
     timeout: float,
+    params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     byz = [x for x in cluster.nodes if x.node_id in byz_ids]
     for b in byz:
-        body = {"attack": attack, "colluders": byz_ids, "seed": ATTACK_SEED}
+        body = {"attack": attack, "colluders": byz_ids, "seed": ATTACK_SEED, "params": params or {}}
         b.call("POST", "/v1/byzantine/attack", body)
     job = {**JOB, "rounds": rounds, "aggregator": rule, "f": f, "seed": seed}
     job["eval_every"] = max(1, rounds // 3)

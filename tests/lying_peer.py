@@ -40,10 +40,17 @@ BAD_CLASSES = (
     "stale",
     "digest",
     "future_flood",
-    "nonfinite",  # its announcement is valid: refused only once the body is read
     "replay",
     "reused_seq",
+    # Instead of its gradient: the liar's own model, which has it, leaves the
+    # others' until it syncs, and it sends nothing meanwhile; hence the honest
+    # rounds after it.
     "size",
+    "honest",
+    "honest",
+    # Last: its announcement is valid, so it is refused only once the body is
+    # read, and the signed NaN is proof that gets the liar excluded for good.
+    "nonfinite",
 )
 FLOOD = 20
 
@@ -122,8 +129,10 @@ async def _lying_publish(self: trainer.Trainer, r: int, base: bytes) -> None:
             ps.m._out.append(Outgoing(peer, Publish(env)))
         ps._pump()
     elif kind == "reused_seq" and "last" in _last:
+        # Another heads-up under the last one's seq: gossip drops it like a replay
+        # but, as only this key can sign it, charges no relay for it.
         _, seq = _last["last"]
-        await _send(ps, zeros, replace(good, round=r + 1).encode(), seq=seq)
+        await _send(ps, b"", StateMeta(self.job_id, r, base, False).encode(), seq=seq)
     elif kind == "future_flood":
         for k in range(3, 3 + FLOOD):
             await _send(ps, zeros, replace(good, round=r + k).encode())

@@ -1,7 +1,8 @@
-"""Equivocation: two signed gradients of one origin for one (job, round) are proof.
+"""Proofs of Byzantine behaviour: two signed gradients of one origin for one
+(job, round), or one signed gradient holding a non-finite value.
 
-Unit tests of the ledger and of the proof check, on real signed envelopes; the
-integration test runs a Byzantine spirtd that equivocates among real peers.
+Unit tests of the ledger and of the proof checks, on real signed envelopes; the
+integration tests run Byzantine spirtd peers among real honest ones.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
 from protocol.gossip import GossipConfig
 from protocol.gossip.messages import Announcement
+from protocol.gossip.transfer import digest_of
 from protocol.identity import NodeKey
-from spirtd.training.equivocation import (
+from spirtd.training.evidence import (
     EvidenceError,
     Ledger,
+    NonfiniteProof,
     decode_evidence_meta,
+    nonfinite_proof,
     verify,
 )
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta
@@ -137,11 +142,83 @@ def test_forged_or_mismatched_evidence_is_refused() -> None:
         verify(b"\xc1garbage", JOB, CFG)
 
 
+# --- non-finite proofs --------------------------------------------------------------------
+
+CHUNK = 1024
+
+
+def _signed_body(key: NodeKey, body: bytes, *, job: str = JOB, round: int = 5) -> bytes:
+    """A gradient announcement of ``body`` (in chunks of CHUNK) signed by ``key``."""
+    _, digest = digest_of(body, CHUNK)
+    meta = GradientMeta(job, round, BASE, 64, 0.5).encode()
+    ann = Announcement(TRAIN_TOPIC, len(body), digest, CHUNK, meta)
+    return wire.seal(key, wire.MsgType.GOSSIP_PUBLISH, 1, 1_700_000_000_000, ann.to_obj())
+
+
+def _body_with_nan_at(index: int, n: int = 2000) -> bytes:
+    a = np.linspace(-1, 1, n, dtype="<f4")
+    a[index] = np.nan
+    return a.tobytes()
+
+
+def test_a_nonfinite_gradient_is_proof_in_one_chunk() -> None:
+    k = _key(1)
+    body = _body_with_nan_at(1500)  # byte 6000: chunk 5 of 8
+    env = _signed_body(k, body)
+    proof = nonfinite_proof(k.node_id, JOB, 5, env, body, CHUNK)
+    assert proof is not None and proof.index == 5 and len(proof.chunk) == CHUNK
+    assert len(proof.encode()) < len(body)  # one chunk, not the body
+    checked = verify(proof.encode(), JOB, CFG)
+    assert isinstance(checked, NonfiniteProof)
+    assert (checked.offender, checked.round, checked.kind) == (k.node_id, 5, "nonfinite")
+    # A finite body proves nothing.
+    clean = np.linspace(-1, 1, 2000, dtype="<f4").tobytes()
+    assert nonfinite_proof(k.node_id, JOB, 5, _signed_body(k, clean), clean, CHUNK) is None
+
+
+def test_forged_nonfinite_proofs_are_refused() -> None:
+    k = _key(1)
+    body = _body_with_nan_at(1500)
+    env = _signed_body(k, body)
+    p = nonfinite_proof(k.node_id, JOB, 5, env, body, CHUNK)
+    assert p is not None
+    clean_chunk = np.zeros(CHUNK // 4, dtype="<f4").tobytes()
+    # An honest peer's finite gradient, "proven" with a NaN chunk of someone else's body.
+    honest_body = np.linspace(-1, 1, 2000, dtype="<f4").tobytes()
+    honest_env = _signed_body(k, honest_body)
+    honest_table, _ = digest_of(honest_body, CHUNK)
+    cases = {
+        "not the signed body's": [honest_env, honest_table, 5, p.chunk],
+        "the chunk table is not": [honest_env, p.table, 5, p.chunk],
+        "holds no non-finite": [
+            honest_env,
+            honest_table,
+            5,
+            honest_body[5 * CHUNK : 6 * CHUNK],
+        ],
+        "out of range": [env, p.table, 8, p.chunk],
+        "wrong length": [env, p.table, 5, p.chunk[:-4]],
+        "not about this job": [
+            _signed_body(k, body, job="cd" * 16),
+            p.table,
+            5,
+            p.chunk,
+        ],
+        "is not the signed": [env, p.table, 4, clean_chunk],
+    }
+    for want, obj in cases.items():
+        with pytest.raises(EvidenceError, match=want):
+            verify(strictpack.pack(obj), JOB, CFG)
+
+
 # --- on real peers ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(600)
-def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path) -> None:
+@pytest.mark.parametrize("same_seq", [0, 1], ids=["own_seqs", "one_seq"])
+def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path, same_seq: int) -> None:
+    """``one_seq``: both versions are signed under one sequence number, so a peer
+    holding one would drop the other as a replay if gossip did not look closer."""
     from bench.byzantine import run_cell, start_cluster
 
     os.environ.pop("SPIRT_I_UNDERSTAND_THIS_IS_AN_ATTACK", None)
@@ -157,6 +234,7 @@ def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path) -> 
             rounds=12,
             seed=1,
             timeout=400,
+            params={"same_seq": same_seq},
         )
         assert row["error"] is None, row
         statuses = [h.call("GET", "/v1/train/status") for h in honest]
@@ -179,4 +257,9 @@ def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path) -> 
     assert all(c["training.excluded"] == 1 for c in counters), counters
     # At least one honest peer caught it itself; the others may have its proof.
     assert sum(c.get("training.equivocation.detected", 0) for c in counters) >= 1
+    if same_seq:
+        # Caught through gossip showing the validator the second message under
+        # the seq, not charged to the (honest) relays as a replay.
+        assert sum(c.get("gossip.seq_conflict", 0) for c in counters) >= 1
+        assert sum(c.get("gossip.invalid.replay", 0) for c in counters) == 0
     assert len({s["model_digest"] for s in statuses}) == 1

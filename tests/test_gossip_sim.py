@@ -8,10 +8,11 @@ verified chunk by chunk by the real BodyReceiver.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
-from protocol.gossip import GossipConfig, Publish
+from protocol.gossip import GossipConfig, Publish, Verdict
 from protocol.gossip.messages import Announcement
 from protocol.gossip.sim import GossipSim
 from protocol.gossip.transfer import digest_of
@@ -137,6 +138,52 @@ def test_replay_is_never_forwarded_even_after_the_seen_cache_forgot() -> None:
     assert m.counters["invalid.replay"] == 1
     assert m.counters["duplicate"] >= 1
     assert len([e for e in m.counters if e == "accepted"]) == 1 and m.counters["accepted"] == 1
+
+
+def test_two_messages_under_one_seq_reach_the_validator_and_charge_no_relay() -> None:
+    """An origin signs two messages with the same sequence number and sends each
+    to half of the cluster. The relays are honest: each forwards the version it
+    accepted first. A node that holds one version and gets the other must show
+    it to the topic's validator (the application keeps the pair as proof of
+    equivocation) and must not charge the relay as a replayer, or the liar would
+    get honest peers pruned from each other's meshes."""
+    config = GossipConfig.fast(chunk_size=1024, inline_max=1024)
+    sim = GossipSim(10, seed=11, config=config, degree=None)
+    seen: dict[str, set[bytes]] = {n.node_id: set() for n in sim.nodes}
+
+    def recorder(node_id: str) -> Callable[[Announcement, object], Verdict]:
+        def validate(ann: Announcement, env: object) -> Verdict:
+            seen[node_id].add(ann.inline or b"")
+            return Verdict.ACCEPT
+
+        return validate
+
+    for i, n in enumerate(sim.nodes):
+        n.machine.subscribe(TOPIC, sim.loop.now, recorder(n.node_id))
+        sim.flush(i)
+    sim.run(2.0)
+    liar = sim.nodes[0]
+    versions = []
+    for k in (1, 2):
+        body = payload(100 + k, 200)
+        _, digest = digest_of(body, config.chunk_size)
+        ann = Announcement(TOPIC, len(body), digest, config.chunk_size, b"", body)
+        versions.append((body, liar.sign(ann, seq=7)))
+    for i in range(1, 10):
+        body, env = versions[0] if i < 5 else versions[1]
+        sim.inject(i, liar.node_id, Publish(env))
+    sim.run(sim.loop.now + 5.0)
+    honest = sim.nodes[1:]
+    both = [n for n in honest if seen[n.node_id] >= {versions[0][0], versions[1][0]}]
+    assert both, "no node saw the second version under the same seq"
+    assert sum(n.machine.counters["seq_conflict"] for n in honest) >= len(both)
+    assert sum(n.machine.counters["invalid.replay"] for n in honest) == 0
+    for a in honest:
+        for b in honest:
+            if a is not b and b.node_id in a.machine.peers():
+                assert a.machine.score(b.node_id) >= 0, (a.node_id, b.node_id)
+    # A true replay (the same envelope again, once the seen cache forgot it) is
+    # still charged to whoever relays it; see the test above.
 
 
 def test_spammer_is_pruned_and_graylisted_within_two_heartbeats() -> None:

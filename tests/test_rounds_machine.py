@@ -599,7 +599,49 @@ def test_a_rejected_gradient_lowers_f_and_the_quorum_with_min_for_f() -> None:
         assert m.validate(p, JOB, 1, D1, SIZE, 1.05) is None
         m.reject(p, 1, "nonfinite", 1.1)
     agg = [a for a in m.actions() if isinstance(a, Aggregate)]
-    assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5"), 0)]
+    # Five contributors: Krum takes f = 1 there (5 >= 2f + 3), whatever was proven.
+    assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5"), 1)]
+
+
+def test_the_aggregation_f_does_not_depend_on_when_a_liar_was_caught() -> None:
+    """Two honest peers close with the same five contributors; one pulled both
+    liars' non-finite bodies first, the other closed at the deadline before they
+    came. Aggregating with f = 0 on one and f = 2 on the other would fork the
+    model (a Krum or a trimmed mean depends on f); both must use the same f."""
+
+    def krum_machine(self_id: str) -> RoundMachine:
+        m = RoundMachine(
+            self_id=self_id,
+            job_id=JOB,
+            rounds=5,
+            min_contributors=3,
+            eval_every=2,
+            param_count=PARAMS,
+            members=[f"n{i}" for i in range(1, 8)],
+            config=CFG,
+            f=2,
+            min_for_f=lambda f: 2 * f + 3,
+        )
+        m.begin(1, D1, 0.0)
+        return m
+
+    honest = ("n1", "n2", "n3", "n4", "n5")
+    early = krum_machine("n1")
+    early.local_gradient_ready(1, 0.5)
+    for p in ("n6", "n7"):
+        assert early.validate(p, JOB, 1, D1, SIZE, 0.6) is None
+        early.reject(p, 1, "nonfinite", 0.7)
+    for p in honest[1:]:
+        give(early, p, 1.0)
+    late = krum_machine("n2")
+    late.local_gradient_ready(1, 0.5)
+    for p in ("n1", "n3", "n4", "n5"):
+        give(late, p, 1.0)
+    late.tick(late.next_deadline() or 100.0)
+    a1 = [a for a in early.actions() if isinstance(a, Aggregate)]
+    a2 = [a for a in late.actions() if isinstance(a, Aggregate)]
+    assert a1 and a2 and a1[0].contributors == a2[0].contributors == honest
+    assert a1[0].f == a2[0].f == 1
 
 
 def test_excluded_peer_is_out_for_the_rest_of_the_job() -> None:
@@ -624,7 +666,7 @@ def test_excluded_peer_is_out_for_the_rest_of_the_job() -> None:
     assert LeftView(1, "n7", "excluded") in m.events()
     for p in ("n4", "n5", "n6"):
         give(m, p, 1.2)
-    # n7's counted gradient is dropped; f drops by one for the proven liar.
+    # n7's counted gradient is dropped; six contributors leave Krum f = 1.
     agg = [a for a in m.actions() if isinstance(a, Aggregate)]
     assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5", "n6"), 1)]
     m.aggregated(1, D2, 2.0)
@@ -884,4 +926,4 @@ def test_bad_gradient_for_a_round_not_begun_yet_is_not_waited_for() -> None:
     for p in ("n2", "n3", "n4", "n5"):
         give(m, p, 2.5)
     agg = [a for a in m.actions() if isinstance(a, Aggregate)]
-    assert agg[-1] == Aggregate(2, ("n1", "n2", "n3", "n4", "n5"), 0)
+    assert agg[-1] == Aggregate(2, ("n1", "n2", "n3", "n4", "n5"), 1)

@@ -49,7 +49,7 @@ from .mcache import MessageCache
 from .mesh import Mesh
 from .messages import Announcement, Control, Message, Prune, Publish, RefuseCode, message_id
 from .score import Scoreboard
-from .seen import SeenCache, SeqWindows
+from .seen import SeenCache, SeqWindows, message_tag
 from .transfer import chunk_count, digest_of
 
 
@@ -371,7 +371,7 @@ class GossipMachine:
         if not self.seen.add(mid, now, _ACCEPTED):
             raise DecodeError("duplicate", "this message was already published")
         if self.seqs.room(env.origin, self.self_id, now) is None:
-            self.seqs.accept(env.origin, env.seq, now, self.self_id)
+            self.seqs.accept(env.origin, env.seq, now, self.self_id, mid)
         self.counters["published"] += 1
         self._hold(mid, ann, env, set(), now)
         c = self.config
@@ -478,6 +478,10 @@ class GossipMachine:
         if not self._origin_admitted(sender, mid, env, ann, now):
             return
         if not self.seqs.check(env.origin, env.seq):
+            tag = self.seqs.held_tag(env.origin, env.seq)
+            if tag is not None and tag != message_tag(mid):
+                self._seq_conflict(mid, ann, env, now)
+                return
             self.seen.add(mid, now, _REJECTED)
             self._invalid(sender, "replay")
             return
@@ -517,7 +521,7 @@ class GossipMachine:
             self.counters["body_backlog_full"] += 1
             return
         self.seen.add(mid, now, _ACCEPTED)
-        self.seqs.accept(env.origin, env.seq, now, sender)
+        self.seqs.accept(env.origin, env.seq, now, sender, mid)
         self.scores.first_delivery(sender)
         self.counters["accepted"] += 1
         if not needs_body:
@@ -527,6 +531,21 @@ class GossipMachine:
         self._wants[mid] = w
         self._ready[mid] = w
         self._sched = True
+
+    def _seq_conflict(self, mid: bytes, ann: Announcement, env: Envelope, now: float) -> None:
+        """A validly signed message under a sequence number already accepted from
+        its origin, with another message id: only the origin's key can make that,
+        so it is the origin equivocating (the same seq on two messages, each sent
+        to a part of the cluster), not the relay replaying; the relay, which may
+        well be honest and have accepted this version first, is not charged. The
+        message is dropped like a replay, but the topic's validator sees it first,
+        so that the application can hold the two signed messages as proof; its
+        verdict is moot."""
+        self.seen.add(mid, now, _IGNORED)
+        self.counters["seq_conflict"] += 1
+        validator = self.validators.get(ann.topic)
+        if validator is not None and ann.topic in self.subscriptions:
+            validator(ann, env)
 
     def _origin_admitted(
         self, sender: str, mid: bytes, env: Envelope, ann: Announcement, now: float

@@ -56,11 +56,25 @@ class SeenCache:
         return gone
 
 
+# Each kept seq carries a tag of its message's id, packed into one int so that a
+# window costs what a list of ints costs: a later message under a kept seq is a
+# replay if the tags match and, if they differ, another message that only the
+# origin's key can have signed (equivocation).
+_TAG_BITS = 32
+_TAG_MASK = (1 << _TAG_BITS) - 1
+
+
+def message_tag(mid: bytes) -> int:
+    return int.from_bytes(mid[:4], "big")
+
+
 class SeqWindows:
     """Per-origin anti-replay windows over sequence numbers.
 
     For each origin the last ``window`` accepted seqs are kept sorted. A seq equal
-    to a kept one is a replay; a seq at or below the oldest kept one (once the
+    to a kept one is refused: with the kept message tag it is a replay, with
+    another it is a second message the origin signed under that seq
+    (``held_tag`` tells the two apart); a seq at or below the oldest kept one (once the
     window is full) is too old to tell, so it is refused as a replay too. Newer
     seqs, or older ones that still fall inside the window (reordering), pass.
 
@@ -100,10 +114,19 @@ class SeqWindows:
         seqs = self._origins.get(origin)
         if seqs is None:
             return True
-        if len(seqs) >= self.window and seq <= seqs[0]:
+        if len(seqs) >= self.window and seq <= seqs[0] >> _TAG_BITS:
             return False
-        i = bisect.bisect_left(seqs, seq)
-        return not (i < len(seqs) and seqs[i] == seq)
+        return self.held_tag(origin, seq) is None
+
+    def held_tag(self, origin: bytes, seq: int) -> int | None:
+        """The tag of the message accepted under ``seq`` from ``origin``, if kept."""
+        seqs = self._origins.get(origin)
+        if seqs is None:
+            return None
+        i = bisect.bisect_left(seqs, seq << _TAG_BITS)
+        if i < len(seqs) and seqs[i] >> _TAG_BITS == seq:
+            return seqs[i] & _TAG_MASK
+        return None
 
     def room(self, origin: bytes, via: str, now: float) -> str | None:
         """None if ``origin`` has a window or one can be made for it through
@@ -121,9 +144,9 @@ class SeqWindows:
             self.evicted += 1
         return None
 
-    def accept(self, origin: bytes, seq: int, now: float, via: str = "") -> None:
-        """Records an accepted seq (call only after ``check`` said True and ``room``
-        said None)."""
+    def accept(self, origin: bytes, seq: int, now: float, via: str = "", mid: bytes = b"") -> None:
+        """Records an accepted seq and the id of the message it came with (call only
+        after ``check`` said True and ``room`` said None)."""
         seqs = self._origins.get(origin)
         if seqs is None:
             seqs = self._origins[origin] = []
@@ -132,7 +155,7 @@ class SeqWindows:
         else:
             self._origins.move_to_end(origin)
         self._last[origin] = now
-        bisect.insort(seqs, seq)
+        bisect.insort(seqs, seq << _TAG_BITS | message_tag(mid))
         if len(seqs) > self.window:
             del seqs[0]
 

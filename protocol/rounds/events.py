@@ -45,8 +45,10 @@ class Aggregate:
     """Aggregate these stored gradients (sorted by node id: the order is part of the
     result's bits), update theta, and report ``aggregated`` with the new digest.
     Stored bodies of other origins for this round, and of any earlier round, can
-    be deleted. ``f``: the Byzantine bound to aggregate with (the job's, less the
-    peers proven Byzantine), or None when the machine was not told the job's f."""
+    be deleted. ``f``: the Byzantine bound to aggregate with (the largest up to the
+    job's that the rule accepts with this many contributors: equal on every peer
+    that closed with the same set), or None when the machine was not told the
+    job's f."""
 
     round: int
     contributors: tuple[str, ...]

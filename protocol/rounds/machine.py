@@ -19,9 +19,10 @@ Byzantine peers: a gradient proven unusable (wrong size, non-finite values) take
 its origin out of the current round at once (it cannot send another one), and
 ``exclude`` takes a peer proven to equivocate out of the job for good. Each such
 peer is one of the at most f Byzantine identities, so, given the rule's
-``min_for_f``, the quorum and the f the round is aggregated with shrink with them:
-otherwise f liars that send garbage would leave a Krum round at n = 2f + 3
-short of its quorum forever.
+``min_for_f``, the quorum shrinks with them: otherwise f liars that send garbage
+would leave a Krum round at n = 2f + 3 short of its quorum forever. The f a
+round is aggregated with depends on its contributor count only (``_f_for``),
+never on this peer's view of who was proven bad, which differs between peers.
 
 Any call may come in any order (a late body, a duplicate report, an old round):
 what does not apply to the current state is ignored and counted in ``counters``
@@ -552,7 +553,24 @@ class RoundMachine:
         if self._min_for_f is None:
             return None
         v = self._view
-        return max(0, self.f - len(v.excluded) - len(v.bad))
+        return max(0, self.f - len(v.excluded | v.bad))  # one liar may be both
+
+    def _f_for(self, n: int) -> int | None:
+        """The f a round with ``n`` contributors is aggregated with: the largest f up
+        to the job's that the rule accepts at n. A function of the contributor
+        count alone, so peers that closed with the same set aggregate with the same
+        f and stay bit-identical, however their views of who was proven bad
+        differ: one peer may have pulled a liar's non-finite body before closing
+        while another closed at the deadline before it came, and a Krum or a
+        trimmed mean with f = 0 on one and f = 2 on the other forks the model.
+        The quorum guaranteed n >= min_for_f(_f_now()), so this is never below
+        the f the proven liars leave."""
+        if self._min_for_f is None:
+            return None
+        f = self.f
+        while f > 0 and self._min_for_f(f) > n:
+            f -= 1
+        return f
 
     def _min(self) -> int:
         f = self._f_now()
@@ -590,4 +608,4 @@ class RoundMachine:
             # nothing about how long rounds take, and would shrink the deadline.
             self._deadline.record(duration)
         self._events.append(RoundClosed(self.round, contributors, duration, reason))
-        self._actions.append(Aggregate(self.round, contributors, self._f_now()))
+        self._actions.append(Aggregate(self.round, contributors, self._f_for(len(contributors))))

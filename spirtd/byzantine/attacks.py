@@ -16,7 +16,9 @@ in a gossip cluster has them before it sends, because it simply waits for them.
   over-weights that peer's data without looking odd.
 * ``nonfinite``: NaN (or Inf) values.
 * ``equivocation``: its honest gradient to half of the peers, -scale x it to
-  the other half, signed separately for the same round.
+  the other half, signed separately for the same round; with ``same_seq`` 1,
+  both under one sequence number (so that a relay holding one version takes
+  the other for a replay unless it looks closer).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "alie": {},  # z from n and f unless given
     "ipm": {"eps": 0.5},
     "nonfinite": {"value": "nan"},
-    "equivocation": {"scale": 10.0},
+    "equivocation": {"scale": 10.0, "same_seq": 0},
 }
 
 

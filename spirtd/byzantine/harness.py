@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol import wire
 from protocol.gossip.messages import Announcement
 from protocol.wire import MsgType
 from spirtd.byzantine.attacks import Attack, AttackError, craft
@@ -124,9 +125,14 @@ def _patch_trainer() -> None:
         peers = sorted(set(self.m.status()["view"]) - {self.env.node_id})
         honest = [p for p in peers if p not in STATE.colluders]
         half = set(honest[: (len(honest) + 1) // 2]) | (set(peers) - set(honest))
-        await publish_to(self.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), meta, half)
+        seq = await publish_to(self.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), meta, half)
         await publish_to(
-            self.env.pubsub, TRAIN_TOPIC, variants[1].tobytes(), meta, set(peers) - half
+            self.env.pubsub,
+            TRAIN_TOPIC,
+            variants[1].tobytes(),
+            meta,
+            set(peers) - half,
+            seq=seq if STATE.attack.params.get("same_seq") else None,
         )
 
     Trainer.__init__ = init  # type: ignore[method-assign]
@@ -209,15 +215,29 @@ def flipped_gradient(task: Task, params: np.ndarray, rows: np.ndarray) -> np.nda
     return torch.cat(grads).to(torch.float32).numpy().copy()
 
 
-async def publish_to(pubsub: PubSub, topic: str, body: bytes, meta: bytes, peers: set[str]) -> None:
+async def publish_to(
+    pubsub: PubSub,
+    topic: str,
+    body: bytes,
+    meta: bytes,
+    peers: set[str],
+    *,
+    seq: int | None = None,
+) -> int:
     """Publishes like ``PubSub.publish`` but sends the signed announcement only to
-    ``peers`` (the rest learn of it, if at all, by gossip)."""
+    ``peers`` (the rest learn of it, if at all, by gossip); ``seq`` signs it under
+    that sequence number instead of a fresh one. Returns the seq used."""
     m = pubsub.m
     assert m is not None
     staged = await pubsub.stage(body)
     pubsub._staged.pop(staged.handle, None)  # published here, not by PubSub.publish
     ann = Announcement(topic, staged.size, staged.digest, staged.chunk_size, meta, staged.data)
-    envelope = pubsub.node.seal(MsgType.GOSSIP_PUBLISH, ann.to_obj())
+    if seq is None:
+        envelope = pubsub.node.seal(MsgType.GOSSIP_PUBLISH, ann.to_obj())
+    else:
+        envelope = wire.seal(
+            pubsub.node.key, MsgType.GOSSIP_PUBLISH, seq, int(time.time() * 1000), ann.to_obj()
+        )
     before = len(m._out)
     mid = m.publish(envelope, time.monotonic())
     m._out[before:] = [o for o in m._out[before:] if o.peer_id in peers]
@@ -226,6 +246,7 @@ async def publish_to(pubsub: PubSub, topic: str, body: bytes, meta: bytes, peers
         pubsub.store.commit(mid, staged.partial, staged.table)
     pubsub._pump()
     pubsub._wake.set()
+    return wire.decode(envelope, verify_signature=False).seq
 
 
 # --- the control API ----------------------------------------------------------------------

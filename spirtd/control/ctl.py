@@ -350,8 +350,9 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
         f"model    {_cell(r.get('model_digest'))}",
     ]
     for ex in r.get("excluded") or []:
+        what = "sent a non-finite gradient" if ex.get("reason") == "nonfinite" else "equivocated"
         head.append(
-            f"excluded {ex['node_id']}: equivocated in round {ex['round']} "
+            f"excluded {ex['node_id']}: {what} in round {ex['round']} "
             f"({'seen here' if ex.get('how') == 'detected' else 'proof from a peer'})"
         )
     rounds = r.get("rounds") or {}

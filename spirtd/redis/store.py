@@ -57,6 +57,10 @@ class TensorNotFound(StoreError):
     pass
 
 
+class NonFinite(StoreError):
+    """An input holds NaN or an infinity; nothing was written."""
+
+
 class InputChanged(StoreError):
     """An input was modified while the operation ran; nothing was written. Retry."""
 
@@ -253,6 +257,8 @@ def _map_error(e: ResponseError) -> StoreError:
         return TensorNotFound(msg)
     if "during the command" in msg:
         return InputChanged(msg)
+    if msg.startswith("non-finite value"):
+        return NonFinite(msg)
     return StoreError(msg)
 
 
@@ -359,7 +365,8 @@ class TensorStore:
             await self._call("SPIRT.PUT", key, shape, values)
             return
         bad = _first_nonfinite(a)
-        _check(bad is None, f"non-finite value at index {bad}")
+        if bad is not None:
+            raise NonFinite(f"non-finite value at index {bad}")
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(key, values)
             pipe.set(tensorfmt.shape_key(key), shape)

@@ -34,7 +34,7 @@ from spirtd.tasks.sharding import ALL
 from spirtd.training import job as jobs
 from spirtd.training.aggregators import AggregatorError
 from spirtd.training.checkpoint import Checkpoints, Snapshot
-from spirtd.training.equivocation import EVIDENCE_TOPIC
+from spirtd.training.evidence import EVIDENCE_TOPIC
 from spirtd.training.job import JobError, JobSpec
 from spirtd.training.messages import (
     DIGEST_SIZE,

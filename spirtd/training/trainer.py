@@ -58,7 +58,7 @@ from spirtd import logs, metrics
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.service import Info, Message, PubSub
-from spirtd.redis.store import StoreError, TensorStore
+from spirtd.redis.store import NonFinite, StoreError, TensorStore
 from spirtd.tasks import Task
 from spirtd.training import state
 from spirtd.training.checkpoint import (
@@ -69,15 +69,18 @@ from spirtd.training.checkpoint import (
     max_encoded_size,
     read_snapshot,
 )
-from spirtd.training.equivocation import (
+from spirtd.training.evidence import (
+    EQUIVOCATION,
     EVIDENCE_TOPIC,
     MAX_EVIDENCE,
+    NONFINITE,
+    Evidence,
     EvidenceError,
     Ledger,
-    Proof,
     decode_evidence_meta,
+    nonfinite_proof,
 )
-from spirtd.training.equivocation import verify as verify_evidence
+from spirtd.training.evidence import verify as verify_evidence
 from spirtd.training.job import JobSpec
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
 from spirtd.training.state import StateKeys
@@ -395,7 +398,11 @@ class Trainer:
             return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
         if info.origin in self.excluded:
             # Proven Byzantine: nothing of it is pulled again. IGNORE, not REJECT:
-            # the neighbour that relayed it need not know yet.
+            # the neighbour that relayed it need not know yet. A wrong size is
+            # wrong whatever one knows, so its relay is charged as for anyone's.
+            if info.size != self.spec.param_count * 4:
+                self.env.counters["training.gradient_rejected.size"] += 1
+                return Verdict.REJECT
             self.env.counters["training.gradient_rejected.excluded"] += 1
             return Verdict.IGNORE
         proof = self.ledger.see(
@@ -423,39 +430,45 @@ class Trainer:
         # (late, early, another model) happens to honest peers too.
         return Verdict.REJECT if reason in ("size", "duplicate") else Verdict.IGNORE
 
-    # --- equivocation -----------------------------------------------------------------------
+    # --- proven Byzantine ---------------------------------------------------------------------
 
-    def convict(self, proof: Proof, how: str) -> None:
-        """``proof.offender`` signed two gradients for one round: out of every round
-        from now on, its vouches void. ``how``: "detected" here (the proof is then
-        gossiped) or "evidence" (checked proof from a peer)."""
-        origin = proof.offender
+    def convict(self, proof: Evidence, how: str) -> None:
+        """``proof.offender`` is proven Byzantine (it signed two gradients for one
+        round, or a non-finite one): out of every round from now on, its vouches
+        void. ``how``: "detected" here (the proof is then gossiped) or "evidence"
+        (checked proof from a peer)."""
+        self._exclude(proof.offender, proof.round, proof.kind, how)
+        if how == "detected" and proof.offender in self.excluded:
+            self._spawn(
+                self.env.pubsub.publish(EVIDENCE_TOPIC, proof.encode(), meta=proof.meta()),
+                f"evidence-{proof.round}",
+            )
+
+    def _exclude(self, origin: str, round: int, kind: str, how: str) -> None:
         if origin == self.env.node_id or origin in self.excluded:
             return
         self.excluded[origin] = {
             "node_id": origin,
-            "round": proof.round,  # the round it equivocated in
+            "reason": kind,  # "equivocation" or "nonfinite"
+            "round": round,  # the round it misbehaved in
             "at_round": self.m.round,  # ours when we excluded it
             "how": how,
         }
         c = self.env.counters
         c["training.excluded"] += 1
-        c[f"training.equivocation.{how}"] += 1
+        c[f"training.{kind}.{how}"] += 1
+        what = "equivocated" if kind == EQUIVOCATION else "sent a non-finite gradient"
         log.warning(
-            "peer %s equivocated in round %d (%s); excluded for the rest of job %s",
+            "peer %s %s in round %d (%s); excluded for the rest of job %s",
             origin,
-            proof.round,
+            what,
+            round,
             "seen here" if how == "detected" else "proof from a peer",
             self.job_id[:12],
         )
         self.m.exclude(origin, time.monotonic())
         self.vouch.bar(origin)
         self.ledger.forget(origin)
-        if how == "detected":
-            self._spawn(
-                self.env.pubsub.publish(EVIDENCE_TOPIC, proof.encode(), meta=proof.meta()),
-                f"evidence-{proof.round}",
-            )
         self._kick()
 
     def validate_evidence(self, info: Info) -> Verdict:
@@ -496,10 +509,16 @@ class Trainer:
         body = await msg.read()
         try:
             await self.env.store.put(key, np.frombuffer(body, dtype="<f4"))
-        except StoreError as e:
-            self.env.counters["training.gradient_rejected.nonfinite"] += 1
+        except NonFinite as e:
             log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
             self.m.reject(msg.origin, r, "nonfinite", time.monotonic())
+            self._convict_nonfinite(msg, r, body)
+            return
+        except StoreError as e:
+            # Not the sender's fault that we know of (Redis refused the write):
+            # stop waiting for it this round, but prove nothing.
+            log.warning("gradient from %s for round %d not stored: %s", msg.origin, r, e)
+            self.m.reject(msg.origin, r, "unstored", time.monotonic())
             self._kick()
             return
         self._stored.setdefault(r, set()).add(key)
@@ -511,6 +530,20 @@ class Trainer:
         else:
             await self.env.store.delete(key)
         self._kick()
+
+    def _convict_nonfinite(self, msg: Message, r: int, body: bytes) -> None:
+        """A signed gradient with a NaN or an infinity in it: no honest peer sends
+        one, so its origin is out for the rest of the job, here at once and, through
+        the proof, at every peer (also those that closed the round before pulling
+        it, and would otherwise go on waiting for the liar in later rounds)."""
+        envelope = self.ledger.envelope(msg.origin, r, msg.msg_id)
+        proof = None
+        if envelope is not None:
+            proof = nonfinite_proof(msg.origin, self.job_id, r, envelope, body, msg.body.chunk_size)
+        if proof is None:
+            self._exclude(msg.origin, r, NONFINITE, "detected")
+        else:
+            self.convict(proof, "detected")
 
     def _buffers(self, round: int) -> bool:
         """Whether a gradient for ``round`` waits in the buffer rather than going to the
@@ -632,8 +665,9 @@ class Trainer:
     async def _aggregate_locked(
         self, r: int, contributors: tuple[str, ...], f: int | None = None
     ) -> None:
-        """``f``: the round's Byzantine bound, lower than the job's when peers were
-        proven Byzantine (the machine decides; the same on every honest peer)."""
+        """``f``: the round's Byzantine bound, lower than the job's when too few
+        contributors are left for it (the machine decides from the contributor
+        count, so it is the same on every honest peer with the same set)."""
         env, spec, keys = self.env, self.spec, self.keys
         rule = self.rule if f is None or f == self.rule.f else replace(self.rule, f=f)
         me = env.node_id
