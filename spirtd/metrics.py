@@ -437,6 +437,17 @@ def _training(
         rejected.add_metric([_label(reason)], n)
     yield rejected
 
+    excluded = CounterMetricFamily(
+        "spirt_peers_excluded",
+        "Peers proven Byzantine and excluded for the rest of their job, by proof (equivocation, "
+        "nonfinite) and by how this node learned it (detected here, evidence from a peer).",
+        labels=["reason", "how"],
+    )
+    for reason in ("equivocation", "nonfinite"):
+        for how in ("detected", "evidence"):
+            excluded.add_metric([reason, how], counters.get(f"training.{reason}.{how}", 0))
+    yield excluded
+
     syncs = CounterMetricFamily(
         "spirt_state_syncs",
         "State syncs this node ran, by outcome (started, done, failed, bad_state: the state did "

@@ -90,6 +90,7 @@ def test_live_exposition_parses_and_has_every_family(trained) -> None:
         "spirt_round_phase_duration_seconds": "histogram",
         "spirt_gradients_rejected": "counter",
         "spirt_state_syncs": "counter",
+        "spirt_peers_excluded": "counter",
         "spirt_function_invocations": "counter",
         "spirt_function_cold_starts": "counter",
         "spirt_redis_up": "gauge",
@@ -121,6 +122,7 @@ def test_live_exposition_parses_and_has_every_family(trained) -> None:
     assert value(fams, "spirt_function_invocations_total", outcome="function_error") == 0
     assert value(fams, "spirt_function_cold_starts_total") >= 1
     assert value(fams, "spirt_state_syncs_total", outcome="done") == 0
+    assert value(fams, "spirt_peers_excluded_total", reason="nonfinite", how="evidence") == 0
     assert value(fams, "spirt_redis_up") == 1
     assert value(fams, "spirt_redis_module_loaded") == 1
     info = next(s for s in fams["spirt_node_info"].samples)
