@@ -58,6 +58,25 @@ def machine(
     return m
 
 
+def krum_machine(self_id: str = "n1") -> RoundMachine:
+    """Krum at n = 2f + 3 = 7 (f = 2), as the trainer builds it: the quorum is the
+    rule's minimum for the f left once liars are proven."""
+    m = RoundMachine(
+        self_id=self_id,
+        job_id=JOB,
+        rounds=5,
+        min_contributors=7,
+        eval_every=2,
+        param_count=PARAMS,
+        members=[f"n{i}" for i in range(1, 8)],
+        config=CFG,
+        f=2,
+        min_for_f=lambda f: 2 * f + 3,
+    )
+    m.begin(1, D1, 0.0)
+    return m
+
+
 def give(
     m: RoundMachine,
     origin: str,
@@ -578,19 +597,7 @@ def test_daemon_reject_forgets_a_counted_gradient_and_stops_waiting() -> None:
 def test_a_rejected_gradient_lowers_f_and_the_quorum_with_min_for_f() -> None:
     """Krum at n = 2f + 3: two liars sending non-finite values must not leave the
     round short of its quorum forever; they are proven, so f drops with them."""
-    m = RoundMachine(
-        self_id="n1",
-        job_id=JOB,
-        rounds=5,
-        min_contributors=7,
-        eval_every=2,
-        param_count=PARAMS,
-        members=[f"n{i}" for i in range(1, 8)],
-        config=CFG,
-        f=2,
-        min_for_f=lambda f: 2 * f + 3,
-    )
-    m.begin(1, D1, 0.0)
+    m = krum_machine()
     m.local_gradient_ready(1, 0.5)
     for p in ("n2", "n3", "n4", "n5"):
         give(m, p, 1.0)
@@ -604,27 +611,11 @@ def test_a_rejected_gradient_lowers_f_and_the_quorum_with_min_for_f() -> None:
 
 
 def test_the_aggregation_f_does_not_depend_on_when_a_liar_was_caught() -> None:
-    """Two honest peers close with the same five contributors; one pulled both
-    liars' non-finite bodies first, the other closed at the deadline before they
-    came. Aggregating with f = 0 on one and f = 2 on the other would fork the
-    model (a Krum or a trimmed mean depends on f); both must use the same f."""
-
-    def krum_machine(self_id: str) -> RoundMachine:
-        m = RoundMachine(
-            self_id=self_id,
-            job_id=JOB,
-            rounds=5,
-            min_contributors=3,
-            eval_every=2,
-            param_count=PARAMS,
-            members=[f"n{i}" for i in range(1, 8)],
-            config=CFG,
-            f=2,
-            min_for_f=lambda f: 2 * f + 3,
-        )
-        m.begin(1, D1, 0.0)
-        return m
-
+    """Two honest peers close with the same five contributors. One pulled both
+    liars' non-finite bodies first; the other pulled one and closed at the
+    deadline before the second came (one liar proven leaves Krum a quorum of 5).
+    Aggregating with f = 0 on one and f = 1 on the other would fork the model (a
+    Krum or a trimmed mean depends on f); both must use the same f."""
     honest = ("n1", "n2", "n3", "n4", "n5")
     early = krum_machine("n1")
     early.local_gradient_ready(1, 0.5)
@@ -637,6 +628,8 @@ def test_the_aggregation_f_does_not_depend_on_when_a_liar_was_caught() -> None:
     late.local_gradient_ready(1, 0.5)
     for p in ("n1", "n3", "n4", "n5"):
         give(late, p, 1.0)
+    assert late.validate("n6", JOB, 1, D1, SIZE, 1.05) is None
+    late.reject("n6", 1, "nonfinite", 1.1)
     late.tick(late.next_deadline() or 100.0)
     a1 = [a for a in early.actions() if isinstance(a, Aggregate)]
     a2 = [a for a in late.actions() if isinstance(a, Aggregate)]
@@ -645,19 +638,7 @@ def test_the_aggregation_f_does_not_depend_on_when_a_liar_was_caught() -> None:
 
 
 def test_excluded_peer_is_out_for_the_rest_of_the_job() -> None:
-    m = RoundMachine(
-        self_id="n1",
-        job_id=JOB,
-        rounds=5,
-        min_contributors=7,
-        eval_every=2,
-        param_count=PARAMS,
-        members=[f"n{i}" for i in range(1, 8)],
-        config=CFG,
-        f=2,
-        min_for_f=lambda f: 2 * f + 3,
-    )
-    m.begin(1, D1, 0.0)
+    m = krum_machine()
     m.local_gradient_ready(1, 0.5)
     for p in ("n2", "n3", "n7"):
         give(m, p, 1.0)
@@ -900,19 +881,7 @@ def test_random_call_orders_never_crash_and_keep_invariants() -> None:
 def test_bad_gradient_for_a_round_not_begun_yet_is_not_waited_for() -> None:
     """A peer ahead of us relays round 2's gradients while we are in round 1: the
     liars' non-finite ones are refused then, and round 2 must not wait for them."""
-    m = RoundMachine(
-        self_id="n1",
-        job_id=JOB,
-        rounds=5,
-        min_contributors=7,
-        eval_every=2,
-        param_count=PARAMS,
-        members=[f"n{i}" for i in range(1, 8)],
-        config=CFG,
-        f=2,
-        min_for_f=lambda f: 2 * f + 3,
-    )
-    m.begin(1, D1, 0.0)
+    m = krum_machine()
     for p in ("n6", "n7"):
         assert m.validate(p, JOB, 2, D2, SIZE, 0.1) is None
         m.reject(p, 2, "nonfinite", 0.2)

@@ -437,16 +437,16 @@ class Trainer:
         round, or a non-finite one): out of every round from now on, its vouches
         void. ``how``: "detected" here (the proof is then gossiped) or "evidence"
         (checked proof from a peer)."""
-        self._exclude(proof.offender, proof.round, proof.kind, how)
-        if how == "detected" and proof.offender in self.excluded:
+        if self._exclude(proof.offender, proof.round, proof.kind, how) and how == "detected":
             self._spawn(
                 self.env.pubsub.publish(EVIDENCE_TOPIC, proof.encode(), meta=proof.meta()),
                 f"evidence-{proof.round}",
             )
 
-    def _exclude(self, origin: str, round: int, kind: str, how: str) -> None:
+    def _exclude(self, origin: str, round: int, kind: str, how: str) -> bool:
+        """Excludes ``origin``; False if it was already out (or is this node)."""
         if origin == self.env.node_id or origin in self.excluded:
-            return
+            return False
         self.excluded[origin] = {
             "node_id": origin,
             "reason": kind,  # "equivocation" or "nonfinite"
@@ -470,6 +470,7 @@ class Trainer:
         self.vouch.bar(origin)
         self.ledger.forget(origin)
         self._kick()
+        return True
 
     def validate_evidence(self, info: Info) -> Verdict:
         """The hook for the evidence topic: pull a proof only if it is news."""
