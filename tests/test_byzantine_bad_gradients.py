@@ -100,3 +100,37 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(short_tmp: Path) -> N
         first_nan = ex["round"]
         late = [h for h in s["history"] if h["round"] > first_nan + 2]
         assert late and all(liar.node_id not in h["contributors"] for h in late)
+
+
+def test_nan_liars_never_stall_krum_at_n_2f_plus_3(short_tmp: Path) -> None:
+    """Krum at n = 2f + 3 needs every member's gradient unless liars are proven.
+    Two peers sending NaN every round are: every honest peer excludes both (by
+    its own pull or by the gossiped proof), and every round closes by its
+    deadline with the f the contributor count allows."""
+    from bench.byzantine import run_cell, start_cluster
+
+    cluster, honest, byz = start_cluster(short_tmp / "c", 7, 2)
+    try:
+        row = run_cell(
+            cluster,
+            honest,
+            byz,
+            f=2,
+            rule="krum",
+            attack="nonfinite",
+            rounds=15,
+            seed=1,
+            timeout=300,
+        )
+        statuses = [_status(h) for h in honest]
+        assert all(n.running for n in cluster.nodes), "a daemon crashed"
+    finally:
+        cluster.kill_all()
+    assert row["error"] is None and row["equal_digests"], row
+    for s in statuses:
+        assert s["state"] == "done" and s["round"] == 15, s["detail"]
+        assert {e["node_id"] for e in s["excluded"]} == set(byz), s["excluded"]
+        assert {e["reason"] for e in s["excluded"]} == {"nonfinite"}
+        for h in s["history"]:
+            assert h["wait_s"] <= h["deadline_s"] + 0.5, h
+            assert not set(h["contributors"]) & set(byz), h
