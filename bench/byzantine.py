@@ -253,6 +253,50 @@ def plot(rows: list[dict[str, Any]], path: Path, settings: Sequence[str]) -> Non
     plt.close(fig)
 
 
+def markdown(rows: list[dict[str, Any]], settings: Sequence[str]) -> str:
+    """The matrix as Markdown tables, one per setting: each cell is the honest
+    peers' lowest final accuracy ("stalled" if the job did not finish), and the
+    last column the rule's worst drop from its clean run, in points."""
+    out = []
+    for s in settings:
+        mine = [r for r in rows if r["setting"] == s]
+        if not mine:
+            continue
+        n, f = SETTINGS[s]
+        rules = [r for r in RULES if any(x["rule"] == r for x in mine)]
+        attacks = [a for a in ATTACK_NAMES if any(x["attack"] == a for x in mine)]
+        out.append(f"{n} peers, f = {f}:\n")
+        out.append("| rule | clean | " + " | ".join(attacks) + " | worst drop (points) |")
+        out.append("| --- " * (len(attacks) + 3) + "|")
+        for rule in rules:
+            by = {x["attack"]: x for x in mine if x["rule"] == rule}
+
+            def cell(a: str, by: dict[str, dict[str, Any]] = by) -> str:
+                x = by.get(a)
+                if x is None:
+                    return "-"
+                if x["error"] is not None or x["accuracy_min"] is None:
+                    return "stalled"
+                return f"{x['accuracy_min']:.3f}"
+
+            drops = [
+                by[a]["drop"]
+                for a in attacks
+                if a in by and by[a].get("drop") is not None and by[a]["error"] is None
+            ]
+            stalls = any(cell(a) == "stalled" for a in attacks)
+            worst = f"{100 * max(drops):.1f}" if drops else "-"
+            row = [
+                rule,
+                cell("none"),
+                *(cell(a) for a in attacks),
+                worst + (" + stalls" if stalls else ""),
+            ]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a handful of 7-peer cells (CI)")
@@ -266,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--resume", type=Path, help="JSON lines: skip cells in it, append new ones")
     p.add_argument("--plot", type=Path, help="heat map PNG")
+    p.add_argument("--markdown", type=Path, help="the matrix as Markdown tables (the README's)")
     p.add_argument("--dir", type=Path, help="keep the nodes' data dirs here")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -371,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         "rows": rows,
     }
+    present = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     if a.plot is not None:
-        plot(rows, a.plot, [s for s in SETTINGS if any(r["setting"] == s for r in rows)])
+        plot(rows, a.plot, present)
+    if a.markdown is not None:
+        a.markdown.write_text(markdown(rows, present))
     cols = [
         "setting",
         "rule",

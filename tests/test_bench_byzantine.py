@@ -104,3 +104,24 @@ def test_cells_and_drops_without_peers() -> None:
     )
     assert rows[1]["clean_accuracy_mean"] == 0.92 and rows[1]["drop"] == pytest.approx(0.8)
     assert rows[0]["drop"] == 0.0
+
+
+def test_markdown_table_marks_stalls_and_keeps_them_out_of_the_worst_drop() -> None:
+    base = {"setting": "7p_f2", "rounds": 5, "seed": 1, "error": None}
+    rows = byzantine.with_clean(
+        [
+            {**base, "rule": "krum", "attack": "none", "accuracy_min": 0.95, "accuracy_mean": 0.95},
+            {**base, "rule": "krum", "attack": "alie", "accuracy_min": 0.9, "accuracy_mean": 0.91},
+            {
+                **base,
+                "rule": "krum",
+                "attack": "nonfinite",
+                "accuracy_min": 0.5,
+                "accuracy_mean": 0.5,
+                "error": "timed out",
+            },
+        ]
+    )
+    text = byzantine.markdown(rows, ["7p_f2"])
+    assert "| rule | clean | alie | nonfinite | worst drop (points) |" in text
+    assert "| krum | 0.950 | 0.900 | stalled | 4.0 + stalls |" in text
