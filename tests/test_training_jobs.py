@@ -36,7 +36,7 @@ def test_request_gets_the_tasks_defaults() -> None:
 
 
 def test_a_job_tolerating_byzantine_peers_defaults_to_a_robust_rule() -> None:
-    assert jobs.from_request({"task": "digits", "f": 1}, now_ms=1).aggregator == "median"
+    assert jobs.from_request({"task": "digits", "f": 1}, now_ms=1).aggregator == "nnm+median"
     named = jobs.from_request({"task": "digits", "f": 1, "aggregator": "krum"}, now_ms=1)
     assert named.aggregator == "krum"
     # A plain mean asked for by name is the operator's choice, and kept.
