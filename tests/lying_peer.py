@@ -32,9 +32,11 @@ from spirtd.training import trainer
 from spirtd.training.checkpoint import Snapshot
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta, StateMeta
 
-# One class a round, in this order: the classes that cost the liar no gossip score
-# first, so each is seen by the validators before the ones that get it penalised
-# (and, at a peer that graylists it, everything it sends is dropped unread).
+# One class per gradient the liar publishes (not per round: a liar that left the
+# others' model after a class sent instead of its gradient misses rounds while it
+# syncs, and a class tied to a round number could be skipped every time), in this
+# order: the classes that cost the liar no gossip score first, so each is seen by
+# the validators before the ones that get it penalised or excluded.
 BAD_CLASSES = (
     "job",
     "stale",
@@ -42,12 +44,7 @@ BAD_CLASSES = (
     "future_flood",
     "replay",
     "reused_seq",
-    # Instead of its gradient: the liar's own model, which has it, leaves the
-    # others' until it syncs, and it sends nothing meanwhile; hence the honest
-    # rounds after it.
-    "size",
-    "honest",
-    "honest",
+    "size",  # instead of its gradient; refused on its face and penalised
     # Last: its announcement is valid, so it is refused only once the body is
     # read, and the signed NaN is proof that gets the liar excluded for good.
     "nonfinite",
@@ -71,6 +68,7 @@ async def _lying_snapshot(self: trainer.Trainer) -> Snapshot | None:
 
 # The last envelope this peer signed for a gradient: what the replays re-send.
 _last: dict[str, tuple[bytes, int]] = {}
+_sent = [0]  # gradients published so far: which class comes next
 
 
 async def _send(ps: PubSub, body: bytes, meta: bytes, *, seq: int | None = None) -> bytes:
@@ -105,7 +103,8 @@ async def _send(ps: PubSub, body: bytes, meta: bytes, *, seq: int | None = None)
 
 async def _lying_publish(self: trainer.Trainer, r: int, base: bytes) -> None:
     ps = self.env.pubsub
-    kind = BAD_CLASSES[(r - 1) % len(BAD_CLASSES)]  # round 1 takes the first
+    kind = BAD_CLASSES[_sent[0] % len(BAD_CLASSES)]
+    _sent[0] += 1
     n = self.spec.param_count
     good = GradientMeta(self.job_id, r, base, 64, 1.0)
     zeros = np.zeros(n, dtype="<f4").tobytes()

@@ -34,6 +34,12 @@ class _LyingNode(LocalNode):
             os.environ.pop("SPIRT_TEST_LIE", None)
 
 
+def _brief(h: dict[str, Any]) -> dict[str, Any]:
+    """A history entry without its long lists, for an assertion message."""
+    keys = ("round", "wait_s", "deadline_s", "closed_by", "duration_s", "digest")
+    return {k: h.get(k) for k in keys} | {"contributors": len(h["contributors"])}
+
+
 def _status(n: LocalNode) -> dict[str, Any]:
     return n.call("GET", "/v1/train/status")
 
@@ -74,7 +80,7 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(short_tmp: Path) -> N
             # may, its bad ones never (a round's contributors number at most 5).
             assert len(h["contributors"]) <= 5
             # No round waited past its deadline (slack for the timer's wake-up).
-            assert h["wait_s"] <= h["deadline_s"] + 0.5, h
+            assert h["wait_s"] <= h["deadline_s"] + 0.5, (_brief(h), s["events"][-8:])
     assert len({s["model_digest"] for s in statuses}) == 1
     # Each class, refused and counted by reason at the honest peers.
     rejected = {k: v for k, v in counters.items() if "rejected" in k or "invalid" in k}
@@ -86,7 +92,7 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(short_tmp: Path) -> N
     assert counters["gossip.duplicate"] >= 1
     assert counters["gossip.seq_conflict"] >= 1, rejected
     # A flood of far-future rounds moves no body: each is refused on its
-    # announcement (20 per flood, from the liar's every 10th round).
+    # announcement (20 per flood).
     assert counters["training.gradient_rejected.future"] >= 20
     # None of this is equivocation: the liar signs one gradient per (round, model).
     # But a signed NaN is proof on its own: the liar is out for the rest of the
@@ -95,8 +101,7 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(short_tmp: Path) -> N
     for s in statuses:
         (ex,) = s["excluded"]
         assert ex["node_id"] == liar.node_id and ex["reason"] == "nonfinite", ex
-        # lying_peer sends NaN in every 10th round (importing it would patch us).
-        assert ex["round"] % 10 == 0 and ex["at_round"] <= ex["round"] + 2, ex
+        assert ex["at_round"] <= ex["round"] + 2, ex
         first_nan = ex["round"]
         late = [h for h in s["history"] if h["round"] > first_nan + 2]
         assert late and all(liar.node_id not in h["contributors"] for h in late)
