@@ -5,8 +5,9 @@ All figures come from one run, measured side by side on this machine:
 1. in-DB: P real spirtd peers (default 4; LocalCluster, ``--profile local``, each
    ``--shard i/P``), each with its managed redis-server with the SPIRT module and
    local functions, train a digits MLP (``hidden`` 13333: 75*h+10 = ~1.0M
-   parameters) for R rounds (default 30): per-peer batch B (default 64) split over
-   W = 2 functions per round, mean aggregator, SGD. The job is started through the
+   parameters) for R rounds (default 30): per-peer batch B (default 256: the 4 peers
+   together draw 1,024 of digits' 1,437 training images a round) split over W = 2
+   functions per round, mean aggregator, SGD. The job is started through the
    control API; every node's ``GET /v1/train/status`` history is read at the end.
    The first --warmup rounds (default 5: function workers start cold, body pages are
    touched for the first time) are discarded. For every later round we take the
@@ -31,6 +32,13 @@ All figures come from one run, measured side by side on this machine:
    median of a 30 ms step moves with whatever else runs.
    ddp_ratio = round_s / ddp_step_s (target <= 3),
    overhead_ratio = round_s / single_process_step_s.
+
+4. The batch sweep (``--sweep``, default 64 and 1024): steps 1 and 3 again at each
+   of those per-peer batches, in the same run (``by_batch``, with the headline batch
+   too, in batch order). A SPIRT round has a cost that does not grow with the batch
+   (moving, encrypting, digesting and storing P gradients of the model's size) and
+   DDP's step has little, so ddp_ratio falls as the batch grows: the sweep shows
+   where the target is met and where it is not.
 
 ``time_split``: where a round's time goes, as shares of the in-DB round. The shares
 use means over all measured (node, round) pairs so that they add up to 1; ``rest``
@@ -614,6 +622,24 @@ def single_process_steps(a: argparse.Namespace) -> dict[str, Any]:
 # --- the run ------------------------------------------------------------------------------
 
 
+def sweep_point(
+    a: argparse.Namespace, in_db: dict[str, Any], ddp: dict[str, Any], single: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "batch_per_peer": a.batch,
+        "round_s": in_db["round_s"],
+        "phases": in_db["phases"],
+        "cpu_s_per_round": in_db.get("cpu_s_per_round"),
+        "ddp_step_s": ddp["step_s"],
+        "ddp_step_s_min": ddp["step_s_min"],
+        "ddp_ratio": in_db["round_s"] / ddp["step_s"],
+        "single_process_step_s": single["step_s"],
+        "overhead_ratio": in_db["round_s"] / single["step_s"],
+        "same_model": in_db["same_model"],
+        "rounds_not_complete": in_db["rounds_not_complete"],
+    }
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     load_before = machine()
     in_db = run_spirt(a, plain_redis=False)
@@ -621,6 +647,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     runs = {"in_db": in_db, "client_side": client}
     ddp = ddp_steps(a)
     single = single_process_steps(a)
+    by_batch = [sweep_point(a, in_db, ddp, single)]
+    for b in a.sweep:
+        if b == a.batch:
+            continue
+        at = argparse.Namespace(**{**vars(a), "batch": b})
+        print(f"[bench.round] sweep: batch {b} per peer", file=sys.stderr)
+        point = run_spirt(at, plain_redis=False)
+        by_batch.append(sweep_point(at, point, ddp_steps(at), single_process_steps(at)))
+    by_batch.sort(key=lambda x: x["batch_per_peer"])
 
     def in_db_sum(ph: dict[str, float]) -> float:
         return sum(ph[p.removesuffix("_s")] for p in IN_DB_PHASES)
@@ -662,6 +697,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "in_db_reduction": reduction >= TARGET_REDUCTION,
             "ddp_ratio": ddp_ratio <= TARGET_DDP_RATIO,
         },
+        # ddp_ratio at every per-peer batch of the sweep (the headline batch included).
+        "by_batch": by_batch,
+        "ddp_ratio_met_from_batch": next(
+            (
+                x["batch_per_peer"]
+                for i, x in enumerate(by_batch)
+                if all(y["ddp_ratio"] <= TARGET_DDP_RATIO for y in by_batch[i:])
+            ),
+            None,
+        ),
         "targets": {
             "in_db_reduction": TARGET_REDUCTION,
             "in_db_reduction_paper": PAPER_REDUCTION,
@@ -721,7 +766,21 @@ def render(r: dict[str, Any]) -> str:
         f"cluster CPU per round {r['cpu_s_per_round']} s in-DB, "
         f"{r['client_side_cpu_s_per_round']} s client-side "
         f"(in-DB: {r['cpu_share_of_cores']} of the {os.cpu_count()} cores' time)\n"
-        f"meets_targets {r['meets_targets']}"
+        f"meets_targets {r['meets_targets']}\n"
+        "by per-peer batch (same run):\n"
+        + table(
+            [
+                {
+                    "batch_per_peer": x["batch_per_peer"],
+                    "round_s": x["round_s"],
+                    "ddp_step_s": x["ddp_step_s"],
+                    "ddp_ratio": round(x["ddp_ratio"], 2),
+                    "overhead_ratio": round(x["overhead_ratio"], 2),
+                }
+                for x in r["by_batch"]
+            ],
+            ["batch_per_peer", "round_s", "ddp_step_s", "ddp_ratio", "overhead_ratio"],
+        )
     )
     return head + table(rows, ["phase", "in_db_s", "client_side_s", "share_of_round"]) + tail
 
@@ -735,7 +794,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=13333, help="digits MLP width (75*h+10 params)")
-    p.add_argument("--batch", type=int, default=64, help="per-peer (and per-DDP-process) batch")
+    p.add_argument("--batch", type=int, default=256, help="per-peer (and per-DDP-process) batch")
+    p.add_argument(
+        "--sweep",
+        default="64,1024",
+        help="more per-peer batches, comma separated, for by_batch ('' for none)",
+    )
     p.add_argument("--functions", type=int, default=2, help="W: functions per round")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first rounds discarded")
@@ -750,6 +814,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     a.ddp_procs = a.ddp_procs or a.peers
+    try:
+        a.sweep = sorted({int(x) for x in a.sweep.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--sweep must be comma-separated batch sizes, got {a.sweep!r}")
+    if a.batch < 1 or any(b < 1 for b in a.sweep):
+        p.error("--batch and --sweep batches must be positive")
     if a.peers < 1 or a.ddp_procs < 1 or a.ddp_steps < 1 or a.ddp_warmup < 0:
         p.error("--peers, --ddp-procs and --ddp-steps must be positive")
     if not 0 <= a.warmup < a.rounds:

@@ -114,7 +114,8 @@ static void report_option_keys(Args *a, int from, int n, const OptSpec *spec) {
 static const OptSpec AGG_OPTS[] = {
     {"NNM", 1, 0},   {"WEIGHTS", -1, 0}, {"BETA", 1, 0},  {"TRIM", 1, 0},
     {"F", 1, 0},     {"M", 1, 0},        {"MAXITER", 1, 0}, {"EPS", 1, 0},
-    {"TAU", 1, 0},   {"ITERS", 1, 0},    {"START", 1, 1},   {NULL, 0, 0},
+    {"TAU", 1, 0},   {"ITERS", 1, 0},    {"START", 1, 1},   {"SCRATCH", 0, 0},
+    {NULL, 0, 0},
 };
 
 static int agg_key_positions(Args *a) {
@@ -150,7 +151,7 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
     for (size_t i = 0; i < n; i++) job_add_input(job, argv[3 + i], 0);
 
     int s_nnm = 0, s_w = 0, s_beta = 0, s_trim = 0, s_f = 0, s_m = 0, s_it = 0, s_eps = 0,
-        s_tau = 0, s_iters = 0, s_start = 0;
+        s_tau = 0, s_iters = 0, s_start = 0, s_scratch = 0;
     long long v;
     double d;
     RedisModuleString *start = NULL;
@@ -234,6 +235,10 @@ static int agg_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
                 goto bad;
             p->iters = (int)v;
             i += 2;
+        } else if (is_kw(o, "SCRATCH")) {
+            if (once(&a, &s_scratch, "SCRATCH")) goto bad;
+            p->scratch = 1;
+            i += 1;
         } else if (op == OP_CCLIP && is_kw(o, "START")) {
             if (once(&a, &s_start, "START") || need(&a, i, 1, "START")) goto bad;
             start = argv[i + 1];
@@ -461,10 +466,31 @@ static int one_key_job(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, 
 int cmd_norm(RedisModuleCtx *c, RedisModuleString **v, int n) { return one_key_job(c, v, n, OP_NORM); }
 int cmd_digest(RedisModuleCtx *c, RedisModuleString **v, int n) { return one_key_job(c, v, n, OP_DIGEST); }
 
-/* SPIRT.PUT key shape values */
+/* SPIRT.PUT key shape values [SCRATCH [EX seconds]] */
 int cmd_put(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 4) return RM.WrongArity(ctx);
+    if (argc < 4 || argc > 7) return RM.WrongArity(ctx);
     Args a = {ctx, argv, argc, {0}};
+    int scratch = 0, s_ex = 0;
+    long long ex = 0;
+    for (int i = 4; i < argc;) {
+        if (is_kw(argv[i], "SCRATCH")) {
+            if (once(&a, &scratch, "SCRATCH")) return reply_fail(&a);
+            i += 1;
+        } else if (is_kw(argv[i], "EX")) {
+            if (once(&a, &s_ex, "EX") || need(&a, i, 1, "EX") ||
+                get_ll(&a, i + 1, "EX", 1, 100LL * 365 * 24 * 3600, &ex))
+                return reply_fail(&a);
+            i += 2;
+        } else {
+            unknown(&a, i);
+            return reply_fail(&a);
+        }
+    }
+    /* A persisted tensor with a relative TTL would get a fresh one on every AOF load. */
+    if (s_ex && !scratch) {
+        fail(&a, "EX needs SCRATCH");
+        return reply_fail(&a);
+    }
     size_t sl, vl, elems;
     const char *shape = RM.StringPtrLen(argv[2], &sl);
     const char *vals = RM.StringPtrLen(argv[3], &vl);
@@ -487,7 +513,8 @@ int cmd_put(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     if (tensor_check_writable(ctx, argv[1], a.err)) return reply_fail(&a);
     tensor_write(ctx, argv[1], argv[3], shape, sl);
-    RM.ReplicateVerbatim(ctx);
+    if (s_ex) tensor_expire(ctx, argv[1], ex * 1000);
+    if (!scratch) RM.ReplicateVerbatim(ctx);
     return RM.ReplyWithSimpleString(ctx, "OK");
 }
 

@@ -66,6 +66,7 @@ struct JobParams {
     double tau;
     int iters;
     int has_start;     /* CCLIP: input n is the start point */
+    int scratch;       /* SCRATCH: the outputs are not propagated (AOF, replicas) */
     SgdParams sgd;
     AdamParams adam;
 };

@@ -36,6 +36,7 @@ int rm_load_api(RedisModuleCtx *ctx) {
     LOAD(StringToLongLong);
     LOAD(StringToDouble);
     LOAD(ReplicateVerbatim);
+    LOAD(Replicate);
     LOAD(NotifyKeyspaceEvent);
     LOAD(GetContextFlags);
     LOAD(GetSelectedDb);

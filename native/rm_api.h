@@ -89,6 +89,7 @@ struct rm_api {
     int (*StringToLongLong)(const RedisModuleString *str, long long *out);
     int (*StringToDouble)(const RedisModuleString *str, double *out);
     int (*ReplicateVerbatim)(RedisModuleCtx *ctx);
+    int (*Replicate)(RedisModuleCtx *ctx, const char *cmdname, const char *fmt, ...);
     int (*NotifyKeyspaceEvent)(RedisModuleCtx *ctx, int type, const char *event,
                                RedisModuleString *key);
     int (*GetContextFlags)(RedisModuleCtx *ctx);

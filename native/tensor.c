@@ -215,3 +215,27 @@ void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const floa
     tensor_write(ctx, key, v, shape, shape_len);
     RM.FreeString(ctx, v);
 }
+
+void tensor_replicate_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
+                             size_t len, const char *shape, size_t shape_len) {
+    RedisModuleString *sk = shape_key(ctx, key);
+    if (!sk) return;
+    RM.Replicate(ctx, "SET", "sb", key, (const char *)data, len * sizeof(float));
+    RM.Replicate(ctx, "SET", "sb", sk, shape, shape_len);
+    RM.FreeString(ctx, sk);
+}
+
+static void expire_one(RedisModuleCtx *ctx, RedisModuleString *name, long long ms) {
+    RedisModuleKey *k = RM.OpenKey(ctx, name, RM_WRITE);
+    RM.SetExpire(k, ms);
+    RM.CloseKey(k);
+}
+
+void tensor_expire(RedisModuleCtx *ctx, RedisModuleString *key, long long ms) {
+    RedisModuleString *sk = shape_key(ctx, key);
+    expire_one(ctx, key, ms);
+    if (sk) {
+        expire_one(ctx, sk, ms);
+        RM.FreeString(ctx, sk);
+    }
+}

@@ -2,8 +2,7 @@
  *   KEY        raw little-endian float32 values, no header;
  *   KEY:shape  ASCII decimal dims joined by ',' ("" for a scalar).
  * Reading validates both keys; writing sets both. Writes do not propagate anything:
- * the commands replicate themselves verbatim once they have succeeded (a 40 MB SET of
- * the effects would cost a copy and 40 MB of AOF per command). */
+ * each command decides what reaches the AOF and replicas (commands.c, jobs.c). */
 #ifndef SPIRT_TENSOR_H
 #define SPIRT_TENSOR_H
 
@@ -42,6 +41,14 @@ void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString
                   const char *shape, size_t shape_len);
 void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
                          size_t len, const char *shape, size_t shape_len);
+
+/* Sets a time to live on KEY and KEY:shape (both written just before). */
+void tensor_expire(RedisModuleCtx *ctx, RedisModuleString *key, long long ms);
+
+/* Propagates the effect of a write of these floats to KEY (SET of KEY and KEY:shape) to
+ * the AOF and replicas, so replaying it needs none of the command's inputs. */
+void tensor_replicate_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
+                             size_t len, const char *shape, size_t shape_len);
 
 /* Printable, truncated rendering of a key name for error messages. */
 const char *tensor_key_label(RedisModuleString *key, char *buf, size_t cap);

@@ -1,5 +1,6 @@
 """bench.round end to end, tiny: 2 peers, a 64-wide digits MLP, 4 rounds (1 discarded),
-2 DDP processes with 2 steps. It checks the output's shape, not speed."""
+2 DDP processes with 2 steps, and a sweep point at batch 8. It checks the output's
+shape, not speed."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _positive(x: object) -> bool:
 
 def test_bench_round_tiny() -> None:
     cmd = [sys.executable, "-m", "bench.round", "--json", "--peers", "2", "--hidden", "64"]
-    cmd += ["--rounds", "4", "--warmup", "1", "--batch", "16"]
+    cmd += ["--rounds", "4", "--warmup", "1", "--batch", "16", "--sweep", "8,16"]
     cmd += ["--ddp-procs", "2", "--ddp-steps", "2", "--ddp-warmup", "1"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -70,3 +71,13 @@ def test_bench_round_tiny() -> None:
     assert r["in_db"]["same_model"] and r["client_side"]["same_model"]
     assert len(r["in_db"]["per_round"]) == 3
     assert r["ddp"]["procs"] == 2 and len(r["ddp"]["steps_s"]) == 2
+    # The sweep: the headline batch once, in batch order, each with its own ratio.
+    assert [x["batch_per_peer"] for x in r["by_batch"]] == [8, 16]
+    head = r["by_batch"][1]
+    assert head["ddp_ratio"] == r["ddp_ratio"] and head["round_s"] == r["round_s"]
+    for x in r["by_batch"]:
+        assert x["ddp_ratio"] == pytest.approx(x["round_s"] / x["ddp_step_s"])
+        assert x["same_model"] is True
+    met = [x["batch_per_peer"] for x in r["by_batch"] if x["ddp_ratio"] <= 3.0]
+    want = r["ddp_ratio_met_from_batch"]
+    assert want is None or (want in met and all(b in met for b in (8, 16) if b >= want))

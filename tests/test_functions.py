@@ -142,6 +142,64 @@ async def test_explicit_indices_and_ttl(plain_redis: RunningRedis) -> None:
         assert 0 < await plain_redis.client.ttl(key) <= 120
 
 
+@pytest.fixture
+def module_redis(managed_redis: RunningRedis, function_config: Any) -> RunningRedis:
+    """The managed server with the module, bound to its functions' user (FUNCTION_ACL
+    plus SPIRT.PUT)."""
+    function_config(managed_redis.server.function_binding())
+    return managed_redis
+
+
+async def test_with_the_module_the_output_is_scratch_with_a_ttl(
+    module_redis: RunningRedis,
+) -> None:
+    # The gradient lives for one round: SPIRT.PUT ... SCRATCH EX keeps it out of the AOF.
+    task = load_task("synthetic")
+    params = task.initial_params(3)
+    await put_params(module_redis, "spirt:job1:params", params)
+    ev = make_event(module_redis, ttl=90)
+    await call(ev)
+    await call(ev)  # a retry overwrites
+    want, _ = reference_gradient(
+        "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 0, 3)
+    )
+    np.testing.assert_allclose(await get_tensor(module_redis, ev.output_key), want, atol=1e-6)
+    for key in (ev.output_key, tensorfmt.shape_key(ev.output_key)):
+        assert 0 < await module_redis.client.ttl(key) <= 90
+    assert await module_redis.client.execute_command("SPIRT.INFO") is not None
+    await module_redis.server.stop()
+    await module_redis.server.start()  # replays the AOF
+    c = await module_redis.server.client()
+    try:
+        assert await c.exists("spirt:job1:params") == 1
+        assert await c.exists(ev.output_key, tensorfmt.shape_key(ev.output_key)) == 0
+    finally:
+        await c.aclose()
+
+
+async def test_an_acl_without_spirt_put_falls_back_to_set(
+    managed_redis: RunningRedis, function_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/aws/README.md's rule on a Redis that was set up without +spirt.put.
+    await managed_redis.client.execute_command(
+        "ACL", "SETUSER", "spirt-old", "reset", "on", ">old-password-0123456789", *FUNCTION_ACL
+    )
+    monkeypatch.setenv("OLD_FN_PASSWORD", "old-password-0123456789")
+    url = managed_redis.server.function_binding().url
+    function_config(RedisBinding(url, "spirt-old", CredentialRef("env", "OLD_FN_PASSWORD")))
+    task = load_task("synthetic")
+    params = task.initial_params(4)
+    await put_params(managed_redis, "spirt:job1:params", params)
+    ev = make_event(managed_redis, ttl=60)
+    for _ in range(2):  # the second call goes straight to SET
+        await call(ev)
+    want, _ = reference_gradient(
+        "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 0, 3)
+    )
+    np.testing.assert_allclose(await get_tensor(managed_redis, ev.output_key), want, atol=1e-6)
+    assert 0 < await managed_redis.client.ttl(ev.output_key) <= 60
+
+
 async def test_retry_overwrites_never_adds(plain_redis: RunningRedis) -> None:
     task = load_task("synthetic")
     p1 = task.initial_params(1)

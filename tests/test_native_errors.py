@@ -247,5 +247,10 @@ async def test_getkeys_reports_every_key(r: RunningRedis) -> None:
     c = r.client
     got = await c.command_getkeys("SPIRT.CCLIP", "o", 2, "a", "b", "TAU", 1, "START", "s")
     assert [g.decode() if isinstance(g, bytes) else g for g in got] == ["o", "a", "b", "s"]
+    # SCRATCH takes no value: the walk must not take the next option's name for one.
+    got = await c.command_getkeys(
+        "SPIRT.CCLIP", "o", 2, "a", "b", "SCRATCH", "START", "s", "TAU", 1
+    )
+    assert [g.decode() if isinstance(g, bytes) else g for g in got] == ["o", "a", "b", "s"]
     got = await c.command_getkeys("SPIRT.ADAM", "p", "g", "M", "m", "V", "v", "STEP", 1, "LR", 1)
     assert [g.decode() if isinstance(g, bytes) else g for g in got] == ["p", "g", "m", "v"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redis.exceptions import ResponseError
 
 from spirtd.redis.store import TensorStore
 from tests.fixtures_redis import short_tmpdir, start_redis, stop_redis
@@ -52,28 +53,61 @@ async def test_tensors_survive_a_clean_restart(data_dir: Path) -> None:
     await stop_redis(r)
 
 
-async def test_aof_holds_commands_not_megabytes(data_dir: Path) -> None:
-    # Module commands replicate themselves verbatim: replaying them on the same inputs
-    # gives the same bytes, and the AOF does not grow by a full tensor per command.
+def _aof_bytes(data_dir: Path) -> int:
+    return sum(f.stat().st_size for f in (data_dir / "redis" / "appendonlydir").iterdir())
+
+
+async def test_aof_holds_the_state_not_the_scratch(data_dir: Path) -> None:
+    # A training round's shape: gradients and their aggregate are SCRATCH, the optimizer
+    # step's results are the state. The AOF grows by the state (by value, so replaying it
+    # needs no gradient), not by the gradients.
     r = await start_redis(data_dir)
     s = await TensorStore.open(r.client)
-    x = np.random.default_rng(2).standard_normal(250_000).astype(np.float32)  # 1 MB
-    await s.put("a", x)
-    await s.put("b", -x)
-    aof = data_dir / "redis" / "appendonlydir"
-    size0 = sum(f.stat().st_size for f in aof.iterdir())
-    for _ in range(10):
-        await s.median("m", ["a", "b", "a"])
-        await s.sgd("a", "b", lr=0.001)
-    await r.client.execute_command("SPIRT.MEAN", "z", 2, "a", "b")
-    digests = {k: await s.digest(k) for k in ("a", "m", "z")}
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(250_000).astype(np.float32)  # 1 MB
+    await s.put("w", x)
+    await s.put("kept", -x)
+    size0 = _aof_bytes(data_dir)
+    rounds = 6
+    for _ in range(rounds):
+        grads = [f"g{i}" for i in range(4)]
+        for g in grads:
+            await s.put(g, rng.standard_normal(x.size).astype(np.float32), scratch=True)
+        await s.median("agg", grads, scratch=True)
+        await s.sgd("w", "agg", lr=0.01, momentum=0.9, buf="buf")
+    await s.mean("avg", ["w", "kept"])  # not scratch: kept by value
+    digests = {k: await s.digest(k) for k in ("w", "buf", "avg", "kept")}
     await asyncio.sleep(1.2)  # appendfsync everysec
-    grown = sum(f.stat().st_size for f in aof.iterdir()) - size0
-    assert grown < 10_000, grown
+    grown = _aof_bytes(data_dir) - size0
+    state_bytes = (2 * rounds + 1) * x.nbytes  # w and buf each round, avg once
+    # With the gradients it would be 5 tensors more per round.
+    assert state_bytes <= grown < state_bytes + 100_000, (grown, state_bytes)
     await stop_redis(r)
+
     r = await start_redis(data_dir)
     s = await TensorStore.open(r.client)
     assert {k: await s.digest(k) for k in digests} == digests
+    for k in ("g0", "g3", "agg"):
+        assert not await s.exists(k), k
+    await stop_redis(r)
+
+
+async def test_scratch_is_an_option_of_every_writing_command(data_dir: Path) -> None:
+    r = await start_redis(data_dir)
+    c, s = r.client, await TensorStore.open(r.client)
+    x = np.arange(8, dtype=np.float32)
+    await s.put("a", x)
+    await s.put("b", x + 1)
+    with pytest.raises(ResponseError, match="BOGUS"):
+        await c.execute_command("SPIRT.PUT", "c", "8", x.tobytes(), "BOGUS")
+    with pytest.raises(ResponseError, match="SCRATCH"):
+        await c.execute_command("SPIRT.MEAN", "c", 2, "a", "b", "SCRATCH", "SCRATCH")
+    assert not await s.exists("c")
+    await s.trimmed_mean("t", ["a", "b", "a"], trim=1, scratch=True)
+    await s.krum("k", ["a", "b", "a", "b", "a"], 1, scratch=True)
+    await s.geomed("gm", ["a", "b"], scratch=True)
+    await s.cclip("cc", ["a", "b"], 1.0, start="a", scratch=True)
+    np.testing.assert_array_equal(await s.get("t"), x)
     await stop_redis(r)
 
 

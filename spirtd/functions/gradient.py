@@ -6,8 +6,10 @@ For one slice of one round it:
    from the peer's Redis;
 2. loads its slice of the peer's training shard;
 3. computes the mean-loss gradient with torch;
-4. writes it to ``output_key`` (values and shape in one MULTI, both with a TTL, so
-   a retried invocation overwrites its own output and never adds a second one);
+4. writes it to ``output_key`` (values and shape in one command, both with a TTL, so
+   a retried invocation overwrites its own output and never adds a second one):
+   ``SPIRT.PUT ... SCRATCH EX ttl`` where the module is loaded (kept out of the AOF),
+   else SET and SET in one MULTI;
 5. returns ``{"loss", "samples", "duration_ms", ...}``.
 
 The event is validated strictly (event.py). The Redis it writes to, and the
@@ -22,6 +24,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -113,6 +116,7 @@ def _forget_client(binding: RedisBinding) -> None:
     with _lock:
         client = _clients.pop(binding, None)
     if client is not None:
+        _no_module_put.discard(client)
         client.close()
     credentials.forget(binding)
 
@@ -138,14 +142,36 @@ def read_params(client: redis.Redis, key: str, expected: int) -> np.ndarray:
     return tensorfmt.decode(values, shape, max_elements=expected)
 
 
+# Clients whose Redis refused SPIRT.PUT (no module, or an ACL without it): they
+# write with SET from then on.
+_no_module_put: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
+
+
 def write_gradient(client: redis.Redis, key: str, values: np.ndarray, ttl_s: int) -> None:
     data, shape = tensorfmt.encode(values)
+    if client not in _no_module_put:
+        # One command writes values and shape, so a retry replaces the previous
+        # attempt's output. SCRATCH keeps this one-round value out of the AOF.
+        try:
+            client.execute_command("SPIRT.PUT", key, shape, data, "SCRATCH", "EX", ttl_s)
+            return
+        except redis.ResponseError as e:
+            if not _module_absent(e):
+                raise
+            _no_module_put.add(client)
     # One MULTI: readers never see new values with an old shape, and a retry
     # replaces the previous attempt's output instead of adding to it.
     pipe = client.pipeline(transaction=True)
     pipe.set(key, data, ex=ttl_s)
     pipe.set(tensorfmt.shape_key(key), shape, ex=ttl_s)
     pipe.execute()
+
+
+def _module_absent(e: redis.ResponseError) -> bool:
+    """No SPIRT.PUT here: no module, or an ACL without the command. (A key the user may
+    not write is refused with another message, and SET would be refused too.)"""
+    msg = str(e).lower()
+    return "unknown command" in msg or ("no permissions" in msg and "spirt.put" in msg)
 
 
 def rows_for(ev: GradientEvent, task: Task) -> np.ndarray:

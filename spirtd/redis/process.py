@@ -14,9 +14,9 @@ Layout, all inside ``DATA_DIR/redis/`` (mode 0700):
 Each user gets only what it needs (``DAEMON_ACL``, ``FUNCTION_ACL``): the daemon reads
 and writes ``spirt:*`` keys with data, transaction and SPIRT commands; a function reads
 ``spirt:*`` and writes only gradient keys (``spirt:*:g:*``) with GET, SET, STRLEN,
-MULTI/EXEC and PING. Neither can run ACL, FLUSHALL, SHUTDOWN, CONFIG, MODULE or
-SPIRT.CONFIG. A password file readable by group or others is refused, not repaired:
-someone may already have read it.
+MULTI/EXEC and PING (and SPIRT.PUT where the module is loaded). Neither can run ACL,
+FLUSHALL, SHUTDOWN, CONFIG, MODULE or SPIRT.CONFIG. A password file readable by group
+or others is refused, not repaired: someone may already have read it.
 
 The supervisor restarts a dead server with exponential backoff and logs why it died
 (exit status plus the tail of its log). ``stop()`` shuts it down with SIGTERM, which
@@ -88,7 +88,9 @@ DAEMON_MODULE_COMMANDS = (
 FUNCTION_ACL = (
     "resetkeys",
     "%R~spirt:*",
-    "%W~spirt:*:g:*",
+    # Read and write in one pattern: a module command's keys are read-write, and Redis
+    # wants one pattern to grant both (reading them was allowed by the line above).
+    "~spirt:*:g:*",
     "resetchannels",
     "-@all",
     "+get",
@@ -98,6 +100,8 @@ FUNCTION_ACL = (
     "+exec",
     "+ping",
 )
+# With the module, a function writes its gradient as scratch (kept out of the AOF).
+FUNCTION_MODULE_COMMANDS = ("spirt.put",)
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH = 107
 _LOG_TAIL_LINES = 8
@@ -334,10 +338,11 @@ class ManagedRedis:
         def sha(path: Path) -> str:
             return hashlib.sha256(self._password_of(path).encode()).hexdigest()
 
-        daemon_rules = list(DAEMON_ACL)
+        daemon_rules, function_rules = list(DAEMON_ACL), list(FUNCTION_ACL)
         if self.load_module:
             # Naming a command that is not loaded would stop redis-server from starting.
             daemon_rules += [f"+{c}" for c in DAEMON_MODULE_COMMANDS]
+            function_rules += [f"+{c}" for c in FUNCTION_MODULE_COMMANDS]
         lines = [
             "daemonize no",
             f"dir {_quote(str(self.dir))}",
@@ -358,7 +363,7 @@ class ManagedRedis:
             "user default off ~* &* +@all",
             f"user {USERNAME} on #{sha(self.password_file)} {' '.join(daemon_rules)}",
             f"user {FUNCTION_USERNAME} on #{sha(self.function_password_file)} "
-            + " ".join(FUNCTION_ACL),
+            + " ".join(function_rules),
         ]
         if self.admin:
             lines.append(f"user {ADMIN_USERNAME} on #{sha(self.admin_password_file)} ~* &* +@all")

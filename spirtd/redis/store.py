@@ -138,6 +138,7 @@ class _Agg:
     tau: float = 0.0
     iters: int = 1
     start: str | None = None
+    scratch: bool = False
 
     @property
     def n(self) -> int:
@@ -194,6 +195,8 @@ class _Agg:
                 args += ["START", self.start]
         if self.nnm_f is not None:
             args += ["NNM", self.nnm_f]
+        if self.scratch:
+            args.append("SCRATCH")
         return args
 
 
@@ -354,15 +357,18 @@ class TensorStore:
 
     # ---- tensors ----------------------------------------------------------------------
 
-    async def put(self, key: str, array: Any) -> None:
-        """Stores an array (any shape) as float32. Non-finite values are refused."""
+    async def put(self, key: str, array: Any, *, scratch: bool = False) -> None:
+        """Stores an array (any shape) as float32. Non-finite values are refused.
+
+        ``scratch``: the module keeps the write out of the AOF (it will not survive a
+        restart of Redis); on a plain Redis it is persisted like any SET."""
         a = _as_f4(array)
         _check(a.size <= self.max_elements, f"tensor too large ({a.size} elements)")
         _check(a.ndim <= tensorfmt.MAX_DIMS, f"too many dimensions ({a.ndim})")
         shape = tensorfmt.encode_shape(a.shape)
         values = memoryview(a.reshape(-1)).cast("B")  # sent as-is, no copy
         if await self.detect():
-            await self._call("SPIRT.PUT", key, shape, values)
+            await self._call("SPIRT.PUT", key, shape, values, *(["SCRATCH"] if scratch else []))
             return
         bad = _first_nonfinite(a)
         if bad is not None:
@@ -416,12 +422,16 @@ class TensorStore:
         *,
         weights: Sequence[float] | None = None,
         nnm_f: int | None = None,
+        scratch: bool = False,
     ) -> None:
         w = None if weights is None else tuple(weights)
-        await self._aggregate(out, _Agg("mean", tuple(keys), weights=w, nnm_f=nnm_f))
+        agg = _Agg("mean", tuple(keys), weights=w, nnm_f=nnm_f, scratch=scratch)
+        await self._aggregate(out, agg)
 
-    async def median(self, out: str, keys: Sequence[str], *, nnm_f: int | None = None) -> None:
-        await self._aggregate(out, _Agg("median", tuple(keys), nnm_f=nnm_f))
+    async def median(
+        self, out: str, keys: Sequence[str], *, nnm_f: int | None = None, scratch: bool = False
+    ) -> None:
+        await self._aggregate(out, _Agg("median", tuple(keys), nnm_f=nnm_f, scratch=scratch))
 
     async def trimmed_mean(
         self,
@@ -431,17 +441,26 @@ class TensorStore:
         *,
         trim: int | None = None,
         nnm_f: int | None = None,
+        scratch: bool = False,
     ) -> None:
         """Drops the ``trim`` smallest and largest values per coordinate (or
         ``floor(beta * n)``; give exactly one) and averages the rest."""
-        agg = _Agg("trimmed_mean", tuple(keys), beta=beta, trim=trim, nnm_f=nnm_f)
+        agg = _Agg("trimmed_mean", tuple(keys), beta=beta, trim=trim, nnm_f=nnm_f, scratch=scratch)
         await self._aggregate(out, agg)
 
     async def krum(
-        self, out: str, keys: Sequence[str], f: int, *, m: int = 1, nnm_f: int | None = None
+        self,
+        out: str,
+        keys: Sequence[str],
+        f: int,
+        *,
+        m: int = 1,
+        nnm_f: int | None = None,
+        scratch: bool = False,
     ) -> list[int]:
         """Multi-Krum (m = 1: Krum). Returns the chosen input positions, best first."""
-        return await self._aggregate(out, _Agg("krum", tuple(keys), f=f, m=m, nnm_f=nnm_f))
+        agg = _Agg("krum", tuple(keys), f=f, m=m, nnm_f=nnm_f, scratch=scratch)
+        return await self._aggregate(out, agg)
 
     async def geomed(
         self,
@@ -451,9 +470,10 @@ class TensorStore:
         maxiter: int = 100,
         eps: float = 1e-6,
         nnm_f: int | None = None,
+        scratch: bool = False,
     ) -> int:
         """Geometric median (Weiszfeld). Returns the number of iterations run."""
-        agg = _Agg("geomed", tuple(keys), maxiter=maxiter, eps=eps, nnm_f=nnm_f)
+        agg = _Agg("geomed", tuple(keys), maxiter=maxiter, eps=eps, nnm_f=nnm_f, scratch=scratch)
         return await self._aggregate(out, agg)
 
     async def cclip(
@@ -465,8 +485,11 @@ class TensorStore:
         iters: int = 1,
         start: str | None = None,
         nnm_f: int | None = None,
+        scratch: bool = False,
     ) -> None:
-        agg = _Agg("cclip", tuple(keys), tau=tau, iters=iters, start=start, nnm_f=nnm_f)
+        agg = _Agg(
+            "cclip", tuple(keys), tau=tau, iters=iters, start=start, nnm_f=nnm_f, scratch=scratch
+        )
         await self._aggregate(out, agg)
 
     async def aggregate(self, rule: str, out: str, keys: Sequence[str], **params: Any) -> Any:

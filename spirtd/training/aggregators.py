@@ -66,12 +66,21 @@ class Aggregator:
             )
 
     async def run(
-        self, store: TensorStore, out: str, keys: Sequence[str], *, previous: str | None
+        self,
+        store: TensorStore,
+        out: str,
+        keys: Sequence[str],
+        *,
+        previous: str | None,
+        scratch: bool = False,
     ) -> Any:
-        """Aggregates ``keys`` (already in node-id order) into ``out``."""
+        """Aggregates ``keys`` (already in node-id order) into ``out`` (``scratch``: see
+        TensorStore.put)."""
         n = len(keys)
         self.check_membership(n)
-        kw: dict[str, Any] = {"nnm_f": self.f} if self.nnm and self.f else {}
+        kw: dict[str, Any] = {"scratch": scratch}
+        if self.nnm and self.f:
+            kw["nnm_f"] = self.f
         if self.rule == "mean":
             return await store.mean(out, keys, **kw)
         if self.rule == "median":

@@ -509,7 +509,7 @@ class Trainer:
         key = self.keys.peer(r, msg.origin)
         body = await msg.read()
         try:
-            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"))
+            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
         except NonFinite as e:
             log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
             self.m.reject(msg.origin, r, "nonfinite", time.monotonic())
@@ -634,7 +634,7 @@ class Trainer:
             return
         weights = [float(s.result["samples"]) for s in ok]  # type: ignore[index]
         slice_keys = [self.keys.slice(r, s.index) for s in ok]
-        await env.store.mean(self.keys.local(r), slice_keys, weights=weights)
+        await env.store.mean(self.keys.local(r), slice_keys, weights=weights, scratch=True)
         await env.store.delete(*[self.keys.slice(r, i) for i in range(spec.functions_per_round)])
         t2 = time.perf_counter()
         loss = sum(float(s.result["loss"]) * w for s, w in zip(ok, weights, strict=True))  # type: ignore[index]
@@ -675,7 +675,7 @@ class Trainer:
         t0 = time.perf_counter()
         inputs = [keys.local(r) if c == me else keys.peer(r, c) for c in contributors]
         previous = keys.agg_prev if await env.store.exists(keys.agg_prev) else None
-        await rule.run(env.store, keys.agg, inputs, previous=previous)
+        await rule.run(env.store, keys.agg, inputs, previous=previous, scratch=True)
         t1 = time.perf_counter()
         if spec.optimizer == "adam":
             await env.store.adam(

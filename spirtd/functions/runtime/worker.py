@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from spirtd import malloc_tuning
 from spirtd.functions.runtime import framing, lambda_errors
 from spirtd.functions.runtime.context import LambdaContext
 
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     t0 = time.perf_counter()
+    # A handler that moves tensors of a few MB per invocation would otherwise get each
+    # as a fresh mmap, faulted in page by page and unmapped after use.
+    malloc_tuning.tune()
     try:
         set_memory_limit(args.memory_mb)
         handler = import_handler(args.handler)
