@@ -298,25 +298,25 @@ static int opt_key_positions(Args *a, const OptSpec *spec) {
 }
 
 static const OptSpec SGD_OPTS[] = {
-    {"LR", 1, 0},        {"MOMENTUM", 1, 0},     {"BUF", 1, 1}, {"DAMPENING", 1, 0},
-    {"NESTEROV", 0, 0},  {"WEIGHT_DECAY", 1, 0}, {NULL, 0, 0},
+    {"LR", 1, 0},        {"MOMENTUM", 1, 0},     {"BUF", 1, 1},     {"DAMPENING", 1, 0},
+    {"NESTEROV", 0, 0},  {"WEIGHT_DECAY", 1, 0}, {"SCRATCH", 0, 0}, {NULL, 0, 0},
 };
 
 static const OptSpec ADAM_OPTS[] = {
     {"M", 1, 1},   {"V", 1, 1},            {"STEP", 1, 0},      {"LR", 1, 0},
     {"BETAS", 2, 0}, {"EPS", 1, 0},        {"WEIGHT_DECAY", 1, 0}, {"DECOUPLED", 0, 0},
-    {NULL, 0, 0},
+    {"SCRATCH", 0, 0}, {NULL, 0, 0},
 };
 
 /* SPIRT.SGD param grad LR lr [MOMENTUM mu] [BUF key] [DAMPENING d] [NESTEROV]
- *           [WEIGHT_DECAY wd] */
+ *           [WEIGHT_DECAY wd] [SCRATCH] */
 int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Args a = {ctx, argv, argc, {0}};
     if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, SGD_OPTS);
     if (argc < 5) return RM.WrongArity(ctx);
     SgdParams sp = {0};
     RedisModuleString *buf = NULL;
-    int s_lr = 0, s_mu = 0, s_buf = 0, s_damp = 0, s_nest = 0, s_wd = 0;
+    int s_lr = 0, s_mu = 0, s_buf = 0, s_damp = 0, s_nest = 0, s_wd = 0, scratch = 0;
     for (int i = 3; i < argc;) {
         RedisModuleString *o = argv[i];
         if (is_kw(o, "LR")) {
@@ -342,6 +342,9 @@ int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
             if (once(&a, &s_nest, "NESTEROV")) return reply_fail(&a);
             sp.nesterov = 1;
             i += 1;
+        } else if (is_kw(o, "SCRATCH")) {
+            if (once(&a, &scratch, "SCRATCH")) return reply_fail(&a);
+            i += 1;
         } else if (is_kw(o, "WEIGHT_DECAY")) {
             if (once(&a, &s_wd, "WEIGHT_DECAY") || need(&a, i, 1, "WEIGHT_DECAY") ||
                 get_dbl(&a, i + 1, "WEIGHT_DECAY", 0.0, HUGE_VAL, 0, &sp.weight_decay))
@@ -362,6 +365,7 @@ int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Job *job = job_new(OP_SGD);
     if (!job) return RM.ReplyWithError(ctx, "ERR SPIRT out of memory");
     job_params(job)->sgd = sp;
+    job_params(job)->scratch = scratch;
     job_add_input(job, argv[1], 0);
     job_add_input(job, argv[2], 0);
     job_add_output(job, argv[1]);
@@ -373,14 +377,15 @@ int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 }
 
 /* SPIRT.ADAM param grad M m V v STEP t LR lr [BETAS b1 b2] [EPS e] [WEIGHT_DECAY wd]
- *            [DECOUPLED] */
+ *            [DECOUPLED] [SCRATCH] */
 int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Args a = {ctx, argv, argc, {0}};
     if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, ADAM_OPTS);
     if (argc < 11) return RM.WrongArity(ctx);
     AdamParams ap = {.beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
     RedisModuleString *m = NULL, *v = NULL;
-    int s_m = 0, s_v = 0, s_step = 0, s_lr = 0, s_b = 0, s_eps = 0, s_wd = 0, s_dec = 0;
+    int s_m = 0, s_v = 0, s_step = 0, s_lr = 0, s_b = 0, s_eps = 0, s_wd = 0, s_dec = 0,
+        scratch = 0;
     for (int i = 3; i < argc;) {
         RedisModuleString *o = argv[i];
         if (is_kw(o, "M")) {
@@ -421,6 +426,9 @@ int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
             if (once(&a, &s_dec, "DECOUPLED")) return reply_fail(&a);
             ap.decoupled = 1;
             i += 1;
+        } else if (is_kw(o, "SCRATCH")) {
+            if (once(&a, &scratch, "SCRATCH")) return reply_fail(&a);
+            i += 1;
         } else {
             unknown(&a, i);
             return reply_fail(&a);
@@ -436,6 +444,7 @@ int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Job *job = job_new(OP_ADAM);
     if (!job) return RM.ReplyWithError(ctx, "ERR SPIRT out of memory");
     job_params(job)->adam = ap;
+    job_params(job)->scratch = scratch;
     job_add_input(job, argv[1], 0);
     job_add_input(job, argv[2], 0);
     /* Step 1 starts from zero moments: the moment keys are only written, never read. */

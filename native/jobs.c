@@ -352,11 +352,10 @@ static int finish(RedisModuleCtx *ctx, Job *j) {
     for (size_t k = 0; k < j->n_out; k++)
         tensor_write_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
     /* What the AOF and replicas get: the results by value (a SET of each output and its
-     * shape), so that replaying them never needs the inputs; SCRATCH outputs (a round's
-     * gradients and their aggregate) not at all. Replicating the command itself would be
-     * smaller, but its inputs are usually scratch, and writing all of those to the AOF
-     * (~20 MB a round for 1M parameters and 4 peers) cost the managed Redis more CPU than
-     * all its tensor work. */
+     * shape), so that replaying them never needs the inputs; SCRATCH outputs nothing.
+     * Replicating the command itself would be smaller, but its inputs are usually
+     * scratch: a training round's gradients, whose ~20 MB a round (1M parameters, 4
+     * peers) cost the managed Redis more CPU in AOF writes than all its tensor work. */
     if (!j->p.scratch)
         for (size_t k = 0; k < j->n_out; k++)
             tensor_replicate_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape,

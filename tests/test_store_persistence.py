@@ -76,6 +76,10 @@ async def test_aof_holds_the_state_not_the_scratch(data_dir: Path) -> None:
         await s.median("agg", grads, scratch=True)
         await s.sgd("w", "agg", lr=0.01, momentum=0.9, buf="buf")
     await s.mean("avg", ["w", "kept"])  # not scratch: kept by value
+    # A training job's way: the optimizer's results are scratch too (checkpoints keep them).
+    await s.put("w2", x, scratch=True)
+    await s.sgd("w2", "agg", lr=0.01, scratch=True)
+    await s.adam("w2", "agg", m="m2", v="v2", step=1, lr=0.01, scratch=True)
     digests = {k: await s.digest(k) for k in ("w", "buf", "avg", "kept")}
     await asyncio.sleep(1.2)  # appendfsync everysec
     grown = _aof_bytes(data_dir) - size0
@@ -87,7 +91,7 @@ async def test_aof_holds_the_state_not_the_scratch(data_dir: Path) -> None:
     r = await start_redis(data_dir)
     s = await TensorStore.open(r.client)
     assert {k: await s.digest(k) for k in digests} == digests
-    for k in ("g0", "g3", "agg"):
+    for k in ("g0", "g3", "agg", "w2", "m2", "v2"):
         assert not await s.exists(k), k
     await stop_redis(r)
 

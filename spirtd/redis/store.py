@@ -524,8 +524,10 @@ class TensorStore:
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        scratch: bool = False,
     ) -> None:
-        """A torch.optim.SGD step on ``param``; the momentum buffer lives at ``buf``."""
+        """A torch.optim.SGD step on ``param``; the momentum buffer lives at ``buf``
+        (``scratch``: see put)."""
         o = _Sgd(lr, momentum, dampening, nesterov, weight_decay).validate(param, buf)
         use_buf = o.momentum > 0
         if await self.detect():
@@ -538,6 +540,8 @@ class TensorStore:
                 args.append("NESTEROV")
             if o.weight_decay:
                 args += ["WEIGHT_DECAY", o.weight_decay]
+            if scratch:
+                args.append("SCRATCH")
             await self._call(*args)
             return
         inputs = [(param, False), (grad, False)]
@@ -561,6 +565,7 @@ class TensorStore:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled: bool = False,
+        scratch: bool = False,
     ) -> None:
         """torch.optim.Adam (AdamW when decoupled) step number ``step`` (counting from 1;
         step 1 starts from zero moments, so ``m``/``v`` need not exist yet)."""
@@ -588,6 +593,8 @@ class TensorStore:
                 args += ["WEIGHT_DECAY", o.weight_decay]
             if o.decoupled:
                 args.append("DECOUPLED")
+            if scratch:
+                args.append("SCRATCH")
             await self._call(*args)
             return
         # Step 1 starts from zero moments: m and v are only written, never read.

@@ -16,6 +16,12 @@ happened. Per round:
 
 Nothing here blocks the loop: Redis calls are awaited, torch evaluation runs on
 a thread, and every wait is bounded.
+
+Every tensor a round writes (gradients, aggregate, the updated state) is SCRATCH:
+Redis keeps it out of its AOF. Writing the gradients there cost Redis more CPU than
+all its tensor work, and the state would put the whole model on disk every round.
+The state is made durable by the checkpoints (every ``checkpoint_every`` rounds and
+at stop) and by the peers; after a restart of Redis it is taken from there.
 """
 
 from __future__ import annotations
@@ -686,6 +692,7 @@ class Trainer:
                 step=r,
                 lr=spec.lr,
                 weight_decay=spec.weight_decay,
+                scratch=True,
             )
         else:
             await env.store.sgd(
@@ -695,9 +702,10 @@ class Trainer:
                 momentum=spec.momentum,
                 buf=keys.buf if spec.momentum > 0 else None,
                 weight_decay=spec.weight_decay,
+                scratch=True,
             )
         if self.rule.rule == "cclip":
-            await env.store.mean(keys.agg_prev, [keys.agg])
+            await env.store.mean(keys.agg_prev, [keys.agg], scratch=True)
         t2 = time.perf_counter()
         digest = await state.digest_of(env.store, self.job_id, spec, r)
         self.digest, self.completed = digest, r
