@@ -70,6 +70,10 @@ def _assert_trained(statuses: list[dict[str, Any]], min_accuracy: float) -> None
         assert s["accuracy"] is not None and s["accuracy"] >= min_accuracy, s["accuracy"]
     digests = {s["model_digest"] for s in statuses}
     assert len(digests) == 1, f"peers hold different models: {digests}"
+    # A history's phases are durations, nothing internal (e.g. a monotonic timestamp).
+    for s in statuses:
+        for h in s["history"]:
+            assert all(k.endswith("_s") and 0 <= v < 600 for k, v in h["phases"].items()), h
 
 
 def test_four_peers_train_digits(make_cluster: Any) -> None:

@@ -663,7 +663,10 @@ class Trainer:
             raise RuntimeError(f"local gradient for round {r} vanished from Redis")
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
         phases["publish_s"] = time.perf_counter() - t0
-        phases["ready_at"] = time.monotonic()
+        # A round that closed during the publish has its record made already (holding
+        # this dict): the internal timestamp must not land in its history.
+        if self._phases.get(r) is phases:
+            phases["ready_at"] = time.monotonic()
 
     async def _aggregate(self, r: int, contributors: tuple[str, ...], f: int | None = None) -> None:
         async with self._state_lock:
