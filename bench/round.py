@@ -5,10 +5,11 @@ All figures come from one run, measured side by side on this machine:
 1. in-DB: P real spirtd peers (default 4; LocalCluster, ``--profile local``, each
    ``--shard i/P``), each with its managed redis-server with the SPIRT module and
    local functions, train a digits MLP (``hidden`` 13333: 75*h+10 = ~1.0M
-   parameters) for R rounds (default 30): per-peer batch B (default 256: the 4 peers
-   together draw 1,024 of digits' 1,437 training images a round) split over W = 2
-   functions per round, mean aggregator, SGD. The job is started through the
-   control API; every node's ``GET /v1/train/status`` history is read at the end.
+   parameters) for R rounds (default 30): per-peer batch B (default 512; a batch
+   larger than the peer's shard of digits' 1,437 training images is drawn with
+   replacement) split over W = 2 functions per round, mean aggregator, SGD. The job
+   is started through the control API; every node's ``GET /v1/train/status`` history
+   is read at the end.
    The first --warmup rounds (default 5: function workers start cold, body pages are
    touched for the first time) are discarded. For every later round we take the
    median across nodes of ``duration_s`` and of each phase, then report the median
@@ -33,9 +34,9 @@ All figures come from one run, measured side by side on this machine:
    ddp_ratio = round_s / ddp_step_s (target <= 3),
    overhead_ratio = round_s / single_process_step_s.
 
-4. The batch sweep (``--sweep``, default 64 and 1024): steps 1 and 3 again at each
-   of those per-peer batches, in the same run (``by_batch``, with the headline batch
-   too, in batch order). A SPIRT round has a cost that does not grow with the batch
+4. The batch sweep (``--sweep``, default 64, 256 and 1024): steps 1 and 3 again at
+   each of those per-peer batches, in the same run (``by_batch``, with the headline
+   batch too, in batch order). A SPIRT round has a cost that does not grow with the batch
    (moving, encrypting, digesting and storing P gradients of the model's size) and
    DDP's step has little, so ddp_ratio falls as the batch grows: the sweep shows
    where the target is met and where it is not.
@@ -794,10 +795,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=13333, help="digits MLP width (75*h+10 params)")
-    p.add_argument("--batch", type=int, default=256, help="per-peer (and per-DDP-process) batch")
+    p.add_argument("--batch", type=int, default=512, help="per-peer (and per-DDP-process) batch")
     p.add_argument(
         "--sweep",
-        default="64,1024",
+        default="64,256,1024",
         help="more per-peer batches, comma separated, for by_batch ('' for none)",
     )
     p.add_argument("--functions", type=int, default=2, help="W: functions per round")
