@@ -64,7 +64,7 @@ from spirtd import logs, metrics
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.service import Info, Message, PubSub
-from spirtd.redis.store import NonFinite, StoreError, TensorStore
+from spirtd.redis.store import NonFinite, StoreError, TensorNotFound, TensorStore
 from spirtd.tasks import Task
 from spirtd.training import state
 from spirtd.training.checkpoint import (
@@ -660,7 +660,9 @@ class Trainer:
         t0 = time.perf_counter()
         body = await self.env.store.client.get(self.keys.local(r))
         if body is None:
-            raise RuntimeError(f"local gradient for round {r} vanished from Redis")
+            # It is scratch: a Redis that restarted since it was written lost it. Redis
+            # trouble, handled as such (the state is re-established), not a failed job.
+            raise TensorNotFound(f"local gradient for round {r} vanished from Redis")
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
         phases["publish_s"] = time.perf_counter() - t0
         # A round that closed during the publish has its record made already (holding
