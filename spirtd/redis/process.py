@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
-from redis.retry import Retry
 
 from spirtd.functions.credentials import CredentialRef, RedisBinding
 from spirtd.redis.module import module_path
