@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument(
         "--aggregator",
         help="mean, median, trimmed_mean, krum, multi_krum, geomed, cclip, or nnm+RULE "
-        "(default: mean, or median when --f > 0)",
+        "(default: mean, or nnm+median when --f > 0)",
     )
     ts.add_argument("--f", type=int, help="Byzantine peers to tolerate")
     ts.add_argument("--batch-size", type=int, help="per-peer batch per round")
