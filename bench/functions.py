@@ -74,8 +74,8 @@ def make_event(
         redis=RedisTarget(redis.url),
         params_key=params_key,
         data=DataSlice(Shard(0, 1), batch_size=batch, seed=1, slices=slices),
-        # Under spirt:*:g:*, the only keys the functions' Redis user may write.
-        output_key=f"spirt:bench:g:{tag}:s:{slice_index}",
+        # Under spirt:*:fn:*, the only keys the functions' Redis user may write.
+        output_key=f"spirt:bench:fn:{tag}:{slice_index}",
         ttl_seconds=300,
     ).to_json()
 
@@ -99,7 +99,7 @@ async def overhead(redis: ManagedRedis, rt: LocalRuntime, reps: int) -> dict[str
         batch=64,
         slices=1,
         slice_index=0,
-        params_key="spirt:bench:params:small",
+        params_key="spirt:bench:small:theta",
         tag="small",
     )
     ctx = local_context()
@@ -138,7 +138,7 @@ async def throughput(
             batch=batch * gradients,
             slices=gradients,
             slice_index=k,
-            params_key="spirt:bench:params:heavy",
+            params_key="spirt:bench:heavy:theta",
             tag=f"c{concurrency}",
         )
         for k in range(gradients)
@@ -190,8 +190,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis = ManagedRedis(tmp, load_module=False)
     await redis.start()
     try:
-        await put_params(redis, "spirt:bench:params:small", SMALL)
-        heavy_params = await put_params(redis, "spirt:bench:params:heavy", HEAVY)
+        await put_params(redis, "spirt:bench:small:theta", SMALL)
+        heavy_params = await put_params(redis, "spirt:bench:heavy:theta", HEAVY)
         # The functions' Redis and credentials are their configuration, never the event's;
         # the direct calls in this process read the same variable.
         env = bindings_env([redis.function_binding()])

@@ -118,7 +118,7 @@ async def test_each_secret_goes_only_to_its_own_redis(
     password = Path(own.credentials.value).read_text().strip()
     monkeypatch.setenv("SPIRT_OTHER_PW", "other-password-for-the-attacker")
     bind(own, RedisBinding(attacker.url, "spirt-fn", CredentialRef("none")))
-    await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
+    await put_params(plain_redis, "spirt:job1:theta", load_task("synthetic").initial_params(0))
     ev = make_event(plain_redis).to_json()
     assert (await call(ev))["samples"] == 16  # the bound Redis works
     with pytest.raises(Exception):  # noqa: B017 - whatever the fake server's replies cause
@@ -205,7 +205,7 @@ async def test_event_without_url_uses_the_only_binding(
     plain_redis: RunningRedis, bind: Any
 ) -> None:
     bind(plain_redis.server.function_binding())
-    await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
+    await put_params(plain_redis, "spirt:job1:theta", load_task("synthetic").initial_params(0))
     ev = replace(make_event(plain_redis), redis=RedisTarget())
     assert ev.to_json()["redis"] == {}
     assert (await call(ev.to_json()))["samples"] == 16

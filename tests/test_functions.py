@@ -26,6 +26,7 @@ from spirtd.functions.runtime.context import local_context
 from spirtd.redis import tensorfmt
 from spirtd.redis.process import FUNCTION_ACL
 from spirtd.tasks import Shard, TaskError, load_task, minibatch_slice
+from spirtd.training.state import StateKeys
 from tests.fixtures_redis import RunningRedis
 
 
@@ -60,7 +61,7 @@ def make_event(
     options: dict[str, Any] | None = None,
     job: str = "job1",
     rnd: int = 4,
-    params_key: str = "spirt:job1:params",
+    params_key: str = "spirt:job1:theta",
     ttl: int = 600,
 ) -> GradientEvent:
     if indices is not None:
@@ -76,7 +77,7 @@ def make_event(
         redis=RedisTarget(r.url),
         params_key=params_key,
         data=data,
-        output_key=f"spirt:{job}:g:{rnd}:s:{slice_index}",
+        output_key=StateKeys(job).fn_output(rnd, slice_index, "nonce"),
         ttl_seconds=ttl,
     )
 
@@ -114,7 +115,7 @@ async def call(ev: GradientEvent | dict[str, Any]) -> dict[str, Any]:
 async def test_gradient_equals_torch(plain_redis: RunningRedis, task_name: str, shard: str) -> None:
     task = load_task(task_name, shard)
     params = task.initial_params(21)
-    await put_params(plain_redis, "spirt:job1:params", params)
+    await put_params(plain_redis, "spirt:job1:theta", params)
     for k in range(3):
         ev = make_event(plain_redis, task=task_name, shard=shard, slice_index=k)
         out = await call(ev)
@@ -132,7 +133,7 @@ async def test_gradient_equals_torch(plain_redis: RunningRedis, task_name: str, 
 async def test_explicit_indices_and_ttl(plain_redis: RunningRedis) -> None:
     task = load_task("synthetic")
     params = task.initial_params(2)
-    await put_params(plain_redis, "spirt:job1:params", params)
+    await put_params(plain_redis, "spirt:job1:theta", params)
     ev = make_event(plain_redis, indices=[3, 1, 4, 1, 5], ttl=120)
     out = await call(ev)
     want, _ = reference_gradient("synthetic", "0/1", params, np.array([3, 1, 4, 1, 5]))
@@ -156,7 +157,7 @@ async def test_with_the_module_the_output_is_scratch_with_a_ttl(
     # The gradient lives for one round: SPIRT.PUT ... SCRATCH EX keeps it out of the AOF.
     task = load_task("synthetic")
     params = task.initial_params(3)
-    await put_params(module_redis, "spirt:job1:params", params)
+    await put_params(module_redis, "spirt:job1:theta", params)
     ev = make_event(module_redis, ttl=90)
     await call(ev)
     await call(ev)  # a retry overwrites
@@ -171,7 +172,7 @@ async def test_with_the_module_the_output_is_scratch_with_a_ttl(
     await module_redis.server.start()  # replays the AOF
     c = await module_redis.server.client()
     try:
-        assert await c.exists("spirt:job1:params") == 1
+        assert await c.exists("spirt:job1:theta") == 1
         assert await c.exists(ev.output_key, tensorfmt.shape_key(ev.output_key)) == 0
     finally:
         await c.aclose()
@@ -189,7 +190,7 @@ async def test_an_acl_without_spirt_put_falls_back_to_set(
     function_config(RedisBinding(url, "spirt-old", CredentialRef("env", "OLD_FN_PASSWORD")))
     task = load_task("synthetic")
     params = task.initial_params(4)
-    await put_params(managed_redis, "spirt:job1:params", params)
+    await put_params(managed_redis, "spirt:job1:theta", params)
     ev = make_event(managed_redis, ttl=60)
     for _ in range(2):  # the second call goes straight to SET
         await call(ev)
@@ -203,14 +204,14 @@ async def test_an_acl_without_spirt_put_falls_back_to_set(
 async def test_retry_overwrites_never_adds(plain_redis: RunningRedis) -> None:
     task = load_task("synthetic")
     p1 = task.initial_params(1)
-    await put_params(plain_redis, "spirt:job1:params", p1)
+    await put_params(plain_redis, "spirt:job1:theta", p1)
     ev = make_event(plain_redis, slice_index=1)
     await call(ev)
     await call(ev)  # a retry of the same slice
     p2 = task.initial_params(2)
-    await put_params(plain_redis, "spirt:job1:params", p2)
+    await put_params(plain_redis, "spirt:job1:theta", p2)
     await call(ev)
-    keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:g:*"))
+    keys = sorted(k.decode() for k in await plain_redis.client.keys("spirt:job1:fn:*"))
     assert keys == [ev.output_key, tensorfmt.shape_key(ev.output_key)]
     want, _ = reference_gradient(
         "synthetic", "0/1", p2, minibatch_slice(len(task.train), 5, 48, 1, 3)
@@ -222,12 +223,12 @@ async def test_missing_or_misshapen_params(plain_redis: RunningRedis) -> None:
     ev = make_event(plain_redis)
     with pytest.raises(gradient.ParamsError, match="no parameters"):
         await call(ev)
-    await put_params(plain_redis, "spirt:job1:params", np.zeros(10, dtype=np.float32))
+    await put_params(plain_redis, "spirt:job1:theta", np.zeros(10, dtype=np.float32))
     with pytest.raises(gradient.ParamsError, match="40 bytes"):
         await call(ev)
     bad = load_task("synthetic").initial_params(0)
     bad[0] = np.inf
-    await put_params(plain_redis, "spirt:job1:params", bad)
+    await put_params(plain_redis, "spirt:job1:theta", bad)
     with pytest.raises(TaskError, match="NaN or infinity"):
         await call(ev)
     assert await plain_redis.client.exists(ev.output_key) == 0  # nothing was written
@@ -236,7 +237,7 @@ async def test_missing_or_misshapen_params(plain_redis: RunningRedis) -> None:
 async def test_credentials_by_reference(
     plain_redis: RunningRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function_config: Any
 ) -> None:
-    await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
+    await put_params(plain_redis, "spirt:job1:theta", load_task("synthetic").initial_params(0))
     info = plain_redis.server.connection_info()
     password = Path(info.password_file).read_text().strip()
 
@@ -344,7 +345,7 @@ async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis) ->
     assert plain_redis.server.function_binding().username == "spirt-fn"
     task = load_task("synthetic")
     params = task.initial_params(6)
-    await put_params(plain_redis, "spirt:job1:params", params)
+    await put_params(plain_redis, "spirt:job1:theta", params)
     ev = make_event(plain_redis)
     out = await call(ev)
     assert out["samples"] == 16
@@ -352,13 +353,15 @@ async def test_works_with_least_privilege_acl_user(plain_redis: RunningRedis) ->
         "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 0, 3)
     )
     np.testing.assert_allclose(await get_tensor(plain_redis, ev.output_key), want, atol=1e-6)
-    # ... and it cannot touch keys outside its namespace, or overwrite the model.
+    # ... and it cannot touch keys outside its namespace, overwrite the model, or
+    # write a gradient in place of the node.
     await put_params(plain_redis, "other:params", params)
     with pytest.raises(redis.exceptions.NoPermissionError):
         await call(replace(ev, params_key="other:params"))
-    with pytest.raises(redis.exceptions.NoPermissionError):
-        await call(replace(ev, output_key="spirt:job1:params"))
-    np.testing.assert_array_equal(await get_tensor(plain_redis, "spirt:job1:params"), params)
+    for key in ("spirt:job1:theta", "spirt:job1:g:4:local", "spirt:job1:g:4:p:12D3KooWPeer"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await call(replace(ev, output_key=key))
+    np.testing.assert_array_equal(await get_tensor(plain_redis, "spirt:job1:theta"), params)
 
 
 async def test_credentials_from_secrets_manager(
@@ -399,7 +402,7 @@ async def test_credentials_from_secrets_manager(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     try:
-        await put_params(plain_redis, "spirt:job1:params", load_task("synthetic").initial_params(0))
+        await put_params(plain_redis, "spirt:job1:theta", load_task("synthetic").initial_params(0))
         arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:good"
         # The username comes from the secret, not the binding.
         function_config(RedisBinding(plain_redis.url, None, CredentialRef("secretsmanager", arn)))

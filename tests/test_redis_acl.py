@@ -4,6 +4,7 @@ A loose password file is refused."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from redis.exceptions import NoPermissionError
 from spirtd.redis import tensorfmt
 from spirtd.redis.process import FUNCTION_USERNAME, ManagedRedis, RedisStartError
 from spirtd.redis.store import StoreError, TensorStore
+from spirtd.training.state import StateKeys
 from tests.fixtures_redis import RunningRedis, short_tmpdir
 
 # What no user but the admin may run: each would let a function (or anyone holding
@@ -70,32 +72,60 @@ async def test_admin_commands_are_refused(
     assert await c.ping()
 
 
-async def test_function_user_reads_params_and_writes_only_gradients(
+async def test_function_user_writes_only_its_invocation_output(
     managed_redis: RunningRedis, users: dict[str, aioredis.Redis]
 ) -> None:
-    fn = users["function"]
-    await put(managed_redis.client, "spirt:j:theta", np.arange(4, dtype=np.float32))
-    # What the gradient function does: STRLEN and GET the parameters, then SET its
-    # slice's gradient and shape in one MULTI.
-    assert await fn.strlen("spirt:j:theta") == 16
-    assert await fn.get("spirt:j:theta:shape") == b"4"
+    """Issue 21, finding 2: the functions' user could write every ``spirt:*:g:*`` key,
+    i.e. the peers' verified gradients and this node's own before it is signed."""
+    fn, admin = users["function"], managed_redis.client
+    keys = StateKeys("j")
+    params = np.arange(4, dtype=np.float32)
+    held = {
+        keys.theta: params,
+        keys.peer(3, "12D3KooWPeer"): np.full(4, 7, dtype=np.float32),
+        keys.local(3): np.full(4, 5, dtype=np.float32),
+        keys.buf: np.full(4, 2, dtype=np.float32),
+        keys.agg: np.full(4, 3, dtype=np.float32),
+    }
+    for key, x in held.items():
+        await put(admin, key, x)
+    out = keys.fn_output(3, 0, secrets.token_hex(16))
+    values, shape = tensorfmt.encode(params * 2)
+
+    # What the gradient function does: STRLEN and GET the parameters, then write its
+    # output with SPIRT.PUT, or with SET and SET in one MULTI where that is refused.
+    assert await fn.strlen(keys.theta) == 16
+    assert await fn.get(tensorfmt.shape_key(keys.theta)) == b"4"
+    await fn.execute_command("SPIRT.PUT", out, shape, values, "SCRATCH", "EX", 60)
+    assert await admin.get(out) == values
     async with fn.pipeline(transaction=True) as pipe:
-        pipe.set("spirt:j:g:3:s:0", b"grad", ex=60)
-        pipe.set("spirt:j:g:3:s:0:shape", b"1", ex=60)
+        pipe.set(out, values, ex=60)
+        pipe.set(tensorfmt.shape_key(out), shape, ex=60)
         await pipe.execute()
-    assert await managed_redis.client.get("spirt:j:g:3:s:0") == b"grad"
-    # It cannot overwrite the model, delete, or touch keys outside spirt:.
+    assert await admin.get(tensorfmt.shape_key(out)) == shape
+
+    # No other key: not a peer's verified gradient, not the local gradient, not the
+    # model or the optimizer's state, by any write command it has.
+    for key in held:
+        for target in (key, tensorfmt.shape_key(key)):
+            with pytest.raises(NoPermissionError):
+                await fn.set(target, b"evil")
+        with pytest.raises(NoPermissionError):
+            await fn.execute_command("SPIRT.PUT", key, shape, values, "SCRATCH", "EX", 60)
+    # Nor read anything but the model, delete, or run the daemon's commands.
     for attempt in (
-        fn.set("spirt:j:theta", b"evil"),
-        fn.delete("spirt:j:g:3:s:0"),
+        fn.get(keys.peer(3, "12D3KooWPeer")),
+        fn.get(keys.local(3)),
         fn.get("other:key"),
         fn.set("other:key", b"x"),
-        fn.execute_command("SPIRT.MEAN", "spirt:j:g:9:s:0", 1, "spirt:j:theta"),
-        fn.execute_command("SPIRT.GET", "spirt:j:theta"),
+        fn.delete(out),
+        fn.execute_command("SPIRT.MEAN", keys.local(3), 1, out),
+        fn.execute_command("SPIRT.GET", keys.theta),
     ):
         with pytest.raises(NoPermissionError):
             await attempt
-    assert await managed_redis.client.get("spirt:j:theta") == np.arange(4, dtype="<f4").tobytes()
+    for key, x in held.items():
+        assert await admin.get(key) == x.astype("<f4").tobytes(), key
 
 
 async def test_daemon_user_runs_the_store_on_its_keys(

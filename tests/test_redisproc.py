@@ -116,8 +116,8 @@ async def test_connection_info_lets_another_client_in(managed_redis: RunningRedi
     c = aioredis.Redis.from_url(info["url"], username=info["username"], password=password)
     try:
         assert info["username"] == "spirt-fn"
-        await c.set("spirt:j:g:1:s:0", b"v")
-        assert await managed_redis.client.get("spirt:j:g:1:s:0") == b"v"
+        await c.set("spirt:j:fn:1:0:nonce", b"v")
+        assert await managed_redis.client.get("spirt:j:fn:1:0:nonce") == b"v"
     finally:
         await c.aclose()
 

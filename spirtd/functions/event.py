@@ -38,7 +38,8 @@ MAX_TTL_S = 7 * 24 * 3600
 MAX_TASK_OPTIONS = 32
 
 _JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-# Keys: printable ASCII without spaces; the caller's namespace, e.g. "spirt:job:grad:3:1".
+# Keys: printable ASCII without spaces, e.g. "spirt:job:theta" and, for the output, a key
+# of the invocation's own "spirt:job:fn:3:1:<nonce>" (training/state.py StateKeys).
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 _URL_SCHEMES = ("unix://", "redis://", "rediss://")
 

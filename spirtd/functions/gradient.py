@@ -6,8 +6,10 @@ For one slice of one round it:
    from the peer's Redis;
 2. loads its slice of the peer's training shard;
 3. computes the mean-loss gradient with torch;
-4. writes it to ``output_key`` (values and shape in one command, both with a TTL, so
-   a retried invocation overwrites its own output and never adds a second one):
+4. writes it to ``output_key``, a key the node made for this invocation alone (under
+   ``spirt:<job>:fn:``, with a fresh nonce: the functions' Redis user may write no
+   other key, least of all a gradient), values and shape in one command, both with a
+   TTL, so a retried invocation overwrites its own output and never adds a second one:
    ``SPIRT.PUT ... SCRATCH EX ttl`` where the module is loaded (kept out of the AOF),
    else SET and SET in one MULTI;
 5. returns ``{"loss", "samples", "duration_ms", ...}``.

@@ -13,7 +13,8 @@ Layout, all inside ``DATA_DIR/redis/`` (mode 0700):
 
 Each user gets only what it needs (``DAEMON_ACL``, ``FUNCTION_ACL``): the daemon reads
 and writes ``spirt:*`` keys with data, transaction and SPIRT commands; a function reads
-``spirt:*`` and writes only gradient keys (``spirt:*:g:*``) with GET, SET, STRLEN,
+only the model parameters (``spirt:*:theta`` and its shape) and writes only function
+outputs (``spirt:*:fn:*``, never a gradient key ``spirt:*:g:*``) with GET, SET, STRLEN,
 MULTI/EXEC and PING (and SPIRT.PUT where the module is loaded). Neither can run ACL,
 FLUSHALL, SHUTDOWN, CONFIG, MODULE or SPIRT.CONFIG. A password file readable by group
 or others is refused, not repaired: someone may already have read it.
@@ -87,10 +88,15 @@ DAEMON_MODULE_COMMANDS = (
 # (spirtd/functions/gradient.py); the same rule deploy/aws/README.md gives for AWS.
 FUNCTION_ACL = (
     "resetkeys",
-    "%R~spirt:*",
+    # Only the model (StateKeys.theta): other peers' gradients are none of its business.
+    "%R~spirt:*:theta",
+    "%R~spirt:*:theta:shape",
+    # Its writes go only to a namespace of their own (StateKeys.fn_output), which the
+    # node then averages into the local gradient: with the gradient keys writable, a
+    # function could overwrite peers' verified gradients or ours before it is signed.
     # Read and write in one pattern: a module command's keys are read-write, and Redis
-    # wants one pattern to grant both (reading them was allowed by the line above).
-    "~spirt:*:g:*",
+    # wants one pattern to grant both.
+    "~spirt:*:fn:*",
     "resetchannels",
     "-@all",
     "+get",

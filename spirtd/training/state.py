@@ -39,8 +39,12 @@ class StateKeys:
         self.completed = p + "completed"
         self.digest = p + "digest"
 
-    def slice(self, round: int, index: int) -> str:
-        return f"{self.prefix}g:{round}:s:{index}"
+    def fn_output(self, round: int, index: int, nonce: str) -> str:
+        """Where one function invocation writes its slice's gradient: the only keys the
+        functions' Redis user may write (``spirt:*:fn:*``, redis/process.py). The nonce
+        is fresh for every invocation and read once, so one invocation cannot guess,
+        pre-fill or overwrite another's output."""
+        return f"{self.prefix}fn:{round}:{index}:{nonce}"
 
     def local(self, round: int) -> str:
         return f"{self.prefix}g:{round}:local"

@@ -4,8 +4,9 @@ The round machine decides; this file does what it asks and tells it what
 happened. Per round:
 
 1. ``InvokeFunctions``: W gradient functions on slices of this peer's minibatch
-   (drawn from job seed, round and node id), then SPIRT.MEAN weighted by each
-   slice's sample count gives the local gradient;
+   (drawn from job seed, round and node id), each writing to a key of its own
+   (StateKeys.fn_output, the only keys the functions may write), then SPIRT.MEAN
+   weighted by each slice's sample count gives the local gradient;
 2. ``PublishState`` / ``PublishGradient``: the heads-up and the gradient go out on
    the training topic (the body on the large-payload path);
 3. incoming gradients are checked by the machine before their bodies move, then
@@ -31,6 +32,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -585,9 +587,15 @@ class Trainer:
     async def _publish(self, body: bytes, meta: bytes) -> None:
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
 
-    def _events(self, r: int, output_round: int) -> list[dict[str, Any]]:
-        """The W function events of round ``r``'s minibatch, writing ``output_round``'s keys."""
+    def _events(self, r: int) -> tuple[list[dict[str, Any]], list[str]]:
+        """The W function events of round ``r``'s minibatch, and the key each writes its
+        slice's gradient to. Each key holds a fresh nonce: it is read once and deleted,
+        and no other invocation (nor a replayed event) can know it."""
         env, spec = self.env, self.spec
+        outputs = [
+            self.keys.fn_output(r, i, secrets.token_hex(16))
+            for i in range(spec.functions_per_round)
+        ]
         data = DataSlice(
             shard=env.data.shard,
             batch_size=spec.batch_size,
@@ -595,7 +603,7 @@ class Trainer:
             slices=spec.functions_per_round,
             uri=env.data.uri,
         )
-        return [
+        events = [
             GradientEvent(
                 job=self.job_id,
                 round=r,
@@ -605,25 +613,27 @@ class Trainer:
                 redis=env.redis_target,
                 params_key=self.keys.theta,
                 data=data,
-                output_key=self.keys.slice(output_round, i),
+                output_key=output,
                 ttl_seconds=SLICE_TTL_S,
             ).to_json()
-            for i in range(spec.functions_per_round)
+            for i, output in enumerate(outputs)
         ]
+        return events, outputs
 
     async def _warm_up(self, r: int) -> None:
         """After a restart or a join the local functions are cold (worker start,
         imports, dataset load: seconds). One throwaway invocation while following
         warms them, so the first round this node computes does not miss its deadline."""
-        res = await self.env.invoker.invoke_round(self._events(r, 0), self.env.invoke_timeout_s)
-        await self.env.store.delete(*[self.keys.slice(0, i) for i in range(len(res.slices))])
+        events, outputs = self._events(r)
+        res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
+        await self.env.store.delete(*outputs)
         self._warmed = bool(res.succeeded)
         self._kick()
 
     async def _compute(self, r: int) -> None:
-        env, spec = self.env, self.spec
+        env = self.env
         t0 = time.perf_counter()
-        events = self._events(r, r)
+        events, outputs = self._events(r)
         res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
         t1 = time.perf_counter()
         ok = res.succeeded
@@ -637,11 +647,13 @@ class Trainer:
                 r, f"{len(ok)} of {len(res.slices)} slices", time.monotonic()
             )
             self._kick()
+            await env.store.delete(*outputs)
             return
         weights = [float(s.result["samples"]) for s in ok]  # type: ignore[index]
-        slice_keys = [self.keys.slice(r, s.index) for s in ok]
+        # The functions cannot write the local gradient key: it is ours to fill.
+        slice_keys = [outputs[s.index] for s in ok]
         await env.store.mean(self.keys.local(r), slice_keys, weights=weights, scratch=True)
-        await env.store.delete(*[self.keys.slice(r, i) for i in range(spec.functions_per_round)])
+        await env.store.delete(*outputs)
         t2 = time.perf_counter()
         loss = sum(float(s.result["loss"]) * w for s, w in zip(ok, weights, strict=True))  # type: ignore[index]
         self._losses.setdefault(r, {})[env.node_id] = loss / sum(weights)
