@@ -28,7 +28,7 @@ def gradient_spec(r: RunningRedis) -> FunctionSpec:
 async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
     task = load_task("digits", "0/2")
     params = task.initial_params(8)
-    await put_params(plain_redis, "spirt:job1:params", params)
+    await put_params(plain_redis, "spirt:job1:theta", params)
     cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: gradient_spec(plain_redis)}, concurrency=2)
     async with (
         LocalRuntime(cfg) as rt,
@@ -45,12 +45,12 @@ async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
         # Every slice sent twice, as an at-least-once retry would.
         res = await inv.invoke_round(events + events, deadline=120.0, min_fraction=1.0)
         assert res.met_quorum, [s.error for s in res.slices]
-        keys = {k.decode() for k in await plain_redis.client.keys("spirt:job1:g:*")}
+        keys = {k.decode() for k in await plain_redis.client.keys("spirt:job1:fn:*")}
         assert len(keys) == 8  # one values key and one shape key per slice, no more
         for k in range(4):
             rows = minibatch_slice(len(task.train), 5, 64, k, 4)
             want, want_loss = reference_gradient("digits", "0/2", params, rows)
-            got = await get_tensor(plain_redis, f"spirt:job1:g:4:s:{k}")
+            got = await get_tensor(plain_redis, events[k]["output_key"])
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
             assert res.slices[k].result["loss"] == pytest.approx(want_loss, abs=1e-6)  # type: ignore[index]
             assert res.slices[k].result["samples"] == 16  # type: ignore[index]
@@ -66,7 +66,7 @@ async def test_round_through_local_runtime(plain_redis: RunningRedis) -> None:
 async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> None:
     task = load_task("synthetic")
     params = task.initial_params(3)
-    await put_params(plain_redis, "spirt:job1:params", params)
+    await put_params(plain_redis, "spirt:job1:theta", params)
     cfg = RuntimeConfig(functions={GRADIENT_FUNCTION: gradient_spec(plain_redis)}, concurrency=1)
     async with LocalRuntime(cfg) as rt:
         c = lambda_client(rt)
