@@ -8,14 +8,16 @@ daemon, talking over real sockets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +243,16 @@ class LocalCluster:
             node.kill()
 
 
+# A daemon that is still starting (or restarting) answers with these: keep polling.
+_TRANSIENT = (ctl.Unreachable, ctl.DaemonError)
+
+
+def _timed_out(timeout: float, what: str, last_exc: Exception | None) -> TimeoutError:
+    return TimeoutError(
+        f"timed out after {timeout}s waiting for {what}" + (f" ({last_exc})" if last_exc else "")
+    )
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
 ) -> None:
@@ -252,12 +264,40 @@ def wait_for(
             if predicate():
                 return
             last_exc = None
-        except (ctl.Unreachable, ctl.DaemonError) as e:
+        except _TRANSIENT as e:
             last_exc = e
         time.sleep(interval)
-    raise TimeoutError(
-        f"timed out after {timeout}s waiting for {what}" + (f" ({last_exc})" if last_exc else "")
-    )
+    raise _timed_out(timeout, what, last_exc)
+
+
+async def async_wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+) -> None:
+    """``wait_for`` for code running in an event loop: polls without blocking the loop
+    (whose own tasks usually make ``predicate`` true), and ``predicate`` may be a
+    coroutine function. A shorter default interval: in-process state is cheap to read."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last_exc: Exception | None = None
+    while loop.time() < deadline:
+        try:
+            result = predicate()
+            if inspect.isawaitable(result):
+                try:
+                    async with asyncio.timeout_at(deadline):  # a hung predicate too
+                        result = await result
+                except TimeoutError:
+                    raise _timed_out(timeout, what, last_exc) from None
+            if result:
+                return
+            last_exc = None
+        except _TRANSIENT as e:
+            last_exc = e
+        await asyncio.sleep(interval)
+    raise _timed_out(timeout, what, last_exc)
 
 
 def linked_peers(node: LocalNode) -> set[str]:
