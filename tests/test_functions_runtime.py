@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
@@ -13,11 +12,12 @@ from spirtd.functions.credentials import bindings_env
 from spirtd.functions.invoker import FunctionError, Invoker
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime
+from spirtd.localcluster import async_wait_for
 from spirtd.redis import tensorfmt
 from spirtd.tasks import load_task, minibatch_slice
 from tests.fixtures_redis import RunningRedis
 from tests.test_functions import get_tensor, make_event, put_params, reference_gradient
-from tests.test_runtime import invoke, lambda_client, wait_until
+from tests.test_runtime import invoke, lambda_client
 
 
 def gradient_spec(r: RunningRedis) -> FunctionSpec:
@@ -77,12 +77,10 @@ async def test_event_invocation_writes_gradient(plain_redis: RunningRedis) -> No
         assert r["status"] == 202
         shape_key = tensorfmt.shape_key(ev.output_key)
 
-        async def poll() -> None:
-            while not await plain_redis.client.exists(shape_key):
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(poll(), 60)
-        await wait_until(lambda: rt.in_flight == 0)
+        await async_wait_for(
+            lambda: plain_redis.client.exists(shape_key), 60, "the gradient's shape in Redis"
+        )
+        await async_wait_for(lambda: rt.in_flight == 0, 30, "the invocation to end")
         want, _ = reference_gradient(
             "synthetic", "0/1", params, minibatch_slice(len(task.train), 5, 48, 2, 3)
         )

@@ -25,7 +25,8 @@ from botocore.exceptions import ClientError
 
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime, parse_function
-from tests.test_runtime import PROBE, invoke, lambda_client, probe_config, wait_until
+from spirtd.localcluster import async_wait_for
+from tests.test_runtime import PROBE, invoke, lambda_client, probe_config
 
 INVOKE = "/2015-03-31/functions/{}/invocations"
 
@@ -105,7 +106,7 @@ async def test_log_tail_returns_the_invocations_log(
     plain = await raw_invoke(c, FunctionName="probe", Payload=json.dumps(event).encode())
     assert "LogResult" not in plain
     # ... and either way the output still reaches the runtime's stderr.
-    await wait_until(lambda: rt.in_flight == 0)
+    await async_wait_for(lambda: rt.in_flight == 0, 30, "the invocation to end")
     assert capfd.readouterr().err.count("second line") == 2
 
 
@@ -243,7 +244,7 @@ async def test_async_payload_limit_is_1_mb(tmp_path: Path) -> None:
         event = {"action": "flaky", "marker": "big", "pad": "x" * 900_000}
         r = await invoke(c, event, InvocationType="Event")
         assert r["status"] == 202
-        await wait_until(lambda: (tmp_path / "big").exists())
+        await async_wait_for((tmp_path / "big").exists, 30, "the handler's marker")
         with pytest.raises(c.exceptions.RequestTooLargeException):
             await invoke(c, dict(event, pad="x" * 1_048_576), InvocationType="Event")
 
@@ -321,11 +322,13 @@ async def test_failed_async_invocation_is_retried(tmp_path: Path) -> None:
         # Fails the first time only: one retry, then it succeeds.
         r = await invoke(c, {"action": "flaky", "marker": "once"}, InvocationType="Event")
         assert r["status"] == 202
-        await wait_until(lambda: stats.invocations == 2 and runtime.in_flight == 0)
+        await async_wait_for(
+            lambda: stats.invocations == 2 and runtime.in_flight == 0, 30, "the retry to succeed"
+        )
         assert (stats.function_errors, runtime.event_retries, runtime.event_failures) == (1, 1, 0)
         # Always fails: the first attempt and two retries, then it is given up.
         await invoke(c, {"action": "raise"}, InvocationType="Event")
-        await wait_until(lambda: runtime.event_failures == 1)
+        await async_wait_for(lambda: runtime.event_failures == 1, 30, "the event to be given up")
         assert stats.invocations == 5 and runtime.event_retries == 3
         assert runtime.stats()["events_pending"] == 0
 
@@ -335,7 +338,7 @@ async def test_async_retries_wait_in_the_bounded_queue(tmp_path: Path) -> None:
     async with LocalRuntime(cfg) as runtime:
         c = lambda_client(runtime)
         await invoke(c, {"action": "raise"}, InvocationType="Event")
-        await wait_until(lambda: runtime.event_retries == 1)
+        await async_wait_for(lambda: runtime.event_retries == 1, 30, "a retry to be queued")
         # The retry waiting for its delay holds the queue's one place.
         with pytest.raises(c.exceptions.TooManyRequestsException):
             await invoke(c, {"action": "echo"}, InvocationType="Event")
@@ -387,13 +390,13 @@ async def test_bodies_awaiting_verification_are_capped() -> None:
                 runtime, _head(signed_request(runtime, body), len(body)) + body[:50_000]
             )
             held.append((reader, writer))
-        await wait_until(lambda: runtime._unverified == 2)
+        await async_wait_for(lambda: runtime._unverified == 2, 30, "two bodies held")
         third = signed_request(runtime, body)
         status, headers, _ = await send(third)
         assert status == 429 and headers["X-Amzn-ErrorType"] == "TooManyRequestsException"
         for _, writer in held:
             writer.close()
-        await wait_until(lambda: runtime._unverified == 0)
+        await async_wait_for(lambda: runtime._unverified == 0, 30, "the held bodies to go")
         c = lambda_client(runtime)
         assert (await invoke(c, {"action": "echo", "value": 1}))["body"]["echo"] == 1
         assert runtime.pools["probe"].stats.invocations == 1

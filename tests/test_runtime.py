@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,6 +17,7 @@ from botocore.config import Config
 from spirtd.functions.invoker import add_request_nonce
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig, RuntimeConfigError
 from spirtd.functions.runtime.server import LocalRuntime
+from spirtd.localcluster import async_wait_for
 
 PROBE = "spirtd.functions.probe:handler"
 
@@ -51,19 +53,22 @@ async def invoke(client: Any, event: Any, name: str = "probe", **kw: Any) -> dic
     return await asyncio.to_thread(call)
 
 
-async def wait_until(pred: Any, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def probe_config(**kw: Any) -> RuntimeConfig:
+    """``probe_dir``: where the probe's ``flaky`` action leaves its markers."""
+    probe_dir = kw.pop("probe_dir", None)
     spec = FunctionSpec(
-        handler=PROBE, timeout_s=kw.pop("timeout_s", 10.0), memory_mb=kw.pop("memory_mb", 256)
+        handler=PROBE,
+        timeout_s=kw.pop("timeout_s", 10.0),
+        memory_mb=kw.pop("memory_mb", 256),
+        environment={"SPIRT_PROBE_DIR": str(probe_dir)} if probe_dir is not None else {},
     )
     return RuntimeConfig(functions={"probe": spec}, **kw)
+
+
+# The flaky probe creates its marker before it sleeps: once the marker exists, the
+# handler itself is running in the worker (not just the request on its way there).
+def running_sleep(marker: str) -> dict[str, Any]:
+    return {"action": "flaky", "marker": marker, "mode": "sleep", "seconds": 60}
 
 
 @pytest.fixture
@@ -116,7 +121,7 @@ async def test_concurrency_cap_throttles() -> None:
     async with LocalRuntime(probe_config(concurrency=1)) as rt:
         c = lambda_client(rt)
         slow = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.0}))
-        await wait_until(lambda: rt.in_flight == 1)
+        await async_wait_for(lambda: rt.in_flight == 1, 30, "the slow call to run")
         with pytest.raises(c.exceptions.TooManyRequestsException) as info:
             await invoke(c, {"action": "echo"})
         assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
@@ -126,22 +131,23 @@ async def test_concurrency_cap_throttles() -> None:
         assert rt.throttles == 1 and rt.in_flight == 0
 
 
-async def test_worker_killed_mid_invocation(runtime: LocalRuntime) -> None:
-    c = lambda_client(runtime)
-    pool = runtime.pools["probe"]
-    pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
-    call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 1.2}))
-    # The request has reached the worker (its second invocation) before we kill it.
-    await wait_until(lambda: any(w.invocations == 2 for w in pool.workers))
-    await asyncio.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    r = await call
-    assert r["error"] == "Unhandled" and r["body"]["errorType"] == "Runtime.ExitError"
-    assert "signal: kill" in r["body"]["errorMessage"]
-    await wait_until(lambda: len(pool.worker_pids) == 1 and pool.worker_pids[0] != pid)
-    again = await invoke(c, {"action": "echo"})
-    assert again["error"] is None and again["body"]["pid"] != pid
-    assert runtime.stats()["functions"]["probe"]["worker_deaths"] == 1
+async def test_worker_killed_mid_invocation(tmp_path: Path) -> None:
+    async with LocalRuntime(probe_config(concurrency=2, timeout_s=60, probe_dir=tmp_path)) as rt:
+        c = lambda_client(rt)
+        pool = rt.pools["probe"]
+        pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
+        call = asyncio.create_task(invoke(c, running_sleep("killed")))
+        await async_wait_for((tmp_path / "killed").exists, 30, "the handler to run")
+        os.kill(pid, signal.SIGKILL)
+        r = await asyncio.wait_for(call, 30)
+        assert r["error"] == "Unhandled" and r["body"]["errorType"] == "Runtime.ExitError"
+        assert "signal: kill" in r["body"]["errorMessage"]
+        await async_wait_for(
+            lambda: len(pool.worker_pids) == 1 and pool.worker_pids[0] != pid, 30, "a new worker"
+        )
+        again = await invoke(c, {"action": "echo"})
+        assert again["error"] is None and again["body"]["pid"] != pid
+        assert rt.stats()["functions"]["probe"]["worker_deaths"] == 1
 
 
 async def test_worker_exiting_by_itself_is_an_exit_error(runtime: LocalRuntime) -> None:
@@ -214,8 +220,10 @@ async def test_event_invocation_runs_later(tmp_path: Any) -> None:
         )
         assert r["status"] == 202 and r["body"] is None
         # The handler ran in a worker: it created its marker (and failed, as asked).
-        await wait_until(lambda: (tmp_path / "evt").exists())
-        await wait_until(lambda: rt.pools["probe"].stats.function_errors == 1)
+        await async_wait_for((tmp_path / "evt").exists, 30, "the handler's marker")
+        await async_wait_for(
+            lambda: rt.pools["probe"].stats.function_errors == 1, 30, "the error counted"
+        )
         assert rt.in_flight == 0
 
 
@@ -328,19 +336,20 @@ async def test_worker_dead_while_idle_is_replaced_not_blamed(runtime: LocalRunti
     c = lambda_client(runtime)
     pid = (await invoke(c, {"action": "echo"}))["body"]["pid"]
     os.kill(pid, signal.SIGKILL)
-    await wait_until(lambda: runtime.pools["probe"]._idle[0].proc.returncode is not None)
+    await async_wait_for(
+        lambda: runtime.pools["probe"]._idle[0].proc.returncode is not None, 30, "the worker's exit"
+    )
     r = await invoke(c, {"action": "echo"})
     assert r["error"] is None and r["body"]["pid"] != pid
     assert runtime.pools["probe"].stats.worker_deaths == 1
 
 
-async def test_stop_answers_in_flight_invocations() -> None:
-    rt = LocalRuntime(probe_config(timeout_s=60))
+async def test_stop_answers_in_flight_invocations(tmp_path: Path) -> None:
+    rt = LocalRuntime(probe_config(timeout_s=60, probe_dir=tmp_path))
     await rt.start()
     c = lambda_client(rt)
-    call = asyncio.create_task(invoke(c, {"action": "sleep", "seconds": 60}))
-    await wait_until(lambda: rt.in_flight == 1 and rt.cold_starts == 1)  # worker is running it
-    await asyncio.sleep(0.2)
+    call = asyncio.create_task(invoke(c, running_sleep("stopped")))
+    await async_wait_for((tmp_path / "stopped").exists, 30, "the handler to run")
     pids = rt.pools["probe"].worker_pids
     await asyncio.wait_for(rt.stop(), 30)
     r = await asyncio.wait_for(call, 30)
@@ -376,8 +385,14 @@ async def test_event_invocations_queue_within_the_cap(tmp_path: Any) -> None:
         # The queue holds 3: one more is throttled rather than buffered without bound.
         with pytest.raises(c.exceptions.TooManyRequestsException):
             await invoke(c, {"action": "echo"}, InvocationType="Event")
-        await wait_until(lambda: all((tmp_path / f"q{i}").exists() for i in range(4)))
-        await wait_until(lambda: rt.pools["probe"].stats.invocations == 4 and rt.in_flight == 0)
+        await async_wait_for(
+            lambda: all((tmp_path / f"q{i}").exists() for i in range(4)), 30, "every marker"
+        )
+        await async_wait_for(
+            lambda: rt.pools["probe"].stats.invocations == 4 and rt.in_flight == 0,
+            30,
+            "every queued call to end",
+        )
         watcher.cancel()
         assert peak == 1
 
