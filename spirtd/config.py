@@ -161,6 +161,13 @@ class TrainingConfig:
     max_state_serves: int = _opt(2, ge=1)
     # A state transfer that has not arrived by then is abandoned for another peer.
     sync_timeout_s: float = _opt(30.0, gt=0)
+    # The most memory one job's model may cost this node, every copy counted
+    # (parameters, optimizer state, each member's gradient, working copies: the
+    # formula is in spirtd/training/jobsize.py); a larger job is refused before
+    # anything is built. 1 GiB lets a 24 GiB, 2-core host run several nodes (the
+    # local cluster runs up to ten) and still fits ~10M parameters at 3 members,
+    # more than 2 cores can train at a useful pace.
+    max_model_mb: int = _opt(1024, ge=1)
 
 
 @dataclass

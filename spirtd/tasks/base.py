@@ -122,6 +122,21 @@ class Task(ABC):
     def param_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def count_params(self) -> int:
+        """The model's parameter count without allocating it: the model is built on
+        torch's meta device (shapes only), so a job can be sized, and refused, before
+        a model of any size exists. A task whose ``build_model`` cannot run there
+        overrides this with its own arithmetic."""
+        try:
+            with torch.device("meta"):
+                model = self.build_model()
+        except Exception as e:  # user code: any failure there means "cannot size"
+            raise TaskError(
+                f"task {self.name!r}: its model cannot be sized before it is built "
+                f"({type(e).__name__}: {e}); give the task a count_params() method"
+            ) from None
+        return sum(p.numel() for p in model.parameters())
+
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, tuple(p.shape)) for n, p in self.model.named_parameters()]
 

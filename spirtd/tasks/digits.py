@@ -2,6 +2,9 @@
 
 The data ships inside the scikit-learn wheel, so nothing is downloaded. The
 train/test split is fixed (20 % test, seeded), and the model is a small MLP or CNN.
+
+Options (default, allowed range): ``model`` (``mlp``; ``mlp`` or ``cnn``), ``hidden``
+(64, 1..65,536: the hidden layer's width, 75 x hidden + 10 parameters for the MLP).
 """
 
 from __future__ import annotations

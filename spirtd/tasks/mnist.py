@@ -4,6 +4,10 @@ Nothing is downloaded: point the task at a directory holding
 ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``
 and ``t10k-labels-idx1-ubyte`` (each may also be ``.gz``). The train files are the
 train split and the t10k files the test split, as the dataset defines them.
+
+Options (default, allowed range): ``path`` (required; set from the node's
+``--dataset mnist=DIR``, never from a job), ``model`` (``mlp``; ``mlp`` or ``cnn``),
+``hidden`` (128, 1..8,192: the hidden layer's width). At most 1,000,000 images are read.
 """
 
 from __future__ import annotations

@@ -2,6 +2,13 @@
 
 Tiny by default so tests run in milliseconds; its size options make the gradient
 work as heavy as a benchmark needs without any data on disk.
+
+Options (default, allowed range): ``samples`` (512, 8..10,000,000), ``features``
+(16, 1..65,536), ``classes`` (4, 2..10,000), ``hidden`` (32, 1..65,536), ``depth``
+(1 hidden layer, 0..16), ``data_seed`` (0, 0..2^63-1), ``noise`` (1.0, 0..100).
+Each is bounded alone, and the data they make together is bounded at 1 GiB
+(``data_peak_bytes``); the model they make together is bounded by the node's
+``[training] max_model_mb`` when a job is checked (spirtd/training/jobsize.py).
 """
 
 from __future__ import annotations
@@ -17,6 +24,15 @@ from spirtd.tasks.options import check_options, float_option, int_option
 from spirtd.tasks.sharding import ALL, Shard
 
 _OPTIONS = {"samples", "features", "classes", "hidden", "depth", "data_seed", "noise"}
+MAX_DATA_BYTES = 1 << 30
+
+
+def data_peak_bytes(samples: int, features: int, classes: int) -> int:
+    """The most memory ``load_splits`` holds at once (measured with tracemalloc):
+    per sample x feature the float64 noise, its float32 copy and the gathered class
+    centres (16 bytes); per class x feature the centres in float64 and float32 (12);
+    per sample the labels and the split's row numbers (about 40; 64 counted)."""
+    return 16 * samples * features + 12 * classes * features + 64 * samples
 
 
 class SyntheticTask(Task):
@@ -32,9 +48,6 @@ class SyntheticTask(Task):
         self.depth = int_option(opts, "depth", 1, 0, 16)
         self.data_seed = int_option(opts, "data_seed", 0, 0, 2**63 - 1)
         self.noise = float_option(opts, "noise", 1.0, 0.0, 100.0)
-        # Refuse sizes that would allocate more than 1 GiB of data before doing it.
-        if self.samples * self.features * 4 > 1 << 30:
-            raise TaskError("synthetic: samples * features is too large (> 1 GiB)")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -58,6 +71,15 @@ class SyntheticTask(Task):
         return nn.Sequential(*layers)
 
     def load_splits(self) -> tuple[Split, Split]:
+        # Checked here, not in __init__, so that a job is sized by its model first
+        # (the larger cost); either way before any of the data is allocated.
+        need = data_peak_bytes(self.samples, self.features, self.classes)
+        if need > MAX_DATA_BYTES:
+            raise TaskError(
+                f"synthetic: samples={self.samples} features={self.features} "
+                f"classes={self.classes} would take {need / 2**20:.0f} MiB to generate, "
+                f"over the task's {MAX_DATA_BYTES >> 20} MiB"
+            )
         rng = np.random.default_rng(self.data_seed)
         centers = rng.normal(0.0, 2.0, size=(self.classes, self.features)).astype(np.float32)
         y = rng.integers(0, self.classes, size=self.samples)

@@ -32,6 +32,7 @@ from spirtd.pubsub.service import Info, Message
 from spirtd.tasks import Shard, Task, TaskError, load_task
 from spirtd.tasks.sharding import ALL
 from spirtd.training import job as jobs
+from spirtd.training import jobsize
 from spirtd.training.aggregators import AggregatorError
 from spirtd.training.checkpoint import Checkpoints, Snapshot
 from spirtd.training.evidence import EVIDENCE_TOPIC
@@ -154,8 +155,10 @@ class TrainingService:
         s = self.node.config.shard
         return Shard.parse(s) if s else ALL
 
-    def _build_task(self, spec: JobSpec) -> tuple[Task, str | None]:
-        """This node's instance of the job's task, and where its dataset lives."""
+    def _build_task(self, spec: JobSpec, members: int) -> tuple[Task, str | None]:
+        """This node's instance of the job's task, and where its dataset lives. The
+        model is sized and checked against this node's limit before anything of the
+        task is allocated (its data, its model)."""
         if "path" in spec.task_options:
             raise JobError("task option path: a job never carries a path; use --dataset")
         datasets = self.node.config.datasets
@@ -175,13 +178,40 @@ class TrainingService:
                 allowed_modules=set(self.node.config.task_modules),
                 **options,
             )
+            count = task.count_params()
+        except (TaskError, ValueError, OSError) as e:
+            raise JobError(_one_line(e)) from None
+        if spec.param_count and count != spec.param_count:
+            raise JobError(
+                f"this node's model has {count:,} parameters, the job's has "
+                f"{spec.param_count:,} (a different torch or task version?)"
+            )
+        jobsize.check(spec, count, members, self.node.config.training.max_model_mb)
+        try:
             task.train  # noqa: B018 - load the data now: a missing file fails the job here
         except (TaskError, ValueError, OSError) as e:
-            raise JobError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise JobError(_one_line(e)) from None
         return task, (f"file://{directory}" if directory else None)
 
     async def _prepare(self, spec: JobSpec) -> tuple[Task, str | None, np.ndarray, str]:
-        task, uri = await asyncio.to_thread(self._build_task, spec)
+        """The job's task and initial parameters on this node, or a JobError: whatever
+        goes wrong while preparing (a timeout, MemoryError, an error in a user's task)
+        is a refusal of this job, never a failure of the daemon."""
+        members = len(self._live_members())
+        try:
+            return await asyncio.wait_for(self._prepare_unchecked(spec, members), PREPARE_TIMEOUT_S)
+        except JobError:
+            raise
+        except TimeoutError:
+            raise JobError(f"preparing the task took over {PREPARE_TIMEOUT_S:.0f} s") from None
+        except Exception as e:  # any failure is the job's: see the docstring
+            log.warning("preparing task %s failed", spec.task, exc_info=True)
+            raise JobError(f"preparing the task failed: {_one_line(e)}") from None
+
+    async def _prepare_unchecked(
+        self, spec: JobSpec, members: int
+    ) -> tuple[Task, str | None, np.ndarray, str]:
+        task, uri = await asyncio.to_thread(self._build_task, spec, members)
         params = await asyncio.to_thread(task.initial_params, spec.seed)
         digest = hashlib.blake2b(params.tobytes(), digest_size=32).hexdigest()
         return task, uri, params, digest
@@ -205,14 +235,10 @@ class TrainingService:
             try:
                 spec = jobs.from_request(body, now_ms=int(time.time() * 1000))
                 self._check_can_start(spec)
-                task, uri, params, digest = await asyncio.wait_for(
-                    self._prepare(spec), PREPARE_TIMEOUT_S
-                )
+                task, uri, params, digest = await self._prepare(spec)
             except JobError as e:
                 raise ApiError(400, f"job refused: {e}") from None
-            except TimeoutError:
-                raise ApiError(400, "job refused: loading the task timed out") from None
-            spec = jobs.with_model(spec, task.param_count, digest)
+            spec = jobs.with_model(spec, int(params.size), digest)
             record = spec.to_record()
             job_id = JobSpec.job_id(record)
             self._pending = job_id
@@ -372,16 +398,14 @@ class TrainingService:
                 raise JobError("the record does not hash to its job id")
             spec = JobSpec.from_record(record)
             self._check_can_start(spec)
-            task, uri, params, digest = await asyncio.wait_for(
-                self._prepare(spec), PREPARE_TIMEOUT_S
-            )
-            if task.param_count != spec.param_count or digest != spec.init_digest:
+            task, uri, params, digest = await self._prepare(spec)
+            if params.size != spec.param_count or digest != spec.init_digest:
                 raise JobError(
                     "this node builds different initial parameters than the starter "
                     "(a different torch or task version?)"
                 )
-        except (JobError, TimeoutError) as e:
-            why = str(e) or "preparing the task timed out"
+        except JobError as e:
+            why = str(e)
             self.node.counters["training.jobs_refused"] += 1
             log.warning("refusing job %s from %s: %s", job_id, origin, why)
             if self._pending == job_id:
@@ -462,12 +486,10 @@ class TrainingService:
         spec, job_id = self.spec, self.job_id
         async with self._lock:
             try:
-                task, uri, _, digest = await asyncio.wait_for(
-                    self._prepare(spec), PREPARE_TIMEOUT_S
-                )
+                task, uri, _, digest = await self._prepare(spec)
                 if digest != spec.init_digest:
                     raise JobError("this node now builds different initial parameters")
-            except (JobError, TimeoutError) as e:
+            except JobError as e:
                 self.state, self.detail = "stopped", f"cannot resume after restart: {e}"
                 log.error("job %s: %s", job_id, self.detail)
                 return
@@ -561,6 +583,12 @@ def _describe(spec: JobSpec) -> str:
         f"batch={spec.batch_size} functions={spec.functions_per_round} "
         f"optimizer={spec.optimizer} lr={spec.lr}"
     )
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line for a refusal (its type when it has no message)."""
+    lines = str(e).splitlines()
+    return lines[0] if lines and lines[0] else type(e).__name__
 
 
 def _read_small(path: Path, limit: int) -> bytes:
