@@ -303,6 +303,46 @@ class Snapshot:
         return snap
 
 
+def encoded_digest(data: bytes | memoryview, *, job_id: str) -> tuple[int, bytes]:
+    """The (completed, digest) of an encoded snapshot of ``job_id`` whose bytes match
+    the digest in its header; raises SnapshotError otherwise. Needs no job spec, so a
+    transfer can be checked where the spec is not at hand (state sync, to tell which
+    source served bad bytes). It does not replace :meth:`Snapshot.decode`: roles,
+    sizes and finiteness against the spec are checked there, before anything loads."""
+    view = memoryview(data).cast("B")
+    length = Snapshot.header_length(view[:PREFIX_SIZE])
+    if len(view) < PREFIX_SIZE + length:
+        raise SnapshotError("snapshot: truncated header")
+    try:
+        obj = strictpack.unpack(view[PREFIX_SIZE : PREFIX_SIZE + length], _HEADER_LIMITS)
+    except DecodeError as e:
+        raise SnapshotError(f"snapshot header does not decode: {e}") from None
+    if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS or obj["job"] != job_id:
+        raise SnapshotError(f"snapshot header: wrong fields or not of job {job_id}")
+    completed, digest, entries = obj["completed"], obj["digest"], obj["tensors"]
+    if isinstance(completed, bool) or not isinstance(completed, int) or completed < 0:
+        raise SnapshotError("snapshot header: completed is not a count")
+    if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE or not isinstance(entries, list):
+        raise SnapshotError("snapshot header: bad digest or tensor list")
+    pos = PREFIX_SIZE + length
+    roles: list[str] = []
+    digests: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise SnapshotError("snapshot header: a tensor entry is not [role, size]")
+        role, n = entry
+        if isinstance(n, bool) or not isinstance(n, int) or n < -1 or pos + max(n, 0) > len(view):
+            raise SnapshotError(f"snapshot header: tensor {role} of {n!r} bytes does not fit")
+        roles.append(role)
+        digests.append(ABSENT if n < 0 else tensor_digest(view[pos : pos + n]))
+        pos += max(n, 0)
+    if pos != len(view):
+        raise SnapshotError(f"snapshot: {len(view) - pos} bytes past the last tensor")
+    if state_digest(job_id, completed, roles, digests) != digest:
+        raise SnapshotError(f"snapshot of job {job_id} at round {completed}: digest mismatch")
+    return completed, digest
+
+
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     data = f.read(n)
     if data is None or len(data) != n:
