@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from spirtd.config import ConfigError
 from spirtd.functions.credentials import CredentialError, bindings_env
+from spirtd.functions.gradient import TASK_MODULES_ENV
 from spirtd.functions.invoker import Invoker
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime
@@ -44,6 +45,9 @@ class FunctionsService:
                     environment = bindings_env([self.redis.function_binding()])
                 except CredentialError as e:
                     raise ConfigError(f"functions: {e}") from None
+            # The workers import a job's `module:attr` task themselves, so they get the
+            # node's allowlist; set even when empty, so an inherited variable cannot widen it.
+            environment[TASK_MODULES_ENV] = ",".join(self.node.config.task_modules)
             self.runtime = LocalRuntime(
                 RuntimeConfig(
                     functions={
