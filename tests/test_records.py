@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import SessionError
 from protocol.session import FrameKind, Session
+from spirtd.localcluster import async_wait_for
 from spirtd.net.records import QUEUE_HIGH, ReadClosed, RecordReader
 
 KEY = os.urandom(32)
@@ -85,7 +86,7 @@ async def test_unread_records_stop_the_socket_within_the_bound() -> None:
     rx = await take_over(reader, writer)
     wire, plain = records([256 * 1024] * 64)  # 16 MiB that nobody consumes yet
     peer.write(wire)
-    await asyncio.sleep(0.5)
+    await async_wait_for(lambda: rx._paused, 30, "the reader to stop the socket")
     # Reading stopped at the high mark: queued bytes stay within it plus one record,
     # and the rest waits in the kernel and in the sender's buffer.
     assert 0 < rx._queued <= QUEUE_HIGH + 256 * 1024 + 16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -13,8 +12,9 @@ import numpy as np
 import pytest
 from redis.exceptions import ResponseError
 
+from spirtd.localcluster import async_wait_for
 from spirtd.redis.store import TensorStore
-from tests.fixtures_redis import short_tmpdir, start_redis, stop_redis
+from tests.fixtures_redis import RunningRedis, short_tmpdir, start_redis, stop_redis
 from tests.test_native_rules import assert_close, ref_mean
 from tests.test_native_updates import ref_sgd
 
@@ -57,6 +57,11 @@ def _aof_bytes(data_dir: Path) -> int:
     return sum(f.stat().st_size for f in (data_dir / "redis" / "appendonlydir").iterdir())
 
 
+async def _aof_flushed(r: RunningRedis) -> bool:
+    info = await r.client.info("persistence")
+    return info["aof_buffer_length"] == 0 and info["aof_pending_bio_fsync"] == 0
+
+
 async def test_aof_holds_the_state_not_the_scratch(data_dir: Path) -> None:
     # A training round's shape: gradients and their aggregate are SCRATCH, the optimizer
     # step's results are the state. The AOF grows by the state (by value, so replaying it
@@ -81,7 +86,8 @@ async def test_aof_holds_the_state_not_the_scratch(data_dir: Path) -> None:
     await s.sgd("w2", "agg", lr=0.01, scratch=True)
     await s.adam("w2", "agg", m="m2", v="v2", step=1, lr=0.01, scratch=True)
     digests = {k: await s.digest(k) for k in ("w", "buf", "avg", "kept")}
-    await asyncio.sleep(1.2)  # appendfsync everysec
+    # Every write is in the AOF file (not in Redis's buffer, nor waiting to be synced).
+    await async_wait_for(lambda: _aof_flushed(r), 30, "the AOF buffer on disk")
     grown = _aof_bytes(data_dir) - size0
     state_bytes = (2 * rounds + 1) * x.nbytes  # w and buf each round, avg once
     # With the gradients it would be 5 tensors more per round.
@@ -127,7 +133,8 @@ async def test_kill9_restart_and_store_works_again(data_dir: Path) -> None:
     pid = r.server.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    await asyncio.sleep(0.05)
+    # Not wait_ready alone: right after the kill the supervisor may not have noticed yet.
+    await async_wait_for(lambda: r.server.restarts == 1, 30, "the supervisor's restart")
     await r.server.wait_ready(20)
     assert r.server.restarts == 1 and r.server.pid != pid
     # The same client object reconnects; the store works and nothing was lost.

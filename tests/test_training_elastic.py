@@ -147,8 +147,17 @@ def test_diverged_peer_repairs(make_cluster: Any) -> None:
     odd = c.nodes[3]
     wait_for(lambda: _round(odd) >= 30, 120, "round 30")
     assert odd.proc is not None
+    stopped_at = _round(c.nodes[0])
     os.kill(odd.proc.pid, signal.SIGSTOP)
-    time.sleep(3.0)  # past the 2 s deadline floor of the others' round
+    # Held until the others have closed a round past their deadline without it.
+    wait_for(
+        lambda: any(
+            h["round"] > stopped_at and odd.node_id not in h["contributors"]
+            for h in _status(c.nodes[0])["history"]
+        ),
+        60,
+        "the others to close a round without the stopped peer",
+    )
     os.kill(odd.proc.pid, signal.SIGCONT)
     wait_for(
         lambda: (
@@ -210,8 +219,13 @@ def test_unvouched_state_is_never_loaded(make_cluster: Any) -> None:
     job = _start(c, rounds=100000, f=1, aggregator="mean")
     wait_for(lambda: _round(c.nodes[0]) >= 5, 120, "round 5")
     joiner = c.add_node(args=["--profile", "local"], index=1)
-    wait_for(lambda: _status(joiner)["job"] is not None, 60, "the joiner to learn the job")
-    time.sleep(3.0)
+    wait_for(
+        lambda: "f+1 = 2" in _status(joiner)["detail"], 60, "the joiner to say what it waits for"
+    )
+    # The window in which it could wrongly load: the lone trainer, never held up by the
+    # waiting joiner, goes on for 20 more rounds, each announced to the joiner.
+    before = _round(c.nodes[0])
+    wait_for(lambda: _round(c.nodes[0]) >= before + 20, 60, "the trainer to go on")
     s = _status(joiner)
     assert s["state"] == "syncing", s
     assert "f+1 = 2" in s["detail"], s["detail"]
@@ -221,7 +235,4 @@ def test_unvouched_state_is_never_loaded(make_cluster: Any) -> None:
         assert client.exists(f"spirt:{job}:theta") == 0  # nothing unvouched reached Redis
     finally:
         client.close()
-    # The lone trainer was never held up by the waiting joiner.
-    before = _round(c.nodes[0])
-    wait_for(lambda: _round(c.nodes[0]) >= before + 20, 60, "the trainer to go on")
     c.nodes[0].call("POST", "/v1/train/stop", {})

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,11 @@ def _cluster(make_cluster: Any, n: int, extra: list[list[str]] | None = None) ->
 
 def _status(n: LocalNode) -> dict[str, Any]:
     return n.call("GET", "/v1/train/status")
+
+
+def _rounds_run(n: LocalNode) -> int:
+    """Rounds this node has closed, in every job since it started."""
+    return int(n.status()["counters"].get("training.rounds", 0))
 
 
 def _wait_done(nodes: list[LocalNode], timeout: float = 300) -> list[dict[str, Any]]:
@@ -160,6 +164,22 @@ def test_mnist_from_idx_files(make_cluster: Any, short_tmp: Path) -> None:
     assert statuses[0]["job"]["params"] == 784 * 128 + 128 + 128 * 10 + 10
 
 
+MARKER_TOPIC = "test-marker"
+
+
+def _published_after(origin: LocalNode, nodes: list[LocalNode]) -> None:
+    """Publishes a marker from ``origin`` and waits until every other node has it: what
+    ``origin`` published before (a job, say) has had the same way to the others."""
+    sent = origin.call("POST", "/v1/pubsub/publish", {"topic": MARKER_TOPIC, "random_size": 16})
+
+    def arrived(n: LocalNode) -> bool:
+        inbox = n.call("GET", "/v1/pubsub/inbox")["messages"]
+        return any(m["msg_id"] == sent["msg_id"] for m in inbox)
+
+    others = [n for n in nodes if n is not origin]
+    wait_for(lambda: all(map(arrived, others)), 30, "the marker to reach every other node")
+
+
 @pytest.fixture(scope="module")
 def refusing_peers() -> Iterator[LocalCluster]:
     """Three peers shared by the refusal tests: a refused job leaves nothing behind."""
@@ -171,7 +191,10 @@ def refusing_peers() -> Iterator[LocalCluster]:
         return made[-1]
 
     try:
-        yield _cluster(make, 3)
+        c = _cluster(make, 3)
+        for n in c.nodes:
+            n.call("POST", "/v1/pubsub/subscribe", {"topic": MARKER_TOPIC})
+        yield c
     finally:
         for c in made:
             c.kill_all()
@@ -206,7 +229,7 @@ def test_bad_jobs_are_refused_everywhere(
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "job refused" in lines[0] and message in lines[0], lines
-    time.sleep(0.5)  # anything published would have reached the others by now
+    _published_after(refusing_peers.nodes[1], refusing_peers.nodes)
     for n in refusing_peers.nodes:
         s = _status(n)
         assert s["job"] is None and s["state"] == "idle", s
@@ -222,11 +245,14 @@ def test_second_job_refused_and_stop_reaches_everyone(three_peers: LocalCluster)
     r3 = _ctl(c, "train", "stop")
     assert r3.returncode == 0, r3.stderr
     wait_for(lambda: all(_status(n)["state"] == "stopped" for n in (a, b, c)), 30, "stop")
-    rounds = [_status(n)["round"] for n in (a, b, c)]
-    time.sleep(1.0)
-    assert [_status(n)["round"] for n in (a, b, c)] == rounds  # nothing runs any more
-    # A stopped job frees the node for the next one.
+    ran = [_rounds_run(n) for n in (a, b, c)]
+    # A stopped job frees the node for the next one ...
     assert _ctl(b, "train", "start", "--task", "digits", "--rounds", "3").returncode == 0
+    statuses = _wait_done([a, b, c])
+    # ... and while that one ran its rounds, the stopped one ran none.
+    for n, before, s in zip((a, b, c), ran, statuses, strict=True):
+        assert s["job"]["rounds"] == 3
+        assert _rounds_run(n) - before == len(s["history"]) > 0, (before, s["history"])
 
 
 def test_training_without_the_module(make_cluster: Any, short_tmp: Path) -> None:
