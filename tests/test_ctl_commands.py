@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -182,8 +183,9 @@ def test_control_api_over_tcp_needs_the_token(cluster: LocalCluster) -> None:
     wrong.write_text("0" * 64 + "\n")
     r = spirtctl("status", "--api", api, "--token-file", str(wrong))
     assert r.returncode == 1 and "token" in r.stderr
+    # A missing token file is a failure, not a usage error: the command line was right.
     r = spirtctl("status", "--api", api, "--token-file", str(a.data_dir.parent / "missing"))
-    assert r.returncode == 2 and "--token-file" in r.stderr
+    assert r.returncode == 1 and "--token-file" in r.stderr
     # No token at all: refused by the daemon itself, not just by spirtctl.
     host, _, port = api.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -217,8 +219,23 @@ def test_offline_ca_and_trust_commands(cluster: LocalCluster, short_tmp: Path) -
     assert again["added"] is False
     # Usage errors: exit 2.
     assert spirtctl("ca", "enroll", "--ca-dir", ca).returncode == 2  # needs --data-dir
-    assert spirtctl("trust", "--data-dir", str(short_tmp / "m"), "nothex").returncode == 2
-    assert spirtctl("ca", "init", "--ca-dir", ca).returncode == 2  # exists already
+    r = spirtctl("trust", "--data-dir", str(short_tmp / "m"), "nothex")
+    assert r.returncode == 2 and "not a public key" in r.stderr
+    r = spirtctl("ca", "sign", "--ca-dir", ca, "nothex")
+    assert r.returncode == 2 and "not a public key" in r.stderr
+    r = spirtctl("ca", "install", "--data-dir", n3, "00ff")
+    assert r.returncode == 2 and "not a certificate" in r.stderr
+    # A command that was given right but cannot be done: exit 1, one line, no traceback.
+    failures = [
+        (("ca", "init", "--ca-dir", ca), "already exists"),
+        (("ca", "sign", "--ca-dir", str(short_tmp / "noca"), pub), "noca"),
+        (("ca", "revoke", "--ca-dir", str(short_tmp / "noca"), pub), "noca"),
+        (("ca", "enroll", "--ca-dir", str(short_tmp / "noca"), "--data-dir", n1), "noca"),
+    ]
+    for args, says in failures:
+        r = spirtctl(*args)
+        assert r.returncode == 1, (args, r.returncode, r.stderr)
+        assert says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_usage_and_unreachable_exit_codes(short_tmp: Path) -> None:
@@ -241,3 +258,72 @@ def test_usage_and_unreachable_exit_codes(short_tmp: Path) -> None:
         env=env,
     )
     assert r.returncode == 3 and str(short_tmp / "envdir" / "api.sock") in r.stderr
+
+
+# Runs spirtctl's main() as a user the kernel refuses: as root (whom file modes do
+# not stop) it drops to nobody after Python has started, since the interpreter may
+# live where nobody cannot read; as anyone else, a mode-000 directory refuses even
+# its owner. Either way the denial is the kernel's, not a simulation.
+_AS_UNPRIVILEGED = """
+import os, sys
+from pathlib import Path
+from spirtd.control import ctl
+system_dir, *argv = sys.argv[1:]
+if system_dir:
+    ctl.SYSTEM_DATA_DIR = Path(system_dir)
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+sys.exit(ctl.main(argv))
+"""
+
+
+def _unprivileged_ctl(
+    system_dir: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _AS_UNPRIVILEGED, system_dir, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def locked_data_dir(short_tmp: Path) -> Iterator[Path]:
+    """A data dir holding a live listening api.sock that this user may not search."""
+    short_tmp.chmod(0o755)  # only the data dir itself is what refuses
+    data = short_tmp / "locked"
+    data.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(data / "api.sock"))
+    listener.listen(1)
+    data.chmod(0)
+    try:
+        yield data
+    finally:
+        data.chmod(0o700)
+        listener.close()
+
+
+def test_permission_denied_is_unreachable_not_a_traceback(
+    locked_data_dir: Path, short_tmp: Path
+) -> None:
+    sock = str(locked_data_dir / "api.sock")
+    for args in (["status"], ["train", "status", "--json"], ["metrics"]):
+        r = _unprivileged_ctl("", *args, "--data-dir", str(locked_data_dir))
+        assert r.returncode == 3, (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert sock in r.stderr and "Permission denied" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # Without --data-dir, spirtctl looks for the system daemon's socket; a system
+    # data dir it may not search must lead there too, not to a crash.
+    home = short_tmp / "home"
+    home.mkdir(mode=0o777)
+    env = {**os.environ, "XDG_DATA_HOME": str(home), "HOME": str(home)}
+    env.pop("SPIRT_DATA_DIR", None)
+    r = _unprivileged_ctl(str(locked_data_dir), "status", env=env)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert sock in r.stderr and "Permission denied" in r.stderr, r.stderr

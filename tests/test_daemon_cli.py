@@ -122,7 +122,7 @@ def test_ca_and_trust_commands(short_tmp):
     ca = str(short_tmp / "ca")
     assert run("-m", "spirtd.control.ctl", "ca", "init", "--ca-dir", ca).returncode == 0
     r = run("-m", "spirtd.control.ctl", "ca", "init", "--ca-dir", ca)
-    assert r.returncode == 2 and "already exists" in r.stderr
+    assert r.returncode == 1 and "already exists" in r.stderr
     r = run(
         "-m",
         "spirtd.control.ctl",

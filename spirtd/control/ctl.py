@@ -3,7 +3,8 @@
 Daemon commands talk HTTP/JSON over DATA_DIR/api.sock (or, with --api
 HOST:PORT, over TCP with the node's token); `ca` and `trust` work offline on
 directories. Exit codes: 0 success, 1 the daemon answered with an error (or a
-followed job did not finish), 2 usage error, 3 the daemon is unreachable.
+followed job did not finish, or an offline command failed), 2 usage error (the
+command line itself is wrong), 3 the daemon is unreachable.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.identity import node_id, parse_public_key
+from protocol.errors import DecodeError
+from protocol.identity import Certificate, node_id, parse_public_key
 from spirtd.config import default_data_dir
 from spirtd.control import report
 from spirtd.keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
@@ -82,10 +84,11 @@ def call(
         raise Unreachable(
             f"cannot reach spirtd at {where}: {e.strerror}. {_start_hint(data_dir, api)}"
         ) from None
-    except PermissionError:
+    except PermissionError as e:
         raise Unreachable(
-            f"cannot reach spirtd at {where}: permission denied. The socket is mode 0600, owned "
-            "by the daemon's user: run spirtctl as that user (e.g. `sudo -u spirt spirtctl ...`)"
+            f"cannot reach spirtd at {where}: {e.strerror or 'permission denied'}. This user "
+            "may not open the data dir or its socket (mode 0600, owned by the daemon's user): "
+            "run spirtctl as that user (e.g. `sudo -u spirt spirtctl ...`)"
         ) from None
     except TimeoutError:
         raise Unreachable(
@@ -131,9 +134,18 @@ def _ctl_data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     mine = default_data_dir()
-    if not DataDir(mine).api_socket.exists() and DataDir(SYSTEM_DATA_DIR).api_socket.exists():
+    if not _may_exist(DataDir(mine).api_socket) and _may_exist(DataDir(SYSTEM_DATA_DIR).api_socket):
         return SYSTEM_DATA_DIR
     return mine
+
+
+def _may_exist(path: Path) -> bool:
+    """Whether ``path`` exists, or might: a directory this user may not search
+    (the daemon's 0700 data dir) hides it, and connecting then says so."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -456,7 +468,7 @@ def cmd_ca_enroll(a: argparse.Namespace) -> str | dict:
 
 
 def cmd_ca_sign(a: argparse.Namespace) -> str | dict:
-    pub = parse_public_key(a.pubkey)
+    pub = a.pubkey
     cert = CaDir(a.ca_dir).sign(pub, now=time.time(), days=a.days)
     text = cert.encode().hex()
     if a.json:
@@ -470,7 +482,7 @@ def cmd_ca_sign(a: argparse.Namespace) -> str | dict:
 
 
 def cmd_ca_revoke(a: argparse.Namespace) -> str | dict:
-    pub = parse_public_key(a.pubkey)
+    pub = a.pubkey
     crl = CaDir(a.ca_dir).revoke(pub, now=time.time(), days=a.days)
     out = {
         "revoked": node_id(pub),
@@ -490,10 +502,7 @@ def cmd_ca_revoke(a: argparse.Namespace) -> str | dict:
 
 
 def cmd_ca_install_cert(a: argparse.Namespace) -> str | dict:
-    raw = bytes.fromhex(a.certificate.strip())
-    from protocol.identity import Certificate
-
-    cert = Certificate.decode(raw)
+    raw, cert = a.certificate
     write_public(DataDir(a.data_dir).cert_path, raw)
     return (
         {"installed": node_id(cert.public_key)}
@@ -503,12 +512,31 @@ def cmd_ca_install_cert(a: argparse.Namespace) -> str | dict:
 
 
 def cmd_trust(a: argparse.Namespace) -> str | dict:
-    pub = parse_public_key(a.pubkey)
+    pub = a.pubkey
     d = DataDir(a.data_dir)
     d.ensure()
     added = append_key_line(d.allowlist_path, pub)
     out = {"node_id": node_id(pub), "added": added, "allowlist": str(d.allowlist_path)}
     return out if a.json else (f"{'added' if added else 'already trusted:'} {node_id(pub)}")
+
+
+# A malformed key or certificate on the command line is a usage error (exit 2), so
+# they are parsed by argparse; failures in doing the command exit 1.
+def _pubkey_arg(text: str) -> bytes:
+    try:
+        return parse_public_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _certificate_arg(text: str) -> tuple[bytes, Certificate]:
+    try:
+        raw = bytes.fromhex(text.strip())
+        return raw, Certificate.decode(raw)
+    except (ValueError, DecodeError) as e:
+        raise argparse.ArgumentTypeError(
+            f"not a certificate printed by `spirtctl ca sign`: {e}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,23 +642,23 @@ def build_parser() -> argparse.ArgumentParser:
     cs = ca.add_parser("sign", parents=[common])
     cs.add_argument("--ca-dir", type=Path, required=True)
     cs.add_argument("--days", type=float, default=365.0)
-    cs.add_argument("pubkey")
+    cs.add_argument("pubkey", type=_pubkey_arg)
     cs.set_defaults(fn=cmd_ca_sign)
     cr = ca.add_parser("revoke", parents=[common])
     cr.add_argument("--ca-dir", type=Path, required=True)
     cr.add_argument(
         "--days", type=float, default=30.0, help="days until the list's next update (default 30)"
     )
-    cr.add_argument("pubkey")
+    cr.add_argument("pubkey", type=_pubkey_arg)
     cr.set_defaults(fn=cmd_ca_revoke)
     cinst = ca.add_parser(
         "install", parents=[common], help="install a certificate printed by `ca sign`"
     )
-    cinst.add_argument("certificate")
+    cinst.add_argument("certificate", type=_certificate_arg)
     cinst.set_defaults(fn=cmd_ca_install_cert)
 
     tr = sub.add_parser("trust", parents=[common], help="add a peer key to the allowlist (offline)")
-    tr.add_argument("pubkey")
+    tr.add_argument("pubkey", type=_pubkey_arg)
     tr.set_defaults(fn=cmd_trust)
     return p
 
@@ -664,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 "node's DATA_DIR/api.token here, mode 0600)",
                 file=sys.stderr,
             )
-            return EXIT_USAGE
+            return EXIT_DAEMON_ERROR
     try:
         out = a.fn(a)
     except Unreachable as e:
@@ -674,8 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spirtctl: {e}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     except (KeyFileError, ValueError, OSError) as e:
+        # The command line was fine (argparse checked it); doing the command failed.
         print(f"spirtctl: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_DAEMON_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if isinstance(out, (dict, list)):
