@@ -20,6 +20,7 @@ from protocol.errors import DecodeError
 from protocol.identity import SIGNATURE_SIZE, NodeKey, TrustStore
 from protocol.wire import DOMAIN_ENVELOPE, MsgType
 from spirtd.config import TransportConfig
+from spirtd.localcluster import async_wait_for
 from spirtd.net.transport import Transport
 from tests.protocol_helpers import key
 
@@ -168,9 +169,7 @@ class Recorder:
 
 
 async def settle(rec: Recorder, want: int, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while len(rec.messages) < want:
-            await asyncio.sleep(0.02)
+    await async_wait_for(lambda: len(rec.messages) >= want, timeout, f"{want} messages")
     await asyncio.sleep(0.5)  # anything more that would come, would come now
 
 
