@@ -153,6 +153,25 @@ class DataDir:
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    def check_trust_writable(self) -> None:
+        """Raises KeyFileError unless this process can keep revocation lists in
+        trust/crl.held: a list it cannot hold would be enforced only until the next
+        start, so a node that cannot write there must not start at all."""
+        try:
+            self.trust_dir.mkdir(exist_ok=True, mode=0o700)
+            self.crl_held_dir.mkdir(exist_ok=True, mode=0o700)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.crl_held_dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            where = e.filename or self.crl_held_dir
+            raise KeyFileError(
+                f"trust directory {self.trust_dir} is not writable by uid {os.geteuid()} "
+                f"({where}: {e.strerror}): spirtd keeps revocation lists in "
+                f"{self.crl_held_dir}; make {self.trust_dir} a directory owned by the "
+                "daemon's user (e.g. chown -R spirt:spirt)"
+            ) from None
+
     def certificate(self) -> Certificate | None:
         if not self.cert_path.exists():
             return None
@@ -191,7 +210,17 @@ class DataDir:
             return store
         held = store.crls.get(offered.issuer)
         if store.add_crl(offered):
-            write_secret(self._held_path(offered.issuer), offered.encode())
+            try:
+                write_secret(self._held_path(offered.issuer), offered.encode())
+            except OSError as e:
+                # Enforced now regardless; only its survival across a restart is at stake.
+                log.error(
+                    "revocation list %s is enforced but cannot be held in %s (%s): a "
+                    "restart would refuse to start until that directory is writable",
+                    self.crl_path,
+                    self.crl_held_dir,
+                    e.strerror,
+                )
         elif held is not None and offered.version < held.version:
             log.error(
                 "revocation list %s is v%d, older than the held v%d: refused (a rollback?); "

@@ -70,6 +70,7 @@ class Node:
         if created:
             log.info("created a new node identity in %s", self.data.key_path)
         self.certificate = self.data.certificate()
+        self.data.check_trust_writable()
         self.trust = self.data.trust_store(self.config.cluster)
         # Shared by every service that judges identities carried inside messages.
         self.admission = Admission(self.trust)
