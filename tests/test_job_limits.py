@@ -33,6 +33,7 @@ HUGE_PARAMS = (65536 * 65536 + 65536) + 15 * (65536 * 65536 + 65536) + (65536 * 
 # A daemon with torch loaded peaks well under this; building any one layer of
 # HUGE (16 GiB) would not.
 RSS_CEILING = 2 << 30
+TASK_MODULES = 'task_modules = ["tests"]\n'
 
 
 # --- the arithmetic, against real models -------------------------------------------------
@@ -179,7 +180,9 @@ def _ready(node: LocalNode) -> bool:
 
 
 def _cluster(make_cluster: Any, n: int) -> LocalCluster:
-    c: LocalCluster = make_cluster(n, args=["--profile", "local"])
+    # tests.failing_task is importable by the daemons: localcluster puts the
+    # checkout on their PYTHONPATH.
+    c: LocalCluster = make_cluster(n, args=["--profile", "local"], config=TASK_MODULES)
     c.start()
     everyone = {x.node_id: "alive" for x in c.nodes}
     wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
@@ -205,6 +208,21 @@ def test_train_start_refuses_the_finding_and_the_daemon_stays_healthy(make_clust
     assert train["job"] is None and train["state"] == "idle"
     assert node.running
     assert _peak_rss(node) < RSS_CEILING
+    # Whatever else fails while a job is prepared is its refusal, not the daemon's
+    # trouble (an HTTP 500 before): MemoryError loading data, torch's allocator failing.
+    for fail, why in (("data", "MemoryError"), ("model", "DefaultCPUAllocator: no memory")):
+        r = _ctl(
+            node,
+            "train",
+            "start",
+            "--task",
+            "tests.failing_task:Failing",
+            "--task-arg",
+            f"fail={fail}",
+        )
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert "job refused: preparing the task failed: " in r.stderr and why in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     # The limit is the node's setting: a job that fits starts.
     ok = _ctl(node, "train", "start", "--task", "synthetic", "--rounds", "2")
     assert ok.returncode == 0, ok.stderr
@@ -219,6 +237,8 @@ def test_a_member_refuses_the_finding_received_by_gossip(make_cluster: Any) -> N
         "sized": JobSpec("synthetic", dict(HUGE), param_count=HUGE_PARAMS, created_ms=1),
         # One that lies about its size: refused on the count, still before building.
         "lying": JobSpec("synthetic", dict(HUGE), param_count=10, created_ms=2),
+        # One that fits, but whose preparation fails like an oversized one.
+        "failing": JobSpec("tests.failing_task:Failing", {"fail": "data"}, param_count=10),
     }
     ids = {}
     for name, spec in specs.items():
@@ -238,12 +258,14 @@ def test_a_member_refuses_the_finding_received_by_gossip(make_cluster: Any) -> N
     def refusals() -> int:
         return int(receiver.status()["counters"].get("training.jobs_refused", 0))
 
-    wait_for(lambda: refusals() >= 2, 60, "the receiver to refuse both records")
+    wait_for(lambda: refusals() >= len(specs), 60, "the receiver to refuse every record")
     log = receiver.log_path.read_text(errors="replace")
     sized = f"refusing job {ids['sized']} from {sender.node_id}: the model is too large"
     assert sized in log and "1024 MiB ([training] max_model_mb)" in log
     lying = f"refusing job {ids['lying']} from {sender.node_id}: this node's model has"
     assert lying in log and "the job's has 10 " in log
+    failing = f"refusing job {ids['failing']} from {sender.node_id}: preparing the task failed"
+    assert f"{failing}: MemoryError" in log
     train = receiver.call("GET", "/v1/train/status")
     assert train["job"] is None and train["state"] == "idle"
     assert train["detail"].startswith("refused job ")
