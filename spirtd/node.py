@@ -18,12 +18,12 @@ from typing import Any
 
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
-from protocol.identity import Admission, node_id
+from protocol.identity import Admission, Certificate, node_id
 from protocol.wire import MsgType
 from spirtd import __version__, logs, services
 from spirtd.config import Config, ConfigError
 from spirtd.control.api import ApiServer
-from spirtd.keyfiles import DataDir, load_or_create_key
+from spirtd.keyfiles import DataDir, KeyFileError, load_or_create_key
 from spirtd.net.link import Link, StreamSink
 from spirtd.net.transport import Transport
 from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
@@ -157,6 +157,7 @@ class Node:
     # -- trust ---------------------------------------------------------------------------
 
     def reload_trust(self) -> None:
+        self._reload_certificate()
         try:
             trust = self.data.trust_store(self.config.cluster)
         except Exception as e:  # keep the old policy rather than die on a bad edit
@@ -166,6 +167,36 @@ class Node:
         self.admission.update(trust)
         if self.transport is not None:
             self.transport.update_trust(trust)
+
+    def _reload_certificate(self) -> None:
+        """Presents a renewed node.cert on new handshakes, without a restart. A file
+        that is unreadable, gone or for another key leaves the current one in use."""
+        try:
+            cert = self.data.certificate()
+        except KeyFileError as e:
+            log.error("keeping the current certificate: %s", e)
+            return
+        if cert is None or cert == self.certificate:
+            return
+        if cert.public_key != self.key.public_key:
+            log.error(
+                "keeping the current certificate: %s is for another key than node.key",
+                self.data.cert_path,
+            )
+            return
+        self.certificate = cert
+        if self.transport is not None:
+            self.transport.certificate = cert
+        for svc in self.services:
+            renewed = getattr(svc, "certificate_renewed", None)
+            if renewed is not None:
+                renewed(cert.encode())
+        log.info(
+            "presenting certificate serial %d from CA %s on new handshakes (expires %s)",
+            cert.serial,
+            node_id(cert.issuer),
+            time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(cert.expires_at)),
+        )
 
     def _warn_stale_crls(self, now: float) -> None:
         if now - self._crl_warned_at < CRL_WARN_EVERY_S:
@@ -196,13 +227,23 @@ class Node:
                 )
 
     async def _trust_refresher(self) -> None:
-        """Picks up revocations and allowlist edits, and expires certificates, without a restart."""
+        """Picks up revocations, allowlist and CA edits and a renewed node.cert, and
+        expires certificates, without a restart."""
+
+        watched = (
+            self.data.cert_path,
+            self.data.ca_pub_path,
+            self.data.allowlist_path,
+            self.data.crl_path,
+        )
 
         def stamp() -> tuple:
             out = []
-            for p in (self.data.ca_pub_path, self.data.allowlist_path, self.data.crl_path):
+            for p in watched:
                 with contextlib.suppress(OSError):
-                    out.append((p, p.stat().st_mtime_ns))
+                    st = p.stat()
+                    # Atomic replacement (a new inode) within one mtime tick counts too.
+                    out.append((p, st.st_mtime_ns, st.st_ino, st.st_size))
             return tuple(out)
 
         last = stamp()
@@ -337,7 +378,11 @@ class Node:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "members": self._linked_members(),
-            "links": [link.info() for link in self.transport.links.values()]
+            "certificate": _cert_info(self.certificate),
+            "links": [
+                {**link.info(), "certificate": _cert_info(link.peer_cert)}
+                for link in self.transport.links.values()
+            ]
             if self.transport
             else [],
             "training": {
@@ -350,6 +395,12 @@ class Node:
             },
             "counters": dict(sorted(self.counters.items())),
         }
+
+
+def _cert_info(cert: Certificate | None) -> dict[str, Any] | None:
+    if cert is None:
+        return None
+    return {"serial": cert.serial, "issuer": node_id(cert.issuer), "expires_at": cert.expires_at}
 
 
 def main_async(config: Config) -> int:

@@ -231,6 +231,21 @@ class Membership:
         self._events = []
         return ev
 
+    def set_certificate(self, certificate: bytes, now: float) -> None:
+        """Our certificate was renewed (or re-issued by a new CA): announce it in an
+        alive record at the next incarnation, since members judge our records by
+        the certificate they carry and may no longer accept the old one."""
+        if certificate == self._cert:
+            return
+        self._cert = certificate
+        if self._leaving or self._inc >= MAX_INT:
+            return
+        self._inc += 1
+        rec = self._sign_alive()
+        self._set(self.node_id, Entry(rec, ALIVE, None, now))
+        self._queue.add(self.node_id, rec)
+        self.counters["certificate_renewed"] += 1
+
     def join(self, seed_addrs: list[str], now: float) -> None:
         """Joins through any of ``seed_addrs`` (known only by address): push-pull with
         each, retried every join_retry_interval until one answers."""

@@ -119,6 +119,12 @@ class MembershipService:
         """fn(event: MemberEvent) for every membership change."""
         self._listeners.append(fn)
 
+    def certificate_renewed(self, certificate: bytes) -> None:
+        """Called by the node when it presents a new certificate."""
+        if self.m is not None:
+            self.m.set_certificate(certificate, time.monotonic())
+            self._wake.set()
+
     # -- the loop ------------------------------------------------------------------------
 
     async def _run(self) -> None:
