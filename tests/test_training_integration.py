@@ -181,8 +181,9 @@ def _published_after(origin: LocalNode, nodes: list[LocalNode]) -> None:
 
 
 @pytest.fixture(scope="module")
-def refusing_peers() -> Iterator[LocalCluster]:
-    """Three peers shared by the refusal tests: a refused job leaves nothing behind."""
+def shared_peers() -> Iterator[LocalCluster]:
+    """Three peers shared by the tests that start jobs through the CLI: a refused job
+    leaves nothing behind, and a stopped or finished one leaves the peers free."""
     root = Path(tempfile.mkdtemp(prefix="spt-"))
     made: list[LocalCluster] = []
 
@@ -199,11 +200,6 @@ def refusing_peers() -> Iterator[LocalCluster]:
         for c in made:
             c.kill_all()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def three_peers(make_cluster: Any) -> LocalCluster:
-    return _cluster(make_cluster, 3)
 
 
 @pytest.mark.parametrize(
@@ -223,20 +219,22 @@ def three_peers(make_cluster: Any) -> LocalCluster:
     ],
 )
 def test_bad_jobs_are_refused_everywhere(
-    refusing_peers: LocalCluster, args: list[str], message: str
+    shared_peers: LocalCluster, args: list[str], message: str
 ) -> None:
-    r = _ctl(refusing_peers.nodes[1], "train", "start", *args)
+    nodes = shared_peers.nodes
+    # Whatever the peers last ran (nothing, or an earlier test's finished job) stays.
+    before = [(_status(n)["job"], _status(n)["state"]) for n in nodes]
+    assert all(state != "running" for _, state in before), before
+    r = _ctl(nodes[1], "train", "start", *args)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "job refused" in lines[0] and message in lines[0], lines
-    _published_after(refusing_peers.nodes[1], refusing_peers.nodes)
-    for n in refusing_peers.nodes:
-        s = _status(n)
-        assert s["job"] is None and s["state"] == "idle", s
+    _published_after(nodes[1], nodes)
+    assert [(_status(n)["job"], _status(n)["state"]) for n in nodes] == before
 
 
-def test_second_job_refused_and_stop_reaches_everyone(three_peers: LocalCluster) -> None:
-    a, b, c = three_peers.nodes
+def test_second_job_refused_and_stop_reaches_everyone(shared_peers: LocalCluster) -> None:
+    a, b, c = shared_peers.nodes
     r = _ctl(a, "train", "start", "--task", "digits", "--rounds", "100000", "--json")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: all(_status(n)["round"] >= 2 for n in (a, b, c)), 120, "round 2 everywhere")
