@@ -19,8 +19,8 @@ receiver almost nothing:
 3. the signature over the raw bytes (about 65 us, against milliseconds for a
    16 KB body of small integers through the structural scan);
 4. only then the full strict decode (strictpack), with item limits that depend
-   on the message type: a membership envelope carries one byte string, not
-   thousands of integers.
+   on the message type: every type but GOSSIP_PUBLISH carries one byte string,
+   not thousands of integers.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class MsgType(IntEnum):
     """Every envelope type there is. Ranges are kept per subsystem."""
 
     MEMBERSHIP = 16  # body: protocol.membership message bytes
-    GOSSIP = 32  # body: protocol.gossip control message bytes
+    GOSSIP = 32  # body: protocol.gossip control message bytes (encode_control)
     GOSSIP_PUBLISH = 33  # body: a published message (announcement of a payload)
     ROUNDS = 48  # body: training-round coordination
     STATE = 64  # body: model state offers/requests for joining peers
@@ -77,11 +77,18 @@ _KNOWN_TYPES = frozenset(int(t) for t in MsgType)
 # Item limits per message type, checked by the structural scan after the
 # signature. Each is sized to what its sender can legitimately build. Strings
 # and byte strings are skipped in one step by the scan, so their caps stay
-# generous; what costs CPU is the number of items and containers.
+# generous; what costs CPU is the number of items and containers. A body whose
+# structure is large (a gossip control, a membership state) travels as one byte
+# string that its subsystem decodes: a refusal there is charged to the peer
+# that sent it, where a refusal here reaches no peer score. So no type admits
+# more than a few dozen items at envelope level.
 TYPE_LIMITS: dict[MsgType, strictpack.Limits] = {
     MsgType.MEMBERSHIP: _OPAQUE_LIMITS,
     MsgType.STATE: _OPAQUE_LIMITS,
-    # An announcement: a map of six fields, one of them the inline payload.
+    MsgType.GOSSIP: _OPAQUE_LIMITS,  # gossip.messages.encode_control
+    # Reserved: nothing sends it yet, and whatever will, will send bytes.
+    MsgType.ROUNDS: _OPAQUE_LIMITS,
+    # An announcement: a map of seven fields, one of them the inline payload.
     MsgType.GOSSIP_PUBLISH: strictpack.Limits(
         max_size=MAX_ENVELOPE,
         max_depth=3,
@@ -89,23 +96,6 @@ TYPE_LIMITS: dict[MsgType, strictpack.Limits] = {
         max_str=4096,
         max_bin=MAX_ENVELOPE,
         max_container=16,
-    ),
-    # Gossip control: up to 2048 message ids plus topic lists (gossip.messages).
-    MsgType.GOSSIP: strictpack.Limits(
-        max_size=MAX_ENVELOPE,
-        max_depth=8,
-        max_items=8_192,
-        max_str=4096,
-        max_bin=MAX_ENVELOPE,
-        max_container=2048,
-    ),
-    MsgType.ROUNDS: strictpack.Limits(
-        max_size=MAX_ENVELOPE,
-        max_depth=6,
-        max_items=4096,
-        max_str=4096,
-        max_bin=MAX_ENVELOPE,
-        max_container=1024,
     ),
 }
 

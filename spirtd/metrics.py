@@ -255,6 +255,11 @@ _PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("spirt_links_opened", "transport.links_opened", "Peer links established since start."),
     ("spirt_gossip_published", "gossip.published", "Messages this node published."),
     (
+        "spirt_gossip_graylisted_unread",
+        "gossip.graylisted_unread",
+        "Gossip envelopes from graylisted peers dropped before they were decoded.",
+    ),
+    (
         "spirt_gossip_body_received_bytes",
         "gossip.body_bytes_in",
         "Bytes of gossip bodies (gradients) pulled from peers.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 
 import msgpack
@@ -17,9 +18,12 @@ from hypothesis import strategies as st
 from protocol import strictpack, wire
 from protocol.budget import KeyedBuckets, LinkBudget, MessageBudget, TokenBucket
 from protocol.errors import DecodeError
+from protocol.gossip import GossipConfig
+from protocol.gossip.messages import Control, decode_control, encode_control
 from protocol.identity import SIGNATURE_SIZE, NodeKey, TrustStore
 from protocol.wire import DOMAIN_ENVELOPE, MsgType
 from spirtd.config import TransportConfig
+from spirtd.keyfiles import DataDir
 from spirtd.localcluster import async_wait_for
 from spirtd.net.transport import Transport
 from tests.protocol_helpers import key
@@ -71,12 +75,13 @@ def test_the_same_flood_decodes_only_under_its_types_item_limits(monkeypatch):
     # What each type legitimately carries still decodes.
     assert wire.decode(wire.seal(K, MsgType.MEMBERSHIP, 1, 1, b"m" * 50_000)).body == b"m" * 50_000
     ids = [os.urandom(20) for _ in range(2048)]
-    assert wire.decode(wire.seal(K, MsgType.GOSSIP, 1, 1, {"w": ids})).body == {"w": ids}
+    control = wire.decode(wire.seal(K, MsgType.GOSSIP, 1, 1, encode_control(Control(iwant=ids))))
+    assert decode_control(control.body).iwant == ids
 
 
 def test_header_is_peeked_at_fixed_positions_before_the_signature(monkeypatch):
     scans = ScanCount(monkeypatch)
-    raw = strictpack.pack([1, int(MsgType.GOSSIP), K.public_key, 1, 1, [1] * 100])
+    raw = strictpack.pack([1, int(MsgType.GOSSIP), K.public_key, 1, 1, [1] * 10])
     cases = {
         "bad_version": b"\x96\x02" + raw[2:],
         "unknown_type": b"\x96\x01\x7f" + raw[3:],
@@ -92,7 +97,7 @@ def test_header_is_peeked_at_fixed_positions_before_the_signature(monkeypatch):
     loose = b"\xdc\x00\x06\xcc\x01\xcd\x00\x20" + raw[3:]
     env = wire.decode(loose + K.sign(DOMAIN_ENVELOPE, loose))
     assert (env.version, env.type, env.origin) == (1, MsgType.GOSSIP, K.public_key)
-    assert env.body == [1] * 100 and env.raw == loose
+    assert env.body == [1] * 10 and env.raw == loose
 
 
 def test_peek_agrees_with_the_full_decode():
@@ -168,9 +173,15 @@ class Recorder:
         return None
 
 
-async def settle(rec: Recorder, want: int, timeout: float = 20.0) -> None:
-    await async_wait_for(lambda: len(rec.messages) >= want, timeout, f"{want} messages")
-    await asyncio.sleep(0.5)  # anything more that would come, would come now
+async def settle(rec: Recorder, link_counters: Counter[str], want: int, throttles: int) -> None:
+    """Waits until ``want`` messages are in and the reader has charged the next
+    one into debt (its ``throttles``-th): then, while the test's clock stands
+    still, nothing more can come, and the count can be checked."""
+    await async_wait_for(
+        lambda: len(rec.messages) >= want and link_counters["link.budget_throttled"] >= throttles,
+        20,
+        f"{want} messages and the reader stopped by its budget",
+    )
 
 
 async def test_a_link_delivers_no_more_than_its_budget():
@@ -196,17 +207,19 @@ async def test_a_link_delivers_no_more_than_its_budget():
         link = await a.connect(b.listen_addr)
         for i in range(50):
             await link.send(b"m%d" % i)
-        await settle(rb, 10)
+        await settle(rb, b.counters, 10, 1)
         assert len(rb.messages) == 10  # the burst, and not one more while time stands still
         clock.t += 1.0  # five more tokens: repays the debt of the 11th and pays 4 more
-        await settle(rb, 15)
+        await settle(rb, b.counters, 15, 2)
         assert len(rb.messages) == 15
         assert rb.messages == [b"m%d" % i for i in range(15)]  # delayed, never dropped
         assert b.counters["link.budget_throttled"] == 2
-        async with asyncio.timeout(30):
-            while len(rb.messages) < 50:
-                clock.t += 10.0  # never more than a burst at once, however long the wait
-                await asyncio.sleep(0.05)
+
+        def advanced() -> bool:
+            clock.t += 10.0  # never more than a burst at once, however long the wait
+            return len(rb.messages) >= 50
+
+        await async_wait_for(advanced, 30, "all 50 messages as the clock moves on")
         assert rb.messages == [b"m%d" % i for i in range(50)]
         assert a.links[b.node_id].close_reason is None
     finally:
@@ -263,3 +276,64 @@ def test_scan_accepts_exactly_whole_values(obj, cut):
     if cut < len(data):
         with pytest.raises(DecodeError):
             strictpack.unpack(data[:cut])
+
+
+# --- a graylisted peer's gossip, against a real daemon -----------------------------------
+
+JUNK_CONTROLS = 40
+
+
+def _graylisting_count(c: GossipConfig) -> int:
+    """Invalid messages that take a fresh peer below the graylist threshold."""
+    n = 1
+    while c.invalid_weight * n * n >= c.graylist_threshold:
+        n += 1
+    return n
+
+
+async def test_a_graylisted_peers_gossip_is_dropped_before_it_is_decoded(make_cluster):
+    cluster = make_cluster(1, args=["--profile", "local"])
+    victim = cluster.nodes[0]
+    await asyncio.to_thread(cluster.start)
+    mdir = DataDir(cluster.root / "mallory")
+    mallory, cert = cluster.ca.enroll(mdir, now=time.time(), days=1)
+    t = Transport(
+        mallory, cert, mdir.trust_store(), TransportConfig(), Recorder(), counters=Counter()
+    )
+    await t.start("127.0.0.1:0")
+    try:
+        link = await t.connect(victim.address)
+        now_ms = int(time.time() * 1000)
+        junk = strictpack.pack({"z": []})  # a key no control has: signed by mallory, invalid
+        for seq in range(1, JUNK_CONTROLS + 1):
+            await link.send(wire.seal(mallory, MsgType.GOSSIP, seq, now_ms, junk))
+        # Gossip's graylist is gossip's: mallory's membership messages are still read.
+        await link.send(wire.seal(mallory, MsgType.MEMBERSHIP, JUNK_CONTROLS + 1, now_ms, b"\xc1"))
+
+        def counters() -> dict[str, int]:
+            return victim.status()["counters"]
+
+        def all_read() -> bool:
+            return counters().get("membership.decode.malformed", 0) == 1
+
+        # A link delivers in order: once the last message is counted, so are the rest.
+        await async_wait_for(
+            lambda: asyncio.to_thread(
+                lambda: counters().get("membership.decode.malformed", 0) == 1
+            ),
+            60,
+            "the victim to read all of mallory's messages",
+        )
+        c = counters()
+        metrics = await asyncio.to_thread(victim.call, "GET", "/v1/metrics")
+    finally:
+        await t.stop()
+    charged = _graylisting_count(GossipConfig())
+    # Decoded and charged until the score crossed the threshold, not one more.
+    assert c["gossip.decode.bad_field"] == charged
+    assert c["gossip.invalid.bad_field"] == charged
+    assert c["wire.in.gossip"] == charged
+    # The rest were dropped unread, and counted.
+    assert c["gossip.graylisted_unread"] == JUNK_CONTROLS - charged
+    assert f"spirt_gossip_graylisted_unread_total {JUNK_CONTROLS - charged}.0" in metrics
+    assert c["wire.in.membership"] == 1

@@ -18,7 +18,9 @@ from protocol.gossip.messages import (
     Publish,
     RefuseCode,
     decode,
+    decode_control,
     encode,
+    encode_control,
     message_id,
 )
 from tests.protocol_helpers import key
@@ -44,10 +46,58 @@ def test_control_round_trips() -> None:
     c = full_control()
     assert Control.from_obj(c.to_obj()) == c
     assert decode(encode(c)) == c
-    # Inside an envelope, as the daemon sends it.
-    env = wire.decode(wire.seal(key("a"), wire.MsgType.GOSSIP, 1, 0, c.to_obj()))
-    assert Control.from_obj(env.body) == c
+    # Inside an envelope, as the daemon sends it: bytes the envelope does not walk.
+    env = wire.decode(wire.seal(key("a"), wire.MsgType.GOSSIP, 1, 0, encode_control(c)))
+    assert decode_control(env.body) == c
     assert Control().empty() and not c.empty()
+    assert c.parts() == [c]  # a batch that fits travels whole
+
+
+def test_a_batch_too_big_for_one_message_is_split_into_parts_that_decode() -> None:
+    ids = [i.to_bytes(ID_SIZE, "big") for i in range(5000)]
+    peers = tuple((f"node{i}", f"10.0.0.{i}:1") for i in range(16))
+    big = Control(
+        subs=[(f"t{i}", True) for i in range(300)],
+        prune=[Prune(f"t{i}", 60, peers) for i in range(300)],
+        ihave=[("a", ids[:3000]), ("b", ids[3000:])],
+        iwant=ids[:2500],
+        cancel=ids[:300],
+    )
+    with pytest.raises(DecodeError):
+        decode_control(encode_control(big))  # whole, it would be refused (and charged)
+    parts = big.parts()
+    assert len(parts) > 1
+    for p in parts:
+        assert decode_control(encode_control(p)) == p
+    merged = Control()
+    for p in parts:
+        merged.subs += p.subs
+        merged.prune += p.prune
+        merged.ihave += p.ihave
+        merged.iwant += p.iwant
+        merged.cancel += p.cancel
+    # Nothing lost, nothing reordered; IHAVE entries may be cut into pieces.
+    assert (merged.subs, merged.prune, merged.iwant, merged.cancel) == (
+        big.subs,
+        big.prune,
+        big.iwant,
+        big.cancel,
+    )
+    assert [i for _, piece in merged.ihave for i in piece] == ids
+    assert {t for t, _ in merged.ihave} == {"a", "b"}
+
+
+def test_decode_control_refuses_what_is_not_a_control() -> None:
+    for data, reason in [
+        ({"w": [MID]}, "bad_field"),  # the map itself, not its bytes
+        (strictpack.pack([MID] * 10), "bad_field"),
+        # Three lists as long as a list may be: more items than any control needs.
+        (strictpack.pack({k: [[]] * 2048 for k in "wxq"}), "oversized"),
+        (b"\xc1", "malformed"),
+    ]:
+        with pytest.raises(DecodeError) as e:
+            decode_control(data)  # type: ignore[arg-type]
+        assert e.value.reason == reason, data
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ def make_pubsub(root: Path, limits: StoreLimits) -> PubSub:
         counters=Counter(),
         data=SimpleNamespace(root=root),
         key=me,
-        transport=SimpleNamespace(links={}),  # nothing is connected: sends are counted drops
+        transport=SimpleNamespace(links={}, gates=[]),  # nothing connected: sends are drops
         seal=lambda t, body: wire.seal(me, t, 1, int(time.time() * 1000), body),
         stream_meta=lambda kind, header: strictpack.pack([kind, header]),
     )

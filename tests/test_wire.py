@@ -17,11 +17,12 @@ def resign(raw: bytes) -> bytes:
 
 
 def test_seal_decode_round_trip():
-    data = wire.seal(K, MsgType.GOSSIP, 42, 1234, {"topic": "g", "ids": [b"x" * 32]})
+    # GOSSIP_PUBLISH: the one type whose body is structure at envelope level.
+    data = wire.seal(K, MsgType.GOSSIP_PUBLISH, 42, 1234, {"topic": "g", "ids": [b"x" * 32]})
     env = wire.decode(data)
     assert (env.version, env.type, env.origin, env.seq, env.ts_ms) == (
         1,
-        MsgType.GOSSIP,
+        MsgType.GOSSIP_PUBLISH,
         K.public_key,
         42,
         1234,

@@ -277,7 +277,7 @@ class GossipMachine:
         if sender not in self.addrs:
             self.counters["from_unknown_peer"] += 1
             return
-        if self.scores.score(sender) < self.config.graylist_threshold:
+        if self.ignores(sender):
             self.counters["graylisted_dropped"] += 1
             return
         if isinstance(message, Publish):
@@ -286,6 +286,18 @@ class GossipMachine:
             self._on_control(sender, message, now)
         if self._sched:
             self._schedule_pulls(now)
+
+    def ignores(self, sender: str) -> bool:
+        """Whether everything ``sender`` sends is ignored (its score is below the
+        graylist threshold). A shell may ask this before decoding what the
+        sender sent, so its junk costs no more than the asking."""
+        return self.scores.score(sender) < self.config.graylist_threshold
+
+    def malformed(self, sender: str, reason: str) -> None:
+        """``sender`` sent gossip the shell could not decode: invalid, as if the
+        machine had refused it itself (the shell decodes controls)."""
+        if sender in self.addrs:
+            self._invalid(sender, reason)
 
     # -- peers ---------------------------------------------------------------------------
 

@@ -9,7 +9,11 @@ Two things travel between gossip peers:
   body never rides in an envelope; it is pulled (see transfer.py).
 * ``Control``: one peer's batched control traffic for another (subscriptions,
   GRAFT, PRUNE with peer exchange, IHAVE, IWANT, body pulls, refusals and
-  cancels), carried in a ``MsgType.GOSSIP`` envelope signed by the sender.
+  cancels), carried in a ``MsgType.GOSSIP`` envelope signed by the sender. The
+  envelope's body is the control's msgpack bytes (``encode_control``), opaque to
+  the envelope decoder: its structure is checked by ``decode_control``, whose
+  every refusal the shell can charge to the sender, where a refusal at envelope
+  level could not be charged to anyone.
 
 Message ids are content ids: BLAKE2b-160 over the envelope's signed bytes. Any two
 peers that name an id therefore mean the very same announcement, so a body asked
@@ -41,11 +45,14 @@ MAX_PX = 16
 # receiver must hold before it can verify anything (see transfer).
 MAX_CHUNKS = 1 << 15
 
-# A Control travels alone in an envelope (wire.LIMITS); these fit well inside it.
-_CONTROL_LIMITS = strictpack.Limits(
+# A Control travels alone in an envelope. Its items: the ids of IHAVE and IWANT
+# (MAX_IDS each) and their topic pairs, plus a few per topic entry. What a
+# Control would need beyond that is split off by ``Control.parts``.
+_CONTROL_ITEMS = 2 * MAX_IDS + 8 * MAX_TOPIC_ENTRIES
+CONTROL_LIMITS = strictpack.Limits(
     max_size=1 << 18,
     max_depth=5,
-    max_items=8192,
+    max_items=_CONTROL_ITEMS,
     max_str=MAX_ADDR,
     max_bin=64,
     max_container=MAX_IDS,
@@ -195,6 +202,49 @@ class Control:
             obj["x"] = list(self.cancel)
         return obj
 
+    def parts(self) -> list[Control]:
+        """This control as one or more, each within what ``decode_control``
+        accepts: a batch may gather more than one message carries, and a peer
+        that sends what does not decode is charged for it."""
+        out: list[Control] = []
+        cur, items, ihave_ids = Control(), 16, 0  # 16: the map's keys and values
+
+        def take(
+            name: str, entry: Any, cost: int, cap: int = MAX_TOPIC_ENTRIES, ids: int = 0
+        ) -> None:
+            nonlocal cur, items, ihave_ids
+            if (
+                len(getattr(cur, name)) >= cap
+                or items + cost > _CONTROL_ITEMS
+                or ihave_ids + ids > MAX_IDS
+            ):
+                out.append(cur)
+                cur, items, ihave_ids = Control(), 16, 0
+            getattr(cur, name).append(entry)
+            items += cost
+            ihave_ids += ids
+
+        for sub in self.subs:
+            take("subs", sub, 3)
+        for topic in self.graft:
+            take("graft", topic, 1)
+        for p in self.prune:
+            take("prune", p, 4 + 3 * len(p.px))
+        for topic, ids in self.ihave:
+            for i in range(0, len(ids), MAX_IDS):
+                piece = ids[i : i + MAX_IDS]
+                take("ihave", (topic, piece), 3 + len(piece), ids=len(piece))
+        for mid in self.iwant:
+            take("iwant", mid, 1, cap=MAX_IDS)
+        for pull in self.pull:
+            take("pull", pull, 3)
+        for refusal in self.refuse:
+            take("refuse", refusal, 3)
+        for mid in self.cancel:
+            take("cancel", mid, 1)
+        out.append(cur)
+        return [c for c in out if not c.empty()]
+
     @classmethod
     def from_obj(cls, obj: Any) -> Control:
         if not isinstance(obj, dict):
@@ -251,10 +301,22 @@ Message = Publish | Control
 # the simulator can push every message through the real decoders.
 
 
+def encode_control(c: Control) -> bytes:
+    """A Control's bytes: the body of its GOSSIP envelope."""
+    return strictpack.pack(c.to_obj())
+
+
+def decode_control(data: bytes | memoryview) -> Control:
+    """The Control in untrusted bytes, or DecodeError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("bad_field", "control is not bytes")
+    return Control.from_obj(strictpack.unpack(data, CONTROL_LIMITS))
+
+
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Publish):
         return b"P" + msg.wire
-    return b"C" + strictpack.pack(msg.to_obj())
+    return b"C" + encode_control(msg)
 
 
 def decode(data: bytes) -> Message:
@@ -264,7 +326,7 @@ def decode(data: bytes) -> Message:
     if kind == b"P":
         return Publish(bytes(rest))
     if kind == b"C":
-        return Control.from_obj(strictpack.unpack(rest, _CONTROL_LIMITS))
+        return decode_control(rest)
     raise DecodeError("malformed", f"unknown gossip frame kind {kind!r}")
 
 

@@ -41,7 +41,7 @@ MAX_UPDATE_BYTES = (1 + 1 + (3 + MAX_ID_CHARS) + (3 + MAX_ADDR_CHARS) + 9 + (2 +
     3 + MAX_CERT_BYTES
 )
 
-_LIMITS = strictpack.Limits(
+LIMITS = strictpack.Limits(
     max_size=MAX_MESSAGE_BYTES,
     max_depth=3,  # message -> updates -> update
     max_items=MAX_UPDATES_PER_MESSAGE * 6 + 16,
@@ -366,7 +366,7 @@ def decode_message(data: bytes) -> Message:
     if len(data) > MAX_MESSAGE_BYTES:
         raise _fail("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        obj = strictpack.unpack(data, _LIMITS)
+        obj = strictpack.unpack(data, LIMITS)
     except MembershipDecodeError:
         raise
     except DecodeError as e:

@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Protocol
 
 from protocol import strictpack
@@ -58,6 +58,12 @@ class StreamSink(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
+# Asked about every message frame before the handler decodes it; False drops the
+# frame unread. A service whose peer is known to send only what it ignores
+# (gossip's graylist) spares us decoding it: the gate counts what it drops.
+MessageGate = Callable[["Link", memoryview], bool]
+
+
 class LinkHandler(Protocol):
     def on_message(self, link: Link, data: bytes) -> None: ...
     def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None: ...
@@ -78,6 +84,7 @@ class Link:
         handler: LinkHandler,
         counters: Counter[str],
         clock: Callable[[], float] = time.monotonic,
+        gates: Sequence[MessageGate] = (),
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -108,6 +115,7 @@ class Link:
         self._tasks: list[asyncio.Task] = []
         self._rx = RecordReader(session)
         self._clock = clock
+        self._gates = gates  # the transport's list: gates added later apply too
         self.budget = LinkBudget(message_budget(config), clock())
 
     def __repr__(self) -> str:
@@ -306,6 +314,9 @@ class Link:
         # Stream data goes on as the view (sinks copy or keep it); everything else
         # is small and handed on as bytes.
         if kind is FrameKind.MESSAGE:
+            for gate in self._gates:
+                if not gate(self, payload):
+                    return
             self.handler.on_message(self, bytes(payload))
         elif kind is FrameKind.STREAM_DATA:
             s = self._in_streams.get(stream)

@@ -46,7 +46,7 @@ from protocol.session import Session
 from spirtd import logs
 from spirtd.config import TransportConfig, parse_hostport
 from spirtd.net.admission import Pending, PendingTable, source_key
-from spirtd.net.link import Link, LinkHandler
+from spirtd.net.link import Link, LinkHandler, MessageGate
 
 log = logging.getLogger("spirtd.transport")
 
@@ -89,6 +89,7 @@ class Transport:
         self.on_link_down = on_link_down
         self.rng = rng or random.Random()
         self.links: dict[str, Link] = {}
+        self.gates: list[MessageGate] = []  # see link.MessageGate; every link asks them
         self.advertise = ""
         self.listen_addr = ""
         self._server: asyncio.base_events.Server | None = None
@@ -362,6 +363,7 @@ class Transport:
             handler=self.handler,
             counters=self.counters,
             clock=self.clock,
+            gates=self.gates,
         )
         link.start()
         keep = self._register(link)

@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol import strictpack
+from protocol import strictpack, wire
 from protocol.errors import DecodeError
 from protocol.gossip import (
     Announcement,
     BodyDropped,
-    Control,
     Delivered,
     GossipConfig,
     GossipMachine,
@@ -55,7 +54,7 @@ from protocol.gossip import (
     StopServe,
     Verdict,
 )
-from protocol.gossip.messages import ID_SIZE, check_topic
+from protocol.gossip.messages import ID_SIZE, check_topic, decode_control, encode_control
 from protocol.gossip.transfer import (
     BodyReceiver,
     TableBuilder,
@@ -257,6 +256,7 @@ class PubSub:
         node.register_stream(STREAM_KIND, self._on_stream)
         node.add_link_listener(self._on_link)
         if node.transport is not None:
+            node.transport.gates.append(self._admit)
             for link in list(node.transport.links.values()):
                 self._on_link(link, True)
         self._routes()
@@ -265,6 +265,8 @@ class PubSub:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.node.transport is not None and self._admit in self.node.transport.gates:
+            self.node.transport.gates.remove(self._admit)
         for t in [*self._serves.values(), *self._dials]:
             t.cancel()
         for sub in self._subs.values():
@@ -486,6 +488,22 @@ class PubSub:
             self.m.remove_peer(link.peer_id, now)
         self._pump()
 
+    def _admit(self, link: Link, frame: memoryview) -> bool:
+        """The link gate: gossip from a peer the machine ignores (graylisted) is
+        dropped before it is decoded, its type read from the envelope's head at
+        fixed positions. Its other messages are not gossip's to judge."""
+        m = self.m
+        if m is None or not m.ignores(link.peer_id):
+            return True
+        try:
+            typ = wire.peek(frame)[1]
+        except DecodeError:
+            return True  # the node's decode refuses and counts it
+        if typ is not MsgType.GOSSIP and typ is not MsgType.GOSSIP_PUBLISH:
+            return True
+        self.counters["gossip.graylisted_unread"] += 1
+        return False
+
     def _on_publish_envelope(self, link: Link, env: Envelope) -> None:
         assert self.m is not None
         # The exact bytes the origin signed, as relayed: never re-encoded.
@@ -498,9 +516,13 @@ class PubSub:
             self.counters["gossip.origin_mismatch"] += 1
             return
         try:
-            ctrl = Control.from_obj(env.body)
+            ctrl = decode_control(env.body)
         except DecodeError as e:
             self.counters[f"gossip.decode.{e.reason}"] += 1
+            # Signed by the peer itself: its junk, charged to it. Enough of it
+            # graylists the peer, and _admit then drops its frames unread.
+            self.m.malformed(link.peer_id, e.reason)
+            self._pump()
             return
         self.m.receive(link.peer_id, ctrl, time.monotonic())
         self._pump()
@@ -536,7 +558,8 @@ class PubSub:
             if isinstance(msg, Publish):
                 self._send(out.peer_id, msg.wire)
             else:
-                self._send(out.peer_id, self.node.seal(MsgType.GOSSIP, msg.to_obj()))
+                for part in msg.parts():
+                    self._send(out.peer_id, self.node.seal(MsgType.GOSSIP, encode_control(part)))
         for ev in m.drain_events():
             if isinstance(ev, Delivered):
                 self._deliver(ev)
