@@ -215,7 +215,17 @@ def test_forged_nonfinite_proofs_are_refused() -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("same_seq", [0, 1], ids=["own_seqs", "one_seq"])
+@pytest.mark.parametrize(
+    "same_seq",
+    [
+        pytest.param(0, id="own_seqs"),
+        # Long: five more daemons for what own_seqs runs on real peers (detection,
+        # evidence, exclusion everywhere) plus the one gossip step that differs, which
+        # test_gossip_sim's test_two_messages_under_one_seq_reach_the_validator_and_
+        # charge_no_relay covers (both versions reach the validator, no relay charged).
+        pytest.param(1, id="one_seq", marks=pytest.mark.long),
+    ],
+)
 def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path, same_seq: int) -> None:
     """``one_seq``: both versions are signed under one sequence number, so a peer
     holding one would drop the other as a replay if gossip did not look closer."""
