@@ -83,7 +83,8 @@ def test_bad_flag_value_names_the_setting(short_tmp):
     assert r.returncode == 78 and "listen" in r.stderr
 
 
-def test_new_identity_first_lines_and_sigterm_exit_0(short_tmp):
+def test_new_identity_first_lines_spirtctl_and_sigterm_exit_0(short_tmp):
+    # One daemon for both: its start-up and exit, and spirtctl's answers while it runs.
     n = LocalNode(short_tmp / "n").start()
     assert n.node_id.startswith("12D3KooW")
     assert n.address.startswith("127.0.0.1:")
@@ -95,27 +96,28 @@ def test_new_identity_first_lines_and_sigterm_exit_0(short_tmp):
     # A second daemon on the same data dir is refused.
     r = run("-m", "spirtd", "--data-dir", str(short_tmp / "n"), "--listen", "127.0.0.1:0")
     assert r.returncode == 78 and "in use by another spirtd" in r.stderr
+    try:
+        _spirtctl_exit_codes(n, short_tmp)
+    except BaseException:
+        n.kill()  # no daemon left behind by a failed check
+        raise
     assert n.stop() == 0
 
 
-def test_spirtctl_exit_codes(short_tmp):
+def _spirtctl_exit_codes(n: LocalNode, short_tmp: Path) -> None:
     # 3: unreachable, naming the socket.
     r = run("-m", "spirtd.control.ctl", "status", "--data-dir", str(short_tmp / "none"))
     assert r.returncode == 3 and "api.sock" in r.stderr
     # 2: usage.
     assert run("-m", "spirtd.control.ctl", "frobnicate").returncode == 2
-    n = LocalNode(short_tmp / "n").start()
-    try:
-        r = run("-m", "spirtd.control.ctl", "status", "--json", "--data-dir", str(n.data_dir))
-        assert r.returncode == 0
-        s = json.loads(r.stdout)
-        assert s["node_id"] == n.node_id
-        r = run("-m", "spirtd.control.ctl", "peers", "--data-dir", str(n.data_dir))
-        assert r.returncode == 0 and n.node_id in r.stdout and "STATE" in r.stdout
-        r = run("-m", "spirtd.control.ctl", "metrics", "--data-dir", str(n.data_dir))
-        assert r.returncode == 0 and 'spirt_members{state="alive"} 1.0' in r.stdout
-    finally:
-        n.stop()
+    r = run("-m", "spirtd.control.ctl", "status", "--json", "--data-dir", str(n.data_dir))
+    assert r.returncode == 0
+    s = json.loads(r.stdout)
+    assert s["node_id"] == n.node_id
+    r = run("-m", "spirtd.control.ctl", "peers", "--data-dir", str(n.data_dir))
+    assert r.returncode == 0 and n.node_id in r.stdout and "STATE" in r.stdout
+    r = run("-m", "spirtd.control.ctl", "metrics", "--data-dir", str(n.data_dir))
+    assert r.returncode == 0 and 'spirt_members{state="alive"} 1.0' in r.stdout
 
 
 def test_ca_and_trust_commands(short_tmp):
