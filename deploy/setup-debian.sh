@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot setup on a fresh Debian (bookworm) machine: system packages, a
-# virtualenv in ./.venv with SPIRT and its Python dependencies, and the Redis
-# module build (compiled by the pip install). Safe to run again.
+# virtualenv in ./.venv with SPIRT and the exact Python dependencies of the lock,
+# and the Redis module build (compiled by the pip install). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,10 +52,13 @@ if [ "$installed_redis" = 1 ]; then
     fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-    # --system-site-packages reuses an already-installed torch==2.13.0 (CPU) instead
-    # of installing a second copy; pip still installs anything missing or too old.
-    python3 -m venv --system-site-packages .venv
+# The venv gets exactly the versions in the committed lock (requirements-test.lock:
+# the runtime plus the test tools), torch's CPU build included; see the README's
+# "Dependencies and the lock". It sees no system site-packages, so nothing
+# installed outside it changes what runs.
+if [ -x .venv/bin/python ] && grep -q '^include-system-site-packages = true' .venv/pyvenv.cfg; then
+    echo "setup: .venv was made with system site-packages by an older setup; making it anew"
+    rm -rf .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+deploy/install-venv.sh .venv --test --editable
 .venv/bin/python -c 'import spirtd.redis.module as n; print("setup: redis module built at", n.module_path())'
