@@ -23,7 +23,7 @@ from protocol.errors import HandshakeError
 from protocol.handshake import PROTOCOL, Handshake, ReplayCache, Role, screen_hello
 from protocol.identity import NodeKey, TrustStore
 from spirtd.config import TransportConfig
-from spirtd.localcluster import LocalNode, linked_peers, wait_for
+from spirtd.localcluster import LocalNode, async_wait_for, linked_peers, wait_for
 from spirtd.net.admission import PendingTable, source_key
 from spirtd.net.transport import Transport
 from tests.fixtures_cluster import FAST_TRANSPORT
@@ -60,10 +60,7 @@ class IdleFlood:
             for i in range(self.n)
         ]
         # Let the first wave land before the honest node tries.
-        for _ in range(100):
-            if self.opened >= self.n:
-                break
-            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: self.opened >= self.n, 30, "the first wave of the flood")
 
     async def _slot(self, source: str) -> None:
         while not self._stop.is_set():
@@ -302,8 +299,9 @@ async def test_a_node_joins_while_200_idle_connections_are_held(sources):
         for _ in range(3):
             link = await asyncio.wait_for(a.connect(b.listen_addr), 30)
             assert link.peer_id == b.node_id
-            await asyncio.sleep(0.1)
-            assert b.links.get(a.node_id) is not None
+            await async_wait_for(
+                lambda: b.links.get(a.node_id) is not None, 30, "the server's side of the link"
+            )
             link.close("again")
             await link.wait_closed()
             a._backoff.clear()

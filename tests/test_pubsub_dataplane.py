@@ -18,6 +18,7 @@ import pytest
 from protocol import strictpack, wire
 from protocol.gossip import Announcement, GossipConfig, GossipMachine, Publish, message_id
 from protocol.gossip.transfer import digest_of, stream_pieces, stream_size
+from spirtd.localcluster import async_wait_for
 from spirtd.pubsub.service import PubSub
 from spirtd.pubsub.store import StoreLimits, _Partial
 from tests.protocol_helpers import key
@@ -100,21 +101,12 @@ async def test_corrupt_chunk_then_resume_from_another_source(
         assert body.path is not None
         assert stat.S_IMODE(os.stat(body.path).st_mode) == 0o600
     # Delivered once to the subscriber, with the verified body.
-    for _ in range(20):
-        if got:
-            break
-        await _yield()
+    await async_wait_for(lambda: bool(got), 30, "the delivery")
     assert [g.msg_id for g in got] == [mid]
     assert await got[0].read() == data
     assert m.counters["body_received"] == 1
     await ps.stop()
     assert not list((tmp_path / "ps" / "pubsub").iterdir())  # stopping removes stored bodies
-
-
-async def _yield() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.01)
 
 
 async def test_unexpected_or_malformed_streams_are_refused(tmp_path: Path) -> None:

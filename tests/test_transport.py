@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tracemalloc
 from collections import Counter
@@ -11,6 +12,7 @@ import pytest
 
 from protocol.identity import NodeKey, TrustStore
 from spirtd.config import TransportConfig
+from spirtd.localcluster import async_wait_for
 from spirtd.net.sendqueue import QueueClosed, SendQueue
 from spirtd.net.transport import DialError, Transport
 
@@ -59,12 +61,22 @@ async def make_pair(**cfg) -> tuple[Transport, Transport, Recorder, Recorder]:
     return a, b, ra, rb
 
 
+def _one_agreed_link(a: Transport, b: Transport) -> bool:
+    return (
+        len(a.links) == len(b.links) == 1
+        and a.links[b.node_id].session_id == b.links[a.node_id].session_id
+    )
+
+
 async def test_simultaneous_dials_leave_one_link_both_sides_agree_on():
     for _ in range(5):
         a, b, _, rb = await make_pair()
         try:
             await asyncio.gather(a.connect(b.listen_addr), b.connect(a.listen_addr))
-            await asyncio.sleep(0.3)
+            # Both sides settle on one link each (the duplicate is closed on both).
+            await async_wait_for(
+                functools.partial(_one_agreed_link, a, b), 30, "one link, agreed on by both sides"
+            )
             assert list(a.links) == [b.node_id] and list(b.links) == [a.node_id]
             la, lb = a.links[b.node_id], b.links[a.node_id]
             assert la.session_id == lb.session_id
