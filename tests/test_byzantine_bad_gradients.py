@@ -63,9 +63,16 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
         honest, liar = c.nodes[:4], c.nodes[4]
         job = {"task": "digits", "rounds": 40, "aggregator": "median", "f": 1}
         job_id = honest[0].call("POST", "/v1/train/start", job)["job"]
-        wait_for(
-            lambda: all(_status(h)["state"] == "done" for h in honest), 400, "the honest to finish"
-        )
+        try:
+            wait_for(
+                lambda: all(_status(h)["state"] == "done" for h in honest),
+                400,
+                "the honest to finish",
+            )
+        except TimeoutError as e:
+            # Stuck or only slow? Where each stands, and what it last did.
+            where = [{k: _status(h).get(k) for k in ("state", "round", "detail")} for h in honest]
+            raise AssertionError(f"{e}: {where}\n{_status(honest[0])['events'][-8:]}") from None
         statuses = [_status(h) for h in honest]
         counters: Counter[str] = Counter()
         for h in honest:
