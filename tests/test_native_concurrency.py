@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from spirtd.localcluster import async_wait_for
 from tests.fixtures_redis import RunningRedis, short_tmpdir, start_redis, stop_redis
 from tests.test_native_rules import assert_close, get, jobs, load, ref_cclip
 
@@ -26,30 +27,32 @@ ENDLESS = ["TAU", 1.0, "ITERS", 100000]
 
 
 async def started(c: aioredis.Redis, before: dict[str, int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (await jobs(c))["jobs_running"] == before["jobs_running"]:
-        assert time.monotonic() < deadline, "the worker job never started"
-        await asyncio.sleep(0.005)
+    async def more_running() -> bool:
+        return (await jobs(c))["jobs_running"] != before["jobs_running"]
+
+    await async_wait_for(more_running, timeout, "the worker job to start", interval=0.005)
 
 
 async def drained(c: aioredis.Redis, timeout: float = 10.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await jobs(c)
-        if info["jobs_running"] == 0 and info["jobs_queued"] == 0:
-            return info
-        assert time.monotonic() < deadline, f"workers still busy: {info}"
-        await asyncio.sleep(0.01)
+    last: dict[str, int] = {}
+
+    async def idle() -> bool:
+        last.update(await jobs(c))
+        return last["jobs_running"] == 0 and last["jobs_queued"] == 0
+
+    await async_wait_for(idle, timeout, "the workers to be idle")
+    return last
 
 
 async def cancelled_reaches(c: aioredis.Redis, n: int, timeout: float = 10.0) -> None:
     """The count moves when Redis frees the blocked client on its main thread, a
     moment after the worker stops: wait for it rather than read it once."""
-    deadline = time.monotonic() + timeout
-    while (got := (await jobs(c))["jobs_cancelled"]) < n:
-        assert time.monotonic() < deadline, f"jobs_cancelled stayed at {got}, expected {n}"
-        await asyncio.sleep(0.01)
-    assert got == n
+
+    async def reached() -> bool:
+        return (await jobs(c))["jobs_cancelled"] >= n
+
+    await async_wait_for(reached, timeout, f"jobs_cancelled to reach {n}")
+    assert (await jobs(c))["jobs_cancelled"] == n
 
 
 @pytest.fixture
