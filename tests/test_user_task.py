@@ -99,14 +99,18 @@ def test_user_task_trains_on_three_peers(
     assert line is not None, "README's 'Your own task' shows no train start command"
     cmd = line.group(0).split()
     assert cmd[:4] == ["spirtctl", "train", "start", "--task"] and task in cmd
-    ctl = [sys.executable, "-m", "spirtd.control.ctl", *cmd[1:]]
+    ctl = [sys.executable, "-m", "spirtd.control.ctl", *cmd[1:], "--data-dir"]
+    where = str(c.nodes[1].data_dir)
+    # An option the task does not know is refused up front, with the task's own words.
     r = subprocess.run(
-        [*ctl, "--data-dir", str(c.nodes[1].data_dir)],
+        [*ctl, where, "--task-arg", "colour=red"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+    assert r.returncode == 1 and "unknown option(s) colour" in r.stderr, r.stderr
+    r = subprocess.run([*ctl, where], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     rounds = int(cmd[cmd.index("--rounds") + 1])
 
