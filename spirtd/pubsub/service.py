@@ -262,6 +262,11 @@ class PubSub:
         self._routes()
         self._task = asyncio.create_task(self._run(), name="pubsub")
 
+    def certificate_renewed(self, certificate: bytes) -> None:
+        """Called by the node when it presents a new certificate: later
+        announcements carry it, so receivers judge us by the current one."""
+        self._cert = certificate
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
