@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
+from spirtd.localcluster import async_wait_for
 from spirtd.redis.process import ManagedRedis, RedisStartError
 from spirtd.redis.store import module_loaded
 from tests.fixtures_redis import RunningRedis, short_tmpdir, start_redis, stop_redis
@@ -214,10 +214,9 @@ async def test_kill9_is_restarted_and_logged(caplog: pytest.LogCaptureFixture) -
         assert old_pid is not None
         with caplog.at_level(logging.WARNING, logger="spirtd.redis"):
             os.kill(old_pid, signal.SIGKILL)
-            for _ in range(200):
-                if r.server.restarts >= 1 and r.server.running:
-                    break
-                await asyncio.sleep(0.05)
+            await async_wait_for(
+                lambda: r.server.restarts >= 1 and r.server.running, 30, "the restart"
+            )
         assert r.server.restarts == 1
         assert r.server.pid not in (None, old_pid)
         assert "killed by signal SIGKILL" in caplog.text
