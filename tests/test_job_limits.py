@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from torch import nn
 
+from spirtd.config import ConfigError, load
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from spirtd.tasks import Task, TaskError, load_task
 from spirtd.tasks.synthetic import MAX_DATA_BYTES, SyntheticTask, data_peak_bytes
@@ -119,6 +120,17 @@ def test_the_limit_names_the_size_and_the_limit() -> None:
     assert "100 MiB" in msg and "max_model_mb" in msg
     with pytest.raises(JobError, match=r"258\.4 GiB each copy.*1024 MiB"):
         jobsize.check(_spec(), HUGE_PARAMS, 1, 1024)
+
+
+def test_max_model_mb_is_a_checked_setting(tmp_path: Path) -> None:
+    f = tmp_path / "spirtd.toml"
+    assert load(None, {}).training.max_model_mb == 1024
+    f.write_text("[training]\nmax_model_mb = 4096\n")
+    assert load(f, {}).training.max_model_mb == 4096
+    for bad, allowed in (("0", ">= 1"), ("1.5", "an integer"), ("'1G'", "an integer")):
+        f.write_text(f"[training]\nmax_model_mb = {bad}\n")
+        with pytest.raises(ConfigError, match=rf"training\.max_model_mb: .*{allowed}"):
+            load(f, {})
 
 
 # --- synthetic's data is bounded by what generating it really holds ----------------------
