@@ -92,12 +92,12 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
             # Nothing bad ever made it into an aggregate: the liar's honest gradient
             # may, its bad ones never (a round's contributors number at most 5).
             assert len(h["contributors"]) <= 5
-            # Closed with everyone or by its deadline, never held for a missing quorum
-            # (counted below); not wait_s against deadline_s: a loaded machine wakes
-            # the timer late, which says nothing about the gradients.
+            # Closed with everyone or by its deadline (all 40 of them within the wait
+            # above); not wait_s against deadline_s: a loaded machine wakes the timer
+            # late, and slow honest peers can leave a deadline short of its quorum,
+            # neither of which says anything about the gradients.
             assert h["closed_by"] in ("complete", "deadline"), (_brief(h), s["events"][-8:])
     assert len({s["model_digest"] for s in statuses}) == 1
-    assert counters["training.quorum_waits"] == 0, counters["training.quorum_waits"]
     # Each class, refused and counted by reason at the honest peers.
     rejected = {k: v for k, v in counters.items() if "rejected" in k or "invalid" in k}
     for reason in ("size", "nonfinite", "job", "stale", "digest", "future"):
