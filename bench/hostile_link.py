@@ -12,7 +12,9 @@ type's decode path allows:
 * envelope_items    the same items in the envelope itself, not in its body;
 * publish_items     the most items a GOSSIP_PUBLISH envelope admits;
 * membership_items  a MEMBERSHIP envelope whose opaque body is a membership
-                    message of that many empty updates;
+                    message of as many empty updates as fit;
+* membership_updates  the same with the shortest updates that decode (a
+                    "left" of a one-letter member, unsigned) but one at the end;
 * rounds_items      envelope_items in a ROUNDS envelope (no daemon handles it);
 * bad_signature     envelope_items with a signature that does not verify.
 
@@ -46,8 +48,7 @@ from bench import _util
 from protocol import strictpack, wire
 from protocol.gossip.messages import CONTROL_LIMITS
 from protocol.identity import NodeKey
-from protocol.membership.messages import LIMITS as MEMBERSHIP_LIMITS
-from protocol.membership.messages import M_GOSSIP, WIRE_VERSION
+from protocol.membership.messages import M_GOSSIP, U_LEFT, WIRE_VERSION
 from protocol.wire import MsgType
 from spirtd.config import TransportConfig
 from spirtd.keyfiles import CaDir, DataDir, load_or_create_key
@@ -60,6 +61,7 @@ ATTACKS = (
     "envelope_items",
     "publish_items",
     "membership_items",
+    "membership_updates",
     "rounds_items",
     "bad_signature",
 )
@@ -102,8 +104,12 @@ def envelope(attack: str, key: NodeKey, seq: int, size: int) -> bytes:
         body = _items(strictpack.Limits(max_items=8192, max_container=2048), size)
         return wire.seal(key, MsgType.ROUNDS, seq, now_ms, body)
     if attack == "membership_items":
-        updates = [u for chunk in _items(MEMBERSHIP_LIMITS, size) for u in chunk]
-        body = strictpack.pack([WIRE_VERSION, M_GOSSIP, updates])
+        body = strictpack.pack([WIRE_VERSION, M_GOSSIP, [[]] * (size - 64)])
+        return wire.seal(key, MsgType.MEMBERSHIP, seq, now_ms, body)
+    if attack == "membership_updates":
+        left = [U_LEFT, "a", 0, b""]
+        n = (size - 64) // len(strictpack.pack(left))
+        body = strictpack.pack([WIRE_VERSION, M_GOSSIP, [left] * (n - 1) + [[]]])
         return wire.seal(key, MsgType.MEMBERSHIP, seq, now_ms, body)
     if attack == "bad_signature":
         good = envelope("envelope_items", key, seq, size)

@@ -10,10 +10,12 @@ A message is then its header followed by the cached update bytes, which is valid
 msgpack because an array is its header followed by its elements. So a relayed
 update costs no re-encoding, and a message's size is known exactly and cheaply.
 
-Decoding never trusts the bytes: the total size is checked first, the structure
-is walked without allocating (``protocol.strictpack``), then every field's type
-and range is checked; unknown versions and kinds are refused. The only exception
-that escapes ``decode_message`` is ``MembershipDecodeError`` with a short reason.
+Decoding never trusts the bytes: the total size is checked first, then the
+message is read element by element, each one's extent found without allocating
+and its structure walked (``protocol.strictpack``) before it is built, then every
+field's type and range is checked; unknown versions and kinds are refused. The
+only exception that escapes ``decode_message`` is ``MembershipDecodeError`` with
+a short reason.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ MAX_UPDATE_BYTES = (1 + 1 + (3 + MAX_ID_CHARS) + (3 + MAX_ADDR_CHARS) + 9 + (2 +
     3 + MAX_CERT_BYTES
 )
 
-LIMITS = strictpack.Limits(
-    max_size=MAX_MESSAGE_BYTES,
-    max_depth=3,  # message -> updates -> update
-    max_items=MAX_UPDATES_PER_MESSAGE * 6 + 16,
+# One element of a message (a header field, or one update), decoded on its own:
+# an update is an array of at most six scalars.
+ELEMENT_LIMITS = strictpack.Limits(
+    max_size=MAX_UPDATE_BYTES,
+    max_depth=1,
+    max_items=6,
     max_str=MAX_ADDR_CHARS,
     max_bin=max(MAX_SIG_BYTES, MAX_CERT_BYTES),
-    max_container=MAX_UPDATES_PER_MESSAGE,
+    max_container=6,
 )
 
 
@@ -360,45 +364,84 @@ _ARITY = {M_PING: 5, M_PING_REQ: 7, M_ACK: 4, M_NACK: 3, M_GOSSIP: 3, M_PUSH_PUL
 
 
 def decode_message(data: bytes) -> Message:
-    """Parses one message from untrusted bytes, or raises MembershipDecodeError."""
+    """Parses one message from untrusted bytes, or raises MembershipDecodeError.
+
+    Element by element: msgpack's C code finds where each element ends without
+    building it, and only that element is scanned and decoded (ELEMENT_LIMITS).
+    So a message is refused at its first bad update, and bytes that are not
+    membership cost about as much as the part of them read before that."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _fail("bad_type", "input is not bytes")
+    data = bytes(data)
     if len(data) > MAX_MESSAGE_BYTES:
         raise _fail("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
+    if not data:
+        raise _fail("malformed", "empty")
+    reader = msgpack.Unpacker(max_buffer_size=len(data))
+    reader.feed(data)
     try:
-        obj = strictpack.unpack(data, LIMITS)
+        msg = _read_message(reader, data)
     except MembershipDecodeError:
         raise
     except DecodeError as e:
         raise _fail(e.reason, e.detail) from None
-    if type(obj) is not list or len(obj) < 2:
+    except (ValueError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as e:
+        raise _fail("malformed", str(e)[:200] or type(e).__name__) from None
+    if reader.tell() != len(data):
+        raise _fail("malformed", f"{len(data) - reader.tell()} trailing bytes")
+    return msg
+
+
+def _element(reader: msgpack.Unpacker, data: bytes) -> Any:
+    start = reader.tell()
+    reader.skip()
+    return strictpack.unpack(data[start : reader.tell()], ELEMENT_LIMITS)
+
+
+def _read_updates(reader: msgpack.Unpacker, data: bytes) -> tuple[Update, ...]:
+    pos = reader.tell()
+    if pos >= len(data) or not (0x90 <= data[pos] <= 0x9F or data[pos] in (0xDC, 0xDD)):
+        _element(reader, data)  # refused as malformed if it is not msgpack at all
+        raise _fail("bad_field", "updates is not an array")
+    n = reader.read_array_header()
+    if n > MAX_UPDATES_PER_MESSAGE:
+        raise _fail("oversized", f"more than {MAX_UPDATES_PER_MESSAGE} updates")
+    return tuple([_decode_update(_element(reader, data)) for _ in range(n)])
+
+
+def _read_message(reader: msgpack.Unpacker, data: bytes) -> Message:
+    if not 0x90 <= data[0] <= 0x9F and data[0] not in (0xDC, 0xDD):
+        raise _fail("malformed", "message is not an array")
+    n = reader.read_array_header()
+    if n < 2:
         raise _fail("malformed", "message is not an array of at least two elements")
-    version, kind = obj[0], obj[1]
+    version = _element(reader, data)
     if type(version) is not int or version != WIRE_VERSION:
         raise _fail("bad_version", f"version {version!r:.20}")
+    kind = _element(reader, data)
     if type(kind) is not int or kind not in _ARITY:
         raise _fail("unknown_kind", f"message kind {kind!r:.20}")
-    if len(obj) != _ARITY[kind]:
-        raise _fail("malformed", f"kind {kind} has {len(obj)} fields, wants {_ARITY[kind]}")
-    if kind == M_PING:
-        return Ping(_int(obj[2], "seq"), _node_id(obj[3], "target id"), _decode_updates(obj[4]))
-    if kind == M_ACK:
-        return Ack(_int(obj[2], "seq"), _decode_updates(obj[3]))
-    if kind == M_GOSSIP:
-        return Gossip(_decode_updates(obj[2]))
+    if n != _ARITY[kind]:
+        raise _fail("malformed", f"kind {kind} has {n} fields, wants {_ARITY[kind]}")
     if kind == M_NACK:
-        return Nack(_int(obj[2], "seq"))
+        return Nack(_int(_element(reader, data), "seq"))
+    # Every other kind ends with its updates.
+    head = [_element(reader, data) for _ in range(n - 3)]
+    updates = _read_updates(reader, data)
+    if kind == M_PING:
+        return Ping(_int(head[0], "seq"), _node_id(head[1], "target id"), updates)
+    if kind == M_ACK:
+        return Ack(_int(head[0], "seq"), updates)
+    if kind == M_GOSSIP:
+        return Gossip(updates)
     if kind == M_PING_REQ:
         return PingReq(
-            _int(obj[2], "seq"),
-            _node_id(obj[3], "target id"),
-            _addr(obj[4], "target address"),
-            _bool(obj[5], "nack"),
-            _decode_updates(obj[6]),
+            _int(head[0], "seq"),
+            _node_id(head[1], "target id"),
+            _addr(head[2], "target address"),
+            _bool(head[3], "nack"),
+            updates,
         )
     return PushPull(
-        _bool(obj[2], "join"),
-        _bool(obj[3], "reply"),
-        _bool(obj[4], "more"),
-        _decode_updates(obj[5]),
+        _bool(head[0], "join"), _bool(head[1], "reply"), _bool(head[2], "more"), updates
     )
