@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config, overrides)
     except ConfigError as e:
-        print(f"spirtd: {e}", file=sys.stderr)
+        # Before the config loads only the flag can say the log is JSON.
+        logs.fatal(str(e), fmt=args.log_format)
         return 78
     logs.setup(config.log_format, config.log_level)
     malloc_tuning.tune()
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return main_async(config)
     except KeyFileError as e:
-        print(f"spirtd: data_dir: {e}", file=sys.stderr)
+        logs.fatal(f"data_dir: {e}")
         return 78
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import select
 import signal
@@ -59,6 +60,8 @@ class LocalNode:
         self.address = ""
         self.public_key = ""
         self.log_path = data_dir / "spirtd.log"
+        # What spirtd wrote on stdout while starting, as read (a test checks its format).
+        self.stdout_head = b""
 
     def command(self) -> list[str]:
         cmd = [
@@ -122,9 +125,13 @@ class LocalNode:
                 code = self.proc.wait(timeout=5)
                 raise NodeError(f"spirtd in {self.data_dir} exited with {code}:\n{self.log_tail()}")
             buf += chunk
+            self.stdout_head += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                key, _, value = line.decode().partition(": ")
+                text = line.decode()
+                if text.startswith("{"):  # --log-format json: each is a log line, msg "KEY: VALUE"
+                    text = str(json.loads(text).get("msg", ""))
+                key, _, value = text.partition(": ")
                 fields[key.strip()] = value.strip()
         return fields
 

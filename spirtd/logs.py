@@ -1,6 +1,11 @@
 """Log setup: one line per event on stderr, as text or JSON (for journald and
 log shippers). stdout is reserved for the identity lines printed at start.
 
+Everything the daemon writes is a line in the configured format, so a JSON log
+stays parseable: Python warnings from any library, uncaught exceptions (main
+thread, other threads, "Exception ignored in" ones), a log call with bad
+arguments, the identity lines and the fatal-error line all go through here.
+
 Three rules keep the log trustworthy when peers misbehave (SECURITY.md):
 
 * Text a peer chose (a reject or close reason, a certificate field) goes into
@@ -23,7 +28,9 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +42,8 @@ FIELDS = ("node", "job", "round", "peer", "addr")
 QUOTE_LIMIT = 200
 
 _bound: dict[str, Any] = {}
+# The format chosen by setup(), for the lines written outside a handler.
+_format = "text"
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "spirtd_log_context", default=None
 )
@@ -188,18 +197,108 @@ class RateLimit(logging.Filter):
         return True
 
 
+class _Handler(logging.StreamHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        # logging's default prints "--- Logging error ---" and a raw traceback;
+        # a log call with bad arguments gets a line in the format instead.
+        exc = sys.exc_info()[1]
+        try:
+            line = self.format(
+                logging.makeLogRecord(
+                    {
+                        "name": record.name,
+                        "levelno": logging.ERROR,
+                        "levelname": "ERROR",
+                        "msg": "unformattable log line %r: %s",
+                        "args": (sanitize(str(record.msg)), f"{type(exc).__name__}: {exc}"),
+                    }
+                )
+            )
+            self.stream.write(line + self.terminator)
+            self.flush()
+        except Exception:  # the stream itself is broken: nowhere left to say so
+            pass
+
+
 def make_handler(
     fmt: str, stream: Any = None, *, ratelimit: RateLimit | None = None
 ) -> logging.Handler:
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _Handler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ratelimit if ratelimit is not None else RateLimit())
     return handler
 
 
-def setup(fmt: str, level: str) -> None:
+def _record(name: str, level: int, msg: str) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": msg}
+    )
+
+
+def identity(lines: dict[str, str], stream: Any = None) -> None:
+    """The node's identity on stdout (INTERFACES.md), one ``key: value`` line
+    each; in JSON mode each is a JSON log line whose ``msg`` is that text."""
+    out = stream if stream is not None else sys.stdout
+    for key, value in lines.items():
+        text = f"{key}: {value}"
+        if _format == "json":
+            text = JsonFormatter().format(_record("spirtd.node", logging.INFO, text))
+        out.write(text + "\n")
+    out.flush()
+
+
+def fatal(msg: str, fmt: str | None = None, stream: Any = None) -> None:
+    """The one line a daemon that cannot run leaves on stderr: ``spirtd: MSG``,
+    or a JSON line at level critical. ``fmt`` is for failures before setup()."""
+    out = stream if stream is not None else sys.stderr
+    if (fmt or _format) == "json":
+        out.write(JsonFormatter().format(_record("spirtd", logging.CRITICAL, msg)) + "\n")
+    else:
+        out.write(f"spirtd: {sanitize(msg, limit=1 << 12)}\n")
+    out.flush()
+
+
+_crash_log = logging.getLogger("spirtd.crash")
+
+
+def _uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    _crash_log.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, SystemExit):
+        return  # what the default hook does too: a thread's way to end
+    name = args.thread.name if args.thread is not None else "?"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    _crash_log.error("uncaught exception in thread %s", name, exc_info=exc_info)
+
+
+def _unraisable(args: Any) -> None:
+    # Exceptions raised in __del__, finalizers and callbacks: Python has no one to raise them to.
+    try:
+        where = repr(args.object) if args.object is not None else ""
+    except Exception:  # a broken __repr__ must not hide the report
+        where = f"<{type(args.object).__name__} object>"
+    what = args.err_msg or "Exception ignored in"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    _crash_log.error("%s: %s", what, sanitize(where), exc_info=exc_info)
+
+
+def setup(fmt: str, level: str, *, stream: Any = None, ratelimit: RateLimit | None = None) -> None:
+    """Routes every line the process writes through one handler on stderr
+    (``stream`` in tests) in format ``fmt``."""
+    global _format
+    _format = fmt
     root = logging.getLogger()
-    root.handlers[:] = [make_handler(fmt)]
+    root.handlers[:] = [make_handler(fmt, stream, ratelimit=ratelimit)]
     root.setLevel(level.upper())
     # aiohttp's access log would log every spirtctl call at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Warnings (redis-py, torch, ...) become records of logger "py.warnings",
+    # formatted and rate-limited like any other line, instead of raw stderr text.
+    logging.captureWarnings(True)
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
+    sys.unraisablehook = _unraisable

@@ -11,7 +11,6 @@ import fcntl
 import logging
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -127,9 +126,9 @@ class Node:
         await self.api.start()
 
         # The first lines of output identify the node (INTERFACES.md).
-        print(f"node_id: {self.key.node_id}", flush=True)
-        print(f"listen: {listen}", flush=True)
-        print(f"public_key: {self.key.public_key.hex()}", flush=True)
+        logs.identity(
+            {"node_id": self.key.node_id, "listen": listen, "public_key": self.key.public_key.hex()}
+        )
         log.info("spirtd %s up: node %s listening on %s", __version__, self.key.node_id, listen)
 
         loop = asyncio.get_running_loop()
@@ -410,7 +409,7 @@ def main_async(config: Config) -> int:
     try:
         return uvloop.run(node.run())
     except ConfigError as e:
-        print(f"spirtd: {e}", file=sys.stderr, flush=True)
+        logs.fatal(str(e))
         return 78  # EX_CONFIG: systemd will not hammer-restart on a config error
     finally:
         # The loop and its handlers are gone but the interpreter still has to wind

@@ -10,8 +10,14 @@ import json
 import logging
 import os
 import re
+import select
+import signal
 import struct
+import subprocess
+import sys
+import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -22,8 +28,7 @@ from protocol.handshake import Handshake
 from protocol.identity import NodeKey, TrustStore
 from spirtd import logs
 from spirtd.config import TransportConfig
-from spirtd.keyfiles import CaDir, DataDir
-from spirtd.localcluster import LocalNode, wait_for
+from spirtd.localcluster import LocalNode, all_see, wait_for
 from spirtd.net.transport import DialError, Transport
 from tests.fixtures_cluster import FAST_TRANSPORT
 
@@ -265,23 +270,186 @@ async def test_a_task_started_with_a_context_carries_it_and_its_starter_does_not
     assert "job" not in second and "round" not in second
 
 
-def test_daemon_writes_json_lines_with_its_node_id(short_tmp):
-    ca = CaDir(short_tmp / "ca")
-    ca.init("spirt")
-    ca.enroll(DataDir(short_tmp / "n0"), now=time.time(), days=1)
-    node = LocalNode(short_tmp / "n0", args=["--log-format", "json"], config=FAST_TRANSPORT)
-    node.start()
+@pytest.fixture
+def daemon_logging() -> Iterator[Callable[[str], tuple[io.StringIO, FakeClock]]]:
+    """The daemon's own logs.setup(), writing to a buffer with a fake clock; the
+    process-wide hooks it installs are put back afterwards."""
+    root = logging.getLogger()
+    saved = (root.level, sys.excepthook, threading.excepthook, sys.unraisablehook, logs._format)
+    mine: list[logging.Handler] = []
+
+    def make(fmt: str) -> tuple[io.StringIO, FakeClock]:
+        stream, clock = io.StringIO(), FakeClock()
+        limiter = logs.RateLimit(burst=5, rate=1.0, clock=clock)
+        logs.setup(fmt, "info", stream=stream, ratelimit=limiter)
+        mine.extend(root.handlers)
+        return stream, clock
+
+    yield make
+    logging.captureWarnings(False)
+    for h in mine:
+        root.removeHandler(h)
+    root.level, sys.excepthook, threading.excepthook, sys.unraisablehook, logs._format = saved
+
+
+def retry_warning() -> None:
+    # One call site, as a library's warning has: repeats share one rate-limit budget.
+    warnings.warn("a synchronous Retry was passed\nto an asyncio client", UserWarning, stacklevel=1)
+
+
+def test_warnings_become_json_lines_and_repeats_are_rate_limited(daemon_logging, capfd):
+    stream, clock = daemon_logging("json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # as if each came from a new module
+        for _ in range(12):
+            retry_warning()
+        warnings.warn("another library's warning", DeprecationWarning, stacklevel=1)
+        clock.t += 10.0
+        retry_warning()
+    events = json_events(stream.getvalue(), "log")
+    assert capfd.readouterr().err == ""  # nothing went to the real stderr raw
+    assert all(e["logger"] == "py.warnings" and e["level"] == "warning" for e in events)
+    retry = [e for e in events if "a synchronous Retry" in e["msg"]]
+    assert len(retry) == 6  # the burst of 5, then one once the budget refilled
+    assert "UserWarning: a synchronous Retry was passed\nto an asyncio client" in retry[0]["msg"]
+    assert "suppressed" not in retry[0] and retry[-1]["suppressed"] == 7
+    assert [e for e in events if "DeprecationWarning: another library's" in e["msg"]]
+    assert len(events) == 7
+
+
+def test_crashes_and_bad_log_calls_become_json_lines(daemon_logging, capfd):
+    stream, _ = daemon_logging("json")
     try:
-        node_id = node.node_id
-        # Up and serving (its signal handlers are installed once it serves).
-        wait_for(lambda: node.status()["node_id"] == node_id, 30, "the daemon to serve")
-        assert node.stop() == 0
-    finally:
-        node.kill()
-    lines = [line for line in node.log_path.read_text().splitlines() if line.strip()]
-    events = [json.loads(line) for line in lines]  # every line is one JSON object
-    up = [e for e in events if "up: node" in e["msg"]]
-    assert up and up[0]["node"] == node_id
+        raise RuntimeError("main thread\nboom")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())  # what the interpreter calls for an uncaught one
+    worker = threading.Thread(target=lambda: 1 / 0, name="doomed")
+    worker.start()
+    worker.join()
+
+    class Finalizer:
+        def __del__(self) -> None:
+            raise ValueError("raised in __del__")
+
+    Finalizer()  # collected at once: its error is "unraisable"
+    logging.getLogger("spirtd.x").info("%d rounds", "many")  # wrong argument type
+    events = json_events(stream.getvalue(), "log")
+    assert capfd.readouterr().err == ""
+    main, thread, unraisable, bad = events
+    assert main["level"] == "critical" and "RuntimeError: main thread\nboom" in main["exc"]
+    assert thread["msg"] == "uncaught exception in thread doomed"
+    assert "ZeroDivisionError" in thread["exc"]
+    assert "Finalizer.__del__" in unraisable["msg"] and "raised in __del__" in unraisable["exc"]
+    assert bad["level"] == "error" and bad["logger"] == "spirtd.x"
+    assert bad["msg"].startswith("unformattable log line '%d rounds': TypeError")
+
+
+def test_identity_and_fatal_lines_follow_the_format(daemon_logging):
+    ident = {"node_id": "abc", "listen": "127.0.0.1:7000", "public_key": "00ff"}
+    out, err = io.StringIO(), io.StringIO()
+    daemon_logging("text")
+    logs.identity(ident, out)
+    logs.fatal("listen: cannot listen on 127.0.0.1:7000: in use", stream=err)
+    # Text mode keeps INTERFACES.md's lines exactly.
+    assert out.getvalue() == "node_id: abc\nlisten: 127.0.0.1:7000\npublic_key: 00ff\n"
+    assert err.getvalue() == "spirtd: listen: cannot listen on 127.0.0.1:7000: in use\n"
+    out, err = io.StringIO(), io.StringIO()
+    daemon_logging("json")
+    logs.identity(ident, out)
+    logs.fatal("listen: in use", stream=err)
+    banner = json_events(out.getvalue(), "stdout")
+    assert [e["msg"] for e in banner] == [
+        "node_id: abc",
+        "listen: 127.0.0.1:7000",
+        "public_key: 00ff",
+    ]
+    (fatal,) = json_events(err.getvalue(), "stderr")
+    assert fatal["level"] == "critical" and fatal["msg"] == "listen: in use"
+    # Before setup() knows the format, the flag's value decides.
+    err = io.StringIO()
+    logs.fatal("config: bad", fmt="text", stream=err)
+    assert err.getvalue() == "spirtd: config: bad\n"
+
+
+JSON_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def json_events(text: str, where: str) -> list[dict]:
+    """Every line of ``text`` as a JSON log event; fails naming the first line that is not."""
+    events = []
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"{where} line {i} is not JSON: {line[:300]!r}")
+        assert isinstance(event, dict), f"{where} line {i}: {line[:300]}"
+        assert JSON_TS.match(event.get("ts", "")), f"{where} line {i}: {line[:300]}"
+        assert event.get("level") in LEVELS, f"{where} line {i}: {line[:300]}"
+        assert event.get("logger") and isinstance(event.get("msg"), str), line[:300]
+        events.append(event)
+    return events
+
+
+def rest_of_stdout(node: LocalNode, timeout: float = 10.0) -> bytes:
+    """What an exited daemon wrote on stdout after its identity lines."""
+    assert node.proc is not None and node.proc.stdout is not None
+    fd, out = node.proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        chunk = os.read(fd, 1 << 16) if ready else b""
+        if not chunk:
+            return out
+        out += chunk
+    pytest.fail(f"stdout of {node.data_dir} still open {timeout}s after the daemon exited")
+
+
+@pytest.mark.timeout(420)
+def test_daemon_writes_json_lines_with_its_node_id(make_cluster):
+    # A whole training job, functions and managed Redis included, under --log-format json:
+    # every line either daemon writes, on stdout or stderr, is one JSON event.
+    c = make_cluster(0)
+    for i in range(2):
+        args = ["--log-format", "json", "--profile", "local", "--shard", f"{i}/2"]
+        c.add_node(args=args, config=FAST_TRANSPORT, start=False, index=i)
+    c.start()
+    everyone = {n.node_id: "alive" for n in c.nodes}
+    wait_for(lambda: all_see(c.nodes, everyone), 60, "both nodes to see each other alive")
+    ctl = [sys.executable, "-m", "spirtd.control.ctl", "train", "start", "--task", "digits"]
+    ctl += ["--rounds", "3", "--json", "--data-dir", str(c.nodes[1].data_dir)]
+    started = subprocess.run(ctl, capture_output=True, text=True, timeout=120, check=False)
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    wait_for(
+        lambda: all(n.call("GET", "/v1/train/status")["state"] == "done" for n in c.nodes),
+        300,
+        "both nodes to finish the job",
+    )
+    for node in c.nodes:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+    for node in c.nodes:
+        assert node.proc is not None and node.proc.wait(timeout=30) == 0
+        stdout = (node.stdout_head + rest_of_stdout(node)).decode()
+        node.stop()
+        banner = json_events(stdout, f"{node.data_dir} stdout")
+        assert [e["msg"] for e in banner] == [
+            f"node_id: {node.node_id}",
+            f"listen: {node.address}",
+            f"public_key: {node.public_key}",
+        ]
+        events = json_events(node.log_path.read_text(), f"{node.data_dir} stderr")
+        # From the node's key onwards, every line names the node.
+        named = [i for i, e in enumerate(events) if "node" in e]
+        assert named, events[:5]
+        assert all(e.get("node") == node.node_id for e in events[named[0] :]), events
+        assert any("up: node" in e["msg"] for e in events)
+        # The trainer's lines carry the job (its id, maybe shortened) and the round.
+        about_job = [e for e in events if "job" in e]
+        assert about_job and all(job.startswith(str(e["job"])) for e in about_job), about_job
+        assert any("round" in e for e in about_job), about_job
+        assert all(not e["msg"].startswith("Traceback") for e in events)
 
 
 def test_handshake_reject_reason_we_send_is_our_own_token():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 import os
 import signal
 import socket
@@ -19,6 +21,10 @@ from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 # Room for the reply header around the largest response body.
 _FRAME_SLACK = 64 * 1024
 _EXIT_WAIT_S = 5.0
+# Longer worker output lines are logged in pieces of this size.
+_OUTPUT_LINE_MAX = 16 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class WorkerInitError(RuntimeError):
@@ -54,6 +60,23 @@ def _worker_env(spec: FunctionSpec, cfg: RuntimeConfig) -> dict[str, str]:
     return env
 
 
+async def _log_output(function: str, out: asyncio.StreamReader) -> None:
+    """Logs what a worker writes on stdout/stderr (handler prints, warnings, a
+    crash's traceback), a line at a time, until EOF: the daemon's own stderr
+    carries only lines in its log format, rate-limited like the rest."""
+    while True:
+        try:
+            line = await out.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            line = e.partial  # EOF: what is left has no newline
+        except asyncio.LimitOverrunError:
+            line = await out.read(_OUTPUT_LINE_MAX)
+        if not line:
+            return
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        log.info("function %s: %s", function, text)
+
+
 class WorkerProcess:
     def __init__(
         self,
@@ -72,6 +95,12 @@ class WorkerProcess:
         self._max_frame = max_frame
         self.invocations = 0
         self.alive = True
+        # A fresh context: the output is the worker's, not the round that started it.
+        self._output = (
+            asyncio.create_task(_log_output(function, proc.stdout), context=contextvars.Context())
+            if proc.stdout is not None
+            else None
+        )
 
     @property
     def pid(self) -> int:
@@ -100,8 +129,10 @@ class WorkerProcess:
                 str(cfg.max_response_bytes),
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
-                # Handler prints go to our stderr (Lambda would send them to its logs).
-                stdout=2,
+                # Handler prints become our log lines (Lambda would send them to its logs).
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                limit=_OUTPUT_LINE_MAX,
                 env=_worker_env(spec, cfg),
                 # Own session: a Ctrl-C on the daemon's terminal does not hit workers;
                 # stop() ends them. If the daemon dies, they see EOF and exit.
@@ -109,7 +140,16 @@ class WorkerProcess:
             )
         finally:
             child.close()
-        reader, writer = await asyncio.open_connection(sock=parent)
+        try:
+            reader, writer = await asyncio.open_connection(sock=parent)
+        except BaseException:
+            # Cancelled (the runtime stopping) before there is a worker to kill: end it here.
+            parent.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), _EXIT_WAIT_S)
+            raise
         worker = cls(function, spec, proc, reader, writer, max_frame)
         try:
             hello, _ = await asyncio.wait_for(
@@ -154,10 +194,12 @@ class WorkerProcess:
 
     async def _exit_code(self) -> int | None:
         try:
-            return await asyncio.wait_for(self.proc.wait(), _EXIT_WAIT_S)
+            code = await asyncio.wait_for(self.proc.wait(), _EXIT_WAIT_S)
         except TimeoutError:
             await self.kill()
             return self.proc.returncode
+        await self._output_drained()
+        return code
 
     async def kill(self) -> None:
         self.alive = False
@@ -166,6 +208,14 @@ class WorkerProcess:
         self._writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.proc.wait(), _EXIT_WAIT_S)
+        await self._output_drained()
+
+    async def _output_drained(self) -> None:
+        # The worker's last lines (a traceback) are read before it counts as gone;
+        # a grandchild holding the pipe open must not hold us.
+        if self._output is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._output, _EXIT_WAIT_S)
 
     async def close(self) -> None:
         """Graceful: closing the socket makes the worker exit after its current call."""
@@ -175,3 +225,5 @@ class WorkerProcess:
             await asyncio.wait_for(self.proc.wait(), _EXIT_WAIT_S)
         except TimeoutError:
             await self.kill()
+            return
+        await self._output_drained()
