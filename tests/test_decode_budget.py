@@ -25,6 +25,7 @@ from protocol.wire import DOMAIN_ENVELOPE, MsgType
 from spirtd.config import TransportConfig
 from spirtd.keyfiles import DataDir
 from spirtd.localcluster import async_wait_for
+from spirtd.net import link as link_mod
 from spirtd.net.transport import Transport
 from tests.protocol_helpers import key
 
@@ -221,6 +222,68 @@ async def test_a_link_delivers_no_more_than_its_budget():
 
         await async_wait_for(advanced, 30, "all 50 messages as the clock moves on")
         assert rb.messages == [b"m%d" % i for i in range(50)]
+        assert a.links[b.node_id].close_reason is None
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+class CostlyRecorder(Recorder):
+    """A handler each message costs at least ``cost`` seconds of this thread's CPU."""
+
+    def __init__(self, cost: float) -> None:
+        super().__init__()
+        self.cost = cost
+
+    def on_message(self, link, data: bytes) -> None:
+        end = time.thread_time() + self.cost
+        while time.thread_time() < end:
+            pass
+        super().on_message(link, data)
+
+
+async def test_a_link_whose_messages_cost_more_cpu_than_its_budget_is_not_read(monkeypatch):
+    # 12 ms of handler CPU at once, then 1 ms a second; each message costs 5 ms.
+    monkeypatch.setattr(link_mod, "HANDLER_CPU_BURST_S", 0.012)
+    monkeypatch.setattr(link_mod, "HANDLER_CPU_PER_S", 0.001)
+    clock = FakeClock()
+    config = TransportConfig()
+    ka, kb = NodeKey(os.urandom(32)), NodeKey(os.urandom(32))
+    rb = CostlyRecorder(0.005)
+    a = Transport(
+        ka, None, TrustStore("t", allowlist={kb.public_key}), config, Recorder(), counters=Counter()
+    )
+    b = Transport(
+        kb,
+        None,
+        TrustStore("t", allowlist={ka.public_key}),
+        config,
+        rb,
+        counters=Counter(),
+        clock=clock,
+    )
+    await a.start("127.0.0.1:0")
+    await b.start("127.0.0.1:0")
+    try:
+        link = await a.connect(b.listen_addr)
+        for i in range(6):
+            await link.send(b"m%d" % i)
+        # Two messages spend most of the burst, the third goes into debt: no
+        # fourth is read while the clock stands still.
+        await async_wait_for(
+            lambda: len(rb.messages) >= 3 and b.counters["link.cpu_throttled"] >= 1,
+            20,
+            "three messages and the reader stopped by its CPU budget",
+        )
+        assert len(rb.messages) == 3
+        assert b.counters["link.budget_throttled"] == 0  # not the message budget
+
+        def advanced() -> bool:
+            clock.t += 10.0  # repays any debt a message can make
+            return len(rb.messages) >= 6
+
+        await async_wait_for(advanced, 20, "the rest once the debt is repaid")
+        assert rb.messages == [b"m%d" % i for i in range(6)]  # delayed, never dropped
         assert a.links[b.node_id].close_reason is None
     finally:
         await a.stop()

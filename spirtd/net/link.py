@@ -13,6 +13,9 @@ Every frame but stream data (which we asked for) is charged to the link's
 message budget before it is decoded; a peer over budget is simply not read
 from until the debt is repaid, so a flood of cheap-to-send messages costs us
 at most the budget's worth of decoding, and an honest burst is only delayed.
+What handling its messages costs (this thread's CPU time, decode included) is
+charged to a second budget, so however costly a message a peer finds, one
+link takes at most a fixed share of a core (bench.hostile_link measures it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Se
 from typing import Protocol
 
 from protocol import strictpack
-from protocol.budget import LinkBudget, MessageBudget
+from protocol.budget import LinkBudget, MessageBudget, TokenBucket
 from protocol.errors import DecodeError, SessionError
 from protocol.handshake import HandshakeResult
 from protocol.session import HEADER_SIZE, FrameKind, Session
@@ -43,6 +46,11 @@ _WRITE_HIGH_WATER = 1 << 20
 # While in debt the reader re-reads the clock at least this often, so a clock
 # that is not the event loop's (tests inject one) is followed.
 _BUDGET_POLL_S = 0.25
+# The CPU time one link's messages may cost us: a twentieth of a core, with a
+# burst of half a second. Honest traffic needs far less (an announcement costs a
+# few hundred microseconds, a full membership state of 1700 members 16 ms).
+HANDLER_CPU_PER_S = 0.05
+HANDLER_CPU_BURST_S = 0.5
 
 
 class LinkClosed(Exception):
@@ -117,6 +125,7 @@ class Link:
         self._clock = clock
         self._gates = gates  # the transport's list: gates added later apply too
         self.budget = LinkBudget(message_budget(config), clock())
+        self.cpu_budget = TokenBucket(HANDLER_CPU_PER_S, HANDLER_CPU_BURST_S, clock())
 
     def __repr__(self) -> str:
         return f"<Link {self.peer_id[-8:]} {'out' if self.outbound else 'in'} {self.session_id}>"
@@ -274,15 +283,24 @@ class Link:
             self._fail("stream_violation", str(e))
 
     async def _pay(self, nbytes: int) -> None:
-        """Charges one frame to the budget and, if that leaves a debt, stops
-        reading until it is repaid (the frame waits too: it made the debt)."""
-        if self.budget.charge(nbytes, self._clock()) <= 0:
+        """Charges one frame to the budget and, if that leaves a debt (or the
+        messages before it left a CPU debt), stops reading until it is repaid
+        (the frame waits too: it made the debt, or would add to it)."""
+        now = self._clock()
+        if self.budget.charge(nbytes, now) > 0:
+            self.counters["link.budget_throttled"] += 1
+        elif self.cpu_budget.delay(now) > 0:
+            self.counters["link.cpu_throttled"] += 1
+        else:
             return
-        self.counters["link.budget_throttled"] += 1
-        while (wait := self.budget.delay(self._clock())) > 0:
+        while (wait := self._delay()) > 0:
             # Keep the watchdog from mistaking a throttled peer for a dead one.
             self.last_rx = time.monotonic()
             await asyncio.sleep(min(wait, _BUDGET_POLL_S))
+
+    def _delay(self) -> float:
+        now = self._clock()
+        return max(self.budget.delay(now), self.cpu_budget.delay(now))
 
     async def _watchdog(self) -> None:
         idle = self.config.idle_timeout_s
@@ -314,10 +332,16 @@ class Link:
         # Stream data goes on as the view (sinks copy or keep it); everything else
         # is small and handed on as bytes.
         if kind is FrameKind.MESSAGE:
-            for gate in self._gates:
-                if not gate(self, payload):
-                    return
-            self.handler.on_message(self, bytes(payload))
+            # This thread's time only: what the loop spends on this message,
+            # not what other threads (training, Redis clients) do meanwhile.
+            start = time.thread_time()
+            try:
+                for gate in self._gates:
+                    if not gate(self, payload):
+                        return
+                self.handler.on_message(self, bytes(payload))
+            finally:
+                self.cpu_budget.charge(time.thread_time() - start, self._clock())
         elif kind is FrameKind.STREAM_DATA:
             s = self._in_streams.get(stream)
             if s is None:
