@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
 
 from spirtd import __version__, logs, malloc_tuning
@@ -45,14 +46,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_format_despite(args: argparse.Namespace) -> str | None:
+    """The log format for the one line saying the config is bad: the flag, else the
+    file's own ``log_format`` if the file parses (under systemd only the file says)."""
+    if args.log_format:
+        return str(args.log_format)
+    if args.config is None:
+        return None
+    try:
+        with open(args.config, "rb") as f:
+            value = tomllib.load(f).get("log_format")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return value if value in ("text", "json") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     try:
         config = load(args.config, overrides)
     except ConfigError as e:
-        # Before the config loads only the flag can say the log is JSON.
-        logs.fatal(str(e), fmt=args.log_format)
+        logs.fatal(str(e), fmt=_log_format_despite(args))
         return 78
     logs.setup(config.log_format, config.log_level)
     malloc_tuning.tune()

@@ -389,6 +389,20 @@ async def test_starting_a_managed_redis_warns_nothing():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.parametrize("where", ["file", "flag"])
+def test_a_bad_config_is_one_json_line_when_the_log_is_json(short_tmp, where):
+    cfg = short_tmp / "spirtd.toml"
+    cfg.write_text(
+        ('log_format = "json"\n' if where == "file" else "") + "[transport]\nidle_timeout_s = 0.0\n"
+    )
+    cmd = [sys.executable, "-m", "spirtd", "--config", str(cfg), "--data-dir", str(short_tmp)]
+    cmd += ["--log-format", "json"] if where == "flag" else []
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 78 and r.stdout == ""
+    (line,) = json_events(r.stderr, "stderr")
+    assert line["level"] == "critical" and "transport.idle_timeout_s" in line["msg"]
+
+
 JSON_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 
