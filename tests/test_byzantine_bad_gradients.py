@@ -115,6 +115,7 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
     # job, at every honest peer (from its own pull or from the proof), within 2
     # rounds of the first one.
     for s in statuses:
+        assert len(s["excluded"]) == 1, (s["excluded"], rejected, s["events"][-8:])
         (ex,) = s["excluded"]
         assert ex["node_id"] == liar.node_id and ex["reason"] == "nonfinite", ex
         assert ex["at_round"] <= ex["round"] + 2, ex
