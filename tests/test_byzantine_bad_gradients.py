@@ -81,8 +81,9 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
     finally:
         c.kill_all()
 
-    # What 40 median rounds of digits reach varies with the minibatches (0.81 to 0.9 seen):
-    # not what this test is about. It asks only that the model learned and was not
+    # What 40 median rounds of digits reach varies with the minibatches and the timing
+    # (0.81 on a new user's machine, 0.92 to 0.95 in ten runs here): not what this test
+    # is about. It asks only that the model learned and was not
     # poisoned (a NaN let through would leave no accuracy; chance is 0.1).
     record_property("honest_accuracies", [s["accuracy"] for s in statuses])
     for s in statuses:
