@@ -10,6 +10,7 @@ link, the certificate the other side presented in that link's handshake.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -18,10 +19,18 @@ from typing import Any
 
 import pytest
 
-from protocol.identity import node_id
+from protocol.identity import Admission, NodeKey, TrustStore, node_id
+from protocol.membership import (
+    Membership,
+    MemberState,
+    ed25519_signer,
+    ed25519_verifier,
+    lan,
+)
 from spirtd.keyfiles import CaDir, DataDir
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from tests.fixtures_cluster import FAST_TRANSPORT
+from tests.protocol_helpers import NOW, cert, key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,3 +153,48 @@ def test_ca_rotation_without_restarts(make_cluster: Any, short_tmp: Path) -> Non
     wait_for(lambda: all_see(c.nodes, everyone), 60, "all three still alive")
     assert all(n.proc is not None and n.proc.poll() is None for n in c.nodes)
     assert old_ca != new_ca
+
+
+# --- the membership record carries the renewed certificate (sans-IO) ---------------------
+
+
+def test_membership_announces_a_renewed_certificate() -> None:
+    """After a CA rotation a member that trusts only the new CA judges our alive
+    record by the certificate it carries; the record must carry the new one (a
+    peer that has no link to us has nothing else to judge us by)."""
+    old_ca, new_ca = key("old-ca"), key("new-ca")
+    me_key, x_key = key("observer"), key("renewed")
+    admission = Admission(TrustStore("c1", ca_keys={new_ca.public_key}))
+
+    def machine(k: NodeKey, n: int, cert_bytes: bytes, adm: Admission | None) -> Membership:
+        return Membership(
+            k.node_id,
+            f"10.0.0.{n}:7946",
+            lan(),
+            random.Random(n),
+            0.0,
+            record_signer=ed25519_signer(k),
+            record_verifier=ed25519_verifier(),
+            certificate=cert_bytes,
+            admission=adm,
+            wall_offset=NOW if adm is not None else None,
+        )
+
+    me = machine(me_key, 1, cert(me_key, ca=new_ca).encode(), admission)
+    x = machine(x_key, 2, cert(x_key, ca=old_ca).encode(), None)
+    me.join([], 0.0)
+
+    def x_pushes(now: float) -> None:
+        x.join([me.addr], now)
+        for out in x.drain_outgoing():
+            if out.addr == me.addr:
+                me.receive(x_key.node_id, x.addr, out.message, now)
+
+    x_pushes(1.0)
+    assert me.member(x_key.node_id) is None  # the old CA's certificate: refused
+    assert me.counters["member_refused.peer_untrusted"] >= 1
+    x.set_certificate(cert(x_key, ca=new_ca).encode(), 2.0)
+    assert x.incarnation == 1  # a new record, so it supersedes the old one everywhere
+    x_pushes(3.0)
+    seen = me.member(x_key.node_id)
+    assert seen is not None and seen.state is MemberState.ALIVE and seen.incarnation == 1
