@@ -13,8 +13,8 @@ The counter is sent in the clear and must equal the next expected value, so a
 replayed or reordered record is told apart from a tampered one (which fails
 authentication). Sizes are checked from the header before anything is read.
 Keys roll forward every ``rekey_every`` records on both sides in lock-step:
-key' = BLAKE2b(key), the old key forgotten — no message needed, and a key
-compromised later reveals nothing sent before the last roll.
+key' = BLAKE2b-256(key, personalisation "spirt-rekey"), the old key forgotten: no
+message needed, and a key compromised later reveals nothing sent before the last roll.
 
 IETF ChaCha20-Poly1305 rather than SecretBox: it measured 0.54 GB/s against
 0.31 GB/s for SecretBox on this hardware class (DESIGN.md).

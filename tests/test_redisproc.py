@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry
 
 from spirtd.localcluster import async_wait_for
 from spirtd.redis.process import ManagedRedis, RedisStartError

@@ -48,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
 from spirtd.functions.credentials import CredentialRef, RedisBinding
+from spirtd.keyfiles import write_secret
 from spirtd.redis.module import module_path
 
 USERNAME = "spirt"
@@ -384,12 +385,9 @@ class ManagedRedis:
             lines.append(f"loadmodule {_quote(str(so))} {args}".rstrip())
         lines += self.extra_config
         text = "\n".join(lines) + "\n"
-        tmp = self.config_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.config_file)
+        # It holds the ACL password hashes: 0600 from creation, through an unpredictable
+        # temporary name, so a link planted in the data dir cannot redirect the write.
+        write_secret(self.config_file, text.encode())
 
     def _load_or_create_password(self, path: Path) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
