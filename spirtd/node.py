@@ -26,6 +26,7 @@ from spirtd.keyfiles import DataDir, KeyFileError, load_or_create_key
 from spirtd.net.link import Link, StreamSink
 from spirtd.net.transport import Transport
 from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
+from spirtd.redis.module import ModuleNotBuilt
 
 log = logging.getLogger("spirtd.node")
 
@@ -408,7 +409,7 @@ def main_async(config: Config) -> int:
     node = Node(config)
     try:
         return uvloop.run(node.run())
-    except ConfigError as e:
+    except (ConfigError, ModuleNotBuilt) as e:
         logs.fatal(str(e))
         return 78  # EX_CONFIG: systemd will not hammer-restart on a config error
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,6 +77,35 @@ def test_unreadable_key_is_one_clear_line(short_tmp):
     r = run("-m", "spirtd", "--data-dir", str(d), "--listen", "127.0.0.1:0")
     assert r.returncode == 78
     assert "node.key" in r.stderr.strip().splitlines()[-1]
+
+
+def test_missing_module_build_is_one_clear_line(short_tmp):
+    """A checkout whose module was never built (no pip install) is a setup error (78)
+    that says how to build it, not a traceback. The copy of the packages leaves the
+    built .so out; PYTHONPATH puts the copy ahead of the installed one."""
+    src = short_tmp / "src"
+    for pkg in ("spirtd", "protocol"):
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("*.so"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spirtd",
+            "--data-dir",
+            str(short_tmp / "n"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        cwd=src,
+    )
+    assert r.returncode == 78, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("spirtd: redis:") and "install-venv.sh" in last
+    assert "Traceback" not in r.stderr
 
 
 def test_bad_flag_value_names_the_setting(short_tmp):

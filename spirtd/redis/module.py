@@ -16,7 +16,8 @@ def module_path() -> Path:
     spec = importlib.util.find_spec("spirtd._native.spirt_redis")
     if spec is None or spec.origin is None:
         raise ModuleNotBuilt(
-            "the SPIRT Redis module is not built; run `pip install -e .` "
-            "(deploy/setup-debian.sh does this)"
+            "redis: the SPIRT Redis module is not built in this environment; install SPIRT "
+            "with deploy/install-venv.sh (deploy/setup-debian.sh runs it), or give --redis-url "
+            "for a Redis you run yourself"
         )
     return Path(spec.origin)
