@@ -47,6 +47,9 @@ _WRITE_HIGH_WATER = 1 << 20
 # While in debt the reader re-reads the clock at least this often, so a clock
 # that is not the event loop's (tests inject one) is followed.
 _BUDGET_POLL_S = 0.25
+# A debt smaller than this is let run on: a pause per frame (a flood of small
+# ones at the message rate) costs the loop more than the frames themselves.
+_MIN_PAUSE_S = 0.02
 # The CPU time one link's frames may cost us to decrypt and handle (stream data
 # aside): 4% of a core, with a burst of half a second. What is not metered
 # (reading the socket, the loop's own work) shrinks with the frames let in, so
@@ -295,9 +298,9 @@ class Link:
         messages before it left a CPU debt), stops reading until it is repaid
         (the frame waits too: it made the debt, or would add to it)."""
         now = self._clock()
-        if self.budget.charge(nbytes, now) > 0:
+        if self.budget.charge(nbytes, now) > _MIN_PAUSE_S:
             self.counters["link.budget_throttled"] += 1
-        elif self.cpu_budget.delay(now) > 0:
+        elif self.cpu_budget.delay(now) > _MIN_PAUSE_S:
             self.counters["link.cpu_throttled"] += 1
         else:
             return
