@@ -37,7 +37,7 @@ from spirtd.functions import credentials
 from spirtd.functions.credentials import RedisBinding
 from spirtd.functions.event import GradientEvent
 from spirtd.redis import tensorfmt
-from spirtd.tasks import Task, load_task, minibatch_slice
+from spirtd.tasks import DATASET_OPTION, Task, load_task, minibatch_slice
 from spirtd.tasks.base import TaskError
 
 # Which packages a ``module:attribute`` task may come from, comma separated; unset
@@ -70,7 +70,7 @@ def _task_for(ev: GradientEvent) -> Task:
         path = ev.data.uri.removeprefix("file://")
         if not path.startswith("/"):
             raise TaskError("event.data.uri must be an absolute path or a file:// URI")
-        options["path"] = path
+        options[DATASET_OPTION] = path
     key = (ev.task, str(ev.data.shard), tuple(sorted(options.items())))
     with _lock:
         task = _tasks.get(key)

@@ -25,6 +25,22 @@ class TaskError(ValueError):
     """A task was named or configured wrongly, or given data that does not fit it."""
 
 
+# The task option a node sets to its ``--dataset NAME=DIR`` directory. A job
+# never carries it: where the data lives is each node's own configuration.
+DATASET_OPTION = "path"
+# The job settings (spirtd/training/job.py JobSpec fields) a task class gives defaults for.
+JOB_DEFAULTS = (
+    "rounds",
+    "batch_size",
+    "functions_per_round",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "eval_every",
+)
+
+
 @dataclass(frozen=True)
 class Split:
     """One part of a dataset as two tensors: inputs ``x`` and targets ``y``."""
@@ -68,6 +84,26 @@ class Task(ABC):
     name: ClassVar[str] = ""
     # Classification tasks get an accuracy in ``evaluate``.
     classification: ClassVar[bool] = True
+    # A node refuses a job for this task unless it has ``--dataset NAME=DIR`` for it,
+    # and builds the task with that directory as option ``DATASET_OPTION``.
+    needs_dataset: ClassVar[bool] = False
+
+    # What a job of this task runs with when `spirtctl train start` names only the
+    # task (the README's "Bring your own model" lists them). A subclass overrides
+    # any of them as class attributes; ``job_defaults`` reads them.
+    rounds: ClassVar[int] = 100
+    batch_size: ClassVar[int] = 64
+    functions_per_round: ClassVar[int] = 2
+    optimizer: ClassVar[str] = "sgd"
+    lr: ClassVar[float] = 0.05
+    momentum: ClassVar[float] = 0.9
+    weight_decay: ClassVar[float] = 0.0
+    eval_every: ClassVar[int] = 10
+
+    @classmethod
+    def job_defaults(cls) -> dict[str, Any]:
+        """The job settings this task class gives when a request leaves them out."""
+        return {k: getattr(cls, k) for k in JOB_DEFAULTS}
 
     def __init__(self, shard: Shard = ALL) -> None:
         self.shard = shard

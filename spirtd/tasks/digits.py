@@ -25,6 +25,12 @@ _SPLIT_SEED = 20230
 
 class DigitsTask(Task):
     name = "digits"
+    # Measured to reach >= 0.95 test accuracy with 1 to 4 peers (0.96-0.97 from
+    # round 100 on); `train start --task digits` alone must keep doing so.
+    rounds = 200
+    optimizer = "adam"
+    lr = 0.01
+    momentum = 0.0
 
     def __init__(self, shard: Shard = ALL, **options: Any) -> None:
         super().__init__(shard)

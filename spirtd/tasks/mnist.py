@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from spirtd.tasks.base import Split, Task, TaskError
+from spirtd.tasks.base import DATASET_OPTION, Split, Task, TaskError
 from spirtd.tasks.idx import read_idx
 from spirtd.tasks.options import check_options, choice_option, int_option
 from spirtd.tasks.sharding import ALL, Shard
 
-_OPTIONS = {"path", "model", "hidden"}
+_OPTIONS = {DATASET_OPTION, "model", "hidden"}
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -35,13 +35,21 @@ _MAX_IMAGES = 1_000_000
 
 class MnistTask(Task):
     name = "mnist"
+    needs_dataset = True
+    rounds = 300
+    optimizer = "adam"
+    lr = 0.001
+    momentum = 0.0
+    eval_every = 25
 
     def __init__(self, shard: Shard = ALL, **options: Any) -> None:
         super().__init__(shard)
         opts = check_options(options, _OPTIONS, self.name)
-        path = opts.get("path")
+        path = opts.get(DATASET_OPTION)
         if not isinstance(path, str) or not path:
-            raise TaskError("task 'mnist' needs option path=DIR (the directory of IDX files)")
+            raise TaskError(
+                f"task 'mnist' needs option {DATASET_OPTION}=DIR (the directory of IDX files)"
+            )
         self.path = Path(path)
         self.arch = choice_option(opts, "model", "mlp", {"mlp", "cnn"})
         self.hidden = int_option(opts, "hidden", 128, 1, 8192)
@@ -49,7 +57,7 @@ class MnistTask(Task):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "path": str(self.path),
+            DATASET_OPTION: str(self.path),
             "model": self.arch,
             "hidden": self.hidden,
         }

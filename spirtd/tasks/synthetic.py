@@ -37,6 +37,8 @@ def data_peak_bytes(samples: int, features: int, classes: int) -> int:
 
 class SyntheticTask(Task):
     name = "synthetic"
+    rounds = 30
+    lr = 0.1
 
     def __init__(self, shard: Shard = ALL, **options: Any) -> None:
         super().__init__(shard)

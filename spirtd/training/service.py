@@ -29,7 +29,7 @@ from spirtd.control.api import ApiError
 from spirtd.functions.event import DataSlice
 from spirtd.keyfiles import write_secret
 from spirtd.pubsub.service import Info, Message
-from spirtd.tasks import Shard, Task, TaskError, load_task
+from spirtd.tasks import DATASET_OPTION, Shard, Task, TaskError, load_task, task_class
 from spirtd.tasks.sharding import ALL
 from spirtd.training import job as jobs
 from spirtd.training import jobsize
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spirtd.training")
 
-# Built-in tasks that read a dataset from the node's own disk.
-DATASET_TASKS = frozenset({"mnist"})
 # Training messages for a job whose record is still being checked, kept until it starts.
 EARLY_MAX = 256
 EVENTS_MAX = 1000  # the job's event log kept for `train status` and the report
@@ -159,25 +157,26 @@ class TrainingService:
         """This node's instance of the job's task, and where its dataset lives. The
         model is sized and checked against this node's limit before anything of the
         task is allocated (its data, its model)."""
-        if "path" in spec.task_options:
-            raise JobError("task option path: a job never carries a path; use --dataset")
-        datasets = self.node.config.datasets
-        directory = datasets.get(spec.task)
-        if spec.task in DATASET_TASKS and directory is None:
+        if DATASET_OPTION in spec.task_options:
+            raise JobError(
+                f"task option {DATASET_OPTION}: a job never carries a path; use --dataset"
+            )
+        allowed = set(self.node.config.task_modules)
+        directory = self.node.config.datasets.get(spec.task)
+        options = dict(spec.task_options)
+        if directory is not None:
+            options[DATASET_OPTION] = directory
+        try:
+            needs_dataset = task_class(spec.task, allowed_modules=allowed).needs_dataset
+        except TaskError as e:
+            raise JobError(_one_line(e)) from None
+        if needs_dataset and directory is None:
             raise JobError(
                 f"task {spec.task} needs its dataset on this node: start spirtd with "
                 f"--dataset {spec.task}=DIR"
             )
-        options = dict(spec.task_options)
-        if directory is not None:
-            options["path"] = directory
         try:
-            task = load_task(
-                spec.task,
-                self._shard(),
-                allowed_modules=set(self.node.config.task_modules),
-                **options,
-            )
+            task = load_task(spec.task, self._shard(), allowed_modules=allowed, **options)
             count = task.count_params()
         except (TaskError, ValueError, OSError) as e:
             raise JobError(_one_line(e)) from None
@@ -233,7 +232,13 @@ class TrainingService:
     async def _api_start(self, body: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             try:
-                spec = jobs.from_request(body, now_ms=int(time.time() * 1000))
+                # A user's task is imported to read its defaults: off the event loop.
+                spec = await asyncio.to_thread(
+                    jobs.from_request,
+                    body,
+                    now_ms=int(time.time() * 1000),
+                    allowed_modules=set(self.node.config.task_modules),
+                )
                 self._check_can_start(spec)
                 task, uri, params, digest = await self._prepare(spec)
             except JobError as e:
