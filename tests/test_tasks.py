@@ -19,7 +19,9 @@ from spirtd.tasks import (
     load_task,
     minibatch,
     minibatch_slice,
+    task_class,
 )
+from spirtd.tasks.digits import DigitsTask
 from spirtd.tasks.sharding import ALL
 
 
@@ -44,6 +46,25 @@ class TinyTask(Task):
 
 def not_a_task(shard: Shard, **options: Any) -> int:
     return 42
+
+
+class TunedTask(TinyTask):
+    """A user task that gives its own job defaults, as README.md says one may."""
+
+    rounds = 7
+    batch_size = 16
+    optimizer = "adam"
+    lr = 0.2
+    momentum = 0.0
+
+
+class BadDefaultsTask(TinyTask):
+    lr = -1.0
+
+
+def tiny_factory(shard: Shard, **options: Any) -> Task:
+    """A user task given as a function rather than a class."""
+    return TinyTask(shard, **options)
 
 
 # --- sharding ---------------------------------------------------------------------
@@ -198,3 +219,58 @@ def test_user_task_by_module_attribute() -> None:
         load_task("no_such_module_xyz:Task")
     with pytest.raises(TaskError, match="unknown task"):
         load_task("os.path:join;rm")
+
+
+# --- what a task class says about its jobs -----------------------------------------------
+
+# The defaults README.md's "Bring your own model" promises a task of one's own.
+BASE_DEFAULTS = {
+    "rounds": 100,
+    "batch_size": 64,
+    "functions_per_round": 2,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "eval_every": 10,
+}
+
+
+def test_job_defaults_are_class_attributes() -> None:
+    assert Task.job_defaults() == BASE_DEFAULTS
+    assert TinyTask.job_defaults() == BASE_DEFAULTS
+    assert TunedTask.job_defaults() == {
+        **BASE_DEFAULTS,
+        "rounds": 7,
+        "batch_size": 16,
+        "optimizer": "adam",
+        "lr": 0.2,
+        "momentum": 0.0,
+    }
+    # Overriding a subclass leaves the base class's alone.
+    assert Task.rounds == 100
+
+
+def test_task_class_is_found_without_building_the_task() -> None:
+    assert task_class("digits") is DigitsTask
+    assert task_class("tests.test_tasks:TunedTask", allowed_modules={"tests"}) is TunedTask
+    # A factory function has no attributes of its own: the base class's apply.
+    assert task_class("tests.test_tasks:tiny_factory") is Task
+    with pytest.raises(TaskError, match="not in the allowed"):
+        task_class("tests.test_tasks:TunedTask", allowed_modules={"mytasks"})
+    with pytest.raises(TaskError, match="unknown task"):
+        task_class("imagenet")
+
+
+def test_only_mnist_needs_a_nodes_dataset() -> None:
+    assert {n for n in BUILTIN if task_class(n).needs_dataset} == {"mnist"}
+    assert not Task.needs_dataset
+
+
+def test_a_module_that_fails_to_import_is_a_task_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "spirt_broken_task.py").write_text('raise RuntimeError("boom")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TaskError, match="cannot import task module 'spirt_broken_task': boom"):
+        task_class("spirt_broken_task:Task", allowed_modules={"spirt_broken_task"})

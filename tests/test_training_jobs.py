@@ -35,6 +35,65 @@ def test_request_gets_the_tasks_defaults() -> None:
     assert custom.lr == 1.0 and isinstance(custom.lr, float) and custom.rounds == 5
 
 
+def test_builtin_defaults_keep_their_job_ids() -> None:
+    """`train start --task NAME` alone makes the same record as before the defaults
+    moved from a table in job.py onto the task classes: the ids were computed then."""
+    ids = {
+        name: JobSpec.job_id(jobs.from_request({"task": name, "seed": 3}, now_ms=1).to_record())
+        for name in ("digits", "mnist", "synthetic")
+    }
+    assert ids == {
+        "digits": "e1e0705d12aa5b4cded994257e9bae91",
+        "mnist": "2bb77b6f7486df80dee3ac63f4d8facc",
+        "synthetic": "d0f7e3452c5e4495eebe7b3b7e31d573",
+    }
+    user = jobs.from_request(
+        {"task": "tests.test_tasks:TinyTask", "seed": 3}, now_ms=1, allowed_modules={"tests"}
+    )
+    assert JobSpec.job_id(user.to_record()) == "e83401faa31304f8aa205709e80d6d80"
+
+
+def test_a_user_task_gives_its_own_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tuned = jobs.from_request(
+        {"task": "tests.test_tasks:TunedTask"}, now_ms=1, allowed_modules={"tests"}
+    )
+    assert (tuned.rounds, tuned.batch_size, tuned.optimizer, tuned.lr, tuned.momentum) == (
+        7,
+        16,
+        "adam",
+        0.2,
+        0.0,
+    )
+    assert tuned.eval_every == 10  # not overridden: the base class's
+    # A flag still wins over the class.
+    flagged = jobs.from_request(
+        {"task": "tests.test_tasks:TunedTask", "rounds": 3}, now_ms=1, allowed_modules={"tests"}
+    )
+    assert flagged.rounds == 3
+    made = jobs.from_request(
+        {"task": "tests.test_tasks:tiny_factory"}, now_ms=1, allowed_modules={"tests"}
+    )
+    assert (made.rounds, made.optimizer, made.lr, made.momentum) == (100, "sgd", 0.05, 0.9)
+    # A user's module is imported only from the allowed packages, none by default.
+    with pytest.raises(JobError, match="not in the allowed task modules"):
+        jobs.from_request({"task": "tests.test_tasks:TunedTask"}, now_ms=1)
+    # A class attribute out of range is refused like the same flag would be.
+    with pytest.raises(JobError, match="lr: must be a number"):
+        jobs.from_request(
+            {"task": "tests.test_tasks:BadDefaultsTask"}, now_ms=1, allowed_modules={"tests"}
+        )
+    # A module that fails at import is a refusal of one line, not a crash.
+    (tmp_path / "spirt_broken_job.py").write_text('raise RuntimeError("boom\\nsecond line")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(JobError) as e:
+        jobs.from_request(
+            {"task": "spirt_broken_job:T"}, now_ms=1, allowed_modules={"spirt_broken_job"}
+        )
+    assert str(e.value) == "cannot import task module 'spirt_broken_job': boom"
+
+
 def test_a_job_tolerating_byzantine_peers_defaults_to_a_robust_rule() -> None:
     assert jobs.from_request({"task": "digits", "f": 1}, now_ms=1).aggregator == "nnm+median"
     named = jobs.from_request({"task": "digits", "f": 1, "aggregator": "krum"}, now_ms=1)
