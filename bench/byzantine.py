@@ -17,8 +17,8 @@ the drop (clean mean - attacked mean, in accuracy; x100 for points).
 
 Attacks (spirtd.byzantine.attacks): signflip (x-10), gaussian (sigma 10), alie
 (z from n, f), ipm (eps 0.5), labelflip, mimic, nonfinite (NaN), equivocation
-(its gradient to half the peers, x-10 of it to the others). Rules: mean,
-median, trimmed_mean, krum, multi_krum, geomed, cclip, and nnm+ each robust one.
+(its gradient to half the peers, x-10 of it to the others). Rules: every one
+in the registry (spirtd.rules), and nnm+ each robust one.
 
 Cells are independent and ``--resume FILE`` (JSON lines) skips the ones already
 in FILE and appends each new one as it finishes, so an interrupted run picks
@@ -47,16 +47,22 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import emit, machine, table
+from spirtd import rules
 from spirtd.byzantine.attacks import ATTACKS
 from spirtd.byzantine.harness import CONFIRM_ENV, CONFIRM_VALUE
 from spirtd.keyfiles import DataDir
 from spirtd.localcluster import LocalCluster, LocalNode, NodeError, all_see, wait_for
+from spirtd.training.aggregators import NNM_PREFIX
 
 SETTINGS: dict[str, tuple[int, int]] = {"7p_f2": (7, 2), "10p_f3": (10, 3)}
-BASE_RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "cclip"]
-RULES = BASE_RULES + [f"nnm+{r}" for r in BASE_RULES if r != "mean"]
+BASE_RULES = list(rules.names())
+RULES = BASE_RULES + [f"{NNM_PREFIX}{r}" for r in BASE_RULES if rules.get(r).robust]
 ATTACK_NAMES = [a for a in ATTACKS if a != "none"]
-QUICK_RULES = ["mean", "median"]
+# The baseline that attacks break (the mean, not robust) and the first robust rule.
+QUICK_RULES = [
+    next(r for r in BASE_RULES if not rules.get(r).robust),
+    next(r for r in BASE_RULES if rules.get(r).robust),
+]
 QUICK_ATTACKS = ["signflip", "alie"]
 JOB_SEED = 1
 ATTACK_SEED = 7

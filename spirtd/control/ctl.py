@@ -21,6 +21,7 @@ from typing import Any
 
 from protocol.errors import DecodeError
 from protocol.identity import Certificate, node_id, parse_public_key
+from spirtd import rules
 from spirtd.config import default_data_dir
 from spirtd.control import report
 from spirtd.keyfiles import CaDir, DataDir, KeyFileError, append_key_line, write_public
@@ -584,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--rounds", type=int)
     ts.add_argument(
         "--aggregator",
-        help="mean, median, trimmed_mean, krum, multi_krum, geomed, cclip, or nnm+RULE "
+        help=f"{', '.join(rules.names())}, or nnm+RULE "
         "(default: mean, or nnm+median when --f > 0)",
     )
     ts.add_argument("--f", type=int, help="Byzantine peers to tolerate")

@@ -47,6 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
+from spirtd import rules
 from spirtd.functions.credentials import CredentialRef, RedisBinding
 from spirtd.keyfiles import write_secret
 from spirtd.redis.module import module_path
@@ -69,16 +70,11 @@ DAEMON_ACL = (
     # After the grants: takes back FLUSHALL, KEYS, CONFIG, ACL, SHUTDOWN, MODULE, ...
     "-@dangerous",
 )
-# The module's commands spirtd runs; SPIRT.CONFIG (admin) is not among them.
+# The module's commands spirtd runs besides the aggregation rules' (which the rule
+# registry names: daemon_module_commands); SPIRT.CONFIG (admin) is not among them.
 DAEMON_MODULE_COMMANDS = (
     "spirt.put",
     "spirt.get",
-    "spirt.mean",
-    "spirt.median",
-    "spirt.trimmean",
-    "spirt.krum",
-    "spirt.geomed",
-    "spirt.cclip",
     "spirt.sgd",
     "spirt.adam",
     "spirt.norm",
@@ -113,6 +109,11 @@ FUNCTION_MODULE_COMMANDS = ("spirt.put",)
 MAX_UNIX_PATH = 107
 _LOG_TAIL_LINES = 8
 _PR_SET_PDEATHSIG = 1
+
+
+def daemon_module_commands() -> tuple[str, ...]:
+    """Every SPIRT.* command the daemon's ACL user may run, the rules' read when called."""
+    return (*DAEMON_MODULE_COMMANDS, *rules.module_commands())
 
 
 class RedisStartError(RuntimeError):
@@ -348,7 +349,7 @@ class ManagedRedis:
         daemon_rules, function_rules = list(DAEMON_ACL), list(FUNCTION_ACL)
         if self.load_module:
             # Naming a command that is not loaded would stop redis-server from starting.
-            daemon_rules += [f"+{c}" for c in DAEMON_MODULE_COMMANDS]
+            daemon_rules += [f"+{c}" for c in daemon_module_commands()]
             function_rules += [f"+{c}" for c in FUNCTION_MODULE_COMMANDS]
         lines = [
             "daemonize no",

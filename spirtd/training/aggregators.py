@@ -1,11 +1,10 @@
-"""Aggregation rules by name, with the job's f, and the membership each one needs.
+"""A training job's aggregation: a registered rule (spirtd.rules), the job's f, and
+whether nearest-neighbour mixing runs first.
 
-Every rule takes f exactly. The bounds are the usual ones: the Krum family
-needs n >= 2f + 3 (Blanchard et al. score each input over its n - f - 2 nearest
-neighbours, which needs n - f - 2 >= 1 after removing f); median, trimmed mean,
-geometric median and centered clipping need an honest majority, n >= 2f + 1.
-``nnm+RULE`` first replaces each input by the mean of its n - f nearest inputs
-(Allouah et al., 2023) and then runs RULE; it needs what RULE needs.
+Every rule takes f exactly and says the n it needs for it (spirtd/rules/). ``nnm+RULE``
+first replaces each input by the mean of its n - f nearest inputs (Allouah et al.,
+2023) and then runs RULE: it needs what RULE needs, and at least f + 1 inputs so that
+n - f >= 1.
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from spirtd import rules
 from spirtd.redis.store import TensorStore
+from spirtd.rules.base import Rule
 
-BASE_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "cclip")
-# Centered clipping: radius and iterations; it starts from the previous round's
-# aggregate, which every honest peer holds identically.
-CCLIP_TAU = 1.0
-CCLIP_ITERS = 3
+NNM_PREFIX = "nnm+"
 
 
 class AggregatorError(ValueError):
@@ -37,29 +34,36 @@ class Aggregator:
     def parse(cls, name: str, f: int) -> Aggregator:
         if not isinstance(name, str):
             raise AggregatorError("aggregator: a name is required")
-        nnm = name.startswith("nnm+")
-        rule = name[4:] if nnm else name
-        if rule not in BASE_RULES:
-            known = ", ".join([*BASE_RULES, "nnm+RULE"])
+        nnm = name.startswith(NNM_PREFIX)
+        rule = name[len(NNM_PREFIX) :] if nnm else name
+        if rule not in rules.names():
+            known = ", ".join([*rules.names(), f"{NNM_PREFIX}RULE"])
             raise AggregatorError(f"aggregator: unknown rule {name!r} (known: {known})")
         return cls(rule, f, nnm)
 
     @property
     def name(self) -> str:
-        return f"nnm+{self.rule}" if self.nnm else self.rule
+        return f"{NNM_PREFIX}{self.rule}" if self.nnm else self.rule
+
+    @property
+    def spec(self) -> Rule:
+        return rules.get(self.rule)
+
+    @property
+    def keeps_previous(self) -> bool:
+        """The job keeps the previous round's aggregate in its state (and checkpoints)."""
+        return self.spec.keeps_previous
 
     def min_peers(self) -> int:
         """The fewest contributors a round may aggregate with this rule and f."""
-        if self.rule in ("krum", "multi_krum"):
-            return 2 * self.f + 3
-        if self.rule == "mean":
-            return max(1, self.f + 1) if self.nnm else 1
-        return 2 * self.f + 1
+        need = self.spec.min_peers(self.f)
+        return max(need, self.f + 1) if self.nnm else need
 
     def check_membership(self, n: int) -> None:
         need = self.min_peers()
         if n < need:
-            bound = "2f+3" if self.rule in ("krum", "multi_krum") else "2f+1"
+            spec = self.spec
+            bound = "f+1" if self.nnm and need > spec.min_peers(self.f) else spec.bound
             raise AggregatorError(
                 f"aggregator {self.name} with f={self.f} needs at least {need} peers "
                 f"(n >= {bound}), but the cluster has {n} live member{'s' if n != 1 else ''}"
@@ -75,24 +79,13 @@ class Aggregator:
         scratch: bool = False,
     ) -> Any:
         """Aggregates ``keys`` (already in node-id order) into ``out`` (``scratch``: see
-        TensorStore.put)."""
+        TensorStore.put); ``previous`` is the last aggregate, for a rule that keeps it."""
         n = len(keys)
         self.check_membership(n)
-        kw: dict[str, Any] = {"scratch": scratch}
+        spec = self.spec
+        kw: dict[str, Any] = {"scratch": scratch, **spec.job_params(self.f, n)}
         if self.nnm and self.f:
             kw["nnm_f"] = self.f
-        if self.rule == "mean":
-            return await store.mean(out, keys, **kw)
-        if self.rule == "median":
-            return await store.median(out, keys, **kw)
-        if self.rule == "trimmed_mean":
-            # An exact count: a fraction f/n can floor to f - 1 in floating point.
-            return await store.trimmed_mean(out, keys, trim=self.f, **kw)
-        if self.rule == "krum":
-            return await store.krum(out, keys, self.f, m=1, **kw)
-        if self.rule == "multi_krum":
-            return await store.krum(out, keys, self.f, m=n - self.f, **kw)
-        if self.rule == "geomed":
-            return await store.geomed(out, keys, **kw)
-        assert self.rule == "cclip"
-        return await store.cclip(out, keys, CCLIP_TAU, iters=CCLIP_ITERS, start=previous, **kw)
+        if spec.keeps_previous:
+            kw["start"] = previous
+        return await store.aggregate(spec.name, out, keys, **kw)

@@ -61,7 +61,7 @@ def copies(spec: JobSpec, members: int) -> int:
     """How many P-float vectors the job keeps on a node with ``members`` live members."""
     n = max(1, members)
     optimizer = 2 if spec.optimizer == "adam" else int(spec.momentum > 0)
-    aggregate = 2 if spec.rule.rule == "cclip" else 1
+    aggregate = 2 if spec.rule.keeps_previous else 1
     gradients = n + spec.functions_per_round + (n - 1)
     return 1 + optimizer + aggregate + gradients + WORKING_COPIES
 

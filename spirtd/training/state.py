@@ -62,7 +62,7 @@ class StateKeys:
             out.append(("buf", self.buf))
         if spec.optimizer == "adam":
             out += [("m", self.m), ("v", self.v)]
-        if spec.rule.rule == "cclip":
+        if spec.rule.keeps_previous:
             out.append(("agg_prev", self.agg_prev))
         return out
 

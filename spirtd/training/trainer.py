@@ -721,7 +721,7 @@ class Trainer:
                 weight_decay=spec.weight_decay,
                 scratch=True,
             )
-        if self.rule.rule == "cclip":
+        if self.rule.keeps_previous:
             await env.store.mean(keys.agg_prev, [keys.agg], scratch=True)
         t2 = time.perf_counter()
         digest = await state.digest_of(env.store, self.job_id, spec, r)
