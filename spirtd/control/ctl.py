@@ -585,8 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--rounds", type=int)
     ts.add_argument(
         "--aggregator",
-        help=f"{', '.join(rules.names())}, or nnm+RULE "
-        "(default: mean, or nnm+median when --f > 0)",
+        help=f"{', '.join(rules.names())}, or nnm+RULE (default: mean, or nnm+median when --f > 0)",
     )
     ts.add_argument("--f", type=int, help="Byzantine peers to tolerate")
     ts.add_argument("--batch-size", type=int, help="per-peer batch per round")
