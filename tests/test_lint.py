@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TREES = ["spirtd", "protocol", "bench", "tests", "setup.py"]
+TREES = ["spirtd", "protocol", "bench", "tests", "examples", "setup.py"]
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:
