@@ -205,6 +205,8 @@ class Config:
     shard: str | None = None  # --shard I/N: train on shard I of N of a built-in dataset
     # Top-level packages a `module:attr` task may come from. Empty: built-in tasks only.
     task_modules: list[str] = field(default_factory=list)
+    # Modules whose RULES list adds aggregation rules (spirtd.rules), imported at start.
+    rule_modules: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         parse_hostport(self.listen, "listen")

@@ -19,7 +19,7 @@ from protocol import strictpack, wire
 from protocol.errors import DecodeError
 from protocol.identity import Admission, Certificate, node_id
 from protocol.wire import MsgType
-from spirtd import __version__, logs, services
+from spirtd import __version__, logs, rules, services
 from spirtd.config import Config, ConfigError
 from spirtd.control.api import ApiServer
 from spirtd.keyfiles import DataDir, KeyFileError, load_or_create_key
@@ -65,6 +65,11 @@ class Node:
         except OSError as e:
             raise ConfigError(f"data_dir: cannot create {self.data.root}: {e.strerror}") from None
         self._lock_data_dir()
+        try:
+            # Before any service starts: the Redis ACL and job checks read the registry.
+            rules.load_modules(self.config.rule_modules)
+        except ValueError as e:
+            raise ConfigError(f"rule_modules: {e}") from None
         self.key, created = load_or_create_key(self.data.key_path)
         logs.bind(node=self.key.node_id)  # every later log line names this node
         if created:

@@ -19,6 +19,7 @@ import torch
 
 from spirtd import rules
 from spirtd.control.ctl import build_parser
+from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from spirtd.redis.process import DAEMON_MODULE_COMMANDS, daemon_module_commands
 from spirtd.redis.store import StoreError, TensorStore
 from spirtd.rules import Rule
@@ -28,23 +29,9 @@ from spirtd.training.aggregators import Aggregator, AggregatorError
 from spirtd.training.job import JobError
 from spirtd.training.state import StateKeys
 from tests.fixtures_redis import RunningRedis, reset_shared
+from tests.toy_rule import TOY
 
 BUILTIN = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "cclip")
-
-
-def _coordinate_max(
-    xs: list[torch.Tensor], params: Mapping[str, Any], start: torch.Tensor | None
-) -> tuple[torch.Tensor, Any]:
-    return torch.stack(xs).max(dim=0).values, len(xs)
-
-
-# A rule with no kernel in native/: the store runs its fallback even where the module is.
-TOY = Rule(
-    name="toy",
-    min_peers=lambda f: f + 1,
-    bound="f+1",
-    fallback=_coordinate_max,
-)
 
 
 @pytest.fixture
@@ -123,6 +110,29 @@ def test_register_refuses_a_bad_rule(change: dict[str, Any], error: str) -> None
     bad = dataclasses.replace(TOY, **change)
     with pytest.raises(ValueError, match=error):
         rules.register(bad)
+    assert rules.names() == BUILTIN
+
+
+def test_load_modules_registers_a_modules_rules_once() -> None:
+    try:
+        assert rules.load_modules(["tests.toy_rule"]) == ["toy"]
+        assert rules.load_modules(["tests.toy_rule"]) == []
+        assert rules.get("toy") is TOY
+    finally:
+        rules.unregister("toy")
+
+
+@pytest.mark.parametrize(
+    ("module", "error"),
+    [
+        ("tests/toy_rule", "not a dotted module name"),
+        ("tests.no_such_module", "cannot import"),
+        ("tests.fixtures_cluster", "defines no RULES list"),
+    ],
+)
+def test_load_modules_refuses(module: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        rules.load_modules([module])
     assert rules.names() == BUILTIN
 
 
@@ -230,3 +240,43 @@ async def test_the_store_refuses_an_unregistered_rule(st: TensorStore) -> None:
     keys = await _load(st, np.ones((2, 4), np.float32))
     with pytest.raises(StoreError, match=r"unknown aggregation rule 'toy' \(known: mean, "):
         await st.aggregate("toy", "o", keys)
+
+
+# ---- daemons that load the rule through rule_modules ---------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_two_daemons_train_with_a_rule_from_rule_modules(make_cluster: Any) -> None:
+    # localcluster puts the checkout on the daemons' PYTHONPATH: tests.toy_rule imports.
+    c: LocalCluster = make_cluster(
+        2, args=["--profile", "local"], config='rule_modules = ["tests.toy_rule"]\n'
+    )
+    c.start()
+    everyone = {x.node_id: "alive" for x in c.nodes}
+    wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "spirtd.control.ctl", "train", "start"),
+            *("--task", "digits", "--aggregator", "toy", "--rounds", "3"),
+            *("--data-dir", str(c.nodes[1].data_dir)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+
+    def status(n: LocalNode) -> dict[str, Any]:
+        return n.call("GET", "/v1/train/status")
+
+    wait_for(
+        lambda: all(status(n)["state"] in ("done", "stopped", "failed") for n in c.nodes),
+        240,
+        "both nodes to finish the job",
+    )
+    statuses = [status(n) for n in c.nodes]
+    for s in statuses:
+        assert s["state"] == "done", s["detail"]
+        assert s["job"]["aggregator"] == "toy" and s["round"] == 3
+        assert all(len(h["contributors"]) == 2 for h in s["history"])
+    assert len({s["model_digest"] for s in statuses}) == 1

@@ -5,6 +5,23 @@ who reads it.
 """
 
 from spirtd.rules.base import Rule
-from spirtd.rules.registry import UnknownRule, get, module_commands, names, register, unregister
+from spirtd.rules.registry import (
+    UnknownRule,
+    get,
+    load_modules,
+    module_commands,
+    names,
+    register,
+    unregister,
+)
 
-__all__ = ["Rule", "UnknownRule", "get", "module_commands", "names", "register", "unregister"]
+__all__ = [
+    "Rule",
+    "UnknownRule",
+    "get",
+    "load_modules",
+    "module_commands",
+    "names",
+    "register",
+    "unregister",
+]

@@ -8,7 +8,9 @@ aggregation rule"); a rule registered in a process is known to that process only
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Sequence
 
 from spirtd.rules import cclip, geomed, krum, mean, median, trimmed_mean
 from spirtd.rules.base import Rule
@@ -16,6 +18,7 @@ from spirtd.rules.base import Rule
 # Lower-case words: names travel in job records and CLI flags, and "+" is nnm's.
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _COMMAND = re.compile(r"SPIRT\.[A-Z][A-Z0-9_]{0,31}")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 _rules: dict[str, Rule] = {}
 
@@ -38,6 +41,30 @@ def register(rule: Rule) -> Rule:
         raise ValueError(f"rule {rule.name!r}: bound (its n for f, as text) is required")
     _rules[rule.name] = rule
     return rule
+
+
+def load_modules(modules: Sequence[str]) -> list[str]:
+    """Imports each module (the daemon's ``rule_modules`` setting) and registers the
+    rules in its ``RULES`` list; returns their names. Loading a module twice is a no-op.
+    The modules are code the operator chose to run, like ``task_modules``."""
+    added = []
+    for name in modules:
+        if not isinstance(name, str) or not _MODULE.fullmatch(name):
+            raise ValueError(f"rule module {name!r}: not a dotted module name")
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            raise ValueError(f"rule module {name!r}: cannot import: {e}") from None
+        found = getattr(module, "RULES", None)
+        if not isinstance(found, list | tuple) or not found:
+            raise ValueError(f"rule module {name!r}: defines no RULES list of spirtd.rules.Rule")
+        for rule in found:
+            if not isinstance(rule, Rule):
+                raise ValueError(f"rule module {name!r}: RULES holds a {type(rule).__name__}")
+            if _rules.get(rule.name) is not rule:
+                register(rule)
+                added.append(rule.name)
+    return added
 
 
 def unregister(name: str) -> None:
