@@ -16,7 +16,8 @@ copies                          held by
 1                               the parameters (Redis)
 0, 1 or 2                       optimizer state: sgd none, sgd with momentum its
                                 buffer, adam its two moments (Redis)
-1 (2 for cclip)                 the round's aggregate (cclip also keeps the last one)
+1 or 2                          the round's aggregate, and the last one for a rule that
+                                keeps it (Rule.keeps_previous: cclip)
 n                               a round's gradients: this node's and every peer's
 W                               the gradients of this node's function slices
 n - 1                           the peers' gradient bodies as received (pub/sub)
