@@ -5,8 +5,8 @@
 * put/get tensors in the format of :mod:`spirtd.redis.tensorfmt` (copy-free: ``put`` hands
   redis-py a memoryview of the array, ``get`` returns a read-only array over the reply
   bytes);
-* aggregation rules (mean, weighted mean, median, trimmed mean, Krum/multi-Krum,
-  geometric median, centered clipping, each optionally after nearest-neighbour mixing);
+* the aggregation rules registered in :mod:`spirtd.rules` (``aggregate``, and a method
+  for each built-in one), each optionally after nearest-neighbour mixing;
 * optimizer updates (SGD with momentum/Nesterov/weight decay, Adam/AdamW);
 * L2 norm and BLAKE2b-256 digest.
 
@@ -645,8 +645,9 @@ def _names(keys: Sequence[str]) -> list[str]:
 
 # ---- client-side implementations (torch, float64 arithmetic) --------------------------
 #
-# They follow the module's definitions (native/rules.c, native/optim.c) step for step so
-# both paths agree to float32 rounding; see native/README.md for the definitions.
+# They follow the module's definitions (native/optim.c; the rules' in spirtd/rules/ follow
+# native/rules.c) step for step so both paths agree to float32 rounding; see
+# native/README.md for the definitions.
 
 
 def _aggregate_torch(agg: _Agg, xs: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], Any]:
