@@ -56,7 +56,10 @@ from .identity import (
     verify,
 )
 
-PROTOCOL = "spirt/1"
+# The wire protocol's version: a peer that speaks another is refused at the handshake
+# (bad_version), so an incompatible pair never links. spirt/2: gossip controls travel
+# as bytes inside their envelope (0.1.0 spoke spirt/1 and sent them as maps).
+PROTOCOL = "spirt/2"
 DOMAIN_RESPONDER = b"spirt/v1/handshake/responder\0"
 DOMAIN_INITIATOR = b"spirt/v1/handshake/initiator\0"
 MAX_MESSAGE = 4096  # a handshake message carries two keys and a certificate at most

@@ -220,6 +220,7 @@ def responder() -> Handshake:
     [
         (hello(c="elsewhere"), "wrong_cluster"),
         (hello(p="spirt/0"), "bad_version"),
+        (hello(p="spirt/1"), "bad_version"),  # 0.1.0: gossip controls were maps
         (hello(t=int((NOW - 3600) * 1000)), "handshake_stale"),
         (hello(x="extra field"), "handshake_malformed"),
         (hello(e=b"short"), "handshake_malformed"),
