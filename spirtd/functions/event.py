@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from spirtd.redis.binding import RedisTarget
 from spirtd.tasks.sharding import Shard, ShardError
 
 VERSION = 1
@@ -46,16 +47,6 @@ _URL_SCHEMES = ("unix://", "redis://", "rediss://")
 
 class EventError(ValueError):
     """The event is malformed; the message names the field."""
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Which of the function's configured Redis to use; None: its only one."""
-
-    url: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {} if self.url is None else {"url": self.url}
 
 
 @dataclass(frozen=True)

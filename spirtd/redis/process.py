@@ -48,8 +48,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
 from spirtd import rules
-from spirtd.functions.credentials import CredentialRef, RedisBinding
 from spirtd.keyfiles import write_secret
+from spirtd.redis.binding import CredentialRef, RedisBinding
 from spirtd.redis.module import module_path
 
 USERNAME = "spirt"

@@ -12,9 +12,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from spirtd.config import ConfigError
-from spirtd.functions.credentials import CredentialRef, RedisBinding, check_url
-from spirtd.functions.event import RedisTarget
 from spirtd.keyfiles import write_secret
+from spirtd.redis.binding import CredentialRef, RedisBinding, RedisTarget, check_url
 from spirtd.redis.process import ManagedRedis, RedisStartError
 from spirtd.redis.store import TensorStore
 
