@@ -35,8 +35,8 @@ import torch
 from redis.exceptions import ResponseError, WatchError
 
 from spirtd import rules
+from spirtd.checks import StoreError, check, integer, number
 from spirtd.redis import tensorfmt
-from spirtd.redis.errors import StoreError, check, integer, number
 from spirtd.rules.base import MAX_INPUTS, Rule
 from spirtd.rules.kernels import F32 as _F32
 from spirtd.rules.kernels import F64 as _F64

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from spirtd.redis.errors import integer, number
+from spirtd.checks import integer, number
 from spirtd.rules.base import MAX_ITERS, Params, Rule
 
 if TYPE_CHECKING:

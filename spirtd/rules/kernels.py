@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spirtd.redis.errors import StoreError
+from spirtd.checks import StoreError
 
 F32 = torch.float32
 F64 = torch.float64

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from spirtd.redis.errors import check, integer
+from spirtd.checks import check, integer
 from spirtd.rules.base import MAX_INPUTS, Params, Rule
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from spirtd.redis.errors import check, number
+from spirtd.checks import check, number
 from spirtd.rules.base import Params, Rule
 
 if TYPE_CHECKING:

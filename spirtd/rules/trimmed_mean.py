@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from spirtd.redis.errors import check, integer, number
+from spirtd.checks import check, integer, number
 from spirtd.rules.base import Params, Rule
 
 if TYPE_CHECKING:

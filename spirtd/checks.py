@@ -1,8 +1,10 @@
-"""The tensor store's error and its argument checks.
+"""The tensor store's error and the argument checks that raise it.
 
-A module of its own because the aggregation rules (:mod:`spirtd.rules`) check their
-parameters with the same words as the store, and the rule registry must load without
-torch (``spirtctl`` lists the rules in its help).
+Neutral ground between :mod:`spirtd.redis` (the store raises it) and
+:mod:`spirtd.rules` (the rules check their parameters with the same words as the
+store, and the store dispatches to the rules): in either package it would make the
+two import each other. Import-light, since the rule registry must load without torch
+(``spirtctl`` lists the rules in its help).
 """
 
 from __future__ import annotations
