@@ -29,6 +29,17 @@ LinkListener = Callable[["Link", bool], None]  # (link, up)
 RouteHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
+class ApiError(Exception):
+    """A control endpoint's refusal: the API answers ``status`` with ``message``.
+
+    Here rather than in :mod:`spirtd.control.api` so a service raising it does not
+    depend on the control plane that serves it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Routes(Protocol):
     def route(self, method: str, path: str, fn: RouteHandler) -> None:
         """Adds a control endpoint under /v1/."""

@@ -38,7 +38,7 @@ from protocol import wire
 from protocol.gossip.messages import Announcement
 from protocol.wire import MsgType
 from spirtd.byzantine.attacks import Attack, AttackError, craft
-from spirtd.control.api import ApiError
+from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import PubSub
 from spirtd.tasks import Task
 from spirtd.tasks.sharding import minibatch

@@ -22,6 +22,9 @@ from aiohttp import web
 from spirtd import metrics
 from spirtd.control import sdnotify
 
+# ApiError lives with the services' interface; importing it from here still works.
+from spirtd.nodeapi import ApiError
+
 if TYPE_CHECKING:
     from spirtd.config import ControlConfig
     from spirtd.nodeapi import RouteHandler, StatusSource
@@ -30,12 +33,6 @@ log = logging.getLogger("spirtd.api")
 
 MAX_REQUEST = 64 * 1024
 TOKEN_FILE = "api.token"  # in the data dir, unless [control] token_file says otherwise
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ApiServer:

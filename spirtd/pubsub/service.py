@@ -64,8 +64,8 @@ from protocol.gossip.transfer import (
 )
 from protocol.identity import node_id
 from protocol.wire import Envelope, MsgType
-from spirtd.control.api import ApiError
 from spirtd.net.link import Link, LinkClosed, StreamSink, aiter_chunks
+from spirtd.nodeapi import ApiError
 from spirtd.pubsub.store import READ_PIECE, Body, BodyStore, StoreLimits, _Partial, partial_pieces
 
 if TYPE_CHECKING:

@@ -25,9 +25,9 @@ import numpy as np
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.membership import EventKind
-from spirtd.control.api import ApiError
 from spirtd.functions.event import DataSlice
 from spirtd.keyfiles import write_secret
+from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import Info, Message
 from spirtd.tasks import DATASET_OPTION, Shard, Task, TaskError, load_task, task_class
 from spirtd.tasks.sharding import ALL
