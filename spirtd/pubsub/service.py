@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import itertools
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -65,7 +63,7 @@ from protocol.gossip.transfer import (
 from protocol.identity import node_id
 from protocol.wire import Envelope, MsgType
 from spirtd.net.link import Link, LinkClosed, StreamSink, aiter_chunks
-from spirtd.nodeapi import ApiError
+from spirtd.pubsub import http
 from spirtd.pubsub.store import READ_PIECE, Body, BodyStore, StoreLimits, _Partial, partial_pieces
 
 if TYPE_CHECKING:
@@ -259,7 +257,8 @@ class PubSub:
             node.transport.gates.append(self._admit)
             for link in list(node.transport.links.values()):
                 self._on_link(link, True)
-        self._routes()
+        if node.api is not None:
+            http.register(self, node.api)
         self._task = asyncio.create_task(self._run(), name="pubsub")
 
     def certificate_renewed(self, certificate: bytes) -> None:
@@ -312,6 +311,13 @@ class PubSub:
             self._app_validators.pop(topic, None)
         self.m.subscribe(topic, time.monotonic(), self._validate)
         self._pump()
+
+    def subscribe_inbox(self, topic: str) -> None:
+        """Records ``topic``'s deliveries in :attr:`inbox` (for spirtctl and tests);
+        an application subscription already there keeps its handler."""
+        if topic not in self._subs:
+            self.subscribe(topic, _noop)
+        self._inbox_topics.add(topic)
 
     def unsubscribe(self, topic: str) -> None:
         assert self.m is not None
@@ -377,6 +383,10 @@ class PubSub:
         staged = Staged(h, s.size, s.chunk_size, s.table, s.digest, s.partial, s.data)
         self._staged[h] = staged
         return staged
+
+    def staged(self, handle: Any) -> Staged | None:
+        """The payload staged under ``handle``, if it is still waiting to be published."""
+        return self._staged.get(handle)
 
     def drop_staged(self, handle: int) -> None:
         s = self._staged.pop(handle, None)
@@ -713,127 +723,12 @@ class PubSub:
         self.store.commit(sink.mid, p, sink.rx.table)
         self._pump()
 
-    # -- control API (spirtctl, tests, benches) ------------------------------------------
-
-    def _routes(self) -> None:
-        api = self.node.api
-        if api is None:
-            return
-        api.route("POST", "/v1/pubsub/subscribe", self._api_subscribe)
-        api.route("POST", "/v1/pubsub/unsubscribe", self._api_unsubscribe)
-        api.route("POST", "/v1/pubsub/stage", self._api_stage)
-        api.route("POST", "/v1/pubsub/publish", self._api_publish)
-        api.route("GET", "/v1/pubsub/inbox", self._api_inbox)
-        api.route("POST", "/v1/pubsub/verify", self._api_verify)
-        api.route("GET", "/v1/pubsub/status", self._api_status)
-
-    async def _api_subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
-        topic = _str_arg(body, "topic")
-        if topic not in self._subs:
-            # Record-only subscription: deliveries land in the inbox.
-            self._call(lambda: self.subscribe(topic, _noop))
-        self._inbox_topics.add(topic)
-        return {"subscribed": topic}
-
-    async def _api_unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
-        topic = _str_arg(body, "topic")
-        self._call(lambda: self.unsubscribe(topic))
-        return {"unsubscribed": topic}
-
-    async def _api_stage(self, body: dict[str, Any]) -> dict[str, Any]:
-        staged = await self._staged_from(body)
-        return {"handle": staged.handle, "size": staged.size, "digest": staged.digest.hex()}
-
-    async def _staged_from(self, body: dict[str, Any]) -> Staged:
-        try:
-            if "path" in body:
-                path = Path(_str_arg(body, "path"))
-                if not path.is_file():
-                    raise ApiError(400, f"path: {path} is not a readable file")
-                return await self.stage(path)
-            if "random_size" in body:
-                n = body["random_size"]
-                if (
-                    not isinstance(n, int)
-                    or isinstance(n, bool)
-                    or not 0 <= n <= self.config.max_payload
-                ):
-                    raise ApiError(400, f"random_size: must be 0..{self.config.max_payload}")
-                # A load-generation aid: os.urandom in a thread, then staged as bytes.
-                return await self.stage(await asyncio.to_thread(os.urandom, n))
-            if "data_hex" in body:
-                return await self.stage(bytes.fromhex(_str_arg(body, "data_hex")))
-        except (ValueError, OSError) as e:
-            raise ApiError(400, str(e)) from None
-        raise ApiError(400, "give one of: path, random_size, data_hex, handle")
-
-    async def _api_publish(self, body: dict[str, Any]) -> dict[str, Any]:
-        topic = _str_arg(body, "topic")
-        try:
-            meta = bytes.fromhex(body.get("meta_hex", "")) if "meta_hex" in body else b""
-            if "handle" in body:
-                staged = self._staged.get(body["handle"])
-                if staged is None:
-                    raise ApiError(404, f"handle: no staged payload {body['handle']!r}")
-            else:
-                staged = await self._staged_from(body)
-            return await self.publish(topic, staged, meta=meta)
-        except (ValueError, DecodeError) as e:
-            raise ApiError(400, str(e)) from None
-
-    async def _api_inbox(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"messages": list(self.inbox)}
-
-    async def _api_verify(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Re-reads a stored body and recomputes its digests (an end-to-end check for
-        tests and operators: the chunk-tree digest and an independent SHA-256)."""
-        try:
-            mid = bytes.fromhex(_str_arg(body, "msg_id"))
-        except ValueError:
-            raise ApiError(400, "msg_id: not hex") from None
-        stored = self.store.get(mid)
-        if stored is None:
-            raise ApiError(404, "msg_id: no such body held")
-
-        def rehash() -> tuple[str, str]:
-            b = TableBuilder(stored.chunk_size)
-            sha = hashlib.sha256()
-            for piece in stored.pieces():
-                b.update(piece)
-                sha.update(piece)
-            return b.finish()[1].hex(), sha.hexdigest()
-
-        digest, sha = await asyncio.to_thread(rehash)
-        return {"msg_id": mid.hex(), "size": stored.size, "digest": digest, "sha256": sha}
-
-    async def _api_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.m is not None
-        return {
-            **self.m.status(),
-            "store": self.store.status(),
-            "counters": dict(self.m.counters),
-            "scores": self.m.scores.snapshot(),
-        }
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except DecodeError as e:
-            raise ApiError(400, f"topic: {e.detail}") from None
-
 
 # --- helpers ------------------------------------------------------------------------------
 
 
 def _noop(msg: Message) -> None:
     return None
-
-
-def _str_arg(body: dict[str, Any], key: str) -> str:
-    v = body.get(key)
-    if not isinstance(v, str) or not v:
-        raise ApiError(400, f"{key}: a non-empty string is required")
-    return v
 
 
 async def _digest(data: bytes, chunk_size: int) -> tuple[bytes, bytes]:
