@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 import torch
 
-from spirtd.redis import store as store_mod
+from spirtd.redis import fallback
 from spirtd.redis.store import InputChanged, StoreError, TensorNotFound, TensorStore
 from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.test_native_errors import snapshot
@@ -285,13 +285,13 @@ async def test_client_side_input_changed_while_computing(
         username=plain_redis.username,
         password=plain_redis.server.password,
     )
-    real = store_mod._aggregate_torch
+    real = fallback.aggregate
 
     def meddling(agg, xs):  # type: ignore[no-untyped-def]
         meddler.set("g1", np.zeros(100, np.float32).tobytes())  # another writer, mid-way
         return real(agg, xs)
 
-    monkeypatch.setattr(store_mod, "_aggregate_torch", meddling)
+    monkeypatch.setattr(fallback, "aggregate", meddling)
     try:
         with pytest.raises(InputChanged, match="nothing was written"):
             await s.mean("o", keys)

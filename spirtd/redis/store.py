@@ -12,10 +12,10 @@
 
 When the SPIRT module is loaded in that Redis (detected with MODULE LIST) the work runs
 inside Redis (``SPIRT.*`` commands, see native/README.md). Otherwise the same operations
-run here with torch, on a worker thread so the event loop keeps running, and a warning
-is logged once. Both paths validate the same way and raise the same exceptions; the
-client-side path reads its inputs under WATCH and writes its outputs in MULTI/EXEC, so
-it too either writes everything or nothing.
+run here with torch (:mod:`spirtd.redis.fallback`), on a worker thread so the event
+loop keeps running, and a warning is logged once. Both paths validate the same way and
+raise the same exceptions; the client-side path reads its inputs under WATCH and writes
+its outputs in MULTI/EXEC, so it too either writes everything or nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,11 +34,9 @@ from redis.exceptions import ResponseError, WatchError
 
 from spirtd import rules
 from spirtd.checks import StoreError, check, integer, number
-from spirtd.redis import tensorfmt
+from spirtd.redis import fallback, tensorfmt
 from spirtd.rules.base import MAX_INPUTS, Rule
-from spirtd.rules.kernels import F32 as _F32
 from spirtd.rules.kernels import F64 as _F64
-from spirtd.rules.kernels import nnm
 
 log = logging.getLogger("spirtd.store")
 
@@ -201,23 +197,6 @@ def _as_f4(array: Any) -> np.ndarray:
     return np.require(array, dtype=tensorfmt.DTYPE, requirements="C")
 
 
-def _first_nonfinite(a: np.ndarray | torch.Tensor) -> int | None:
-    t = a if isinstance(a, torch.Tensor) else _torch_view(a)
-    bad = ~torch.isfinite(t.reshape(-1))
-    if not bool(bad.any()):
-        return None
-    return int(torch.nonzero(bad)[0, 0])
-
-
-def _torch_view(a: np.ndarray) -> torch.Tensor:
-    """A float32 tensor over a (possibly read-only) array; callers never write into it."""
-    if a.size == 0:
-        return torch.zeros(a.shape, dtype=_F32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(a.data, dtype=_F32).reshape(a.shape)
-
-
 # ---- the store -----------------------------------------------------------------------
 
 
@@ -299,7 +278,7 @@ class TensorStore:
         if await self.detect():
             await self._call("SPIRT.PUT", key, shape, values, *(["SCRATCH"] if scratch else []))
             return
-        bad = _first_nonfinite(a)
+        bad = fallback.first_nonfinite(a)
         if bad is not None:
             raise NonFinite(f"non-finite value at index {bad}")
         async with self.client.pipeline(transaction=True) as pipe:
@@ -321,7 +300,7 @@ class TensorStore:
 
     async def get_torch(self, key: str) -> torch.Tensor:
         """A float32 tensor over the reply bytes (no copy; treat it as read-only)."""
-        return _torch_view(await self.get(key))
+        return fallback.torch_view(await self.get(key))
 
     async def exists(self, key: str) -> bool:
         return bool(await self.client.exists(key))
@@ -448,7 +427,7 @@ class TensorStore:
         inputs = [(k, False) for k in agg.keys]
         if agg.start is not None:
             inputs.append((agg.start, False))
-        return await self._client_side(inputs, [out], lambda xs: _aggregate_torch(agg, xs))
+        return await self._client_side(inputs, [out], lambda xs: fallback.aggregate(agg, xs))
 
     # ---- model updates ------------------------------------------------------------------
 
@@ -489,7 +468,7 @@ class TensorStore:
             assert buf is not None
             inputs.append((buf, True))
             outputs.append(buf)
-        await self._client_side(inputs, outputs, lambda xs: (_sgd_torch(o, xs), None))
+        await self._client_side(inputs, outputs, lambda xs: (fallback.sgd(o, xs), None))
 
     async def adam(
         self,
@@ -540,7 +519,7 @@ class TensorStore:
         inputs = [(param, False), (grad, False)]
         if o.step > 1:
             inputs += [(m, False), (v, False)]
-        await self._client_side(inputs, [param, m, v], lambda xs: (_adam_torch(o, xs), None))
+        await self._client_side(inputs, [param, m, v], lambda xs: (fallback.adam(o, xs), None))
 
     # ---- reductions ---------------------------------------------------------------------
 
@@ -548,8 +527,8 @@ class TensorStore:
         """L2 norm, accumulated in float64."""
         if await self.detect():
             return float(await self._call("SPIRT.NORM", key))
-        x = _torch_view(await self.get(key)).reshape(-1)
-        bad = _first_nonfinite(x)
+        x = fallback.torch_view(await self.get(key)).reshape(-1)
+        bad = fallback.first_nonfinite(x)
         check(bad is None, f"non-finite value in '{_label(key)}' at index {bad}")
         return float(torch.linalg.vector_norm(x.to(_F64)))
 
@@ -606,9 +585,9 @@ class TensorStore:
                         f"length mismatch: '{_label(key)}' has {a.size} elements, "
                         f"'{_label(first)}' has {length}"
                     )
-                bad = _first_nonfinite(a)
+                bad = fallback.first_nonfinite(a)
                 check(bad is None, f"non-finite value in '{_label(key)}' at index {bad}")
-                xs.append(_torch_view(a).reshape(-1))
+                xs.append(fallback.torch_view(a).reshape(-1))
             for out in outputs:
                 for name in (out, tensorfmt.shape_key(out)):
                     check(
@@ -641,77 +620,6 @@ def _names(keys: Sequence[str]) -> list[str]:
     for k in keys:
         names += [k, tensorfmt.shape_key(k)]
     return names
-
-
-# ---- client-side implementations (torch, float64 arithmetic) --------------------------
-#
-# They follow the module's definitions (native/optim.c; the rules' in spirtd/rules/ follow
-# native/rules.c) step for step so both paths agree to float32 rounding; see
-# native/README.md for the definitions.
-
-
-def _aggregate_torch(agg: _Agg, xs: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], Any]:
-    rows = [x for x in xs if x is not None]
-    data, extra = rows[: agg.n], rows[agg.n :]
-    if agg.nnm_f is not None:
-        data = nnm(data, agg.nnm_f)
-    out, ret = agg.rule.fallback(data, agg.params, extra[0] if extra else None)
-    # The bytes are written as they are: a registered rule's fallback that returns
-    # another type or length would store a tensor its shape key misdescribes.
-    check(
-        isinstance(out, torch.Tensor) and out.dtype == _F32 and out.numel() == data[0].numel(),
-        f"rule {agg.rule.name}: its fallback must return float32 of the inputs' length",
-    )
-    return [out.reshape(-1)], ret
-
-
-def _finite_result(t: torch.Tensor, what: str) -> torch.Tensor:
-    bad = _first_nonfinite(t)
-    check(
-        bad is None,
-        f"update produced a non-finite {what} at index {bad} (learning rate too large?)",
-    )
-    return t
-
-
-def _sgd_torch(o: _Sgd, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    p, g = xs[0], xs[1]
-    assert p is not None and g is not None
-    p64 = p.to(_F64)
-    g64 = g.to(_F64) + o.weight_decay * p64
-    if o.momentum == 0:
-        return [_finite_result((p64 - o.lr * g64).to(_F32), "parameter")]
-    buf = xs[2] if len(xs) > 2 else None
-    b = g64 if buf is None else o.momentum * buf.to(_F64) + (1 - o.dampening) * g64
-    step = g64 + o.momentum * b if o.nesterov else b
-    new_p = _finite_result((p64 - o.lr * step).to(_F32), "parameter")
-    return [new_p, _finite_result(b.to(_F32), "momentum buffer")]
-
-
-def _adam_torch(o: _Adam, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    p, g = xs[0], xs[1]
-    assert p is not None and g is not None
-    w = p.to(_F64)
-    gi = g.to(_F64)
-    if o.decoupled:
-        w = w * (1 - o.lr * o.weight_decay)
-    else:
-        gi = gi + o.weight_decay * w
-    m_old = xs[2] if len(xs) > 3 else None
-    v_old = xs[3] if len(xs) > 3 else None
-    m = (1 - o.beta1) * gi
-    v = (1 - o.beta2) * gi * gi
-    if m_old is not None and v_old is not None:
-        m = m + o.beta1 * m_old.to(_F64)
-        v = v + o.beta2 * v_old.to(_F64)
-    bc1 = 1 - o.beta1**o.step
-    sqrt_bc2 = math.sqrt(1 - o.beta2**o.step)
-    new_w = w - (o.lr / bc1) * m / (v.sqrt() / sqrt_bc2 + o.eps)
-    return [
-        _finite_result(new_w.to(_F32), "parameter"),
-        _finite_result(m.to(_F32), "first moment"),
-        _finite_result(v.to(_F32), "second moment"),
-    ]
 
 
 __all__ = [
