@@ -1,6 +1,46 @@
 """Shared fixtures. Each area keeps its fixtures in tests/fixtures_<area>.py."""
 
+from __future__ import annotations
+
+import pytest
+
 pytest_plugins = [
     "tests.fixtures_redis",
     "tests.fixtures_cluster",
 ]
+
+# Files whose tests run clusters of real daemons through training jobs or other
+# multi-process scenarios. The suite runs on two pytest-xdist workers (pyproject's
+# addopts); these files all go to one worker, one after another, so two clusters
+# never compete for the machine's two cores, while the other worker runs everything
+# else. Every file stays whole on one worker, so module-scoped fixtures (a shared
+# cluster, a shared Redis) are set up once. A new file that starts several daemons
+# belongs here.
+CLUSTER_FILES = frozenset(
+    {
+        "test_bench_byzantine.py",
+        "test_bench_round.py",
+        "test_bench_sync.py",
+        "test_byzantine_attacks.py",
+        "test_byzantine_bad_gradients.py",
+        "test_cert_reload.py",
+        "test_crl_rollback.py",
+        "test_ctl_commands.py",
+        "test_equivocation.py",
+        "test_job_limits.py",
+        "test_links_integration.py",
+        "test_logs.py",
+        "test_membership_integration.py",
+        "test_pubsub_integration.py",
+        "test_rules_registry.py",
+        "test_training_elastic.py",
+        "test_training_integration.py",
+        "test_user_task.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("clusters" if name in CLUSTER_FILES else name))

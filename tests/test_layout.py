@@ -38,3 +38,12 @@ def test_only_the_entry_point_imports_node() -> None:
 
 def test_sim_network_does_not_import_host() -> None:
     assert "protocol.sim.host" not in _imports(ROOT / "protocol/sim/network.py")
+
+
+def test_every_cluster_file_the_suite_schedules_exists() -> None:
+    """tests/conftest.py keeps the daemon-cluster files on one xdist worker; a renamed
+    file left in that list would silently run beside another cluster."""
+    from tests.conftest import CLUSTER_FILES
+
+    missing = sorted(f for f in CLUSTER_FILES if not (ROOT / "tests" / f).is_file())
+    assert missing == [], f"CLUSTER_FILES in tests/conftest.py names no such file: {missing}"
