@@ -44,6 +44,11 @@ def _status(n: LocalNode) -> dict[str, Any]:
     return n.call("GET", "/v1/train/status")
 
 
+# The liar sends its last class (the NaN, tests.lying_peer.BAD_CLASSES) with its 8th
+# gradient and is out 2 rounds later: 24 rounds leave a dozen to check it stays out.
+ROUNDS = 24
+
+
 def test_each_class_of_bad_gradient_is_refused_and_counted(
     short_tmp: Path, record_property: Any
 ) -> None:
@@ -61,7 +66,7 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
         everyone = {n.node_id: "alive" for n in c.nodes}
         wait_for(lambda: all_see(c.nodes, everyone), 90, "every node to see every other alive")
         honest, liar = c.nodes[:4], c.nodes[4]
-        job = {"task": "digits", "rounds": 40, "aggregator": "median", "f": 1}
+        job = {"task": "digits", "rounds": ROUNDS, "aggregator": "median", "f": 1}
         job_id = honest[0].call("POST", "/v1/train/start", job)["job"]
         try:
             wait_for(
@@ -81,19 +86,19 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
     finally:
         c.kill_all()
 
-    # What 40 median rounds of digits reach varies with the minibatches and the timing
-    # (0.81 on a new user's machine, 0.92 to 0.95 in ten runs here): not what this test
+    # What median rounds of digits reach varies with the minibatches and the timing
+    # (at 40 rounds: 0.81 on a new user's machine, 0.92 to 0.95 here): not what this test
     # is about. It asks only that the model learned and was not
     # poisoned (a NaN let through would leave no accuracy; chance is 0.1).
     record_property("honest_accuracies", [s["accuracy"] for s in statuses])
     for s in statuses:
-        assert s["job"]["id"] == job_id and s["round"] == 40
+        assert s["job"]["id"] == job_id and s["round"] == ROUNDS
         assert s["accuracy"] is not None and s["accuracy"] >= 0.5, s["accuracy"]
         for h in s["history"]:
             # Nothing bad ever made it into an aggregate: the liar's honest gradient
             # may, its bad ones never (a round's contributors number at most 5).
             assert len(h["contributors"]) <= 5
-            # Closed with everyone or by its deadline (all 40 of them within the wait
+            # Closed with everyone or by its deadline (all of them within the wait
             # above); not wait_s against deadline_s: a loaded machine wakes the timer
             # late, and slow honest peers can leave a deadline short of its quorum,
             # neither of which says anything about the gradients.
