@@ -34,8 +34,9 @@ All figures come from one run, measured side by side on this machine:
    ddp_ratio = round_s / ddp_step_s (target <= 3),
    overhead_ratio = round_s / single_process_step_s.
 
-4. The batch sweep (``--sweep``, default 64, 256 and 1024): steps 1 and 3 again at
-   each of those per-peer batches, in the same run (``by_batch``, with the headline
+4. The batch sweep (``--sweep``, default 64, 256 and 1024): steps 1 (a job each on
+   step 1's cluster, after its own) and 3 again at each of those per-peer batches, in
+   the same run (``by_batch``, with the headline
    batch too, in batch order). A SPIRT round has a cost that does not grow with the batch
    (moving, encrypting, digesting and storing P gradients of the model's size) and
    DDP's step has little, so ddp_ratio falls as the batch grows: the sweep shows
@@ -77,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -401,7 +403,11 @@ def time_split(statuses: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in split.items()}
 
 
-def run_spirt(a: argparse.Namespace, *, plain_redis: bool) -> dict[str, Any]:
+def run_spirt(
+    a: argparse.Namespace, *, plain_redis: bool, batches: Sequence[int] = ()
+) -> list[dict[str, Any]]:
+    """One job at --batch and then one at each of ``batches``, one after another on one
+    cluster (a cluster start costs more than a tiny job); a result per job, in order."""
     root = Path(tempfile.mkdtemp(prefix="spr-"))
     cluster = LocalCluster(root, 0)
     servers: list[PlainRedis] = []
@@ -422,53 +428,13 @@ def run_spirt(a: argparse.Namespace, *, plain_redis: bool) -> dict[str, Any]:
         module = [bool(spirtctl_status(n)["redis"]["module"]) for n in nodes]
         if any(module) == plain_redis or len(set(module)) != 1:
             raise RuntimeError(f"spirtctl status reports redis.module {module}")
-        # A job some node's trainer fails (see failed_jobs) is stopped everywhere and a
-        # new one is started on the same cluster: rounds without a peer (closed at the
-        # deadline) would not measure the same thing.
-        failed: list[str] = []
-        while True:
-            try:
-                roots = [n.proc.pid for n in nodes if n.proc] + [
-                    r.proc.pid for r in servers if r.proc
-                ]
-                job = run_job(nodes, job_body(a), a.warmup, a.timeout, roots)
-                break
-            except JobFailed as e:
-                failed.append(str(e))
-                print(f"[bench.round] job failed, running it again: {e}", file=sys.stderr)
-                if len(failed) >= a.attempts:
-                    raise
-        statuses = job["statuses"]
-        rows = per_round(statuses, a.warmup)
-        if not rows:
-            raise RuntimeError("no rounds after the warm-up")
-        med = medians(rows)
-        return {
-            "redis": "plain redis-server, no module" if plain_redis else "managed, SPIRT module",
-            "redis_module": module[0],
-            "job": job["job"],
-            "params": statuses[0]["job"]["params"],
-            "cluster_start_s": round(start_s, 2),
-            "cpu_s_per_round_by_process": job.get("cpu_s_per_round_by_process"),
-            "failed_jobs": failed,
-            "job_wall_s": round(job["wall_s"], 2),
-            **{k: round(job[k], 4) for k in JOB_FIGURES if k in job},
-            "round_s": med["round_s"],
-            "wait_s": med["wait_s"],
-            "phases": {p.removesuffix("_s"): med[p] for p in med if p not in ("round_s", "wait_s")},
-            "time_split": time_split(statuses, a.warmup),
-            # Checkpoints run every [training] checkpoint_every rounds: their cost spread
-            # over all measured rounds (the median phase above is 0 on most rounds).
-            "checkpoint_s_per_round": statistics.mean(r.get("checkpoint_s", 0.0) for r in rows),
-            "rounds_not_complete": sum(1 for r in rows if r["closed_by"] != ["complete"]),
-            "min_contributors": min(r["contributors"] for r in rows),
-            "final_accuracy": [s["accuracy"] for s in statuses],
-            "same_model": len({s["model_digest"] for s in statuses}) == 1,
-            "per_round": [
-                {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
-                for r in rows
-            ],
-        }
+        out = []
+        for b in [a.batch, *batches]:
+            if b != a.batch:
+                print(f"[bench.round] sweep: batch {b} per peer", file=sys.stderr)
+            at = argparse.Namespace(**{**vars(a), "batch": b})
+            out.append(_measure(at, nodes, servers, module[0], plain_redis, start_s))
+        return out
     except (NodeError, TimeoutError, RuntimeError, subprocess.CalledProcessError):
         for n in cluster.nodes:
             print(f"--- {n.data_dir}/spirtd.log\n{n.log_tail()}", file=sys.stderr)
@@ -480,6 +446,61 @@ def run_spirt(a: argparse.Namespace, *, plain_redis: bool) -> dict[str, Any]:
         for srv in servers:
             srv.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(
+    a: argparse.Namespace,
+    nodes: list[LocalNode],
+    servers: list[PlainRedis],
+    module: bool,
+    plain_redis: bool,
+    start_s: float,
+) -> dict[str, Any]:
+    """Runs one job of ``a`` on the cluster's ``nodes`` and reads its figures."""
+    # A job some node's trainer fails (see failed_jobs) is stopped everywhere and a
+    # new one is started on the same cluster: rounds without a peer (closed at the
+    # deadline) would not measure the same thing.
+    failed: list[str] = []
+    while True:
+        try:
+            roots = [n.proc.pid for n in nodes if n.proc] + [r.proc.pid for r in servers if r.proc]
+            job = run_job(nodes, job_body(a), a.warmup, a.timeout, roots)
+            break
+        except JobFailed as e:
+            failed.append(str(e))
+            print(f"[bench.round] job failed, running it again: {e}", file=sys.stderr)
+            if len(failed) >= a.attempts:
+                raise
+    statuses = job["statuses"]
+    rows = per_round(statuses, a.warmup)
+    if not rows:
+        raise RuntimeError("no rounds after the warm-up")
+    med = medians(rows)
+    return {
+        "redis": "plain redis-server, no module" if plain_redis else "managed, SPIRT module",
+        "redis_module": module,
+        "job": job["job"],
+        "params": statuses[0]["job"]["params"],
+        "cluster_start_s": round(start_s, 2),
+        "cpu_s_per_round_by_process": job.get("cpu_s_per_round_by_process"),
+        "failed_jobs": failed,
+        "job_wall_s": round(job["wall_s"], 2),
+        **{k: round(job[k], 4) for k in JOB_FIGURES if k in job},
+        "round_s": med["round_s"],
+        "wait_s": med["wait_s"],
+        "phases": {p.removesuffix("_s"): med[p] for p in med if p not in ("round_s", "wait_s")},
+        "time_split": time_split(statuses, a.warmup),
+        # Checkpoints run every [training] checkpoint_every rounds: their cost spread
+        # over all measured rounds (the median phase above is 0 on most rounds).
+        "checkpoint_s_per_round": statistics.mean(r.get("checkpoint_s", 0.0) for r in rows),
+        "rounds_not_complete": sum(1 for r in rows if r["closed_by"] != ["complete"]),
+        "min_contributors": min(r["contributors"] for r in rows),
+        "final_accuracy": [s["accuracy"] for s in statuses],
+        "same_model": len({s["model_digest"] for s in statuses}) == 1,
+        "per_round": [
+            {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        ],
+    }
 
 
 # --- DDP and one process ------------------------------------------------------------------
@@ -643,18 +664,15 @@ def sweep_point(
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     load_before = machine()
-    in_db = run_spirt(a, plain_redis=False)
-    client = run_spirt(a, plain_redis=True)
+    sweep = [b for b in a.sweep if b != a.batch]
+    in_db, *points = run_spirt(a, plain_redis=False, batches=sweep)
+    (client,) = run_spirt(a, plain_redis=True)
     runs = {"in_db": in_db, "client_side": client}
     ddp = ddp_steps(a)
     single = single_process_steps(a)
     by_batch = [sweep_point(a, in_db, ddp, single)]
-    for b in a.sweep:
-        if b == a.batch:
-            continue
+    for b, point in zip(sweep, points, strict=True):
         at = argparse.Namespace(**{**vars(a), "batch": b})
-        print(f"[bench.round] sweep: batch {b} per peer", file=sys.stderr)
-        point = run_spirt(at, plain_redis=False)
         by_batch.append(sweep_point(at, point, ddp_steps(at), single_process_steps(at)))
     by_batch.sort(key=lambda x: x["batch_per_peer"])
 

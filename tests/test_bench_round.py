@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(240)
+# Bounds for a shared, loaded 2-core machine; the run takes about a minute when idle.
+pytestmark = pytest.mark.timeout(420)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = {"functions", "averaging", "publish", "dissemination", "aggregation", "update", "digest"}
@@ -44,7 +45,7 @@ def test_bench_round_tiny() -> None:
     cmd = [sys.executable, "-m", "bench.round", "--json", "--peers", "2", "--hidden", "64"]
     cmd += ["--rounds", "4", "--warmup", "1", "--batch", "16", "--sweep", "8,16"]
     cmd += ["--ddp-procs", "2", "--ddp-steps", "2", "--ddp-warmup", "1"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=360, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
 
