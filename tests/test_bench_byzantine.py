@@ -34,6 +34,11 @@ ROW_KEYS = {
 }
 
 
+# Most of the run is the 7 daemons' start and their first job; at 6 rounds the mean
+# under sign flip dropped 0.57 and the robust rule 0.17, 8 leave the margin wider.
+ROUNDS = 8
+
+
 def _run(*args: str) -> dict:
     r = subprocess.run(
         [sys.executable, "-m", "bench.byzantine", *args],
@@ -52,12 +57,14 @@ def test_quick_mode(tmp_path: Path) -> None:
     # The CI run of the bench (the issue's "the quick mode runs in CI"): 6 cells.
     resume = tmp_path / "cells.jsonl"
     plot = tmp_path / "matrix.png"
-    out = _run("--quick", "--rounds", "12", "--json", "--resume", str(resume), "--plot", str(plot))
+    out = _run(
+        "--quick", "--rounds", str(ROUNDS), "--json", "--resume", str(resume), "--plot", str(plot)
+    )
     inputs = out["inputs"]
     assert (
         inputs["job_seed"] == byzantine.JOB_SEED and inputs["attack_seed"] == byzantine.ATTACK_SEED
     )
-    assert inputs["settings"] == {"7p_f2": {"peers": 7, "f": 2}} and inputs["rounds"] == 12
+    assert inputs["settings"] == {"7p_f2": {"peers": 7, "f": 2}} and inputs["rounds"] == ROUNDS
     rows = out["rows"]
     want = {(r, a) for r in byzantine.QUICK_RULES for a in ["none", *byzantine.QUICK_ATTACKS]}
     assert {(x["rule"], x["attack"]) for x in rows} == want
@@ -73,7 +80,7 @@ def test_quick_mode(tmp_path: Path) -> None:
     assert plot.stat().st_size > 10_000
     # Every cell is on file: a resumed run has nothing left to do.
     assert len(resume.read_text().splitlines()) == len(rows)
-    again = _run("--quick", "--rounds", "12", "--json", "--resume", str(resume))
+    again = _run("--quick", "--rounds", str(ROUNDS), "--json", "--resume", str(resume))
     assert again["rows"] == rows and again["cluster_start_s"] == {}
 
 
