@@ -35,24 +35,6 @@ def make_cluster(short_tmp: Path) -> Iterator:
         c.kill_all()
 
 
-@pytest.fixture(scope="module")
-def make_module_cluster() -> Iterator:
-    """``make_cluster`` shared by a module's tests, for scenarios that run one after
-    another on one cluster (and one job); every process is killed after the module."""
-    root = Path(tempfile.mkdtemp(prefix="spt-"))
-    made: list[LocalCluster] = []
-
-    def make(n: int, **kw) -> LocalCluster:
-        c = LocalCluster(root / f"c{len(made)}", n, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.kill_all()
-    shutil.rmtree(root, ignore_errors=True)
-
-
 # Fast timers for loopback tests: keepalives every second, quick handshake timeout.
 FAST_TRANSPORT = """
 [transport]
