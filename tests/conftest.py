@@ -40,7 +40,8 @@ CLUSTER_FILES = frozenset(
 )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("clusters" if name in CLUSTER_FILES else name))
+# Marked as each item is collected, before any modifyitems hook: xdist reads the
+# group markers in its own pytest_collection_modifyitems.
+def pytest_itemcollected(item: pytest.Item) -> None:
+    name = item.path.name
+    item.add_marker(pytest.mark.xdist_group("clusters" if name in CLUSTER_FILES else name))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The process entry point builds the Node; nothing else may reach for it.
@@ -47,3 +50,12 @@ def test_every_cluster_file_the_suite_schedules_exists() -> None:
 
     missing = sorted(f for f in CLUSTER_FILES if not (ROOT / "tests" / f).is_file())
     assert missing == [], f"CLUSTER_FILES in tests/conftest.py names no such file: {missing}"
+
+
+def test_the_suite_is_grouped_by_file_under_xdist(request: pytest.FixtureRequest) -> None:
+    """Under the default two workers, a test's id carries its xdist group: if a pytest
+    or xdist release stops honouring the groups (pytest-xdist#1386), daemon clusters
+    would silently run side by side again."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        pytest.skip("run in one process (-n 0): there are no xdist groups to check")
+    assert request.node.nodeid.endswith("@test_layout.py"), request.node.nodeid
