@@ -228,7 +228,7 @@ def responder() -> Handshake:
         (hello(c="c" * 120), "wrong_cluster"),
         (hello() + bytes(600), "handshake_oversized"),
     ],
-    ids=lambda v: v if isinstance(v, str) else None,
+    ids=lambda v: v if isinstance(v, str) else "hello",  # stable across xdist workers
 )
 def test_a_bad_hello_costs_the_responder_no_key_work(monkeypatch, bad, reason):
     work = KeyWork(monkeypatch)
