@@ -61,7 +61,8 @@ async def test_in_order_records_from_a_fresh_switch() -> None:
     peer.write(hello + wire[:3000])  # records right behind the last handshake bytes
     await peer.drain()
     assert await reader.readexactly(len(hello)) == hello
-    await asyncio.sleep(0.05)
+    # The records must already sit in the stream's buffer when the reader takes over.
+    await async_wait_for(lambda: len(reader._buffer) >= 3000, 10, "records buffered")
     rx = await take_over(reader, writer)
     rng = random.Random(2)
     pos = 3000
