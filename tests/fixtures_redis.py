@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from spirtd.redis.module import ModuleNotBuilt, module_path
 from spirtd.redis.process import USERNAME, ManagedRedis
+from spirtd.redis.store import TensorStore
 
 
 @dataclass
@@ -147,3 +148,19 @@ async def module_plain_redis() -> AsyncIterator[RunningRedis]:
     """One redis-server without the module for a whole test module."""
     async for r in _running(load_module=False):
         yield r
+
+
+@pytest.fixture(params=["module", "client"])
+def st_redis(request: pytest.FixtureRequest) -> RunningRedis:
+    """A module-scoped server with the module, then one without: the store's two paths."""
+    name = "module_managed_redis" if request.param == "module" else "module_plain_redis"
+    return request.getfixturevalue(name)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def st(st_redis: RunningRedis) -> AsyncIterator[TensorStore]:
+    """A TensorStore on a clean st_redis, using the module exactly when it is loaded."""
+    await reset_shared(st_redis)
+    s = await TensorStore.open(st_redis.client)
+    assert s.uses_module is st_redis.server.load_module
+    yield s

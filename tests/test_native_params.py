@@ -7,8 +7,6 @@ Each runs on the module's main-thread and worker paths, and through TensorStore
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -26,20 +24,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(params=["main", "worker"], loop_scope="module")
 async def r(request: pytest.FixtureRequest, module_managed_redis: RunningRedis) -> RunningRedis:
     return await reset_shared(module_managed_redis, worker=request.param == "worker")
-
-
-@pytest.fixture(params=["module", "client"])
-def st_redis(request: pytest.FixtureRequest) -> RunningRedis:
-    name = "module_managed_redis" if request.param == "module" else "module_plain_redis"
-    return request.getfixturevalue(name)
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def st(st_redis: RunningRedis) -> AsyncIterator[TensorStore]:
-    await reset_shared(st_redis)
-    s = await TensorStore.open(st_redis.client)
-    assert s.uses_module is st_redis.server.load_module
-    yield s
 
 
 def data(seed: int, n: int, size: int) -> np.ndarray:

@@ -9,12 +9,11 @@ import io
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
-import pytest_asyncio
 import torch
 
 from spirtd import rules
@@ -28,7 +27,6 @@ from spirtd.training import jobsize
 from spirtd.training.aggregators import Aggregator, AggregatorError
 from spirtd.training.job import JobError
 from spirtd.training.state import StateKeys
-from tests.fixtures_redis import RunningRedis, reset_shared
 from tests.toy_rule import TOY
 
 BUILTIN = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "cclip")
@@ -167,20 +165,6 @@ def test_a_rule_that_keeps_its_previous_aggregate_keeps_it_in_the_state() -> Non
 
 
 # ---- the store's dispatch, against a real redis-server ------------------------------
-
-
-@pytest.fixture(params=["module", "client"])
-def st_redis(request: pytest.FixtureRequest) -> RunningRedis:
-    name = "module_managed_redis" if request.param == "module" else "module_plain_redis"
-    return request.getfixturevalue(name)
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def st(st_redis: RunningRedis) -> AsyncIterator[TensorStore]:
-    await reset_shared(st_redis)
-    s = await TensorStore.open(st_redis.client)
-    assert s.uses_module is st_redis.server.load_module
-    yield s
 
 
 async def _load(s: TensorStore, x: np.ndarray) -> list[str]:

@@ -8,11 +8,9 @@ nothing when they do.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 import torch
@@ -34,21 +32,6 @@ from tests.test_native_rules import (
 from tests.test_native_updates import ref_adam, ref_sgd
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(params=["module", "client"])
-def st_redis(request: pytest.FixtureRequest) -> RunningRedis:
-    # Only the server this path needs: a redis-server with or without the module.
-    name = "module_managed_redis" if request.param == "module" else "module_plain_redis"
-    return request.getfixturevalue(name)
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def st(st_redis: RunningRedis) -> AsyncIterator[TensorStore]:
-    await reset_shared(st_redis)
-    s = await TensorStore.open(st_redis.client)
-    assert s.uses_module is st_redis.server.load_module
-    yield s
 
 
 async def load(s: TensorStore, X: np.ndarray, prefix: str = "g") -> list[str]:
