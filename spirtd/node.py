@@ -99,6 +99,15 @@ class Node:
         self._lock_fd = fd
 
     async def run(self) -> int:
+        # Handlers go in before anything can announce the node: a supervisor (or a test)
+        # may SIGTERM as soon as the identity lines appear, and that must be a graceful
+        # stop, not death by the default handler. A stop asked for during start-up is
+        # honoured once start-up is done.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        # SIGHUP before start-up ends has nothing to reload: start-up reads the trust dir.
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.api is not None and self.reload_trust())
         self._prepare()
         self.transport = Transport(
             self.key,
@@ -137,10 +146,6 @@ class Node:
         )
         log.info("spirtd %s up: node %s listening on %s", __version__, self.key.node_id, listen)
 
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_trust)
         trust_task = asyncio.create_task(self._trust_refresher())
 
         await self._stop.wait()
