@@ -101,7 +101,7 @@ def of(items: list[object], kind: type) -> list:
 
 
 def closed(m: RoundMachine) -> RoundClosed:
-    (ev,) = of(m.events(), RoundClosed)
+    (ev,) = of(m.drain_events(), RoundClosed)
     return ev
 
 
@@ -179,7 +179,7 @@ def test_machine_deadline_follows_round_durations() -> None:
 
 def test_begin_invokes_functions_and_announces() -> None:
     m = machine()
-    assert m.actions() == [InvokeFunctions(1), PublishState(1, D1, True)]
+    assert m.drain_actions() == [InvokeFunctions(1), PublishState(1, D1, True)]
     s = m.status()
     assert s["round"] == 1 and s["phase"] == "computing"
     assert s["view"] == PEERS and s["waiting_for"] == PEERS and s["have"] == []
@@ -188,12 +188,12 @@ def test_begin_invokes_functions_and_announces() -> None:
 
 def test_complete_close_waits_for_every_view_member_including_self() -> None:
     m = machine()
-    m.actions()
+    m.drain_actions()
     for p in reversed(PEERS[1:]):
         assert give(m, p, 1.0) is None
-    assert m.phase == "computing" and not of(m.events(), RoundClosed)
+    assert m.phase == "computing" and not of(m.drain_events(), RoundClosed)
     m.local_gradient_ready(1, 2.0)
-    assert m.actions() == [PublishGradient(1, D1), Aggregate(1, tuple(PEERS))]
+    assert m.drain_actions() == [PublishGradient(1, D1), Aggregate(1, tuple(PEERS))]
     ev = closed(m)
     assert ev == RoundClosed(1, tuple(PEERS), 2.0, "complete")
     assert m.phase == "aggregating" and m.next_deadline() is None
@@ -209,10 +209,10 @@ def test_deadline_close_with_quorum_marks_missing_absent() -> None:
     m.tick(9.99)
     assert m.phase == "collecting"
     m.tick(10.0)
-    ev = [e for e in m.events() if isinstance(e, RoundClosed | LeftView)]
+    ev = [e for e in m.drain_events() if isinstance(e, RoundClosed | LeftView)]
     assert ev[-1] == RoundClosed(1, ("n1", "n2", "n3"), 10.0, "deadline")
     assert LeftView(1, "n4", "absent") in ev and LeftView(1, "n5", "absent") in ev
-    assert Aggregate(1, ("n1", "n2", "n3")) in m.actions()
+    assert Aggregate(1, ("n1", "n2", "n3")) in m.drain_actions()
     assert m.status()["absent"] == ["n4", "n5"]
 
 
@@ -221,10 +221,10 @@ def test_quorum_wait_then_close_on_late_arrival() -> None:
     m.local_gradient_ready(1, 1.0)
     give(m, "n2", 1.0)
     m.tick(10.0)
-    assert of(m.events(), QuorumWait) == [QuorumWait(1, 2, 3)]
+    assert of(m.drain_events(), QuorumWait) == [QuorumWait(1, 2, 3)]
     assert m.next_deadline() is None  # nothing more happens by time alone
     m.tick(20.0)
-    assert not of(m.events(), QuorumWait)  # once per round
+    assert not of(m.drain_events(), QuorumWait)  # once per round
     assert m.status()["waiting_for_quorum"] is True
     give(m, "n4", 25.0)
     assert closed(m) == RoundClosed(1, ("n1", "n2", "n4"), 25.0, "deadline")
@@ -237,7 +237,7 @@ def test_min_contributors_raises_the_quorum() -> None:
     for p in ("n2", "n3", "n4"):
         give(m, p, 1.0)
     m.tick(10.0)
-    assert of(m.events(), QuorumWait) == [QuorumWait(1, 4, 5)]
+    assert of(m.drain_events(), QuorumWait) == [QuorumWait(1, 4, 5)]
     give(m, "n5", 11.0)
     assert closed(m).reason == "complete"
 
@@ -249,7 +249,7 @@ def test_member_gone_leaves_view_and_triggers_close() -> None:
         give(m, p, 1.0)
     assert m.phase == "collecting"
     m.member_gone("n5", 2.0)
-    ev = m.events()
+    ev = m.drain_events()
     assert LeftView(1, "n5", "gone") in ev
     assert of(ev, RoundClosed) == [RoundClosed(1, ("n1", "n2", "n3", "n4"), 2.0, "complete")]
     assert "n5" not in m.peer_positions()
@@ -267,18 +267,18 @@ def test_gone_contributor_keeps_its_counted_gradient() -> None:
 
 def test_self_failure_leaves_view_and_round_closes_without_self() -> None:
     m = machine()
-    m.actions()
+    m.drain_actions()
     m.local_gradient_failed(1, "timeout", 1.0)
-    assert LeftView(1, "n1", "failed") in m.events()
+    assert LeftView(1, "n1", "failed") in m.drain_events()
     # The others are told at once, so they do not wait for us until the deadline.
-    assert m.actions() == [PublishState(1, D1, False)]
+    assert m.drain_actions() == [PublishState(1, D1, False)]
     for p in PEERS[1:]:
         give(m, p, 2.0)
     assert closed(m).contributors == ("n2", "n3", "n4", "n5")
     assert m.counters["local_failed:timeout"] == 1
     m.local_gradient_ready(1, 3.0)  # late: ignored
     assert m.counters["late_local_gradient"] == 1
-    assert not of(m.actions(), PublishGradient)
+    assert not of(m.drain_actions(), PublishGradient)
 
 
 def test_own_gradient_after_deadline_close_is_not_published() -> None:
@@ -288,7 +288,7 @@ def test_own_gradient_after_deadline_close_is_not_published() -> None:
     m.tick(10.0)  # self still computing: it is the straggler
     assert closed(m).contributors == ("n2", "n3", "n4", "n5")
     m.local_gradient_ready(1, 12.0)
-    assert not of(m.actions(), PublishGradient)
+    assert not of(m.drain_actions(), PublishGradient)
     assert "n1" not in m.status()["absent"]  # self is never absent
 
 
@@ -367,11 +367,11 @@ def test_announcement_ahead_is_applied_when_we_reach_that_round() -> None:
     m.announce("n3", JOB, 3, OTHER, True, m.begun_at + 0.5)
     for p in ("n2", "n3", "n4"):
         give(m, p, m.begun_at + 1.0)
-    m.events()
+    m.drain_events()
     m.aggregated(2, next_digest, m.begun_at + 1.0)
     s = m.status()
     assert "n5" in s["view"] and "n3" not in s["view"] and s["diverged"] == ["n3"]
-    assert Diverged("n3", 3, OTHER) in m.events()
+    assert Diverged("n3", 3, OTHER) in m.drain_events()
 
 
 # --- announcements ----------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_announcement_ahead_is_applied_when_we_reach_that_round() -> None:
 def test_not_participating_leaves_view_until_participating_again() -> None:
     m = machine()
     m.announce("n5", JOB, 1, D1, False, 0.5)
-    assert LeftView(1, "n5", "not_participating") in m.events()
+    assert LeftView(1, "n5", "not_participating") in m.drain_events()
     m.local_gradient_ready(1, 1.0)
     for p in ("n2", "n3", "n4"):
         give(m, p, 1.0)
@@ -439,7 +439,7 @@ def test_diverged_announcement_leaves_view_and_diverged_count_in_quorum() -> Non
     m = machine(members=peers)
     for p in ("n4", "n5", "n6"):
         m.announce(p, JOB, 1, OTHER, True, 0.1)
-    ev = m.events()
+    ev = m.drain_events()
     assert [e.origin for e in of(ev, Diverged)] == ["n4", "n5", "n6"]
     assert LeftView(1, "n4", "diverged") in ev
     s = m.status()
@@ -449,7 +449,7 @@ def test_diverged_announcement_leaves_view_and_diverged_count_in_quorum() -> Non
     give(m, "n3", 1.0)
     assert m.phase == "collecting"  # the half with our digest cannot close alone
     m.tick(10.0)
-    assert of(m.events(), QuorumWait) == [QuorumWait(1, 3, 4)]
+    assert of(m.drain_events(), QuorumWait) == [QuorumWait(1, 3, 4)]
     m.announce("n4", JOB, 1, D1, True, 11.0)  # n4 synced to our state
     assert "n4" in m.status()["waiting_for"]
     give(m, "n4", 12.0)
@@ -460,7 +460,7 @@ def test_diverged_emitted_once_per_origin_and_round() -> None:
     m = machine()
     m.announce("n2", JOB, 1, OTHER, True, 0.1)
     assert give(m, "n2", 0.2, digest=OTHER) == "digest"
-    assert len(of(m.events(), Diverged)) == 1
+    assert len(of(m.drain_events(), Diverged)) == 1
     assert m.rejected["digest"] == 1
 
 
@@ -548,7 +548,7 @@ def test_each_rejection_reason_is_counted_and_reported() -> None:
         "duplicate": 3,
         "digest": 1,
     }
-    ev = m.events()
+    ev = m.drain_events()
     assert len(of(ev, GradientRejected)) == 11
     assert LeftView(3, "n4", "bad_gradient") in ev
     assert Diverged("n3", 3, b"z" * 32) in ev and LeftView(3, "n3", "diverged") in ev
@@ -570,7 +570,7 @@ def test_receive_rechecks_after_the_round_moved() -> None:
     assert m.validate("n5", JOB, 1, D1, SIZE, 0.5) is None  # body being pulled...
     run_round(m, 1.0, without=("n5",))  # ...round closes at the deadline meanwhile
     assert m.receive("n5", JOB, 1, D1, SIZE, 11.0) == "stale"
-    assert GradientRejected("n5", 1, "stale") in m.events()
+    assert GradientRejected("n5", 1, "stale") in m.drain_events()
 
 
 def test_daemon_reject_forgets_a_counted_gradient_and_stops_waiting() -> None:
@@ -580,7 +580,7 @@ def test_daemon_reject_forgets_a_counted_gradient_and_stops_waiting() -> None:
         give(m, p, 1.0)
     m.reject("n4", 1, "non_finite", 1.1)
     assert m.rejected["non_finite"] == 1
-    ev = m.events()
+    ev = m.drain_events()
     assert GradientRejected("n4", 1, "non_finite") in ev
     assert LeftView(1, "n4", "bad_gradient") in ev
     assert m.status()["bad_gradient"] == ["n4"]
@@ -605,7 +605,7 @@ def test_a_rejected_gradient_lowers_f_and_the_quorum_with_min_for_f() -> None:
     for p in ("n6", "n7"):
         assert m.validate(p, JOB, 1, D1, SIZE, 1.05) is None
         m.reject(p, 1, "nonfinite", 1.1)
-    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    agg = [a for a in m.drain_actions() if isinstance(a, Aggregate)]
     # Five contributors: Krum takes f = 1 there (5 >= 2f + 3), whatever was proven.
     assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5"), 1)]
 
@@ -631,8 +631,8 @@ def test_the_aggregation_f_does_not_depend_on_when_a_liar_was_caught() -> None:
     assert late.validate("n6", JOB, 1, D1, SIZE, 1.05) is None
     late.reject("n6", 1, "nonfinite", 1.1)
     late.tick(late.next_deadline() or 100.0)
-    a1 = [a for a in early.actions() if isinstance(a, Aggregate)]
-    a2 = [a for a in late.actions() if isinstance(a, Aggregate)]
+    a1 = [a for a in early.drain_actions() if isinstance(a, Aggregate)]
+    a2 = [a for a in late.drain_actions() if isinstance(a, Aggregate)]
     assert a1 and a2 and a1[0].contributors == a2[0].contributors == honest
     assert a1[0].f == a2[0].f == 1
 
@@ -644,11 +644,11 @@ def test_excluded_peer_is_out_for_the_rest_of_the_job() -> None:
         give(m, p, 1.0)
     assert give(m, "n6", 1.0, round=2, digest=D2) is None  # held for round 2
     m.exclude("n7", 1.1)
-    assert LeftView(1, "n7", "excluded") in m.events()
+    assert LeftView(1, "n7", "excluded") in m.drain_events()
     for p in ("n4", "n5", "n6"):
         give(m, p, 1.2)
     # n7's counted gradient is dropped; six contributors leave Krum f = 1.
-    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    agg = [a for a in m.drain_actions() if isinstance(a, Aggregate)]
     assert agg == [Aggregate(1, ("n1", "n2", "n3", "n4", "n5", "n6"), 1)]
     m.aggregated(1, D2, 2.0)
     assert "n7" not in m.status()["view"] and m.status()["excluded"] == ["n7"]
@@ -677,7 +677,7 @@ def test_held_future_gradients_count_at_begin_or_are_rejected_on_digest() -> Non
     give(m, "n5", 2.0)
     assert closed(m).reason == "complete"
     m.aggregated(1, D2, 2.0)
-    ev = m.events()
+    ev = m.drain_events()
     assert GradientRejected("n5", 2, "digest") in ev and Diverged("n5", 2, OTHER) in ev
     s = m.status()
     assert s["have"] == ["n4"] and s["held"] == {}
@@ -703,14 +703,14 @@ def test_state_sync_jump_drops_skipped_held_gradients() -> None:
     give(m, "n2", 0.5, round=2, digest=D2)
     give(m, "n3", 0.5, round=3, digest=D2)
     m.begin(3, D2, 1.0)  # synced straight to round 3
-    ev = m.events()
+    ev = m.drain_events()
     assert GradientRejected("n2", 2, "stale") in ev
     assert m.status()["have"] == ["n3"] and m.round == 3
-    assert m.actions()[-2:] == [InvokeFunctions(3), PublishState(3, D2, True)]
+    assert m.drain_actions()[-2:] == [InvokeFunctions(3), PublishState(3, D2, True)]
     m.local_gradient_ready(1, 1.1)  # for the abandoned round
     assert m.counters["late_local_gradient"] == 1
     m.begin(3, D2, 1.2)  # repeated: no-op
-    assert m.counters["begin_repeated"] == 1 and not m.actions()
+    assert m.counters["begin_repeated"] == 1 and not m.drain_actions()
 
 
 # --- schedule ---------------------------------------------------------------------------
@@ -726,7 +726,9 @@ def test_evaluation_schedule_and_finished() -> None:
         for p in PEERS[1:]:
             give(m, p, t)
         m.aggregated(m.round, bytes([m.round + 1]) * 32, t)
-        seen += [a for a in m.actions() if isinstance(a, Evaluate | Finished | InvokeFunctions)]
+        seen += [
+            a for a in m.drain_actions() if isinstance(a, Evaluate | Finished | InvokeFunctions)
+        ]
     assert [a for a in seen if not isinstance(a, InvokeFunctions)] == [
         Evaluate(2),
         Evaluate(4),
@@ -759,13 +761,13 @@ def test_final_positions_are_published_and_compared() -> None:
     for p in PEERS[1:]:
         give(m, p, 1.0)
     assert m.status()["view"] == PEERS  # a final position changes no view
-    m.actions()
+    m.drain_actions()
     m.aggregated(1, D2, 1.0)
-    assert m.actions() == [Evaluate(1), Finished(1), PublishState(2, D2, False)]
+    assert m.drain_actions() == [Evaluate(1), Finished(1), PublishState(2, D2, False)]
     m.announce("n4", JOB, 2, D2, False, 1.1)
     m.announce("n5", JOB, 2, b"final-third", False, 1.2)
     m.announce("n5", JOB, 2, b"final-third", False, 1.3)
-    assert of(m.events(), Diverged) == [
+    assert of(m.drain_events(), Diverged) == [
         Diverged("n3", 2, b"final-other"),
         Diverged("n5", 2, b"final-third"),
     ]
@@ -778,19 +780,19 @@ def test_eval_every_zero_evaluates_only_at_the_end() -> None:
         for p in PEERS[1:]:
             give(m, p, 1.0)
         m.aggregated(r, bytes([r + 1]) * 32, 1.0)
-    acts = m.actions()
+    acts = m.drain_actions()
     assert of(acts, Evaluate) == [Evaluate(2)] and of(acts, Finished) == [Finished(2)]
 
 
 def test_not_participating_peer_follows_rounds_without_computing() -> None:
     m = machine(begin=False)
     m.begin(1, D1, 0.0, participating=False)
-    assert m.actions() == [PublishState(1, D1, False)]
+    assert m.drain_actions() == [PublishState(1, D1, False)]
     for p in PEERS[1:]:
         give(m, p, 1.0)
     assert closed(m).contributors == ("n2", "n3", "n4", "n5")
     m.aggregated(1, D2, 1.0)
-    assert m.actions()[1:] == [PublishState(2, D2, False)]
+    assert m.drain_actions()[1:] == [PublishState(2, D2, False)]
 
 
 def test_constructor_rejects_bad_arguments() -> None:
@@ -864,7 +866,7 @@ def test_random_call_orders_never_crash_and_keep_invariants() -> None:
                 m.aggregated(r if rng.random() < 0.5 else m.round, d, now)
             else:
                 m.tick(now)
-            for a in m.actions():
+            for a in m.drain_actions():
                 if isinstance(a, Aggregate):
                     assert list(a.contributors) == sorted(set(a.contributors)), trial
             s = m.status()
@@ -875,7 +877,7 @@ def test_random_call_orders_never_crash_and_keep_invariants() -> None:
                 assert not set(s["waiting_for"]) & set(s["have"]), trial
                 dl = m.next_deadline()
                 assert dl is None or s["waiting_for_quorum"] is False
-            m.events()
+            m.drain_events()
 
 
 def test_bad_gradient_for_a_round_not_begun_yet_is_not_waited_for() -> None:
@@ -894,5 +896,5 @@ def test_bad_gradient_for_a_round_not_begun_yet_is_not_waited_for() -> None:
     m.local_gradient_ready(2, 2.0)
     for p in ("n2", "n3", "n4", "n5"):
         give(m, p, 2.5)
-    agg = [a for a in m.actions() if isinstance(a, Aggregate)]
+    agg = [a for a in m.drain_actions() if isinstance(a, Aggregate)]
     assert agg[-1] == Aggregate(2, ("n1", "n2", "n3", "n4", "n5"), 1)

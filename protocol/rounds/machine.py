@@ -7,8 +7,9 @@ round, aggregates the contributors in node-id order, and starts r+1 from the
 digest the daemon reports. The machine decides; the daemon does the I/O.
 
 Nothing here reads a clock or draws a random number: ``now`` comes into every
-call, work goes out through ``actions()`` and facts through ``events()``, and the
-caller calls ``tick`` at ``next_deadline()``.
+call, work goes out through ``drain_actions()`` and facts through
+``drain_events()`` (the drain verbs of every protocol machine), and the caller
+calls ``tick`` at ``next_deadline()``.
 
 Phases of the current round: "idle" (before the first ``begin``), "computing"
 (functions running), "collecting" (own gradient done or failed, waiting for the
@@ -150,12 +151,12 @@ class RoundMachine:
 
     # --- draining and inspection ----------------------------------------------------------
 
-    def actions(self) -> list[Action]:
+    def drain_actions(self) -> list[Action]:
         out = self._actions
         self._actions = []
         return out
 
-    def events(self) -> list[Event]:
+    def drain_events(self) -> list[Event]:
         out = self._events
         self._events = []
         return out

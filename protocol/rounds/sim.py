@@ -384,7 +384,7 @@ class RoundSim:
             return
         m = x.machine
         now = self.loop.now
-        for ev in m.events():
+        for ev in m.drain_events():
             t = type(ev)
             if t is RoundClosed:
                 self._record_close(x, ev, now)
@@ -404,7 +404,7 @@ class RoundSim:
                 self.loop.schedule(now, self._sync_check, (x, ev.round))
             elif t is GradientRejected:
                 self.rejected[ev.reason] += 1
-        for a in m.actions():
+        for a in m.drain_actions():
             t = type(a)
             if t is InvokeFunctions:
                 lo, hi = self.p.straggler_delay if x.straggler else self.p.fn_delay
@@ -805,7 +805,7 @@ class RoundSim:
         m = x.machine
         now = self.loop.now
         p = self.p
-        actions = m.actions()
+        actions = m.drain_actions()
         if x.dstate == "syncing":
             actions = []
         for a in actions:
@@ -843,7 +843,7 @@ class RoundSim:
                 self.evaluations[a.round] += 1
             elif t is Finished:
                 self.loop.schedule(now + p.eval_delay, self._d_finished, x)
-        for ev in m.events():
+        for ev in m.drain_events():
             t = type(ev)
             if t is RoundClosed:
                 self._record_close(x, ev, now)

@@ -327,7 +327,7 @@ class Trainer:
     # --- the machine ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        actions = self.m.actions()
+        actions = self.m.drain_actions()
         if self.state == "syncing":
             # No valid state to compute on; whatever the machine asks is moot (it is
             # begun afresh once the state is back). Its events still count.
@@ -350,7 +350,7 @@ class Trainer:
                 self._spawn(self._evaluate(a.round), f"evaluate-{a.round}", a.round)
             elif isinstance(a, Finished):
                 self._finished(a.round)
-        for ev in self.m.events():
+        for ev in self.m.drain_events():
             self._on_event(ev)
 
     def _on_event(self, ev: Any) -> None:
