@@ -53,6 +53,8 @@ class Aggregate:
     round: int
     contributors: tuple[str, ...]
     f: int | None = None
+    # Set by the job machine: checkpoint the updated state before reporting.
+    checkpoint: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +132,151 @@ class LeftView:
 
 
 Event = RoundClosed | GradientRejected | Diverged | QuorumWait | LeftView
+
+
+# --- the job machine's own actions (protocol/rounds/job.py) -------------------------------
+# Beside these the job machine passes on the round machine's actions while it runs,
+# with ``Aggregate.checkpoint`` set on the rounds that are checkpointed.
+
+
+@dataclass(frozen=True, slots=True)
+class WriteGradient:
+    """A gradient held back while syncing or following now fits the round machine
+    (and passed its validation again): write its body into Redis, as for one that
+    just arrived, and report with ``gradient_arrived``/``gradient_stored``. ``handle``
+    is what the daemon gave ``gradient_arrived`` when it was held back."""
+
+    origin: str
+    round: int
+    handle: object
+
+
+@dataclass(frozen=True, slots=True)
+class WarmUp:
+    """One throwaway invocation for ``round``'s minibatch (cold functions after a
+    join or a restart); report with ``warm_up_done``."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLocalState:
+    """A sync pass begins: what state does this node still hold? Report with
+    ``local_state``: Redis's (completed, digest) if its marks match what it holds,
+    and the newest checkpoint's (completed, digest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchState:
+    """Download the state after ``completed`` rounds with ``digest`` (or the newer one
+    the peer holds) from ``peer``; verify it against the digest it claims. Report
+    with ``state_fetched`` or ``fetch_failed``, and keep it until ``LoadState`` or
+    the next ``FetchState``."""
+
+    peer: str
+    completed: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoadState:
+    """Load a state into Redis (``source``: "checkpoint", the newest checkpoint
+    read for ``ReadLocalState``, or the peer it was fetched from), record its
+    position beside it, and report ``state_loaded``."""
+
+    source: str
+    completed: int
+    digest: bytes
+
+
+JobAction = Action | WriteGradient | WarmUp | ReadLocalState | FetchState | LoadState
+
+
+# --- the job machine's own events ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStarted:
+    """The job stopped computing to re-establish its state (``why``: one line)."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateLoaded:
+    """A state was loaded: from the newest checkpoint or from peer ``source``;
+    ``vouchers``: the others vouching for (completed + 1, digest) when it was loaded."""
+
+    source: str
+    completed: int
+    digest: bytes
+    vouchers: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateUnvouched:
+    """A state fetched from ``peer`` was not vouched for by f+1 peers in time."""
+
+    peer: str
+    completed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Running again from ``round``, following it without computing; what the
+    daemon kept for earlier rounds is moot."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """A follower computes again from ``round``."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unfollowed:
+    """A follower past its deadline with nobody ahead computes ``round`` after all."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class Excluded:
+    """``origin`` is proven Byzantine (``kind``: "equivocation" or "nonfinite", in
+    ``round``; ``how``: "detected" here or "evidence" from a peer), out for good."""
+
+    origin: str
+    round: int
+    kind: str
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobDone:
+    """The job is over on this peer: ``via`` "run" (its last round aggregated here)
+    or "sync" (it took the others' final model)."""
+
+    round: int
+    via: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    why: str
+
+
+JobEvent = (
+    Event
+    | SyncStarted
+    | StateLoaded
+    | StateUnvouched
+    | Resumed
+    | CaughtUp
+    | Unfollowed
+    | Excluded
+    | JobDone
+    | JobFailed
+)

@@ -1,0 +1,466 @@
+"""The job machine, one decision at a time (simulated time, no processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.gossip import Verdict
+from protocol.rounds import (
+    CHECKPOINT,
+    Aggregate,
+    CaughtUp,
+    Diverged,
+    Excluded,
+    FetchState,
+    Finished,
+    InvokeFunctions,
+    JobConfig,
+    JobDone,
+    JobFailed,
+    JobMachine,
+    Lifecycle,
+    LoadState,
+    PublishGradient,
+    PublishState,
+    ReadLocalState,
+    Resumed,
+    RoundConfig,
+    RoundMachine,
+    StateLoaded,
+    StateUnvouched,
+    SyncStarted,
+    Unfollowed,
+    WarmUp,
+    WriteGradient,
+)
+from protocol.rounds.job import NO_DIGEST
+
+JOB = "job-1"
+PARAMS = 10
+SIZE = PARAMS * 4
+D = [bytes([i]) * 32 for i in range(1, 20)]  # D[r]: the model at the start of round r
+OTHER = b"\xee" * 32
+ME = "n1"
+PEERS = ["n2", "n3", "n4", "n5"]
+CFG = RoundConfig(initial_deadline_s=10.0, deadline_floor_s=1.0, deadline_ceiling_s=50.0)
+
+
+def job(
+    *,
+    members: list[str] | None = None,
+    rounds: int = 5,
+    f: int = 1,
+    checkpoint_every: int = 0,
+    buffer_max: int = 512,
+) -> JobMachine:
+    m = RoundMachine(
+        self_id=ME,
+        job_id=JOB,
+        rounds=rounds,
+        min_contributors=1,
+        eval_every=0,
+        param_count=PARAMS,
+        members=[ME, *PEERS] if members is None else members,
+        config=CFG,
+    )
+    return JobMachine(
+        m, f=f, config=JobConfig(checkpoint_every=checkpoint_every, buffer_max=buffer_max)
+    )
+
+
+def drain(j: JobMachine) -> tuple[list[Any], list[Any]]:
+    return j.drain_actions(), j.drain_events()
+
+
+def started(**kw: Any) -> JobMachine:
+    j = job(**kw)
+    j.start(D[1], 0.0)
+    drain(j)
+    return j
+
+
+def run_round(j: JobMachine, r: int, t: float, *, others: list[str] = PEERS) -> list[Any]:
+    """Every peer's gradient for round ``r`` on D[r], our own too, then the update to
+    D[r + 1]; returns the actions that came out."""
+    out: list[Any] = []
+    for p in others:
+        assert j.validate_gradient(p, JOB, r, D[r], SIZE, t) is Verdict.ACCEPT
+        assert j.gradient_arrived(p, JOB, r, D[r], SIZE, None, t)
+        assert j.gradient_stored(p, JOB, r, D[r], SIZE, t) is None
+    if j.rounds.participating:
+        j.local_gradient_ready(r, t)
+    out += j.drain_actions()
+    assert any(isinstance(a, Aggregate) and a.round == r for a in out), out
+    j.aggregated(r, D[r + 1], t + 0.1)
+    out += j.drain_actions()
+    return out
+
+
+def vouch(j: JobMachine, r: int, digest: bytes, peers: list[str], t: float = 0.0) -> None:
+    for p in peers:
+        j.announce(p, JOB, r, digest, True, t)
+
+
+def syncing_without_state(rounds: int = 5) -> JobMachine:
+    j = job(rounds=rounds)
+    j.start_elsewhere("joining", 0.0)
+    actions, events = drain(j)
+    assert actions == [PublishState(1, NO_DIGEST, False), ReadLocalState()]
+    assert events == [SyncStarted("joining")]
+    return j
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+
+def test_start_runs_round_one_and_computes() -> None:
+    j = job()
+    assert j.lifecycle is Lifecycle.STARTING
+    j.start(D[1], 0.0)
+    assert j.lifecycle is Lifecycle.RUNNING and j.state == "running"
+    assert j.drain_actions() == [InvokeFunctions(1), PublishState(1, D[1], True)]
+
+
+def test_stop_checkpoints_a_running_job_only() -> None:
+    j = started()
+    assert j.stop("user") is True
+    assert j.lifecycle is Lifecycle.STOPPED and j.status()["detail"] == "user"
+    assert j.stop("again") is False  # already stopped: nothing to save twice
+    j = syncing_without_state()
+    assert j.stop("user") is False  # no valid state to save
+
+
+def test_fail_tells_the_others_not_to_wait() -> None:
+    j = started()
+    j.fail("compute-1 failed: boom", 1.0)
+    actions, events = drain(j)
+    assert j.lifecycle is Lifecycle.FAILED
+    assert actions == [PublishState(1, D[1], False)]
+    assert events == [JobFailed("compute-1 failed: boom")]
+    j.fail("twice", 2.0)
+    assert drain(j) == ([], [])
+
+
+def test_last_round_finishes_then_done() -> None:
+    j = started(rounds=2)
+    run_round(j, 1, 1.0)
+    out = run_round(j, 2, 2.0)
+    assert Finished(2) in out
+    assert j.lifecycle is Lifecycle.RUNNING  # the evaluation is still the daemon's
+    j.done(3.0)
+    assert j.lifecycle is Lifecycle.DONE
+    assert JobDone(2, "run") in j.drain_events()
+
+
+def test_checkpointed_rounds_are_marked_on_the_aggregate() -> None:
+    j = started(rounds=5, checkpoint_every=2)
+    flags = {}
+    for r in range(1, 6):
+        for a in run_round(j, r, float(r)):
+            if isinstance(a, Aggregate):
+                flags[a.round] = a.checkpoint
+    assert flags == {1: False, 2: True, 3: False, 4: True, 5: True}  # and the last
+
+
+# --- the round machine's work is moot while syncing ---------------------------------------
+
+
+def test_round_work_is_dropped_while_syncing() -> None:
+    j = started()
+    j.redis_trouble("redis went away", 0.5)
+    actions, events = drain(j)
+    assert j.lifecycle is Lifecycle.SYNCING
+    assert SyncStarted("redis went away") in events
+    assert actions == [PublishState(1, D[1], False), ReadLocalState()]
+    j.local_gradient_ready(1, 1.0)  # the functions finish anyway
+    assert not any(isinstance(a, PublishGradient) for a in j.drain_actions())
+
+
+# --- buffering and replay ---------------------------------------------------------------
+
+
+def test_gradients_are_held_while_syncing_and_replayed_once_running() -> None:
+    j = syncing_without_state()
+    assert j.validate_gradient("n2", JOB, 3, D[3], SIZE, 1.0) is Verdict.ACCEPT
+    assert j.gradient_arrived("n2", JOB, 3, D[3], SIZE, "h2", 1.0) is False
+    assert j.validate_gradient("n3", JOB, 3, D[3], SIZE - 4, 1.0) is Verdict.REJECT
+    assert j.buffered() == 1
+    # This node's Redis still holds round 3's state: it resumes there and the held
+    # gradient goes to the round machine.
+    j.local_state((2, D[3]), None, 1.5)
+    actions, events = drain(j)
+    assert Resumed(3) in events and j.lifecycle is Lifecycle.RUNNING and j.following
+    assert WriteGradient("n2", 3, "h2") in actions
+    assert j.buffered() == 0
+
+
+def test_held_gradients_are_bounded_oldest_dropped() -> None:
+    j = job(buffer_max=2)
+    j.start_elsewhere("joining", 0.0)
+    for i, p in enumerate(PEERS[:3]):
+        j.validate_gradient(p, JOB, 1, D[1], SIZE, 0.1)
+        assert not j.gradient_arrived(p, JOB, 1, D[1], SIZE, p, 0.1 + i)
+    assert j.buffered() == 2 and j.counters["buffer_dropped"] == 1
+    j.local_state((0, D[1]), None, 1.0)
+    written = [a.handle for a in j.drain_actions() if isinstance(a, WriteGradient)]
+    assert written == ["n3", "n4"]
+
+
+def test_follower_holds_gradients_past_the_window() -> None:
+    j = syncing_without_state()
+    j.local_state((2, D[3]), None, 1.0)
+    drain(j)
+    assert j.following and j.rounds.round == 3
+    far = 3 + CFG.future_window + 1
+    j.validate_gradient("n2", JOB, far, D[far], SIZE, 1.1)
+    assert not j.gradient_arrived("n2", JOB, far, D[far], SIZE, "far", 1.1)
+    near = 3 + CFG.future_window
+    assert j.gradient_arrived("n2", JOB, near, D[near], SIZE, "near", 1.1)
+
+
+# --- when to sync --------------------------------------------------------------------------
+
+
+def test_a_minority_syncs_when_the_others_announce_another_model() -> None:
+    j = started(f=1)
+    run_round(j, 1, 1.0)
+    drain(j)
+    vouch(j, 2, OTHER, ["n2", "n3", "n4"], 2.0)
+    actions, events = drain(j)
+    assert any(isinstance(e, Diverged) for e in events)
+    assert j.lifecycle is Lifecycle.SYNCING
+    assert any(isinstance(e, SyncStarted) and "diverged" in e.why for e in events)
+    assert ReadLocalState() in actions
+
+
+def test_a_peer_far_behind_finds_out_at_the_periodic_check() -> None:
+    j = started(f=1)
+    drain(j)
+    vouch(j, 5, D[5], ["n2", "n3"], 0.5)  # far ahead, no divergence in our round
+    assert j.lifecycle is Lifecycle.RUNNING
+    nxt = j.next_deadline()
+    assert nxt is not None and nxt <= j.config.sync_check_s
+    j.tick(0.6)  # the first check is due at once
+    assert j.lifecycle is Lifecycle.SYNCING
+    assert "behind" in j.sync_detail
+
+
+def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
+    m = RoundMachine(
+        self_id=ME,
+        job_id=JOB,
+        rounds=5,
+        min_contributors=3,
+        eval_every=0,
+        param_count=PARAMS,
+        members=[ME, *PEERS],
+        config=CFG,
+    )
+    j = JobMachine(m, f=1)
+    j.start(D[1], 0.0)
+    vouch(j, 1, D[1], PEERS, 0.1)
+    j.local_gradient_ready(1, 1.0)
+    vouch(j, 2, D[2], ["n2", "n3"], 2.0)  # one round ahead: within lag_rounds
+    drain(j)
+    j.tick(5.0)
+    assert j.lifecycle is Lifecycle.RUNNING  # not past the deadline yet
+    j.tick(CFG.initial_deadline_s + 0.1)  # the deadline passes with 1 of the 3 needed
+    assert j.rounds.waiting_for_quorum
+    j.tick(CFG.initial_deadline_s + 1.2)
+    assert j.lifecycle is Lifecycle.SYNCING and "stuck" in j.sync_detail
+
+
+# --- a sync pass: from which vouched position -------------------------------------------------
+
+
+def test_sync_fetches_from_each_voucher_and_loads_only_what_is_vouched() -> None:
+    j = syncing_without_state(rounds=10)
+    vouch(j, 4, D[4], ["n3", "n2"], 0.5)  # vouched by f+1 = 2
+    j.local_state(None, None, 1.0)
+    assert j.drain_actions() == [FetchState("n2", 3, D[4])]  # vouchers in sorted order
+    j.fetch_failed("n2", "unreachable", 2.0)
+    assert j.drain_actions() == [FetchState("n3", 3, D[4])]
+    j.state_fetched("n2", 3, D[4], 2.5)  # an answer from a source no longer asked
+    assert j.drain_actions() == []
+    j.state_fetched("n3", 5, D[6], 3.0)  # n3 moved on; round 6 is nobody's word yet
+    assert j.drain_actions() == []
+    vouch(j, 6, D[6], ["n4"], 3.5)
+    assert j.drain_actions() == []  # one voucher: not f+1
+    vouch(j, 6, D[6], ["n5"], 3.6)
+    assert j.drain_actions() == [LoadState("n3", 5, D[6])]
+    j.state_loaded("n3", 5, D[6], 4.0)
+    actions, events = drain(j)
+    assert StateLoaded("n3", 5, D[6], 2) in events and Resumed(6) in events
+    assert j.lifecycle is Lifecycle.RUNNING and j.following and j.digest == D[6]
+    assert PublishState(6, D[6], False) in actions  # following: not computing
+    assert WarmUp(6) in actions
+    assert not any(isinstance(a, InvokeFunctions) for a in actions)
+
+
+def test_an_unvouched_state_is_never_loaded() -> None:
+    j = syncing_without_state()
+    vouch(j, 4, D[4], ["n2", "n3"], 0.5)
+    j.local_state(None, None, 1.0)
+    drain(j)
+    j.state_fetched("n2", 9, OTHER, 1.5)  # a liar's made-up position
+    j.tick(1.5 + j.config.vouch_wait_s + 0.01)
+    actions, events = drain(j)
+    assert StateUnvouched("n2", 9) in events
+    assert actions == [FetchState("n3", 3, D[4])]
+    assert not any(isinstance(a, LoadState) for a in actions)
+
+
+def test_nothing_vouched_waits_and_decides_again() -> None:
+    j = syncing_without_state()
+    vouch(j, 4, D[4], ["n2"], 0.5)  # one voucher of f+1 = 2
+    j.local_state(None, None, 1.0)
+    assert j.drain_actions() == []
+    assert "waiting" in j.sync_detail
+    j.tick(1.0)  # the periodic check, due at once, changes nothing while syncing
+    assert j.next_deadline() == 1.0 + j.config.sync_retry_s
+    vouch(j, 4, D[4], ["n3"], 1.2)
+    j.tick(1.0 + j.config.sync_retry_s)
+    assert j.drain_actions() == [FetchState("n2", 3, D[4])]
+
+
+def test_sync_trouble_starts_a_fresh_pass() -> None:
+    j = syncing_without_state()
+    vouch(j, 4, D[4], ["n2", "n3"], 0.5)
+    j.local_state(None, None, 1.0)
+    assert j.drain_actions() == [FetchState("n2", 3, D[4])]
+    j.state_fetched("n2", 3, D[4], 1.5)
+    assert j.drain_actions() == [LoadState("n2", 3, D[4])]
+    j.sync_trouble("redis down while loading", 2.0)
+    j.tick(2.0 + j.config.sync_retry_s)
+    assert j.drain_actions() == [ReadLocalState()]
+
+
+# --- resuming after a restart: Redis, checkpoint or peers ----------------------------------
+
+
+def test_restart_keeps_the_state_in_redis_when_it_is_in_sync() -> None:
+    j = syncing_without_state()
+    vouch(j, 4, D[4], ["n2", "n3"], 0.5)
+    j.local_state((3, D[4]), (2, D[3]), 1.0)
+    actions, events = drain(j)
+    assert Resumed(4) in events and not any(isinstance(a, LoadState) for a in actions)
+    assert j.completed == 3 and j.digest == D[4]
+
+
+def test_restart_loads_the_checkpoint_when_redis_lost_the_state() -> None:
+    j = syncing_without_state()
+    j.local_state(None, (2, D[3]), 1.0)
+    assert j.drain_actions() == [LoadState(CHECKPOINT, 2, D[3])]
+    j.state_loaded(CHECKPOINT, 2, D[3], 1.5)
+    _, events = drain(j)
+    assert StateLoaded(CHECKPOINT, 2, D[3], 0) in events
+    # Nobody contradicts round 3: it resumes there.
+    assert Resumed(3) in events and j.lifecycle is Lifecycle.RUNNING
+
+
+def test_a_stale_redis_state_and_checkpoint_give_way_to_the_peers() -> None:
+    j = started()
+    run_round(j, 1, 1.0)  # we hold D[2] now
+    j.redis_trouble("redis restarted", 2.0)
+    drain(j)
+    vouch(j, 5, D[5], ["n2", "n3"], 2.1)
+    # Redis says round 1 with another digest, the checkpoint is neither ours nor
+    # vouched: both refused, the state comes from the peers.
+    j.local_state((1, OTHER), (0, OTHER), 2.5)
+    actions = j.drain_actions()
+    assert actions == [FetchState("n2", 4, D[5])]
+    assert j.digest == b""
+
+
+def test_alone_resumes_on_its_own_state() -> None:
+    j = job(members=[ME])
+    j.start_elsewhere("restarted", 0.0)
+    drain(j)
+    j.local_state((2, D[3]), None, 1.0)
+    _, events = drain(j)
+    assert Resumed(3) in events and j.lifecycle is Lifecycle.RUNNING
+
+
+def test_without_state_and_alone_it_waits() -> None:
+    j = job(members=[ME])
+    j.start_elsewhere("restarted", 0.0)
+    drain(j)
+    j.local_state(None, None, 1.0)
+    assert j.lifecycle is Lifecycle.SYNCING and "no usable state" in j.sync_detail
+
+
+def test_the_others_final_model_ends_the_job_through_sync() -> None:
+    j = syncing_without_state()
+    vouch(j, 6, D[6], ["n2", "n3"], 0.5)  # rounds + 1: the final position
+    j.local_state((4, D[5]), None, 1.0)  # one round short of it
+    assert j.drain_actions() == [FetchState("n2", 5, D[6])]
+    j.state_fetched("n2", 5, D[6], 2.0)
+    j.drain_actions()
+    j.state_loaded("n2", 5, D[6], 2.5)
+    assert JobDone(5, "sync") in j.drain_events()
+    assert j.lifecycle is Lifecycle.DONE
+
+
+# --- following ----------------------------------------------------------------------------
+
+
+def following_at_3() -> JobMachine:
+    j = syncing_without_state()
+    j.local_state((2, D[3]), None, 1.0)
+    drain(j)
+    assert j.following
+    return j
+
+
+def test_a_warm_follower_computes_again_once_caught_up() -> None:
+    j = following_at_3()
+    j.warm_up_done(True, 1.5)
+    out = run_round(j, 3, 2.0)
+    assert CaughtUp(4) in j.drain_events()
+    assert InvokeFunctions(4) in out and not j.following
+
+
+def test_a_cold_follower_keeps_following() -> None:
+    j = following_at_3()
+    j.warm_up_done(False, 1.5)
+    out = run_round(j, 3, 2.0)
+    assert not any(isinstance(a, InvokeFunctions) for a in out)
+    assert j.following and j.state == "syncing"
+
+
+def test_a_follower_behind_vouched_rounds_keeps_following() -> None:
+    j = following_at_3()
+    j.warm_up_done(True, 1.5)
+    vouch(j, 4, D[4], ["n2", "n3"], 1.6)
+    vouch(j, 5, D[5], ["n2", "n3"], 1.6)  # the others are two rounds ahead
+    out = run_round(j, 3, 2.0)
+    assert not any(isinstance(a, InvokeFunctions) for a in out)
+    assert j.following
+
+
+def test_a_follower_past_its_deadline_with_nobody_ahead_computes() -> None:
+    j = following_at_3()
+    j.warm_up_done(True, 1.5)
+    j.tick(1.0 + CFG.initial_deadline_s + 1.0)
+    actions, events = drain(j)
+    assert Unfollowed(3) in events
+    assert InvokeFunctions(3) in actions and not j.following
+
+
+# --- exclusion ----------------------------------------------------------------------------
+
+
+def test_a_convicted_peer_is_out_for_good() -> None:
+    j = started(f=1)
+    assert j.convict("n2", 1, "equivocation", "detected", 0.5) is True
+    assert j.convict("n2", 1, "equivocation", "evidence", 0.6) is False
+    assert j.convict(ME, 1, "nonfinite", "evidence", 0.6) is False
+    assert Excluded("n2", 1, "equivocation", "detected") in j.drain_events()
+    assert j.status()["excluded"][0]["reason"] == "equivocation"
+    assert j.validate_gradient("n2", JOB, 1, D[1], SIZE, 1.0) is Verdict.IGNORE
+    assert j.validate_gradient("n2", JOB, 1, D[1], SIZE + 4, 1.0) is Verdict.REJECT
+    # Its vouches are void: with n3 alone a position is not vouched for (f = 1).
+    vouch(j, 4, D[4], ["n2", "n3"], 1.0)
+    assert not j.vouch.vouched(4, D[4])
+    # The rounds do not wait for it.
+    assert "n2" not in j.rounds.status()["view"]
