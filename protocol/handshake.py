@@ -2,8 +2,8 @@
 
 A SIGMA-style exchange over ephemeral X25519 keys; three messages:
 
-  1. hello  (I→R, clear)     proto, cluster, e_i, nonce_i, ts
-  2. reply  (R→I)            clear: proto, cluster, e_r, nonce_r
+  1. hello  (I→R, clear)     proto, cluster, e_i, nonce_i, ts, I's cipher offer
+  2. reply  (R→I)            clear: proto, cluster, e_r, nonce_r, R's cipher offer
                              sealed under k_hs: R's key, certificate, and R's
                              signature over the transcript so far
   3. finish (I→R)            sealed under k_hs: I's key, certificate, and I's
@@ -15,6 +15,12 @@ A SIGMA-style exchange over ephemeral X25519 keys; three messages:
 k_hs and the two session keys come from DH(e_i, e_r) bound to the transcript
 hash, so a signature can only ever vouch for the session it was made in. The
 identities travel encrypted, so a passive observer does not learn who talks.
+
+The record cipher follows from the two offers (protocol.aead.choose: AES-256-GCM
+only if both ends offered it, ChaCha20-Poly1305 otherwise). Both offers are in
+the transcript (the hello whole, the reply's clear part whole), so k_hs, both
+signatures and the session keys cover them: a third party who edits either
+offer to force the slower cipher makes the handshake fail, not downgrade.
 
 A replayed ``hello`` is refused by the responder's replay cache (ephemeral keys
 seen recently) and its freshness window; a replayed ``finish`` fails because the
@@ -44,7 +50,7 @@ from enum import Enum
 import nacl.bindings as sodium
 import nacl.exceptions
 
-from . import strictpack
+from . import aead, strictpack
 from .errors import DecodeError, HandshakeError, TrustError
 from .identity import (
     PUBLIC_KEY_SIZE,
@@ -58,19 +64,26 @@ from .identity import (
 
 # The wire protocol's version: a peer that speaks another is refused at the handshake
 # (bad_version), so an incompatible pair never links. spirt/2: gossip controls travel
-# as bytes inside their envelope (0.1.0 spoke spirt/1 and sent them as maps).
+# as bytes inside their envelope (0.1.0 spoke spirt/1 and sent them as maps), and the
+# hello and reply carry cipher offers (added before any release spoke spirt/2).
 PROTOCOL = "spirt/2"
 DOMAIN_RESPONDER = b"spirt/v1/handshake/responder\0"
 DOMAIN_INITIATOR = b"spirt/v1/handshake/initiator\0"
 MAX_MESSAGE = 4096  # a handshake message carries two keys and a certificate at most
-# A hello is six short fields (a cluster name of at most 128 bytes the longest).
+# A hello is seven short fields: a cluster name of at most 128 bytes and a cipher
+# offer of at most 8 names of 32 bytes the longest (about 500 bytes in all).
 MAX_HELLO = 512
-_HELLO_KEYS = frozenset({"k", "p", "c", "e", "n", "t"})
+_HELLO_KEYS = frozenset({"k", "p", "c", "e", "n", "t", "a"})
 NONCE_SIZE = 16
 MAX_CLOCK_SKEW_S = 120.0
 
 _LIMITS = strictpack.Limits(
-    max_size=MAX_MESSAGE, max_depth=2, max_items=16, max_str=128, max_bin=2048
+    max_size=MAX_MESSAGE,
+    max_depth=2,
+    max_items=16 + aead.MAX_OFFER,
+    max_str=128,
+    max_bin=2048,
+    max_container=16,
 )
 _ZERO12 = bytes(12)
 _NONCE_FINISH = bytes(11) + b"\1"
@@ -92,6 +105,7 @@ class HandshakeResult:
     send_key: bytes
     recv_key: bytes
     session_id: str  # short transcript digest, for logs on both ends
+    cipher: str = aead.CHACHA20POLY1305  # the record AEAD both ends chose (protocol.aead)
 
 
 class ReplayCache:
@@ -146,7 +160,10 @@ class Handshake:
         replay_cache: ReplayCache | None = None,
         expected_peer: str | None = None,
         advertise: str = "",
+        ciphers: tuple[str, ...] | None = None,
     ) -> None:
+        """``ciphers``: the record ciphers this side offers (default: all this host
+        can run, protocol.aead.offer)."""
         self.role = role
         self.identity = identity
         self.certificate = certificate
@@ -167,6 +184,10 @@ class Handshake:
         self._hs_key = b""
         self._dh = b""
         self._stage = "start"
+        self._offer = list(aead.offer() if ciphers is None else ciphers)
+        if not aead.valid_offer(self._offer):
+            raise ValueError(f"bad cipher offer {self._offer!r}")
+        self._cipher = ""
 
     # -- outgoing ------------------------------------------------------------------------
 
@@ -182,6 +203,7 @@ class Handshake:
                 "e": self._e_public,
                 "n": self._nonce,
                 "t": int(self._now * 1000),
+                "a": self._offer,
             }
         )
         self._transcript = _h(hello)
@@ -222,13 +244,20 @@ class Handshake:
 
     def _on_hello(self, raw: bytes, msg: dict) -> bytes:
         e_i, ts = _check_hello(raw, msg, self.trust.cluster, self._now)
+        self._cipher = _choose(self._offer, msg["a"])
         if self.replay_cache is not None:
             self.replay_cache.check_and_add(e_i, ts, self._now)
         # Every cheap check has passed: only now the key work.
         self._e_public = sodium.crypto_scalarmult_base(self._e_secret)
         self._dh = self._shared(e_i)
         clear = strictpack.pack(
-            {"p": PROTOCOL, "c": self.trust.cluster, "e": self._e_public, "n": self._nonce}
+            {
+                "p": PROTOCOL,
+                "c": self.trust.cluster,
+                "e": self._e_public,
+                "n": self._nonce,
+                "a": self._offer,
+            }
         )
         h2 = _h(_h(raw), clear)
         self._hs_key = _kdf(self._dh, h2, b"spirt-hs-key")
@@ -247,6 +276,7 @@ class Handshake:
         self._check_proto_and_cluster(clear)
         e_r = _get_bytes(clear, "e", 32)
         _get_bytes(clear, "n", NONCE_SIZE)
+        self._cipher = _choose(self._offer, _get_offer(clear))
         self._dh = self._shared(e_r)
         h2 = _h(self._transcript, clear_raw)
         self._hs_key = _kdf(self._dh, h2, b"spirt-hs-key")
@@ -359,7 +389,15 @@ class Handshake:
         r2i = _kdf(self._dh, h4, b"spirt-r2i")
         send, recv = (i2r, r2i) if self.role is Role.INITIATOR else (r2i, i2r)
         return HandshakeResult(
-            peer_key, node_id(peer_key), cert, admitted, addr, send, recv, h4[:8].hex()
+            peer_key,
+            node_id(peer_key),
+            cert,
+            admitted,
+            addr,
+            send,
+            recv,
+            h4[:8].hex(),
+            self._cipher,
         )
 
     def _finish(self, result: HandshakeResult) -> None:
@@ -407,10 +445,25 @@ def _check_hello(raw: bytes, msg: dict, cluster: str, now: float) -> tuple[bytes
         raise HandshakeError("wrong_cluster", f"peer is in cluster {peer_cluster!r}")
     e_i = _get_bytes(msg, "e", 32)
     _get_bytes(msg, "n", NONCE_SIZE)
+    _get_offer(msg)
     ts = _get(msg, "t", int) / 1000.0
     if abs(now - ts) > MAX_CLOCK_SKEW_S:
         raise HandshakeError("handshake_stale", f"hello timestamp {now - ts:+.0f}s off")
     return e_i, ts
+
+
+def _get_offer(msg: object) -> list[str]:
+    offer = _get(msg, "a", list)
+    if not aead.valid_offer(offer):
+        raise HandshakeError("handshake_malformed", "cipher offer is not a short list of names")
+    return offer  # type: ignore[return-value]
+
+
+def _choose(ours: list[str], theirs: list[str]) -> str:
+    chosen = aead.choose(ours, theirs)
+    if chosen is None:
+        raise HandshakeError("no_common_cipher", f"peer offers {theirs!r}, we {ours!r}")
+    return chosen
 
 
 def _get(msg: object, key: str, typ: type | tuple[type, ...]) -> object:

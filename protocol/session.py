@@ -7,17 +7,24 @@ Record on the wire::
         u64 counter   — this direction's record number, from 0
         u8  kind      — what the payload is (FrameKind)
         u32 stream    — stream id for STREAM_* kinds, else 0
-    ciphertext = ChaCha20-Poly1305-IETF(key, nonce = 0^4 || counter, payload)
+    ciphertext = AEAD(key, nonce = 0^4 || counter, aad = header, payload)
+
+The AEAD is the one the handshake chose (protocol.aead): AES-256-GCM where both
+ends have hardware AES, ChaCha20-Poly1305-IETF otherwise. Either takes a 96-bit
+nonce, made here from the direction's record counter, so no nonce repeats under
+a key. (ChaCha20-Poly1305 rather than SecretBox as the fallback: it measured
+0.54 GB/s against 0.31 GB/s for SecretBox on this hardware class, DESIGN.md.)
 
 The counter is sent in the clear and must equal the next expected value, so a
 replayed or reordered record is told apart from a tampered one (which fails
 authentication). Sizes are checked from the header before anything is read.
-Keys roll forward every ``rekey_every`` records on both sides in lock-step:
-key' = BLAKE2b-256(key, personalisation "spirt-rekey"), the old key forgotten: no
-message needed, and a key compromised later reveals nothing sent before the last roll.
-
-IETF ChaCha20-Poly1305 rather than SecretBox: it measured 0.54 GB/s against
-0.31 GB/s for SecretBox on this hardware class (DESIGN.md).
+Keys roll forward on both sides in lock-step, after every ``rekey_every``
+records and whenever ``rekey_bytes`` of payload (default 64 GiB, AES-GCM's safe
+usage per key: protocol.aead.MAX_BYTES_PER_KEY) have gone under one key:
+key' = BLAKE2b-256(key, personalisation "spirt-rekey"), the old key forgotten. Both
+ends see every record's length, so no message is needed; and a key compromised
+later reveals nothing sent before the last roll. The counter runs on across
+rolls.
 
 The AEAD is called through PyNaCl's own cffi binding of libsodium rather than
 its ``nacl.bindings`` wrappers: those zero a fresh output buffer and then copy
@@ -34,14 +41,11 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from nacl._sodium import ffi as _ffi
-from nacl._sodium import lib as _lib
-
+from .aead import CHACHA20POLY1305, MAX_BYTES_PER_KEY, TAG_SIZE, cipher, ffi, uninit
 from .errors import SessionError
 
 HEADER = struct.Struct(">IQBI")
 HEADER_SIZE = HEADER.size
-TAG_SIZE = 16
 DEFAULT_MAX_PAYLOAD = (1 << 20) + 1024  # an envelope (1 MiB) or a stream chunk, whichever is larger
 DEFAULT_REKEY_EVERY = 1 << 20
 
@@ -67,50 +71,52 @@ class Frame:
     payload: memoryview  # over a buffer of its own: kept or dropped, never reused
 
 
-# libsodium picks its SIMD implementations in sodium_init (idempotent); PyNaCl
-# calls it when nacl.bindings is imported, which this module does not rely on.
-# Without it ChaCha20 runs the portable code, a third of the speed here.
-if _lib.sodium_init() < 0:
-    raise ImportError("libsodium failed to initialise")
-
-# Buffers every byte of which the AEAD overwrites: zeroing them first is waste.
-_uninit = _ffi.new_allocator(should_clear_after_alloc=False)
-
-
 def record_buffer(n: int) -> memoryview:
     """A writable, uninitialised buffer of ``n`` bytes: where a reader lands a
     record's ciphertext straight from the socket before ``Session.open``."""
-    return memoryview(_ffi.buffer(_uninit("unsigned char[]", max(n, 1)), n))
+    return memoryview(ffi.buffer(uninit("unsigned char[]", max(n, 1)), n))
 
 
-def aead_encrypt(payload: bytes | memoryview, aad: bytes, nonce: bytes, key: bytes) -> memoryview:
+def aead_encrypt(
+    payload: bytes | memoryview,
+    aad: bytes,
+    nonce: bytes,
+    key: bytes,
+    cipher_name: str = CHACHA20POLY1305,
+) -> memoryview:
     n = len(payload)
-    out = _uninit("unsigned char[]", n + TAG_SIZE)
-    rc = _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+    out = uninit("unsigned char[]", n + TAG_SIZE)
+    rc = cipher(cipher_name).encrypt(
         out,
-        _ffi.NULL,
-        _ffi.from_buffer("unsigned char[]", payload),
+        ffi.NULL,
+        ffi.from_buffer("unsigned char[]", payload),
         n,
         aad,
         len(aad),
-        _ffi.NULL,
+        ffi.NULL,
         nonce,
         key,
     )
     if rc != 0:  # libsodium documents no failure for valid sizes
         raise RuntimeError("encryption failed")
-    return memoryview(_ffi.buffer(out)).toreadonly()
+    return memoryview(ffi.buffer(out)).toreadonly()
 
 
-def aead_decrypt(ct: bytes | memoryview, aad: bytes, nonce: bytes, key: bytes) -> memoryview | None:
+def aead_decrypt(
+    ct: bytes | memoryview,
+    aad: bytes,
+    nonce: bytes,
+    key: bytes,
+    cipher_name: str = CHACHA20POLY1305,
+) -> memoryview | None:
     """The plaintext, or None if the record fails authentication."""
     n = len(ct) - TAG_SIZE
-    out = _uninit("unsigned char[]", max(n, 1))
-    rc = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+    out = uninit("unsigned char[]", max(n, 1))
+    rc = cipher(cipher_name).decrypt(
         out,
-        _ffi.NULL,
-        _ffi.NULL,
-        _ffi.from_buffer("unsigned char[]", ct),
+        ffi.NULL,
+        ffi.NULL,
+        ffi.from_buffer("unsigned char[]", ct),
         len(ct),
         aad,
         len(aad),
@@ -119,7 +125,7 @@ def aead_decrypt(ct: bytes | memoryview, aad: bytes, nonce: bytes, key: bytes) -
     )
     if rc != 0:
         return None
-    return memoryview(_ffi.buffer(out, n)).toreadonly()
+    return memoryview(ffi.buffer(out, n)).toreadonly()
 
 
 def _roll(key: bytes) -> bytes:
@@ -127,17 +133,21 @@ def _roll(key: bytes) -> bytes:
 
 
 class _Direction:
-    __slots__ = ("counter", "key", "rekey_every")
+    __slots__ = ("counter", "key", "key_bytes", "rekey_bytes", "rekey_every")
 
-    def __init__(self, key: bytes, rekey_every: int) -> None:
+    def __init__(self, key: bytes, rekey_every: int, rekey_bytes: int) -> None:
         self.key = key
         self.counter = 0
+        self.key_bytes = 0  # payload bytes sealed under the current key
         self.rekey_every = rekey_every
+        self.rekey_bytes = rekey_bytes
 
-    def advance(self) -> None:
+    def advance(self, nbytes: int) -> None:
         self.counter += 1
-        if self.counter % self.rekey_every == 0:
+        self.key_bytes += nbytes
+        if self.counter % self.rekey_every == 0 or self.key_bytes >= self.rekey_bytes:
             self.key = _roll(self.key)
+            self.key_bytes = 0
 
 
 class Session:
@@ -146,14 +156,20 @@ class Session:
         send_key: bytes,
         recv_key: bytes,
         *,
+        cipher_name: str = CHACHA20POLY1305,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         rekey_every: int = DEFAULT_REKEY_EVERY,
+        rekey_bytes: int = MAX_BYTES_PER_KEY,
     ) -> None:
-        if rekey_every < 1:
-            raise ValueError("rekey_every must be positive")
+        if rekey_every < 1 or rekey_bytes < 1:
+            raise ValueError("rekey_every and rekey_bytes must be positive")
+        self.cipher_name = cipher_name
+        c = cipher(cipher_name)  # refuses a cipher this host cannot run
+        self._encrypt = c.encrypt
+        self._decrypt = c.decrypt
         self.max_payload = max_payload
-        self._send = _Direction(send_key, rekey_every)
-        self._recv = _Direction(recv_key, rekey_every)
+        self._send = _Direction(send_key, rekey_every, min(rekey_bytes, MAX_BYTES_PER_KEY))
+        self._recv = _Direction(recv_key, rekey_every, min(rekey_bytes, MAX_BYTES_PER_KEY))
         self._buffer = bytearray()
         self.records_sent = 0
         self.records_received = 0
@@ -167,11 +183,25 @@ class Session:
         if len(payload) > self.max_payload:
             raise ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}")
         d = self._send
-        header = HEADER.pack(len(payload) + TAG_SIZE, d.counter, int(kind), stream)
-        ct = aead_encrypt(payload, header, _nonce(d.counter), d.key)
-        d.advance()
+        n = len(payload)
+        header = HEADER.pack(n + TAG_SIZE, d.counter, int(kind), stream)
+        out = uninit("unsigned char[]", n + TAG_SIZE)
+        rc = self._encrypt(
+            out,
+            ffi.NULL,
+            ffi.from_buffer("unsigned char[]", payload),
+            n,
+            header,
+            HEADER_SIZE,
+            ffi.NULL,
+            _nonce(d.counter),
+            d.key,
+        )
+        if rc != 0:  # libsodium documents no failure for valid sizes
+            raise RuntimeError("encryption failed")
+        d.advance(n)
         self.records_sent += 1
-        return header, ct
+        return header, memoryview(ffi.buffer(out)).toreadonly()
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -194,12 +224,12 @@ class Session:
             raise SessionError("replayed_frame", f"counter {counter} < expected {d.counter}")
         if counter > d.counter:
             raise SessionError("reordered_frame", f"counter {counter} > expected {d.counter}")
-        payload = aead_decrypt(ciphertext, header, _nonce(counter), d.key)
+        payload = aead_decrypt(ciphertext, header, _nonce(counter), d.key, self.cipher_name)
         if payload is None:
             raise SessionError("tampered_frame", f"record {counter} fails authentication")
         if kind not in _KINDS:
             raise SessionError("unknown_frame", f"kind {kind}")
-        d.advance()
+        d.advance(length - TAG_SIZE)
         self.records_received += 1
         return Frame(FrameKind(kind), stream, payload)
 

@@ -90,6 +90,9 @@ class TransportConfig:
     # A chunk travels in one record, and records carry at most 1 MiB of payload.
     stream_chunk_bytes: int = _opt(256 * 1024, ge=4096, le=1 << 20)
     rekey_every_frames: int = _opt(1 << 20, ge=1, le=1 << 32)
+    # Offer AES-256-GCM for records where libsodium finds hardware AES here; a
+    # link uses it when both ends offer it, else ChaCha20-Poly1305 (false: always).
+    aes_gcm: bool = True
     reconnect_min_s: float = _opt(0.2, gt=0)
     reconnect_max_s: float = _opt(10.0, gt=0)
     # Incoming streams open on one link at once; each holds at most one chunk in memory.

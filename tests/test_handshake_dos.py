@@ -198,6 +198,7 @@ def hello(**overrides) -> bytes:
         "e": os.urandom(32),
         "n": os.urandom(16),
         "t": int(NOW * 1000),
+        "a": ["chacha20poly1305"],
     }
     msg.update(overrides)
     return strictpack.pack({k: v for k, v in msg.items() if v is not None})
@@ -225,6 +226,12 @@ def responder() -> Handshake:
         (hello(x="extra field"), "handshake_malformed"),
         (hello(e=b"short"), "handshake_malformed"),
         (hello(n=None), "handshake_malformed"),
+        (hello(a=None), "handshake_malformed"),
+        (hello(a="chacha20poly1305"), "handshake_malformed"),
+        (hello(a=[]), "handshake_malformed"),
+        (hello(a=[7]), "handshake_malformed"),
+        (hello(a=["c" * 33]), "handshake_malformed"),
+        (hello(a=["chacha20poly1305"] * 9), "handshake_malformed"),
         (hello(c="c" * 120), "wrong_cluster"),
         (hello() + bytes(600), "handshake_oversized"),
     ],

@@ -417,6 +417,7 @@ class Link:
             "address": self.peer_addr,
             "direction": "outbound" if self.outbound else "inbound",
             "session": self.session_id,
+            "cipher": self.session.cipher_name,
             "admitted_by": self.admitted_by,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,

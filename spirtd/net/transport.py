@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from protocol import aead
 from protocol.budget import KeyedBuckets
 from protocol.errors import HandshakeError, TrustError
 from protocol.handshake import (
@@ -263,6 +264,7 @@ class Transport:
             replay_cache=self._replay if role is Role.RESPONDER else None,
             expected_peer=expected_peer,
             advertise=self.advertise,
+            ciphers=aead.offer(allow_aes=self.config.aes_gcm),
         )
         stage = "hello"
         try:
@@ -348,6 +350,7 @@ class Transport:
         session = Session(
             result.send_key,
             result.recv_key,
+            cipher_name=result.cipher,
             max_payload=max(self.config.stream_chunk_bytes, 1 << 20) + 1024,
             rekey_every=self.config.rekey_every_frames,
         )
@@ -388,11 +391,12 @@ class Transport:
         self.links[link.peer_id] = link
         self.counters["transport.links_opened"] += 1
         log.info(
-            "link up: %s at %s (%s, %s, session %s)",
+            "link up: %s at %s (%s, %s, %s, session %s)",
             link.peer_id,
             logs.quote(link.peer_addr),  # the address the peer says it listens on
             "outbound" if link.outbound else "inbound",
             link.admitted_by,
+            link.session.cipher_name,
             link.session_id,
             extra={"peer": link.peer_id},
         )
