@@ -47,7 +47,7 @@ struct Job {
     int dbid;
     RedisModuleBlockedClient *bc;
     RedisModuleCtx *tsctx;
-    float *chunkbuf;
+    float *chunkbuf; /* worker jobs: the locked copies of the current chunk */
     int aborted; /* set on the main thread or under the module lock only */
     char abort_msg[SPIRT_ERRLEN];
     int failed;
@@ -205,7 +205,7 @@ typedef struct {
     Job *job;
 } JobSrc;
 
-static int check_rows_finite(JobSrc *js, size_t off, size_t cnt, const float **out) {
+static int check_rows_finite(JobSrc *js, size_t off, size_t cnt, const f32u **out) {
     Job *j = js->job;
     if (!j->check_finite) return 0;
     for (size_t i = 0; i < j->n_in; i++) {
@@ -220,32 +220,21 @@ static int check_rows_finite(JobSrc *js, size_t off, size_t cnt, const float **o
     return 0;
 }
 
-/* Reads in place where the bytes are float-aligned. Redis' string headers are 3, 5, 9
- * or 17 bytes, so a value's buffer is usually not; reading it through a float pointer
- * would be undefined behaviour (merely slower on x86, a fault elsewhere), so such a
- * chunk is copied into the job's aligned buffer first. The values, and so the results,
- * are the same bits either way. */
-static int direct_fetch(Src *s, size_t off, size_t cnt, const float **out) {
+/* Reads Redis' bytes in place, wherever they sit: Redis' string headers are 3, 5, 9 or
+ * 17 bytes, so a value's buffer is usually not float-aligned, and the rows are handed
+ * out as f32u (alignment 1, src.h), which every kernel reads with plain unaligned
+ * vector loads. (Copying each chunk into an aligned buffer first added a pass over
+ * every input to every command.) */
+static int direct_fetch(Src *s, size_t off, size_t cnt, const f32u **out) {
     JobSrc *js = (JobSrc *)s;
     Job *j = js->job;
-    for (size_t i = 0; i < j->n_in; i++) {
-        if (!j->present[i]) {
-            out[i] = NULL;
-            continue;
-        }
-        const unsigned char *p = j->direct[i] + off * sizeof(float);
-        if ((uintptr_t)p % _Alignof(float) == 0) {
-            out[i] = (const float *)(const void *)p;
-        } else {
-            float *dst = j->chunkbuf + i * s->chunk;
-            memcpy(dst, p, cnt * sizeof(float));
-            out[i] = dst;
-        }
-    }
+    for (size_t i = 0; i < j->n_in; i++)
+        out[i] = j->present[i] ? (const f32u *)(const void *)(j->direct[i] + off * sizeof(float))
+                               : NULL;
     return check_rows_finite(js, off, cnt, out);
 }
 
-static int locked_fetch(Src *s, size_t off, size_t cnt, const float **out) {
+static int locked_fetch(Src *s, size_t off, size_t cnt, const f32u **out) {
     JobSrc *js = (JobSrc *)s;
     Job *j = js->job;
     RM.ThreadSafeContextLock(j->tsctx);
@@ -334,6 +323,46 @@ static int reply_err(RedisModuleCtx *ctx, const char *msg) {
     return RM.ReplyWithError(ctx, buf);
 }
 
+/* Whether Redis would deliver anything this command propagates. It feeds the AOF when
+ * AOF is on (or being turned on) and the replication stream when this server has a
+ * replica or keeps a backlog (from the first replica on, and for repl-backlog-ttl
+ * after the last one left, so that it can resume); anything else it drops. When INFO
+ * cannot be read, assume it would. Main thread only. */
+static int propagation_delivered(RedisModuleCtx *ctx) {
+    if (RM.GetContextFlags(ctx) & RM_CTX_FLAGS_AOF) return 1;
+    RedisModuleServerInfoData *info = RM.GetServerInfo(ctx, "replication");
+    if (!info) return 1;
+    int err_backlog = 0, err_replicas = 0;
+    long long backlog = RM.ServerInfoGetFieldSigned(info, "repl_backlog_active", &err_backlog);
+    long long replicas = RM.ServerInfoGetFieldSigned(info, "connected_slaves", &err_replicas);
+    RM.FreeServerInfo(ctx, info);
+    return err_backlog || err_replicas || backlog != 0 || replicas != 0;
+}
+
+/* What the AOF and replicas get for a command's outputs. By value: a SET of each output
+ * and its shape, so that replaying them never needs the inputs. Replicating the command
+ * itself would be smaller, but its inputs are usually scratch, so absent from the AOF
+ * and the replicas (or stale there, from an AOF rewrite that captured them); making
+ * them durable instead would put every training round's gradients in the AOF (~20 MB
+ * a round at 1M parameters and 4 peers), which cost the managed Redis more CPU than
+ * all its tensor work.
+ *
+ * By value costs a copy of every output into a new string, so it is made only when
+ * something receives it: with AOF off and no replica nor backlog Redis would drop it,
+ * and the copy would be one more pass over every output (into fresh pages). The write
+ * is still counted as a change, as every RM_Replicate counts one (server.dirty: the
+ * RDB save points), by a replication sent to neither the AOF ("A") nor replicas
+ * ("R"): a module's key writes are not counted otherwise. */
+static void propagate_outputs(RedisModuleCtx *ctx, Job *j) {
+    if (j->p.scratch) return;
+    if (!propagation_delivered(ctx)) {
+        RM.Replicate(ctx, "PING", "AR");
+        return;
+    }
+    for (size_t k = 0; k < j->n_out; k++)
+        tensor_replicate_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
+}
+
 static int finish(RedisModuleCtx *ctx, Job *j) {
     if (j->aborted) {
         BUMP(st_aborted, 1);
@@ -351,15 +380,7 @@ static int finish(RedisModuleCtx *ctx, Job *j) {
         }
     for (size_t k = 0; k < j->n_out; k++)
         tensor_write_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
-    /* What the AOF and replicas get: the results by value (a SET of each output and its
-     * shape), so that replaying them never needs the inputs; SCRATCH outputs nothing.
-     * Replicating the command itself would be smaller, but its inputs are usually
-     * scratch: a training round's gradients, whose ~20 MB a round (1M parameters, 4
-     * peers) cost the managed Redis more CPU in AOF writes than all its tensor work. */
-    if (!j->p.scratch)
-        for (size_t k = 0; k < j->n_out; k++)
-            tensor_replicate_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape,
-                                    j->shape_len);
+    propagate_outputs(ctx, j);
     switch (j->op) {
     case OP_KRUM:
         RM.ReplyWithArray(ctx, (long)j->p.krum_m);
@@ -553,14 +574,10 @@ int job_submit(RedisModuleCtx *ctx, Job *j) {
                                RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_LOADING));
     if (!may_block || (long long)work_bytes(j, bytes) < jobs_config.async_min_bytes) {
         /* Small, or blocking not allowed (MULTI, Lua, AOF replay, a master's stream):
-         * compute here, in place, with nothing else running. */
+         * compute here, reading the inputs in place, with nothing else running. */
         JobSrc js;
         init_src(&js, j, 0);
-        j->chunkbuf = malloc(j->n_in * js.base.chunk * sizeof(float));
-        if (!j->chunkbuf)
-            j->failed = src_fail(&js.base, "out of memory") != 0;
-        else if (compute(j, &js.base))
-            j->failed = 1;
+        if (compute(j, &js.base)) j->failed = 1;
         BUMP(st_sync, 1);
         finish(ctx, j);
         job_free(j);

@@ -38,24 +38,24 @@ BODY double fold16(const double *l) {
 
 /* ---- element-wise --------------------------------------------------------------- */
 
-BODY void acc_set_body(double *restrict acc, const float *restrict x, size_t n) {
+BODY void acc_set_body(double *restrict acc, const f32u *restrict x, size_t n) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) acc[i] = (double)x[i];
 }
 
-BODY void acc_add_body(double *restrict acc, const float *restrict x, size_t n) {
+BODY void acc_add_body(double *restrict acc, const f32u *restrict x, size_t n) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) acc[i] += (double)x[i];
 }
 
-BODY void acc_axpy_body(double *restrict acc, double a, const float *restrict x, size_t n) {
+BODY void acc_axpy_body(double *restrict acc, double a, const f32u *restrict x, size_t n) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) acc[i] += a * (double)x[i];
 }
 
-BODY void acc_add4_body(double *restrict acc, const float *restrict x0,
-                        const float *restrict x1, const float *restrict x2,
-                        const float *restrict x3, size_t n, int init) {
+BODY void acc_add4_body(double *restrict acc, const f32u *restrict x0,
+                        const f32u *restrict x1, const f32u *restrict x2,
+                        const f32u *restrict x3, size_t n, int init) {
     if (init) {
 #pragma omp simd
         for (size_t i = 0; i < n; i++)
@@ -67,7 +67,7 @@ BODY void acc_add4_body(double *restrict acc, const float *restrict x0,
     }
 }
 
-BODY void acc_sum_body(double *acc, const float *const *rows, size_t k, size_t n) {
+BODY void acc_sum_body(double *acc, const f32u *const *rows, size_t k, size_t n) {
     size_t r = 0;
     for (; r + 4 <= k; r += 4)
         acc_add4_body(acc, rows[r], rows[r + 1], rows[r + 2], rows[r + 3], n, r == 0);
@@ -78,7 +78,7 @@ BODY void acc_sum_body(double *acc, const float *const *rows, size_t k, size_t n
     for (; r < k; r++) acc_add_body(acc, rows[r], n);
 }
 
-BODY void acc_toward_body(double *restrict t, double a, const float *restrict x,
+BODY void acc_toward_body(double *restrict t, double a, const f32u *restrict x,
                           const double *restrict v, size_t n) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) t[i] += a * ((double)x[i] - v[i]);
@@ -99,10 +99,14 @@ BODY void cmpx_body(float *restrict lo, float *restrict hi, size_t n) {
     }
 }
 
-BODY size_t first_nonfinite_body(const float *x, size_t n) {
+/* The bits of a float at any address (may_alias: reading a float's bytes as an integer
+ * is then well-defined whatever the aliasing flags). */
+typedef uint32_t u32u __attribute__((aligned(1), may_alias));
+
+BODY size_t first_nonfinite_body(const f32u *x, size_t n) {
     /* Exponent all ones means Inf or NaN. Scan in blocks with a branch-free (integer,
      * so order-free) reduction, then locate the culprit only in a bad block. */
-    const uint32_t *u = (const uint32_t *)x;
+    const u32u *u = (const u32u *)(const void *)x;
     const size_t B = 4096;
     for (size_t off = 0; off < n; off += B) {
         size_t end = off + B < n ? off + B : n;
@@ -121,7 +125,7 @@ BODY size_t first_nonfinite_body(const float *x, size_t n) {
 /* Each lane is its own scalar sum in strict IEEE order, so the compiler may put the
  * lanes in vector registers of any width (it does: 4 AVX2 or 8 SSE2 registers) but
  * may not reassociate within a lane. */
-BODY double sqdist_ff_body(const float *restrict a, const float *restrict b, size_t n) {
+BODY double sqdist_ff_body(const f32u *restrict a, const f32u *restrict b, size_t n) {
     double s[16] = {0};
     size_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -136,7 +140,7 @@ BODY double sqdist_ff_body(const float *restrict a, const float *restrict b, siz
     return fold16(s);
 }
 
-BODY double sqdist_fd_body(const float *restrict a, const double *restrict b, size_t n) {
+BODY double sqdist_fd_body(const f32u *restrict a, const double *restrict b, size_t n) {
     double s[16] = {0};
     size_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -151,7 +155,7 @@ BODY double sqdist_fd_body(const float *restrict a, const double *restrict b, si
     return fold16(s);
 }
 
-BODY double sumsq_f_body(const float *restrict a, size_t n) {
+BODY double sumsq_f_body(const f32u *restrict a, size_t n) {
     double s[16] = {0};
     size_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -195,8 +199,8 @@ BODY void replace_measure_body(double *restrict z, const double *restrict t, siz
 
 /* ---- optimizer steps (element-wise) --------------------------------------------- */
 
-BODY void sgd_body(const SgdParams *p, const float *restrict w, const float *restrict g,
-                   const float *restrict buf, float *restrict w_out, float *restrict buf_out,
+BODY void sgd_body(const SgdParams *p, const f32u *restrict w, const f32u *restrict g,
+                   const f32u *restrict buf, float *restrict w_out, float *restrict buf_out,
                    size_t n) {
     const double lr = p->lr, mu = p->momentum, damp = 1.0 - p->dampening, wd = p->weight_decay;
     if (mu == 0.0) {
@@ -218,8 +222,8 @@ BODY void sgd_body(const SgdParams *p, const float *restrict w, const float *res
     }
 }
 
-BODY void adam_body(const AdamParams *p, double bc1, double sqrt_bc2, const float *restrict w,
-                    const float *restrict g, const float *restrict m, const float *restrict v,
+BODY void adam_body(const AdamParams *p, double bc1, double sqrt_bc2, const f32u *restrict w,
+                    const f32u *restrict g, const f32u *restrict m, const f32u *restrict v,
                     float *restrict w_out, float *restrict m_out, float *restrict v_out,
                     size_t n) {
     const double lr = p->lr, b1 = p->beta1, b2 = p->beta2, eps = p->eps, wd = p->weight_decay;
@@ -260,28 +264,28 @@ BODY void adam_body(const AdamParams *p, double bc1, double sqrt_bc2, const floa
     static ret name##_base params { return name##_body args; } \
     AVX2_RET(ret, name, params, args)
 
-KERNEL_VOID(acc_set, (double *acc, const float *x, size_t n), (acc, x, n))
-KERNEL_VOID(acc_add, (double *acc, const float *x, size_t n), (acc, x, n))
-KERNEL_VOID(acc_axpy, (double *acc, double a, const float *x, size_t n), (acc, a, x, n))
-KERNEL_VOID(acc_sum, (double *acc, const float *const *rows, size_t k, size_t n),
+KERNEL_VOID(acc_set, (double *acc, const f32u *x, size_t n), (acc, x, n))
+KERNEL_VOID(acc_add, (double *acc, const f32u *x, size_t n), (acc, x, n))
+KERNEL_VOID(acc_axpy, (double *acc, double a, const f32u *x, size_t n), (acc, a, x, n))
+KERNEL_VOID(acc_sum, (double *acc, const f32u *const *rows, size_t k, size_t n),
             (acc, rows, k, n))
-KERNEL_VOID(acc_toward, (double *t, double a, const float *x, const double *v, size_t n),
+KERNEL_VOID(acc_toward, (double *t, double a, const f32u *x, const double *v, size_t n),
             (t, a, x, v, n))
 KERNEL_VOID(store_scaled, (float *out, const double *acc, double s, size_t n), (out, acc, s, n))
-KERNEL_RET(double, sqdist_ff, (const float *a, const float *b, size_t n), (a, b, n))
-KERNEL_RET(double, sqdist_fd, (const float *a, const double *b, size_t n), (a, b, n))
-KERNEL_RET(double, sumsq_f, (const float *a, size_t n), (a, n))
+KERNEL_RET(double, sqdist_ff, (const f32u *a, const f32u *b, size_t n), (a, b, n))
+KERNEL_RET(double, sqdist_fd, (const f32u *a, const double *b, size_t n), (a, b, n))
+KERNEL_RET(double, sumsq_f, (const f32u *a, size_t n), (a, n))
 KERNEL_VOID(replace_measure, (double *z, const double *t, size_t n, double *diff, double *nrm),
             (z, t, n, diff, nrm))
 KERNEL_VOID(cmpx, (float *lo, float *hi, size_t n), (lo, hi, n))
-KERNEL_RET(size_t, first_nonfinite, (const float *x, size_t n), (x, n))
+KERNEL_RET(size_t, first_nonfinite, (const f32u *x, size_t n), (x, n))
 KERNEL_VOID(sgd,
-            (const SgdParams *p, const float *w, const float *g, const float *buf, float *w_out,
+            (const SgdParams *p, const f32u *w, const f32u *g, const f32u *buf, float *w_out,
              float *buf_out, size_t n),
             (p, w, g, buf, w_out, buf_out, n))
 KERNEL_VOID(adam,
-            (const AdamParams *p, double bc1, double sqrt_bc2, const float *w, const float *g,
-             const float *m, const float *v, float *w_out, float *m_out, float *v_out,
+            (const AdamParams *p, double bc1, double sqrt_bc2, const f32u *w, const f32u *g,
+             const f32u *m, const f32u *v, float *w_out, float *m_out, float *v_out,
              size_t n),
             (p, bc1, sqrt_bc2, w, g, m, v, w_out, m_out, v_out, n))
 

@@ -13,7 +13,11 @@
  *     float64 sums, which the compiler may hold in vector registers of any width but
  *     may not reassociate), and the lanes are combined in a fixed tree. The result
  *     depends only on the values and the row length, never on the ISA, the alignment
- *     or the thread. */
+ *     or the thread.
+ *
+ * Inputs are `const f32u *` (src.h): float rows at any address, read in place from
+ * Redis' string bytes. Outputs and the float64 accumulators are the module's own,
+ * malloc-aligned buffers. */
 #ifndef SPIRT_KERNELS_H
 #define SPIRT_KERNELS_H
 
@@ -25,22 +29,22 @@
 
 typedef struct {
     const char *name; /* "avx2" or "baseline": reported by SPIRT.INFO as `isa` */
-    void (*acc_set)(double *acc, const float *x, size_t n);
-    void (*acc_add)(double *acc, const float *x, size_t n);
-    void (*acc_axpy)(double *acc, double a, const float *x, size_t n);
-    void (*acc_sum)(double *acc, const float *const *rows, size_t k, size_t n);
-    void (*acc_toward)(double *t, double a, const float *x, const double *v, size_t n);
+    void (*acc_set)(double *acc, const f32u *x, size_t n);
+    void (*acc_add)(double *acc, const f32u *x, size_t n);
+    void (*acc_axpy)(double *acc, double a, const f32u *x, size_t n);
+    void (*acc_sum)(double *acc, const f32u *const *rows, size_t k, size_t n);
+    void (*acc_toward)(double *t, double a, const f32u *x, const double *v, size_t n);
     void (*store_scaled)(float *out, const double *acc, double s, size_t n);
-    double (*sqdist_ff)(const float *a, const float *b, size_t n);
-    double (*sqdist_fd)(const float *a, const double *b, size_t n);
-    double (*sumsq_f)(const float *a, size_t n);
+    double (*sqdist_ff)(const f32u *a, const f32u *b, size_t n);
+    double (*sqdist_fd)(const f32u *a, const double *b, size_t n);
+    double (*sumsq_f)(const f32u *a, size_t n);
     void (*replace_measure)(double *z, const double *t, size_t n, double *diff, double *nrm);
     void (*cmpx)(float *lo, float *hi, size_t n);
-    size_t (*first_nonfinite)(const float *x, size_t n);
-    void (*sgd)(const SgdParams *p, const float *w, const float *g, const float *buf,
+    size_t (*first_nonfinite)(const f32u *x, size_t n);
+    void (*sgd)(const SgdParams *p, const f32u *w, const f32u *g, const f32u *buf,
                 float *w_out, float *buf_out, size_t n);
-    void (*adam)(const AdamParams *p, double bc1, double sqrt_bc2, const float *w,
-                 const float *g, const float *m, const float *v, float *w_out, float *m_out,
+    void (*adam)(const AdamParams *p, double bc1, double sqrt_bc2, const f32u *w,
+                 const f32u *g, const f32u *m, const f32u *v, float *w_out, float *m_out,
                  float *v_out, size_t n);
 } Kernels;
 
@@ -54,21 +58,21 @@ int k_select(const char *mode, char *err, size_t errlen);
 static inline const char *k_isa(void) { return k_active.name; }
 
 /* acc = x */
-static inline void k_acc_set(double *acc, const float *x, size_t n) { k_active.acc_set(acc, x, n); }
+static inline void k_acc_set(double *acc, const f32u *x, size_t n) { k_active.acc_set(acc, x, n); }
 /* acc += x */
-static inline void k_acc_add(double *acc, const float *x, size_t n) { k_active.acc_add(acc, x, n); }
+static inline void k_acc_add(double *acc, const f32u *x, size_t n) { k_active.acc_add(acc, x, n); }
 /* acc += a*x */
-static inline void k_acc_axpy(double *acc, double a, const float *x, size_t n) {
+static inline void k_acc_axpy(double *acc, double a, const f32u *x, size_t n) {
     k_active.acc_axpy(acc, a, x, n);
 }
 /* acc = sum of rows[0..k), any k >= 1, four rows per pass over acc:
  * acc = ((r0 + r1) + (r2 + r3)), then acc += ((r4 + r5) + (r6 + r7)), ..., then the rest
  * one at a time. */
-static inline void k_acc_sum(double *acc, const float *const *rows, size_t k, size_t n) {
+static inline void k_acc_sum(double *acc, const f32u *const *rows, size_t k, size_t n) {
     k_active.acc_sum(acc, rows, k, n);
 }
 /* t += a * (x - v) */
-static inline void k_acc_toward(double *t, double a, const float *x, const double *v, size_t n) {
+static inline void k_acc_toward(double *t, double a, const f32u *x, const double *v, size_t n) {
     k_active.acc_toward(t, a, x, v, n);
 }
 /* out = (float)(acc * s) */
@@ -76,14 +80,14 @@ static inline void k_store_scaled(float *out, const double *acc, double s, size_
     k_active.store_scaled(out, acc, s, n);
 }
 /* sum (a-b)^2, fixed-order (see above) */
-static inline double k_sqdist_ff(const float *a, const float *b, size_t n) {
+static inline double k_sqdist_ff(const f32u *a, const f32u *b, size_t n) {
     return k_active.sqdist_ff(a, b, n);
 }
-static inline double k_sqdist_fd(const float *a, const double *b, size_t n) {
+static inline double k_sqdist_fd(const f32u *a, const double *b, size_t n) {
     return k_active.sqdist_fd(a, b, n);
 }
 /* sum a^2, fixed-order */
-static inline double k_sumsq_f(const float *a, size_t n) { return k_active.sumsq_f(a, n); }
+static inline double k_sumsq_f(const f32u *a, size_t n) { return k_active.sumsq_f(a, n); }
 /* z <- t, adding sum (t-z)^2 to *diff and sum t^2 to *nrm (fixed-order) */
 static inline void k_replace_measure(double *z, const double *t, size_t n, double *diff,
                                      double *nrm) {
@@ -92,7 +96,7 @@ static inline void k_replace_measure(double *z, const double *t, size_t n, doubl
 /* lo,hi = min,max elementwise */
 static inline void k_cmpx(float *lo, float *hi, size_t n) { k_active.cmpx(lo, hi, n); }
 /* index of the first NaN/Inf, or n */
-static inline size_t k_first_nonfinite(const float *x, size_t n) {
+static inline size_t k_first_nonfinite(const f32u *x, size_t n) {
     return k_active.first_nonfinite(x, n);
 }
 

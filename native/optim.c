@@ -14,7 +14,7 @@ static int check_finite(Src *s, const float *out, size_t off, size_t cnt, const 
 }
 
 int opt_sgd(Src *s, const SgdParams *p, float *p_out, float *buf_out) {
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     if (!rows) return src_fail(s, "out of memory");
     int rc = -1;
     for (size_t off = 0; off < s->len; off += s->chunk) {
@@ -33,7 +33,7 @@ done:
 }
 
 int opt_adam(Src *s, const AdamParams *p, float *p_out, float *m_out, float *v_out) {
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     if (!rows) return src_fail(s, "out of memory");
     /* k_powi, not pow: libm's pow may differ in the last bit between CPUs. */
     double bc1 = 1.0 - k_powi(p->beta1, p->step);
@@ -43,8 +43,8 @@ int opt_adam(Src *s, const AdamParams *p, float *p_out, float *m_out, float *v_o
         size_t cnt = src_chunk_len(s, off);
         if (s->fetch(s, off, cnt, rows)) goto done;
         /* Step 1 starts from zero moments (the moment rows are not even read). */
-        const float *m = s->rows > 3 ? rows[2] : NULL;
-        const float *v = s->rows > 3 ? rows[3] : NULL;
+        const f32u *m = s->rows > 3 ? rows[2] : NULL;
+        const f32u *v = s->rows > 3 ? rows[3] : NULL;
         k_active.adam(p, bc1, sqrt_bc2, rows[0], rows[1], m, v, p_out + off, m_out + off,
                       v_out + off, cnt);
         if (check_finite(s, p_out + off, off, cnt, "parameter") ||

@@ -39,6 +39,9 @@ int rm_load_api(RedisModuleCtx *ctx) {
     LOAD(Replicate);
     LOAD(NotifyKeyspaceEvent);
     LOAD(GetContextFlags);
+    LOAD(GetServerInfo);
+    LOAD(FreeServerInfo);
+    LOAD(ServerInfoGetFieldSigned);
     LOAD(GetSelectedDb);
     LOAD(IsKeysPositionRequest);
     LOAD(KeyAtPos);

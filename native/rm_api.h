@@ -14,6 +14,7 @@ typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
 typedef struct RedisModuleString RedisModuleString;
 typedef struct RedisModuleBlockedClient RedisModuleBlockedClient;
+typedef struct RedisModuleServerInfoData RedisModuleServerInfoData;
 
 typedef int (*RMCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 typedef int (*RMNotifyFunc)(RedisModuleCtx *ctx, int type, const char *event,
@@ -40,6 +41,7 @@ enum { RM_OK = 0, RM_ERR = 1, RM_APIVER_1 = 1 };
 
 #define RM_CTX_FLAGS_LUA (1 << 0)
 #define RM_CTX_FLAGS_MULTI (1 << 1)
+#define RM_CTX_FLAGS_AOF (1 << 6)
 #define RM_CTX_FLAGS_REPLICATED (1 << 12)
 #define RM_CTX_FLAGS_LOADING (1 << 13)
 #define RM_CTX_FLAGS_DENY_BLOCKING (1 << 21)
@@ -93,6 +95,10 @@ struct rm_api {
     int (*NotifyKeyspaceEvent)(RedisModuleCtx *ctx, int type, const char *event,
                                RedisModuleString *key);
     int (*GetContextFlags)(RedisModuleCtx *ctx);
+    RedisModuleServerInfoData *(*GetServerInfo)(RedisModuleCtx *ctx, const char *section);
+    void (*FreeServerInfo)(RedisModuleCtx *ctx, RedisModuleServerInfoData *data);
+    long long (*ServerInfoGetFieldSigned)(RedisModuleServerInfoData *data, const char *field,
+                                          int *out_err);
     int (*GetSelectedDb)(RedisModuleCtx *ctx);
     int (*IsKeysPositionRequest)(RedisModuleCtx *ctx);
     void (*KeyAtPos)(RedisModuleCtx *ctx, int pos);

@@ -51,7 +51,7 @@ static int normalise_weights(Src *s, size_t n, const double *w, double *nw) {
 
 int rule_mean(Src *s, size_t n, const double *w, float *out) {
     double *acc = malloc(s->chunk * sizeof(double));
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     double *nw = w ? malloc(n * sizeof(double)) : NULL;
     int rc = -1;
     if (!acc || !rows || (w && !nw)) {
@@ -123,7 +123,7 @@ static int rank_rule(Src *s, size_t n, size_t lo, size_t hi, float *out) {
     uint32_t *pairs = malloc((npairs ? npairs : 1) * 2 * sizeof(uint32_t));
     float *scr = malloc(n * sb * sizeof(float));
     double *acc = malloc(sb * sizeof(double));
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     int rc = -1;
     if (!pairs || !scr || !acc || !rows) {
         OOM(s);
@@ -166,7 +166,7 @@ int rule_trimmed_mean(Src *s, size_t n, size_t b, float *out) {
 /* ---- distances, Krum, NNM ------------------------------------------------------- */
 
 int pairwise_sqdist(Src *s, size_t n, double *D) {
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     if (!rows) return OOM(s);
     memset(D, 0, n * n * sizeof(double));
     for (size_t off = 0; off < s->len; off += s->chunk) {
@@ -210,7 +210,7 @@ int rule_krum(Src *s, size_t n, size_t f, size_t m, float *out, uint32_t *select
     double *tmp = malloc(n * sizeof(double));
     Ranked *sc = malloc(n * sizeof(Ranked));
     double *acc = malloc(s->chunk * sizeof(double));
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     int rc = -1;
     if (!D || !tmp || !sc || !acc || !rows) {
         OOM(s);
@@ -253,10 +253,10 @@ struct NnmSrc {
     uint32_t *nbr;   /* n * keep neighbour indices */
     float *buf;      /* n * chunk mixed rows */
     double *acc;     /* chunk */
-    const float **in;
+    const f32u **in;
 };
 
-static int nnm_fetch(Src *s, size_t off, size_t cnt, const float **out) {
+static int nnm_fetch(Src *s, size_t off, size_t cnt, const f32u **out) {
     NnmSrc *m = (NnmSrc *)s;
     if (m->inner->fetch(m->inner, off, cnt, m->in)) return -1;
     for (size_t i = 0; i < m->n; i++) {
@@ -332,7 +332,7 @@ int rule_geomed(Src *s, size_t n, int maxiter, double eps, float *out, int *iter
     double *d2 = calloc(n, sizeof(double));
     double *nd2 = calloc(n, sizeof(double));
     double *w = malloc(n * sizeof(double));
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     int rc = -1;
     *iters = 0;
     if (!z || !t || !d2 || !nd2 || !w || !rows) {
@@ -390,7 +390,7 @@ int rule_cclip(Src *s, size_t n, double tau, int iters, int has_start, float *ou
     double *d2 = calloc(n, sizeof(double));
     double *nd2 = calloc(n, sizeof(double));
     double *a = malloc(n * sizeof(double));
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     int rc = -1;
     if (!v || !t || !d2 || !nd2 || !a || !rows) {
         OOM(s);
@@ -438,7 +438,7 @@ done:
 /* ---- single-tensor reductions --------------------------------------------------- */
 
 int op_norm(Src *s, double *out) {
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     if (!rows) return OOM(s);
     double acc = 0.0;
     for (size_t off = 0; off < s->len; off += s->chunk) {
@@ -455,7 +455,7 @@ int op_norm(Src *s, double *out) {
 }
 
 int op_digest(Src *s, char *hex65) {
-    const float **rows = malloc(s->rows * sizeof(*rows));
+    const f32u **rows = malloc(s->rows * sizeof(*rows));
     if (!rows) return OOM(s);
     blake2b_state st;
     blake2b_init(&st, 32);
