@@ -9,12 +9,15 @@ pytest_plugins = [
     "tests.fixtures_cluster",
 ]
 
-# Files whose tests run clusters of real daemons through training jobs or other
-# multi-process scenarios. The suite runs on two pytest-xdist workers (pyproject's
-# addopts); these files all go to one worker, one after another, so two clusters
-# never compete for the machine's two cores, while the other worker runs everything
-# else. Every file stays whole on one worker, so module-scoped fixtures (a shared
-# cluster, a shared Redis) are set up once. A new file that starts several daemons
+# Files whose tests run clusters of real daemons through long training jobs, where
+# round deadlines, failure detection and state sync all run on the wall clock. The
+# suite runs on two pytest-xdist workers (pyproject's addopts); these files all go
+# to one worker, one after another, so two such clusters never compete for the
+# machine's two cores, while the other worker runs everything else: unit tests and
+# the files that start one to three daemons for a few rounds or none (logs, CLI,
+# trust, links, pub/sub), which a loaded core slows but does not break. Every file
+# stays whole on one worker, so module-scoped fixtures (a shared cluster, a shared
+# Redis) are set up once. A new file whose daemons train for more than a few rounds
 # belongs here.
 CLUSTER_FILES = frozenset(
     {
@@ -23,19 +26,9 @@ CLUSTER_FILES = frozenset(
         "test_bench_sync.py",
         "test_byzantine_attacks.py",
         "test_byzantine_bad_gradients.py",
-        "test_cert_reload.py",
-        "test_crl_rollback.py",
-        "test_ctl_commands.py",
         "test_equivocation.py",
-        "test_job_limits.py",
-        "test_links_integration.py",
-        "test_logs.py",
-        "test_membership_integration.py",
-        "test_pubsub_integration.py",
-        "test_rules_registry.py",
         "test_training_elastic.py",
         "test_training_integration.py",
-        "test_user_task.py",
     }
 )
 
