@@ -23,7 +23,6 @@ CLUSTER_FILES = frozenset(
     {
         "test_bench_byzantine.py",
         "test_bench_round.py",
-        "test_bench_sync.py",
         "test_byzantine_attacks.py",
         "test_byzantine_bad_gradients.py",
         "test_equivocation.py",
