@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.sync import serve_delays
+from bench.sync import TARGET_BACK_S, first_contribution, read_log, serve_delays, timeline
 
 
 def status(durations: list[float], serves: list[tuple[float, float]]) -> dict[str, Any]:
@@ -38,3 +39,55 @@ def test_a_transfer_across_two_rounds_counts_both_and_rounds_in_the_warmup_do_no
 
 def test_no_transfer_served_means_no_rows() -> None:
     assert serve_delays(status([1, 1, 1], []), warmup=0) == []
+
+
+def test_timeline_takes_each_step_once_after_the_start_and_sums_to_the_total() -> None:
+    t0 = 1000.0
+    lines = [
+        (990.0, "member X alive at 127.0.0.1:1 (incarnation 1)"),  # before the start: not it
+        (1001.0, "spirtd 0.1.0 up: node X listening on 127.0.0.1:1"),
+        (1001.2, "member Y joined at 127.0.0.1:2 (incarnation 1)"),
+        (1001.3, "job abc record from Y"),
+        (1002.0, "job abc: syncing state (joining a running job)"),
+        (1002.5, "asking Y for job abc state (round 30)"),
+        (1003.0, "synced job abc state from Y: round 30, digest 00"),
+        (1003.5, "caught up at round 31; contributing from round 32"),
+        (1004.0, "functions answering: first round 2 of 2 slices in 1.00 s"),
+        (1004.1, "member Z alive at 127.0.0.1:3 (incarnation 2)"),  # a second sighting
+    ]
+    tl = timeline(lines, t0, contributed=1004.5)
+    assert tl["at_s"]["membership"] == 1.2
+    assert tl["at_s"]["caught_up"] == 3.5 and tl["at_s"]["functions_warm"] == 4.0
+    assert sum(tl["steps_s"].values()) == pytest.approx(tl["total_s"]) == 4.5
+    assert tl["meets_target"] is True
+    slow = timeline(lines, t0, contributed=1005.5)
+    assert slow["meets_target"] is False and slow["target_s"] == TARGET_BACK_S
+
+
+def test_steps_that_did_not_happen_are_null_and_a_missing_contribution_fails() -> None:
+    tl = timeline([(1000.5, "member Y alive at a (incarnation 3)")], 1000.0, contributed=None)
+    assert tl["at_s"]["process_up"] is None and tl["at_s"]["contributed"] is None
+    assert tl["steps_s"] == {"membership": 0.5}
+    assert tl["meets_target"] is False
+
+
+def test_read_log_reads_json_lines_and_skips_the_rest(tmp_path: Path) -> None:
+    log = tmp_path / "spirtd.log"
+    log.write_text(
+        '{"ts":"2026-12-07T02:50:51.179Z","level":"info","msg":"membership up"}\n'
+        "Traceback (most recent call last):\n"
+        '{"ts":"bad","msg":"x"}\n'
+    )
+    ((t, msg),) = read_log(log)
+    assert msg == "membership up"
+    assert t == pytest.approx(1796611851.179)
+
+
+def test_first_contribution_is_the_first_round_after_the_start_with_the_node() -> None:
+    history = [
+        {"round": 1, "closed_at": 5.0, "contributors": ["a", "b"]},
+        {"round": 2, "closed_at": 11.0, "contributors": ["a"]},
+        {"round": 3, "closed_at": 12.0, "contributors": ["a", "b"]},
+    ]
+    assert first_contribution(history, "b", after=10.0)["round"] == 3  # type: ignore[index]
+    assert first_contribution(history, "c", after=0.0) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import secrets
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ import botocore.exceptions as bexc
 from botocore.config import Config
 
 from spirtd.functions.runtime import lambda_errors
+
+log = logging.getLogger("spirtd.functions")
 
 # Function errors that mean the execution environment failed; retrying is safe
 # because the gradient function's output for a slice is idempotent.
@@ -167,6 +170,7 @@ class Invoker:
         self.retry = retry or RetryPolicy()
         self.stats = InvokerStats()
         self.in_flight = 0
+        self._answered = False  # a round has had a slice answered (the cold start is behind us)
         self._rng = rng or random.Random()
         self._sem = asyncio.Semaphore(concurrency)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="invoke")
@@ -331,4 +335,15 @@ class Invoker:
                     )
                 )
         await asyncio.gather(*tasks, return_exceptions=True)
-        return RoundResult(slices, min_fraction, loop.time() - t0)
+        result = RoundResult(slices, min_fraction, loop.time() - t0)
+        if result.succeeded and not self._answered:
+            # When the functions first answered: how long a node takes to be able to
+            # compute after a start (bench.sync reads it from the log).
+            self._answered = True
+            log.info(
+                "functions answering: first round %d of %d slices in %.2f s",
+                len(result.succeeded),
+                len(slices),
+                result.duration_s,
+            )
+        return result

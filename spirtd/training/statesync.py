@@ -231,6 +231,12 @@ class StateSync:
         ):
             del self._partial[job]  # a position nobody is after, or bytes of a liar
             part = None
+        log.info(
+            "asking %s for job %s state%s",
+            peer,
+            job[:12],
+            "" if want is None else f" (round {want.completed})",
+        )
         got = await self._transfer(peer, job, max_total, timeout, part)
         if len({src for src, _, _ in got.sources}) < 2:
             return got.data  # one source: the caller's digest check blames it alone
@@ -341,6 +347,7 @@ class StateSync:
             log.warning("job record from %s does not hash to job %s", link.peer_id, job[:12])
             return
         ask.open = False
+        log.info("job %s record from %s", job[:12], link.peer_id)
         self._spawn(self._on_record(job, record, link.peer_id))
 
     def _on_stream(self, link: Link, total: int, header: bytes) -> StreamSink | None:
