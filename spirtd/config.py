@@ -124,7 +124,9 @@ class InvokeConfig:
     concurrency: int = _opt(2, ge=1, le=1024)
     timeout_s: float = _opt(60.0, gt=0, le=900)  # 900 s: AWS Lambda's own ceiling
     memory_mb: int = _opt(1024, ge=128, le=10240)  # AWS Lambda's range
-    prewarm: int = _opt(0, ge=0)  # local workers started with the daemon (no cold start in round 1)
+    # Local workers started in the background as the daemon starts (at most concurrency).
+    # A node that learns of a job starts all of them anyway (FunctionsService.warm).
+    prewarm: int = _opt(0, ge=0)
     region: str = _opt("us-east-1", nonempty=True)
     endpoint_url: str = ""  # --functions lambda: override the AWS endpoint (e.g. a VPC endpoint)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from spirtd.localcluster import LocalNode
+from spirtd.localcluster import LocalNode, wait_for
 
 PREWARM = """
 [invoke]
@@ -34,6 +34,7 @@ def test_local_runtime_runs_on_loopback_and_refuses_unsigned_calls(short_tmp):
             raise AssertionError("unsigned invoke accepted")
         except urllib.error.HTTPError as e:
             assert e.code == 403
-        assert n.status()["functions"]["cold_starts"] >= 1  # the prewarmed worker
+        # The prewarmed worker, started in the background as the daemon came up.
+        wait_for(lambda: n.status()["functions"]["cold_starts"] >= 1, 60, "the prewarmed worker")
     finally:
         assert n.stop() == 0

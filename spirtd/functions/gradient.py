@@ -22,6 +22,7 @@ its tasks (datasets) and Redis connections between invocations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import redis
+import torch
 
 from spirtd.functions import credentials
 from spirtd.functions.credentials import RedisBinding
@@ -58,6 +60,19 @@ class ParamsError(RuntimeError):
 class GradientError(RuntimeError):
     """The gradient is not finite (diverged parameters); nothing is written."""
 
+
+def _init() -> None:
+    """Lambda's init phase: work every first invocation would otherwise pay, paid once
+    as the worker starts (a prewarmed local worker starts with the daemon, before a
+    job needs it). The built-in digits task reads its data with scikit-learn, seconds
+    of imports on a busy host, and torch sets autograd up on its first backward pass."""
+    with contextlib.suppress(ImportError):
+        import sklearn.datasets  # noqa: F401
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.zeros(1, 2)).sum().backward()
+
+
+_init()
 
 _lock = threading.Lock()
 _tasks: OrderedDict[tuple[Any, ...], Task] = OrderedDict()

@@ -58,12 +58,13 @@ class FunctionsService:
                         )
                     },
                     concurrency=cfg.concurrency,
-                    prewarm=cfg.prewarm,
                     # The invoker signs for this region; the runtime accepts no other.
                     region=cfg.region,
                 )
             )
             endpoint: str | None = await self.runtime.start()
+            # In the background: the node is up and joins meanwhile.
+            self.runtime.warm(cfg.prewarm)
             # The runtime accepts only requests signed with its per-start key.
             credentials: tuple[str, str] | None = self.runtime.credentials
             log.info("local function runtime at %s (%d workers)", endpoint, cfg.concurrency)
@@ -79,6 +80,14 @@ class FunctionsService:
             credentials=credentials,
             attempt_timeout_s=cfg.timeout_s + 30.0,
         )
+
+    def warm(self) -> None:
+        """A job is coming (started here, received, or resumed after a restart): starts
+        the local workers now, in the background, while the job is prepared and its
+        state synced. A cold worker spends seconds importing torch; a node that joins
+        or restarts into a running job would otherwise wait for that after its sync."""
+        if self.runtime is not None:
+            self.runtime.warm(self.node.config.invoke.concurrency)
 
     async def stop(self) -> None:
         if self.invoker is not None:

@@ -197,6 +197,9 @@ class TrainingService:
         goes wrong while preparing (a timeout, MemoryError, an error in a user's task)
         is a refusal of this job, never a failure of the daemon."""
         members = len(self._live_members())
+        # Its workers start meanwhile: a joiner or a restarted node needs them right
+        # after its state sync, and a cold start is seconds of imports.
+        self.functions.warm()
         try:
             return await asyncio.wait_for(self._prepare_unchecked(spec, members), PREPARE_TIMEOUT_S)
         except JobError:

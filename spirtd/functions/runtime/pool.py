@@ -101,6 +101,13 @@ class FunctionPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def warm(self, count: int) -> None:
+        """Starts workers in the background until ``count`` exist or are starting; an
+        invocation that comes meanwhile waits for one of them instead of starting its
+        own (a worker's init is seconds of imports: paid before the job needs it)."""
+        for _ in range(count - len(self._all) - self._spares_starting):
+            self._start_spare()
+
     async def prewarm(self, count: int) -> None:
         workers = await asyncio.gather(*(self._spawn() for _ in range(count)))
         self._idle.extend(workers)

@@ -111,6 +111,12 @@ class LocalRuntime:
         log.info("local functions runtime on %s", self._endpoint)
         return self._endpoint
 
+    def warm(self, count: int) -> None:
+        """Starts up to ``count`` workers per function in the background (see
+        FunctionPool.warm); unlike ``prewarm``, start() need not wait for them."""
+        for p in self.pools.values():
+            p.warm(min(count, self.config.concurrency))
+
     async def stop(self) -> None:
         """Ends every worker and the server; invocations still running get an error."""
         for t in list(self._event_tasks):
