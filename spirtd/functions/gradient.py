@@ -22,7 +22,6 @@ its tasks (datasets) and Redis connections between invocations.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
@@ -62,12 +61,9 @@ class GradientError(RuntimeError):
 
 
 def _init() -> None:
-    """Lambda's init phase: work every first invocation would otherwise pay, paid once
-    as the worker starts (a prewarmed local worker starts with the daemon, before a
-    job needs it). The built-in digits task reads its data with scikit-learn, seconds
-    of imports on a busy host, and torch sets autograd up on its first backward pass."""
-    with contextlib.suppress(ImportError):
-        import sklearn.datasets  # noqa: F401
+    """Lambda's init phase: torch sets autograd up on its first backward pass, which
+    is paid here, as the worker starts (a local worker starts when its node learns of
+    a job, before the job needs it), not in the first invocation."""
     layer = torch.nn.Linear(2, 1)
     layer(torch.zeros(1, 2)).sum().backward()
 
