@@ -22,7 +22,8 @@ rounds, started again: from the new process's start), and after a partition heal
 other dead and a few rounds passed: from the heal). Every node logs JSON; the
 breakdown (``back``) is the time of each step after the start (``at_s``) and since
 the step before (``steps_s``): daemon up, first member seen alive, job record known,
-trainer started (syncing), first state request, state loaded, functions answering
+sync started (a joiner's or restarted node's trainer starts syncing; a healed
+node decides it must), first state request, state loaded, functions answering
 (a cold worker pool), caught up, and the first round closed with the node among
 the contributors (as a peer that never left saw it). ``back_to_work_s`` has the
 worst total of each case; the target is ``TARGET_BACK_S``. ``from_up_s`` leaves out
@@ -103,7 +104,9 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("process_up", r"^spirtd \S+ up: node "),
     ("membership", r"^member \S+ (joined|alive) at "),
     ("job_record", r"^job \S+ record from |^resuming job |^known job "),
-    ("job_started", r"^job \S+: syncing state \("),
+    # The trainer starts in sync after a join or a restart; after a heal, the node
+    # decides here that it must sync.
+    ("sync_started", r"^job \S+: syncing state \("),
     ("sync_decision", r"^asking \S+ for job \S+ state"),
     ("state_loaded", r"^synced job |^state from checkpoint"),
     ("functions_warm", r"^functions answering: "),
