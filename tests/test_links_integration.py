@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from protocol import aead
 from spirtd.keyfiles import CaDir, DataDir
 from spirtd.localcluster import LocalNode, linked_peers, wait_for
 from tests.fixtures_cluster import FAST_TRANSPORT
@@ -31,6 +32,8 @@ def test_two_nodes_with_same_ca_link_and_list_each_other(make_cluster):
     wait_for(lambda: linked_peers(b) == {a.node_id}, 20, "b to list a")
     link = a.status()["links"][0]
     assert link["admitted_by"] == "certificate"
+    # Two daemons on this host negotiate the fastest cipher both can run.
+    assert link["cipher"] == aead.offer()[0] == b.status()["links"][0]["cipher"]
     # The status reports what INTERFACES.md promises.
     s = b.status()
     assert s["node_id"] == b.node_id and s["address"] == b.address
