@@ -21,7 +21,7 @@ from spirtd.tasks import (
     minibatch_slice,
     task_class,
 )
-from spirtd.tasks.digits import DigitsTask
+from spirtd.tasks.digits import DigitsTask, load_data
 from spirtd.tasks.sharding import ALL
 
 
@@ -150,6 +150,15 @@ def test_gradient_rejects_bad_rows() -> None:
         task.gradient(p, [len(task.train)])
     with pytest.raises(TaskError, match="non-empty"):
         task.gradient(p, [])
+
+
+def test_digits_data_is_scikit_learns_read_without_importing_it() -> None:
+    from sklearn.datasets import load_digits
+
+    data, target = load_data()
+    bunch = load_digits()
+    assert np.array_equal(data, bunch.data) and data.dtype == bunch.data.dtype
+    assert np.array_equal(target, bunch.target)
 
 
 def test_digits_split_is_fixed_and_sharded() -> None:

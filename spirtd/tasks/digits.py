@@ -9,6 +9,9 @@ Options (default, allowed range): ``model`` (``mlp``; ``mlp`` or ``cnn``), ``hid
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,11 +59,27 @@ class DigitsTask(Task):
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 
     def load_splits(self) -> tuple[Split, Split]:
-        from sklearn.datasets import load_digits  # imported late: sklearn is slow to import
-
-        bunch = load_digits()
-        x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0)
-        y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+        data, target = load_data()
+        x = torch.from_numpy(np.asarray(data, dtype=np.float32) / 16.0)
+        y = torch.from_numpy(np.asarray(target, dtype=np.int64))
         train_rows, test_rows = fixed_split(len(y), 0.2, seed=_SPLIT_SEED)
         full = Split(x, y)
         return full.take(train_rows), full.take(test_rows)
+
+
+def load_data() -> tuple[np.ndarray, np.ndarray]:
+    """The images (1,797 x 64, values 0..16) and their labels, as scikit-learn's
+    ``load_digits`` returns them, read from its data file without importing it: the
+    import costs a second or more of CPU in every process that loads this task (the
+    daemon and each function worker), on the path of a node joining a job."""
+    spec = importlib.util.find_spec("sklearn")
+    where = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(where[0]) / "datasets" / "data" / "digits.csv.gz" if where else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits  # another layout: ask scikit-learn
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
