@@ -329,7 +329,7 @@ class JobMachine:
             return Verdict.IGNORE
         if job == self.job_id:
             self._note(origin, round, base, now)
-        if self._buffers(round):
+        if self.holds(round):
             # Held for the rounds we will follow once the state is loaded, or that a
             # follower reaches soon (the round machine checks them then); far older
             # ones can never be used.
@@ -351,7 +351,7 @@ class JobMachine:
         """A gradient's body is here: True if the daemon writes it into Redis now (and
         reports ``gradient_stored``), False if it is held (``handle`` comes back in a
         ``WriteGradient`` once it fits)."""
-        if not self._buffers(round):
+        if not self.holds(round):
             return True
         if len(self._buffer) >= self.config.buffer_max:
             self._buffer.popleft()
@@ -410,10 +410,8 @@ class JobMachine:
         self.warmed = self.warmed or ok
 
     def aggregated(self, round: int, digest: bytes, now: float) -> None:
-        """The daemon aggregated ``round`` and holds the updated state ``digest``."""
-        if self.lifecycle is not Lifecycle.RUNNING:
-            # A sync took over while it ran (Redis trouble): the sync pass decides.
-            return
+        """The daemon aggregated ``round`` and holds the updated state ``digest`` (also
+        when a sync took over meanwhile: that pass then finds it in Redis)."""
         self.digest, self.completed = digest, round
         participate = None
         if self.following and self.warmed and caught_up(self.vouch, self.self_id, round):
@@ -526,7 +524,7 @@ class JobMachine:
 
     # --- internals: buffering -----------------------------------------------------------
 
-    def _buffers(self, round: int) -> bool:
+    def holds(self, round: int) -> bool:
         """Whether a gradient for ``round`` is held rather than going to the round
         machine: while syncing, and while following for rounds past the round
         machine's window (a follower replays rounds faster than the others run
@@ -540,7 +538,7 @@ class JobMachine:
         """Held gradients that now fit the round machine go to it (checked again)."""
         held, self._buffer = self._buffer, deque()
         for h in held:
-            if self._buffers(h.round):
+            if self.holds(h.round):
                 self._buffer.append(h)
                 continue
             verdict = self.validate_gradient(h.origin, h.job, h.round, h.base, h.size, now)
