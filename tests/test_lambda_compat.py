@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime, parse_function
+from spirtd.functions.runtime.sigv4 import NONCE_HEADER
 from spirtd.localcluster import async_wait_for
 from tests.test_runtime import PROBE, invoke, lambda_client, probe_config
 
@@ -181,6 +182,27 @@ async def test_context_client_context_and_identity(rt: LocalRuntime) -> None:
             await raw_invoke(c, FunctionName="probe", Payload=ask, ClientContext=bad)
 
 
+async def test_client_context_reaches_synchronous_invocations_only(tmp_path: Path) -> None:
+    """Lambda passes ClientContext to RequestResponse invocations, never to Event ones."""
+    spec = FunctionSpec(
+        handler="tests.recording_handler:handler",
+        memory_mb=256,
+        environment={"SPIRT_RECORD_DIR": str(tmp_path)},
+    )
+    async with LocalRuntime(RuntimeConfig(functions={"rec": spec})) as runtime:
+        c = lambda_client(runtime)
+        sent = base64.b64encode(json.dumps({"custom": {"k": "v"}}).encode()).decode()
+        sync = await invoke(c, {"marker": "sync"}, name="rec", ClientContext=sent)
+        assert sync["body"]["client_context"]["custom"] == {"k": "v"}
+        r = await invoke(
+            c, {"marker": "event"}, name="rec", ClientContext=sent, InvocationType="Event"
+        )
+        assert r["status"] == 202
+        recorded = tmp_path / "event.json"
+        await async_wait_for(recorded.exists, 60, "the Event invocation's record")
+        assert json.loads(recorded.read_text()) == {"client_context": None}
+
+
 # ---- qualifiers and ARNs -------------------------------------------------------------------
 
 
@@ -217,7 +239,7 @@ async def test_function_named_by_partial_or_full_arn(rt: LocalRuntime) -> None:
     ask = json.dumps({"action": "echo", "value": 5}).encode()
     for name in (
         "000000000000:function:probe",
-        "123456789012:function:probe:$LATEST",
+        "000000000000:function:probe:$LATEST",
         "arn:aws:lambda:us-east-1:000000000000:function:probe",
         "probe",
     ):
@@ -227,14 +249,79 @@ async def test_function_named_by_partial_or_full_arn(rt: LocalRuntime) -> None:
         await raw_invoke(c, FunctionName="000000000000:function:other", Payload=ask)
 
 
+async def test_arn_of_another_region_or_account_is_refused(rt: LocalRuntime) -> None:
+    """As Lambda: another region's function is not found (404), another account's is
+    not the caller's to invoke (403), and neither runs."""
+    c = lambda_client(rt)
+    ask = json.dumps({"action": "echo", "value": 5}).encode()
+    with pytest.raises(c.exceptions.ResourceNotFoundException) as info:
+        await raw_invoke(
+            c, FunctionName="arn:aws:lambda:eu-west-1:000000000000:function:probe", Payload=ask
+        )
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert "'eu-west-1'" in info.value.response["Error"]["Message"]
+    for name in (
+        "123456789012:function:probe",
+        "123456789012:function:probe:$LATEST",
+        "arn:aws:lambda:us-east-1:123456789012:function:probe",
+    ):
+        with pytest.raises(ClientError) as info:
+            await raw_invoke(c, FunctionName=name, Payload=ask)
+        assert info.value.response["Error"]["Code"] == "AccessDeniedException", name
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+        assert "123456789012:function:probe" in info.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as info:
+        await raw_invoke(
+            c,
+            FunctionName="123456789012:function:probe",
+            Payload=ask,
+            InvocationType="Event",
+        )
+    assert info.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert rt.pools["probe"].stats.invocations == 0
+
+
 def test_parse_function_forms() -> None:
-    assert parse_function("f") == ("f", None)
-    assert parse_function("f:$LATEST") == ("f", "$LATEST")
-    assert parse_function("1:function:f") == ("f", None)
-    assert parse_function("1:function:f:q") == ("f", "q")
-    assert parse_function("arn:aws:lambda:r:1:function:f:q") == ("f", "q")
-    for bad in ("", "f:", "a:b:c", "arn:aws:s3:r:1:function:f", "1:layer:f", "bad/name"):
+    assert parse_function("f") == ("f", None, None, None)
+    assert parse_function("f:$LATEST") == ("f", "$LATEST", None, None)
+    assert parse_function("1:function:f") == ("f", None, None, "1")
+    assert parse_function("1:function:f:q") == ("f", "q", None, "1")
+    assert parse_function("arn:aws:lambda:r:1:function:f:q") == ("f", "q", "r", "1")
+    for bad in (
+        "",
+        "f:",
+        "a:b:c",
+        "arn:aws:s3:r:1:function:f",
+        "1:layer:f",
+        "bad/name",
+        ":function:f",
+        "arn:aws:lambda::1:function:f",
+    ):
         assert parse_function(bad) is None, bad
+
+
+# ---- stack traces -------------------------------------------------------------------------
+
+
+async def test_stack_trace_holds_the_handlers_frames_only(rt: LocalRuntime) -> None:
+    c = lambda_client(rt)
+    resp = await raw_invoke(
+        c,
+        FunctionName="probe",
+        Payload=json.dumps({"action": "raise", "message": "boom"}).encode(),
+        LogType="Tail",
+    )
+    doc = json.loads(resp["Body"])
+    assert doc["errorType"] == "ProbeError" and doc["errorMessage"] == "boom"
+    trace = doc["stackTrace"]
+    # Lambda's shape: one '  File "...", line N, in F\n    code\n' entry per frame,
+    # the handler's first, none of the runtime's own.
+    assert trace and all(entry.startswith('  File "') for entry in trace)
+    assert "probe.py" in trace[0] and "in handler" in trace[0]
+    assert not any("runtime/worker.py" in entry for entry in trace)
+    log = base64.b64decode(resp["LogResult"]).decode()
+    assert "Traceback (most recent call last):" in log and "probe.py" in log
+    assert "runtime/worker.py" not in log
 
 
 # ---- payload limits ------------------------------------------------------------------------
@@ -409,13 +496,49 @@ async def test_bodies_awaiting_verification_are_capped() -> None:
 
 
 async def test_a_signed_request_cannot_be_replayed(rt: LocalRuntime) -> None:
-    req = signed_request(rt, json.dumps({"action": "echo", "value": "once"}).encode())
+    """Requests that sign spirtd's nonce header, as the node's invoker sends them."""
+    req = signed_request(
+        rt,
+        json.dumps({"action": "echo", "value": "once"}).encode(),
+        headers={NONCE_HEADER: "0123456789abcdef"},
+    )
     status, _, text = await send(req)
     assert status == 200 and json.loads(text)["echo"] == "once"
     status, headers, text = await send(req)
     assert status == 403 and headers["X-Amzn-ErrorType"] == "InvalidSignatureException"
     assert "already received" in json.loads(text)["Message"]
     assert rt.pools["probe"].stats.invocations == 1
+
+
+async def test_a_plain_boto3_client_may_repeat_an_identical_call(rt: LocalRuntime) -> None:
+    """A standard client's two identical calls in one second sign to the same bytes;
+    Lambda runs both, and so does the runtime (only nonce-signed requests are held
+    to the replay check)."""
+    key, secret = rt.credentials
+    plain = boto3.client(
+        "lambda",
+        endpoint_url=rt.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+    sent: list[str] = []
+    plain.meta.events.register(
+        "before-send.lambda.Invoke",
+        lambda request, **_: sent.append(request.headers["Authorization"].decode()),
+    )
+    ask = json.dumps({"action": "echo", "value": "again"}).encode()
+    # Two calls land in the same second (same X-Amz-Date) within a few tries.
+    for _ in range(10):
+        sent.clear()
+        for _ in range(2):
+            resp = await raw_invoke(plain, FunctionName="probe", Payload=ask)
+            assert resp["StatusCode"] == 200 and json.loads(resp["Body"])["echo"] == "again"
+        if sent[0] == sent[1]:
+            break
+    assert sent[0] == sent[1], "no two identical signatures in ten tries"
+    assert rt.rejected_signatures == 0
 
 
 async def test_a_refused_request_may_be_sent_again(rt: LocalRuntime) -> None:
@@ -425,3 +548,9 @@ async def test_a_refused_request_may_be_sent_again(rt: LocalRuntime) -> None:
     for _ in range(2):
         status, headers, _ = await send(req)
         assert status == 400 and headers["X-Amzn-ErrorType"] == "InvalidRequestContentException"
+
+
+def test_the_invoker_signs_the_header_the_replay_check_looks_for() -> None:
+    from spirtd.functions.invoker import NONCE_HEADER as SENT
+
+    assert SENT.lower() == NONCE_HEADER

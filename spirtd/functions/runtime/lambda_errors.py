@@ -97,3 +97,20 @@ def function_error(error_type: str, message: str, trace: list[str] | None = None
     if trace:
         doc["stackTrace"] = trace
     return json.dumps(doc).encode()
+
+
+def other_region(region: str, here: str) -> ServiceError:
+    return ServiceError(
+        404,
+        "ResourceNotFoundException",
+        f"Functions from '{region}' are not reachable in this region ('{here}')",
+    )
+
+
+def access_denied(caller: str, arn: str) -> ServiceError:
+    return ServiceError(
+        403,
+        "AccessDeniedException",
+        f"User: {caller} is not authorized to perform: lambda:InvokeFunction on resource: "
+        f"{arn} because no resource-based policy allows the lambda:InvokeFunction action",
+    )

@@ -12,9 +12,10 @@ qualifier.
 Nothing is read from an unauthenticated request beyond its headers: the SigV4
 header is checked first, and at most ``max_unverified`` bodies are read at once
 for requests whose signature is still to be checked. A signed request that ran is
-not run again within the signature's clock window (a replay). Two identical calls
-signed in the same second are indistinguishable from a replay, so spirtd's invoker
-signs a random header into each (``invoker.add_request_nonce``).
+not run again within the signature's clock window (a replay) when it signs
+spirtd's random per-request header, as spirtd's invoker does
+(``invoker.add_request_nonce``); a plain SDK client's two identical calls in one
+second sign to the same bytes, and both run, as on Lambda.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import logging
 import re
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -43,24 +44,37 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LATEST = "$LATEST"
 
 
-def parse_function(raw: str) -> tuple[str, str | None] | None:
-    """(name, qualifier) from any form Lambda accepts: ``NAME``, ``NAME:QUALIFIER``,
+class FunctionRef(NamedTuple):
+    """A function as an Invoke request names it; region and account are None when
+    the form leaves them out."""
+
+    name: str
+    qualifier: str | None
+    region: str | None = None
+    account: str | None = None
+
+
+def parse_function(raw: str) -> FunctionRef | None:
+    """The function named by any form Lambda accepts: ``NAME``, ``NAME:QUALIFIER``,
     a partial ARN ``ACCOUNT:function:NAME[:QUALIFIER]`` or a full ARN
     ``arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]``; None if malformed."""
     parts = raw.split(":")
+    region = account = None
     if raw.startswith("arn:"):
         if len(parts) not in (7, 8) or parts[2] != "lambda" or parts[5] != "function":
             return None
+        region, account = parts[3], parts[4]
         name, qualifier = parts[6], (parts[7] if len(parts) == 8 else None)
     elif len(parts) in (3, 4) and parts[1] == "function":
+        account = parts[0]
         name, qualifier = parts[2], (parts[3] if len(parts) == 4 else None)
     elif len(parts) in (1, 2):
         name, qualifier = parts[0], (parts[1] if len(parts) == 2 else None)
     else:
         return None
-    if not _NAME_RE.match(name) or qualifier == "":
+    if not _NAME_RE.match(name) or qualifier == "" or region == "" or account == "":
         return None
-    return name, qualifier
+    return FunctionRef(name, qualifier, region, account)
 
 
 class LocalRuntime:
@@ -237,6 +251,8 @@ class LocalRuntime:
             except sigv4.SignatureError as e:
                 self.rejected_signatures += 1
                 return self._error(lambda_errors.forbidden(str(e), e.code), rid)
+            if not head.has_nonce:
+                return body, None  # a plain SDK client: no replay check (see sigv4.py)
             if self._replays.seen(head):
                 return self._replayed(rid)
             return body, head
@@ -307,7 +323,14 @@ class LocalRuntime:
         parsed = parse_function(raw_name)
         if parsed is None:
             return self._error(lambda_errors.not_found(raw_name[:200]), rid)
-        name, qualifier = parsed
+        name, qualifier = parsed.name, parsed.qualifier
+        # As Lambda: an ARN of another region is not found here, one of another
+        # account is not ours to run (no resource policy grants it).
+        if parsed.region is not None and parsed.region != self.config.region:
+            return self._error(lambda_errors.other_region(parsed.region, self.config.region), rid)
+        if parsed.account is not None and parsed.account != self.config.account_id:
+            arn = f"arn:aws:lambda:{self.config.region}:{parsed.account}:function:{name}"
+            return self._error(lambda_errors.access_denied(self.access_key.key_id, arn), rid)
         query_qualifier = request.rel_url.query.get("Qualifier")
         if qualifier and query_qualifier and qualifier != query_qualifier:
             return self._error(
@@ -335,6 +358,9 @@ class LocalRuntime:
         ok_headers = {"X-Amzn-RequestId": rid, "X-Amz-Executed-Version": LATEST}
         if kind == "DryRun":
             return web.Response(status=204, headers=ok_headers)
+        if kind == "Event":
+            # Lambda hands the client context to synchronous invocations only.
+            client_context = None
         invocation = _Invocation(pool, rid, body, client_context, self._arn(name, qualifier))
         if kind == "Event":
             if self._events_pending >= self.config.event_queue:

@@ -45,6 +45,12 @@ UNRECOGNIZED = "UnrecognizedClientException"
 INVALID = "InvalidSignatureException"
 SERVICE = "lambda"
 
+# The random header spirtd's invoker signs into every request (invoker.py
+# add_request_nonce). Only requests that carry it are held to the replay check:
+# two identical calls from a plain SDK client in the same second sign to the same
+# bytes, and Lambda runs both.
+NONCE_HEADER = "x-spirt-nonce"
+
 
 class SignatureError(ValueError):
     def __init__(self, message: str, code: str = INVALID) -> None:
@@ -94,6 +100,11 @@ class SignedHeader:
     @property
     def signature(self) -> str:
         return self.match["sig"]
+
+    @property
+    def has_nonce(self) -> bool:
+        """Whether the signature covers spirtd's random per-request header."""
+        return NONCE_HEADER in self.match["headers"].split(";")
 
 
 def check_header(

@@ -95,6 +95,22 @@ class LogCapture:
         os.close(self.fd)
 
 
+# Frames kept from the innermost end of a handler's traceback.
+MAX_TRACE_FRAMES = 50
+
+
+def handler_trace(exc: BaseException) -> list[str]:
+    """The handler's frames of ``exc``'s traceback, one formatted entry per frame,
+    as Lambda's ``stackTrace`` lists them: the runtime's own frames (this module's,
+    which called the handler) are left out."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    here = os.path.abspath(__file__)
+    start = 0
+    while start < len(frames) and os.path.abspath(frames[start].filename) == here:
+        start += 1
+    return traceback.format_list(frames[start:][-MAX_TRACE_FRAMES:])
+
+
 def _report(rid: str, t0: float, memory_mb: int) -> str:
     ms = (time.perf_counter() - t0) * 1000
     used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
@@ -154,10 +170,13 @@ def _run(
         event = json.loads(body)
         result = handler(event, ctx)
     except Exception as e:
-        trace = traceback.format_exception(e)[-20:]
+        trace = handler_trace(e)
         if log is not None:
             # Lambda's Python runtime logs a handler's exception like this.
-            log.write(f"[ERROR] {type(e).__name__}: {e}\n" + "".join(trace))
+            log.write(
+                f"[ERROR] {type(e).__name__}: {e}\nTraceback (most recent call last):\n"
+                + "".join(trace)
+            )
         if _is_oom(e):
             msg = f"RequestId: {rid} Error: Runtime exited with error: out of memory ({e})"
             reply["exit"] = True
