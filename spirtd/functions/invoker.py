@@ -147,7 +147,9 @@ class RoundResult:
 class Invoker:
     """``Invoker(endpoint_url, function_name)``: ``endpoint_url=None`` means AWS Lambda
     in ``region`` with the default AWS credential chain; a URL means a Lambda-compatible
-    endpoint such as the local runtime (dummy credentials unless given)."""
+    endpoint such as the local runtime or a function host (the given credentials, else
+    the default chain's, else placeholders). An https endpoint's certificate is
+    checked against ``AWS_CA_BUNDLE`` when set, as boto3 always does."""
 
     def __init__(
         self,
@@ -183,13 +185,17 @@ class Invoker:
             tcp_keepalive=True,
         )
         kw: dict[str, Any] = {"region_name": region, "config": config}
+        session = boto3.session.Session()
         if endpoint_url is not None:
             kw["endpoint_url"] = endpoint_url
-            key, secret = credentials or ("local", "local")
-            kw.update(aws_access_key_id=key, aws_secret_access_key=secret)
-        elif credentials is not None:
+            # An endpoint of one's own (a function host, a VPC endpoint) is signed for
+            # with the default AWS credential chain, as Lambda is; placeholders only
+            # when that chain has none (an endpoint that checks no signature).
+            if credentials is None and session.get_credentials() is None:
+                credentials = ("local", "local")
+        if credentials is not None:
             kw.update(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
-        self.client = boto3.session.Session().client("lambda", **kw)
+        self.client = session.client("lambda", **kw)
         add_request_nonce(self.client)
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -77,14 +78,34 @@ class RuntimeConfig:
     # Signatures remembered to refuse replays within the clock window.
     replay_cache: int = 32768
     account_id: str = "000000000000"
+    # HTTPS: the server's certificate chain and key (PEM files). Required to listen
+    # anywhere but loopback (a function host, host.py): the signatures would stop a
+    # stranger from invoking, but not from reading events and results on the wire.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # With it, clients must also present a certificate this CA (PEM) signed.
+    tls_client_ca: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     def __post_init__(self) -> None:
         try:
             loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             loopback = False
-        if not loopback:
-            raise RuntimeConfigError(f"the local runtime listens on loopback only, not {self.host}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise RuntimeConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise RuntimeConfigError("tls_client_ca needs tls_cert and tls_key")
+        if not loopback and not (self.tls and self.require_signature):
+            raise RuntimeConfigError(
+                f"the runtime listens on loopback only, not {self.host}, unless it has TLS "
+                "(tls_cert, tls_key) and requires signatures"
+            )
+        if not re.fullmatch(r"\d{12}", self.account_id):
+            raise RuntimeConfigError(f"account_id must be 12 digits, not {self.account_id!r}")
         if not self.functions:
             raise RuntimeConfigError("at least one function is needed")
         for name in self.functions:

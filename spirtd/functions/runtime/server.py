@@ -26,13 +26,14 @@ import binascii
 import json
 import logging
 import re
+import ssl
 import uuid
 from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from spirtd.functions.runtime import lambda_errors, sigv4
-from spirtd.functions.runtime.config import RuntimeConfig
+from spirtd.functions.runtime.config import RuntimeConfig, RuntimeConfigError
 from spirtd.functions.runtime.pool import FunctionPool, Outcome
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,21 @@ def parse_function(raw: str) -> FunctionRef | None:
     return FunctionRef(name, qualifier, region, account)
 
 
+def server_tls_context(cfg: RuntimeConfig) -> ssl.SSLContext:
+    """TLS 1.2 or later with the configured certificate; client certificates are
+    required when ``tls_client_ca`` names their CA."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_client_ca:
+            ctx.load_verify_locations(cfg.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise RuntimeConfigError(f"TLS material: {e}") from None
+    return ctx
+
+
 class LocalRuntime:
     """``endpoint = await LocalRuntime(cfg).start()`` ... ``await runtime.stop()``."""
 
@@ -108,7 +124,13 @@ class LocalRuntime:
         # the server need not wait aiohttp's default minute for them.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl_context=server_tls_context(self.config) if self.config.tls else None,
+        )
         try:
             await site.start()
             await asyncio.gather(*(p.prewarm(self.config.prewarm) for p in self.pools.values()))
@@ -121,8 +143,9 @@ class LocalRuntime:
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         host, port = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
         host = f"[{host}]" if ":" in host else host
-        self._endpoint = f"http://{host}:{port}"
-        log.info("local functions runtime on %s", self._endpoint)
+        scheme = "https" if self.config.tls else "http"
+        self._endpoint = f"{scheme}://{host}:{port}"
+        log.info("functions runtime on %s", self._endpoint)
         return self._endpoint
 
     def warm(self, count: int) -> None:
