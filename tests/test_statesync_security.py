@@ -92,6 +92,26 @@ async def test_only_an_asked_for_job_record_is_taken() -> None:
         assert taken == [(job, record, asked.key.node_id)]
 
 
+async def test_a_question_that_could_not_be_sent_does_not_hold_up_the_next() -> None:
+    record = b"a job record " * 8
+    job = JobSpec.job_id(record)
+    taken: list[str] = []
+
+    async def on_record(job_id: str, rec: bytes, origin: str) -> None:
+        taken.append(origin)
+
+    def options(i: int) -> dict[str, Any]:
+        source = {job: record}.get if i == 1 else (lambda job_id: None)
+        return {"record": source, "on_record": on_record, "clock": lambda: 1000.0}
+
+    async with sync_nodes(2, {}, options) as (nodes, syncs):
+        # A heads-up relayed from an origin this node has no link to: nothing is asked.
+        syncs[0].ask_job("12D3KooWNotLinkedToThisNodeAtAll", job, 1000.0)
+        # The next heads-up, at the same moment, comes from a linked peer: asked at once.
+        syncs[0].ask_job(nodes[1].key.node_id, job, 1000.0)
+        await async_wait_for(lambda: taken == [nodes[1].key.node_id], 10.0, "the record")
+
+
 # --- serving budget -------------------------------------------------------------------------
 
 

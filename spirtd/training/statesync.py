@@ -324,12 +324,16 @@ class StateSync:
         if ask is not None and now - ask.at < every_s:
             self._job_asks[job] = ask
             return
+        link = self._link(peer)
+        if link is None:
+            # No link to that origin yet (a joiner's links come up one by one): no
+            # question went out, so none is remembered, and the next heads-up, from
+            # a peer we are linked to, asks at once instead of ``every_s`` later.
+            return
         self._job_asks[job] = _JobAsk(peer, now)
         while len(self._job_asks) > MAX_JOB_ASKS:
             del self._job_asks[next(iter(self._job_asks))]
-        link = self._link(peer)
-        if link is not None:
-            self._send(link, {"k": "job?", "job": job})
+        self._send(link, {"k": "job?", "job": job})
 
     def _take_record(self, link: Link, job: str, record: object) -> None:
         ask = self._job_asks.get(job)
