@@ -90,7 +90,9 @@ async def start_redis(
     kw.setdefault("admin", True)
     server = ManagedRedis(data_dir, load_module=load_module, module_args=module_args, **kw)  # type: ignore[arg-type]
     await server.start()
-    return RunningRedis(server=server, client=await server.client())
+    # redis-py 8 gives a client a 5 s socket timeout by default; a 16 x 10M rule on a
+    # loaded machine takes longer, and the module's own job timeout bounds it anyway.
+    return RunningRedis(server=server, client=await server.client(socket_timeout=120))
 
 
 async def stop_redis(r: RunningRedis) -> None:
