@@ -11,6 +11,7 @@ fields themselves (``_opt``), so the loader, the error message and
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -189,6 +190,22 @@ class ControlConfig:
 
 
 @dataclass
+class RedisConfig:
+    """The managed redis-server ([redis] in the config file; not with redis_url). The
+    daemon always uses its unix socket; a TLS listener lets functions on other hosts
+    (AWS Lambda, a function host) reach it as the functions' ACL user."""
+
+    tls_port: int = _opt(0, ge=0, le=65535)  # 0: no TLS listener (the default)
+    tls_bind: str = _opt("127.0.0.1", nonempty=True)  # an address of this host, or 0.0.0.0
+    # PEM files, absolute paths; "" means the ones `spirtctl redis-tls` writes in
+    # DATA_DIR/redis-tls/ (server.crt, server.key, ca.crt).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""  # the CA functions verify the server with; checks client certificates too
+    tls_client_certs: bool = False  # true: clients must present a certificate tls_ca signed
+
+
+@dataclass
 class Config:
     data_dir: Path
     listen: str = "127.0.0.1:7946"
@@ -205,6 +222,7 @@ class Config:
     pubsub: PubSubConfig = field(default_factory=PubSubConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
     # Where this node's datasets live, by name (--dataset NAME=DIR; the [datasets] table).
     datasets: dict[str, str] = field(default_factory=dict)
     shard: str | None = None  # --shard I/N: train on shard I of N of a built-in dataset
@@ -220,8 +238,16 @@ class Config:
         for b in self.bootstrap:
             parse_hostport(b, "bootstrap")
         _check_ranges(self, "")
-        for table in (self.transport, self.invoke, self.pubsub, self.training, self.control):
+        for table in (
+            self.transport,
+            self.invoke,
+            self.pubsub,
+            self.training,
+            self.control,
+            self.redis,
+        ):
             _check_ranges(table, f"{_TABLES[type(table)]}.")
+        self._validate_redis()
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(
                 f"log_level: must be one of {', '.join(LOG_LEVELS).lower()}, not {self.log_level!r}"
@@ -256,6 +282,24 @@ class Config:
             except ShardError as e:
                 raise ConfigError(f"shard: {e}") from None
 
+    def _validate_redis(self) -> None:
+        rd = self.redis
+        if rd.tls_port and self.redis_url:
+            raise ConfigError(
+                "redis.tls_port: [redis] configures the managed Redis; with redis_url, "
+                "configure TLS on that server instead"
+            )
+        try:
+            ipaddress.ip_address(rd.tls_bind)
+        except ValueError:
+            raise ConfigError(
+                f"redis.tls_bind: must be an IP address of this host, not {rd.tls_bind!r}"
+            ) from None
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(rd, key)
+            if path and not Path(path).is_absolute():
+                raise ConfigError(f"redis.{key}: {path!r} must be an absolute path")
+
     def round_config(self) -> RoundConfig:
         tr = self.training
         return RoundConfig(
@@ -274,6 +318,7 @@ _TABLES: dict[type, str] = {
     PubSubConfig: "pubsub",
     TrainingConfig: "training",
     ControlConfig: "control",
+    RedisConfig: "redis",
 }
 
 

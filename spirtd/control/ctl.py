@@ -521,6 +521,54 @@ def cmd_trust(a: argparse.Namespace) -> str | dict:
     return out if a.json else (f"{'added' if added else 'already trusted:'} {node_id(pub)}")
 
 
+def cmd_redis_tls(a: argparse.Namespace) -> str | dict:
+    """The TLS listener's material for the node's Redis ([redis] tls_port): a server
+    certificate for the names functions reach the node by, signed by a TLS CA kept
+    beside the cluster CA (--ca-dir; made there on first use) or in the node's own
+    DATA_DIR/redis-tls/ca. An operator's own certificate needs no command: point
+    [redis] tls_cert, tls_key and tls_ca at it."""
+    import shutil
+
+    from spirtd.redis.process import default_tls_files
+    from spirtd.tls_material import Issued, issue, make_ca
+
+    cert, key, ca_copy = default_tls_files(a.data_dir)
+    ca_dir = a.ca_dir if a.ca_dir is not None else cert.parent / "ca"
+    ca = Issued(ca_dir / "tls-ca.crt", ca_dir / "tls-ca.key")
+    if not ca.key.exists():
+        ca = make_ca(ca_dir)
+    issue(ca, cert, key, a.name, days=a.days)
+    shutil.copyfile(ca.cert, ca_copy)
+    out: dict[str, Any] = {
+        "cert": str(cert),
+        "key": str(key),
+        "ca": str(ca_copy),
+        "names": a.name,
+        "function_password": str(a.data_dir / "redis" / "function-password"),
+    }
+    if a.client_dir is not None:
+        client = issue(
+            ca,
+            a.client_dir / "client.crt",
+            a.client_dir / "client.key",
+            [a.client_name],
+            client=True,
+            days=a.days,
+        )
+        out["client_cert"], out["client_key"] = str(client.cert), str(client.key)
+    if a.json:
+        return out
+    lines = [
+        f"server certificate for {', '.join(a.name)}: {cert} (key {key}, 0600)",
+        f"CA: {ca_copy}",
+        "set [redis] tls_port (and tls_bind); give each function host the CA and the "
+        f"functions' password ({out['function_password']}, once the node has started)",
+    ]
+    if a.client_dir is not None:
+        lines.append(f"client certificate: {out['client_cert']} (key {out['client_key']})")
+    return "\n".join(lines)
+
+
 # A malformed key or certificate on the command line is a usage error (exit 2), so
 # they are parsed by argparse; failures in doing the command exit 1.
 def _pubkey_arg(text: str) -> bytes:
@@ -657,6 +705,27 @@ def build_parser() -> argparse.ArgumentParser:
     cinst.add_argument("certificate", type=_certificate_arg)
     cinst.set_defaults(fn=cmd_ca_install_cert)
 
+    rt = sub.add_parser(
+        "redis-tls",
+        parents=[common],
+        help="certificates for the node's Redis TLS listener ([redis] tls_port; offline)",
+    )
+    rt.add_argument(
+        "--name",
+        action="append",
+        required=True,
+        help="an address or DNS name functions reach this node by (repeatable)",
+    )
+    rt.add_argument("--ca-dir", type=Path, help="keep the TLS CA here (e.g. beside the cluster CA)")
+    rt.add_argument("--days", type=int, default=825)
+    rt.add_argument(
+        "--client-dir",
+        type=Path,
+        help="also write a client certificate here (for [redis] tls_client_certs)",
+    )
+    rt.add_argument("--client-name", default="spirt-functions")
+    rt.set_defaults(fn=cmd_redis_tls, needs_node_dir=True)
+
     tr = sub.add_parser("trust", parents=[common], help="add a peer key to the allowlist (offline)")
     tr.add_argument("pubkey", type=_pubkey_arg)
     tr.set_defaults(fn=cmd_trust)
@@ -672,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     a.json = getattr(a, "json", False)
     explicit_dir = getattr(a, "data_dir", None)
     if getattr(a, "needs_node_dir", False) and explicit_dir is None:
-        print("spirtctl: ca enroll needs --data-dir NODE_DIR", file=sys.stderr)
+        name = "ca enroll" if a.command == "ca" else a.command
+        print(f"spirtctl: {name} needs --data-dir NODE_DIR", file=sys.stderr)
         return EXIT_USAGE
     a.data_dir = explicit_dir or _ctl_data_dir()
     a.node_dir = a.data_dir

@@ -2,7 +2,9 @@
 
 Layout, all inside ``DATA_DIR/redis/`` (mode 0700):
 
-* ``redis.sock``     the unix socket (mode 0700); no TCP port unless one is configured;
+* ``redis.sock``     the unix socket (mode 0700); no TCP port unless one is configured,
+                     and then TLS only off loopback (``RedisTls``: functions on
+                     other hosts log in there as ``spirt-fn``);
 * ``password``       the generated password of the daemon's ACL user ``spirt`` (mode 0600);
 * ``function-password``  the password of the functions' ACL user ``spirt-fn`` (0600);
 * ``admin-password`` only with ``admin=True`` (tests, benchmarks): a user with every right;
@@ -120,6 +122,55 @@ class RedisStartError(RuntimeError):
     """redis-server is missing, misconfigured, or did not come up. The message is one line."""
 
 
+# Where `spirtctl redis-tls` writes the listener's material, under the data dir.
+TLS_DIR = "redis-tls"
+
+
+def default_tls_files(data_dir: Path) -> tuple[Path, Path, Path]:
+    """(certificate, key, CA) as `spirtctl redis-tls` writes them for ``data_dir``."""
+    d = Path(data_dir) / TLS_DIR
+    return d / "server.crt", d / "server.key", d / "ca.crt"
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """A TLS listener beside the unix socket, for functions on other hosts (Lambda,
+    a function host): they log in there as the functions' ACL user. Only TLS is
+    served on ``bind``: the plain port stays off (or on loopback, for tests)."""
+
+    port: int
+    cert: Path
+    key: Path
+    ca: Path  # clients verify the server with it; with client_certs, Redis checks clients'
+    bind: str = "127.0.0.1"
+    client_certs: bool = False
+
+    def check(self) -> None:
+        if not (1 <= self.port <= 65535):
+            raise RedisStartError(f"TLS port {self.port} is out of range 1..65535")
+        for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
+            if not path.is_file():
+                raise RedisStartError(f"TLS {what} {path} is not a readable file")
+        if stat.S_IMODE(self.key.stat().st_mode) & 0o077:
+            raise RedisStartError(
+                f"TLS key {self.key} is readable by others; chmod 600 it (and replace it "
+                "if someone else could have read it)"
+            )
+        if not self.bind or any(c in self.bind for c in ' "\n'):
+            raise RedisStartError(f"bad TLS bind address {self.bind!r}")
+
+    def config_lines(self) -> list[str]:
+        return [
+            f"tls-port {int(self.port)}",
+            f"tls-cert-file {_quote(str(self.cert))}",
+            f"tls-key-file {_quote(str(self.key))}",
+            f"tls-ca-cert-file {_quote(str(self.ca))}",
+            f"tls-auth-clients {'yes' if self.client_certs else 'no'}",
+            'tls-protocols "TLSv1.2 TLSv1.3"',
+            "tls-prefer-server-ciphers yes",
+        ]
+
+
 @dataclass(frozen=True)
 class RedisConnectionInfo:
     """What another process (e.g. a serverless function) needs to reach this Redis."""
@@ -196,6 +247,7 @@ class ManagedRedis:
         max_backoff: float = 10.0,
         extra_config: Sequence[str] = (),
         admin: bool = False,
+        tls: RedisTls | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.dir = self.data_dir / "redis"
@@ -220,6 +272,7 @@ class ManagedRedis:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.extra_config = list(extra_config)
+        self.tls = tls
         self.restarts = 0
         self.last_exit: str | None = None
         self._passwords: dict[Path, str] = {}
@@ -239,6 +292,16 @@ class ManagedRedis:
     def tcp_url(self) -> str | None:
         """``redis://127.0.0.1:PORT/0`` when a TCP port is configured, else None."""
         return None if self.port is None else f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str | None:
+        """``rediss://BIND:PORT/0`` when the TLS listener is on, else None. Remote
+        functions use the address their host reaches the node at instead of BIND."""
+        if self.tls is None:
+            return None
+        host = "127.0.0.1" if self.tls.bind in ("0.0.0.0", "::") else self.tls.bind
+        host = f"[{host}]" if ":" in host else host
+        return f"rediss://{host}:{self.tls.port}/0"
 
     @property
     def password(self) -> str:
@@ -376,10 +439,27 @@ class ManagedRedis:
         if self.admin:
             lines.append(f"user {ADMIN_USERNAME} on #{sha(self.admin_password_file)} ~* &* +@all")
         lines += [f"unixsocket {_quote(str(self.socket_path))}", "unixsocketperm 700"]
+        # Redis binds every listener to every bind address, so the plain port and a
+        # TLS listener off loopback cannot be on together.
+        binds = []
         if self.port is None:
             lines.append("port 0")
         else:
-            lines += [f"port {int(self.port)}", "bind 127.0.0.1"]
+            lines.append(f"port {int(self.port)}")
+            binds.append("127.0.0.1")
+        if self.tls is not None:
+            self.tls.check()
+            if self.port is not None and self.tls.bind not in ("127.0.0.1", "::1", "localhost"):
+                raise RedisStartError(
+                    "a plain TCP port and a TLS listener off loopback cannot be on together"
+                )
+            if self.tls.bind not in binds:
+                binds.append(self.tls.bind)
+            lines += self.tls.config_lines()
+            # Every invocation's function opens a connection; keep idle ones from piling up.
+            lines.append("timeout 300")
+        if binds:
+            lines.append("bind " + " ".join(binds))
         if self.load_module:
             so = module_path()
             args = " ".join(_quote(a) for a in self.module_args)

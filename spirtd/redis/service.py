@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -14,7 +15,7 @@ from redis.exceptions import RedisError
 from spirtd.config import ConfigError
 from spirtd.keyfiles import write_secret
 from spirtd.redis.binding import CredentialRef, RedisBinding, RedisTarget, check_url
-from spirtd.redis.process import ManagedRedis, RedisStartError
+from spirtd.redis.process import ManagedRedis, RedisStartError, RedisTls, default_tls_files
 from spirtd.redis.store import TensorStore
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class RedisService:
             except (RedisError, OSError, TimeoutError) as e:
                 raise ConfigError(f"redis_url: cannot reach {url}: {e}") from None
         else:
-            self.managed = ManagedRedis(self.node.data.root, logger=log)
+            self.managed = ManagedRedis(self.node.data.root, logger=log, tls=self._tls())
             try:
                 await self.managed.start()
             except RedisStartError as e:
@@ -63,6 +64,21 @@ class RedisService:
         self.ok = True
         self.detail = "ok"
         self._health = asyncio.create_task(self._watch(), name="redis-health")
+
+    def _tls(self) -> RedisTls | None:
+        """The TLS listener [redis] asks for; missing files are named at start."""
+        rd = self.node.config.redis
+        if not rd.tls_port:
+            return None
+        cert, key, ca = default_tls_files(self.node.data.root)
+        return RedisTls(
+            port=rd.tls_port,
+            cert=Path(rd.tls_cert) if rd.tls_cert else cert,
+            key=Path(rd.tls_key) if rd.tls_key else key,
+            ca=Path(rd.tls_ca) if rd.tls_ca else ca,
+            bind=rd.tls_bind,
+            client_certs=rd.tls_client_certs,
+        )
 
     async def _watch(self) -> None:
         assert self.client is not None
@@ -134,6 +150,12 @@ class RedisService:
         }
         if self.managed is not None:
             out["url"] = self.managed.url
+            if self.managed.tls is not None:
+                out["tls"] = {
+                    "bind": self.managed.tls.bind,
+                    "port": self.managed.tls.port,
+                    "client_certs": self.managed.tls.client_certs,
+                }
             out["restarts"] = self.managed.restarts
             out["pid"] = self.managed.pid
         return {"redis": out}
