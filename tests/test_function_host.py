@@ -288,3 +288,31 @@ def test_tls_context_refuses_old_protocols(tmp_path: Path) -> None:
     server = issue(ca, tmp_path / "host.crt", tmp_path / "host.key", ["127.0.0.1"])
     ctx = server_tls_context(RuntimeConfig(tls_cert=str(server.cert), tls_key=str(server.key)))
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_the_sample_configurations_load(tmp_path: Path) -> None:
+    """deploy/function-host.toml and deploy/aws/spirtd.toml as an operator fills them in:
+    only the paths change."""
+    from spirtd.config import load as load_node
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    text = (deploy / "function-host.toml").read_text()
+    new_key(tmp_path / "access-key")
+    ca = make_ca(tmp_path / "ca")
+    server = issue(ca, tmp_path / "host.crt", tmp_path / "host.key", ["10.0.1.20"])
+    pw = tmp_path / "node1.password"
+    pw.write_text("secret\n")
+    pw.chmod(0o600)
+    for name, path in (
+        ("access-key", tmp_path / "access-key"),
+        ("host.crt", server.cert),
+        ("host.key", server.key),
+        ("node1.password", pw),
+        ("node1-ca.crt", ca.cert),
+    ):
+        text = text.replace(f"/etc/spirt-functions/{name}", str(path))
+    cfg, level = host.load(write_config(tmp_path, text))
+    assert cfg.host == "0.0.0.0" and cfg.port == 9443 and cfg.tls and level == "info"
+    assert cfg.functions["spirt-gradient"].memory_mb == 4096
+    node = load_node(deploy / "aws" / "spirtd.toml", {"data_dir": str(tmp_path)})
+    assert node.functions == "lambda" and node.redis.tls_port == 6380
