@@ -455,9 +455,9 @@ class ManagedRedis:
                 )
             if self.tls.bind not in binds:
                 binds.append(self.tls.bind)
+            # No idle "timeout": it would also cut the daemon's pooled connections. A
+            # function container that vanished is found by Redis's TCP keepalive (300 s).
             lines += self.tls.config_lines()
-            # Every invocation's function opens a connection; keep idle ones from piling up.
-            lines.append("timeout 300")
         if binds:
             lines.append("bind " + " ".join(binds))
         if self.load_module:
