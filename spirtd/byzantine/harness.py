@@ -1,16 +1,18 @@
 """Turns a running spirtd into a Byzantine peer: for experiments only.
 
 The peer is the real daemon with its real admission certificate; only what it
-publishes as its gradient changes. ``install`` patches, in this process alone:
+publishes as its gradient changes. ``install`` plugs into the trainer's seams
+(``TrainerEnv.gradient_source`` and ``gradient_publisher``, which the training
+service hands every trainer it makes), in this process alone:
 
-* the trainer's machine: when the honest local gradient is ready, the attack
+* the gradient source: when the honest local gradient is in Redis, the attack
   first waits (omniscient attacks) for the honest gradients of the round it has
-  received, crafts its gradient(s), and only then reports ready, so that the
-  round cannot close on this peer before the crafted gradient is in place;
+  received and crafts its gradient(s); only then does the trainer report it ready,
+  so the round cannot close on this peer before the crafted gradient is in place;
 * what is kept as its local gradient: the crafted one, so this peer aggregates
   what the others received and stays on their model (its next gradients then
   pass the base-digest check); not for NaN or equivocation;
-* the publish: NaN bytes that Redis would refuse, or two signed gradients for
+* the publisher: NaN bytes that Redis would refuse, or two signed gradients for
   one round sent to two halves of the peers (equivocation);
 * the control API: ``POST /v1/byzantine/attack`` switches the attack between
   jobs (a benchmark runs many cells on one cluster), ``GET`` shows it.
@@ -27,7 +29,6 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,8 @@ class HarnessState:
     attack: Attack = field(default_factory=Attack)
     colluders: frozenset[str] = frozenset()
     rounds_attacked: int = 0
+    # (job, round) -> the crafted gradient(s), from the source to the publisher.
+    crafted: dict[tuple[str, int], list[np.ndarray]] = field(default_factory=dict)
 
 
 STATE = HarnessState()
@@ -77,8 +80,8 @@ def confirmed(environ: dict[str, str] | None = None) -> bool:
 
 
 def install(attack: Attack, colluders: frozenset[str] = frozenset()) -> None:
-    """Patches this process's trainer and control API. Refuses without the
-    confirmation in the environment, whoever calls it."""
+    """Plugs the attack into this process's trainers and control API. Refuses
+    without the confirmation in the environment, whoever calls it."""
     global _installed
     if not confirmed():
         raise NotConfirmed(f"set {CONFIRM_ENV}={CONFIRM_VALUE} to run an attack")
@@ -86,61 +89,17 @@ def install(attack: Attack, colluders: frozenset[str] = frozenset()) -> None:
     if _installed:
         return
     _installed = True
-    _patch_trainer()
     _patch_service()
 
 
-# --- the trainer --------------------------------------------------------------------------
+# --- the trainer's seams --------------------------------------------------------------------
 
 
-def _patch_trainer() -> None:
-    honest_init = Trainer.__init__
-    honest_publish = Trainer._publish_gradient
-
-    def init(self: Trainer, *args: Any, **kw: Any) -> None:
-        honest_init(self, *args, **kw)
-        ready = self.m.local_gradient_ready
-        self.byz_crafted = {}  # type: ignore[attr-defined]
-
-        def attacked_ready(r: int, now: float) -> None:
-            if STATE.attack.name == "none":
-                ready(r, now)
-                return
-            self._spawn(_attack_round(self, r, ready), f"attack-{r}")
-
-        self.m.local_gradient_ready = attacked_ready  # type: ignore[method-assign]
-
-    async def publish(self: Trainer, r: int, base: bytes) -> None:
-        crafted: dict[int, list[np.ndarray]] = self.byz_crafted  # type: ignore[attr-defined]
-        variants = crafted.pop(r, None)
-        if variants is None or STATE.attack.name not in ("nonfinite", "equivocation"):
-            await honest_publish(self, r, base)  # the crafted gradient is the local one
-            return
-        meta = GradientMeta(
-            self.job_id, r, base, self._samples, self._losses[r][self.env.node_id]
-        ).encode()
-        if len(variants) == 1:
-            await self.env.pubsub.publish(TRAIN_TOPIC, variants[0].tobytes(), meta=meta)
-            return
-        peers = sorted(set(self.m.status()["view"]) - {self.env.node_id})
-        honest = [p for p in peers if p not in STATE.colluders]
-        half = set(honest[: (len(honest) + 1) // 2]) | (set(peers) - set(honest))
-        seq = await publish_to(self.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), meta, half)
-        await publish_to(
-            self.env.pubsub,
-            TRAIN_TOPIC,
-            variants[1].tobytes(),
-            meta,
-            set(peers) - half,
-            seq=seq if STATE.attack.params.get("same_seq") else None,
-        )
-
-    Trainer.__init__ = init  # type: ignore[method-assign]
-    Trainer._publish_gradient = publish  # type: ignore[method-assign]
-
-
-async def _attack_round(t: Trainer, r: int, ready: Callable[[int, float], None]) -> None:
+async def craft_round(t: Trainer, r: int) -> None:
+    """The gradient source: crafts this round's gradient(s) from the honest one."""
     attack = STATE.attack
+    if attack.name == "none":
+        return
     env, keys = t.env, t.keys
     try:
         own = await env.store.get(keys.local(r))
@@ -165,14 +124,40 @@ async def _attack_round(t: Trainer, r: int, ready: Callable[[int, float], None])
         )
         if attack.name not in ("nonfinite", "equivocation"):
             await env.store.put(keys.local(r), variants[0])
-        t.byz_crafted[r] = variants  # type: ignore[attr-defined]
+        for old in [k for k in STATE.crafted if k[0] != t.job_id or k[1] < r - 2]:
+            del STATE.crafted[old]  # rounds whose publish never came (a sync)
+        STATE.crafted[(t.job_id, r)] = variants
         STATE.rounds_attacked += 1
     except asyncio.CancelledError:
         raise
     except Exception as e:  # an attack that cannot run this round sends the honest one
         log.warning("attack %s failed in round %d: %s", attack.name, r, e)
-    ready(r, time.monotonic())
-    t._kick()
+
+
+async def publish_gradient(t: Trainer, r: int, body: bytes, meta: GradientMeta) -> None:
+    """The publisher: the honest body (the crafted one is in Redis already), NaN
+    bytes, or two gradients for one round to two halves of the peers."""
+    variants = STATE.crafted.pop((t.job_id, r), None)
+    encoded = meta.encode()
+    if variants is None or STATE.attack.name not in ("nonfinite", "equivocation"):
+        await t.env.pubsub.publish(TRAIN_TOPIC, body, meta=encoded)
+        return
+    if len(variants) == 1:
+        await t.env.pubsub.publish(TRAIN_TOPIC, variants[0].tobytes(), meta=encoded)
+        return
+    me = t.env.node_id
+    peers = sorted(set(t.m.status()["view"]) - {me})
+    honest = [p for p in peers if p not in STATE.colluders]
+    half = set(honest[: (len(honest) + 1) // 2]) | (set(peers) - set(honest))
+    seq = await publish_to(t.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), encoded, half)
+    await publish_to(
+        t.env.pubsub,
+        TRAIN_TOPIC,
+        variants[1].tobytes(),
+        encoded,
+        set(peers) - half,
+        seq=seq if STATE.attack.params.get("same_seq") else None,
+    )
 
 
 async def _honest_gradients(t: Trainer, r: int) -> list[np.ndarray]:
@@ -256,6 +241,10 @@ def _patch_service() -> None:
     honest_start = TrainingService.start
 
     async def start(self: TrainingService) -> None:
+        # Before the honest start: it may resume a saved job, whose trainer must
+        # have the seams too.
+        self.gradient_source = craft_round
+        self.gradient_publisher = publish_gradient
         await honest_start(self)
         log.warning("EXPERIMENTAL: this peer is Byzantine: %s", describe())
         api = self.node.api

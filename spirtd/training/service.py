@@ -48,7 +48,7 @@ from spirtd.training.messages import (
     encode_jobs_meta,
 )
 from spirtd.training.statesync import StateSync
-from spirtd.training.trainer import Trainer, TrainerEnv
+from spirtd.training.trainer import GradientPublisher, GradientSource, Trainer, TrainerEnv
 
 if TYPE_CHECKING:
     from spirtd.functions.service import FunctionsService
@@ -84,6 +84,9 @@ class TrainingService:
         self.pubsub = pubsub
         self.dir = node.data.root / "training"
         self.trainer: Trainer | None = None
+        # The trainer's seams (for experiments; the daemon leaves them unset): see TrainerEnv.
+        self.gradient_source: GradientSource | None = None
+        self.gradient_publisher: GradientPublisher | None = None
         self.job_id: str | None = None
         self.spec: JobSpec | None = None
         self.state = "idle"
@@ -304,6 +307,8 @@ class TrainingService:
             sync_timeout_s=cfg.training.sync_timeout_s,
             counters=self.node.counters,
             note=self.note,
+            gradient_source=self.gradient_source,
+            gradient_publisher=self.gradient_publisher,
         )
         assert self.sync is not None
         self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)

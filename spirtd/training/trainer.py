@@ -1,19 +1,23 @@
-"""The trainer: one job's rounds on this node, the asyncio shell around protocol.rounds.
+"""The trainer: one job on this node, the asyncio shell around protocol.rounds.JobMachine.
 
-The round machine decides; this file does what it asks and tells it what
-happened. Per round:
+The job machine decides everything (the rounds, buffering, when and from where to
+sync, following, resuming, exclusion); this file performs its actions and tells
+it what happened, as aioquic's asyncio protocol does for its connection:
 
-1. ``InvokeFunctions``: W gradient functions on slices of this peer's minibatch
-   (drawn from job seed, round and node id), each writing to a key of its own
-   (StateKeys.fn_output, the only keys the functions may write), then SPIRT.MEAN
-   weighted by each slice's sample count gives the local gradient;
-2. ``PublishState`` / ``PublishGradient``: the heads-up and the gradient go out on
-   the training topic (the body on the large-payload path);
-3. incoming gradients are checked by the machine before their bodies move, then
-   written into Redis (non-finite values refused there) and counted;
-4. ``Aggregate``: the job's rule over the contributors in node-id order, the
-   optimizer step, and the new state digest, all inside Redis;
-5. ``Evaluate``: test accuracy on the due rounds.
+* ``InvokeFunctions``: W gradient functions on slices of this peer's minibatch
+  (drawn from job seed, round and node id), each writing to a key of its own
+  (StateKeys.fn_output, the only keys the functions may write), then SPIRT.MEAN
+  weighted by each slice's sample count gives the local gradient;
+* ``PublishState`` / ``PublishGradient``: the heads-up and the gradient go out on
+  the training topic (the body on the large-payload path);
+* incoming gradients are checked by the machine before their bodies move, then
+  written into Redis (non-finite values refused there) and counted;
+* ``Aggregate``: the job's rule over the contributors in node-id order, the
+  optimizer step, the new state digest and, on due rounds, the checkpoint, all
+  inside Redis (one locked sequence: the state and its marks move together);
+* ``Evaluate``: test accuracy on the due rounds;
+* ``ReadLocalState`` / ``FetchState`` / ``LoadState`` / ``WarmUp`` /
+  ``WriteGradient``: a sync pass's I/O and a follower's.
 
 Nothing here blocks the loop: Redis calls are awaited, torch evaluation runs on
 a thread, and every wait is bounded.
@@ -23,6 +27,10 @@ Redis keeps it out of its AOF. Writing the gradients there cost Redis more CPU t
 all its tensor work, and the state would put the whole model on disk every round.
 The state is made durable by the checkpoints (every ``checkpoint_every`` rounds and
 at stop) and by the peers; after a restart of Redis it is taken from there.
+
+Seams: ``TrainerEnv.gradient_source`` may replace the local gradient before the
+machine hears it is ready, and ``TrainerEnv.gradient_publisher`` publishes it (the
+Byzantine experiments plug in there; the honest daemon leaves both unset).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,22 +53,37 @@ from redis.exceptions import RedisError
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.rounds import (
+    CHECKPOINT,
     Aggregate,
+    CaughtUp,
     Diverged,
     Evaluate,
+    Excluded,
+    FetchState,
     Finished,
     GradientRejected,
     InvokeFunctions,
+    JobConfig,
+    JobDone,
+    JobFailed,
+    JobMachine,
     LeftView,
+    Lifecycle,
+    LoadState,
     PublishGradient,
     PublishState,
     QuorumWait,
+    ReadLocalState,
+    Resumed,
     RoundClosed,
     RoundConfig,
     RoundMachine,
-    VouchTable,
-    caught_up,
-    sync_decision,
+    StateLoaded,
+    StateUnvouched,
+    SyncStarted,
+    Unfollowed,
+    WarmUp,
+    WriteGradient,
 )
 from spirtd import logs, metrics
 from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
@@ -99,13 +122,16 @@ log = logging.getLogger("spirtd.training")
 HISTORY_MAX = 2000  # rounds kept for `train status`
 SLICE_TTL_S = 600
 TICK_MAX_S = 1.0  # the timer wakes at least this often, deadline or not
-SYNC_RETRY_S = 0.5  # between sync decisions while nothing can be done yet
-SYNC_CHECK_S = 1.0  # how often a running trainer asks whether it must sync
-VOUCH_WAIT_S = 2.0  # a fetched state newer than the vouches seen may wait this long for them
-BUFFER_MAX = 512  # gradients kept while syncing, replayed once the state is loaded
+REDIS_WAIT_S = 1.0  # between pings while this node's Redis is away
 # Trouble with this node's Redis (down, restarted, flushed): the round's work is
 # abandoned and the state re-established from Redis, a checkpoint, or the peers.
 REDIS_TROUBLE = (OSError, TimeoutError, StoreError, RedisError)
+
+# The seams (see the module docstring). A gradient source runs once this node's
+# honest gradient for the round is in Redis (StateKeys.local) and may rewrite it; a
+# publisher sends the gradient's body with its encoded GradientMeta.
+GradientSource = Callable[["Trainer", int], Awaitable[None]]
+GradientPublisher = Callable[["Trainer", int, bytes, GradientMeta], Awaitable[None]]
 
 
 @dataclass
@@ -129,6 +155,8 @@ class TrainerEnv:
     counters: Counter[str] = field(default_factory=Counter)
     # (kind, detail): what the job's event log (train status, the report) shows.
     note: Callable[[str, str], None] = lambda kind, detail: None
+    gradient_source: GradientSource | None = None
+    gradient_publisher: GradientPublisher | None = None
 
 
 @dataclass
@@ -184,22 +212,10 @@ class Trainer:
         self.env = env
         self.keys = StateKeys(job_id)
         self.rule = spec.rule
-        self.state = "starting"
-        self.detail = ""
         self.history: deque[RoundRecord] = deque(maxlen=HISTORY_MAX)
-        self.digest = b""
-        self.completed = 0
         self.last_accuracy: float | None = None
-        self.following = False  # caught up by sync; computing again from the next round start
-        self._sync_ahead = False  # syncing because stuck where the others had moved on
-        self._warmed = False  # the functions answered once (a cold start is behind us)
-        self._checked_at = 0.0
-        self._samples = 0  # this node's sample count in its current gradient
-        self.vouch = VouchTable(f=spec.f)
-        self.sync_detail = ""
-        self._state_lock = asyncio.Lock()  # state in Redis and (completed, digest) move together
-        self._buffer: deque[tuple[Message, GradientMeta]] = deque(maxlen=BUFFER_MAX)
-        self._sync_task: asyncio.Task[None] | None = None
+        self.ledger = Ledger(job_id)  # first gradient announcement per (origin, round)
+        # The round machine, for inspection (``train status``); the job machine drives it.
         self.m = RoundMachine(
             self_id=env.node_id,
             job_id=job_id,
@@ -212,14 +228,18 @@ class Trainer:
             f=spec.f,
             min_for_f=lambda f: replace(self.rule, f=f).min_peers(),
         )
-        # Equivocation: first gradient announcement per (origin, round), and the
-        # peers proven to have signed two (node id -> how and when we learned it).
-        self.ledger = Ledger(job_id)
-        self.excluded: dict[str, dict[str, Any]] = {}
+        self.job = JobMachine(
+            self.m, f=spec.f, config=JobConfig(checkpoint_every=env.checkpoint_every)
+        )
+        self._samples = 0  # this node's sample count in its current gradient
+        self._state_lock = asyncio.Lock()  # state in Redis and its marks move together
         self._on_finish = on_finish
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._work: set[asyncio.Task[None]] = set()
+        # A sync pass's state in hand: the newest checkpoint read, the download.
+        self._checkpoint_read: Snapshot | None = None
+        self._fetched: Snapshot | None = None
         # Per round: losses reported by contributors, phase timings, stored keys.
         self._losses: dict[int, dict[str, float]] = {}
         self._phases: dict[int, dict[str, float]] = {}
@@ -228,16 +248,51 @@ class Trainer:
         self._closed: dict[int, tuple[RoundClosed, float, float]] = {}
         self._records: dict[int, RoundRecord] = {}
 
+    # --- what the node reads -------------------------------------------------------------
+
+    @property
+    def state(self) -> Lifecycle:
+        return self.job.lifecycle
+
+    @property
+    def detail(self) -> str:
+        return self.job.detail
+
+    @property
+    def digest(self) -> bytes:
+        return self.job.digest
+
+    @property
+    def completed(self) -> int:
+        return self.job.completed
+
+    @property
+    def excluded(self) -> dict[str, dict[str, Any]]:
+        return self.job.excluded
+
+    def status(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return self.job.status() | {
+            "loss": last.loss if last else None,
+            "accuracy": self.last_accuracy,
+        }
+
+    async def snapshot(self) -> Snapshot | None:
+        """Our state now, for a peer that syncs from us; None while we have none."""
+        if self.state not in (Lifecycle.RUNNING, Lifecycle.DONE) or not self.digest:
+            return None
+        async with self._state_lock:
+            return await read_snapshot(self.env.store, self.job_id, self.spec, self.completed)
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self, initial: np.ndarray) -> None:
         """A new job: round 1 from the job's initial parameters."""
         async with self._state_lock:
             await state.initialise(self.env.store, self.job_id, self.spec, initial)
-            self.digest = await state.digest_of(self.env.store, self.job_id, self.spec, 0)
-            await self._mark_position()
-        self.state = "running"
-        self.m.begin(1, self.digest, time.monotonic())
+            digest = await state.digest_of(self.env.store, self.job_id, self.spec, 0)
+            await self._mark_position(0, digest)
+        self.job.start(digest, time.monotonic())
         self._loop_task = asyncio.create_task(
             self._run(), name=f"trainer-{self.job_id[:8]}", context=self._log_context()
         )
@@ -248,42 +303,31 @@ class Trainer:
         self._loop_task = asyncio.create_task(
             self._run(), name=f"trainer-{self.job_id[:8]}", context=self._log_context()
         )
-        self._enter_sync(why)
+        self.job.start_elsewhere(why, time.monotonic())
+        self._kick()
 
     async def stop(self, why: str) -> None:
-        was = self.state
-        if self.state in ("running", "starting", "syncing"):
-            self.state = "stopped"
-            self.detail = why
-        tasks = [*self._work, *(x for x in (self._loop_task, self._sync_task) if x is not None)]
+        save = self.job.stop(why)
+        tasks = [*self._work, *(x for x in (self._loop_task,) if x is not None)]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if was == "running" and self.digest:
+        if save:
             with contextlib.suppress(*REDIS_TROUBLE, SnapshotError):
-                await self._checkpoint()
+                async with self._state_lock:
+                    await self._checkpoint_locked(self.completed)
 
     async def _run(self) -> None:
         # A done trainer keeps listening: a split in the last round shows in the final
         # positions the others announce, and is repaired like any other.
-        while self.state in ("running", "syncing", "done"):
+        while self.state in (Lifecycle.RUNNING, Lifecycle.SYNCING, Lifecycle.DONE):
             self._pump()
-            dl = self.m.next_deadline()
+            dl = self.job.next_deadline()
             wait = TICK_MAX_S if dl is None else min(TICK_MAX_S, max(0.0, dl - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
-            now = time.monotonic()
-            self.m.tick(now)
-            if now - self._checked_at >= SYNC_CHECK_S:
-                # A follower stuck on a round whose gradients it never got, or a peer
-                # left far behind, finds out here even when no round closes.
-                self._checked_at = now
-                dl = self.m.deadline_at
-                stuck = self.state == "running" and dl is not None and now > dl
-                self._check_sync(stuck=stuck)
-                if stuck and self.state == "running":
-                    self._unfollow(now)
+            self.job.tick(time.monotonic())
 
     def _spawn(self, coro: Any, name: str, round: int | None = None) -> None:
         # Its log lines carry the job and, for a round's work, the round.
@@ -302,56 +346,63 @@ class Trainer:
         exc = t.exception()
         if exc is None:
             return
-        if isinstance(exc, REDIS_TROUBLE) and self.state == "running":
+        name, now = t.get_name(), time.monotonic()
+        if name.startswith("sync-"):
+            log.warning("%s failed: %s", name, exc)
+            self.job.sync_trouble(f"{name}: {exc}", now)
+        elif isinstance(exc, REDIS_TROUBLE) and self.state is Lifecycle.RUNNING:
             self.env.counters["training.redis_trouble"] += 1
-            log.warning("%s: %s; re-establishing the state", t.get_name(), exc)
-            self._enter_sync(f"redis trouble during {t.get_name()}: {exc}")
-            return
-        if t.get_name().startswith("evaluate-"):
-            log.warning("%s failed: %s", t.get_name(), exc)
-            return
-        self._fail(f"{t.get_name()} failed: {exc}")
+            log.warning("%s: %s; re-establishing the state", name, exc)
+            self.job.redis_trouble(f"redis trouble during {name}: {exc}", now)
+        elif name.startswith("evaluate-"):
+            log.warning("%s failed: %s", name, exc)
+        else:
+            self.job.fail(f"{name} failed: {exc}", now)
+        self._kick()
 
-    def _fail(self, why: str) -> None:
-        if self.state != "running":
-            return
-        log.error("job %s failed: %s", self.job_id[:12], why)
-        self.state = "failed"
-        self.detail = why
-        # The others must not wait for this node's gradients any more.
-        meta = StateMeta(self.job_id, max(1, self.m.round), self.digest or bytes(32), False)
-        self._spawn(self._publish(b"", meta.encode()), "heads-up-failed")
+    def _kick(self) -> None:
+        self._pump()
         self._wake.set()
-        self._on_finish(self)
 
-    # --- the machine ----------------------------------------------------------------------
+    # --- the machine's actions and events --------------------------------------------------
 
     def _pump(self) -> None:
-        actions = self.m.drain_actions()
-        if self.state == "syncing":
-            # No valid state to compute on; whatever the machine asks is moot (it is
-            # begun afresh once the state is back). Its events still count.
-            actions = []
-        for a in actions:
-            if isinstance(a, InvokeFunctions):
-                self._spawn(self._compute(a.round), f"compute-{a.round}", a.round)
-            elif isinstance(a, PublishState):
-                meta = StateMeta(self.job_id, a.round, a.digest, a.participating).encode()
-                self._spawn(self._publish(b"", meta), f"heads-up-{a.round}", a.round)
-            elif isinstance(a, PublishGradient):
-                self._spawn(
-                    self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}", a.round
-                )
-            elif isinstance(a, Aggregate):
-                self._spawn(
-                    self._aggregate(a.round, a.contributors, a.f), f"aggregate-{a.round}", a.round
-                )
-            elif isinstance(a, Evaluate):
-                self._spawn(self._evaluate(a.round), f"evaluate-{a.round}", a.round)
-            elif isinstance(a, Finished):
-                self._finished(a.round)
-        for ev in self.m.drain_events():
-            self._on_event(ev)
+        while True:
+            actions, events = self.job.drain_actions(), self.job.drain_events()
+            if not actions and not events:
+                return
+            for a in actions:
+                self._perform(a)
+            for ev in events:
+                self._on_event(ev)
+
+    def _perform(self, a: Any) -> None:
+        if isinstance(a, InvokeFunctions):
+            self._spawn(self._compute(a.round), f"compute-{a.round}", a.round)
+        elif isinstance(a, PublishState):
+            meta = StateMeta(self.job_id, a.round, a.digest, a.participating).encode()
+            self._spawn(self._publish(b"", meta), f"heads-up-{a.round}", a.round)
+        elif isinstance(a, PublishGradient):
+            self._spawn(
+                self._publish_gradient(a.round, a.base_digest), f"publish-{a.round}", a.round
+            )
+        elif isinstance(a, Aggregate):
+            self._spawn(self._aggregate(a), f"aggregate-{a.round}", a.round)
+        elif isinstance(a, Evaluate):
+            self._spawn(self._evaluate(a.round), f"evaluate-{a.round}", a.round)
+        elif isinstance(a, Finished):
+            self._spawn(self._finish(), f"finish-{a.round}", a.round)
+        elif isinstance(a, WriteGradient):
+            msg, meta = a.handle  # type: ignore[misc]
+            self._spawn(self.deliver(msg, meta), f"replay-{a.round}", a.round)
+        elif isinstance(a, WarmUp):
+            self._spawn(self._warm_up(a.round), "warm-up")
+        elif isinstance(a, ReadLocalState):
+            self._spawn(self._read_local_state(), "sync-local")
+        elif isinstance(a, FetchState):
+            self._spawn(self._fetch(a), f"sync-fetch-{a.peer[:8]}")
+        elif isinstance(a, LoadState):
+            self._spawn(self._load(a), "sync-load")
 
     def _on_event(self, ev: Any) -> None:
         c = self.env.counters
@@ -364,8 +415,6 @@ class Trainer:
             self._forget_body(ev.round, ev.origin)
         elif isinstance(ev, Diverged):
             c["training.diverged_peers"] += 1
-            self.vouch.note(ev.origin, ev.round, ev.digest)
-            self._check_sync()
             log.warning(
                 "peer %s holds another model at round %d (digest %s, ours %s)",
                 ev.origin,
@@ -384,101 +433,174 @@ class Trainer:
         elif isinstance(ev, LeftView):
             c[f"training.left_view.{ev.why}"] += 1
             log.info("round %d: no longer waiting for %s (%s)", ev.round, ev.node_id, ev.why)
+        elif isinstance(ev, SyncStarted):
+            log.warning("job %s: syncing state (%s)", self.job_id[:12], ev.why)
+            c["training.syncs_started"] += 1
+            self.env.note("sync_started", ev.why)
+        elif isinstance(ev, StateLoaded):
+            self._on_loaded(ev)
+        elif isinstance(ev, StateUnvouched):
+            c["training.sync_unvouched"] += 1
+            log.warning(
+                "state from %s (round %d) is not vouched for by f+1 peers; not loaded",
+                ev.peer,
+                ev.completed,
+            )
+        elif isinstance(ev, Resumed):
+            self._forget_before(ev.round)
+        elif isinstance(ev, CaughtUp):
+            log.info("caught up at round %d; contributing from round %d", ev.round - 1, ev.round)
+        elif isinstance(ev, Unfollowed):
+            c["training.unfollowed"] += 1
+            log.info("round %d: no one is computing it; computing it here", ev.round)
+        elif isinstance(ev, Excluded):
+            self._on_excluded(ev)
+        elif isinstance(ev, JobDone):
+            if ev.via == "run":
+                log.info(
+                    "job %s done after %d rounds: accuracy=%s digest=%s",
+                    self.job_id[:12],
+                    ev.round,
+                    "-" if self.last_accuracy is None else f"{self.last_accuracy:.4f}",
+                    self.digest.hex()[:12],
+                )
+            self._wake.set()
+            self._on_finish(self)
+        elif isinstance(ev, JobFailed):
+            log.error("job %s failed: %s", self.job_id[:12], ev.why)
+            self._wake.set()
+            self._on_finish(self)
 
-    def _kick(self) -> None:
-        self._pump()
-        self._wake.set()
+    def _on_loaded(self, ev: StateLoaded) -> None:
+        c = self.env.counters
+        if ev.source == CHECKPOINT:
+            log.info("state from checkpoint: round %d", ev.completed)
+            c["training.checkpoint_loads"] += 1
+            return
+        c["training.syncs_done"] += 1
+        self.env.note("synced", f"round {ev.completed} from {ev.source}")
+        log.info(
+            "synced job %s state from %s: round %d, digest %s",
+            self.job_id[:12],
+            ev.source,
+            ev.completed,
+            ev.digest.hex()[:12],
+        )
+
+    def _forget_before(self, round: int) -> None:
+        """Rounds abandoned by a sync leave no per-round records behind."""
+        for per_round in (self._losses, self._phases, self._closed, self._records):
+            for old in [k for k in per_round if k < round]:
+                del per_round[old]
+        stale = [k for rr in [x for x in self._stored if x < round] for k in self._stored.pop(rr)]
+        if stale:
+            self._spawn(self.env.store.delete(*stale), "forget-abandoned")
 
     # --- inputs from the node -------------------------------------------------------------
 
     def member_alive(self, node_id: str) -> None:
-        self.m.member_alive(node_id, time.monotonic())
+        self.job.member_alive(node_id, time.monotonic())
         self._kick()
 
     def member_gone(self, node_id: str) -> None:
-        self.m.member_gone(node_id, time.monotonic())
-        self.vouch.forget(node_id)
+        self.job.member_gone(node_id, time.monotonic())
         self._kick()
 
     def validate(self, info: Info, meta: GradientMeta | StateMeta) -> Verdict:
         """The pub/sub validation hook: runs on the announcement, before any body byte."""
         if isinstance(meta, StateMeta):
             return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
-        if info.origin in self.excluded:
-            # Proven Byzantine: nothing of it is pulled again. IGNORE, not REJECT:
-            # the neighbour that relayed it need not know yet. A wrong size is
-            # wrong whatever one knows, so its relay is charged as for anyone's.
-            if info.size != self.spec.param_count * 4:
-                self.env.counters["training.gradient_rejected.size"] += 1
-                return Verdict.REJECT
-            self.env.counters["training.gradient_rejected.excluded"] += 1
-            return Verdict.IGNORE
-        proof = self.ledger.see(
-            info.origin, meta.round, meta.base_digest, info.digest, info.size, info.wire
-        )
-        if proof is not None:
-            self.convict(proof, "detected")
-            return Verdict.IGNORE
-        self.vouch.note(info.origin, meta.round, meta.base_digest)
-        if self._buffers(meta.round):
-            # Kept for the rounds we will follow once the state is loaded, or that a
-            # follower reaches soon (the machine checks them then); far older ones
-            # can never be used.
-            newest = self.vouch.newest_round() or 0
-            if info.size != self.spec.param_count * 4:
-                return Verdict.REJECT
-            return Verdict.ACCEPT if meta.round >= min(newest - 1, self.m.round) else Verdict.IGNORE
-        reason = self.m.validate(
+        if info.origin not in self.excluded:
+            proof = self.ledger.see(
+                info.origin, meta.round, meta.base_digest, info.digest, info.size, info.wire
+            )
+            if proof is not None:
+                self.convict(proof, "detected")
+                return Verdict.IGNORE
+        else:
+            # Excluded origins are the machine's verdict; counted here as before.
+            wrong = info.size != self.spec.param_count * 4
+            self.env.counters[f"training.gradient_rejected.{'size' if wrong else 'excluded'}"] += 1
+        verdict = self.job.validate_gradient(
             info.origin, meta.job, meta.round, meta.base_digest, info.size, time.monotonic()
         )
         self._kick()
+        return verdict
+
+    async def deliver(self, msg: Message, meta: GradientMeta | StateMeta) -> None:
+        job = self.job
+        if isinstance(meta, StateMeta):
+            job.announce(
+                msg.origin, meta.job, meta.round, meta.digest, meta.participating, time.monotonic()
+            )
+            self._kick()
+            return
+        r = meta.round
+        if not job.gradient_arrived(
+            msg.origin, meta.job, r, meta.base_digest, msg.size, (msg, meta), time.monotonic()
+        ):
+            return  # held by the machine; it comes back as WriteGradient once it fits
+        key = self.keys.peer(r, msg.origin)
+        body = await msg.read()
+        try:
+            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
+        except NonFinite as e:
+            log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
+            job.gradient_refused(msg.origin, r, "nonfinite", time.monotonic())
+            self._convict_nonfinite(msg, r, body)
+            return
+        except StoreError as e:
+            # Not the sender's fault that we know of (Redis refused the write):
+            # stop waiting for it this round, but prove nothing.
+            log.warning("gradient from %s for round %d not stored: %s", msg.origin, r, e)
+            job.gradient_refused(msg.origin, r, "unstored", time.monotonic())
+            self._kick()
+            return
+        self._stored.setdefault(r, set()).add(key)
+        reason = job.gradient_stored(
+            msg.origin, meta.job, r, meta.base_digest, msg.size, time.monotonic()
+        )
         if reason is None:
-            return Verdict.ACCEPT
-        # Wrong size or a second gradient for one round is misbehaviour; the rest
-        # (late, early, another model) happens to honest peers too.
-        return Verdict.REJECT if reason in ("size", "duplicate") else Verdict.IGNORE
+            self._losses.setdefault(r, {})[msg.origin] = meta.loss
+        else:
+            await self.env.store.delete(key)
+        self._kick()
+
+    def _forget_body(self, round: int, origin: str) -> None:
+        key = self.keys.peer(round, origin)
+        stored = self._stored.get(round)
+        if stored is not None and key in stored:
+            stored.discard(key)
+            self._spawn(self.env.store.delete(key), f"forget-{round}")
 
     # --- proven Byzantine ---------------------------------------------------------------------
 
     def convict(self, proof: Evidence, how: str) -> None:
         """``proof.offender`` is proven Byzantine (it signed two gradients for one
-        round, or a non-finite one): out of every round from now on, its vouches
-        void. ``how``: "detected" here (the proof is then gossiped) or "evidence"
-        (checked proof from a peer)."""
-        if self._exclude(proof.offender, proof.round, proof.kind, how) and how == "detected":
+        round, or a non-finite one). ``how``: "detected" here (the proof is then
+        gossiped) or "evidence" (checked proof from a peer)."""
+        fresh = self.job.convict(proof.offender, proof.round, proof.kind, how, time.monotonic())
+        if fresh and how == "detected":
             self._spawn(
                 self.env.pubsub.publish(EVIDENCE_TOPIC, proof.encode(), meta=proof.meta()),
                 f"evidence-{proof.round}",
             )
+        self._kick()
 
-    def _exclude(self, origin: str, round: int, kind: str, how: str) -> bool:
-        """Excludes ``origin``; False if it was already out (or is this node)."""
-        if origin == self.env.node_id or origin in self.excluded:
-            return False
-        self.excluded[origin] = {
-            "node_id": origin,
-            "reason": kind,  # "equivocation" or "nonfinite"
-            "round": round,  # the round it misbehaved in
-            "at_round": self.m.round,  # ours when we excluded it
-            "how": how,
-        }
+    def _on_excluded(self, ev: Excluded) -> None:
         c = self.env.counters
         c["training.excluded"] += 1
-        c[f"training.{kind}.{how}"] += 1
-        what = "equivocated" if kind == EQUIVOCATION else "sent a non-finite gradient"
+        c[f"training.{ev.kind}.{ev.how}"] += 1
+        self.ledger.forget(ev.origin)
+        what = "equivocated" if ev.kind == EQUIVOCATION else "sent a non-finite gradient"
         log.warning(
             "peer %s %s in round %d (%s); excluded for the rest of job %s",
-            origin,
+            ev.origin,
             what,
-            round,
-            "seen here" if how == "detected" else "proof from a peer",
+            ev.round,
+            "seen here" if ev.how == "detected" else "proof from a peer",
             self.job_id[:12],
         )
-        self.m.exclude(origin, time.monotonic())
-        self.vouch.bar(origin)
-        self.ledger.forget(origin)
-        self._kick()
-        return True
 
     def validate_evidence(self, info: Info) -> Verdict:
         """The hook for the evidence topic: pull a proof only if it is news."""
@@ -502,44 +624,6 @@ class Trainer:
             return
         self.convict(proof, "evidence")
 
-    async def deliver(self, msg: Message, meta: GradientMeta | StateMeta) -> None:
-        now = time.monotonic()
-        if isinstance(meta, StateMeta):
-            if meta.participating or meta.round > self.spec.rounds:
-                self.vouch.note(msg.origin, meta.round, meta.digest)
-            self.m.announce(msg.origin, meta.job, meta.round, meta.digest, meta.participating, now)
-            self._kick()
-            return
-        if self._buffers(meta.round):
-            self._buffer.append((msg, meta))
-            return
-        r = meta.round
-        key = self.keys.peer(r, msg.origin)
-        body = await msg.read()
-        try:
-            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
-        except NonFinite as e:
-            log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
-            self.m.reject(msg.origin, r, "nonfinite", time.monotonic())
-            self._convict_nonfinite(msg, r, body)
-            return
-        except StoreError as e:
-            # Not the sender's fault that we know of (Redis refused the write):
-            # stop waiting for it this round, but prove nothing.
-            log.warning("gradient from %s for round %d not stored: %s", msg.origin, r, e)
-            self.m.reject(msg.origin, r, "unstored", time.monotonic())
-            self._kick()
-            return
-        self._stored.setdefault(r, set()).add(key)
-        reason = self.m.receive(
-            msg.origin, meta.job, r, meta.base_digest, msg.size, time.monotonic()
-        )
-        if reason is None:
-            self._losses.setdefault(r, {})[msg.origin] = meta.loss
-        else:
-            await self.env.store.delete(key)
-        self._kick()
-
     def _convict_nonfinite(self, msg: Message, r: int, body: bytes) -> None:
         """A signed gradient with a NaN or an infinity in it: no honest peer sends
         one, so its origin is out for the rest of the job, here at once and, through
@@ -550,39 +634,12 @@ class Trainer:
         if envelope is not None:
             proof = nonfinite_proof(msg.origin, self.job_id, r, envelope, body, msg.body.chunk_size)
         if proof is None:
-            self._exclude(msg.origin, r, NONFINITE, "detected")
+            self.job.convict(msg.origin, r, NONFINITE, "detected", time.monotonic())
+            self._kick()
         else:
             self.convict(proof, "detected")
 
-    def _buffers(self, round: int) -> bool:
-        """Whether a gradient for ``round`` waits in the buffer rather than going to the
-        machine: while syncing, and while following for rounds past the machine's
-        window (a follower replays rounds faster than the others run them, so it
-        needs the gradients of every round between its state and theirs)."""
-        if self.state == "syncing":
-            return True
-        return self.following and round > self.m.round + self.env.round_config.future_window
-
-    def _replay(self) -> None:
-        """Hands buffered gradients that now fit the machine's window to it."""
-        keep: deque[tuple[Message, GradientMeta]] = deque(maxlen=BUFFER_MAX)
-        for msg, meta in self._buffer:
-            if self._buffers(meta.round):
-                keep.append((msg, meta))
-                continue
-            info = Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)
-            if self.validate(info, meta) is Verdict.ACCEPT:
-                self._spawn(self.deliver(msg, meta), f"replay-{meta.round}", meta.round)
-        self._buffer = keep
-
-    def _forget_body(self, round: int, origin: str) -> None:
-        key = self.keys.peer(round, origin)
-        stored = self._stored.get(round)
-        if stored is not None and key in stored:
-            stored.discard(key)
-            self._spawn(self.env.store.delete(key), f"forget-{round}")
-
-    # --- actions --------------------------------------------------------------------------
+    # --- a round's work -----------------------------------------------------------------
 
     async def _publish(self, body: bytes, meta: bytes) -> None:
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
@@ -625,9 +682,13 @@ class Trainer:
         imports, dataset load: seconds). One throwaway invocation while following
         warms them, so the first round this node computes does not miss its deadline."""
         events, outputs = self._events(r)
-        res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
-        await self.env.store.delete(*outputs)
-        self._warmed = bool(res.succeeded)
+        try:
+            res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
+            await self.env.store.delete(*outputs)
+        except BaseException:
+            self.job.warm_up_done(False, time.monotonic())
+            raise
+        self.job.warm_up_done(bool(res.succeeded), time.monotonic())
         self._kick()
 
     async def _compute(self, r: int) -> None:
@@ -637,14 +698,13 @@ class Trainer:
         res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
         t1 = time.perf_counter()
         ok = res.succeeded
-        self._warmed = self._warmed or bool(ok)
         for s in res.slices:
             if s.error is not None:
                 env.counters["training.slice_failed"] += 1
                 log.warning("round %d slice %d failed: %s", r, s.index, s.error)
         if not res.met_quorum or not ok:
-            self.m.local_gradient_failed(
-                r, f"{len(ok)} of {len(res.slices)} slices", time.monotonic()
+            self.job.local_gradient_failed(
+                r, f"{len(ok)} of {len(res.slices)} slices", time.monotonic(), warm=bool(ok)
             )
             self._kick()
             await env.store.delete(*outputs)
@@ -660,14 +720,21 @@ class Trainer:
         self._stored.setdefault(r, set()).add(self.keys.local(r))
         self._phases[r] = {"functions_s": t1 - t0, "averaging_s": t2 - t1}
         self._samples = int(sum(weights))
-        self.m.local_gradient_ready(r, time.monotonic())
+        if env.gradient_source is not None:
+            # Before the machine hears of it: the round cannot close on this peer
+            # until the gradient it publishes is the one in Redis.
+            await env.gradient_source(self, r)
+        self.job.local_gradient_ready(r, time.monotonic())
         self._kick()
+
+    def gradient_meta(self, r: int, base: bytes) -> GradientMeta:
+        return GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
 
     async def _publish_gradient(self, r: int, base: bytes) -> None:
         # Everything about round r is read before the first await: when our gradient
         # is the last one the round waited for, the round closes (and its records
         # are dropped by the aggregation) while the body is still being fetched.
-        meta = GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
+        meta = self.gradient_meta(r, base)
         phases = self._phases.get(r, {})
         t0 = time.perf_counter()
         body = await self.env.store.client.get(self.keys.local(r))
@@ -675,24 +742,26 @@ class Trainer:
             # It is scratch: a Redis that restarted since it was written lost it. Redis
             # trouble, handled as such (the state is re-established), not a failed job.
             raise TensorNotFound(f"local gradient for round {r} vanished from Redis")
-        await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
+        if self.env.gradient_publisher is not None:
+            await self.env.gradient_publisher(self, r, body, meta)
+        else:
+            await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
         phases["publish_s"] = time.perf_counter() - t0
         # A round that closed during the publish has its record made already (holding
         # this dict): the internal timestamp must not land in its history.
         if self._phases.get(r) is phases:
             phases["ready_at"] = time.monotonic()
 
-    async def _aggregate(self, r: int, contributors: tuple[str, ...], f: int | None = None) -> None:
+    async def _aggregate(self, a: Aggregate) -> None:
         async with self._state_lock:
-            await self._aggregate_locked(r, contributors, f)
+            await self._aggregate_locked(a)
 
-    async def _aggregate_locked(
-        self, r: int, contributors: tuple[str, ...], f: int | None = None
-    ) -> None:
-        """``f``: the round's Byzantine bound, lower than the job's when too few
+    async def _aggregate_locked(self, a: Aggregate) -> None:
+        """``a.f``: the round's Byzantine bound, lower than the job's when too few
         contributors are left for it (the machine decides from the contributor
         count, so it is the same on every honest peer with the same set)."""
         env, spec, keys = self.env, self.spec, self.keys
+        r, contributors, f = a.round, a.contributors, a.f
         rule = self.rule if f is None or f == self.rule.f else replace(self.rule, f=f)
         me = env.node_id
         t0 = time.perf_counter()
@@ -725,8 +794,7 @@ class Trainer:
             await env.store.mean(keys.agg_prev, [keys.agg], scratch=True)
         t2 = time.perf_counter()
         digest = await state.digest_of(env.store, self.job_id, spec, r)
-        self.digest, self.completed = digest, r
-        await self._mark_position()
+        await self._mark_position(r, digest)
         t3 = time.perf_counter()
         stale = [k for rr in [x for x in self._stored if x <= r] for k in self._stored.pop(rr)]
         if stale:
@@ -740,9 +808,9 @@ class Trainer:
         phases |= {"aggregation_s": t1 - t0, "update_s": t2 - t1, "digest_s": t3 - t2}
         losses = self._losses.pop(r, {})
         picked = [losses[c] for c in contributors if c in losses]
-        if self.env.checkpoint_every and (r % self.env.checkpoint_every == 0 or r == spec.rounds):
+        if a.checkpoint:
             c0 = time.perf_counter()
-            await self._checkpoint_locked()
+            await self._checkpoint_locked(r)
             phases["checkpoint_s"] = time.perf_counter() - c0
         rec = RoundRecord(
             round=r,
@@ -759,22 +827,12 @@ class Trainer:
         self.history.append(rec)
         metrics.for_node(env.node_id).observe_round(rec.duration_s, rec.phases)
         env.counters["training.rounds"] += 1
-        due = r % spec.eval_every == 0 or r == spec.rounds
-        if due:
+        if r % spec.eval_every == 0 or r == spec.rounds:
             self._records[r] = rec  # its accuracy comes with the evaluation
         else:
             self._log_round(rec)
-        participate = None
-        if self.following and self._warmed and caught_up(self.vouch, self.env.node_id, r):
-            # Caught up: nobody is past the next round, so from its start on the
-            # others' views take this node in and it computes again.
-            self.following, participate = False, True
-            log.info("caught up at round %d; contributing from round %d", r, r + 1)
-        self.m.aggregated(r, digest, time.monotonic(), participate=participate)
-        if self._buffer:
-            self._replay()
+        self.job.aggregated(r, digest, time.monotonic())
         self._kick()
-        self._check_sync()
 
     async def _evaluate(self, r: int) -> None:
         params = await self.env.store.get(self.keys.theta)
@@ -801,118 +859,30 @@ class Trainer:
             "" if rec.closed_by == "complete" else f" closed_by={rec.closed_by}",
         )
 
-    def _finished(self, r: int) -> None:
-        async def finish() -> None:
-            # The last round always evaluates; wait for it before saying done.
-            pending = [t for t in self._work if t.get_name().startswith("evaluate-")]
-            await asyncio.gather(*pending, return_exceptions=True)
-            self.state = "done"
-            log.info(
-                "job %s done after %d rounds: accuracy=%s digest=%s",
-                self.job_id[:12],
-                r,
-                "-" if self.last_accuracy is None else f"{self.last_accuracy:.4f}",
-                self.digest.hex()[:12],
-            )
-            self._wake.set()
-            self._on_finish(self)
+    async def _finish(self) -> None:
+        # The last round always evaluates; wait for it before saying done.
+        pending = [t for t in self._work if t.get_name().startswith("evaluate-")]
+        await asyncio.gather(*pending, return_exceptions=True)
+        self.job.done(time.monotonic())
+        self._kick()
 
-        self._spawn(finish(), f"finish-{r}", r)
+    # --- state: marks, checkpoints, sync I/O -----------------------------------------------
 
-    # --- state: marks, checkpoints, snapshots -----------------------------------------------
-
-    async def _mark_position(self) -> None:
+    async def _mark_position(self, completed: int, digest: bytes) -> None:
         """Records (completed, digest) beside the state in Redis: a restarted daemon
         checks the state against it before trusting it."""
         await self.env.store.client.mset(
-            {self.keys.completed: str(self.completed), self.keys.digest: self.digest.hex()}
+            {self.keys.completed: str(completed), self.keys.digest: digest.hex()}
         )
 
-    async def _checkpoint(self) -> None:
-        async with self._state_lock:
-            await self._checkpoint_locked()
-
-    async def _checkpoint_locked(self) -> None:
-        snap = await read_snapshot(self.env.store, self.job_id, self.spec, self.completed)
+    async def _checkpoint_locked(self, completed: int) -> None:
+        snap = await read_snapshot(self.env.store, self.job_id, self.spec, completed)
         await asyncio.to_thread(self.env.checkpoints.save, snap)
         self.env.counters["training.checkpoints"] += 1
 
-    async def snapshot(self) -> Snapshot | None:
-        """Our state now, for a peer that syncs from us; None while we have none."""
-        if self.state not in ("running", "done") or not self.digest:
-            return None
-        async with self._state_lock:
-            return await read_snapshot(self.env.store, self.job_id, self.spec, self.completed)
-
-    # --- state sync -------------------------------------------------------------------------
-
-    def _check_sync(self, *, stuck: bool = False) -> None:
-        """After a round or a divergence, and every second: are we the ones who must
-        sync? ``stuck``: the open round is past its deadline; then a final
-        position the others announce counts however close it is (there are no more
-        rounds in which to catch up with them)."""
-        if self.state not in ("running", "done") or not self.digest:
-            return
-        d = sync_decision(
-            self.vouch,
-            self_id=self.env.node_id,
-            round=self.completed + 1,
-            digest=self.digest,
-            final_round=self.spec.rounds + 1 if stuck else None,
-            # Past the deadline for want of a quorum (not merely slow functions):
-            # a position the others moved on to is out of reach by rounds.
-            stuck=stuck and self.m.waiting_for_quorum,
-        )
-        if d.action == "sync":
-            # The sync pass must take a position ahead, not resume into the round
-            # we were stuck in (which would only get us stuck again).
-            self._sync_ahead = stuck and self.m.waiting_for_quorum
-            self._enter_sync(d.reason)
-
-    def _unfollow(self, now: float) -> None:
-        """A follower whose round is past its deadline while nobody is past it may be
-        waiting for other followers, which wait for it in turn: compute this round
-        after all (a wrong guess shows as a divergence and is repaired by sync)."""
-        r = self.m.round
-        if self.following and self._warmed and caught_up(self.vouch, self.env.node_id, r - 1):
-            self.following = False
-            self.env.counters["training.unfollowed"] += 1
-            log.info("round %d: no one is computing it; computing it here", r)
-            self.m.begin(r, self.digest, now, participating=True)
-            self._kick()
-
-    def _enter_sync(self, why: str) -> None:
-        if self.state not in ("running", "syncing", "starting", "done"):
-            return
-        if self.state != "syncing":
-            log.warning("job %s: syncing state (%s)", self.job_id[:12], why)
-            self.env.counters["training.syncs_started"] += 1
-            self.env.note("sync_started", why)
-        self.state, self.sync_detail = "syncing", why
-        self.following = False
-        # Tell the others not to wait for us meanwhile.
-        meta = StateMeta(self.job_id, max(1, self.m.round), self.digest or bytes(32), False)
-        self._spawn(self._publish(b"", meta.encode()), "heads-up-sync")
-        if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.create_task(
-                self._sync_loop(), name="sync", context=self._log_context()
-            )
-
-    async def _sync_loop(self) -> None:
-        try:
-            await self._establish_own()
-            while self.state == "syncing":
-                if await self._sync_once():
-                    return
-                await asyncio.sleep(SYNC_RETRY_S)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a sync that cannot go on must say so, not hang
-            self._fail(f"state sync failed: {e}")
-
-    async def _establish_own(self) -> None:
-        """What state do we hold? This node's Redis if it matches what we last knew
-        (or its own marks, after a restart); else our newest checkpoint; else none."""
+    async def _read_local_state(self) -> None:
+        """What state do we hold? This node's Redis if its marks match what it holds,
+        and our newest checkpoint; the machine decides which (if any) to keep."""
         env, spec = self.env, self.spec
         while True:
             try:
@@ -920,8 +890,9 @@ class Trainer:
                     await env.store.client.ping()
                 break
             except REDIS_TROUBLE as e:
-                self.sync_detail = f"waiting for this node's Redis: {e}"
-                await asyncio.sleep(1.0)
+                self.job.sync_detail = f"waiting for this node's Redis: {e}"
+                await asyncio.sleep(REDIS_WAIT_S)
+        redis: tuple[int, bytes] | None = None
         async with self._state_lock:
             marks = await env.store.client.mget([self.keys.completed, self.keys.digest])
             try:
@@ -929,131 +900,58 @@ class Trainer:
                 mark = bytes.fromhex(marks[1].decode()) if marks[1] is not None else b""
             except ValueError:
                 completed, mark = -1, b""
+            # Hashing the state is not free: only when the machine could keep it.
             if completed >= 0 and (not self.digest or mark == self.digest):
                 try:
                     held = await state.digest_of(env.store, self.job_id, spec, completed)
                 except (StoreError, RedisError):
                     held = b""
                 if held and held == mark:
-                    self.digest, self.completed = held, completed
-                    return
-            cp = await asyncio.to_thread(env.checkpoints.latest, self.job_id, spec)
-            if cp is not None and (
-                not self.digest
-                or cp.digest == self.digest
-                or self.vouch.vouched(cp.completed + 1, cp.digest)
-            ):
-                await load_snapshot(env.store, cp, spec, job_id=self.job_id)
-                self.digest, self.completed = cp.digest, cp.completed
-                await self._mark_position()
-                log.info("state from checkpoint: round %d", cp.completed)
-                env.counters["training.checkpoint_loads"] += 1
-                return
-            self.digest, self.completed = b"", 0
-
-    async def _sync_once(self) -> bool:
-        """One decision and, if it says so, one transfer. True once we are running."""
-        env, spec = self.env, self.spec
-        own = self.completed + 1 if self.digest else None
-        d = sync_decision(
-            self.vouch,
-            self_id=env.node_id,
-            round=own,
-            digest=self.digest or None,
-            # Already out of the rounds: once the others have finished there is no
-            # round left to catch up in, so their final model is the only way out.
-            final_round=self.spec.rounds + 1,
-            stuck=self._sync_ahead,
+                    redis = (completed, held)
+        cp = await asyncio.to_thread(env.checkpoints.latest, self.job_id, spec)
+        self._checkpoint_read = cp
+        self.job.local_state(
+            redis, None if cp is None else (cp.completed, cp.digest), time.monotonic()
         )
-        self.sync_detail = d.reason
-        alone = len(self.m.status().get("view", [])) <= 1 and not self.vouch.newest_round()
-        if own is not None and (d.action == "in_sync" or (d.action == "wait" and alone)):
-            self._resume(own)
-            return True
-        if d.action != "sync" or d.target is None:
-            return False
-        max_total = max_encoded_size(spec)
-        want = Position(d.target.round - 1, d.target.digest)
-        for peer in d.target.vouchers:
-            if peer == env.node_id:
-                continue
-            try:
-                data = await env.sync.fetch(
-                    peer, self.job_id, max_total, env.sync_timeout_s, want=want
-                )
-            except SyncError as e:
-                env.counters["training.sync_failed"] += 1
-                log.warning("no state from %s: %s", peer, e)
-                continue
-            try:
-                snap = Snapshot.decode(data, spec, job_id=self.job_id)
-            except SnapshotError as e:
-                # It does not match the digest it claims: a broken or lying peer.
-                env.counters["training.sync_bad_state"] += 1
-                log.warning("state from %s refused: %s", peer, e)
-                continue
-            waited = 0.0
-            while not self.vouch.vouched(snap.completed + 1, snap.digest) and waited < VOUCH_WAIT_S:
-                await asyncio.sleep(0.1)  # the others' heads-ups for that round may be in flight
-                waited += 0.1
-            if not self.vouch.vouched(snap.completed + 1, snap.digest):
-                env.counters["training.sync_unvouched"] += 1
-                log.warning(
-                    "state from %s (round %d) is not vouched for by f+1 peers; not loaded",
-                    peer,
-                    snap.completed,
-                )
-                continue
-            async with self._state_lock:
-                await load_snapshot(env.store, snap, spec, job_id=self.job_id)
-                self.digest, self.completed = snap.digest, snap.completed
-                await self._mark_position()
-            env.counters["training.syncs_done"] += 1
-            env.note("synced", f"round {snap.completed} from {peer}")
-            log.info(
-                "synced job %s state from %s: round %d, digest %s",
-                self.job_id[:12],
-                peer,
-                snap.completed,
-                snap.digest.hex()[:12],
-            )
-            self._resume(snap.completed + 1)
-            return True
-        return False
-
-    def _resume(self, round: int) -> None:
-        """Runs again from ``round`` with the state we hold: following that round
-        (others' gradients only), computing again from the next round start."""
-        if round > self.spec.rounds:
-            self.state = "done"
-            self._on_finish(self)
-            return
-        self.state, self.sync_detail, self.following = "running", "", True
-        self._sync_ahead = False
-        # Rounds abandoned by the sync leave no per-round records behind.
-        for per_round in (self._losses, self._phases, self._closed, self._records):
-            for old in [k for k in per_round if k < round]:
-                del per_round[old]
-        stale = [k for rr in [x for x in self._stored if x < round] for k in self._stored.pop(rr)]
-        if stale:
-            self._spawn(self.env.store.delete(*stale), "forget-abandoned")
-        self.m.begin(round, self.digest, time.monotonic(), participating=False)
-        if not self._warmed:
-            self._spawn(self._warm_up(round), "warm-up")
-        self._replay()
         self._kick()
 
-    # --- status ---------------------------------------------------------------------------
+    async def _fetch(self, a: FetchState) -> None:
+        env, spec = self.env, self.spec
+        self._fetched = None
+        try:
+            data = await env.sync.fetch(
+                a.peer,
+                self.job_id,
+                max_encoded_size(spec),
+                env.sync_timeout_s,
+                want=Position(a.completed, a.digest),
+            )
+        except SyncError as e:
+            env.counters["training.sync_failed"] += 1
+            log.warning("no state from %s: %s", a.peer, e)
+            self.job.fetch_failed(a.peer, str(e), time.monotonic())
+            self._kick()
+            return
+        try:
+            snap = Snapshot.decode(data, spec, job_id=self.job_id)
+        except SnapshotError as e:
+            # It does not match the digest it claims: a broken or lying peer.
+            env.counters["training.sync_bad_state"] += 1
+            log.warning("state from %s refused: %s", a.peer, e)
+            self.job.fetch_failed(a.peer, str(e), time.monotonic())
+            self._kick()
+            return
+        self._fetched = snap
+        self.job.state_fetched(a.peer, snap.completed, snap.digest, time.monotonic())
+        self._kick()
 
-    def status(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else None
-        return {
-            "state": "syncing" if self.following else self.state,
-            "detail": self.sync_detail if self.state == "syncing" else self.detail,
-            "round": self.completed,
-            "model_digest": self.digest.hex() if self.digest else None,
-            "loss": last.loss if last else None,
-            "accuracy": self.last_accuracy,
-            "excluded": [self.excluded[k] for k in sorted(self.excluded)],
-            "machine": self.m.status(),
-        }
+    async def _load(self, a: LoadState) -> None:
+        snap = self._checkpoint_read if a.source == CHECKPOINT else self._fetched
+        self._checkpoint_read = self._fetched = None
+        if snap is None or (snap.completed, snap.digest) != (a.completed, a.digest):
+            raise SnapshotError(f"no state in hand for round {a.completed} from {a.source}")
+        async with self._state_lock:
+            await load_snapshot(self.env.store, snap, self.spec, job_id=self.job_id)
+            await self._mark_position(snap.completed, snap.digest)
+        self.job.state_loaded(a.source, snap.completed, snap.digest, time.monotonic())
+        self._kick()
