@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from spirtd.functions.runtime import lambda_errors
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.process import WorkerDied, WorkerInitError, WorkerProcess
+from spirtd.functions.runtime.zygote_client import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class FunctionPool:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Workers are forked from it: their imports (torch) are paid once per function.
+        self.zygote = Zygote(name, spec, cfg)
 
     @property
     def workers(self) -> tuple[WorkerProcess, ...]:
@@ -69,7 +72,7 @@ class FunctionPool:
 
     async def _spawn(self) -> WorkerProcess:
         try:
-            w = await WorkerProcess.spawn(self.name, self.spec, self.cfg)
+            w = await WorkerProcess.spawn(self.name, self.spec, self.cfg, self.zygote)
         except WorkerInitError:
             self.stats.init_failures += 1
             raise
@@ -101,10 +104,19 @@ class FunctionPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _start_zygote(self) -> None:
+        await self.zygote.start()
+
     def warm(self, count: int) -> None:
         """Starts workers in the background until ``count`` exist or are starting; an
         invocation that comes meanwhile waits for one of them instead of starting its
-        own (a worker's init is seconds of imports: paid before the job needs it)."""
+        own (a worker's init is seconds of imports: paid before the job needs it).
+        The zygote starts even for ``count`` 0: a worker forked later is ready in a
+        fraction of a second, as its imports are the zygote's."""
+        if not self._closed and self.zygote.pid is None and not self.zygote.disabled:
+            task = asyncio.get_running_loop().create_task(self._start_zygote())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for _ in range(count - len(self._all) - self._spares_starting):
             self._start_spare()
 
@@ -229,3 +241,4 @@ class FunctionPool:
         await asyncio.gather(
             *(w.close() for w in idle), *(w.kill() for w in busy), return_exceptions=True
         )
+        await self.zygote.close()

@@ -12,17 +12,20 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import spirtd
 from spirtd.functions.runtime import framing
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 
+if TYPE_CHECKING:
+    from spirtd.functions.runtime.zygote_client import ForkedProcess, Zygote
+
 # Room for the reply header around the largest response body.
-_FRAME_SLACK = 64 * 1024
+FRAME_SLACK = 64 * 1024
 _EXIT_WAIT_S = 5.0
 # Longer worker output lines are logged in pieces of this size.
-_OUTPUT_LINE_MAX = 16 * 1024
+OUTPUT_LINE_MAX = 16 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _worker_env(spec: FunctionSpec, cfg: RuntimeConfig) -> dict[str, str]:
+def worker_env(spec: FunctionSpec, cfg: RuntimeConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(spec.environment)
     threads = str(cfg.threads_per_worker)
@@ -60,7 +63,7 @@ def _worker_env(spec: FunctionSpec, cfg: RuntimeConfig) -> dict[str, str]:
     return env
 
 
-async def _log_output(function: str, out: asyncio.StreamReader) -> None:
+async def log_output(function: str, out: asyncio.StreamReader) -> None:
     """Logs what a worker writes on stdout/stderr (handler prints, warnings, a
     crash's traceback), a line at a time, until EOF: the daemon's own stderr
     carries only lines in its log format, rate-limited like the rest."""
@@ -70,7 +73,7 @@ async def _log_output(function: str, out: asyncio.StreamReader) -> None:
         except asyncio.IncompleteReadError as e:
             line = e.partial  # EOF: what is left has no newline
         except asyncio.LimitOverrunError:
-            line = await out.read(_OUTPUT_LINE_MAX)
+            line = await out.read(OUTPUT_LINE_MAX)
         if not line:
             return
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -82,7 +85,7 @@ class WorkerProcess:
         self,
         function: str,
         spec: FunctionSpec,
-        proc: asyncio.subprocess.Process,
+        proc: asyncio.subprocess.Process | ForkedProcess,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         max_frame: int,
@@ -97,7 +100,7 @@ class WorkerProcess:
         self.alive = True
         # A fresh context: the output is the worker's, not the round that started it.
         self._output = (
-            asyncio.create_task(_log_output(function, proc.stdout), context=contextvars.Context())
+            asyncio.create_task(log_output(function, proc.stdout), context=contextvars.Context())
             if proc.stdout is not None
             else None
         )
@@ -106,10 +109,11 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    @classmethod
-    async def spawn(cls, function: str, spec: FunctionSpec, cfg: RuntimeConfig) -> WorkerProcess:
+    @staticmethod
+    async def _exec(
+        function: str, spec: FunctionSpec, cfg: RuntimeConfig
+    ) -> tuple[asyncio.subprocess.Process, socket.socket]:
         parent, child = socket.socketpair()
-        max_frame = cfg.max_response_bytes + _FRAME_SLACK
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -124,7 +128,7 @@ class WorkerProcess:
                 "--memory-mb",
                 str(spec.memory_mb),
                 "--max-frame",
-                str(max(cfg.max_request_bytes, cfg.max_event_bytes) + _FRAME_SLACK),
+                str(max(cfg.max_request_bytes, cfg.max_event_bytes) + FRAME_SLACK),
                 "--max-response",
                 str(cfg.max_response_bytes),
                 pass_fds=(child.fileno(),),
@@ -132,14 +136,32 @@ class WorkerProcess:
                 # Handler prints become our log lines (Lambda would send them to its logs).
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                limit=_OUTPUT_LINE_MAX,
-                env=_worker_env(spec, cfg),
+                limit=OUTPUT_LINE_MAX,
+                env=worker_env(spec, cfg),
                 # Own session: a Ctrl-C on the daemon's terminal does not hit workers;
                 # stop() ends them. If the daemon dies, they see EOF and exit.
                 start_new_session=True,
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
+        return proc, parent
+
+    @classmethod
+    async def spawn(
+        cls, function: str, spec: FunctionSpec, cfg: RuntimeConfig, zygote: Zygote | None = None
+    ) -> WorkerProcess:
+        """A ready worker: forked from ``zygote`` when there is one that works (its
+        imports are done), else a fresh process."""
+        max_frame = cfg.max_response_bytes + FRAME_SLACK
+        forked = await zygote.fork() if zygote is not None else None
+        proc: asyncio.subprocess.Process | ForkedProcess
+        if forked is not None:
+            proc, parent = forked
+        else:
+            proc, parent = await cls._exec(function, spec, cfg)
         try:
             reader, writer = await asyncio.open_connection(sock=parent)
         except BaseException:

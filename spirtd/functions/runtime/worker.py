@@ -197,23 +197,20 @@ def _run(
     return reply, out, False
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="spirtd.functions.runtime.worker")
-    ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--handler", required=True)
-    ap.add_argument("--function", required=True)
-    ap.add_argument("--memory-mb", type=int, required=True)
-    ap.add_argument("--max-frame", type=int, required=True)
-    ap.add_argument("--max-response", type=int, required=True)
-    args = ap.parse_args(argv)
-    sock = socket.socket(fileno=args.fd)
+def serve(
+    sock: socket.socket,
+    handler_spec: str,
+    function: str,
+    memory_mb: int,
+    max_frame: int,
+    max_response: int,
+) -> int:
+    """Imports the handler (its module's code is the worker's init), says ready or
+    why not, then runs invocations until the runtime closes the socket. Returns the
+    exit status. Also the body of a worker forked from a zygote (zygote.py)."""
     t0 = time.perf_counter()
-    # A handler that moves tensors of a few MB per invocation would otherwise get each
-    # as a fresh mmap, faulted in page by page and unmapped after use.
-    malloc_tuning.tune()
     try:
-        set_memory_limit(args.memory_mb)
-        handler = import_handler(args.handler)
+        handler = import_handler(handler_spec)
     except Exception as e:
         sock.sendall(
             framing.encode(
@@ -232,17 +229,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     while True:
         try:
-            header, body = framing.read_sync(sock, args.max_frame)
+            header, body = framing.read_sync(sock, max_frame)
         except (EOFError, ConnectionError):
             return 0
         if header.get("type") != "invoke":
             return 0
-        reply, out, must_exit = run_one(
-            handler, header, body, args.function, args.memory_mb, args.max_response
-        )
+        reply, out, must_exit = run_one(handler, header, body, function, memory_mb, max_response)
         sock.sendall(framing.encode(reply, out))
         if must_exit:
             return 1
+
+
+def prepare(memory_mb: int) -> None:
+    """What a worker does before importing anything heavy: a zygote does it once
+    for the workers it forks."""
+    # A handler that moves tensors of a few MB per invocation would otherwise get each
+    # as a fresh mmap, faulted in page by page and unmapped after use.
+    malloc_tuning.tune()
+    set_memory_limit(memory_mb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="spirtd.functions.runtime.worker")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--handler", required=True)
+    ap.add_argument("--function", required=True)
+    ap.add_argument("--memory-mb", type=int, required=True)
+    ap.add_argument("--max-frame", type=int, required=True)
+    ap.add_argument("--max-response", type=int, required=True)
+    args = ap.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    prepare(args.memory_mb)
+    return serve(
+        sock, args.handler, args.function, args.memory_mb, args.max_frame, args.max_response
+    )
 
 
 if __name__ == "__main__":

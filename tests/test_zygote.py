@@ -1,0 +1,130 @@
+"""Workers forked from a function's zygote: who their parent is, what the zygote
+imported, and what happens when the zygote dies or cannot be used."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
+from spirtd.functions.runtime.pool import FunctionPool
+from spirtd.functions.runtime.server import LocalRuntime
+from spirtd.functions.runtime.zygote import handler_imports
+from spirtd.localcluster import async_wait_for
+from tests.test_runtime import invoke, lambda_client, probe_config
+
+
+def parent_of(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces.
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def modules_mapped(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_zygote_preloads_what_the_handler_imports_not_the_handler() -> None:
+    names = handler_imports("spirtd.functions.gradient")
+    assert "torch" in names and "numpy" in names
+    assert "spirtd.functions.gradient" not in names and "__future__" not in names
+    assert handler_imports("spirtd.functions.no_such_module") == []
+
+
+async def test_gradient_workers_fork_from_a_single_threaded_zygote() -> None:
+    spec = FunctionSpec()
+    pool = FunctionPool(GRADIENT_FUNCTION, spec, RuntimeConfig(functions={GRADIENT_FUNCTION: spec}))
+    try:
+        await pool.prewarm(2)
+        zygote = pool.zygote.pid
+        assert zygote is not None and pool.zygote.starts == 1
+        for pid in pool.worker_pids:
+            assert parent_of(pid) == zygote
+        # torch is loaded in the zygote, but its workers' inits (a backward pass each)
+        # started no thread there: a later fork is as safe as the first.
+        assert "libtorch" in modules_mapped(zygote)
+        assert threads_of(zygote) == 1
+        await pool.prewarm(1)
+        assert len(pool.worker_pids) == 3 and pool.zygote.starts == 1
+    finally:
+        await pool.close()
+    assert pool.zygote.pid is None
+
+
+async def test_zygote_death_kills_its_workers_and_a_new_one_serves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with LocalRuntime(probe_config(concurrency=2)) as rt:
+        c = lambda_client(rt)
+        pool = rt.pools["probe"]
+        first = await invoke(c, {"action": "echo"})
+        worker = first["body"]["pid"]
+        zygote = pool.zygote.pid
+        assert zygote is not None and parent_of(worker) == zygote
+        with caplog.at_level(logging.WARNING, logger="spirtd.functions.runtime.zygote_client"):
+            os.kill(zygote, signal.SIGKILL)
+            await async_wait_for(lambda: pool.zygote.pid is None, 30, "the zygote's death seen")
+        # Its worker is killed with it: nothing would report its exit any more.
+        await async_wait_for(
+            lambda: pool.workers[0].proc.returncode is not None, 30, "the orphaned worker's end"
+        )
+        assert "zygote exited" in caplog.text
+        again = await invoke(c, {"action": "echo"})
+        assert again["error"] is None and again["body"]["pid"] != worker
+        assert pool.zygote.starts == 2
+        assert parent_of(again["body"]["pid"]) == pool.zygote.pid != zygote
+
+
+async def test_forked_worker_output_becomes_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    async with LocalRuntime(probe_config()) as rt:
+        c = lambda_client(rt)
+        with caplog.at_level(logging.INFO, logger="spirtd.functions.runtime.process"):
+            await invoke(c, {"action": "print", "lines": ["forked says hello"]})
+            (pid,) = rt.pools["probe"].worker_pids
+            assert parent_of(pid) == rt.pools["probe"].zygote.pid
+            await async_wait_for(
+                lambda: "function probe: forked says hello" in caplog.text, 30, "the line"
+            )
+
+
+async def test_a_zygote_that_would_fork_threads_is_not_used(tmp_path: Path) -> None:
+    """A handler whose imports start a thread: forking that process could copy a
+    lock held by the thread, so its workers start as fresh processes."""
+    (tmp_path / "threaded_dep.py").write_text(
+        textwrap.dedent(
+            """
+            import threading
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+            """
+        )
+    )
+    (tmp_path / "threaded_handler.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import threaded_dep
+
+            def handler(event, context):
+                return {"pid": os.getpid(), "ppid": os.getppid()}
+            """
+        )
+    )
+    spec = FunctionSpec(
+        handler="threaded_handler:handler",
+        memory_mb=256,
+        environment={"PYTHONPATH": str(tmp_path)},
+    )
+    async with LocalRuntime(RuntimeConfig(functions={"threaded": spec})) as rt:
+        r = await invoke(lambda_client(rt), {}, name="threaded")
+        assert r["error"] is None, r
+        assert r["body"]["ppid"] == os.getpid()
+        assert rt.pools["threaded"].zygote.disabled
