@@ -260,11 +260,17 @@ def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path, sam
         (ex,) = s["excluded"]
         assert ex["node_id"] == offender and ex["how"] in ("detected", "evidence")
         assert ex["round"] <= first + 2 and ex["at_round"] <= first + 2, ex
-    for s in statuses:
-        # Within 2 rounds of its first equivocation, out of every round.
+    for s, c in zip(statuses, counters, strict=True):
+        # Within 2 rounds of its first equivocation, out of every round this peer ran.
         late = [h for h in s["history"] if h["round"] >= first + 2]
-        assert late and all(offender not in h["contributors"] for h in late), s["history"]
+        brief = [(h["round"], len(h["contributors"]), h["closed_by"]) for h in s["history"]]
+        assert all(offender not in h["contributors"] for h in late), brief
+        # A peer that aggregated the other version before the proof reached it holds
+        # another model and syncs, possibly straight to the end of this short job: it
+        # then ran no late round itself. Every other peer ran them.
+        assert late or c.get("training.syncs_done", 0) >= 1, (brief, s["detail"], c)
         assert s["rounds"]["excluded"] == [offender]
+    assert any(h["round"] >= first + 2 for s in statuses for h in s["history"])
     assert all(c["training.excluded"] == 1 for c in counters), counters
     # At least one honest peer caught it itself; the others may have its proof.
     assert sum(c.get("training.equivocation.detected", 0) for c in counters) >= 1
