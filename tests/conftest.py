@@ -15,14 +15,14 @@ pytest_plugins = [
 # to one worker, one after another, so two such clusters never compete for the
 # machine's two cores, while the other worker runs everything else: unit tests and
 # the files that start one to three daemons for a few rounds or none (logs, CLI,
-# trust, links, pub/sub), which a loaded core slows but does not break. Every file
+# trust, links, pub/sub) and the benches' smoke runs (they check what the benches
+# print and that sign flip hurts the mean more than a robust rule, not how fast
+# anything went), which a loaded core slows but does not break. Every file
 # stays whole on one worker, so module-scoped fixtures (a shared cluster, a shared
 # Redis) are set up once. A new file whose daemons train for more than a few rounds
 # belongs here.
 CLUSTER_FILES = frozenset(
     {
-        "test_bench_byzantine.py",
-        "test_bench_round.py",
         "test_byzantine_attacks.py",
         "test_byzantine_bad_gradients.py",
         "test_equivocation.py",
