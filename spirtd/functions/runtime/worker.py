@@ -249,15 +249,20 @@ def prepare(memory_mb: int) -> None:
     set_memory_limit(memory_mb)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="spirtd.functions.runtime.worker")
+def arguments(prog: str) -> argparse.ArgumentParser:
+    """The command line of a worker, and of the zygote that forks workers."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--handler", required=True)
     ap.add_argument("--function", required=True)
     ap.add_argument("--memory-mb", type=int, required=True)
     ap.add_argument("--max-frame", type=int, required=True)
     ap.add_argument("--max-response", type=int, required=True)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments("spirtd.functions.runtime.worker").parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     prepare(args.memory_mb)
     return serve(

@@ -176,14 +176,7 @@ def serve(args: argparse.Namespace, ctrl: socket.socket) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="spirtd.functions.runtime.zygote")
-    ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--handler", required=True)
-    ap.add_argument("--function", required=True)
-    ap.add_argument("--memory-mb", type=int, required=True)
-    ap.add_argument("--max-frame", type=int, required=True)
-    ap.add_argument("--max-response", type=int, required=True)
-    args = ap.parse_args(argv)
+    args = worker.arguments("spirtd.functions.runtime.zygote").parse_args(argv)
     ctrl = socket.socket(fileno=args.fd)
     t0 = time.perf_counter()
     worker.prepare(args.memory_mb)
