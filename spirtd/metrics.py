@@ -535,9 +535,11 @@ class NodeMetrics:
     CPU, memory and file descriptor figures."""
 
     def __init__(self, node: MetricsSource, node_id: str) -> None:
-        self.link_bytes = LinkBytes()
+        # The node counts its links' bytes itself (its rounds report them too).
+        own = getattr(node, "link_bytes", None)
+        self.link_bytes = own if isinstance(own, LinkBytes) else LinkBytes()
         add_listener = getattr(node, "add_link_listener", None)
-        if add_listener is not None:
+        if own is None and add_listener is not None:
             add_listener(self.link_bytes.on_link)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node, self.link_bytes))

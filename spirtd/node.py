@@ -23,6 +23,7 @@ from spirtd import __version__, logs, rules, services
 from spirtd.config import Config, ConfigError
 from spirtd.control.api import ApiServer
 from spirtd.keyfiles import DataDir, KeyFileError, load_or_create_key
+from spirtd.metrics import LinkBytes
 from spirtd.net.link import Link, StreamSink
 from spirtd.net.transport import Transport
 from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
@@ -45,7 +46,9 @@ class Node:
         self.started_at = time.time()
         self._envelope_handlers: dict[MsgType, EnvelopeHandler] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
-        self._link_listeners: list[LinkListener] = []
+        # Bytes over peer links, closed links included: metrics and each round's record.
+        self.link_bytes = LinkBytes()
+        self._link_listeners: list[LinkListener] = [self.link_bytes.on_link]
         # Receivers keep per-origin sequence windows, so a restarted node must not
         # reuse old numbers: start from the clock in microseconds, then count up.
         self._seq = int(time.time() * 1_000_000)
@@ -278,6 +281,11 @@ class Node:
 
     def add_link_listener(self, listener: LinkListener) -> None:
         self._link_listeners.append(listener)
+
+    def wire_bytes(self) -> tuple[int, int]:
+        """(in, out): every byte this node's peer links have carried so far."""
+        live = self.transport.links.values() if self.transport is not None else ()
+        return self.link_bytes.totals(live)
 
     def seal(self, msg_type: MsgType, body: Any) -> bytes:
         """Signs ``body`` as an envelope from this node, with a fresh sequence number."""

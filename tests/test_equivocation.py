@@ -176,6 +176,44 @@ def test_a_nonfinite_gradient_is_proof_in_one_chunk() -> None:
     assert nonfinite_proof(k.node_id, JOB, 5, _signed_body(k, clean), clean, CHUNK) is None
 
 
+def test_a_nonfinite_int8_header_is_proof_and_codes_never_are() -> None:
+    """In an int8 body the headers (scale, offset) come first: a non-finite one is
+    proven by the chunk that holds it; any code decodes to a finite value."""
+    from protocol import compression
+
+    k = _key(1)
+    count = 3 * compression.BLOCK
+    good = compression.encode("int8", np.linspace(-1, 1, count, dtype=np.float32))
+    bad = bytearray(good)
+    bad[2 * compression.HEADER : 2 * compression.HEADER + 4] = np.float32(np.inf).tobytes()
+    bad = bytes(bad)
+    env = _signed_body(k, bad)
+    proof = nonfinite_proof(k.node_id, JOB, 5, env, bad, CHUNK, "int8", count)
+    assert proof is not None and proof.index == 0
+    assert isinstance(verify(proof.encode(), JOB, CFG, "int8", count), NonfiniteProof)
+    # Codes that read as a float32 NaN prove something of a float32 body only.
+    codes = bytearray(good)
+    codes[CHUNK + 8 : CHUNK + 12] = np.float32(np.nan).tobytes()
+    as_f32 = nonfinite_proof(k.node_id, JOB, 5, env, bytes(codes), CHUNK, "none", count)
+    assert as_f32 is not None and as_f32.index == 1
+    assert compression.first_bad("int8", bytes(codes), count) is None
+    with pytest.raises(EvidenceError, match="no non-finite"):
+        verify(
+            nonfinite_proof(
+                k.node_id, JOB, 5, _signed_body(k, bytes(codes)), bytes(codes), CHUNK
+            ).encode(),  # type: ignore[union-attr]
+            JOB,
+            CFG,
+            "int8",
+            count,
+        )
+    # ...and a finite int8 body, whatever its codes, proves nothing.
+    assert (
+        nonfinite_proof(k.node_id, JOB, 5, _signed_body(k, good), good, CHUNK, "int8", count)
+        is None
+    )
+
+
 def test_forged_nonfinite_proofs_are_refused() -> None:
     k = _key(1)
     body = _body_with_nan_at(1500)

@@ -119,6 +119,11 @@ def test_a_job_tolerating_byzantine_peers_defaults_to_a_robust_rule() -> None:
         ({"task": "digits", "aggregator": "nnm+bogus"}, "unknown rule"),
         ({"task": "digits", "batch_size": 1, "functions_per_round": 2}, "cannot split"),
         ({"task": "digits", "param_count": 5}, "unknown job setting"),
+        ({"task": "digits", "inner_steps": 0}, "inner_steps"),
+        ({"task": "digits", "inner_steps": 1.5}, "inner_steps"),
+        ({"task": "digits", "compression": "int4"}, "compression: must be one of"),
+        ({"task": "digits", "outer_lr": 0}, "outer_lr"),
+        ({"task": "digits", "outer_momentum": 1.0}, "outer_momentum"),
     ],
 )
 def test_bad_requests(body: dict, message: str) -> None:
@@ -136,6 +141,27 @@ def test_record_round_trip_and_id_binds_every_byte() -> None:
     assert len(job_id) == 32
     other = jobs.with_model(spec, 2410, "ac").to_record()
     assert JobSpec.job_id(other) != job_id
+
+
+def test_outer_round_settings_travel_in_the_record_only_when_set() -> None:
+    """A plain job's record has no outer-round fields (its id is what it was, and a
+    peer that predates them runs it); a job that sets them carries them."""
+    plain = jobs.with_model(jobs.from_request({"task": "digits"}, now_ms=5), 10, "x")
+    assert "inner_steps" not in strictpack.unpack(plain.to_record())
+    assert JobSpec.from_record(plain.to_record()) == plain
+    outer = jobs.with_model(
+        jobs.from_request(
+            {"task": "digits", "inner_steps": 10, "compression": "int8", "outer_lr": 1},
+            now_ms=5,
+        ),
+        10_000,
+        "x",
+    )
+    obj = strictpack.unpack(outer.to_record())
+    assert (obj["inner_steps"], obj["compression"], obj["outer_lr"]) == (10, "int8", 1.0)
+    back = JobSpec.from_record(outer.to_record())
+    assert back == outer and back.body_size == 8 * 3 + 10_000  # 3 int8 blocks' headers
+    assert JobSpec.job_id(outer.to_record()) != JobSpec.job_id(plain.to_record())
 
 
 def test_records_from_the_network_are_checked() -> None:

@@ -322,7 +322,7 @@ class JobMachine:
             # Proven Byzantine: nothing of it is pulled again. IGNORE, not REJECT:
             # the neighbour that relayed it need not know yet. A wrong size is
             # wrong whatever one knows, so its relay is charged as for anyone's.
-            if size != self.rounds.param_count * 4:
+            if size != self.rounds.body_size:
                 self.counters["gradient_rejected.size"] += 1
                 return Verdict.REJECT
             self.counters["gradient_rejected.excluded"] += 1
@@ -333,7 +333,7 @@ class JobMachine:
             # Held for the rounds we will follow once the state is loaded, or that a
             # follower reaches soon (the round machine checks them then); far older
             # ones can never be used.
-            if size != self.rounds.param_count * 4:
+            if size != self.rounds.body_size:
                 return Verdict.REJECT
             newest = self.vouch.newest_round() or 0
             return Verdict.ACCEPT if round >= min(newest - 1, self.rounds.round) else Verdict.IGNORE

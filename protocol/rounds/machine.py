@@ -95,13 +95,16 @@ class RoundMachine:
         start_round: int = 1,
         f: int = 0,
         min_for_f: Callable[[int], int] | None = None,
+        body_size: int | None = None,
     ) -> None:
         """``members``: the live members known now (self may be included or not).
         ``min_contributors``: the aggregation rule's minimum n (2f+3 for Krum).
         ``eval_every``: evaluate every that many rounds (0: only after the last).
         ``f``, ``min_for_f``: the job's Byzantine bound and the rule's minimum n for
         a given f; with them, peers proven Byzantine lower both (see above) and
-        every ``Aggregate`` says which f to aggregate with."""
+        every ``Aggregate`` says which f to aggregate with. ``body_size``: the exact
+        size of a gradient body (compressed ones are smaller than ``param_count``
+        float32 values)."""
         config.validate()
         if rounds < 1:
             raise ValueError("rounds must be >= 1")
@@ -134,7 +137,9 @@ class RoundMachine:
         self.deadline_s = config.initial_deadline_s  # this round's deadline, after begin
         self.deadline_at: float | None = None
         self._now = 0.0
-        self._size = param_count * BYTES_PER_PARAM
+        self.body_size = self._size = (
+            param_count * BYTES_PER_PARAM if body_size is None else body_size
+        )
         self._deadline = AdaptiveDeadline(config)
         self._view = RoundView(self_id, members, config.strikes, self._left)
         self._quorum_waited = False

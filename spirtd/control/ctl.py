@@ -261,6 +261,10 @@ def cmd_train_start(a: argparse.Namespace) -> str | dict:
             "weight_decay": a.weight_decay,
             "seed": a.seed,
             "eval_every": a.eval_every,
+            "inner_steps": a.inner_steps,
+            "compression": a.compression,
+            "outer_lr": a.outer_lr,
+            "outer_momentum": a.outer_momentum,
         }.items()
         if v is not None
     }
@@ -271,6 +275,8 @@ def cmd_train_start(a: argparse.Namespace) -> str | dict:
         f"started job {r.get('job')}: {r.get('task')}, {r.get('rounds')} rounds, "
         f"{r.get('aggregator')} (f={r.get('f')}), {r.get('optimizer')} lr={r.get('lr')}"
     )
+    if (r.get("inner_steps") or 1) > 1 or r.get("compression", "none") != "none":
+        started += f", {r.get('inner_steps')} inner steps per round, {r.get('compression')}"
     if a.follow:
         _progress(a, started)
         final = follow(a, str(r.get("job")))
@@ -644,6 +650,19 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--weight-decay", type=float)
     ts.add_argument("--seed", type=int)
     ts.add_argument("--eval-every", type=int)
+    ts.add_argument(
+        "--inner-steps",
+        type=int,
+        metavar="H",
+        help="local steps per round; > 1 exchanges pseudo-gradients every H steps (DiLoCo)",
+    )
+    ts.add_argument(
+        "--compression",
+        choices=["none", "fp16", "int8"],
+        help="what each peer publishes: float32, fp16, or blockwise int8 (error feedback)",
+    )
+    ts.add_argument("--outer-lr", type=float, help="outer Nesterov SGD step (H > 1)")
+    ts.add_argument("--outer-momentum", type=float, help="outer Nesterov momentum (H > 1)")
     ts.add_argument(
         "--follow", action="store_true", help="print each round until the job ends (exit 0: done)"
     )

@@ -38,6 +38,10 @@ JOB_DEFAULTS = (
     "momentum",
     "weight_decay",
     "eval_every",
+    "inner_steps",
+    "compression",
+    "outer_lr",
+    "outer_momentum",
 )
 
 
@@ -99,6 +103,11 @@ class Task(ABC):
     momentum: ClassVar[float] = 0.9
     weight_decay: ClassVar[float] = 0.0
     eval_every: ClassVar[int] = 10
+    # Outer rounds: 1 inner step is the plain synchronous round.
+    inner_steps: ClassVar[int] = 1
+    compression: ClassVar[str] = "none"
+    outer_lr: ClassVar[float] = 0.7
+    outer_momentum: ClassVar[float] = 0.9
 
     @classmethod
     def job_defaults(cls) -> dict[str, Any]:

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from protocol import strictpack, wire
+from protocol import compression, strictpack, wire
 from protocol.errors import DecodeError
 from protocol.gossip import GossipConfig
 from protocol.gossip.messages import DIGEST_SIZE, MAX_CHUNKS, Announcement, message_id
@@ -114,25 +112,26 @@ class NonfiniteProof:
 Evidence = Proof | NonfiniteProof
 
 
-def _first_nonfinite_f4(data: bytes | memoryview) -> int | None:
-    """Index of the first non-finite little-endian float32 in ``data``, if any."""
-    a = np.frombuffer(data, dtype="<f4", count=len(data) // 4)
-    bad = np.flatnonzero(~np.isfinite(a))
-    return int(bad[0]) if bad.size else None
-
-
 def nonfinite_proof(
-    offender: str, job: str, round: int, envelope: bytes, body: bytes, chunk_size: int
+    offender: str,
+    job: str,
+    round: int,
+    envelope: bytes,
+    body: bytes,
+    chunk_size: int,
+    fmt: str = "none",
+    count: int = 0,
 ) -> NonfiniteProof | None:
     """The proof that ``body`` (announced in ``envelope`` in chunks of
-    ``chunk_size``) holds a non-finite value; None if it holds none, or if the
-    proof would be too large to gossip."""
-    if chunk_size % 4 or chunk_size > MAX_PROOF_CHUNK or len(envelope) > MAX_PROOF_ENVELOPE:
+    ``chunk_size``; ``count`` values in compression ``fmt``) decodes to a
+    non-finite value; None if it does not, or if the proof would be too large to
+    gossip."""
+    if chunk_size % 8 or chunk_size > MAX_PROOF_CHUNK or len(envelope) > MAX_PROOF_ENVELOPE:
         return None
-    bad = _first_nonfinite_f4(body)
+    bad = compression.first_bad(fmt, body, count)
     if bad is None:
         return None
-    index = bad * 4 // chunk_size
+    index = bad // chunk_size
     table, _ = digest_of(body, chunk_size)
     chunk = body[index * chunk_size : (index + 1) * chunk_size]
     return NonfiniteProof(offender, job, round, envelope, table, index, chunk)
@@ -217,18 +216,22 @@ class Ledger:
         self._seen.pop(origin, None)
 
 
-def verify(data: bytes, job_id: str, config: GossipConfig) -> Evidence:
-    """Checks evidence from the network on its own terms. Raises EvidenceError or
-    DecodeError."""
+def verify(
+    data: bytes, job_id: str, config: GossipConfig, fmt: str = "none", count: int = 0
+) -> Evidence:
+    """Checks evidence from the network on its own terms (``fmt``, ``count``: the
+    job's compression and parameter count). Raises EvidenceError or DecodeError."""
     obj = strictpack.unpack(data, _EVIDENCE_LIMITS)
     if isinstance(obj, list) and len(obj) == 4:
-        return _verify_nonfinite(obj, job_id, config)
+        return _verify_nonfinite(obj, job_id, config, fmt, count)
     if not isinstance(obj, list) or len(obj) != 2 or not all(isinstance(x, bytes) for x in obj):
         raise EvidenceError("evidence is not two envelopes (nor a non-finite chunk proof)")
     return _verify_equivocation(obj[0], obj[1], job_id, config)
 
 
-def _verify_nonfinite(obj: list, job_id: str, config: GossipConfig) -> NonfiniteProof:
+def _verify_nonfinite(
+    obj: list, job_id: str, config: GossipConfig, fmt: str, count: int
+) -> NonfiniteProof:
     """The envelope is validly signed, a gradient of ``job_id``; the table hashes to
     its body digest, the chunk to its table entry, and the chunk holds a
     non-finite float32 (chunks start at multiples of 4 bytes)."""
@@ -245,8 +248,8 @@ def _verify_nonfinite(obj: list, job_id: str, config: GossipConfig) -> Nonfinite
     if meta.job != job_id:
         raise EvidenceError("not about this job")
     cs = ann.chunk_size
-    if cs % 4:
-        raise EvidenceError("chunks do not start on float boundaries")
+    if cs % 8:
+        raise EvidenceError("chunks do not start on float (or int8 header) boundaries")
     if len(table) != table_size(ann.size, cs) or body_digest(ann.size, cs, table) != ann.digest:
         raise EvidenceError("the chunk table is not the signed body's")
     if not 0 <= index < chunk_count(ann.size, cs):
@@ -255,7 +258,7 @@ def _verify_nonfinite(obj: list, job_id: str, config: GossipConfig) -> Nonfinite
         raise EvidenceError("the chunk has the wrong length")
     if chunk_digest(chunk) != table[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]:
         raise EvidenceError("the chunk is not the signed body's")
-    if _first_nonfinite_f4(chunk) is None:
+    if compression.first_bad(fmt, chunk, count, at=index * cs) is None:
         raise EvidenceError("the chunk holds no non-finite value")
     return NonfiniteProof(node_id(env.origin), job_id, meta.round, envelope, table, index, chunk)
 

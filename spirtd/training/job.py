@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from protocol import strictpack
+from protocol.compression import FORMATS, encoded_size
 from protocol.errors import DecodeError
 from spirtd.tasks import TaskError, task_class
 from spirtd.training.aggregators import Aggregator, AggregatorError
@@ -30,6 +31,7 @@ MAX_RECORD = 8192
 MAX_ROUNDS = 1_000_000
 MAX_BATCH = 1_000_000
 MAX_FUNCTIONS = 1024
+MAX_INNER_STEPS = 100_000
 _LIMITS = strictpack.Limits(max_size=MAX_RECORD, max_depth=3, max_items=256, max_str=4096)
 
 
@@ -52,6 +54,13 @@ class JobSpec:
     weight_decay: float = 0.0
     seed: int = 0
     eval_every: int = 10
+    # Outer rounds (DiLoCo): H inner steps on each peer per round, then the
+    # pseudo-gradients are aggregated and applied with Nesterov SGD. H = 1 is the
+    # plain synchronous round (the outer optimizer is then unused).
+    inner_steps: int = 1
+    compression: str = "none"  # protocol.compression.FORMATS: what is published
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     # Filled in by the starting node once the task is built; members check both.
     param_count: int = 0
     init_digest: str = ""
@@ -85,6 +94,13 @@ class JobSpec:
         _float_in("weight_decay", self.weight_decay, 0.0, 1.0)
         if not isinstance(self.task_options, dict) or len(self.task_options) > 32:
             raise JobError("task_options: at most 32 KEY=VALUE options")
+        _int_in("inner_steps", self.inner_steps, 1, MAX_INNER_STEPS)
+        if self.compression not in FORMATS:
+            raise JobError(
+                f"compression: must be one of {', '.join(FORMATS)}, not {self.compression!r}"
+            )
+        _float_in("outer_lr", self.outer_lr, 0.0, 10.0, lo_open=True)
+        _float_in("outer_momentum", self.outer_momentum, 0.0, 0.999)
         try:
             self.rule  # noqa: B018 - parsing is the check
         except AggregatorError as e:
@@ -93,8 +109,16 @@ class JobSpec:
 
     # --- the record ------------------------------------------------------------------------
 
+    @property
+    def body_size(self) -> int:
+        """The exact byte size of every gradient (or Δ) message's body."""
+        return encoded_size(self.compression, self.param_count)
+
     def to_record(self) -> bytes:
-        return strictpack.pack({"v": VERSION, **asdict(self)})
+        # The outer-round fields are left out at their defaults: a plain job's record
+        # (and so its id) is what it was before they existed, and older peers run it.
+        fields = {k: v for k, v in asdict(self).items() if k not in _OPTIONAL or v != _OPTIONAL[k]}
+        return strictpack.pack({"v": VERSION, **fields})
 
     @staticmethod
     def job_id(record: bytes) -> str:
@@ -116,6 +140,8 @@ class JobSpec:
             raise JobError(f"job record: unknown field(s) {', '.join(sorted(map(str, extra)))}")
         kw: dict[str, Any] = {}
         for name, want in _TYPES.items():
+            if name not in obj and name in _OPTIONAL:
+                continue
             if name not in obj:
                 raise JobError(f"job record lacks {name}")
             value = obj[name]
@@ -145,6 +171,10 @@ class JobSpec:
             "weight_decay": self.weight_decay,
             "seed": self.seed,
             "eval_every": self.eval_every,
+            "inner_steps": self.inner_steps,
+            "compression": self.compression,
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
             "params": self.param_count,
         }
 
@@ -164,9 +194,21 @@ _TYPES: dict[str, type] = {
     "weight_decay": float,
     "seed": int,
     "eval_every": int,
+    "inner_steps": int,
+    "compression": str,
+    "outer_lr": float,
+    "outer_momentum": float,
     "param_count": int,
     "init_digest": str,
     "created_ms": int,
+}
+
+# Fields a record may leave out, and their values then (see to_record).
+_OPTIONAL: dict[str, Any] = {
+    "inner_steps": 1,
+    "compression": "none",
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
 }
 
 
@@ -205,7 +247,7 @@ def from_request(
     if body.get("aggregator") is None and isinstance(f, int) and not isinstance(f, bool) and f > 0:
         # A job that names Byzantine peers to tolerate gets a rule that tolerates them.
         kw["aggregator"] = ROBUST_DEFAULT
-    for name in ("lr", "momentum", "weight_decay"):
+    for name in ("lr", "momentum", "weight_decay", "outer_lr", "outer_momentum"):
         if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
             kw[name] = float(kw[name])
     spec = JobSpec(**{**kw, "created_ms": now_ms})

@@ -309,6 +309,7 @@ class TrainingService:
             note=self.note,
             gradient_source=self.gradient_source,
             gradient_publisher=self.gradient_publisher,
+            wire_bytes=self.node.wire_bytes,
         )
         assert self.sync is not None
         self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)

@@ -35,6 +35,17 @@ class StateKeys:
         self.v = p + "opt:v"
         self.agg = p + "agg"
         self.agg_prev = p + "agg:prev"
+        # Outer rounds: the outer optimizer's momentum (in the digest)...
+        self.outer_buf = p + "outer:buf"
+        # ...and this peer's own tensors (not in the digest): the parameters its
+        # inner steps train (the functions read them: ``spirt:*:theta``), the last
+        # inner gradient, the inner optimizer's state, and what compression left out.
+        self.inner_theta = p + "inner:theta"
+        self.inner_grad = p + "inner:g"
+        self.inner_buf = p + "inner:opt:buf"
+        self.inner_m = p + "inner:opt:m"
+        self.inner_v = p + "inner:opt:v"
+        self.residual = p + "residual"
         # Where the state stands, written after every update (not part of the digest).
         self.completed = p + "completed"
         self.digest = p + "digest"
@@ -52,15 +63,35 @@ class StateKeys:
     def peer(self, round: int, node_id: str) -> str:
         return f"{self.prefix}g:{round}:p:{node_id}"
 
+    def wire(self, round: int) -> str:
+        """This peer's compressed body for ``round``, as published."""
+        return f"{self.prefix}g:{round}:wire"
+
+    def own_tensors(self) -> list[str]:
+        """This peer's tensors outside the agreed state: dropped when a state is loaded."""
+        return [
+            self.inner_theta,
+            self.inner_grad,
+            self.inner_buf,
+            self.inner_m,
+            self.inner_v,
+            self.residual,
+        ]
+
     def round_pattern(self, round: int) -> str:
         return f"{self.prefix}g:{round}:*"
 
     def state_tensors(self, spec: JobSpec) -> list[tuple[str, str]]:
         """(role, key) of every tensor in the state, in digest order."""
         out = [("theta", self.theta)]
-        if spec.optimizer == "sgd" and spec.momentum > 0:
+        if spec.inner_steps > 1:
+            # The job's optimizer runs inside each peer's inner steps; what the peers
+            # agree on is the outer step's.
+            if spec.outer_momentum > 0:
+                out.append(("outer_buf", self.outer_buf))
+        elif spec.optimizer == "sgd" and spec.momentum > 0:
             out.append(("buf", self.buf))
-        if spec.optimizer == "adam":
+        elif spec.optimizer == "adam":
             out += [("m", self.m), ("v", self.v)]
         if spec.rule.keeps_previous:
             out.append(("agg_prev", self.agg_prev))
@@ -94,4 +125,5 @@ async def initialise(store: TensorStore, job_id: str, spec: JobSpec, params: np.
     """Writes round 0's state: the initial parameters and no optimizer history."""
     keys = StateKeys(job_id)
     await store.delete(*[k for _, k in keys.state_tensors(spec) if k != keys.theta])
+    await store.delete(*keys.own_tensors())
     await store.put(keys.theta, params)

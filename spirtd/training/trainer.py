@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError
 
+from protocol import compression
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.rounds import (
@@ -157,6 +158,8 @@ class TrainerEnv:
     note: Callable[[str, str], None] = lambda kind, detail: None
     gradient_source: GradientSource | None = None
     gradient_publisher: GradientPublisher | None = None
+    # (in, out) bytes over this node's peer links so far (a history row's wire bytes).
+    wire_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
 
 @dataclass
@@ -174,6 +177,9 @@ class RoundRecord:
     closed_at: float = field(default_factory=time.time)  # wall clock, for plots against time
     # Each contributor's minibatch loss, as its gradient message reported it.
     peer_losses: dict[str, float] = field(default_factory=dict)
+    inner_steps: int = 1
+    bytes_sent: int = 0  # over this node's peer links since the previous round closed
+    bytes_received: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -188,13 +194,31 @@ class RoundRecord:
             "deadline_s": round(self.deadline_s, 3),
             "closed_at": round(self.closed_at, 3),
             "peer_losses": {k: round(v, 6) for k, v in self.peer_losses.items()},
+            "inner_steps": self.inner_steps,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
             "phases": {k: round(v, 5) for k, v in self.phases.items()},
         }
 
 
-def minibatch_seed(job_seed: int, round: int, node_id: str) -> int:
-    """The seed of this node's minibatch in ``round``: fixed by the job, different per peer."""
-    h = hashlib.blake2b(f"{job_seed}:{round}:{node_id}".encode(), digest_size=8).digest()
+def _outer_round_config(config: RoundConfig, inner_steps: int) -> RoundConfig:
+    """A round of H inner steps takes about H times as long before its first
+    gradient is out: the first round's deadline and the ceiling scale with it (the
+    adaptive deadline then follows the measured rounds)."""
+    if inner_steps <= 1:
+        return config
+    return replace(
+        config,
+        initial_deadline_s=config.initial_deadline_s * inner_steps,
+        deadline_ceiling_s=config.deadline_ceiling_s * inner_steps,
+    )
+
+
+def minibatch_seed(job_seed: int, round: int, node_id: str, step: int | None = None) -> int:
+    """The seed of this node's minibatch in ``round`` (and inner ``step`` of an outer
+    round): fixed by the job, different per peer."""
+    at = f"{round}" if step is None else f"{round}.{step}"
+    h = hashlib.blake2b(f"{job_seed}:{at}:{node_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") >> 1
 
 
@@ -224,14 +248,18 @@ class Trainer:
             eval_every=spec.eval_every,
             param_count=spec.param_count,
             members=members,
-            config=env.round_config,
+            config=_outer_round_config(env.round_config, spec.inner_steps),
             f=spec.f,
             min_for_f=lambda f: replace(self.rule, f=f).min_peers(),
+            body_size=spec.body_size,
         )
         self.job = JobMachine(
             self.m, f=spec.f, config=JobConfig(checkpoint_every=env.checkpoint_every)
         )
         self._samples = 0  # this node's sample count in its current gradient
+        self.inner_done = 0  # inner steps this peer ran (outer rounds)
+        self._inner_adam_step = 0  # the inner Adam's step count: this peer's own
+        self._wire_at = env.wire_bytes()  # link bytes when the last round closed
         self._state_lock = asyncio.Lock()  # state in Redis and its marks move together
         self._on_finish = on_finish
         self._wake = asyncio.Event()
@@ -275,6 +303,10 @@ class Trainer:
         return self.job.status() | {
             "loss": last.loss if last else None,
             "accuracy": self.last_accuracy,
+            # Outer rounds: the steps the agreed model has taken, and this peer's own.
+            "inner_steps": self.spec.inner_steps,
+            "steps": self.completed * self.spec.inner_steps,
+            "inner_steps_run": self.inner_done,
         }
 
     async def snapshot(self) -> Snapshot | None:
@@ -519,7 +551,7 @@ class Trainer:
                 return Verdict.IGNORE
         else:
             # Excluded origins are the machine's verdict; counted here as before.
-            wrong = info.size != self.spec.param_count * 4
+            wrong = info.size != self.spec.body_size
             self.env.counters[f"training.gradient_rejected.{'size' if wrong else 'excluded'}"] += 1
         verdict = self.job.validate_gradient(
             info.origin, meta.job, meta.round, meta.base_digest, info.size, time.monotonic()
@@ -543,7 +575,7 @@ class Trainer:
         key = self.keys.peer(r, msg.origin)
         body = await msg.read()
         try:
-            await self.env.store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
+            await self._store_body(key, body)
         except NonFinite as e:
             log.warning("gradient from %s for round %d refused: %s", msg.origin, r, e)
             job.gradient_refused(msg.origin, r, "nonfinite", time.monotonic())
@@ -565,6 +597,27 @@ class Trainer:
         else:
             await self.env.store.delete(key)
         self._kick()
+
+    async def _store_body(self, key: str, body: bytes) -> None:
+        """A peer's body into ``key`` as float32: decoded inside the module, the same
+        bits on every peer. Raises NonFinite for a body that decodes to a non-finite
+        value (the sender is then proven Byzantine), StoreError otherwise."""
+        spec, store = self.spec, self.env.store
+        if spec.compression == "none":
+            await store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
+            return
+        try:
+            compression.check(spec.compression, body, spec.param_count)
+        except compression.CompressionError as e:
+            raise (NonFinite if e.reason == "nonfinite" else StoreError)(str(e)) from None
+        wire = key + ":wire"
+        try:
+            await store.client.set(wire, body)
+            await store.unpack(
+                key, wire, fmt=spec.compression, count=spec.param_count, scratch=True
+            )
+        finally:
+            await store.delete(wire)
 
     def _forget_body(self, round: int, origin: str) -> None:
         key = self.keys.peer(round, origin)
@@ -617,7 +670,13 @@ class Trainer:
     async def deliver_evidence(self, msg: Message) -> None:
         data = await msg.read()
         try:
-            proof = verify_evidence(data, self.job_id, self.env.pubsub.config)
+            proof = verify_evidence(
+                data,
+                self.job_id,
+                self.env.pubsub.config,
+                self.spec.compression,
+                self.spec.param_count,
+            )
         except (EvidenceError, DecodeError) as e:
             self.env.counters["training.evidence_invalid"] += 1
             log.warning("equivocation evidence from %s refused: %s", msg.origin, e)
@@ -632,7 +691,16 @@ class Trainer:
         envelope = self.ledger.envelope(msg.origin, r, msg.msg_id)
         proof = None
         if envelope is not None:
-            proof = nonfinite_proof(msg.origin, self.job_id, r, envelope, body, msg.body.chunk_size)
+            proof = nonfinite_proof(
+                msg.origin,
+                self.job_id,
+                r,
+                envelope,
+                body,
+                msg.body.chunk_size,
+                self.spec.compression,
+                self.spec.param_count,
+            )
         if proof is None:
             self.job.convict(msg.origin, r, NONFINITE, "detected", time.monotonic())
             self._kick()
@@ -644,7 +712,9 @@ class Trainer:
     async def _publish(self, body: bytes, meta: bytes) -> None:
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
 
-    def _events(self, r: int) -> tuple[list[dict[str, Any]], list[str]]:
+    def _events(
+        self, r: int, step: int | None = None, params: str | None = None
+    ) -> tuple[list[dict[str, Any]], list[str]]:
         """The W function events of round ``r``'s minibatch, and the key each writes its
         slice's gradient to. Each key holds a fresh nonce: it is read once and deleted,
         and no other invocation (nor a replayed event) can know it."""
@@ -656,7 +726,7 @@ class Trainer:
         data = DataSlice(
             shard=env.data.shard,
             batch_size=spec.batch_size,
-            seed=minibatch_seed(spec.seed, r, env.node_id),
+            seed=minibatch_seed(spec.seed, r, env.node_id, step),
             slices=spec.functions_per_round,
             uri=env.data.uri,
         )
@@ -668,7 +738,7 @@ class Trainer:
                 task=spec.task,
                 task_options=spec.task_options,
                 redis=env.redis_target,
-                params_key=self.keys.theta,
+                params_key=params or self.keys.theta,
                 data=data,
                 output_key=output,
                 ttl_seconds=SLICE_TTL_S,
@@ -692,9 +762,71 @@ class Trainer:
         self._kick()
 
     async def _compute(self, r: int) -> None:
+        """This peer's vector for round ``r`` into ``keys.local(r)``: the gradient of
+        its minibatch, or with H inner steps the pseudo-gradient θ_r − θ_{r,H};
+        then, with compression, the encoded body (``keys.wire(r)``) and, in
+        ``keys.local(r)``, what every peer will decode from it."""
+        env, spec, keys = self.env, self.spec, self.keys
+        outer = spec.inner_steps > 1
+        phases = {"functions_s": 0.0, "averaging_s": 0.0}
+        losses: list[float] = []
+        samples = 0
+        if outer:
+            # θ_r stays as agreed; the inner steps train this peer's copy of it.
+            await env.store.mean(keys.inner_theta, [keys.theta], scratch=True)
+        for step in range(spec.inner_steps):
+            out = keys.inner_grad if outer else keys.local(r)
+            got = await self._local_gradient(
+                r, step if outer else None, keys.inner_theta if outer else keys.theta, out, phases
+            )
+            if got is None:
+                return  # the machine has been told
+            loss, n = got
+            losses.append(loss)
+            samples += n
+            if outer:
+                u0 = time.perf_counter()
+                await self._inner_step(out)
+                phases["inner_update_s"] = phases.get("inner_update_s", 0.0) + (
+                    time.perf_counter() - u0
+                )
+                self.inner_done += 1
+        if outer:
+            # Δ = θ_r − θ_{r,H}: θ_r as a "parameter" stepped by θ_{r,H} at rate 1 is
+            # exactly the float32 difference, without a command of its own.
+            await env.store.mean(keys.local(r), [keys.theta], scratch=True)
+            await env.store.sgd(keys.local(r), keys.inner_theta, lr=1.0, scratch=True)
+        self._stored.setdefault(r, set()).add(keys.local(r))
+        self._losses.setdefault(r, {})[env.node_id] = float(np.mean(losses))
+        self._phases[r] = phases
+        self._samples = samples
+        if env.gradient_source is not None:
+            # Before the machine hears of it: the round cannot close on this peer
+            # until the gradient it publishes is the one in Redis.
+            await env.gradient_source(self, r)
+        if spec.compression != "none":
+            c0 = time.perf_counter()
+            wire = keys.wire(r)
+            self._stored[r].add(wire)
+            await env.store.pack(
+                wire, keys.local(r), fmt=spec.compression, residual=keys.residual, scratch=True
+            )
+            # Our own contribution is what the others decode from our bytes.
+            await env.store.unpack(
+                keys.local(r), wire, fmt=spec.compression, count=spec.param_count, scratch=True
+            )
+            phases["compression_s"] = time.perf_counter() - c0
+        self.job.local_gradient_ready(r, time.monotonic())
+        self._kick()
+
+    async def _local_gradient(
+        self, r: int, step: int | None, params: str, out: str, phases: dict[str, float]
+    ) -> tuple[float, int] | None:
+        """W functions on this peer's minibatch of (round, step), averaged into
+        ``out``: (mean loss, samples); None once the machine knows it failed."""
         env = self.env
         t0 = time.perf_counter()
-        events, outputs = self._events(r)
+        events, outputs = self._events(r, step, params)
         res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
         t1 = time.perf_counter()
         ok = res.succeeded
@@ -708,24 +840,45 @@ class Trainer:
             )
             self._kick()
             await env.store.delete(*outputs)
-            return
+            return None
         weights = [float(s.result["samples"]) for s in ok]  # type: ignore[index]
         # The functions cannot write the local gradient key: it is ours to fill.
         slice_keys = [outputs[s.index] for s in ok]
-        await env.store.mean(self.keys.local(r), slice_keys, weights=weights, scratch=True)
+        await env.store.mean(out, slice_keys, weights=weights, scratch=True)
         await env.store.delete(*outputs)
         t2 = time.perf_counter()
         loss = sum(float(s.result["loss"]) * w for s, w in zip(ok, weights, strict=True))  # type: ignore[index]
-        self._losses.setdefault(r, {})[env.node_id] = loss / sum(weights)
-        self._stored.setdefault(r, set()).add(self.keys.local(r))
-        self._phases[r] = {"functions_s": t1 - t0, "averaging_s": t2 - t1}
-        self._samples = int(sum(weights))
-        if env.gradient_source is not None:
-            # Before the machine hears of it: the round cannot close on this peer
-            # until the gradient it publishes is the one in Redis.
-            await env.gradient_source(self, r)
-        self.job.local_gradient_ready(r, time.monotonic())
-        self._kick()
+        phases["functions_s"] += t1 - t0
+        phases["averaging_s"] += t2 - t1
+        return loss / sum(weights), int(sum(weights))
+
+    async def _inner_step(self, grad: str) -> None:
+        """The job's optimizer on this peer's own copy (its state is this peer's too)."""
+        spec, keys, store = self.spec, self.keys, self.env.store
+        if spec.optimizer == "adam":
+            self._inner_adam_step += 1
+            if self._inner_adam_step > 1 and not await store.exists(keys.inner_m):
+                self._inner_adam_step = 1  # its moments went with a Redis restart
+            await store.adam(
+                keys.inner_theta,
+                grad,
+                m=keys.inner_m,
+                v=keys.inner_v,
+                step=self._inner_adam_step,
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
+                scratch=True,
+            )
+        else:
+            await store.sgd(
+                keys.inner_theta,
+                grad,
+                lr=spec.lr,
+                momentum=spec.momentum,
+                buf=keys.inner_buf if spec.momentum > 0 else None,
+                weight_decay=spec.weight_decay,
+                scratch=True,
+            )
 
     def gradient_meta(self, r: int, base: bytes) -> GradientMeta:
         return GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
@@ -737,7 +890,8 @@ class Trainer:
         meta = self.gradient_meta(r, base)
         phases = self._phases.get(r, {})
         t0 = time.perf_counter()
-        body = await self.env.store.client.get(self.keys.local(r))
+        key = self.keys.local(r) if self.spec.compression == "none" else self.keys.wire(r)
+        body = await self.env.store.client.get(key)
         if body is None:
             # It is scratch: a Redis that restarted since it was written lost it. Redis
             # trouble, handled as such (the state is re-established), not a failed job.
@@ -769,7 +923,18 @@ class Trainer:
         previous = keys.agg_prev if await env.store.exists(keys.agg_prev) else None
         await rule.run(env.store, keys.agg, inputs, previous=previous, scratch=True)
         t1 = time.perf_counter()
-        if spec.optimizer == "adam":
+        if spec.inner_steps > 1:
+            # The outer step: the robust aggregate of the Δs is a gradient of θ_r.
+            await env.store.sgd(
+                keys.theta,
+                keys.agg,
+                lr=spec.outer_lr,
+                momentum=spec.outer_momentum,
+                buf=keys.outer_buf if spec.outer_momentum > 0 else None,
+                nesterov=spec.outer_momentum > 0,
+                scratch=True,
+            )
+        elif spec.optimizer == "adam":
             await env.store.adam(
                 keys.theta,
                 keys.agg,
@@ -812,7 +977,11 @@ class Trainer:
             c0 = time.perf_counter()
             await self._checkpoint_locked(r)
             phases["checkpoint_s"] = time.perf_counter() - c0
+        wire_in, wire_out = env.wire_bytes()
         rec = RoundRecord(
+            inner_steps=spec.inner_steps,
+            bytes_sent=wire_out - self._wire_at[1],
+            bytes_received=wire_in - self._wire_at[0],
             round=r,
             contributors=list(contributors),
             duration_s=closed.duration_s + (t3 - t0) if closed else t3 - t0,
@@ -824,6 +993,7 @@ class Trainer:
             deadline_s=deadline_s,
             peer_losses={c: float(losses[c]) for c in contributors if c in losses},
         )
+        self._wire_at = (wire_in, wire_out)
         self.history.append(rec)
         metrics.for_node(env.node_id).observe_round(rec.duration_s, rec.phases)
         env.counters["training.rounds"] += 1
@@ -847,6 +1017,11 @@ class Trainer:
 
     def _log_round(self, rec: RoundRecord, test_loss: float | None = None) -> None:
         acc = "" if rec.accuracy is None else f" accuracy={rec.accuracy:.4f}"
+        if rec.inner_steps > 1:
+            acc += (
+                f" steps={rec.round * rec.inner_steps}"
+                f" sent={rec.bytes_sent} received={rec.bytes_received}"
+            )
         log.info(
             "round %d/%d loss=%s%s contributors=%d duration=%.3fs digest=%s%s",
             rec.round,
@@ -953,5 +1128,15 @@ class Trainer:
         async with self._state_lock:
             await load_snapshot(self.env.store, snap, self.spec, job_id=self.job_id)
             await self._mark_position(snap.completed, snap.digest)
+            # The inner optimizer and the compression residual belonged to the state
+            # left behind: they start fresh (``train status`` says so in its events).
+            await self.env.store.delete(*self.keys.own_tensors())
+            self._inner_adam_step = 0
+        if a.source != CHECKPOINT and (
+            self.spec.inner_steps > 1 or self.spec.compression != "none"
+        ):
+            self.env.note(
+                "local_state_fresh", "inner optimizer state and compression residual start fresh"
+            )
         self.job.state_loaded(a.source, snap.completed, snap.digest, time.monotonic())
         self._kick()
