@@ -62,6 +62,8 @@ def _check_ranges(obj: Any, where: str) -> None:
         if not f.metadata:
             continue
         v = getattr(obj, f.name)
+        if v is None:
+            continue  # an optional setting left unset
         key = f"{where}{f.name}"
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}: must be a finite number, not {v!r}")
@@ -130,6 +132,12 @@ class InvokeConfig:
     prewarm: int = _opt(0, ge=0)
     region: str = _opt("us-east-1", nonempty=True)
     endpoint_url: str = ""  # --functions lambda: override the AWS endpoint (e.g. a VPC endpoint)
+    # What a job's invocations cost (spirtd/functions/cost.py): AWS Lambda's published
+    # prices for this architecture, unless a price is given here (another region, a
+    # function host of one's own).
+    architecture: str = _opt("x86_64", choices=("x86_64", "arm64"))
+    price_gb_s: float | None = _opt(None, ge=0)  # USD per GB-second
+    price_per_million_requests: float | None = _opt(None, ge=0)  # USD
 
 
 @dataclass

@@ -6,7 +6,10 @@ boto3's Lambda client, called from a bounded thread pool, with:
 * our own retries with full-jitter exponential backoff on throttling (429), 5xx
   service errors, connection problems, client-side timeouts, and the function
   errors that mean "the environment failed, not the code" (a timeout or a crash);
-* a time budget per invocation and an overall deadline per round.
+* a time budget per invocation and an overall deadline per round;
+* what each attempt that ran was billed: it asks for the log tail
+  (``LogType=Tail``) and reads its ``REPORT`` line (cost.py), or bills the call's
+  wall time at ``memory_mb`` when there is none (``InvokerStats.billed_by_wall_time``).
 
 The SDK's own retries are off so that exactly this policy applies. A handler's
 own exception is not retried: the same event would fail the same way.
@@ -15,10 +18,13 @@ own exception is not retried: the same event would fail the same way.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +34,7 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
+from spirtd.functions.cost import MAX_LOG_RESULT_CHARS, Billed, billed_ms_of, parse_report
 from spirtd.functions.runtime import lambda_errors
 
 log = logging.getLogger("spirtd.functions")
@@ -71,6 +78,7 @@ class InvocationError(RuntimeError):
         self.message = message
         self.retryable = retryable
         self.attempts = attempts
+        self.billed: Billed | None = None  # set when the function ran (and failed)
 
 
 class FunctionError(InvocationError):
@@ -111,6 +119,8 @@ class InvokerStats:
     function_errors: int = 0
     environment_failures: int = 0  # timeouts and crashes reported by the runtime
     succeeded: int = 0
+    billed: int = 0  # attempts that ran and were billed (successes and function errors)
+    billed_by_wall_time: int = 0  # ... of which had no REPORT line: billed by wall time
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class SliceResult:
     result: dict[str, Any] | None
     error: InvocationError | None
     duration_s: float
+    # Every attempt of this slice that ran, as billed (retries included).
+    billed: tuple[Billed, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -143,6 +155,11 @@ class RoundResult:
     def met_quorum(self) -> bool:
         return bool(self.slices) and self.fraction + 1e-12 >= self.min_fraction
 
+    @property
+    def billed(self) -> list[Billed]:
+        """Every billed attempt of the round, for a CostMeter."""
+        return [b for s in self.slices for b in s.billed]
+
 
 class Invoker:
     """``Invoker(endpoint_url, function_name)``: ``endpoint_url=None`` means AWS Lambda
@@ -163,9 +180,13 @@ class Invoker:
         attempt_timeout_s: float = 900.0,
         connect_timeout_s: float = 5.0,
         rng: random.Random | None = None,
+        memory_mb: int = 1024,
     ) -> None:
         if not (1 <= concurrency <= 1024):
             raise ValueError("concurrency must be in 1..1024")
+        # The function's configured memory: what a call without a REPORT line is
+        # billed at.
+        self.memory_mb = memory_mb
         self.endpoint_url = endpoint_url
         self.function_name = function_name
         self.concurrency = concurrency
@@ -209,11 +230,39 @@ class Invoker:
         await self.close()
 
     # --- one attempt (runs in a pool thread) ----------------------------------------
-    def _call(self, payload: bytes) -> dict[str, Any]:
+    def _call(self, payload: bytes) -> tuple[dict[str, Any], Billed]:
+        t0 = time.perf_counter()
         resp = self.client.invoke(
-            FunctionName=self.function_name, InvocationType="RequestResponse", Payload=payload
+            FunctionName=self.function_name,
+            InvocationType="RequestResponse",
+            LogType="Tail",
+            Payload=payload,
         )
         body = resp["Payload"].read(MAX_RESULT_BYTES + 1)
+        billed = self._billed(resp, time.perf_counter() - t0)
+        try:
+            doc = self._result(resp, body)
+        except FunctionError as e:
+            e.billed = billed
+            raise
+        return doc, billed
+
+    def _billed(self, resp: dict[str, Any], wall_s: float) -> Billed:
+        """The attempt as the function's REPORT line bills it, else by wall time
+        (runs in a pool thread: the loop's side counts it in stats)."""
+        raw = resp.get("LogResult")
+        rid = resp.get("ResponseMetadata", {}).get("RequestId")
+        if isinstance(raw, str) and len(raw) <= MAX_LOG_RESULT_CHARS:
+            try:
+                got = parse_report(base64.b64decode(raw, validate=True), rid)
+            except (binascii.Error, ValueError):
+                got = None
+            if got is not None:
+                return got
+        return Billed(billed_ms_of(wall_s), self.memory_mb, reported=False)
+
+    @staticmethod
+    def _result(resp: dict[str, Any], body: bytes) -> dict[str, Any]:
         if len(body) > MAX_RESULT_BYTES:
             raise FunctionError("ResponseTooLarge", "the function's response is too large")
         try:
@@ -258,6 +307,12 @@ class Invoker:
         Raises ``InvocationError`` (``FunctionError``, ``ServiceError``,
         ``TransportError``, ``DeadlineExceeded``).
         """
+        return await self.invoke_billed(event, timeout, [])
+
+    async def invoke_billed(
+        self, event: Any, timeout: float | None, billed: list[Billed]
+    ) -> dict[str, Any]:
+        """``invoke``, appending to ``billed`` every attempt that ran, as billed."""
         payload = json.dumps(event).encode()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -265,13 +320,20 @@ class Invoker:
         async with self._sem:
             self.in_flight += 1
             try:
-                result = await self._attempts(payload, deadline)
+                result = await self._attempts(payload, deadline, billed)
                 self.stats.succeeded += 1
                 return result
             finally:
                 self.in_flight -= 1
 
-    async def _attempts(self, payload: bytes, deadline: float | None) -> dict[str, Any]:
+    def _count_billed(self, bill: Billed, billed: list[Billed]) -> None:
+        billed.append(bill)
+        self.stats.billed += 1
+        self.stats.billed_by_wall_time += not bill.reported
+
+    async def _attempts(
+        self, payload: bytes, deadline: float | None, billed: list[Billed]
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -280,8 +342,11 @@ class Invoker:
             fut = loop.run_in_executor(self._pool, self._call, payload)
             try:
                 if deadline is None:
-                    return await fut
-                return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                    doc, bill = await fut
+                else:
+                    doc, bill = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                self._count_billed(bill, billed)
+                return doc
             except TimeoutError:
                 raise DeadlineExceeded(
                     "DeadlineExceeded", "the invocation's time budget ran out", attempts=attempt
@@ -289,6 +354,8 @@ class Invoker:
             except Exception as e:
                 err = self._classify(e)
                 err.attempts = attempt
+                if err.billed is not None:
+                    self._count_billed(err.billed, billed)
                 if not err.retryable or attempt >= self.retry.attempts:
                     raise err from e
             pause = self.retry.delay(attempt - 1, self._rng)
@@ -315,13 +382,17 @@ class Invoker:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 
+        # Per slice: its billed attempts, kept even when the round's deadline cuts it.
+        billed: list[list[Billed]] = [[] for _ in events]
+
         async def one(i: int, ev: Any) -> SliceResult:
             s = loop.time()
             try:
-                res = await self.invoke(ev, timeout=max(0.0, t0 + deadline - loop.time()))
-                return SliceResult(i, res, None, loop.time() - s)
+                budget = max(0.0, t0 + deadline - loop.time())
+                res = await self.invoke_billed(ev, budget, billed[i])
+                return SliceResult(i, res, None, loop.time() - s, tuple(billed[i]))
             except InvocationError as e:
-                return SliceResult(i, None, e, loop.time() - s)
+                return SliceResult(i, None, e, loop.time() - s, tuple(billed[i]))
 
         tasks = [loop.create_task(one(i, ev)) for i, ev in enumerate(events)]
         if tasks:
@@ -338,6 +409,7 @@ class Invoker:
                         None,
                         DeadlineExceeded("DeadlineExceeded", "the round's deadline passed"),
                         loop.time() - t0,
+                        tuple(billed[i]),
                     )
                 )
         await asyncio.gather(*tasks, return_exceptions=True)

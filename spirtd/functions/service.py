@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from spirtd.config import ConfigError
+from spirtd.functions.cost import LAMBDA_PRICES, Prices, prices_for
 from spirtd.functions.credentials import CredentialError, bindings_env
 from spirtd.functions.gradient import TASK_MODULES_ENV
 from spirtd.functions.invoker import Invoker
@@ -34,6 +35,8 @@ class FunctionsService:
         self.redis = redis
         self.runtime: LocalRuntime | None = None
         self.invoker: Invoker | None = None
+        # The price table a job's cost is reckoned at ([invoke] architecture, prices).
+        self.prices: Prices = LAMBDA_PRICES["x86_64"]
 
     async def start(self) -> None:
         cfg = self.node.config.invoke
@@ -79,7 +82,9 @@ class FunctionsService:
             region=cfg.region,
             credentials=credentials,
             attempt_timeout_s=cfg.timeout_s + 30.0,
+            memory_mb=cfg.memory_mb,
         )
+        self.prices = prices_for(cfg.architecture, cfg.price_gb_s, cfg.price_per_million_requests)
 
     def warm(self) -> None:
         """A job is coming (started here, received, or resumed after a restart): starts
@@ -106,4 +111,7 @@ class FunctionsService:
             out["endpoint"] = stats["endpoint"]
             out["cold_starts"] = stats["cold_starts"]
             out["throttles"] = stats["throttles"]
+            # What the embedded runtime billed (REPORT lines summed), every job and
+            # warm-up call since the daemon started: bench.cost reads it.
+            out["billed"] = self.runtime.billing().get(self.node.config.invoke.function_name)
         return {"functions": out}

@@ -239,7 +239,8 @@ def load(path: Path) -> tuple[RuntimeConfig, str]:
 
 
 async def serve(cfg: RuntimeConfig, ready: Any = None) -> None:
-    """Runs the runtime until SIGTERM or SIGINT; ``ready(endpoint)`` once it listens."""
+    """Runs the runtime until SIGTERM or SIGINT; ``ready(endpoint)`` once it listens.
+    What each function billed is logged (``BILLED`` lines) on SIGUSR1 and at exit."""
     from spirtd.functions.runtime.server import LocalRuntime
 
     loop = asyncio.get_running_loop()
@@ -248,13 +249,17 @@ async def serve(cfg: RuntimeConfig, ready: Any = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     runtime = LocalRuntime(cfg)
     endpoint = await runtime.start()
+    # SIGUSR1: log what each function billed so far; it is logged at exit too.
+    loop.add_signal_handler(signal.SIGUSR1, runtime.log_billing)
     try:
         runtime.warm(cfg.prewarm)
         if ready is not None:
             ready(endpoint)
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
         await runtime.stop()
+        runtime.log_billing()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,11 @@ class PoolStats:
     worker_deaths: int = 0  # killed or crashed mid-invocation (timeouts excluded)
     replacements: int = 0
     init_failures: int = 0
+    # What the REPORT lines billed (worker-measured duration, plus a cold start's
+    # init, rounded up to the ms), every invocation counted: the host's own account
+    # of a job's cost, to check the node's against.
+    billed_invocations: int = 0
+    billed_ms: int = 0
     durations_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -39,11 +45,12 @@ class Outcome:
     log: bytes | None = None  # the invocation's log tail, when asked for
 
 
-def _runtime_log(request_id: str, message: str) -> bytes:
+def _runtime_log(request_id: str, message: str, ms: float, billed: int, memory_mb: int) -> bytes:
     """The log Lambda shows for an invocation its environment cut short."""
     return (
         f"START RequestId: {request_id} Version: $LATEST\n{message}\n"
-        f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\n"
+        f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {ms:.2f} ms\t"
+        f"Billed Duration: {billed} ms\tMemory Size: {memory_mb} MB\t\n"
     ).encode()[-lambda_errors.LOG_TAIL_BYTES :]
 
 
@@ -165,13 +172,21 @@ class FunctionPool:
     ) -> Outcome:
         """Runs one invocation; ``log`` asks for its log tail (LogType=Tail)."""
         self.stats.invocations += 1
+        memory = self.spec.memory_mb
+        t_start = time.perf_counter()
+
+        def cut_short(message: str) -> bytes | None:
+            # Billed as Lambda bills an environment it cut short: the time it ran.
+            ms = (time.perf_counter() - t_start) * 1000
+            billed = self._bill(math.ceil(ms))
+            return _runtime_log(request_id, message, ms, billed, memory) if log else None
+
         try:
             w, cold = await self._acquire()
         except WorkerInitError as e:
             self.stats.function_errors += 1
             body = lambda_errors.function_error(e.error_type, str(e))
-            tail = _runtime_log(request_id, f"{e.error_type}: {e}") if log else None
-            return Outcome(body, True, True, tail)
+            return Outcome(body, True, True, cut_short(f"{e.error_type}: {e}"))
         if cold:
             self.stats.cold_invocations += 1
         timeout = self.spec.timeout_s
@@ -191,14 +206,14 @@ class FunctionPool:
             self.stats.timeouts += 1
             self._drop_and_replace(w)
             msg = f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds"
-            tail = _runtime_log(request_id, msg) if log else None
+            tail = cut_short(msg)
             body = lambda_errors.function_error(lambda_errors.TIMEOUT, msg)
             return Outcome(body, True, cold, tail)
         except WorkerDied as e:
             self.stats.worker_deaths += 1
             self._drop_and_replace(w)
             msg = f"RequestId: {request_id} Error: Runtime exited with error: {e}"
-            tail = _runtime_log(request_id, msg) if log else None
+            tail = cut_short(msg)
             return Outcome(lambda_errors.function_error(lambda_errors.EXIT, msg), True, cold, tail)
         except BaseException:
             # Cancelled mid-call (runtime stopping): the worker's state is unknown.
@@ -208,6 +223,10 @@ class FunctionPool:
         finally:
             self.stats.durations_ms.append((time.perf_counter() - t0) * 1000)
             del self.stats.durations_ms[:-1000]
+        billed = reply.get("billed_ms")
+        if isinstance(billed, bool) or not isinstance(billed, int) or billed < 0:
+            billed = math.ceil((time.perf_counter() - t0) * 1000)
+        self._bill(billed)
         if reply.get("exit"):
             # The worker ran out of memory and is exiting: like Lambda, the
             # environment is discarded rather than reused.
@@ -226,6 +245,11 @@ class FunctionPool:
                 tail = b""
             tail = tail[-lambda_errors.LOG_TAIL_BYTES :]
         return Outcome(body, not ok, cold, tail)
+
+    def _bill(self, billed_ms: int) -> int:
+        self.stats.billed_invocations += 1
+        self.stats.billed_ms += billed_ms
+        return billed_ms
 
     async def close(self) -> None:
         self._closed = True

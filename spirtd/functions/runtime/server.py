@@ -202,10 +202,34 @@ class LocalRuntime:
             "cold_starts": self.cold_starts,
             "functions": {
                 n: {k: v for k, v in vars(p.stats).items() if k != "durations_ms"}
-                | {"workers": len(p.worker_pids)}
+                | {"workers": len(p.worker_pids), "memory_mb": p.spec.memory_mb}
                 for n, p in self.pools.items()
             },
         }
+
+    def billing(self) -> dict[str, dict[str, int]]:
+        """Per function: invocations billed, their billed milliseconds in total and
+        the memory they were billed at (what the REPORT lines said, summed)."""
+        return {
+            n: {
+                "invocations": p.stats.billed_invocations,
+                "billed_ms": p.stats.billed_ms,
+                "memory_mb": p.spec.memory_mb,
+            }
+            for n, p in self.pools.items()
+        }
+
+    def log_billing(self) -> None:
+        """One line per function with what it billed since the start, in the REPORT
+        line's words (a function host's account, for its operator and tests)."""
+        for name, b in self.billing().items():
+            log.info(
+                "BILLED Function: %s, Invocations: %d, Billed Duration: %d ms, Memory Size: %d MB",
+                name,
+                b["invocations"],
+                b["billed_ms"],
+                b["memory_mb"],
+            )
 
     # --- HTTP ---------------------------------------------------------------------------
     @staticmethod

@@ -111,13 +111,19 @@ def handler_trace(exc: BaseException) -> list[str]:
     return traceback.format_list(frames[start:][-MAX_TRACE_FRAMES:])
 
 
-def _report(rid: str, t0: float, memory_mb: int) -> str:
-    ms = (time.perf_counter() - t0) * 1000
+def billed_ms(duration_ms: float, init_ms: float | None) -> int:
+    """What Lambda bills: the duration, plus a cold start's init (billed since
+    August 2025), rounded up to the millisecond."""
+    return math.ceil(duration_ms + (init_ms or 0.0))
+
+
+def _report(rid: str, ms: float, memory_mb: int, init_ms: float | None) -> str:
     used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    init = f"Init Duration: {init_ms:.2f} ms\t" if init_ms is not None else ""
     return (
         f"END RequestId: {rid}\nREPORT RequestId: {rid}\tDuration: {ms:.2f} ms\t"
-        f"Billed Duration: {math.ceil(ms)} ms\tMemory Size: {memory_mb} MB\t"
-        f"Max Memory Used: {used} MB\t\n"
+        f"Billed Duration: {billed_ms(ms, init_ms)} ms\tMemory Size: {memory_mb} MB\t"
+        f"Max Memory Used: {used} MB\t{init}\n"
     )
 
 
@@ -128,19 +134,26 @@ def run_one(
     function: str,
     memory_mb: int,
     max_response: int,
+    init_ms: float | None = None,
 ) -> tuple[dict[str, Any], bytes, bool]:
     """Runs one invocation. Returns (reply header, reply body, worker must exit).
 
-    With ``header["log"]`` the reply carries ``log``: the base64 of the last 4 KB of
-    the invocation's log (Lambda's START / output / END / REPORT lines)."""
-    if not header.get("log"):
-        return _run(handler, header, body, function, memory_mb, max_response, None)
-    rid = str(header.get("id", ""))
+    The reply carries ``billed_ms``, what the REPORT line bills (``init_ms``: this
+    worker's init, on its first invocation). With ``header["log"]`` it also carries
+    ``log``: the base64 of the last 4 KB of the invocation's log (Lambda's START /
+    output / END / REPORT lines)."""
     t0 = time.perf_counter()
+    if not header.get("log"):
+        reply, out, must_exit = _run(handler, header, body, function, memory_mb, max_response, None)
+        reply["billed_ms"] = billed_ms((time.perf_counter() - t0) * 1000, init_ms)
+        return reply, out, must_exit
+    rid = str(header.get("id", ""))
     with LogCapture() as cap:
         cap.write(f"START RequestId: {rid} Version: $LATEST\n")
         reply, out, must_exit = _run(handler, header, body, function, memory_mb, max_response, cap)
-        cap.write(_report(rid, t0, memory_mb))
+        ms = (time.perf_counter() - t0) * 1000
+        cap.write(_report(rid, ms, memory_mb, init_ms))
+    reply["billed_ms"] = billed_ms(ms, init_ms)
     reply["log"] = base64.b64encode(cap.tail(lambda_errors.LOG_TAIL_BYTES)).decode()
     cap.forward_and_close()
     return reply, out, must_exit
@@ -222,11 +235,8 @@ def serve(
             )
         )
         return 1
-    sock.sendall(
-        framing.encode(
-            {"type": "ready", "pid": os.getpid(), "init_ms": (time.perf_counter() - t0) * 1000}
-        )
-    )
+    init_ms: float | None = (time.perf_counter() - t0) * 1000
+    sock.sendall(framing.encode({"type": "ready", "pid": os.getpid(), "init_ms": init_ms}))
     while True:
         try:
             header, body = framing.read_sync(sock, max_frame)
@@ -234,7 +244,10 @@ def serve(
             return 0
         if header.get("type") != "invoke":
             return 0
-        reply, out, must_exit = run_one(handler, header, body, function, memory_mb, max_response)
+        reply, out, must_exit = run_one(
+            handler, header, body, function, memory_mb, max_response, init_ms
+        )
+        init_ms = None  # as on Lambda, a cold start's init is billed with its first call
         sock.sendall(framing.encode(reply, out))
         if must_exit:
             return 1
