@@ -41,6 +41,8 @@ setup(
                 "native/kernels.c",
                 "native/blake2b.c",
                 "native/scratch.c",
+                "native/codec.c",
+                "native/pack.c",
             ],
             depends=[
                 "native/rm_api.h",
@@ -53,6 +55,8 @@ setup(
                 "native/blake2b.h",
                 "native/src.h",
                 "native/scratch.h",
+                "native/codec.h",
+                "native/pack.h",
             ],
             # Portable build: no -march=native in what ships. -O3 auto-vectorises for
             # the baseline ISA; the kernels (kernels.c) are also compiled for AVX2, and

@@ -12,6 +12,7 @@
 
 #include "jobs.h"
 #include "kernels.h"
+#include "pack.h"
 #include "tensor.h"
 
 typedef struct {
@@ -537,6 +538,96 @@ int cmd_get(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     RM.ReplyWithArray(ctx, 2);
     RM.ReplyWithStringBuffer(ctx, tv.shape, tv.shape_len);
     return RM.ReplyWithStringBuffer(ctx, (const char *)tv.data, tv.len * sizeof(float));
+}
+
+/* ---- compression: SPIRT.PACK / SPIRT.UNPACK --------------------------------------- */
+
+static int get_format(Args *a, int pos, CodecFormat *out) {
+    char buf[80];
+    if (is_kw(a->argv[pos], "fp16")) *out = CODEC_FP16;
+    else if (is_kw(a->argv[pos], "int8")) *out = CODEC_INT8;
+    else return fail(a, "FORMAT must be fp16 or int8, got '%s'", text(a->argv[pos], buf, sizeof(buf)));
+    return 0;
+}
+
+static const OptSpec PACK_OPTS[] = {
+    {"FORMAT", 1, 0}, {"BASE", 1, 1}, {"RESIDUAL", 1, 1}, {"SCRATCH", 0, 0}, {NULL, 0, 0},
+};
+
+/* SPIRT.PACK dst src FORMAT fp16|int8 [BASE base] [RESIDUAL res] [SCRATCH] */
+int cmd_pack(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    Args a = {ctx, argv, argc, {0}};
+    if (RM.IsKeysPositionRequest(ctx)) return opt_key_positions(&a, PACK_OPTS);
+    if (argc < 5) return RM.WrongArity(ctx);
+    PackArgs p = {.dst = argv[1], .src = argv[2]};
+    int s_fmt = 0, s_base = 0, s_res = 0;
+    for (int i = 3; i < argc;) {
+        RedisModuleString *o = argv[i];
+        if (is_kw(o, "FORMAT")) {
+            if (once(&a, &s_fmt, "FORMAT") || need(&a, i, 1, "FORMAT") ||
+                get_format(&a, i + 1, &p.fmt))
+                return reply_fail(&a);
+            i += 2;
+        } else if (is_kw(o, "BASE")) {
+            if (once(&a, &s_base, "BASE") || need(&a, i, 1, "BASE")) return reply_fail(&a);
+            p.base = argv[i + 1];
+            i += 2;
+        } else if (is_kw(o, "RESIDUAL")) {
+            if (once(&a, &s_res, "RESIDUAL") || need(&a, i, 1, "RESIDUAL")) return reply_fail(&a);
+            p.residual = argv[i + 1];
+            i += 2;
+        } else if (is_kw(o, "SCRATCH")) {
+            if (once(&a, &p.scratch, "SCRATCH")) return reply_fail(&a);
+            i += 1;
+        } else {
+            unknown(&a, i);
+            return reply_fail(&a);
+        }
+    }
+    /* The outputs are written after every input was read, but an output that is also an
+     * input would make the reply depend on that order: refuse it. */
+    if (!s_fmt) fail(&a, "PACK needs FORMAT");
+    else if (same_key(p.dst, p.src) || (p.base && same_key(p.dst, p.base)) ||
+             (p.residual && same_key(p.dst, p.residual)))
+        fail(&a, "dst must differ from src, BASE and RESIDUAL");
+    else if (p.residual && (same_key(p.residual, p.src) || (p.base && same_key(p.residual, p.base))))
+        fail(&a, "RESIDUAL must differ from src and BASE");
+    if (a.err[0]) return reply_fail(&a);
+    return pack_run(ctx, &p);
+}
+
+/* SPIRT.UNPACK dst src FORMAT fp16|int8 COUNT n [SCRATCH] */
+int cmd_unpack(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    Args a = {ctx, argv, argc, {0}};
+    if (argc < 5) return RM.WrongArity(ctx);
+    PackArgs p = {.dst = argv[1], .src = argv[2]};
+    int s_fmt = 0, s_count = 0;
+    long long v;
+    for (int i = 3; i < argc;) {
+        RedisModuleString *o = argv[i];
+        if (is_kw(o, "FORMAT")) {
+            if (once(&a, &s_fmt, "FORMAT") || need(&a, i, 1, "FORMAT") ||
+                get_format(&a, i + 1, &p.fmt))
+                return reply_fail(&a);
+            i += 2;
+        } else if (is_kw(o, "COUNT")) {
+            if (once(&a, &s_count, "COUNT") || need(&a, i, 1, "COUNT") ||
+                get_ll(&a, i + 1, "COUNT", 0, (long long)SPIRT_MAX_ELEMENTS, &v))
+                return reply_fail(&a);
+            p.count = (size_t)v;
+            i += 2;
+        } else if (is_kw(o, "SCRATCH")) {
+            if (once(&a, &p.scratch, "SCRATCH")) return reply_fail(&a);
+            i += 1;
+        } else {
+            unknown(&a, i);
+            return reply_fail(&a);
+        }
+    }
+    if (!s_fmt) fail(&a, "UNPACK needs FORMAT");
+    else if (!s_count) fail(&a, "UNPACK needs COUNT");
+    if (a.err[0]) return reply_fail(&a);
+    return unpack_run(ctx, &p);
 }
 
 /* ---- introspection and runtime settings ----------------------------------------- */

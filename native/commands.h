@@ -18,6 +18,8 @@ int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 int cmd_adam(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 int cmd_digest(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int cmd_pack(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int cmd_unpack(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 int cmd_config(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 

@@ -328,7 +328,7 @@ static int reply_err(RedisModuleCtx *ctx, const char *msg) {
  * replica or keeps a backlog (from the first replica on, and for repl-backlog-ttl
  * after the last one left, so that it can resume); anything else it drops. When INFO
  * cannot be read, assume it would. Main thread only. */
-static int propagation_delivered(RedisModuleCtx *ctx) {
+int jobs_propagation_delivered(RedisModuleCtx *ctx) {
     if (RM.GetContextFlags(ctx) & RM_CTX_FLAGS_AOF) return 1;
     RedisModuleServerInfoData *info = RM.GetServerInfo(ctx, "replication");
     if (!info) return 1;
@@ -355,7 +355,7 @@ static int propagation_delivered(RedisModuleCtx *ctx) {
  * ("R"): a module's key writes are not counted otherwise. */
 static void propagate_outputs(RedisModuleCtx *ctx, Job *j) {
     if (j->p.scratch) return;
-    if (!propagation_delivered(ctx)) {
+    if (!jobs_propagation_delivered(ctx)) {
         RM.Replicate(ctx, "PING", "AR");
         return;
     }

@@ -75,6 +75,11 @@ struct JobParams *job_params(Job *job);
 /* Validates, runs or queues, replies; takes ownership of job. Always returns RM_OK. */
 int job_submit(RedisModuleCtx *ctx, Job *job);
 
+/* Whether anything would receive what a command propagates now: the AOF, a replica,
+ * or a replication backlog (jobs.c explains why by-value copies are made only then).
+ * Main thread only. */
+int jobs_propagation_delivered(RedisModuleCtx *ctx);
+
 /* Counters for SPIRT.INFO. */
 typedef struct {
     long long sync_done, async_done, failed, aborted, cancelled, queued, running;

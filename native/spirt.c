@@ -30,6 +30,8 @@ static const CommandSpec COMMANDS[] = {
     {"spirt.adam", cmd_adam, "write deny-oom getkeys-api", 1, 2, 1},
     {"spirt.norm", cmd_norm, "readonly getkeys-api", 1, 1, 1},
     {"spirt.digest", cmd_digest, "readonly getkeys-api", 1, 1, 1},
+    {"spirt.pack", cmd_pack, "write deny-oom getkeys-api", 1, 2, 1},
+    {"spirt.unpack", cmd_unpack, "write deny-oom", 1, 2, 1},
     {"spirt.info", cmd_info, "readonly fast", 0, 0, 0},
     {"spirt.config", cmd_config, "admin", 0, 0, 0},
 };

@@ -190,9 +190,10 @@ void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString
     set_shape(ctx, key, shape, shape_len);
 }
 
-void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
-                         size_t len, const char *shape, size_t shape_len) {
-    size_t bytes = len * sizeof(float);
+/* Overwrites KEY's value in place when it is a string of exactly `bytes` bytes (like SET:
+ * the TTL is dropped, keyspace subscribers are told); returns 0 when it is not. */
+static int overwrite_in_place(RedisModuleCtx *ctx, RedisModuleString *key, const void *data,
+                              size_t bytes) {
     RedisModuleKey *k = RM.OpenKey(ctx, key, RM_WRITE);
     if (RM.KeyType(k) == RM_KEYTYPE_STRING && bytes > 0) {
         size_t have;
@@ -205,14 +206,39 @@ void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const floa
                 RM.SetExpire(k, RM_NO_EXPIRE);
                 RM.CloseKey(k); /* signals the modification (WATCH) */
                 RM.NotifyKeyspaceEvent(ctx, RM_NOTIFY_STRING, "set", key);
-                set_shape(ctx, key, shape, shape_len);
-                return;
+                return 1;
             }
         }
     }
     RM.CloseKey(k);
+    return 0;
+}
+
+void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
+                         size_t len, const char *shape, size_t shape_len) {
+    size_t bytes = len * sizeof(float);
+    if (overwrite_in_place(ctx, key, data, bytes)) {
+        set_shape(ctx, key, shape, shape_len);
+        return;
+    }
     RedisModuleString *v = RM.CreateString(ctx, (const char *)data, bytes);
     tensor_write(ctx, key, v, shape, shape_len);
+    RM.FreeString(ctx, v);
+}
+
+int plain_check_writable(RedisModuleCtx *ctx, RedisModuleString *key, char *err) {
+    char label[80];
+    if (writable(ctx, key)) return 0;
+    snprintf(err, SPIRT_ERRLEN, "output key '%s' holds the wrong type (not a string)",
+             tensor_key_label(key, label, sizeof(label)));
+    return -1;
+}
+
+void plain_write_bytes(RedisModuleCtx *ctx, RedisModuleString *key, const void *data,
+                       size_t bytes) {
+    if (overwrite_in_place(ctx, key, data, bytes)) return;
+    RedisModuleString *v = RM.CreateString(ctx, (const char *)data, bytes);
+    set_string(ctx, key, v);
     RM.FreeString(ctx, v);
 }
 

@@ -42,6 +42,13 @@ void tensor_write(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString
 void tensor_write_floats(RedisModuleCtx *ctx, RedisModuleString *key, const float *data,
                          size_t len, const char *shape, size_t shape_len);
 
+/* A plain string output (no shape key: the compressed body of SPIRT.PACK). The check
+ * passes when KEY is absent or a string; the write is like SET, in place when KEY
+ * already holds a string of that size. */
+int plain_check_writable(RedisModuleCtx *ctx, RedisModuleString *key, char *err);
+void plain_write_bytes(RedisModuleCtx *ctx, RedisModuleString *key, const void *data,
+                       size_t bytes);
+
 /* Sets a time to live on KEY and KEY:shape (both written just before). */
 void tensor_expire(RedisModuleCtx *ctx, RedisModuleString *key, long long ms);
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from protocol import compression
 from spirtd.checks import check
 from spirtd.rules.kernels import F32 as _F32
 from spirtd.rules.kernels import F64 as _F64
@@ -24,6 +25,11 @@ from spirtd.rules.kernels import nnm
 
 if TYPE_CHECKING:
     from spirtd.redis.store import _Adam, _Agg, _Sgd
+
+
+class NonFiniteValue(ValueError):
+    """What the store raises as NonFinite (it cannot be imported here: the store imports
+    this module)."""
 
 
 def first_nonfinite(a: np.ndarray | torch.Tensor) -> int | None:
@@ -105,3 +111,80 @@ def adam(o: _Adam, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
         _finite_result(m.to(_F32), "first moment"),
         _finite_result(v.to(_F32), "second moment"),
     ]
+
+
+def pack(fmt: str, xs: list[torch.Tensor | None], has_base: bool) -> tuple[list[Any], int]:
+    """SPIRT.PACK (native/pack.c): v = (base - src) + residual in float64, rounded once;
+    the body is protocol.compression's encoding of v (the same codes as the module's),
+    and the new residual is v minus the body's decoding. ``xs`` is src, then base when
+    ``has_base``, then the residual (None when absent) when one is kept."""
+    src = xs[0]
+    assert src is not None
+    s = src.numpy()
+    res = xs[2 if has_base else 1] if len(xs) > (2 if has_base else 1) else None
+    if has_base or res is not None:
+        v64 = s.astype(np.float64)
+        if has_base:
+            base = xs[1]
+            assert base is not None
+            v64 = base.numpy().astype(np.float64) - v64
+        if res is not None:
+            v64 = v64 + res.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = v64.astype(np.float32)
+        bad = first_nonfinite(v)
+        if bad is not None:
+            raise NonFiniteValue(
+                f"non-finite value at index {bad} of the vector to pack "
+                "(base - src + residual overflows float32)"
+            )
+    else:
+        v = s
+    if fmt == "fp16":
+        over = np.flatnonzero(np.abs(v) > compression.FP16_MAX)
+        if over.size:
+            i = int(over[0])
+            raise NonFiniteValue(
+                f"non-finite value in fp16 at index {i}: {float(v[i]):g} is beyond "
+                f"{compression.FP16_MAX:g}"
+            )
+    body = compression.encode(fmt, v)
+    bad = compression.first_bad(fmt, body, v.size)
+    if bad is not None:  # int8 only: a range whose top code overflows float32
+        raise NonFiniteValue(
+            f"non-finite value in int8 block {bad // compression.HEADER}: "
+            "its range overflows float32"
+        )
+    outputs: list[Any] = [body]
+    if len(xs) > (2 if has_base else 1):
+        outputs.append(torch.from_numpy(v - compression.decode(fmt, body, v.size)))
+    return outputs, len(body)
+
+
+def unpack_refusal(fmt: str, label: str, body: bytes, count: int) -> str | None:
+    """The module's message for a body that does not decode to finite values, or None."""
+    need = compression.encoded_size(fmt, count)
+    if len(body) != need:
+        return (
+            f"size mismatch: '{label}' has {len(body)} bytes where {fmt} of {count} "
+            f"values needs {need}"
+        )
+    at = compression.first_bad(fmt, body, count)
+    if at is None:
+        return None
+    if fmt == "fp16":
+        half = int.from_bytes(body[at : at + 2], "little")
+        return f"non-finite value in '{label}' at index {at // 2} (fp16 0x{half:04x})"
+    scale, offset = np.frombuffer(body, dtype="<f4", count=2, offset=at)
+    return (
+        f"non-finite value in '{label}': int8 block {at // compression.HEADER} has a "
+        f"malformed header (scale {_c_g(scale)}, offset {_c_g(offset)})"
+    )
+
+
+def _c_g(x: np.floating[Any]) -> str:
+    """C's %g of a float (inf, nan and -nan as glibc prints them)."""
+    f = float(x)
+    if math.isnan(f):
+        return "-nan" if math.copysign(1.0, f) < 0 else "nan"
+    return f"{f:g}"

@@ -82,6 +82,9 @@ DAEMON_MODULE_COMMANDS = (
     "spirt.norm",
     "spirt.digest",
     "spirt.info",
+    # A published vector's compression (protocol.compression), done in the database.
+    "spirt.pack",
+    "spirt.unpack",
 )
 # A gradient function reads the parameters and writes its slice's gradient
 # (spirtd/functions/gradient.py); the same rule deploy/aws/README.md gives for AWS.

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 import torch
 from redis.exceptions import ResponseError, WatchError
 
+from protocol import compression
 from spirtd import rules
 from spirtd.checks import StoreError, check, integer, number
 from spirtd.redis import fallback, tensorfmt
@@ -540,6 +541,93 @@ class TensorStore:
         a = await self.get(key)
         return hashlib.blake2b(a.data.cast("B"), digest_size=32).hexdigest()
 
+    # ---- compression (protocol.compression's formats) ------------------------------------
+
+    async def pack(
+        self,
+        dst: str,
+        src: str,
+        *,
+        fmt: str,
+        base: str | None = None,
+        residual: str | None = None,
+        scratch: bool = False,
+    ) -> int:
+        """Encodes v = ``src`` (or ``base - src``, an outer round's pseudo-gradient) plus the
+        tensor at ``residual`` (zeros when absent) in ``fmt`` into the plain string
+        ``dst``; with ``residual``, stores there what the encoding lost (v minus the
+        body's decoding), for the next pack to carry (error feedback). Returns the
+        body's byte length. NonFinite: a non-finite input or v, a value beyond fp16's
+        range, an int8 block whose range overflows float32; nothing is written then."""
+        _check_pack_keys(fmt, dst, src, base, residual)
+        if await self.detect():
+            args: list[Any] = ["SPIRT.PACK", dst, src, "FORMAT", fmt]
+            if base is not None:
+                args += ["BASE", base]
+            if residual is not None:
+                args += ["RESIDUAL", residual]
+            if scratch:
+                args.append("SCRATCH")
+            return int(await self._call(*args))
+        inputs = [(src, False)]
+        if base is not None:
+            inputs.append((base, False))
+        outputs = [dst]
+        if residual is not None:
+            inputs.append((residual, True))
+            outputs.append(residual)
+        try:
+            return int(
+                await self._client_side(
+                    inputs,
+                    outputs,
+                    lambda xs: fallback.pack(fmt, xs, base is not None),
+                    plain=frozenset({dst}),
+                )
+            )
+        except fallback.NonFiniteValue as e:
+            raise NonFinite(str(e)) from None
+
+    async def unpack(
+        self, dst: str, src: str, *, fmt: str, count: int, scratch: bool = False
+    ) -> None:
+        """Decodes the body at the plain string ``src`` (``count`` values in ``fmt``) into
+        the 1-D float32 tensor ``dst``, bit for bit as protocol.compression.decode.
+        StoreError if the body's size is not exactly ``encoded_size(fmt, count)``;
+        NonFinite if it holds a non-finite half or a malformed int8 header. Nothing is
+        written on refusal."""
+        check(fmt in PACK_FORMATS, f"FORMAT must be fp16 or int8, got '{_label(str(fmt))}'")
+        n = integer(count, "COUNT", 0, tensorfmt.MAX_ELEMENTS)
+        if await self.detect():
+            tail = ["SCRATCH"] if scratch else []
+            await self._call("SPIRT.UNPACK", dst, src, "FORMAT", fmt, "COUNT", n, *tail)
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(src)
+            for name in (dst, tensorfmt.shape_key(dst)):
+                check(
+                    await _type(pipe, name) in ("none", "string"),
+                    f"output key '{_label(name)}' holds the wrong type (not a string)",
+                )
+            kind = await _type(pipe, src)
+            if kind == "none":
+                raise TensorNotFound(f"missing key '{_label(src)}'")
+            check(kind == "string", f"key '{_label(src)}' holds the wrong type (not a string)")
+            body = await pipe.get(src)
+            refusal = fallback.unpack_refusal(fmt, _label(src), body, n)
+            if refusal is not None:
+                raise (StoreError if refusal.startswith("size") else NonFinite)(refusal)
+            out = await asyncio.to_thread(compression.decode, fmt, body, n)
+            pipe.multi()
+            pipe.set(dst, memoryview(out).cast("B"))
+            pipe.set(tensorfmt.shape_key(dst), str(n))
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise InputChanged(
+                    "an input was modified during the command; nothing was written"
+                ) from None
+
     # ---- plumbing -----------------------------------------------------------------------
 
     @staticmethod
@@ -559,9 +647,11 @@ class TensorStore:
         self,
         inputs: list[tuple[str, bool]],
         outputs: list[str],
-        compute: Callable[[list[torch.Tensor | None]], tuple[list[torch.Tensor], Any]],
+        compute: Callable[[list[torch.Tensor | None]], tuple[list[Any], Any]],
+        plain: frozenset[str] = frozenset(),
     ) -> Any:
-        """Reads inputs under WATCH, computes on a thread, writes outputs in MULTI/EXEC."""
+        """Reads inputs under WATCH, computes on a thread, writes outputs in MULTI/EXEC.
+        An output in ``plain`` is a plain string (compute gives its bytes): no shape key."""
         keys = [k for k, _ in inputs]
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(*_names(keys))
@@ -586,10 +676,11 @@ class TensorStore:
                         f"'{_label(first)}' has {length}"
                     )
                 bad = fallback.first_nonfinite(a)
-                check(bad is None, f"non-finite value in '{_label(key)}' at index {bad}")
+                if bad is not None:
+                    raise NonFinite(f"non-finite value in '{_label(key)}' at index {bad}")
                 xs.append(fallback.torch_view(a).reshape(-1))
             for out in outputs:
-                for name in (out, tensorfmt.shape_key(out)):
+                for name in (out,) if out in plain else (out, tensorfmt.shape_key(out)):
                     check(
                         await _type(pipe, name) in ("none", "string"),
                         f"output key '{_label(name)}' holds the wrong type (not a string)",
@@ -598,6 +689,9 @@ class TensorStore:
             assert shape is not None
             pipe.multi()
             for out, r in zip(outputs, results, strict=True):
+                if out in plain:
+                    pipe.set(out, r)
+                    continue
                 data = r.contiguous().numpy()
                 pipe.set(out, memoryview(data).cast("B"))
                 pipe.set(tensorfmt.shape_key(out), shape)
@@ -608,6 +702,16 @@ class TensorStore:
                     "an input was modified during the command; nothing was written"
                 ) from None
         return ret
+
+
+PACK_FORMATS = ("fp16", "int8")
+
+
+def _check_pack_keys(fmt: str, dst: str, src: str, base: str | None, residual: str | None) -> None:
+    """SPIRT.PACK's argument checks, with its words, for both paths."""
+    check(fmt in PACK_FORMATS, f"FORMAT must be fp16 or int8, got '{_label(str(fmt))}'")
+    check(dst not in (src, base, residual), "dst must differ from src, BASE and RESIDUAL")
+    check(residual is None or residual not in (src, base), "RESIDUAL must differ from src and BASE")
 
 
 async def _type(client: Any, key: str) -> str:
@@ -624,6 +728,7 @@ def _names(keys: Sequence[str]) -> list[str]:
 
 __all__ = [
     "InputChanged",
+    "NonFinite",
     "StoreError",
     "TensorNotFound",
     "TensorStore",
