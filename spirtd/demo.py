@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="digits")
     p.add_argument("--rounds", type=int, help="default: the task's own")
     p.add_argument("--aggregator", default=None, help="default: mean")
+    p.add_argument("--inner-steps", type=int, help="local steps per round (default: the task's)")
+    p.add_argument("--compression", choices=["none", "fp16", "int8"], help="default: the task's")
     p.add_argument("--target", type=float, default=0.95, help="accuracy every peer must reach")
     p.add_argument("--dir", type=Path, help="keep the nodes' data dirs here (default: temp)")
     p.add_argument("--timeout", type=float, default=600.0, help="for the whole training job")
@@ -65,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok and all(c == 0 for c in codes) else 1
 
 
+def _per_step(status: dict[str, Any], field: str) -> str:
+    """A peer's wire bytes per inner step over the rounds its history holds."""
+    rows = [h for h in status.get("history", []) if field in h]
+    steps = sum(h.get("inner_steps", 1) for h in rows)
+    if not steps:
+        return "-"
+    return f"{sum(h[field] for h in rows) / steps / 1e3:,.1f} kB"
+
+
 def _run(cluster: LocalCluster, a: argparse.Namespace) -> bool:
     t0 = time.monotonic()
     cluster.start()
@@ -82,7 +93,12 @@ def _run(cluster: LocalCluster, a: argparse.Namespace) -> bool:
         cmd += ["--rounds", str(a.rounds)]
     if a.aggregator:
         cmd += ["--aggregator", a.aggregator]
-    print(f"\n$ spirtctl train start --task {a.task} --data-dir {starter.data_dir}", flush=True)
+    if a.inner_steps:
+        cmd += ["--inner-steps", str(a.inner_steps)]
+    if a.compression:
+        cmd += ["--compression", a.compression]
+    shown = " ".join(cmd[cmd.index("start") + 1 :])
+    print(f"\n$ spirtctl train start {shown}", flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     print(out.stdout.strip() or out.stderr.strip(), flush=True)
     if out.returncode != 0:
@@ -125,11 +141,14 @@ def _run(cluster: LocalCluster, a: argparse.Namespace) -> bool:
                 "state": s["state"],
                 "rounds": s["round"],
                 "accuracy": s["accuracy"],
+                "sent/step": _per_step(s, "bytes_sent"),
+                "received/step": _per_step(s, "bytes_received"),
                 "model_digest": (s["model_digest"] or "-")[:24],
             }
         )
     print(f"\n[demo] trained in {time.monotonic() - t1:.1f}s:\n")
-    print(table(rows, ["node", "state", "rounds", "accuracy", "model_digest"]), flush=True)
+    cols = ["node", "state", "rounds", "accuracy", "sent/step", "received/step", "model_digest"]
+    print(table(rows, cols), flush=True)
     for n, s in zip(nodes, statuses, strict=True):
         s["node_id"] = n.node_id
     job = statuses[0].get("job") or {}
