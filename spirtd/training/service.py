@@ -558,6 +558,7 @@ class TrainingService:
         t = self.trainer
         st = t.status() if t is not None else {}
         saved = self._saved if t is None else {}
+        h = self.spec.inner_steps if self.spec is not None else 1
         state, detail = self.state, self.detail
         if self.state in ("running", "done") and st.get("state") == "syncing":
             # The job runs; this node is (re)establishing its state or catching up.
@@ -572,6 +573,11 @@ class TrainingService:
             "accuracy": st.get("accuracy"),
             # Peers proven Byzantine (equivocation), out of this job for good.
             "excluded": st.get("excluded", []),
+            # Outer rounds: inner steps per round, the steps the agreed model has
+            # taken (round x H), and how many this peer ran itself.
+            "inner_steps": h,
+            "steps": int(st.get("round", saved.get("round", 0)) or 0) * h,
+            "inner_steps_run": st.get("inner_steps_run", 0),
         }
 
     def status(self) -> dict[str, Any]:
@@ -595,7 +601,8 @@ def _describe(spec: JobSpec) -> str:
     return (
         f"task={spec.task} rounds={spec.rounds} aggregator={spec.aggregator} f={spec.f} "
         f"batch={spec.batch_size} functions={spec.functions_per_round} "
-        f"optimizer={spec.optimizer} lr={spec.lr}"
+        f"optimizer={spec.optimizer} lr={spec.lr} inner_steps={spec.inner_steps} "
+        f"compression={spec.compression}"
     )
 
 

@@ -303,10 +303,7 @@ class Trainer:
         return self.job.status() | {
             "loss": last.loss if last else None,
             "accuracy": self.last_accuracy,
-            # Outer rounds: the steps the agreed model has taken, and this peer's own.
-            "inner_steps": self.spec.inner_steps,
-            "steps": self.completed * self.spec.inner_steps,
-            "inner_steps_run": self.inner_done,
+            "inner_steps_run": self.inner_done,  # outer rounds: run by this peer
         }
 
     async def snapshot(self) -> Snapshot | None:
