@@ -231,3 +231,40 @@ async def test_the_meter_sums_to_what_a_function_host_reports(
     assert (name, memory_mb) == ("probe", 256)
     assert invocations == meter.total.requests
     assert billed_ms * memory_mb == meter.total.mb_ms
+
+
+# --- spirtctl train report ----------------------------------------------------------------
+
+
+def status_doc(with_cost: bool) -> dict[str, object]:
+    history = []
+    for r in range(3, 8):  # the rows shown are not the job's first
+        row: dict[str, object] = {
+            "round": r,
+            "closed_at": 1000.0 + r,
+            "accuracy": 0.5 + r / 20,
+            "peer_losses": {"node-a": 1.0 / r},
+        }
+        if with_cost:
+            row["cost"] = {"gb_s": 0.1, "requests": 2, "usd": 0.25}
+        history.append(row)
+    doc: dict[str, object] = {"node_id": "node-a", "history": history, "events": []}
+    if with_cost:
+        doc["cost"] = {"gb_s": 1.0, "requests": 20, "usd": 2.0}
+    return doc
+
+
+def test_the_report_plots_the_cumulative_cost(tmp_path: Path) -> None:
+    from spirtd.control import report
+
+    series = report._series([status_doc(True)])
+    pts = series["cost"]["node-a"]
+    # Five rows of $0.25 end at the job's $2.00: the rounds before them cost $0.75.
+    assert [p[0] for p in pts] == [3, 4, 5, 6, 7]
+    assert [p[2] for p in pts] == pytest.approx([1.0, 1.25, 1.5, 1.75, 2.0])
+    out = report.render([status_doc(True)], tmp_path / "with.png")
+    assert out.read_bytes().startswith(b"\x89PNG")
+    # Rows without cost objects (an older daemon, AWS prices unknown): nothing drawn.
+    assert report._series([status_doc(False)])["cost"] == {}
+    out = report.render([status_doc(False)], tmp_path / "without.png")
+    assert out.read_bytes().startswith(b"\x89PNG")

@@ -1,4 +1,6 @@
-"""The training report: loss and accuracy against round and wall time, as a PNG.
+"""The training report: loss and accuracy against round and wall time, as a PNG,
+with each node's cumulative function cost (USD, right axis of the accuracy plots)
+when its history rows carry ``cost`` objects.
 
 Drawn from `train status` documents (``GET /v1/train/status``), one per node the
 operator can reach: every node's history carries each contributor's minibatch loss
@@ -41,9 +43,13 @@ def _series(statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-peer loss points and per-node accuracy points, by round and wall time."""
     loss: dict[str, dict[int, tuple[float, float]]] = {}
     acc: dict[str, list[tuple[int, float, float]]] = {}
+    cost: dict[str, list[tuple[int, float, float]]] = {}
     events: dict[tuple[str, float], dict[str, Any]] = {}
     for st in statuses:
         me = st.get("node_id", "")
+        pts = _cumulative_cost(st)
+        if pts:
+            cost[me] = pts
         for h in st.get("history") or []:
             t = h.get("closed_at")
             if t is None:
@@ -58,7 +64,52 @@ def _series(statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 events.setdefault((e["kind"], round(e["t"])), e)
     if not loss and not acc:
         raise ReportError("no rounds to draw: the job has not closed a round on these nodes")
-    return {"loss": loss, "accuracy": acc, "events": list(events.values())}
+    return {"loss": loss, "accuracy": acc, "cost": cost, "events": list(events.values())}
+
+
+def _usd(doc: Any) -> float | None:
+    usd = doc.get("usd") if isinstance(doc, dict) else None
+    return float(usd) if isinstance(usd, int | float) and not isinstance(usd, bool) else None
+
+
+def _cumulative_cost(st: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(round, closed_at, USD so far) from the rows' ``cost`` objects; the rows
+    shown may not be the job's first (the history is bounded), so the curve starts
+    from the job's total (``cost``) less what the rows shown add up to."""
+    rows = sorted(
+        (h for h in st.get("history") or [] if h.get("closed_at") is not None),
+        key=lambda h: h["round"],
+    )
+    costs = [(h, _usd(h.get("cost"))) for h in rows]
+    costs = [(h, c) for h, c in costs if c is not None]
+    if not costs:
+        return []
+    shown = sum(c for _, c in costs)
+    total = _usd(st.get("cost"))
+    running = max(0.0, total - shown) if total is not None else 0.0
+    out = []
+    for h, c in costs:
+        running += c
+        out.append((h["round"], h["closed_at"], running))
+    return out
+
+
+def _draw_cost(
+    cost: dict[str, list[tuple[int, float, float]]], by_round: Any, by_time: Any, t0: float
+) -> None:
+    """Each node's cumulative cost on a right-hand axis of the accuracy plots."""
+    right_r, right_t = by_round.twinx(), by_time.twinx()
+    right_r.sharey(right_t)
+    for i, (node, pts) in enumerate(sorted(cost.items())):
+        usd = [p[2] for p in pts]
+        # Colours past the accuracy lines' (C0, C1, ...), so the two never look alike.
+        colour = f"C{(i + 5) % 10}"
+        right_r.plot(
+            [p[0] for p in pts], usd, ls="--", lw=1.0, color=colour, label=f"{_short(node)} $"
+        )
+        right_t.plot([p[1] - t0 for p in pts], usd, ls="--", lw=1.0, color=colour)
+    right_t.set_ylabel("cumulative function cost (USD, dashed)")
+    right_r.legend(fontsize=7, title="cost of", title_fontsize=7, loc="center right")
 
 
 def render(statuses: Sequence[dict[str, Any]], out: Path, *, title: str = "") -> Path:
@@ -95,6 +146,8 @@ def render(statuses: Sequence[dict[str, Any]], out: Path, *, title: str = "") ->
             if label not in seen:
                 seen.add(label)
                 loss_t.plot([], [], color=colour, ls=style, label=label)
+        if data["cost"]:
+            _draw_cost(data["cost"], acc_r, acc_t, t0)
         loss_r.set(ylabel="training loss (per peer)", xlabel="round")
         loss_t.set(xlabel="wall time (s)")
         acc_r.set(ylabel="test accuracy", xlabel="round")
