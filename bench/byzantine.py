@@ -134,13 +134,15 @@ def run_cell(
     seed: int,
     timeout: float,
     params: dict[str, Any] | None = None,
+    outer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``outer``: job settings of outer rounds (inner_steps, compression), if any."""
     t0 = time.monotonic()
     byz = [x for x in cluster.nodes if x.node_id in byz_ids]
     for b in byz:
         body = {"attack": attack, "colluders": byz_ids, "seed": ATTACK_SEED, "params": params or {}}
         b.call("POST", "/v1/byzantine/attack", body)
-    job = {**JOB, "rounds": rounds, "aggregator": rule, "f": f, "seed": seed}
+    job = {**JOB, **(outer or {}), "rounds": rounds, "aggregator": rule, "f": f, "seed": seed}
     job["eval_every"] = max(1, rounds // 3)
     r = honest[0].call("POST", "/v1/train/start", job)
     job_id = r["job"]
@@ -193,7 +195,15 @@ def cells(settings: Sequence[str], rules: Sequence[str], attacks: Sequence[str])
 
 
 def _key(row: dict[str, Any]) -> tuple:
-    return (row["setting"], row["rule"], row["attack"], row["rounds"], row["seed"])
+    return (
+        row["setting"],
+        row["rule"],
+        row["attack"],
+        row["rounds"],
+        row["seed"],
+        row.get("inner_steps", 1),
+        row.get("compression", "none"),
+    )
 
 
 def load_rows(path: Path | None) -> list[dict[str, Any]]:
@@ -312,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--seed", type=int, default=JOB_SEED)
     p.add_argument(
+        "--inner-steps", type=int, default=1, help="H local steps per round (attacks hit the Δ)"
+    )
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
+    p.add_argument(
         "--cell-timeout", type=float, default=0.0, help="s; default max(150, 60 + 1.5 x rounds)"
     )
     p.add_argument("--resume", type=Path, help="JSON lines: skip cells in it, append new ones")
@@ -334,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         if x not in ATTACK_NAMES:
             p.error(f"unknown attack {x}")
     # A cell takes 5-25 s here; one that stalls should cost minutes, not the budget.
-    timeout = a.cell_timeout or max(150.0, 60.0 + 1.5 * a.rounds)
+    timeout = a.cell_timeout or max(150.0, 60.0 + 1.5 * a.rounds * a.inner_steps)
 
     done = load_rows(a.resume)
     have = {_key(r) for r in done}
-    rows = [r for r in done if r["rounds"] == a.rounds and r["seed"] == a.seed]
-    todo = [c for c in cells(settings, rules, attacks) if (*c, a.rounds, a.seed) not in have]
+    run_id = (a.rounds, a.seed, a.inner_steps, a.compression)
+    rows = [r for r in done if _key(r)[3:] == run_id]
+    todo = [c for c in cells(settings, rules, attacks) if (*c, *run_id) not in have]
+    outer = {"inner_steps": a.inner_steps, "compression": a.compression}
     t_start = time.monotonic()
     startup: dict[str, float] = {}
     log = sys.stderr
@@ -366,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                         rounds=a.rounds,
                         seed=a.seed,
                         timeout=timeout,
+                        outer=outer,
                     )
                     row = {
                         "setting": s,
@@ -374,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": a.rounds,
                         "seed": a.seed,
                         "attack_seed": ATTACK_SEED,
+                        **outer,
                         **row,
                     }
                     rows.append(row)
@@ -407,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             "rules": rules,
             "attacks": attacks,
             "rounds": a.rounds,
-            "job": JOB,
+            "job": {**JOB, **outer},
             "job_seed": a.seed,
             "attack_seed": ATTACK_SEED,
             "quick": a.quick,

@@ -69,6 +69,26 @@ def test_nonfinite_and_equivocation() -> None:
     assert np.array_equal(a, own) and np.array_equal(b, -10.0 * own)
 
 
+@pytest.mark.parametrize("fmt", ["none", "fp16", "int8"])
+def test_a_liars_nonfinite_vector_reaches_the_wire_in_the_jobs_format(fmt: str) -> None:
+    """What the harness publishes has the job's exact body size, and a NaN in the
+    vector is a NaN the receivers' check finds (and can prove)."""
+    from types import SimpleNamespace
+
+    from protocol import compression
+
+    v = np.linspace(-1, 1, 5000, dtype=np.float32)
+    t = SimpleNamespace(spec=SimpleNamespace(compression=fmt))
+    clean = harness._body(t, v)  # type: ignore[arg-type]
+    assert len(clean) == compression.encoded_size(fmt, v.size)
+    compression.check(fmt, clean, v.size)
+    v[4500] = np.nan
+    body = harness._body(t, v)  # type: ignore[arg-type]
+    assert len(body) == compression.encoded_size(fmt, v.size)
+    with pytest.raises(compression.CompressionError, match="nonfinite"):
+        compression.check(fmt, body, v.size)
+
+
 def test_attack_parameters_are_checked() -> None:
     assert set(ATTACKS) >= {"signflip", "gaussian", "alie", "ipm", "labelflip", "mimic"}
     with pytest.raises(AttackError, match="unknown attack"):

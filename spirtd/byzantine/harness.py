@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol import wire
+from protocol import compression, wire
 from protocol.gossip.messages import Announcement
 from protocol.wire import MsgType
 from spirtd.byzantine.attacks import Attack, AttackError, craft
@@ -143,21 +143,37 @@ async def publish_gradient(t: Trainer, r: int, body: bytes, meta: GradientMeta) 
         await t.env.pubsub.publish(TRAIN_TOPIC, body, meta=encoded)
         return
     if len(variants) == 1:
-        await t.env.pubsub.publish(TRAIN_TOPIC, variants[0].tobytes(), meta=encoded)
+        await t.env.pubsub.publish(TRAIN_TOPIC, _body(t, variants[0]), meta=encoded)
         return
     me = t.env.node_id
     peers = sorted(set(t.m.status()["view"]) - {me})
     honest = [p for p in peers if p not in STATE.colluders]
     half = set(honest[: (len(honest) + 1) // 2]) | (set(peers) - set(honest))
-    seq = await publish_to(t.env.pubsub, TRAIN_TOPIC, variants[0].tobytes(), encoded, half)
+    seq = await publish_to(t.env.pubsub, TRAIN_TOPIC, _body(t, variants[0]), encoded, half)
     await publish_to(
         t.env.pubsub,
         TRAIN_TOPIC,
-        variants[1].tobytes(),
+        _body(t, variants[1]),
         encoded,
         set(peers) - half,
         seq=seq if STATE.attack.params.get("same_seq") else None,
     )
+
+
+def _body(t: Trainer, v: np.ndarray) -> bytes:
+    """``v`` in the job's wire format. A non-finite vector cannot be encoded as it
+    is: its finite part is, and then the first block's scale (int8) or the first
+    bad value (fp16) is made a NaN, which is what a liar can put on the wire."""
+    fmt = t.spec.compression
+    if fmt == "none":
+        return v.astype("<f4").tobytes()
+    bad = np.flatnonzero(~np.isfinite(v))
+    body = bytearray(compression.encode(fmt, np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)))
+    if bad.size:
+        at = 0 if fmt == "int8" else 2 * int(bad[0])
+        nan = np.float32(np.nan) if fmt == "int8" else np.float16(np.nan)
+        body[at : at + nan.nbytes] = nan.tobytes()
+    return bytes(body)
 
 
 async def _honest_gradients(t: Trainer, r: int) -> list[np.ndarray]:
