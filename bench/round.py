@@ -78,7 +78,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -403,17 +404,35 @@ def time_split(statuses: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in split.items()}
 
 
-def run_spirt(
-    a: argparse.Namespace, *, plain_redis: bool, batches: Sequence[int] = ()
-) -> list[dict[str, Any]]:
-    """One job at --batch and then one at each of ``batches``, one after another on one
-    cluster (a cluster start costs more than a tiny job); a result per job, in order."""
+@dataclass
+class Cluster:
+    """A started cluster of real peers (see ``spirt_cluster``)."""
+
+    nodes: list[LocalNode]
+    servers: list[PlainRedis]
+    module: bool  # spirtctl status reports the SPIRT module loaded
+    start_s: float
+
+    @property
+    def roots(self) -> list[int]:
+        """The process trees whose CPU time counts (tree_cpu_s)."""
+        return [n.proc.pid for n in self.nodes if n.proc] + [
+            r.proc.pid for r in self.servers if r.proc
+        ]
+
+
+@contextlib.contextmanager
+def spirt_cluster(peers: int, *, plain_redis: bool = False) -> Iterator[Cluster]:
+    """P real spirtd peers (``--profile local``, each ``--shard i/P``, local functions)
+    that all see each other alive; with ``plain_redis`` each uses a plain
+    redis-server of its own instead of its managed one. Their logs are printed when
+    the body fails with a cluster's error; everything is stopped and removed after."""
     root = Path(tempfile.mkdtemp(prefix="spr-"))
     cluster = LocalCluster(root, 0)
     servers: list[PlainRedis] = []
     try:
-        for i in range(a.peers):
-            args = ["--profile", "local", "--shard", f"{i}/{a.peers}", "--functions", "local"]
+        for i in range(peers):
+            args = ["--profile", "local", "--shard", f"{i}/{peers}", "--functions", "local"]
             if plain_redis:
                 srv = PlainRedis(root / f"redis{i}").start()
                 servers.append(srv)
@@ -428,13 +447,7 @@ def run_spirt(
         module = [bool(spirtctl_status(n)["redis"]["module"]) for n in nodes]
         if any(module) == plain_redis or len(set(module)) != 1:
             raise RuntimeError(f"spirtctl status reports redis.module {module}")
-        out = []
-        for b in [a.batch, *batches]:
-            if b != a.batch:
-                print(f"[bench.round] sweep: batch {b} per peer", file=sys.stderr)
-            at = argparse.Namespace(**{**vars(a), "batch": b})
-            out.append(_measure(at, nodes, servers, module[0], plain_redis, start_s))
-        return out
+        yield Cluster(nodes, servers, module[0], start_s)
     except (NodeError, TimeoutError, RuntimeError, subprocess.CalledProcessError):
         for n in cluster.nodes:
             print(f"--- {n.data_dir}/spirtd.log\n{n.log_tail()}", file=sys.stderr)
@@ -448,29 +461,42 @@ def run_spirt(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _measure(
-    a: argparse.Namespace,
-    nodes: list[LocalNode],
-    servers: list[PlainRedis],
-    module: bool,
-    plain_redis: bool,
-    start_s: float,
-) -> dict[str, Any]:
-    """Runs one job of ``a`` on the cluster's ``nodes`` and reads its figures."""
-    # A job some node's trainer fails (see failed_jobs) is stopped everywhere and a
-    # new one is started on the same cluster: rounds without a peer (closed at the
-    # deadline) would not measure the same thing.
+def run_job_retrying(
+    c: Cluster, body: dict[str, Any], warmup: int, timeout: float, attempts: int, who: str
+) -> tuple[dict[str, Any], list[str]]:
+    """run_job; a job some node's trainer fails is stopped everywhere and a new one
+    is started on the same cluster (rounds without a peer, closed at the deadline,
+    would not measure the same thing), up to ``attempts`` jobs. Returns the job and
+    the failures' reasons."""
     failed: list[str] = []
     while True:
         try:
-            roots = [n.proc.pid for n in nodes if n.proc] + [r.proc.pid for r in servers if r.proc]
-            job = run_job(nodes, job_body(a), a.warmup, a.timeout, roots)
-            break
+            return run_job(c.nodes, body, warmup, timeout, c.roots), failed
         except JobFailed as e:
             failed.append(str(e))
-            print(f"[bench.round] job failed, running it again: {e}", file=sys.stderr)
-            if len(failed) >= a.attempts:
+            print(f"[{who}] job failed, running it again: {e}", file=sys.stderr)
+            if len(failed) >= attempts:
                 raise
+
+
+def run_spirt(
+    a: argparse.Namespace, *, plain_redis: bool, batches: Sequence[int] = ()
+) -> list[dict[str, Any]]:
+    """One job at --batch and then one at each of ``batches``, one after another on one
+    cluster (a cluster start costs more than a tiny job); a result per job, in order."""
+    with spirt_cluster(a.peers, plain_redis=plain_redis) as c:
+        out = []
+        for b in [a.batch, *batches]:
+            if b != a.batch:
+                print(f"[bench.round] sweep: batch {b} per peer", file=sys.stderr)
+            at = argparse.Namespace(**{**vars(a), "batch": b})
+            out.append(_measure(at, c, plain_redis))
+        return out
+
+
+def _measure(a: argparse.Namespace, c: Cluster, plain_redis: bool) -> dict[str, Any]:
+    """Runs one job of ``a`` on the cluster and reads its figures."""
+    job, failed = run_job_retrying(c, job_body(a), a.warmup, a.timeout, a.attempts, "bench.round")
     statuses = job["statuses"]
     rows = per_round(statuses, a.warmup)
     if not rows:
@@ -478,10 +504,10 @@ def _measure(
     med = medians(rows)
     return {
         "redis": "plain redis-server, no module" if plain_redis else "managed, SPIRT module",
-        "redis_module": module,
+        "redis_module": c.module,
         "job": job["job"],
         "params": statuses[0]["job"]["params"],
-        "cluster_start_s": round(start_s, 2),
+        "cluster_start_s": round(c.start_s, 2),
         "cpu_s_per_round_by_process": job.get("cpu_s_per_round_by_process"),
         "failed_jobs": failed,
         "job_wall_s": round(job["wall_s"], 2),
@@ -531,7 +557,10 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict[str, Any], q: Any) -
         task = load_task("digits", Shard(rank, world), hidden=cfg["hidden"])
         torch.manual_seed(0)
         model = DistributedDataParallel(task.build_model())  # broadcasts rank 0's params
-        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+        if cfg.get("optimizer") == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
         train = task.train
         rng = np.random.default_rng(rank)
         times = []
@@ -564,6 +593,8 @@ def ddp_steps(a: argparse.Namespace) -> dict[str, Any]:
         "warmup": a.ddp_warmup,
         "lr": a.lr,
         "momentum": a.momentum,
+        # bench.outer compares with the job's own optimizer (bench.round has none: sgd).
+        "optimizer": getattr(a, "optimizer", "sgd"),
         "threads": threads,
     }
     ctx = mp.get_context("spawn")
@@ -592,6 +623,7 @@ def ddp_steps(a: argparse.Namespace) -> dict[str, Any]:
         "procs": world,
         "threads_per_proc": threads,
         "backend": "gloo",
+        "optimizer": cfg["optimizer"],
         "step_s": statistics.median(measured),
         "step_s_min": min(measured),
         "steps_s": [round(x, 5) for x in measured],
