@@ -12,11 +12,11 @@ evaluated every round, stopped once the model reaches the task's stated accuracy
   peers, priced at Lambda's published prices (spirtd/functions/cost.py; x86_64
   by default). The figures come from the history rows' ``cost`` objects when the
   trainer reports them, else from what each node's embedded runtime billed during
-  the job (``functions.billed`` in its status), spread evenly over the rounds it
-  computed (``cost_source`` says which). ``usd_to_target`` covers the rounds up
-  to the first one whose evaluation reached the target; ``*_per_1000_samples``
-  divide the job's cost by the samples its functions computed (P x B x H per
-  round).
+  the job (``functions.billed`` in its status), at its mean per invocation for
+  the W x H invocations of each round (``cost_source`` says which).
+  ``usd_to_target`` covers the rounds up to the first one whose evaluation
+  reached the target; ``*_per_1000_samples`` divide the job's cost by the
+  samples its functions computed (P x B x H per round).
 * IaaS: one on-demand instance (default c6i.large, 2 vCPUs like this machine,
   us-east-1 Linux at $0.085 per hour as listed in 2025) for the wall time of a
   DDP run to the same accuracy: DDP's step count to the target is that of the
@@ -152,7 +152,14 @@ def run_job(nodes: list[LocalNode], body: dict, target: float, timeout: float) -
 
 
 def serverless_row(
-    task: str, batch: int, inner: int, peers: int, job: dict[str, Any], target: float, p: Prices
+    task: str,
+    batch: int,
+    inner: int,
+    peers: int,
+    job: dict[str, Any],
+    target: float,
+    p: Prices,
+    functions: int = 1,
 ) -> dict[str, Any]:
     """The job's cost to the target and per 1,000 samples, over all peers."""
     statuses = job["statuses"]
@@ -173,16 +180,18 @@ def serverless_row(
                     mb_ms_target += mb_ms
                     requests_target += h["cost"]["requests"]
             continue
-        # Not reported per round: what the runtime billed over the job, spread evenly
-        # over the rounds this node computed.
+        # Not reported per round: what the runtime billed over the job, at its mean
+        # per invocation for the W x H invocations of each round this node computed
+        # up to the target (the job is stopped a little after it: a round's worth of
+        # invocations may follow).
         mb_ms = (b1["billed_ms"] - b0["billed_ms"]) * b1["memory_mb"]
         req = b1["invocations"] - b0["invocations"]
         mb_ms_total += mb_ms
         requests_total += req
-        if at is not None and hist:
-            share = sum(1 for h in hist if h["round"] <= at) / len(hist)
-            mb_ms_target += mb_ms * share
-            requests_target += req * share
+        if at is not None and req > 0:
+            calls = min(req, sum(1 for h in hist if h["round"] <= at) * functions * inner)
+            mb_ms_target += mb_ms * calls / req
+            requests_target += calls
     samples = rounds * peers * batch * inner
     gb_s = mb_ms_total / MB_PER_GB / 1000
 
@@ -211,7 +220,7 @@ def serverless_row(
         "usd_to_target": usd(mb_ms_target, requests_target) if at is not None else None,
         "cost_source": "trainer history rows"
         if rows_with_cost
-        else "runtime billing spread over rounds",
+        else "runtime billing, mean per invocation",
     }
 
 
@@ -332,7 +341,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     print(f"[bench.cost] {task} B={batch} H={inner}", file=sys.stderr)
                     body = job_body(task, batch, inner, a.functions, a)
                     job = run_job(nodes, body, target, a.timeout)
-                    rows.append(serverless_row(task, batch, inner, a.peers, job, target, prices))
+                    rows.append(
+                        serverless_row(
+                            task, batch, inner, a.peers, job, target, prices, a.functions
+                        )
+                    )
     ddp_by_batch = {b: ddp_step_s(a.peers, b, a.timeout) for b in a.batches}
     for row in rows:
         if row["task"] == "digits":

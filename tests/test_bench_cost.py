@@ -48,13 +48,16 @@ def test_cost_from_the_history_rows() -> None:
     assert row["gb_s_per_1000_samples"] == pytest.approx(10.0 / 640 * 1000)
 
 
-def test_cost_from_the_runtime_billing_spread_over_rounds() -> None:
+def test_cost_from_the_runtime_billing_per_invocation() -> None:
     st = [{"history": history(8, 2, None), "accuracy": 0.96} for _ in range(2)]
-    # 8 rounds each: 16 calls of 1 s at 1 GB per node.
-    row = serverless_row("digits", 64, 10, 2, job(st, [(16, 16000), (16, 16000)]), 0.95, X86)
-    assert row["cost_source"] == "runtime billing spread over rounds"
-    assert row["gb_s"] == pytest.approx(32.0)
-    assert row["gb_s_to_target"] == pytest.approx(32.0 * 2 / 8)
+    # 8 rounds of W = 2 and H = 10 each, plus 10 calls of a round cut short by the
+    # stop: 170 calls of 1 s at 1 GB per node.
+    billed = [(170, 170_000), (170, 170_000)]
+    row = serverless_row("digits", 64, 10, 2, job(st, billed), 0.95, X86, functions=2)
+    assert row["cost_source"] == "runtime billing, mean per invocation"
+    assert row["gb_s"] == pytest.approx(340.0) and row["requests"] == 340
+    # To the target: rounds 1 and 2, 2 x 2 x 10 calls on each node.
+    assert row["gb_s_to_target"] == pytest.approx(2 * 40.0)
     assert row["samples"] == 8 * 2 * 64 * 10
     never = [{"history": history(8, 99, None), "accuracy": 0.5}]
     row = serverless_row("digits", 64, 1, 1, job(never, [(8, 8000)]), 0.95, X86)
