@@ -590,10 +590,22 @@ class ManagedRedis:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        # Redis refuses a shutdown it cannot do cleanly at that moment ("Writing
+        # initial AOF, can't exit", right after a full sync) and then waits for the
+        # next signal: ask again every second rather than sit out stop_timeout.
+        deadline = time.monotonic() + self.stop_timeout
         try:
-            await asyncio.wait_for(proc.wait(), self.stop_timeout)
+            while True:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    await asyncio.wait_for(proc.wait(), min(1.0, left))
+                    break
+                except TimeoutError:
+                    continue
         except TimeoutError:
             self.log.warning(
                 "redis-server did not stop within %.0f s; killing it", self.stop_timeout
