@@ -233,6 +233,37 @@ async def test_the_meter_sums_to_what_a_function_host_reports(
     assert billed_ms * memory_mb == meter.total.mb_ms
 
 
+async def test_a_cold_start_bills_its_init_with_the_first_call(tmp_path: Path) -> None:
+    """As Lambda since August 2025: the first call of a new worker carries "Init
+    Duration" in its REPORT line and bills it; the worker's next call does not."""
+    from spirtd.functions.runtime.server import LocalRuntime
+    from tests.test_runtime import lambda_client, probe_config
+
+    async with LocalRuntime(probe_config(concurrency=1)) as rt:
+        c = lambda_client(rt)
+
+        def call() -> tuple[str, str]:
+            resp = c.invoke(FunctionName="probe", Payload=b'{"action": "echo"}', LogType="Tail")
+            resp["Payload"].read()
+            return base64.b64decode(resp["LogResult"]).decode(), resp["ResponseMetadata"][
+                "RequestId"
+            ]
+
+        (cold, cold_id), (warm, warm_id) = [await asyncio.to_thread(call) for _ in range(2)]
+        billing = rt.billing()["probe"]
+    init = re.search(r"Init Duration: ([0-9.]+) ms", cold)
+    duration = re.search(r"\tDuration: ([0-9.]+) ms", cold)
+    assert init is not None and duration is not None and "Init Duration" not in warm
+    first, second = parse_report(cold.encode(), cold_id), parse_report(warm.encode(), warm_id)
+    assert first is not None and second is not None
+    assert first.billed_ms >= float(init[1]) + float(duration[1])
+    assert billing == {
+        "invocations": 2,
+        "billed_ms": first.billed_ms + second.billed_ms,
+        "memory_mb": 256,
+    }
+
+
 # --- spirtctl train report ----------------------------------------------------------------
 
 
