@@ -3,6 +3,33 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CODEC_HAVE_F16C 1
+#include <immintrin.h>
+#define F16C __attribute__((target("avx2,f16c")))
+#else
+#define CODEC_HAVE_F16C 0
+#endif
+
+/* The hardware's half conversions (F16C) where the AVX2 kernel set runs and the CPU has
+ * them; with ISA baseline, the portable code below. Both are exact (half -> float) or
+ * round to nearest even (float -> half), so both give the same bits; the tests compare
+ * them on every half and every tie. */
+static int use_f16c(void) {
+#if CODEC_HAVE_F16C
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("f16c") != 0;
+    }
+    return known && strcmp(k_isa(), "avx2") == 0;
+#else
+    return 0;
+#endif
+}
+
 const char *codec_name(CodecFormat fmt) { return fmt == CODEC_FP16 ? "fp16" : "int8"; }
 
 size_t codec_encoded_size(CodecFormat fmt, size_t n) {
@@ -81,8 +108,32 @@ size_t codec_first_bad(CodecFormat fmt, const unsigned char *body, size_t n) {
     return nb;
 }
 
+#if CODEC_HAVE_F16C
+F16C static size_t decode_fp16_f16c(const unsigned char *body, size_t n, float *out) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(body + 2 * i))));
+    return i;
+}
+
+F16C static size_t encode_fp16_f16c(const f32u *v, size_t n, unsigned char *body, float *res) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps((const float *)(v + i));
+        __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(body + 2 * i), h);
+        if (res) _mm256_storeu_ps(res + i, _mm256_sub_ps(x, _mm256_cvtph_ps(h)));
+    }
+    return i;
+}
+#endif
+
 static void decode_fp16(const unsigned char *body, size_t n, float *out) {
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+#if CODEC_HAVE_F16C
+    if (use_f16c()) i = decode_fp16_f16c(body, n, out);
+#endif
+    for (; i < n; i++) {
         uint16_t h;
         memcpy(&h, body + 2 * i, sizeof(h));
         out[i] = codec_half_to_float(h);
@@ -113,7 +164,11 @@ static int encode_fp16(const f32u *v, size_t n, unsigned char *body, float *res,
             return -1;
         }
     }
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+#if CODEC_HAVE_F16C
+    if (use_f16c()) i = encode_fp16_f16c(v, n, body, res);
+#endif
+    for (; i < n; i++) {
         uint16_t h = codec_float_to_half(v[i]);
         memcpy(body + 2 * i, &h, sizeof(h));
         /* Both are floats within a factor 2^-11 of each other: the difference is exact

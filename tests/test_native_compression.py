@@ -10,6 +10,7 @@ decoding of the bytes it wrote, and that is what error feedback relies on.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from protocol import compression as C
 from spirtd.redis.store import NonFinite, StoreError, TensorNotFound, TensorStore
-from tests.fixtures_redis import RunningRedis, reset_shared
+from tests.fixtures_redis import (
+    RunningRedis,
+    reset_shared,
+    short_tmpdir,
+    start_redis,
+    stop_redis,
+)
 from tests.test_native_errors import snapshot
 from tests.test_native_replication import assert_same, attach, pair, replicated  # noqa: F401
 
@@ -30,9 +37,40 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 FORMATS = ("fp16", "int8")
 
 
+HAVE_AVX2 = "avx2" in Path("/proc/cpuinfo").read_text().split()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def baseline_redis() -> AsyncIterator[RunningRedis]:
+    """A server whose module runs the baseline kernels: portable half conversions."""
+    d = short_tmpdir()
+    try:
+        r = await start_redis(d, module_args=["ISA", "baseline"])
+        try:
+            yield r
+        finally:
+            await stop_redis(r)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=["avx2", "baseline"])
+def isa_redis(request: pytest.FixtureRequest) -> tuple[str, RunningRedis]:
+    """Every module test runs with the AVX2 kernel set (F16C half conversions, where
+    the CPU has them) and with the baseline one (portable C): the same bits."""
+    if request.param == "avx2" and not HAVE_AVX2:
+        pytest.skip("this CPU has no AVX2")
+    name = "module_managed_redis" if request.param == "avx2" else "baseline_redis"
+    return request.param, request.getfixturevalue(name)
+
+
 @pytest_asyncio.fixture(loop_scope="module")
-async def c(module_managed_redis: RunningRedis) -> aioredis.Redis:
-    return (await reset_shared(module_managed_redis)).client
+async def c(isa_redis: tuple[str, RunningRedis]) -> aioredis.Redis:
+    isa, r = isa_redis
+    await reset_shared(r)
+    info = await r.client.execute_command("SPIRT.INFO")
+    assert info[info.index(b"isa") + 1] == isa.encode()
+    return r.client
 
 
 async def set_tensor(c: aioredis.Redis, key: str, x: np.ndarray) -> None:
