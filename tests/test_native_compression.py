@@ -640,3 +640,31 @@ async def test_the_daemon_may_pack_and_unpack_its_keys_and_functions_may_not(
     ):
         with pytest.raises(NoPermissionError):
             await fn.execute_command(*cmd)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_results_survive_a_restart_through_the_aof_unless_scratch() -> None:
+    """With AOF on, PACK and UNPACK's results are replayed by value: the inputs were
+    SCRATCH (absent after the restart) and the module is not needed to load them."""
+    d = short_tmpdir("spirt-aof-")
+    try:
+        r = await start_redis(d)
+        c = r.client
+        assert (await c.config_get("appendonly"))["appendonly"] == "yes"
+        x = np.random.default_rng(4).standard_normal(10_001).astype(np.float32)
+        await c.execute_command("SPIRT.PUT", "x", str(x.size), x.tobytes(), "SCRATCH")
+        await c.execute_command("SPIRT.PACK", "d", "x", "FORMAT", "fp16", "RESIDUAL", "res")
+        await c.execute_command("SPIRT.UNPACK", "u", "d", "FORMAT", "fp16", "COUNT", x.size)
+        await c.execute_command("SPIRT.PACK", "ds", "x", "FORMAT", "int8", "SCRATCH")
+        before = {k: await c.get(k) for k in ("d", "res", "res:shape", "u", "u:shape")}
+        await stop_redis(r)
+        r = await start_redis(d, load_module=False)
+        try:
+            for k, v in before.items():
+                assert v is not None and await r.client.get(k) == v, k
+            for k in ("x", "ds"):
+                assert not await r.client.exists(k), k
+        finally:
+            await stop_redis(r)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
