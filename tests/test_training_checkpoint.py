@@ -526,3 +526,57 @@ async def test_checkpoint_then_restore_into_empty_redis(
     assert got is not None
     await load_snapshot(b, got, spec, job_id=JOB)
     assert await digest_of(b, JOB, spec, 12) == await digest_of(a, JOB, spec, 12)
+
+
+@amark
+async def test_a_checkpoint_keeps_this_peers_own_tensors_and_a_peer_may_not_send_them(
+    stores: dict[str, TensorStore], tmp_path: Path
+) -> None:
+    """Outer rounds: the inner optimizer's moments and the compression residual are
+    this peer's own. A checkpoint keeps them (with the inner step count) outside the
+    digest; a state for a peer never carries them, and loading one drops ours."""
+    spec = jobs.with_model(
+        jobs.from_request({"task": "digits", "inner_steps": 10, "compression": "int8"}, now_ms=0),
+        P,
+        "x",
+    )
+    a, b = stores["module"], stores["plain"]
+    sk = StateKeys(JOB)
+    assert [r for r, _ in sk.own_state(spec)] == ["inner_m", "inner_v", "residual"]
+    await write_state(a, spec, seed=3)
+    for i, (_, key) in enumerate(sk.own_state(spec)):
+        await a.put(key, values(40 + i))
+    plain = await read_snapshot(a, JOB, spec, 4)
+    assert plain.own == ()  # what a peer is sent
+    own = await read_snapshot(a, JOB, spec, 4, own_step=37)
+    assert own.digest == plain.digest  # the own tensors are not in the digest
+    assert [r for r, _ in own.own] == ["inner_m", "inner_v", "residual"]
+
+    cp = Checkpoints(tmp_path / "training")
+    await asyncio.to_thread(cp.save, own)
+    got = await asyncio.to_thread(cp.latest, JOB, spec)
+    assert got == own and got.own_step == 37
+    # Restored, into a Redis that held other own tensors: ours come back exactly.
+    await b.put(sk.inner_theta, values(99))
+    await load_snapshot(b, got, spec, job_id=JOB)
+    for _, key in sk.own_state(spec):
+        np.testing.assert_array_equal(await b.get(key), await a.get(key))
+    assert not await b.exists(sk.inner_theta)
+    # A peer's state with own tensors in it is refused; loading a peer's state (none)
+    # drops whatever own tensors were there.
+    with pytest.raises(SnapshotError, match="wrong fields"):
+        Snapshot.decode(b"".join(own.encode()), spec, job_id=JOB)
+    await load_snapshot(b, Snapshot.decode(b"".join(plain.encode()), spec), spec)
+    for _, key in sk.own_state(spec):
+        assert not await b.exists(key)
+    # Own tensors are checked like the state's: a non-finite one is refused.
+    bad = Snapshot(
+        own.job_id,
+        own.completed,
+        own.digest,
+        own.tensors,
+        (own.own[0], (own.own[1][0], np.full(P, np.nan, np.float32).tobytes()), own.own[2]),
+        1,
+    )
+    with pytest.raises(SnapshotError, match="non-finite"):
+        bad.verify(spec)

@@ -14,6 +14,13 @@ every size is checked against what the job spec implies *before* anything is all
 and :meth:`Snapshot.verify` recomputes the digest (and refuses non-finite values) before
 any byte reaches the live Redis keys. Nothing is unpickled.
 
+A checkpoint file may also carry this peer's own tensors of an outer-round job (the
+inner optimizer's state and the compression residual: ``StateKeys.own_state``),
+which are not part of the agreed state: the header then has ``"own": [[role, size
+or -1], ...]`` and ``"own_step"`` (the inner Adam's step count), and their bytes
+follow the state's. They are checked for size and finiteness, not by the
+digest, and a snapshot from the network may not carry them.
+
 Checkpoints are ``DATA_DIR/training/ckpt-<job>-<completed>.bin`` files in that format,
 created with mode 0600 (O_EXCL: never readable by others, even briefly), written by
 atomic rename with the file and the directory fsynced; the last ``keep`` are kept.
@@ -55,6 +62,7 @@ _HEADER_LIMITS = strictpack.Limits(
     max_size=MAX_HEADER, max_depth=3, max_items=64, max_str=128, max_bin=64, max_container=16
 )
 _HEADER_KEYS = frozenset({"v", "job", "completed", "digest", "tensors"})
+OWN, OWN_STEP = "own", "own_step"  # the header keys of a checkpoint's own tensors
 _MAX_COMPLETED = 2**63 - 1
 _FINITE_BLOCK = 1 << 20  # floats checked per step (bounds the temporary bool array)
 
@@ -67,6 +75,11 @@ class SnapshotError(ValueError):
 def spec_roles(spec: JobSpec) -> list[str]:
     """The state roles of ``spec``, in digest order (role names do not depend on the job)."""
     return [role for role, _ in StateKeys("_").state_tensors(spec)]
+
+
+def own_roles(spec: JobSpec) -> list[str]:
+    """The roles of this peer's own tensors that a checkpoint of ``spec`` keeps."""
+    return [role for role, _ in StateKeys("_").own_state(spec)]
 
 
 def tensor_digest(data: bytes | memoryview) -> str:
@@ -110,10 +123,12 @@ class Header:
     digest: bytes
     tensors: tuple[tuple[str, int], ...]  # (role, size in bytes or -1 = absent)
     header_size: int  # bytes of prefix + header, i.e. where the body starts
+    own: tuple[tuple[str, int], ...] = ()  # a checkpoint's own tensors, after the state's
+    own_step: int = 0
 
     @property
     def body_size(self) -> int:
-        return sum(size for _, size in self.tensors if size >= 0)
+        return sum(size for _, size in (*self.tensors, *self.own) if size >= 0)
 
     @property
     def total_size(self) -> int:
@@ -127,6 +142,10 @@ class Snapshot:
     digest: bytes  # state_digest(job_id, completed, roles, tensor digests): 32 bytes
     # (role, raw little-endian float32 bytes or None = absent), in state_tensors order
     tensors: tuple[tuple[str, bytes | None], ...]
+    # A checkpoint's own tensors (own_roles order) and the inner Adam's step: not in
+    # the digest, never sent to a peer.
+    own: tuple[tuple[str, bytes | None], ...] = ()
+    own_step: int = 0
 
     # --- checks -------------------------------------------------------------------------
 
@@ -150,8 +169,10 @@ class Snapshot:
         want = spec_roles(spec)
         if roles != want:
             raise SnapshotError(f"snapshot roles {roles} differ from the job's {want}")
+        if self.own and [role for role, _ in self.own] != own_roles(spec):
+            raise SnapshotError(f"snapshot's own roles differ from the job's {own_roles(spec)}")
         size = _tensor_size(spec)
-        for role, data in self.tensors:
+        for role, data in (*self.tensors, *self.own):
             if data is None:
                 continue
             if not isinstance(data, bytes):
@@ -177,15 +198,17 @@ class Snapshot:
     # --- the format ---------------------------------------------------------------------
 
     def encode_header(self) -> bytes:
-        header = strictpack.pack(
-            {
-                "v": VERSION,
-                "job": self.job_id,
-                "completed": self.completed,
-                "digest": self.digest,
-                "tensors": [[role, -1 if d is None else len(d)] for role, d in self.tensors],
-            }
-        )
+        obj: dict[str, object] = {
+            "v": VERSION,
+            "job": self.job_id,
+            "completed": self.completed,
+            "digest": self.digest,
+            "tensors": [[role, -1 if d is None else len(d)] for role, d in self.tensors],
+        }
+        if self.own:
+            own = [[role, -1 if d is None else len(d)] for role, d in self.own]
+            obj[OWN], obj[OWN_STEP] = own, self.own_step
+        header = strictpack.pack(obj)
         if len(header) > MAX_HEADER:
             raise SnapshotError(f"snapshot header of {len(header)} bytes exceeds {MAX_HEADER}")
         return _PREFIX.pack(MAGIC, len(header)) + header
@@ -193,7 +216,8 @@ class Snapshot:
     def encode(self) -> list[bytes]:
         """The encoded snapshot as pieces (prefixed header, then each present tensor's
         bytes, not copied): write or send them in order without joining."""
-        return [self.encode_header(), *(d for _, d in self.tensors if d is not None)]
+        present = (d for _, d in (*self.tensors, *self.own) if d is not None)
+        return [self.encode_header(), *present]
 
     @property
     def encoded_size(self) -> int:
@@ -213,10 +237,16 @@ class Snapshot:
 
     @classmethod
     def decode_header(
-        cls, header: bytes | memoryview, spec: JobSpec, *, job_id: str | None = None
+        cls,
+        header: bytes | memoryview,
+        spec: JobSpec,
+        *,
+        job_id: str | None = None,
+        allow_own: bool = False,
     ) -> Header:
         """Decodes exactly the prefixed header (PREFIX_SIZE + header_length bytes). Every
-        tensor size must be the spec's, so ``body_size`` is what the spec implies."""
+        tensor size must be the spec's, so ``body_size`` is what the spec implies.
+        ``allow_own``: a checkpoint file's own tensors may follow (never a peer's)."""
         length = cls.header_length(header)
         if len(header) != PREFIX_SIZE + length:
             raise SnapshotError(
@@ -226,7 +256,8 @@ class Snapshot:
             obj = strictpack.unpack(memoryview(header)[PREFIX_SIZE:], _HEADER_LIMITS)
         except DecodeError as e:
             raise SnapshotError(f"snapshot header does not decode: {e}") from None
-        if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
+        allowed = [_HEADER_KEYS, *([_HEADER_KEYS | {OWN, OWN_STEP}] if allow_own else [])]
+        if not isinstance(obj, dict) or set(obj) not in allowed:
             raise SnapshotError("snapshot header: wrong fields")
         if obj["v"] != VERSION or isinstance(obj["v"], bool):
             raise SnapshotError(f"snapshot header: unknown version {obj['v']!r}")
@@ -241,24 +272,17 @@ class Snapshot:
         digest = obj["digest"]
         if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
             raise SnapshotError("snapshot header: the digest must be 32 bytes")
-        entries = obj["tensors"]
-        want = spec_roles(spec)
-        if not isinstance(entries, list) or len(entries) != len(want):
-            raise SnapshotError(f"snapshot header: expected {len(want)} tensors ({want})")
-        size = _tensor_size(spec)
-        tensors = []
-        for entry, role in zip(entries, want, strict=True):
-            if not isinstance(entry, list) or len(entry) != 2:
-                raise SnapshotError("snapshot header: a tensor entry is not [role, size]")
-            name, n = entry
-            if name != role:
-                raise SnapshotError(f"snapshot header: roles differ from the job's {want}")
-            if isinstance(n, bool) or not isinstance(n, int) or n not in (-1, size):
-                raise SnapshotError(
-                    f"snapshot header: tensor {role} of {n!r} bytes (the job needs {size} or -1)"
-                )
-            tensors.append((role, n))
-        return Header(VERSION, job, completed, digest, tuple(tensors), PREFIX_SIZE + length)
+        tensors = _entries(obj["tensors"], spec_roles(spec), _tensor_size(spec))
+        own: tuple[tuple[str, int], ...] = ()
+        step = 0
+        if OWN in obj:
+            step = obj[OWN_STEP]
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**53:
+                raise SnapshotError("snapshot header: own_step is not a count")
+            own = _entries(obj[OWN], own_roles(spec), _tensor_size(spec))
+        return Header(
+            VERSION, job, completed, digest, tensors, PREFIX_SIZE + length, own, int(step)
+        )
 
     @classmethod
     def decode(
@@ -290,15 +314,26 @@ class Snapshot:
 
     @classmethod
     def read_from(cls, f: BinaryIO, spec: JobSpec, *, job_id: str | None = None) -> Snapshot:
-        """Reads exactly one snapshot from a binary stream (a file), tensor by tensor, so no
-        more is allocated than the spec implies; then verifies it."""
+        """Reads exactly one snapshot from a binary stream (a checkpoint file, which may
+        hold own tensors too), tensor by tensor, so no more is allocated than the spec
+        implies; then verifies it."""
         prefix = _read_exact(f, PREFIX_SIZE)
         length = cls.header_length(prefix)
-        header = cls.decode_header(prefix + _read_exact(f, length), spec, job_id=job_id)
+        header = cls.decode_header(
+            prefix + _read_exact(f, length), spec, job_id=job_id, allow_own=True
+        )
         tensors = [(role, None if n < 0 else _read_exact(f, n)) for role, n in header.tensors]
+        own = [(role, None if n < 0 else _read_exact(f, n)) for role, n in header.own]
         if f.read(1):
             raise SnapshotError("snapshot: trailing bytes after the body")
-        snap = cls(header.job_id, header.completed, header.digest, tuple(tensors))
+        snap = cls(
+            header.job_id,
+            header.completed,
+            header.digest,
+            tuple(tensors),
+            tuple(own),
+            header.own_step,
+        )
         snap.verify(spec, job_id=job_id)
         return snap
 
@@ -343,6 +378,26 @@ def encoded_digest(data: bytes | memoryview, *, job_id: str) -> tuple[int, bytes
     return completed, digest
 
 
+def _entries(entries: object, want: list[str], size: int) -> tuple[tuple[str, int], ...]:
+    """A header's [[role, size or -1], ...]: exactly the roles ``want``, in order, each
+    of ``size`` bytes or absent."""
+    if not isinstance(entries, list) or len(entries) != len(want):
+        raise SnapshotError(f"snapshot header: expected {len(want)} tensors ({want})")
+    out = []
+    for entry, role in zip(entries, want, strict=True):
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise SnapshotError("snapshot header: a tensor entry is not [role, size]")
+        name, n = entry
+        if name != role:
+            raise SnapshotError(f"snapshot header: roles differ from the job's {want}")
+        if isinstance(n, bool) or not isinstance(n, int) or n not in (-1, size):
+            raise SnapshotError(
+                f"snapshot header: tensor {role} of {n!r} bytes (the job needs {size} or -1)"
+            )
+        out.append((role, n))
+    return tuple(out)
+
+
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     data = f.read(n)
     if data is None or len(data) != n:
@@ -353,11 +408,21 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 # --- Redis ----------------------------------------------------------------------------------
 
 
-async def read_snapshot(store: TensorStore, job_id: str, spec: JobSpec, completed: int) -> Snapshot:
+async def read_snapshot(
+    store: TensorStore,
+    job_id: str,
+    spec: JobSpec,
+    completed: int,
+    *,
+    own_step: int | None = None,
+) -> Snapshot:
     """The job's live state as a snapshot: every state tensor read in one MULTI/EXEC (a
-    consistent view), its digest computed here (equal to ``state.digest_of``)."""
+    consistent view), its digest computed here (equal to ``state.digest_of``).
+    ``own_step``: for a checkpoint, this peer's own tensors come along, with that
+    inner step count."""
     _check_job_id(job_id)
-    keys = StateKeys(job_id).state_tensors(spec)
+    own_keys = StateKeys(job_id).own_state(spec) if own_step is not None else []
+    keys = StateKeys(job_id).state_tensors(spec) + own_keys
     async with store.client.pipeline(transaction=True) as pipe:
         for _, key in keys:
             pipe.type(key)
@@ -370,9 +435,11 @@ async def read_snapshot(store: TensorStore, job_id: str, spec: JobSpec, complete
         if t not in ("none", "string"):
             raise SnapshotError(f"state key {key} holds a {t}, not a tensor")
         tensors.append((role, None if value is None else bytes(value)))
-    snap = Snapshot(job_id, completed, b"\0" * DIGEST_SIZE, tuple(tensors))
+    split = len(keys) - len(own_keys)
+    state, own = tuple(tensors[:split]), tuple(tensors[split:])
+    snap = Snapshot(job_id, completed, b"\0" * DIGEST_SIZE, state, own, own_step or 0)
     snap.check_structure(spec)
-    return Snapshot(job_id, completed, snap.compute_digest(), snap.tensors)
+    return Snapshot(job_id, completed, snap.compute_digest(), state, own, own_step or 0)
 
 
 async def load_snapshot(
@@ -382,10 +449,18 @@ async def load_snapshot(
     then every tensor written (absent ones deleted) in one MULTI/EXEC, then the digest
     re-read from Redis and compared (SnapshotError if it differs)."""
     snap.verify(spec, job_id=job_id)
-    keys = StateKeys(snap.job_id).state_tensors(spec)
+    sk = StateKeys(snap.job_id)
+    keys = sk.state_tensors(spec)
+    tensors = list(snap.tensors)
+    if snap.own:
+        keys += sk.own_state(spec)
+        tensors += snap.own
     shape = tensorfmt.encode_shape((spec.param_count,))
     async with store.client.pipeline(transaction=True) as pipe:
-        for (_, key), (_, data) in zip(keys, snap.tensors, strict=True):
+        # This peer's own tensors belonged to whatever state was there: they are
+        # the snapshot's (a checkpoint of ours) or start fresh.
+        pipe.delete(*sk.own_tensors())
+        for (_, key), (_, data) in zip(keys, tensors, strict=True):
             if data is None:
                 pipe.delete(key, tensorfmt.shape_key(key))
             else:

@@ -78,6 +78,19 @@ class StateKeys:
             self.residual,
         ]
 
+    def own_state(self, spec: JobSpec) -> list[tuple[str, str]]:
+        """(role, key) of this peer's own tensors that outlive a round (checkpointed,
+        not in the digest): the inner optimizer's state and the compression residual."""
+        out = []
+        if spec.inner_steps > 1:
+            if spec.optimizer == "adam":
+                out += [("inner_m", self.inner_m), ("inner_v", self.inner_v)]
+            elif spec.momentum > 0:
+                out.append(("inner_buf", self.inner_buf))
+        if spec.compression != "none":
+            out.append(("residual", self.residual))
+        return out
+
     def round_pattern(self, round: int) -> str:
         return f"{self.prefix}g:{round}:*"
 

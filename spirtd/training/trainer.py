@@ -1048,7 +1048,9 @@ class Trainer:
         )
 
     async def _checkpoint_locked(self, completed: int) -> None:
-        snap = await read_snapshot(self.env.store, self.job_id, self.spec, completed)
+        snap = await read_snapshot(
+            self.env.store, self.job_id, self.spec, completed, own_step=self._inner_adam_step
+        )
         await asyncio.to_thread(self.env.checkpoints.save, snap)
         self.env.counters["training.checkpoints"] += 1
 
@@ -1125,11 +1127,10 @@ class Trainer:
         async with self._state_lock:
             await load_snapshot(self.env.store, snap, self.spec, job_id=self.job_id)
             await self._mark_position(snap.completed, snap.digest)
-            # The inner optimizer and the compression residual belonged to the state
-            # left behind: they start fresh (``train status`` says so in its events).
-            await self.env.store.delete(*self.keys.own_tensors())
-            self._inner_adam_step = 0
-        if a.source != CHECKPOINT and (
+            # The inner optimizer and the compression residual come back with our own
+            # checkpoint; with a peer's state they start fresh (the events say so).
+            self._inner_adam_step = snap.own_step if snap.own else 0
+        if not snap.own and (
             self.spec.inner_steps > 1 or self.spec.compression != "none"
         ):
             self.env.note(
