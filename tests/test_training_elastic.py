@@ -3,6 +3,10 @@ divergence, all repaired through the one verified state sync.
 
 Each scenario ends like the plain training tests: every live peer done, at
 accuracy >= 0.95 on digits, holding the same model digest.
+
+Each also runs on outer rounds (``mode`` "outer": H = 10 inner steps, int8 bodies
+with error feedback), marked ``long`` (``-m long``): the default suite covers
+outer rounds through a kill -9 in test_training_outer.py.
 """
 
 from __future__ import annotations
@@ -22,12 +26,28 @@ from tests.test_training_integration import _assert_trained, _cluster, _status, 
 pytestmark = pytest.mark.timeout(420)
 
 ROUNDS = 500  # ~25-40 s of rounds here: long enough to do something in the middle
+# Outer rounds: H inner steps make a round ~10 times longer; events come at a tenth
+# of the rounds, and the job is long enough in time for a peer to come back.
+OUTER = {"inner_steps": 10, "compression": "int8"}
+OUTER_ROUNDS = 80
 
 
-def _start(c: LocalCluster, rounds: int = ROUNDS, **job: Any) -> str:
-    return c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": rounds, **job})[
-        "job"
-    ]
+@pytest.fixture(params=["plain", pytest.param("outer", marks=pytest.mark.long)])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _at(mode: str, rounds: int) -> int:
+    """Round ``rounds`` of a plain job, in ``mode``'s rounds."""
+    return rounds if mode == "plain" else max(2, rounds // 10)
+
+
+def _start(c: LocalCluster, mode: str = "plain", rounds: int | None = None, **job: Any) -> str:
+    body: dict[str, Any] = {"task": "digits", **job}
+    if mode == "outer":
+        body |= OUTER
+    body["rounds"] = rounds or (ROUNDS if mode == "plain" else OUTER_ROUNDS)
+    return c.nodes[0].call("POST", "/v1/train/start", body)["job"]
 
 
 def _round(n: LocalNode) -> int:
@@ -47,10 +67,10 @@ def _redis_client(n: LocalNode) -> redis.Redis:
     return redis.Redis(unix_socket_path=str(rd / "redis.sock"), username="spirt", password=password)
 
 
-def test_late_joiner_syncs_and_contributes(make_cluster: Any) -> None:
+def test_late_joiner_syncs_and_contributes(make_cluster: Any, mode: str) -> None:
     c = _cluster(make_cluster, 4)
-    job = _start(c)
-    wait_for(lambda: _round(c.nodes[0]) >= 10, 120, "round 10")
+    job = _start(c, mode)
+    wait_for(lambda: _round(c.nodes[0]) >= _at(mode, 10), 120, "round 10")
     joiner = c.add_node(args=["--profile", "local"], index=4)
     # It learns the job from the others' heads-ups, syncs, and takes part.
     wait_for(lambda: _status(joiner)["job"] is not None, 60, "the joiner to learn the job")
@@ -64,16 +84,16 @@ def test_late_joiner_syncs_and_contributes(make_cluster: Any) -> None:
     counters = joiner.status()["counters"]
     assert counters.get("training.syncs_done", 0) >= 1
     # Its history starts where it synced: it never ran the early rounds itself.
-    assert _status(joiner)["history"][0]["round"] > 10
+    assert _status(joiner)["history"][0]["round"] > _at(mode, 10)
 
 
-def test_killed_peer_restarts_and_catches_up(make_cluster: Any) -> None:
+def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> None:
     c = _cluster(make_cluster, 4)
-    job = _start(c)
+    job = _start(c, mode)
     victim = c.nodes[2]
-    wait_for(lambda: _round(victim) >= 30, 120, "round 30")
+    wait_for(lambda: _round(victim) >= _at(mode, 30), 120, "round 30")
     victim.kill()
-    wait_for(lambda: _round(c.nodes[0]) >= 60, 120, "round 60 without the victim")
+    wait_for(lambda: _round(c.nodes[0]) >= _at(mode, 60), 120, "round 60 without the victim")
     victim.start()
     back_at = _round(c.nodes[0])
     wait_for(lambda: _contributes_after(c.nodes, victim.node_id, back_at), 120, "victim back")
@@ -96,15 +116,15 @@ def _explained(node: LocalNode, wait: Any) -> None:
         raise AssertionError(f"{e}: {brief}\n{node.log_tail()}") from None
 
 
-def test_redis_killed_node_comes_back_from_its_checkpoint(make_cluster: Any) -> None:
+def test_redis_killed_node_comes_back_from_its_checkpoint(make_cluster: Any, mode: str) -> None:
     # Redis keeps a round's tensors out of its AOF (SCRATCH): the restarted Redis holds
     # no state, so the node loads its checkpoint (or syncs) and syncs forward.
     # Killed three times, at whatever step of a round the node is in, it must come back
     # each time (a step that finds its input gone is Redis trouble, not a failed job).
     c = _cluster(make_cluster, 3)
-    _start(c)
+    _start(c, mode)
     node = c.nodes[1]
-    wait_for(lambda: _round(node) >= 30, 120, "round 30")
+    wait_for(lambda: _round(node) >= _at(mode, 30), 120, "round 30")
     for kills in (1, 2, 3):
         pid = node.status()["redis"]["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -124,11 +144,11 @@ def test_redis_killed_node_comes_back_from_its_checkpoint(make_cluster: Any) -> 
     _assert_trained(_wait_done(c.nodes), 0.95)
 
 
-def test_flushed_redis_is_rebuilt(make_cluster: Any) -> None:
+def test_flushed_redis_is_rebuilt(make_cluster: Any, mode: str) -> None:
     c = _cluster(make_cluster, 3)
-    _start(c)
+    _start(c, mode)
     node = c.nodes[2]
-    wait_for(lambda: _round(node) >= 30, 120, "round 30")
+    wait_for(lambda: _round(node) >= _at(mode, 30), 120, "round 30")
     client = _redis_client(node)
     # spirtd's ACL user may not FLUSHALL; deleting every key it has is the same loss.
     client.delete(*client.scan_iter("spirt:*"))
@@ -138,14 +158,14 @@ def test_flushed_redis_is_rebuilt(make_cluster: Any) -> None:
     _assert_trained(_wait_done(c.nodes), 0.95)
 
 
-def test_diverged_peer_repairs(make_cluster: Any) -> None:
+def test_diverged_peer_repairs(make_cluster: Any, mode: str) -> None:
     """SIGSTOP one peer past a round deadline: the others close that round without
     it, while it (once resumed) closes it with everyone's gradients, its own
     included. It holds another model, sees the others announce theirs, and syncs."""
     c = _cluster(make_cluster, 4)
-    _start(c)
+    _start(c, mode)
     odd = c.nodes[3]
-    wait_for(lambda: _round(odd) >= 30, 120, "round 30")
+    wait_for(lambda: _round(odd) >= _at(mode, 30), 120, "round 30")
     assert odd.proc is not None
     stopped_at = _round(c.nodes[0])
     os.kill(odd.proc.pid, signal.SIGSTOP)
@@ -177,7 +197,7 @@ class _LyingNode(LocalNode):
         return cmd
 
 
-def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> None:
+def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any, mode: str) -> None:
     """Two of three peers serve state that does not match the digest they vouch for.
     With f = 1 a target needs two vouchers, so at least one liar is among them, and
     the liars hold the smallest node ids, which the joiner asks first: their state
@@ -200,8 +220,8 @@ def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any) -> Non
     assert c.nodes[2].node_id == max(n.node_id for n in c.nodes)  # the honest one
     everyone = {n.node_id: "alive" for n in c.nodes}
     wait_for(lambda: all_see(c.nodes, everyone), 60, "every node to see every other alive")
-    _start(c, f=1, aggregator="mean")  # the state sync under test, not a robust rule
-    wait_for(lambda: _round(c.nodes[2]) >= 10, 120, "round 10")
+    _start(c, mode, f=1, aggregator="mean")  # the state sync under test, not a robust rule
+    wait_for(lambda: _round(c.nodes[2]) >= _at(mode, 10), 120, "round 10")
     joiner = c.add_node(args=["--profile", "local"], index=3)
     wait_for(
         lambda: joiner.status()["counters"].get("training.syncs_done", 0) >= 1, 90, "joiner sync"
