@@ -23,6 +23,37 @@ with delays drawn from one seeded ``random.Random``:
 * ``byzantine`` peers also announce made-up digests for rounds ahead and serve a
   made-up state.
 
+Outer rounds and sizes (issue 23): with ``inner_steps`` H > 1 a peer's functions
+phase lasts H drawn inner-step delays, its body is the compressed Δ, and the first
+deadline and the ceiling scale with H as the trainer does (``_outer_round_config``);
+the round machine is unchanged (a round is an outer round). A body is
+``encoded_size(compression, param_count)`` bytes, which the round machine checks.
+
+Bytes on the wire are accounted per peer (``sent``, ``received``) and by kind
+(``RoundSim.wire``), following what spirtd's pub/sub does (protocol/gossip/machine.py):
+
+* an announcement (a gradient's, or a heads-up: an announcement with an empty
+  inline body) is flood-published by its origin to every other live peer, one
+  copy each (``announce_bytes``/``heads_up_bytes``, the signed envelope with its
+  certificate, plus ``frame_bytes`` of link framing); a copy that is lost still
+  counts as sent;
+* a peer that accepts it forwards it to its ``mesh_degree`` mesh peers; those
+  copies are not simulated one by one: each accepting peer is charged D copies
+  sent and, since on average every peer is in D meshes, D copies received;
+* a lost copy repaired by gossip costs an IHAVE and the copy again (charged to
+  the origin) and an IWANT from the receiver;
+* a body is *pulled*, never pushed: the receiver sends a pull request
+  (``control_bytes``) to the first peer that announced it, here always the origin
+  (its flood arrives in one hop, a mesh neighbour's copy only after that
+  neighbour has pulled the body), which streams the chunk table (32 bytes per
+  256 KiB chunk) and the body, ``frame_bytes`` per chunk. So each peer receives
+  N-1 bodies a round, and each origin uploads N-1 copies of its own;
+* a state download costs the state's bytes (θ, and the outer momentum when H > 1).
+
+Membership traffic is not counted (bench.sim_scale measures it). Event timing
+does not depend on sizes: the delays are drawn as above; bench.sim_rounds turns
+the byte counts into a round time under a bandwidth and latency model.
+
 A run is a pure function of its parameters. The harness records what the tests
 judge: closes (with the deadline and view in force), begins, the Diverged events,
 every state loaded (``loads``, with the vouchers the loader counted), and, as
@@ -35,9 +66,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..compression import encoded_size
 from ..sim.loop import EventLoop
 from .config import RoundConfig
 from .events import (
@@ -71,6 +103,8 @@ JOB = "sim-job"
 PARAMS = 1000
 SIZE = PARAMS * 4
 D0 = hashlib.sha256(b"initial parameters").digest()
+CHUNK = 256 * 1024  # the gossip body chunk (GossipConfig.chunk_size)
+CHUNK_DIGEST = 32  # one SHA-256 per chunk in the chunk table
 
 
 # (source, destination, (round, digest, participating), time sent)
@@ -151,6 +185,47 @@ class SimParams:
     restart_lost: int = 0  # of the restarted, how many come back without their state
     byzantine: int = 0  # the first ``byzantine`` ids lie (they sort first among vouchers)
     lie_ahead: tuple[int, ...] = (2, 3, 6)  # rounds ahead of their own they announce
+    # Outer rounds and sizes: see the module docstring.
+    param_count: int = PARAMS
+    compression: str = "none"
+    inner_steps: int = 1  # H: fn_delay is one inner step's
+    # Wire sizes: bench.sim_rounds measures the envelopes with the real encoders
+    # (a 16-character job id, a node certificate); these are those figures.
+    announce_bytes: int = 467  # a signed gradient announcement
+    heads_up_bytes: int = 458  # a signed heads-up (empty inline body)
+    frame_bytes: int = 32  # link framing and AEAD tag, per message or body chunk
+    control_bytes: int = 48  # an IHAVE, IWANT or pull request
+    mesh_degree: int = 6  # D, GossipConfig.d
+    # Record what each peer was shown (``expected_diverged``): the tests' ground
+    # truth, a fifth of the harness's time at 1,000 peers; benches turn it off.
+    truth: bool = True
+
+    @property
+    def body_size(self) -> int:
+        return encoded_size(self.compression, self.param_count)
+
+    @property
+    def body_wire(self) -> int:
+        """A body as it moves: the stream header, the chunk table, the chunks."""
+        chunks = -(-self.body_size // CHUNK)
+        return self.body_size + chunks * (CHUNK_DIGEST + self.frame_bytes) + self.frame_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """θ in float32, and the outer optimizer's momentum when H > 1."""
+        return self.param_count * 4 * (2 if self.inner_steps > 1 else 1)
+
+    def round_config(self) -> RoundConfig:
+        """The trainer's scaling for outer rounds: the first deadline and the ceiling
+        grow with H (the adaptive deadline then follows the measured rounds)."""
+        h = self.inner_steps
+        if h <= 1:
+            return self.config
+        return replace(
+            self.config,
+            initial_deadline_s=self.config.initial_deadline_s * h,
+            deadline_ceiling_s=self.config.deadline_ceiling_s * h,
+        )
 
 
 @dataclass(slots=True)
@@ -190,8 +265,11 @@ class SimPeer:
         "lied",
         "loads",
         "prev",
+        "published",
         "quorum_waits",
+        "received",
         "redis",
+        "sent",
         "straggler",
         "switches",
         "sync_starts",
@@ -227,6 +305,9 @@ class SimPeer:
         self.lied = 0  # the newest round this (Byzantine) peer lied about
         self.joined_at: float | None = None  # joined or restarted
         self.prev: SimPeer | None = None  # the incarnation before a restart
+        self.sent = 0  # bytes on the wire, this incarnation
+        self.received = 0
+        self.published: list[tuple[int, float]] = []  # (round, when) gradients published
 
     @property
     def machine(self) -> RoundMachine:
@@ -265,6 +346,8 @@ class RoundSim:
         # I/O drawn from ``rng`` does not depend on how many machines were made.
         self.phase_rng = random.Random(f"{p.seed}:phases")
         self.loop = EventLoop()
+        self.body_size = p.body_size
+        self.round_config = p.round_config()
         self.ids = [f"p{i:04d}" for i in range(p.n)]
         self.late_ids = self.ids[p.n - p.late :] if p.late else []
         late = set(self.late_ids)
@@ -273,6 +356,16 @@ class RoundSim:
         self.peers = [SimPeer(nid, self._job(nid, initial), nid in stragglers) for nid in self.ids]
         self.by_id = {x.id: x for x in self.peers}
         self.counters: Counter[str] = Counter()
+        self.wire: Counter[str] = Counter()  # bytes sent, by kind (see wire_bytes)
+        # Per-delivery costs are counted here and priced in wire_bytes.
+        self.pulls = 0
+        self.forwards = {"heads_up_mesh": 0, "announce_mesh": 0}
+        self._fwd = {
+            "heads_up_mesh": p.mesh_degree * (p.heads_up_bytes + p.frame_bytes),
+            "announce_mesh": p.mesh_degree * (p.announce_bytes + p.frame_bytes),
+        }
+        self._ask = p.control_bytes + p.frame_bytes
+        self._body_wire = p.body_wire
         self.rejected: Counter[str] = Counter()
         self.evaluations: Counter[int] = Counter()
         # Crash victims (never stragglers, so each fault stays attributable) and the
@@ -314,9 +407,10 @@ class RoundSim:
             rounds=p.rounds,
             min_contributors=p.min_contributors,
             eval_every=2,
-            param_count=PARAMS,
+            param_count=p.param_count,
             members=members,
-            config=p.config,
+            config=self.round_config,
+            body_size=self.body_size,
         )
         # Peers do not check in lockstep: each one's first periodic check is drawn.
         offset = self.phase_rng.uniform(0.0, p.job.sync_check_s)
@@ -385,7 +479,9 @@ class RoundSim:
         if t is InvokeFunctions:
             lo, hi = p.straggler_delay if x.straggler else p.fn_delay
             ok = rng.random() >= p.fn_fail
-            self.loop.schedule(now + rng.uniform(lo, hi), self._computed, (x, a.round, ok))
+            # An outer round's functions phase is H inner steps of one drawn delay each.
+            took = rng.uniform(lo, hi) * p.inner_steps
+            self.loop.schedule(now + took, self._computed, (x, a.round, ok))
             victim = self.victims.get(x.id)
             if victim is not None and (victim == (a.round, False) or a.round > victim[0]):
                 # Dies while its functions run (or skipped its round by a sync).
@@ -402,6 +498,7 @@ class RoundSim:
                     x.lied = max(x.lied, r)
                     self._broadcast(x, self._on_announce, (r, lie, True), True)
         elif t is PublishGradient:
+            x.published.append((a.round, now))
             self._broadcast(x, self._on_validate, (a.round, a.base_digest, True), False)
             if x.id in self.victims and self.victims[x.id] == (a.round, True):
                 # Dies with its gradient in flight: some peers get it, some not.
@@ -542,6 +639,10 @@ class RoundSim:
             when = self.loop.now + (self.rng.uniform(lo, hi) if src.alive else self.p.unreachable_s)
         else:
             when = self.loop.now + self.rng.uniform(*self.p.transfer_s)
+            size = self.p.state_bytes
+            src.sent += size
+            x.received += size
+            self.wire["state"] += size
         self.loop.schedule(when, self._fetched, (x, a, snap))
 
     def _fetched(self, arg: tuple[SimPeer, FetchState, tuple[int, bytes] | None]) -> None:
@@ -573,6 +674,9 @@ class RoundSim:
         now = self.loop.now
         lo, hi = p.msg_delay
         repair = p.announce_retransmit if announce else p.retransmit
+        copy = (p.heads_up_bytes if announce else p.announce_bytes) + p.frame_bytes
+        ask = p.control_bytes + p.frame_bytes  # an IHAVE or an IWANT
+        copies = repairs = 0
         schedule = self.loop.schedule
         cuts = [
             c
@@ -588,6 +692,7 @@ class RoundSim:
                 self.counters["cut"] += 1
                 continue
             t = now + rng.uniform(lo, hi)
+            copies += 1
             lost = False
             while p.loss and rng.random() < p.loss:
                 self.counters["lost"] += 1
@@ -595,8 +700,18 @@ class RoundSim:
                     lost = True
                     break
                 t += p.retransmit_delay
+                repairs += 1
+                y.sent += ask
+                y.received += ask + copy
             if not lost:
+                y.received += copy
                 schedule(t, fn, (x, y, payload, now))
+        kind = "heads_up" if announce else "announce"
+        x.sent += copies * copy + repairs * (ask + copy)
+        x.received += repairs * ask
+        self.wire[kind] += copies * copy
+        if repairs:
+            self.wire["repair"] += repairs * (2 * ask + copy)
 
     def _on_announce(self, arg: _Delivery) -> None:
         src, dst, (r, d, participating), _ = arg
@@ -604,14 +719,16 @@ class RoundSim:
             # A done trainer still hears final positions: a split in the last round
             # is repaired like any other.
             return
-        last = dst.heard.get(src.id)
-        stale = last is not None and (r < last[0] or (participating and last == (r, d, False)))
-        if not stale:
-            # What dst was shown, in order: a message overtaken by a later one from
-            # the same peer shows nothing.
-            dst.heard[src.id] = (r, d, participating)
-            if participating and self._is_mismatch(dst, src.id, r, d):
-                dst.expected_diverged.add((src.id, r))
+        if self.p.truth:
+            last = dst.heard.get(src.id)
+            stale = last is not None and (r < last[0] or (participating and last == (r, d, False)))
+            if not stale:
+                # What dst was shown, in order: a message overtaken by a later one
+                # from the same peer shows nothing.
+                dst.heard[src.id] = (r, d, participating)
+                if participating and self._is_mismatch(dst, src.id, r, d):
+                    dst.expected_diverged.add((src.id, r))
+        self._forward(dst, "heads_up_mesh")
         dst.job.announce(src.id, JOB, r, d, participating, self.loop.now)
         self._flush(dst)
 
@@ -619,24 +736,50 @@ class RoundSim:
         src, dst, (r, d, _), sent = arg
         if not dst.active or self._cut_by_crash(src, sent):
             return
-        if not dst.job.holds(r) and self._is_mismatch(dst, src.id, r, d):
+        if self.p.truth and not dst.job.holds(r) and self._is_mismatch(dst, src.id, r, d):
             dst.expected_diverged.add((src.id, r))
-        verdict = dst.job.validate_gradient(src.id, JOB, r, d, SIZE, self.loop.now)
+        verdict = dst.job.validate_gradient(src.id, JOB, r, d, self.body_size, self.loop.now)
         if verdict.value == "accept":
             lo, hi = self.p.pull_delay
             self.loop.schedule(self.loop.now + self.rng.uniform(lo, hi), self._on_body, arg)
+            # The pull: a request to the origin, the body back.
+            ask, body = self._ask, self._body_wire
+            dst.sent += ask
+            dst.received += body
+            src.sent += body
+            src.received += ask
+            self.pulls += 1
+            self._forward(dst, "announce_mesh")
         self._flush(dst)
+
+    def _forward(self, x: SimPeer, kind: str) -> None:
+        """``x`` forwards an accepted announcement to its mesh, and (on average) gets
+        as many copies from the meshes it is in."""
+        b = self._fwd[kind]
+        x.sent += b
+        x.received += b
+        self.forwards[kind] += 1
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes sent by all peers in the run, by kind."""
+        out = dict(self.wire)
+        out["pull"] = self.pulls * self._ask
+        out["body"] = self.pulls * self._body_wire
+        for kind, count in self.forwards.items():
+            out[kind] = count * self._fwd[kind]
+        return out
 
     def _on_body(self, arg: _Delivery) -> None:
         src, dst, (r, d, _), _ = arg
         if not dst.active:
             return
         job = dst.job
-        if not job.gradient_arrived(src.id, JOB, r, d, SIZE, arg, self.loop.now):
+        if not job.gradient_arrived(src.id, JOB, r, d, self.body_size, arg, self.loop.now):
             return  # held: it comes back as a WriteGradient
-        if self._is_mismatch(dst, src.id, r, d):
+        truth = self.p.truth
+        if truth and self._is_mismatch(dst, src.id, r, d):
             dst.expected_diverged.add((src.id, r))
-        if job.gradient_stored(src.id, JOB, r, d, SIZE, self.loop.now) is None:
+        if job.gradient_stored(src.id, JOB, r, d, self.body_size, self.loop.now) is None and truth:
             dst.accepted.setdefault(r, set()).add(src.id)
         self._flush(dst)
 
