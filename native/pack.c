@@ -21,6 +21,20 @@ static int reply_err(RedisModuleCtx *ctx, const char *fmt, ...) {
     return RM.ReplyWithError(ctx, buf);
 }
 
+static const f32u *floats_of(const TensorView *tv) {
+    return (const f32u *)(const void *)tv->data;
+}
+
+/* 0, or -1 with err naming the first non-finite value of the input. */
+static int check_finite(RedisModuleString *key, const TensorView *tv, char *err) {
+    size_t bad = k_first_nonfinite(floats_of(tv), tv->len);
+    if (bad == tv->len) return 0;
+    char label[80];
+    snprintf(err, SPIRT_ERRLEN, "non-finite value in '%s' at index %zu",
+             tensor_key_label(key, label, sizeof(label)), bad);
+    return -1;
+}
+
 /* Reads a required (or, with optional, possibly absent) tensor input; 1 if present,
  * 0 if absent and optional, -1 with err otherwise. */
 static int read_input(RedisModuleCtx *ctx, RedisModuleString *key, int optional, TensorView *tv,
@@ -30,15 +44,6 @@ static int read_input(RedisModuleCtx *ctx, RedisModuleString *key, int optional,
         char label[80];
         snprintf(err, SPIRT_ERRLEN, "missing key '%s'", tensor_key_label(key, label, sizeof(label)));
         return -1;
-    }
-    if (rc > 0) {
-        size_t bad = k_first_nonfinite((const f32u *)(const void *)tv->data, tv->len);
-        if (bad < tv->len) {
-            char label[80];
-            snprintf(err, SPIRT_ERRLEN, "non-finite value in '%s' at index %zu",
-                     tensor_key_label(key, label, sizeof(label)), bad);
-            return -1;
-        }
     }
     return rc;
 }
@@ -98,7 +103,7 @@ int pack_run(RedisModuleCtx *ctx, const PackArgs *a) {
         return reply_err(ctx, "%s", err);
 
     size_t n = src.len, body_len = codec_encoded_size(a->fmt, n);
-    const f32u *s = (const f32u *)(const void *)src.data;
+    const f32u *s = floats_of(&src);
     /* With a residual output, v is computed into the buffer that becomes the new
      * residual; with neither BASE nor RESIDUAL, src is encoded in place. */
     int need_v = a->base || a->residual;
@@ -110,17 +115,32 @@ int pack_run(RedisModuleCtx *ctx, const PackArgs *a) {
         return reply_err(ctx, "out of memory for a %zu-element vector", n);
     }
     const f32u *vin = s;
-    if (need_v) {
-        combine(s, a->base ? (const f32u *)(const void *)base.data : NULL,
-                have_res ? (const f32u *)(const void *)res.data : NULL, v, n);
+    int refused = 0;
+    if (!need_v) {
+        refused = check_finite(a->src, &src, err);
+    } else {
+        combine(s, a->base ? floats_of(&base) : NULL, have_res ? floats_of(&res) : NULL, v, n);
         vin = v;
+        /* A non-finite input makes v non-finite: one pass over v checks all of them, and
+         * only a refusal looks for the input to blame. */
         size_t bad = k_first_nonfinite(vin, n);
         if (bad < n) {
-            scratch_give(v, n * sizeof(float));
-            scratch_give(body, body_len);
-            return reply_err(ctx, "non-finite value at index %zu of the vector to pack "
-                                  "(base - src + residual overflows float32)", bad);
+            refused = check_finite(a->src, &src, err) ||
+                      (a->base && check_finite(a->base, &base, err)) ||
+                      (have_res && check_finite(a->residual, &res, err));
+            if (!refused) {
+                refused = 1;
+                snprintf(err, sizeof(err),
+                         "non-finite value at index %zu of the vector to pack "
+                         "(base - src + residual overflows float32)",
+                         bad);
+            }
         }
+    }
+    if (refused) {
+        scratch_give(v, n * sizeof(float));
+        scratch_give(body, body_len);
+        return reply_err(ctx, "%s", err);
     }
     size_t bad = 0;
     int rc = codec_encode(a->fmt, vin, n, body, a->residual ? v : NULL, &bad);
