@@ -8,7 +8,9 @@
 * the aggregation rules registered in :mod:`spirtd.rules` (``aggregate``, and a method
   for each built-in one), each optionally after nearest-neighbour mixing;
 * optimizer updates (SGD with momentum/Nesterov/weight decay, Adam/AdamW);
-* L2 norm and BLAKE2b-256 digest.
+* L2 norm and BLAKE2b-256 digest;
+* compression of a published vector (``pack``/``unpack``: protocol/compression.py's
+  fp16 and int8 formats, with error feedback), decoded to the same bits on both paths.
 
 When the SPIRT module is loaded in that Redis (detected with MODULE LIST) the work runs
 inside Redis (``SPIRT.*`` commands, see native/README.md). Otherwise the same operations
