@@ -115,6 +115,9 @@ async def test_log_tail_returns_the_invocations_log(
 
     await async_wait_for(lambda: len(printed()) >= 2, 30, "both invocations' output")
     assert printed() == ["function probe: second line"] * 2
+    # The runtime's own START/END/REPORT lines go to the tail only, not to the log (the
+    # node's invoker asks for a tail on every call).
+    assert not [r for r in caplog.records if "RequestId" in r.getMessage()]
 
 
 async def test_log_tail_is_the_last_4_kb(rt: LocalRuntime) -> None:

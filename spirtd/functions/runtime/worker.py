@@ -56,7 +56,9 @@ def _is_oom(exc: BaseException) -> bool:
 class LogCapture:
     """What the handler writes to fds 1 and 2 during one invocation, kept in a memfd
     (so output from C code is caught too) and passed on to the runtime's stderr
-    afterwards, as it would go there without capture."""
+    afterwards, as it would go there without capture. The runtime's own START, END
+    and REPORT lines are for the tail only: the node's invoker asks for a tail on
+    every call (for the billed duration), and they would fill the daemon's log."""
 
     def __enter__(self) -> LogCapture:
         sys.stdout.flush()
@@ -70,6 +72,12 @@ class LogCapture:
     def write(self, text: str) -> None:
         sys.stderr.write(text)
 
+    def mark(self) -> int:
+        """The log's length so far (fds 1 and 2 flushed)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
     def __exit__(self, *exc: object) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -82,8 +90,10 @@ class LogCapture:
         size = os.lseek(self.fd, 0, os.SEEK_END)
         return os.pread(self.fd, n, max(0, size - n))
 
-    def forward_and_close(self) -> None:
-        size, off = os.lseek(self.fd, 0, os.SEEK_END), 0
+    def forward_and_close(self, start: int = 0, end: int | None = None) -> None:
+        """Passes bytes [start, end) of the log on to stderr and closes it."""
+        size = os.lseek(self.fd, 0, os.SEEK_END) if end is None else end
+        off = start
         while off < size:
             chunk = os.pread(self.fd, min(1 << 16, size - off), off)
             if not chunk:
@@ -150,12 +160,14 @@ def run_one(
     rid = str(header.get("id", ""))
     with LogCapture() as cap:
         cap.write(f"START RequestId: {rid} Version: $LATEST\n")
+        begin = cap.mark()
         reply, out, must_exit = _run(handler, header, body, function, memory_mb, max_response, cap)
         ms = (time.perf_counter() - t0) * 1000
+        end = cap.mark()
         cap.write(_report(rid, ms, memory_mb, init_ms))
     reply["billed_ms"] = billed_ms(ms, init_ms)
     reply["log"] = base64.b64encode(cap.tail(lambda_errors.LOG_TAIL_BYTES)).decode()
-    cap.forward_and_close()
+    cap.forward_and_close(begin, end)
     return reply, out, must_exit
 
 
