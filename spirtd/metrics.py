@@ -489,6 +489,20 @@ def _functions(
         "Invocations retried after a throttle, a server error or a timeout.",
         stats.get("retries", 0),
     )
+    billed = CounterMetricFamily(
+        "spirt_function_billed_invocations",
+        "Invocations that ran and were billed, by where the billed duration came from: "
+        "the function's REPORT line, or the call's wall time when it had none.",
+        labels=["source"],
+    )
+    billed.add_metric(["report"], stats.get("billed", 0) - stats.get("billed_by_wall_time", 0))
+    billed.add_metric(["wall_time"], stats.get("billed_by_wall_time", 0))
+    yield billed
+    yield CounterMetricFamily(
+        "spirt_function_billed_gb_seconds",
+        "Billed duration x configured memory of those invocations (AWS Lambda's GB-seconds).",
+        stats.get("billed_mb_ms", 0) / 1024 / 1000,
+    )
     yield CounterMetricFamily(
         "spirt_function_cold_starts",
         "Local function workers started (a cold start each); 0 with --functions lambda.",

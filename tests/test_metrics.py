@@ -93,6 +93,8 @@ def test_live_exposition_parses_and_has_every_family(trained) -> None:
         "spirt_peers_excluded": "counter",
         "spirt_function_invocations": "counter",
         "spirt_function_cold_starts": "counter",
+        "spirt_function_billed_gb_seconds": "counter",
+        "spirt_function_billed_invocations": "counter",
         "spirt_redis_up": "gauge",
         "spirt_redis_module_loaded": "gauge",
         "spirt_redis_operation_duration_seconds": "histogram",
@@ -121,6 +123,11 @@ def test_live_exposition_parses_and_has_every_family(trained) -> None:
     assert value(fams, "spirt_function_invocations_total", outcome="ok") >= 2 * ROUNDS
     assert value(fams, "spirt_function_invocations_total", outcome="function_error") == 0
     assert value(fams, "spirt_function_cold_starts_total") >= 1
+    # Every successful call was billed from its REPORT line, at 1 GB for some ms at least.
+    ok = value(fams, "spirt_function_invocations_total", outcome="ok")
+    assert value(fams, "spirt_function_billed_invocations_total", source="report") >= ok
+    assert value(fams, "spirt_function_billed_invocations_total", source="wall_time") == 0
+    assert value(fams, "spirt_function_billed_gb_seconds_total") >= ok * 0.001
     assert value(fams, "spirt_state_syncs_total", outcome="done") == 0
     assert value(fams, "spirt_peers_excluded_total", reason="nonfinite", how="evidence") == 0
     assert value(fams, "spirt_redis_up") == 1

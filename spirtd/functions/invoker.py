@@ -121,6 +121,7 @@ class InvokerStats:
     succeeded: int = 0
     billed: int = 0  # attempts that ran and were billed (successes and function errors)
     billed_by_wall_time: int = 0  # ... of which had no REPORT line: billed by wall time
+    billed_mb_ms: int = 0  # their billed duration x memory, in MB-milliseconds
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,7 @@ class Invoker:
         billed.append(bill)
         self.stats.billed += 1
         self.stats.billed_by_wall_time += not bill.reported
+        self.stats.billed_mb_ms += bill.mb_ms
 
     async def _attempts(
         self, payload: bytes, deadline: float | None, billed: list[Billed]
