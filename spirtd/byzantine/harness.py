@@ -43,9 +43,10 @@ from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import PubSub
 from spirtd.tasks import Task
 from spirtd.tasks.sharding import minibatch
+from spirtd.training.compute import minibatch_seed
 from spirtd.training.messages import TRAIN_TOPIC, GradientMeta
 from spirtd.training.service import TrainingService
-from spirtd.training.trainer import Trainer, minibatch_seed
+from spirtd.training.trainer import Trainer
 
 log = logging.getLogger("spirtd.byzantine")
 

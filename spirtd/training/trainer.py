@@ -38,9 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import logging
-import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -87,8 +85,9 @@ from protocol.rounds import (
     WriteGradient,
 )
 from spirtd import logs, metrics
-from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
+from spirtd.functions.event import DataSlice, RedisTarget
 from spirtd.functions.invoker import Invoker
+from spirtd.pubsub.retention import BODY_ROUNDS, RoundBodies
 from spirtd.pubsub.service import Info, Message, PubSub
 from spirtd.redis.store import NonFinite, StoreError, TensorNotFound, TensorStore
 from spirtd.tasks import Task
@@ -101,6 +100,7 @@ from spirtd.training.checkpoint import (
     max_encoded_size,
     read_snapshot,
 )
+from spirtd.training.compute import LocalCompute, SlicesFailed, outer_round_config
 from spirtd.training.evidence import (
     EQUIVOCATION,
     EVIDENCE_TOPIC,
@@ -121,7 +121,6 @@ from spirtd.training.statesync import Position, StateSync, SyncError
 log = logging.getLogger("spirtd.training")
 
 HISTORY_MAX = 2000  # rounds kept for `train status`
-SLICE_TTL_S = 600
 TICK_MAX_S = 1.0  # the timer wakes at least this often, deadline or not
 REDIS_WAIT_S = 1.0  # between pings while this node's Redis is away
 # Trouble with this node's Redis (down, restarted, flushed): the round's work is
@@ -160,6 +159,7 @@ class TrainerEnv:
     gradient_publisher: GradientPublisher | None = None
     # (in, out) bytes over this node's peer links so far (a history row's wire bytes).
     wire_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    body_rounds: int = BODY_ROUNDS  # a closed round's bodies are released this many rounds on
 
 
 @dataclass
@@ -201,27 +201,6 @@ class RoundRecord:
         }
 
 
-def _outer_round_config(config: RoundConfig, inner_steps: int) -> RoundConfig:
-    """A round of H inner steps takes about H times as long before its first
-    gradient is out: the first round's deadline and the ceiling scale with it (the
-    adaptive deadline then follows the measured rounds)."""
-    if inner_steps <= 1:
-        return config
-    return replace(
-        config,
-        initial_deadline_s=config.initial_deadline_s * inner_steps,
-        deadline_ceiling_s=config.deadline_ceiling_s * inner_steps,
-    )
-
-
-def minibatch_seed(job_seed: int, round: int, node_id: str, step: int | None = None) -> int:
-    """The seed of this node's minibatch in ``round`` (and inner ``step`` of an outer
-    round): fixed by the job, different per peer."""
-    at = f"{round}" if step is None else f"{round}.{step}"
-    h = hashlib.blake2b(f"{job_seed}:{at}:{node_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") >> 1
-
-
 class Trainer:
     def __init__(
         self,
@@ -248,7 +227,7 @@ class Trainer:
             eval_every=spec.eval_every,
             param_count=spec.param_count,
             members=members,
-            config=_outer_round_config(env.round_config, spec.inner_steps),
+            config=outer_round_config(env.round_config, spec.inner_steps),
             f=spec.f,
             min_for_f=lambda f: replace(self.rule, f=f).min_peers(),
             body_size=spec.body_size,
@@ -257,8 +236,7 @@ class Trainer:
             self.m, f=spec.f, config=JobConfig(checkpoint_every=env.checkpoint_every)
         )
         self._samples = 0  # this node's sample count in its current gradient
-        self.inner_done = 0  # inner steps this peer ran (outer rounds)
-        self._inner_adam_step = 0  # the inner Adam's step count: this peer's own
+        self.compute = LocalCompute(job_id, spec, env)
         self._wire_at = env.wire_bytes()  # link bytes when the last round closed
         self._state_lock = asyncio.Lock()  # state in Redis and its marks move together
         self._on_finish = on_finish
@@ -275,6 +253,9 @@ class Trainer:
         # Closed rounds: the event, when we saw it, and the deadline the round had.
         self._closed: dict[int, tuple[RoundClosed, float, float]] = {}
         self._records: dict[int, RoundRecord] = {}
+        # Gradient message ids per round (received and ours), released from the body
+        # store once the round is body_rounds behind: retain_s would keep hundreds.
+        self._bodies = RoundBodies(env.pubsub.release, env.body_rounds)
 
     # --- what the node reads -------------------------------------------------------------
 
@@ -303,7 +284,7 @@ class Trainer:
         return self.job.status() | {
             "loss": last.loss if last else None,
             "accuracy": self.last_accuracy,
-            "inner_steps_run": self.inner_done,  # outer rounds: run by this peer
+            "inner_steps_run": self.compute.inner_done,  # outer rounds: run by this peer
         }
 
     async def snapshot(self) -> Snapshot | None:
@@ -569,6 +550,7 @@ class Trainer:
             msg.origin, meta.job, r, meta.base_digest, msg.size, (msg, meta), time.monotonic()
         ):
             return  # held by the machine; it comes back as WriteGradient once it fits
+        self._bodies.add(r, msg.msg_id)
         key = self.keys.peer(r, msg.origin)
         body = await msg.read()
         try:
@@ -709,173 +691,41 @@ class Trainer:
     async def _publish(self, body: bytes, meta: bytes) -> None:
         await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta)
 
-    def _events(
-        self, r: int, step: int | None = None, params: str | None = None
-    ) -> tuple[list[dict[str, Any]], list[str]]:
-        """The W function events of round ``r``'s minibatch, and the key each writes its
-        slice's gradient to. Each key holds a fresh nonce: it is read once and deleted,
-        and no other invocation (nor a replayed event) can know it."""
-        env, spec = self.env, self.spec
-        outputs = [
-            self.keys.fn_output(r, i, secrets.token_hex(16))
-            for i in range(spec.functions_per_round)
-        ]
-        data = DataSlice(
-            shard=env.data.shard,
-            batch_size=spec.batch_size,
-            seed=minibatch_seed(spec.seed, r, env.node_id, step),
-            slices=spec.functions_per_round,
-            uri=env.data.uri,
-        )
-        events = [
-            GradientEvent(
-                job=self.job_id,
-                round=r,
-                slice=i,
-                task=spec.task,
-                task_options=spec.task_options,
-                redis=env.redis_target,
-                params_key=params or self.keys.theta,
-                data=data,
-                output_key=output,
-                ttl_seconds=SLICE_TTL_S,
-            ).to_json()
-            for i, output in enumerate(outputs)
-        ]
-        return events, outputs
-
     async def _warm_up(self, r: int) -> None:
         """After a restart or a join the local functions are cold (worker start,
         imports, dataset load: seconds). One throwaway invocation while following
         warms them, so the first round this node computes does not miss its deadline."""
-        events, outputs = self._events(r)
         try:
-            res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
-            await self.env.store.delete(*outputs)
+            warm = await self.compute.warm_up(r)
         except BaseException:
             self.job.warm_up_done(False, time.monotonic())
             raise
-        self.job.warm_up_done(bool(res.succeeded), time.monotonic())
+        self.job.warm_up_done(warm, time.monotonic())
         self._kick()
 
     async def _compute(self, r: int) -> None:
-        """This peer's vector for round ``r`` into ``keys.local(r)``: the gradient of
-        its minibatch, or with H inner steps the pseudo-gradient θ_r − θ_{r,H};
-        then, with compression, the encoded body (``keys.wire(r)``) and, in
-        ``keys.local(r)``, what every peer will decode from it."""
-        env, spec, keys = self.env, self.spec, self.keys
-        outer = spec.inner_steps > 1
-        phases = {"functions_s": 0.0, "averaging_s": 0.0}
-        losses: list[float] = []
-        samples = 0
-        if outer:
-            # θ_r stays as agreed; the inner steps train this peer's copy of it.
-            await env.store.mean(keys.inner_theta, [keys.theta], scratch=True)
-        for step in range(spec.inner_steps):
-            out = keys.inner_grad if outer else keys.local(r)
-            got = await self._local_gradient(
-                r, step if outer else None, keys.inner_theta if outer else keys.theta, out, phases
-            )
-            if got is None:
-                return  # the machine has been told
-            loss, n = got
-            losses.append(loss)
-            samples += n
-            if outer:
-                u0 = time.perf_counter()
-                await self._inner_step(out)
-                phases["inner_update_s"] = phases.get("inner_update_s", 0.0) + (
-                    time.perf_counter() - u0
-                )
-                self.inner_done += 1
-        if outer:
-            # Δ = θ_r − θ_{r,H}: θ_r as a "parameter" stepped by θ_{r,H} at rate 1 is
-            # exactly the float32 difference, without a command of its own.
-            await env.store.mean(keys.local(r), [keys.theta], scratch=True)
-            await env.store.sgd(keys.local(r), keys.inner_theta, lr=1.0, scratch=True)
+        env, keys = self.env, self.keys
+        try:
+            v = await self.compute.vector(r)
+        except SlicesFailed as e:
+            self.job.local_gradient_failed(r, e.detail, time.monotonic(), warm=e.warm)
+            self._kick()
+            return
         self._stored.setdefault(r, set()).add(keys.local(r))
-        self._losses.setdefault(r, {})[env.node_id] = float(np.mean(losses))
-        self._phases[r] = phases
-        self._samples = samples
+        self._losses.setdefault(r, {})[env.node_id] = v.loss
+        self._phases[r] = v.phases
+        self._samples = v.samples
         if env.gradient_source is not None:
             # Before the machine hears of it: the round cannot close on this peer
             # until the gradient it publishes is the one in Redis.
             await env.gradient_source(self, r)
-        if spec.compression != "none":
+        if self.spec.compression != "none":
             c0 = time.perf_counter()
-            wire = keys.wire(r)
-            self._stored[r].add(wire)
-            await env.store.pack(
-                wire, keys.local(r), fmt=spec.compression, residual=keys.residual, scratch=True
-            )
-            # Our own contribution is what the others decode from our bytes.
-            await env.store.unpack(
-                keys.local(r), wire, fmt=spec.compression, count=spec.param_count, scratch=True
-            )
-            phases["compression_s"] = time.perf_counter() - c0
+            self._stored[r].add(keys.wire(r))
+            await self.compute.compress(r)
+            v.phases["compression_s"] = time.perf_counter() - c0
         self.job.local_gradient_ready(r, time.monotonic())
         self._kick()
-
-    async def _local_gradient(
-        self, r: int, step: int | None, params: str, out: str, phases: dict[str, float]
-    ) -> tuple[float, int] | None:
-        """W functions on this peer's minibatch of (round, step), averaged into
-        ``out``: (mean loss, samples); None once the machine knows it failed."""
-        env = self.env
-        t0 = time.perf_counter()
-        events, outputs = self._events(r, step, params)
-        res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
-        t1 = time.perf_counter()
-        ok = res.succeeded
-        for s in res.slices:
-            if s.error is not None:
-                env.counters["training.slice_failed"] += 1
-                log.warning("round %d slice %d failed: %s", r, s.index, s.error)
-        if not res.met_quorum or not ok:
-            self.job.local_gradient_failed(
-                r, f"{len(ok)} of {len(res.slices)} slices", time.monotonic(), warm=bool(ok)
-            )
-            self._kick()
-            await env.store.delete(*outputs)
-            return None
-        weights = [float(s.result["samples"]) for s in ok]  # type: ignore[index]
-        # The functions cannot write the local gradient key: it is ours to fill.
-        slice_keys = [outputs[s.index] for s in ok]
-        await env.store.mean(out, slice_keys, weights=weights, scratch=True)
-        await env.store.delete(*outputs)
-        t2 = time.perf_counter()
-        loss = sum(float(s.result["loss"]) * w for s, w in zip(ok, weights, strict=True))  # type: ignore[index]
-        phases["functions_s"] += t1 - t0
-        phases["averaging_s"] += t2 - t1
-        return loss / sum(weights), int(sum(weights))
-
-    async def _inner_step(self, grad: str) -> None:
-        """The job's optimizer on this peer's own copy (its state is this peer's too)."""
-        spec, keys, store = self.spec, self.keys, self.env.store
-        if spec.optimizer == "adam":
-            self._inner_adam_step += 1
-            if self._inner_adam_step > 1 and not await store.exists(keys.inner_m):
-                self._inner_adam_step = 1  # its moments went with a Redis restart
-            await store.adam(
-                keys.inner_theta,
-                grad,
-                m=keys.inner_m,
-                v=keys.inner_v,
-                step=self._inner_adam_step,
-                lr=spec.lr,
-                weight_decay=spec.weight_decay,
-                scratch=True,
-            )
-        else:
-            await store.sgd(
-                keys.inner_theta,
-                grad,
-                lr=spec.lr,
-                momentum=spec.momentum,
-                buf=keys.inner_buf if spec.momentum > 0 else None,
-                weight_decay=spec.weight_decay,
-                scratch=True,
-            )
 
     def gradient_meta(self, r: int, base: bytes) -> GradientMeta:
         return GradientMeta(self.job_id, r, base, self._samples, self._losses[r][self.env.node_id])
@@ -896,7 +746,9 @@ class Trainer:
         if self.env.gradient_publisher is not None:
             await self.env.gradient_publisher(self, r, body, meta)
         else:
-            await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
+            sent = await self.env.pubsub.publish(TRAIN_TOPIC, body, meta=meta.encode())
+            if sent:
+                self._bodies.add(r, bytes.fromhex(sent["msg_id"]))
         phases["publish_s"] = time.perf_counter() - t0
         # A round that closed during the publish has its record made already (holding
         # this dict): the internal timestamp must not land in its history.
@@ -961,6 +813,7 @@ class Trainer:
         stale = [k for rr in [x for x in self._stored if x <= r] for k in self._stored.pop(rr)]
         if stale:
             await env.store.delete(*stale)
+        self._bodies.closed(r)
         closed, closed_at, deadline_s = self._closed.pop(r, (None, 0.0, 0.0))
         phases = self._phases.pop(r, {})
         ready_at = phases.pop("ready_at", None)
@@ -1049,7 +902,7 @@ class Trainer:
 
     async def _checkpoint_locked(self, completed: int) -> None:
         snap = await read_snapshot(
-            self.env.store, self.job_id, self.spec, completed, own_step=self._inner_adam_step
+            self.env.store, self.job_id, self.spec, completed, own_step=self.compute.adam_step
         )
         await asyncio.to_thread(self.env.checkpoints.save, snap)
         self.env.counters["training.checkpoints"] += 1
@@ -1129,10 +982,8 @@ class Trainer:
             await self._mark_position(snap.completed, snap.digest)
             # The inner optimizer and the compression residual come back with our own
             # checkpoint; with a peer's state they start fresh (the events say so).
-            self._inner_adam_step = snap.own_step if snap.own else 0
-        if not snap.own and (
-            self.spec.inner_steps > 1 or self.spec.compression != "none"
-        ):
+            self.compute.adam_step = snap.own_step if snap.own else 0
+        if not snap.own and (self.spec.inner_steps > 1 or self.spec.compression != "none"):
             self.env.note(
                 "local_state_fresh", "inner optimizer state and compression residual start fresh"
             )
