@@ -17,18 +17,16 @@
  * them; with ISA baseline, the portable code below. Both are exact (half -> float) or
  * round to nearest even (float -> half), so both give the same bits; the tests compare
  * them on every half and every tie. */
-static int use_f16c(void) {
+static int have_f16c; /* set once at load (codec_init), read by any thread */
+
+void codec_init(void) {
 #if CODEC_HAVE_F16C
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("f16c") != 0;
-    }
-    return known && strcmp(k_isa(), "avx2") == 0;
-#else
-    return 0;
+    __builtin_cpu_init();
+    have_f16c = __builtin_cpu_supports("f16c") != 0 && strcmp(k_isa(), "avx2") == 0;
 #endif
 }
+
+static int use_f16c(void) { return have_f16c; }
 
 const char *codec_name(CodecFormat fmt) { return fmt == CODEC_FP16 ? "fp16" : "int8"; }
 
@@ -157,18 +155,23 @@ void codec_decode(CodecFormat fmt, const unsigned char *body, size_t n, float *o
     else decode_int8(body, n, out);
 }
 
-static int encode_fp16(const f32u *v, size_t n, unsigned char *body, float *res, size_t *bad) {
-    for (size_t i = 0; i < n; i++) {
+/* The encoders work on a range [off, off + cnt) of an n-value vector (off a multiple of
+ * CODEC_BLOCK), so a vector can be encoded chunk by chunk: v and res point at element
+ * off, body at the whole body. */
+static int encode_fp16(const f32u *v, size_t off, size_t cnt, unsigned char *body, float *res,
+                       size_t *bad) {
+    for (size_t i = 0; i < cnt; i++) {
         if (fabsf(v[i]) > CODEC_FP16_MAX) {
-            *bad = i;
+            *bad = off + i;
             return -1;
         }
     }
+    body += 2 * off;
     size_t i = 0;
 #if CODEC_HAVE_F16C
-    if (use_f16c()) i = encode_fp16_f16c(v, n, body, res);
+    if (use_f16c()) i = encode_fp16_f16c(v, cnt, body, res);
 #endif
-    for (; i < n; i++) {
+    for (; i < cnt; i++) {
         uint16_t h = codec_float_to_half(v[i]);
         memcpy(body + 2 * i, &h, sizeof(h));
         /* Both are floats within a factor 2^-11 of each other: the difference is exact
@@ -178,11 +181,13 @@ static int encode_fp16(const f32u *v, size_t n, unsigned char *body, float *res,
     return 0;
 }
 
-static int encode_int8(const f32u *v, size_t n, unsigned char *body, float *res, size_t *bad) {
-    size_t nb = codec_blocks(n);
-    unsigned char *codes = body + CODEC_HEADER * nb;
+static int encode_int8(const f32u *v, size_t off, size_t cnt, size_t n, unsigned char *body,
+                       float *res, size_t *bad) {
+    size_t first = off / CODEC_BLOCK, nb = codec_blocks(cnt);
+    unsigned char *heads = body + CODEC_HEADER * first;
+    unsigned char *codes = body + CODEC_HEADER * codec_blocks(n) + off;
     for (size_t b = 0; b < nb; b++) {
-        size_t s = b * CODEC_BLOCK, e = s + CODEC_BLOCK < n ? s + CODEC_BLOCK : n;
+        size_t s = b * CODEC_BLOCK, e = s + CODEC_BLOCK < cnt ? s + CODEC_BLOCK : cnt;
         float lo = v[s], hi = v[s];
         for (size_t i = s + 1; i < e; i++) {
             lo = v[i] < lo ? v[i] : lo;
@@ -192,11 +197,11 @@ static int encode_int8(const f32u *v, size_t n, unsigned char *body, float *res,
         /* A range near float32's limit can round the top code past it: refuse rather
          * than write a header every peer must reject. */
         if (!header_ok(scale, lo)) {
-            *bad = b;
+            *bad = first + b;
             return -1;
         }
-        store_f32(body + CODEC_HEADER * b, scale);
-        store_f32(body + CODEC_HEADER * b + 4, lo);
+        store_f32(heads + CODEC_HEADER * b, scale);
+        store_f32(heads + CODEC_HEADER * b + 4, lo);
         double dlo = lo, ds = scale;
         for (size_t i = s; i < e; i++) {
             double q = 0.0;
@@ -215,8 +220,8 @@ static int encode_int8(const f32u *v, size_t n, unsigned char *body, float *res,
     return 0;
 }
 
-int codec_encode(CodecFormat fmt, const f32u *v, size_t n, unsigned char *body, float *res,
-                 size_t *bad) {
-    return fmt == CODEC_FP16 ? encode_fp16(v, n, body, res, bad)
-                             : encode_int8(v, n, body, res, bad);
+int codec_encode(CodecFormat fmt, const f32u *v, size_t off, size_t cnt, size_t n,
+                 unsigned char *body, float *res, size_t *bad) {
+    return fmt == CODEC_FP16 ? encode_fp16(v, off, cnt, body, res, bad)
+                             : encode_int8(v, off, cnt, n, body, res, bad);
 }

@@ -26,6 +26,10 @@ typedef enum { CODEC_FP16, CODEC_INT8 } CodecFormat;
 
 const char *codec_name(CodecFormat fmt);
 
+/* Picks the half conversions (F16C with the AVX2 kernel set); call once at load, after
+ * the kernel set is chosen. */
+void codec_init(void);
+
 static inline size_t codec_blocks(size_t n) { return (n + CODEC_BLOCK - 1) / CODEC_BLOCK; }
 
 /* Exact body size of n values (n <= SPIRT_MAX_ELEMENTS: no overflow). */
@@ -45,13 +49,15 @@ size_t codec_first_bad(CodecFormat fmt, const unsigned char *body, size_t n);
 /* Decodes a checked body of n values into out. */
 void codec_decode(CodecFormat fmt, const unsigned char *body, size_t n, float *out);
 
-/* Encodes n finite values (v may be unaligned) into body (codec_encoded_size bytes).
- * With res non-NULL, also res[i] = v[i] - decode(body)[i] (float32), the part of v the
- * body lost: the error feedback a later encode adds back. Returns -1 with *bad set when
- * a value cannot be encoded: for fp16 the index of a value beyond 65504, for int8 the
- * block whose header would be malformed (a range that overflows float32 when rounded);
- * 0 otherwise. */
-int codec_encode(CodecFormat fmt, const f32u *v, size_t n, unsigned char *body, float *res,
-                 size_t *bad);
+/* Encodes the values [off, off + cnt) of an n-value vector (finite; v points at element
+ * off, at any alignment) into their place in body (codec_encoded_size(fmt, n) bytes), so
+ * a vector can be encoded chunk by chunk; off must be a multiple of CODEC_BLOCK. With
+ * res non-NULL (pointing at element off too), also res[i] = v[i] - decode(body)[i]
+ * (float32), the part of v the body lost: the error feedback a later encode adds back.
+ * Returns -1 with *bad set when a value cannot be encoded: for fp16 the index of a value
+ * beyond 65504, for int8 the block whose header would be malformed (a range that
+ * overflows float32 when rounded); 0 otherwise. */
+int codec_encode(CodecFormat fmt, const f32u *v, size_t off, size_t cnt, size_t n,
+                 unsigned char *body, float *res, size_t *bad);
 
 #endif

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "pack.h"
 #include "rules.h"
 #include "scratch.h"
 #include "tensor.h"
@@ -38,6 +39,10 @@ struct Job {
     size_t n_out;
     RedisModuleString *out_keys[3];
     float *out[3];
+
+    RedisModuleString *plain_key; /* PACK: the body's key */
+    unsigned char *body;
+    size_t body_len;
 
     double scalar;
     int iters_done;
@@ -80,8 +85,15 @@ void job_add_output(Job *job, RedisModuleString *key) {
     job->out_keys[job->n_out++] = key;
 }
 
+void job_set_plain_output(Job *job, RedisModuleString *key) {
+    RM.RetainString(NULL, key);
+    job->plain_key = key;
+}
+
 void job_free(Job *job) {
     if (!job) return;
+    if (job->plain_key) RM.FreeString(NULL, job->plain_key);
+    scratch_give(job->body, job->body_len);
     for (size_t i = 0; i < job->n_in; i++) RM.FreeString(NULL, job->in_keys[i]);
     for (size_t i = 0; i < job->n_out; i++) {
         RM.FreeString(NULL, job->out_keys[i]);
@@ -300,6 +312,12 @@ static int compute(Job *j, Src *src) {
     case OP_ADAM: rc = opt_adam(s, &p->adam, j->out[0], j->out[1], j->out[2]); break;
     case OP_NORM: rc = op_norm(s, &j->scalar); break;
     case OP_DIGEST: rc = op_digest(s, j->hex); break;
+    case OP_PACK:
+        j->body_len = codec_encoded_size(p->pack_fmt, j->len);
+        j->body = scratch_take(j->body_len);
+        rc = j->body ? pack_compute(s, p, j->body, j->n_out ? j->out[0] : NULL)
+                     : src_fail(s, "out of memory for a %zu-byte body", j->body_len);
+        break;
     default: rc = src_fail(s, "unknown operation");
     }
     nnm_free(mix);
@@ -359,6 +377,7 @@ static void propagate_outputs(RedisModuleCtx *ctx, Job *j) {
         RM.Replicate(ctx, "PING", "AR");
         return;
     }
+    if (j->plain_key) RM.Replicate(ctx, "SET", "sb", j->plain_key, (const char *)j->body, j->body_len);
     for (size_t k = 0; k < j->n_out; k++)
         tensor_replicate_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
 }
@@ -373,11 +392,14 @@ static int finish(RedisModuleCtx *ctx, Job *j) {
         return reply_err(ctx, j->err);
     }
     /* Check every output before writing any: all or nothing. */
-    for (size_t k = 0; k < j->n_out; k++)
-        if (tensor_check_writable(ctx, j->out_keys[k], j->err)) {
-            BUMP(st_failed, 1);
-            return reply_err(ctx, j->err);
-        }
+    int unwritable = j->plain_key && plain_check_writable(ctx, j->plain_key, j->err);
+    for (size_t k = 0; k < j->n_out && !unwritable; k++)
+        unwritable = tensor_check_writable(ctx, j->out_keys[k], j->err);
+    if (unwritable) {
+        BUMP(st_failed, 1);
+        return reply_err(ctx, j->err);
+    }
+    if (j->plain_key) plain_write_bytes(ctx, j->plain_key, j->body, j->body_len);
     for (size_t k = 0; k < j->n_out; k++)
         tensor_write_floats(ctx, j->out_keys[k], j->out[k], j->len, j->shape, j->shape_len);
     propagate_outputs(ctx, j);
@@ -389,6 +411,7 @@ static int finish(RedisModuleCtx *ctx, Job *j) {
     case OP_GEOMED: return RM.ReplyWithLongLong(ctx, j->iters_done);
     case OP_NORM: return RM.ReplyWithDouble(ctx, j->scalar);
     case OP_DIGEST: return RM.ReplyWithStringBuffer(ctx, j->hex, 64);
+    case OP_PACK: return RM.ReplyWithLongLong(ctx, (long long)j->body_len);
     default: return RM.ReplyWithSimpleString(ctx, "OK");
     }
 }
@@ -539,6 +562,7 @@ static int validate(RedisModuleCtx *ctx, Job *j) {
             return -1;
         }
     }
+    if (j->plain_key && plain_check_writable(ctx, j->plain_key, j->err)) return -1;
     for (size_t k = 0; k < j->n_out; k++)
         if (tensor_check_writable(ctx, j->out_keys[k], j->err)) return -1;
     return 0;
@@ -551,7 +575,8 @@ static int validate(RedisModuleCtx *ctx, Job *j) {
 static size_t work_bytes(const Job *j, size_t bytes) {
     switch (j->op) {
     case OP_MEDIAN:
-    case OP_TRIMMEAN: return bytes * 2;
+    case OP_TRIMMEAN:
+    case OP_PACK: return bytes * 2; /* PACK: a division per value, and the body written */
     case OP_KRUM:
     case OP_GEOMED:
     case OP_CCLIP: return bytes * 8;

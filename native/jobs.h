@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "optim.h"
 #include "rm_api.h"
 #include "src.h"
@@ -30,6 +31,7 @@ typedef enum {
     OP_ADAM,
     OP_NORM,
     OP_DIGEST,
+    OP_PACK,
 } OpKind;
 
 typedef struct Job Job;
@@ -52,6 +54,8 @@ void job_free(Job *job);
 /* Inputs and outputs (key names are retained). Inputs marked optional may be absent. */
 void job_add_input(Job *job, RedisModuleString *key, int optional);
 void job_add_output(Job *job, RedisModuleString *key);
+/* PACK's body: a plain string output (no shape key), written with the float outputs. */
+void job_set_plain_output(Job *job, RedisModuleString *key);
 
 /* Parameters, set by the command parser before job_submit. */
 struct JobParams {
@@ -69,6 +73,9 @@ struct JobParams {
     int scratch;       /* SCRATCH: the outputs are not propagated (AOF, replicas) */
     SgdParams sgd;
     AdamParams adam;
+    CodecFormat pack_fmt; /* PACK: inputs src, [base], [residual]; output [residual] */
+    int pack_has_base;
+    int pack_has_res;
 };
 struct JobParams *job_params(Job *job);
 

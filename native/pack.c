@@ -2,6 +2,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "jobs.h"
@@ -21,55 +22,16 @@ static int reply_err(RedisModuleCtx *ctx, const char *fmt, ...) {
     return RM.ReplyWithError(ctx, buf);
 }
 
-static const f32u *floats_of(const TensorView *tv) {
-    return (const f32u *)(const void *)tv->data;
-}
-
-/* 0, or -1 with err naming the first non-finite value of the input. */
-static int check_finite(RedisModuleString *key, const TensorView *tv, char *err) {
-    size_t bad = k_first_nonfinite(floats_of(tv), tv->len);
-    if (bad == tv->len) return 0;
-    char label[80];
-    snprintf(err, SPIRT_ERRLEN, "non-finite value in '%s' at index %zu",
-             tensor_key_label(key, label, sizeof(label)), bad);
-    return -1;
-}
-
-/* Reads a required (or, with optional, possibly absent) tensor input; 1 if present,
- * 0 if absent and optional, -1 with err otherwise. */
-static int read_input(RedisModuleCtx *ctx, RedisModuleString *key, int optional, TensorView *tv,
-                      char *err) {
-    int rc = tensor_read(ctx, key, tv, err);
-    if (rc == 0 && !optional) {
-        char label[80];
-        snprintf(err, SPIRT_ERRLEN, "missing key '%s'", tensor_key_label(key, label, sizeof(label)));
-        return -1;
-    }
-    return rc;
-}
-
-static int same_len(const TensorView *a, RedisModuleString *ka, const TensorView *b,
-                    RedisModuleString *kb, char *err) {
-    if (a->len == b->len) return 0;
-    char la[80], lb[80];
-    snprintf(err, SPIRT_ERRLEN, "length mismatch: '%s' has %zu elements, '%s' has %zu",
-             tensor_key_label(ka, la, sizeof(la)), a->len, tensor_key_label(kb, lb, sizeof(lb)),
-             b->len);
-    return -1;
-}
-
-/* Non-scratch outputs reach the AOF and replicas by value (as jobs.c's do); with nothing
- * to receive them, the write is only counted as a change (RDB save points). */
-static void propagate(RedisModuleCtx *ctx, const PackArgs *a, const unsigned char *body,
-                      size_t body_len, const float *floats, size_t n, RedisModuleString *fkey,
+/* UNPACK's output reaches the AOF and replicas by value unless SCRATCH, as job outputs
+ * do (jobs.c); with nothing to receive it, the write is only counted as a change. */
+static void propagate(RedisModuleCtx *ctx, const PackArgs *a, const float *floats, size_t n,
                       const char *shape, size_t shape_len) {
     if (a->scratch) return;
     if (!jobs_propagation_delivered(ctx)) {
         RM.Replicate(ctx, "PING", "AR");
         return;
     }
-    if (body) RM.Replicate(ctx, "SET", "sb", a->dst, (const char *)body, body_len);
-    if (floats) tensor_replicate_floats(ctx, fkey, floats, n, shape, shape_len);
+    tensor_replicate_floats(ctx, a->dst, floats, n, shape, shape_len);
 }
 
 /* v = (base - src) + residual in float64, rounded once to float32: the order the store's
@@ -85,81 +47,68 @@ static void combine(const f32u *src, const f32u *base, const f32u *res, float *v
         memcpy(v, (const void *)src, n * sizeof(float));
 }
 
-int pack_run(RedisModuleCtx *ctx, const PackArgs *a) {
-    char err[SPIRT_ERRLEN];
-    TensorView src, base, res;
-    int have_res = 0;
-    if (read_input(ctx, a->src, 0, &src, err) < 0) return reply_err(ctx, "%s", err);
-    if (a->base && (read_input(ctx, a->base, 0, &base, err) < 0 ||
-                    same_len(&base, a->base, &src, a->src, err)))
-        return reply_err(ctx, "%s", err);
-    if (a->residual) {
-        have_res = read_input(ctx, a->residual, 1, &res, err);
-        if (have_res < 0 || (have_res && same_len(&res, a->residual, &src, a->src, err)))
-            return reply_err(ctx, "%s", err);
-    }
-    if (plain_check_writable(ctx, a->dst, err) ||
-        (a->residual && tensor_check_writable(ctx, a->residual, err)))
-        return reply_err(ctx, "%s", err);
-
-    size_t n = src.len, body_len = codec_encoded_size(a->fmt, n);
-    const f32u *s = floats_of(&src);
-    /* With a residual output, v is computed into the buffer that becomes the new
-     * residual; with neither BASE nor RESIDUAL, src is encoded in place. */
-    int need_v = a->base || a->residual;
-    float *v = need_v ? scratch_take(n * sizeof(float)) : NULL;
-    unsigned char *body = scratch_take(body_len);
-    if ((need_v && !v) || !body) {
-        scratch_give(v, n * sizeof(float));
-        scratch_give(body, body_len);
-        return reply_err(ctx, "out of memory for a %zu-element vector", n);
-    }
-    const f32u *vin = s;
-    int refused = 0;
-    if (!need_v) {
-        refused = check_finite(a->src, &src, err);
-    } else {
-        combine(s, a->base ? floats_of(&base) : NULL, have_res ? floats_of(&res) : NULL, v, n);
-        vin = v;
-        /* A non-finite input makes v non-finite: one pass over v checks all of them, and
-         * only a refusal looks for the input to blame. */
-        size_t bad = k_first_nonfinite(vin, n);
-        if (bad < n) {
-            refused = check_finite(a->src, &src, err) ||
-                      (a->base && check_finite(a->base, &base, err)) ||
-                      (have_res && check_finite(a->residual, &res, err));
-            if (!refused) {
-                refused = 1;
-                snprintf(err, sizeof(err),
-                         "non-finite value at index %zu of the vector to pack "
-                         "(base - src + residual overflows float32)",
-                         bad);
+int pack_compute(Src *s, const struct JobParams *p, unsigned char *body, float *res_out) {
+    size_t n = s->len;
+    /* Whole int8 blocks per fetch, so each chunk encodes on its own. */
+    size_t step = s->chunk - s->chunk % CODEC_BLOCK;
+    if (step == 0) return src_fail(s, "internal: a fetch of %zu values is below a block", s->chunk);
+    int need_v = p->pack_has_base || p->pack_has_res;
+    /* v goes into the buffer that becomes the new residual, or a chunk of its own with
+     * BASE alone; with neither, src is encoded as fetched. */
+    float *tmp = need_v && !res_out ? malloc(step * sizeof(float)) : NULL;
+    if (need_v && !res_out && !tmp) return src_fail(s, "out of memory");
+    const f32u *rows[3] = {NULL, NULL, NULL};
+    int rc = 0;
+    for (size_t off = 0; off < n && !rc; off += step) {
+        size_t cnt = n - off < step ? n - off : step;
+        if (s->fetch(s, off, cnt, rows)) {
+            rc = -1;
+            break;
+        }
+        const f32u *v = rows[0];
+        if (need_v) {
+            float *out = res_out ? res_out + off : tmp;
+            combine(rows[0], p->pack_has_base ? rows[1] : NULL,
+                    p->pack_has_res ? rows[p->pack_has_base ? 2 : 1] : NULL, out, cnt);
+            /* The inputs were checked as fetched: only the arithmetic can overflow. */
+            size_t bad = k_first_nonfinite(out, cnt);
+            if (bad < cnt) {
+                rc = src_fail(s, "non-finite value at index %zu of the vector to pack "
+                                 "(base - src + residual overflows float32)", off + bad);
+                break;
             }
+            v = out;
+        }
+        size_t bad = 0;
+        if (codec_encode(p->pack_fmt, v, off, cnt, n, body, res_out ? res_out + off : NULL, &bad)) {
+            if (p->pack_fmt == CODEC_FP16)
+                rc = src_fail(s, "non-finite value in fp16 at index %zu: %g is beyond %g", bad,
+                              (double)v[bad - off], (double)CODEC_FP16_MAX);
+            else
+                rc = src_fail(s, "non-finite value in int8 block %zu: its range overflows float32",
+                              bad);
         }
     }
-    if (refused) {
-        scratch_give(v, n * sizeof(float));
-        scratch_give(body, body_len);
-        return reply_err(ctx, "%s", err);
+    free(tmp);
+    return rc;
+}
+
+int pack_run(RedisModuleCtx *ctx, const PackArgs *a) {
+    Job *job = job_new(OP_PACK);
+    if (!job) return RM.ReplyWithError(ctx, "ERR SPIRT out of memory");
+    struct JobParams *p = job_params(job);
+    p->pack_fmt = a->fmt;
+    p->pack_has_base = a->base != NULL;
+    p->pack_has_res = a->residual != NULL;
+    p->scratch = a->scratch;
+    job_add_input(job, a->src, 0);
+    if (a->base) job_add_input(job, a->base, 0);
+    if (a->residual) {
+        job_add_input(job, a->residual, 1); /* absent: zeros */
+        job_add_output(job, a->residual);
     }
-    size_t bad = 0;
-    int rc = codec_encode(a->fmt, vin, n, body, a->residual ? v : NULL, &bad);
-    if (rc) {
-        scratch_give(v, n * sizeof(float));
-        scratch_give(body, body_len);
-        if (a->fmt == CODEC_FP16)
-            return reply_err(ctx, "non-finite value in fp16 at index %zu: %g is beyond %g", bad,
-                             (double)vin[bad], (double)CODEC_FP16_MAX);
-        return reply_err(ctx, "non-finite value in int8 block %zu: its range overflows float32",
-                         bad);
-    }
-    plain_write_bytes(ctx, a->dst, body, body_len);
-    if (a->residual) tensor_write_floats(ctx, a->residual, v, n, src.shape, src.shape_len);
-    propagate(ctx, a, body, body_len, a->residual ? v : NULL, n, a->residual, src.shape,
-              src.shape_len);
-    scratch_give(v, n * sizeof(float));
-    scratch_give(body, body_len);
-    return RM.ReplyWithLongLong(ctx, (long long)body_len);
+    job_set_plain_output(job, a->dst);
+    return job_submit(ctx, job);
 }
 
 int unpack_run(RedisModuleCtx *ctx, const PackArgs *a) {
@@ -205,7 +154,7 @@ int unpack_run(RedisModuleCtx *ctx, const PackArgs *a) {
     char shape[32];
     int sl = snprintf(shape, sizeof(shape), "%zu", n);
     tensor_write_floats(ctx, a->dst, out, n, shape, (size_t)sl);
-    propagate(ctx, a, NULL, 0, out, n, a->dst, shape, (size_t)sl);
+    propagate(ctx, a, out, n, shape, (size_t)sl);
     scratch_give(out, n * sizeof(float));
     return RM.ReplyWithSimpleString(ctx, "OK");
 }

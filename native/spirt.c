@@ -4,6 +4,7 @@
  * threads and registers the SPIRT.* commands. The commands are documented in
  * native/README.md; the code is split by concern (tensor format, jobs and threads,
  * rules, optimizers, kernels, BLAKE2b). */
+#include "codec.h"
 #include "commands.h"
 #include "jobs.h"
 #include "kernels.h"
@@ -43,6 +44,7 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
     if (RM.IsModuleNameBusy("spirt")) return RM_ERR;
     RM.SetModuleAttribs(ctx, "spirt", SPIRT_MODULE_VERSION, RM_APIVER_1);
     if (parse_load_args(ctx, argv, argc) != RM_OK) return RM_ERR;
+    codec_init();
     for (size_t i = 0; i < sizeof(COMMANDS) / sizeof(COMMANDS[0]); i++) {
         const CommandSpec *c = &COMMANDS[i];
         if (RM.CreateCommand(ctx, c->name, c->fn, c->flags, c->first, c->last, c->step) != RM_OK) {

@@ -304,6 +304,37 @@ async def test_an_absent_residual_counts_as_zeros(c: aioredis.Redis) -> None:
     assert await c.get("d") == C.encode("int8", x)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_pack_on_a_worker_thread_writes_the_same_bytes(c: aioredis.Redis, fmt: str) -> None:
+    """PACK is a job: inline below ASYNC_MIN_BYTES, on a worker above it (reading its
+    inputs in chunks under the module lock). Both give the same body and residual,
+    over several chunks of whole blocks and a short last block."""
+    rng = np.random.default_rng(8)
+    n = 5 * 16384 + C.BLOCK + 77
+    base = rng.standard_normal(n).astype(np.float32)
+    src = (base - rng.standard_normal(n).astype(np.float32) * 1e-2).astype(np.float32)
+    res = (rng.standard_normal(n) * 1e-4).astype(np.float32)
+    v = ((base.astype(np.float64) - src) + res).astype(np.float32)
+    results = []
+    for threshold in (1 << 40, 0):
+        await c.execute_command("SPIRT.CONFIG", "SET", "ASYNC_MIN_BYTES", threshold)
+        for key, x in (("base", base), ("src", src), ("res", res)):
+            await set_tensor(c, key, x)
+        before = await c.execute_command("SPIRT.INFO")
+        await c.execute_command(
+            "SPIRT.PACK", "d", "src", "FORMAT", fmt, "BASE", "base", "RESIDUAL", "res"
+        )
+        after = await c.execute_command("SPIRT.INFO")
+        field = b"jobs_sync" if threshold else b"jobs_async"
+        i = after.index(field) + 1
+        assert after[i] == before[i] + 1, field
+        results.append((await c.get("d"), await c.get("res"), await c.get("res:shape")))
+    assert results[0] == results[1]
+    body = results[0][0]
+    assert body == C.encode(fmt, v)
+    assert results[0][1] == bits(v - C.decode(fmt, body, n))
+
+
 # ---- refusals: a clear error, nothing written -------------------------------------
 
 N = 5000
