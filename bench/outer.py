@@ -379,7 +379,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['mode']}: {r['peers']} peers, hidden {r['inputs']['hidden']}, "
         f"batch {r['inputs']['batch_size']}/peer, load before {r['machine']['loadavg_before']}\n"
     )
-    text = head + table(r["rows"], cols)
+    text = head + (table(r["rows"], cols) if r["rows"] else "no rows: every setting failed")
     if "ddp" in r:
         text += f"\nDDP step {r['ddp']['step_s']:.4f}s ({r['ddp']['procs']} procs, gloo)"
     for k in ("targets", "best", "fastest", "failed"):
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.peers < 1 or min(a.inner_steps) < 1 or a.steps < max(a.inner_steps):
         p.error("--peers, --inner-steps must be positive and --steps >= the largest H")
     result = run(a)
-    emit(result, a.json, render(result))
+    emit(result, a.json, "" if a.json else render(result))
 
 
 if __name__ == "__main__":
