@@ -19,7 +19,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.rounds import RoundConfig
+from protocol.rounds import JobConfig, RoundConfig
+from spirtd.pubsub.retention import BODY_ROUNDS
 
 
 class ConfigError(ValueError):
@@ -167,6 +168,11 @@ class TrainingConfig:
     initial_deadline_s: float = _opt(60.0, gt=0)
     # Gradients for this many rounds ahead are held; later ones are refused.
     future_window: int = _opt(2, ge=0)
+    # A closed round's gradient bodies are kept this many rounds after it (for
+    # peers a few rounds behind that still follow from them), then freed;
+    # pubsub.retain_s bounds them too. More than future_window + the job's
+    # lag_rounds (2): see spirtd/pubsub/retention.py.
+    body_rounds: int = _opt(BODY_ROUNDS, ge=1)
     # This node's gradient counts when at least this fraction of its functions succeed.
     min_slice_fraction: float = _opt(0.5, gt=0, le=1)
     # State checkpoints in DATA_DIR/training every this many rounds (and at stop); 0: off.
@@ -275,6 +281,14 @@ class Config:
             self.round_config().validate()
         except ValueError as e:
             raise ConfigError(f"training.{e}") from None
+        tr = self.training
+        follow = tr.future_window + JobConfig().lag_rounds
+        if tr.body_rounds <= follow:
+            raise ConfigError(
+                f"training.body_rounds: must be > training.future_window + the job's "
+                f"lag_rounds ({follow}): peers still follow from those rounds' bodies, "
+                f"not {tr.body_rounds}"
+            )
         if self.control.listen_tcp:
             parse_hostport(self.control.listen_tcp, "control.listen_tcp")
         for name, path in self.datasets.items():

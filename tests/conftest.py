@@ -27,6 +27,7 @@ CLUSTER_FILES = frozenset(
         "test_byzantine_bad_gradients.py",
         "test_equivocation.py",
         "test_training_elastic.py",
+        "test_training_bodies.py",
         "test_training_integration.py",
     }
 )

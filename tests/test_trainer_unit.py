@@ -70,6 +70,9 @@ class FakePubSub:
     async def publish(self, topic: str, body: bytes, *, meta: bytes = b"") -> None:
         self.sent.append((topic, bytes(body), meta))
 
+    def release(self, msg_ids: Any) -> int:
+        return len(list(msg_ids))
+
     def gradients(self) -> list[GradientMeta]:
         metas = [decode_train_meta(m) for t, _, m in self.sent if t == TRAIN_TOPIC]
         return [m for m in metas if isinstance(m, GradientMeta)]

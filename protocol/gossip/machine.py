@@ -67,6 +67,11 @@ Verifier = Callable[[bytes], Envelope]
 # Seen-cache statuses.
 _ACCEPTED, _REJECTED, _IGNORED = 0, 1, 2
 
+# Released ids remembered (for seen_ttl) so a late pull is told RELEASED, not
+# MISSING; past this many the oldest are forgotten early (a late pull of one is
+# then refused MISSING, as before releases existed).
+RELEASED_MAX = 65_536
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -226,6 +231,7 @@ class GossipMachine:
         self._pulls_from: Counter[str] = Counter()
         self._held: dict[bytes, _Held] = {}
         self._held_order: deque[tuple[float, bytes]] = deque()
+        self._released: OrderedDict[bytes, float] = OrderedDict()  # id -> forget at
         self._serving: set[tuple[str, bytes]] = set()
         self._serves_to: Counter[str] = Counter()
         self._promises: dict[bytes, tuple[str, float]] = {}  # IWANT out: id -> (peer, due)
@@ -448,6 +454,21 @@ class GossipMachine:
     def forget_body(self, mid: bytes) -> None:
         """The caller no longer holds the body (evicted): stop offering it."""
         self._held.pop(mid, None)
+
+    def release_body(self, mid: bytes, now: float) -> bool:
+        """The caller let the body go on purpose while it may still be recent (the
+        application released it): stop offering it, in IHAVE and IWANT answers too,
+        and tell a peer that still pulls it RELEASED (no penalty: it asks elsewhere)
+        rather than MISSING (a broken promise). False if we did not hold it."""
+        if self._held.pop(mid, None) is None:
+            return False
+        self.mcache.discard(mid)
+        self._released[mid] = now + self.config.seen_ttl
+        self._released.move_to_end(mid)
+        while len(self._released) > RELEASED_MAX:
+            self._released.popitem(last=False)
+        self.counters["bodies_released"] += 1
+        return True
 
     def holds(self, mid: bytes) -> bool:
         return mid in self._held
@@ -718,6 +739,10 @@ class GossipMachine:
     def _on_pull(self, peer: str, mid: bytes, first: int) -> None:
         c = self.config
         h = self._held.get(mid)
+        if h is None and mid in self._released:
+            self.counters["pull_answered_released"] += 1
+            self._control(peer).refuse.append((mid, RefuseCode.RELEASED))
+            return
         if h is None or first > chunk_count(h.ann.size, h.ann.chunk_size) or h.ann.inline:
             self._control(peer).refuse.append((mid, RefuseCode.MISSING))
             return
@@ -744,6 +769,11 @@ class GossipMachine:
             self.scores.broken_promise(peer)
             w.holders.discard(peer)
             self._end_pull(w, "missing", now)
+        elif code == RefuseCode.RELEASED:
+            # It held the body and let it go (an owner's release): nothing was broken.
+            self.counters["pull_refused_released"] += 1
+            w.holders.discard(peer)
+            self._end_pull(w, "released", now)
         else:
             self.counters["pull_refused_busy"] += 1
             self._end_pull(w, "busy", now, retry_later=True)
@@ -881,6 +911,9 @@ class GossipMachine:
         while self._held_order and self._held_order[0][0] <= now:
             _, mid = self._held_order.popleft()
             self._held.pop(mid, None)
+        released = self._released
+        while released and next(iter(released.values())) <= now:
+            released.popitem(last=False)
         self.mesh.expire_backoff(now)
         self._ihaves_in.clear()
         self._iwant_asked.clear()
@@ -906,6 +939,7 @@ class GossipMachine:
             "origins": self.seqs.origins(),
             "backoffs": self.mesh.backoffs(),
             "held": len(self._held),
+            "released": len(self._released),
             "wanted": len(self._wants),
             "pulling": len(self._active),
             "serving": len(self._serving),

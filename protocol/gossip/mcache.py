@@ -48,12 +48,19 @@ class MessageCache:
         served[peer] += 1
         return entry[1]
 
+    def discard(self, mid: bytes) -> None:
+        """The body is gone (released): stop answering and advertising ``mid``. Its
+        window slot stays until it shifts out; ``gossip_ids`` skips it."""
+        self._entries.pop(mid, None)
+        self._served.pop(mid, None)
+
     def gossip_ids(self, topic: str) -> list[bytes]:
         out: list[bytes] = []
+        entries = self._entries
         for i, window in enumerate(self._windows):
             if i >= self._gossip:
                 break
-            out.extend(mid for mid, t in window if t == topic)
+            out.extend(mid for mid, t in window if t == topic and mid in entries)
         return out
 
     def shift(self) -> None:

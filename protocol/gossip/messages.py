@@ -64,6 +64,13 @@ _CONTROL_KEYS = frozenset("sgphwqrx")
 class RefuseCode:
     MISSING = 0  # we do not hold the body (not a broken promise if we never claimed it)
     BUSY = 1  # all upload slots taken: try elsewhere, no penalty
+    # We held the body and let it go on purpose (its owner released it, e.g. a
+    # closed round's gradient): ask elsewhere, no penalty. Peers before this code
+    # existed decode it as malformed, which is why it is only sent for released ids.
+    RELEASED = 2
+
+
+_REFUSE_CODES = frozenset((RefuseCode.MISSING, RefuseCode.BUSY, RefuseCode.RELEASED))
 
 
 def message_id(envelope_wire: bytes | memoryview) -> bytes:
@@ -286,7 +293,7 @@ class Control:
             c.pull.append((_id(mid), first))
         for item in _list(obj, "r", MAX_TOPIC_ENTRIES):
             mid, code = _tuple(item, 2, "refusal")
-            if code not in (RefuseCode.MISSING, RefuseCode.BUSY) or not _is_int(code):
+            if not _is_int(code) or code not in _REFUSE_CODES:
                 raise DecodeError("bad_field", "unknown refusal code")
             c.refuse.append((_id(mid), code))
         c.cancel = [_id(i) for i in _list(obj, "x", MAX_TOPIC_ENTRIES)]

@@ -17,7 +17,9 @@ Bodies are stored in memory up to ``memory_body_max`` each and ``memory_total``
 in all, and in files (mode 0600, under DATA_DIR/pubsub) beyond that; a transfer
 in flight holds one hash state and whatever the link hands over, never a second
 copy. Stored bodies are kept ``retain_s`` and at most ``disk_total`` bytes,
-oldest evicted first, so neighbours can still pull them after delivery.
+oldest evicted first, so neighbours can still pull them after delivery; a
+topic's owner that knows sooner when nobody needs a body any more (the trainer,
+when a round is far enough behind) frees it with ``release``.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class Message:
     digest: bytes
     meta: bytes
     source: str  # the neighbour that first announced it
-    body: Body  # verified; kept for StoreLimits.retain_s
+    body: Body  # verified; kept for StoreLimits.retain_s or until released
 
     async def read(self) -> bytes:
         return (
@@ -418,6 +420,24 @@ class PubSub:
         self._wake.set()
         return {"msg_id": mid.hex(), "digest": staged.digest.hex(), "size": staged.size}
 
+    def release(self, msg_ids: Iterable[bytes]) -> int:
+        """The caller is done with these messages' bodies (received or its own): they
+        leave the store now rather than at ``retain_s``, and are no longer offered
+        to peers; a peer that still asks is told RELEASED and asks elsewhere. A
+        serve already streaming one finishes first (the body is freed when it
+        ends). Unknown ids (inline bodies, already evicted) are skipped. Returns the
+        bodies released, also counted in ``pubsub.bodies_released``."""
+        assert self.m is not None
+        now = time.monotonic()
+        n = 0
+        for mid in msg_ids:
+            self.m.release_body(mid, now)
+            if self.store.release(mid):
+                n += 1
+        if n:
+            self.counters["pubsub.bodies_released"] += n
+        return n
+
     # -- validation and delivery ---------------------------------------------------------
 
     def _validate(self, ann: Announcement, env: Envelope) -> Verdict:
@@ -635,8 +655,10 @@ class PubSub:
     async def _serve(self, ev: ServeBody) -> None:
         assert self.m is not None and self.node.transport is not None
         key = (ev.peer_id, ev.msg_id)
+        body = self.store.get(ev.msg_id)
+        if body is not None:
+            self.store.pin(body)  # released or evicted meanwhile, it is freed when we end
         try:
-            body = self.store.get(ev.msg_id)
             link = self.node.transport.links.get(ev.peer_id)
             if body is None or link is None:
                 return
@@ -653,6 +675,8 @@ class PubSub:
         except (LinkClosed, OSError) as e:
             log.debug("serving %s to %s stopped: %s", ev.msg_id.hex(), ev.peer_id, e)
         finally:
+            if body is not None:
+                self.store.unpin(body)
             self._serves.pop(key, None)
             self.m.serve_done(ev.peer_id, ev.msg_id)
             self._pump()

@@ -1,7 +1,13 @@
 """Where pub/sub bodies live: in memory up to a per-body and a total budget, in
 0600 files under DATA_DIR/pubsub beyond that, for ``retain_s`` and at most
-``disk_total`` bytes, oldest evicted first. Bodies being received are
+``disk_total`` bytes, oldest evicted first, or until their owner releases them
+(``release``: a closed round's gradients). Bodies being received are
 ``_Partial``s until their last chunk verifies.
+
+A body being served is pinned: evicting or releasing it takes it out of the
+store at once (nobody new finds it) but frees its memory or file only when the
+last serve ends, so a stream never reads freed slabs or a closed (and perhaps
+reused) file descriptor.
 
 In memory, a body of at least a slab goes into slabs of the store's SlabPool
 (recycled pages: see bufpool); a smaller one keeps the pieces it arrived in.
@@ -369,6 +375,9 @@ class BodyStore:
         self._order: deque[bytes] = deque()
         self._names = itertools.count(1)
         self.evicted = 0
+        self.released = 0
+        self._pins: dict[Body, int] = {}  # (by identity) serves reading the body
+        self._doomed: set[Body] = set()  # out of the store, freed at the last unpin
 
     def reset(self) -> None:
         # Bodies do not survive a restart (the machine forgets its ids too).
@@ -396,6 +405,10 @@ class BodyStore:
     def close(self) -> None:
         for mid in list(self.bodies):
             self._evict(mid)
+        doomed, self._doomed = self._doomed, set()
+        self._pins.clear()
+        for body in doomed:
+            self._free(body)
         self.pool.close()
 
     def _new_file(self, size: int) -> tuple[Path, int]:
@@ -478,13 +491,48 @@ class BodyStore:
             self._evict(self._order[0])
         return gone
 
-    def _evict(self, mid: bytes) -> None:
-        with contextlib.suppress(ValueError):
-            self._order.remove(mid)
+    def release(self, mid: bytes) -> bool:
+        """The owner is done with ``mid``'s body: out now (freed once no serve reads
+        it). False if the store did not hold it (never, expired, evicted)."""
+        if mid not in self.bodies:
+            return False
+        self._evict(mid, released=True)
+        return True
+
+    def pin(self, body: Body) -> None:
+        """A serve reads ``body`` until the matching ``unpin``."""
+        self._pins[body] = self._pins.get(body, 0) + 1
+
+    def unpin(self, body: Body) -> None:
+        n = self._pins.get(body, 0) - 1
+        if n > 0:
+            self._pins[body] = n
+            return
+        self._pins.pop(body, None)
+        if body in self._doomed:
+            self._doomed.discard(body)
+            self._free(body)
+
+    def _evict(self, mid: bytes, *, released: bool = False) -> None:
         body = self.bodies.pop(mid, None)
         if body is None:
             return
-        self.evicted += 1
+        if self._order and self._order[0] == mid:
+            self._order.popleft()  # expiry and make_room: the common case, O(1)
+        else:
+            with contextlib.suppress(ValueError):
+                self._order.remove(mid)
+        if released:
+            self.released += 1
+        else:
+            self.evicted += 1
+        if body in self._pins:
+            # Its budget stays held until the serve ends: the memory is still in use.
+            self._doomed.add(body)
+        else:
+            self._free(body)
+
+    def _free(self, body: Body) -> None:
         if body.in_memory:
             self.memory.release(body.reserved)
         else:
@@ -497,6 +545,8 @@ class BodyStore:
             "memory_bytes": self.memory.used,
             "disk_bytes": self.disk.used,
             "evicted": self.evicted,
+            "released": self.released,
+            "released_pending": len(self._doomed),  # out, but still being served
             "pool": self.pool.status(),
         }
 

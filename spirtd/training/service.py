@@ -310,6 +310,7 @@ class TrainingService:
             gradient_source=self.gradient_source,
             gradient_publisher=self.gradient_publisher,
             wire_bytes=self.node.wire_bytes,
+            body_rounds=cfg.training.body_rounds,
         )
         assert self.sync is not None
         self.trainer = Trainer(job_id, spec, env, self._live_members(), self._finished)
