@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protocol.rounds import RoundConfig
+from spirtd.functions.cost import CostMeter
 from spirtd.functions.event import DataSlice, GradientEvent
 from spirtd.training.job import JobSpec
 from spirtd.training.state import StateKeys
@@ -84,6 +85,8 @@ class LocalCompute:
         self.keys = StateKeys(job_id)
         self.inner_done = 0  # inner steps this peer ran (outer rounds)
         self.adam_step = 0  # the inner Adam's step count: this peer's own
+        # What this peer's invocations of the job were billed, per round and in total.
+        self.cost = CostMeter(env.prices)
 
     def events(
         self, r: int, step: int | None = None, params: str | None = None
@@ -125,6 +128,7 @@ class LocalCompute:
         """One throwaway invocation: did any slice succeed?"""
         events, outputs = self.events(r)
         res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
+        self.cost.record(None, res.billed)
         await self.env.store.delete(*outputs)
         return bool(res.succeeded)
 
@@ -182,6 +186,7 @@ class LocalCompute:
         events, outputs = self.events(r, step, params)
         res = await env.invoker.invoke_round(events, env.invoke_timeout_s, env.min_slice_fraction)
         t1 = time.perf_counter()
+        self.cost.record(r, res.billed)
         ok = res.succeeded
         for s in res.slices:
             if s.error is not None:

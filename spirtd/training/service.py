@@ -310,6 +310,7 @@ class TrainingService:
             gradient_source=self.gradient_source,
             gradient_publisher=self.gradient_publisher,
             wire_bytes=self.node.wire_bytes,
+            prices=self.functions.prices,
             body_rounds=cfg.training.body_rounds,
         )
         assert self.sync is not None
@@ -594,6 +595,8 @@ class TrainingService:
         )
         out["history"] = [r.to_json() for r in t.history] if t is not None else []
         out["events"] = list(self.events)
+        # What this peer's invocations of the job cost so far (each row: its round's).
+        out["cost"] = t.compute.cost.total_json() if t is not None else None
         out["rounds"] = t.m.status() if t is not None else None
         return out
 

@@ -85,6 +85,7 @@ from protocol.rounds import (
     WriteGradient,
 )
 from spirtd import logs, metrics
+from spirtd.functions.cost import Prices
 from spirtd.functions.event import DataSlice, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.retention import BODY_ROUNDS, RoundBodies
@@ -157,6 +158,7 @@ class TrainerEnv:
     note: Callable[[str, str], None] = lambda kind, detail: None
     gradient_source: GradientSource | None = None
     gradient_publisher: GradientPublisher | None = None
+    prices: Prices | None = None  # of function invocations (None: Lambda's x86_64)
     # (in, out) bytes over this node's peer links so far (a history row's wire bytes).
     wire_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
     body_rounds: int = BODY_ROUNDS  # a closed round's bodies are released this many rounds on
@@ -180,6 +182,7 @@ class RoundRecord:
     inner_steps: int = 1
     bytes_sent: int = 0  # over this node's peer links since the previous round closed
     bytes_received: int = 0
+    cost: dict[str, Any] | None = None  # this peer's invocations for the round
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -197,6 +200,7 @@ class RoundRecord:
             "inner_steps": self.inner_steps,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "cost": self.cost,
             "phases": {k: round(v, 5) for k, v in self.phases.items()},
         }
 
@@ -829,6 +833,7 @@ class Trainer:
             phases["checkpoint_s"] = time.perf_counter() - c0
         wire_in, wire_out = env.wire_bytes()
         rec = RoundRecord(
+            cost=self.compute.cost.round_json(r),
             inner_steps=spec.inner_steps,
             bytes_sent=wire_out - self._wire_at[1],
             bytes_received=wire_in - self._wire_at[0],
