@@ -159,5 +159,8 @@ def encode(fmt: str, values: np.ndarray) -> bytes:
     with np.errstate(invalid="ignore"):
         q = np.rint((b.astype(np.float64) - lo[:, None]) / safe[:, None])
     codes = np.clip(np.nan_to_num(q), 0, CODES).astype(np.uint8).reshape(-1)[:n]
+    if _bad_headers(scale, lo).any():
+        # A block spanning nearly all of float32: its top value would not decode.
+        raise CompressionError("range", "a block's range is beyond int8's float32 headers")
     head = np.stack([scale, lo], axis=1).astype("<f4")
     return head.tobytes() + codes.tobytes()
