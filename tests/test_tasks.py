@@ -243,6 +243,10 @@ BASE_DEFAULTS = {
     "momentum": 0.9,
     "weight_decay": 0.0,
     "eval_every": 10,
+    "inner_steps": 1,
+    "compression": "none",
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
 }
 
 
