@@ -122,8 +122,9 @@ def test_a_job_tolerating_byzantine_peers_defaults_to_a_robust_rule() -> None:
         ({"task": "digits", "inner_steps": 0}, "inner_steps"),
         ({"task": "digits", "inner_steps": 1.5}, "inner_steps"),
         ({"task": "digits", "compression": "int4"}, "compression: must be one of"),
-        ({"task": "digits", "outer_lr": 0}, "outer_lr"),
-        ({"task": "digits", "outer_momentum": 1.0}, "outer_momentum"),
+        ({"task": "digits", "inner_steps": 2, "outer_lr": 0}, "outer_lr"),
+        ({"task": "digits", "inner_steps": 2, "outer_momentum": 1.0}, "outer_momentum"),
+        ({"task": "digits", "outer_lr": 0.5}, "outer_lr: applies to inner_steps > 1"),
     ],
 )
 def test_bad_requests(body: dict, message: str) -> None:
@@ -151,14 +152,14 @@ def test_outer_round_settings_travel_in_the_record_only_when_set() -> None:
     assert JobSpec.from_record(plain.to_record()) == plain
     outer = jobs.with_model(
         jobs.from_request(
-            {"task": "digits", "inner_steps": 10, "compression": "int8", "outer_lr": 1},
+            {"task": "digits", "inner_steps": 10, "compression": "int8", "outer_lr": 1.5},
             now_ms=5,
         ),
         10_000,
         "x",
     )
     obj = strictpack.unpack(outer.to_record())
-    assert (obj["inner_steps"], obj["compression"], obj["outer_lr"]) == (10, "int8", 1.0)
+    assert (obj["inner_steps"], obj["compression"], obj["outer_lr"]) == (10, "int8", 1.5)
     back = JobSpec.from_record(outer.to_record())
     assert back == outer and back.body_size == 8 * 3 + 10_000  # 3 int8 blocks' headers
     assert JobSpec.job_id(outer.to_record()) != JobSpec.job_id(plain.to_record())

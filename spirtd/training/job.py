@@ -247,6 +247,14 @@ def from_request(
     if body.get("aggregator") is None and isinstance(f, int) and not isinstance(f, bool) and f > 0:
         # A job that names Byzantine peers to tolerate gets a rule that tolerates them.
         kw["aggregator"] = ROBUST_DEFAULT
+    if kw.get("inner_steps", 1) == 1:
+        # Plain rounds have no outer step: its settings are refused when asked for,
+        # and a task's tuned ones are left out, so a plain job's record (and id) does
+        # not depend on them.
+        asked = sorted(k for k in ("outer_lr", "outer_momentum") if body.get(k) is not None)
+        if asked:
+            raise JobError(f"{', '.join(asked)}: applies to inner_steps > 1 (outer rounds)")
+        kw |= {k: _OPTIONAL[k] for k in ("outer_lr", "outer_momentum")}
     for name in ("lr", "momentum", "weight_decay", "outer_lr", "outer_momentum"):
         if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
             kw[name] = float(kw[name])
