@@ -9,9 +9,14 @@ service hands every trainer it makes), in this process alone:
   first waits (omniscient attacks) for the honest gradients of the round it has
   received and crafts its gradient(s); only then does the trainer report it ready,
   so the round cannot close on this peer before the crafted gradient is in place;
+* the optimal attacks score their candidates with the job's rule (name and f
+  from the job record), starting from the previous aggregate in Redis for a rule
+  that keeps one; ``cclip_boundary`` measures its radius from there too;
+* ``late``: the source holds the crafted gradient back until just before this
+  peer's deadline for the round (see spirtd.byzantine.attacks);
 * what is kept as its local gradient: the crafted one, so this peer aggregates
   what the others received and stays on their model (its next gradients then
-  pass the base-digest check); not for NaN or equivocation;
+  pass the base-digest check); not for NaN, Inf or equivocation;
 * the publisher: NaN bytes that Redis would refuse, or two signed gradients for
   one round sent to two halves of the peers (equivocation);
 * the control API: ``POST /v1/byzantine/attack`` switches the attack between
@@ -38,7 +43,7 @@ import torch
 from protocol import compression, wire
 from protocol.gossip.messages import Announcement
 from protocol.wire import MsgType
-from spirtd.byzantine.attacks import Attack, AttackError, craft
+from spirtd.byzantine.attacks import NONFINITE, OPTIMAL, Attack, AttackError, craft
 from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import PubSub
 from spirtd.tasks import Task
@@ -114,16 +119,25 @@ async def craft_round(t: Trainer, r: int) -> None:
             own = await asyncio.to_thread(flipped_gradient, env.task, theta, rows)
         honest = await _honest_gradients(t, r) if attack.omniscient else []
         n = max(len(t.m.status()["view"]), t.spec.f + 1)
-        variants = craft(
-            attack,
-            own,
-            honest,
-            n=n,
-            f=t.spec.f,
-            round=r,
-            rng_key=zlib.crc32(env.node_id.encode()),
-        )
-        if attack.name not in ("nonfinite", "equivocation"):
+        previous = None
+        wants_previous = attack.name in OPTIMAL or attack.name == "cclip_boundary"
+        if wants_previous and await env.store.exists(keys.agg_prev):
+            previous = await env.store.get(keys.agg_prev)
+        kw: dict[str, Any] = {
+            "n": n,
+            "f": t.spec.f,
+            "round": r,
+            "rng_key": zlib.crc32(env.node_id.encode()),
+            "rule": t.spec.aggregator,
+            "previous": previous,
+        }
+        if attack.name in OPTIMAL:  # the search runs the rule dozens of times
+            variants = await asyncio.to_thread(craft, attack, own, honest, **kw)
+        else:
+            variants = craft(attack, own, honest, **kw)
+        if attack.name == "late":
+            await _hold_until_deadline(t, r)
+        if attack.name not in NONFINITE and attack.name != "equivocation":
             await env.store.put(keys.local(r), variants[0])
         for old in [k for k in STATE.crafted if k[0] != t.job_id or k[1] < r - 2]:
             del STATE.crafted[old]  # rounds whose publish never came (a sync)
@@ -140,7 +154,9 @@ async def publish_gradient(t: Trainer, r: int, body: bytes, meta: GradientMeta) 
     bytes, or two gradients for one round to two halves of the peers."""
     variants = STATE.crafted.pop((t.job_id, r), None)
     encoded = meta.encode()
-    if variants is None or STATE.attack.name not in ("nonfinite", "equivocation"):
+    if variants is None or (
+        STATE.attack.name not in NONFINITE and STATE.attack.name != "equivocation"
+    ):
         await t.env.pubsub.publish(TRAIN_TOPIC, body, meta=encoded)
         return
     if len(variants) == 1:
@@ -164,7 +180,8 @@ async def publish_gradient(t: Trainer, r: int, body: bytes, meta: GradientMeta) 
 def _body(t: Trainer, v: np.ndarray) -> bytes:
     """``v`` in the job's wire format. A non-finite vector cannot be encoded as it
     is: its finite part is, and then the first block's scale (int8) or the first
-    bad value (fp16) is made a NaN, which is what a liar can put on the wire."""
+    bad value (fp16) is made that value (NaN or Inf), which is what a liar can put
+    on the wire."""
     fmt = t.spec.compression
     if fmt == "none":
         return v.astype("<f4").tobytes()
@@ -172,9 +189,31 @@ def _body(t: Trainer, v: np.ndarray) -> bytes:
     body = bytearray(compression.encode(fmt, np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)))
     if bad.size:
         at = 0 if fmt == "int8" else 2 * int(bad[0])
-        nan = np.float32(np.nan) if fmt == "int8" else np.float16(np.nan)
-        body[at : at + nan.nbytes] = nan.tobytes()
+        x = v[bad[0]]
+        lie = np.float32(x) if fmt == "int8" else np.float16(x)
+        body[at : at + lie.nbytes] = lie.tobytes()
     return bytes(body)
+
+
+# The longest ``late`` sleeps before giving up on the round's deadline: the
+# daemon's default deadline ceiling, so a sleep is never unbounded.
+LATE_CEILING_S = 120.0
+
+
+async def _hold_until_deadline(t: Trainer, r: int) -> None:
+    """``late``: on every ``every``-th round, sleeps until ``margin_s`` before this
+    peer's deadline for round ``r`` (at most ``max_wait_s``), or until the round is
+    over here (then there is nothing to be late for)."""
+    p = STATE.attack.params
+    if r % int(p["every"]):
+        return
+    start = time.monotonic()
+    until = start + min(float(p["max_wait_s"]), LATE_CEILING_S)
+    while t.m.round == r and t.m.deadline_at is not None:
+        now = time.monotonic()
+        if now >= min(until, t.m.deadline_at - float(p["margin_s"])):
+            break
+        await asyncio.sleep(POLL_S)
 
 
 async def _honest_gradients(t: Trainer, r: int) -> list[np.ndarray]:
