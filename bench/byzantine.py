@@ -17,13 +17,18 @@ the drop (clean mean - attacked mean, in accuracy; x100 for points).
 
 Attacks (spirtd.byzantine.attacks): signflip (x-10), gaussian (sigma 10), alie
 (z from n, f), ipm (eps 0.5), labelflip, mimic, nonfinite (NaN), equivocation
-(its gradient to half the peers, x-10 of it to the others). Rules: every one
-in the registry (spirtd.rules), and nnm+ each robust one.
+(its gradient to half the peers, x-10 of it to the others); and, tuned against
+the job's rule (issue #25): alie_opt and ipm_opt (the factor searched each round
+to push the job's aggregate furthest from the honest mean), ipm_small (eps 0.1),
+alie_large (z 10), inf, cclip_boundary (a sign flip at centered clipping's
+radius) and late (a sign flip sent just before the deadline, every 3rd round).
+Rules: every one in the registry (spirtd.rules), and nnm+ each robust one.
 
 Cells are independent and ``--resume FILE`` (JSON lines) skips the ones already
 in FILE and appends each new one as it finishes, so an interrupted run picks
 up where it stopped. ``--quick`` runs a handful of cells on the 7-peer setting
-(CI). ``--json`` prints one object whose ``rows`` has one row per cell; ``--plot
+(CI): the mean and the default rule for f > 0, clean and under sign flip, ALIE
+and optimal IPM. ``--json`` prints one object whose ``rows`` has one row per cell; ``--plot
 FILE.png`` draws the accuracy matrix as an annotated heat map, one panel per
 setting.
 
@@ -53,17 +58,16 @@ from spirtd.byzantine.harness import CONFIRM_ENV, CONFIRM_VALUE
 from spirtd.keyfiles import DataDir
 from spirtd.localcluster import LocalCluster, LocalNode, NodeError, all_see, wait_for
 from spirtd.training.aggregators import NNM_PREFIX
+from spirtd.training.job import ROBUST_DEFAULT
 
 SETTINGS: dict[str, tuple[int, int]] = {"7p_f2": (7, 2), "10p_f3": (10, 3)}
 BASE_RULES = list(rules.names())
 RULES = BASE_RULES + [f"{NNM_PREFIX}{r}" for r in BASE_RULES if rules.get(r).robust]
 ATTACK_NAMES = [a for a in ATTACKS if a != "none"]
-# The baseline that attacks break (the mean, not robust) and the first robust rule.
-QUICK_RULES = [
-    next(r for r in BASE_RULES if not rules.get(r).robust),
-    next(r for r in BASE_RULES if rules.get(r).robust),
-]
-QUICK_ATTACKS = ["signflip", "alie"]
+# The baseline that attacks break (the mean, not robust) and the rule a job with
+# f > 0 gets by default.
+QUICK_RULES = [next(r for r in BASE_RULES if not rules.get(r).robust), ROBUST_DEFAULT]
+QUICK_ATTACKS = ["signflip", "alie", "ipm_opt"]
 JOB_SEED = 1
 ATTACK_SEED = 7
 # 60 rounds: at 30 the robust rules were still converging (the README's table is 60).
