@@ -26,7 +26,9 @@ from spirtd.localcluster import LocalNode, wait_for
 from spirtd.tls_material import issue, make_ca
 from tests.test_redis_tls import free_port
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)
+
+ROUNDS = 30  # long enough to kill the function host in the middle
 
 
 def spirtctl(*argv: str) -> dict[str, Any]:
@@ -110,22 +112,45 @@ def test_a_node_trains_with_functions_on_a_function_host(
             f'password_file = "{made["function_password"]}"\nca_file = "{made["ca"]}"\n'
         )
 
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "spirtd.functions.runtime", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=open(host_dir / "host.log", "ab"),  # noqa: SIM115 - the child's
-        )
-        assert read_endpoint(proc) == f"https://127.0.0.1:{host_port}"
+        def start_host() -> subprocess.Popen[bytes]:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "spirtd.functions.runtime", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=open(host_dir / "host.log", "ab"),  # noqa: SIM115 - the child's
+            )
+            assert read_endpoint(p) == f"https://127.0.0.1:{host_port}"
+            return p
 
-        job = node.call("POST", "/v1/train/start", {"task": "digits", "rounds": 3})["job"]
+        def train() -> dict[str, Any]:
+            return node.call("GET", "/v1/train/status")
+
+        proc = start_host()
+        job = node.call("POST", "/v1/train/start", {"task": "digits", "rounds": ROUNDS})["job"]
+        wait_for(lambda: train()["round"] >= 3, 300, "round 3")
+
+        # The host dies mid-job: the node's invocations fail, it says so, and (alone,
+        # so no round can close without it) computes the round again at each deadline.
+        proc.kill()
+        proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        proc = None
         wait_for(
-            lambda: node.call("GET", "/v1/train/status")["state"] in ("done", "stopped"),
-            300,
-            "the job to finish",
+            lambda: (
+                node.status()["counters"].get("training.slice_failed", 0) > 0
+                and train()["rounds"]["local"].get("local_retries", 0) > 0
+            ),
+            180,
+            "failed slices and a retried round",
         )
-        s = node.call("GET", "/v1/train/status")
+        stalled_at = train()["round"]
+        # Brought back, on the same address: contribution resumes by itself.
+        proc = start_host()
+        wait_for(lambda: train()["round"] >= stalled_at + 3, 300, "rounds after the restart")
+        wait_for(lambda: train()["state"] in ("done", "stopped"), 600, "the job to finish")
+        s = train()
         assert s["job"]["id"] == job and s["state"] == "done", node.log_tail()
-        assert s["round"] == 3
+        assert s["round"] == ROUNDS
         assert all(h["contributors"] == [node.node_id] for h in s["history"])
         assert all(h["loss"] is not None for h in s["history"])
     finally:

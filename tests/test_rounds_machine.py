@@ -281,6 +281,42 @@ def test_self_failure_leaves_view_and_round_closes_without_self() -> None:
     assert not of(m.drain_actions(), PublishGradient)
 
 
+def test_a_failed_local_gradient_is_computed_again_when_no_quorum_can_close_without_it() -> None:
+    """A lone peer whose functions failed (their host down) would otherwise wait for
+    a quorum forever: at the deadline it computes the round again, and again, until
+    its functions answer; the round then closes with its gradient."""
+    m = machine(members=["n1"])
+    m.drain_actions()
+    m.local_gradient_failed(1, "slices", 1.0)
+    assert m.drain_actions() == [PublishState(1, D1, False)]
+    m.tick(5.0)  # before the deadline: nothing
+    assert m.drain_actions() == []
+    for attempt in (1, 2):
+        m.tick(10.0 * attempt + 0.5)  # the deadline (10 s after the last start)
+        assert m.drain_actions() == [InvokeFunctions(1), PublishState(1, D1, True)]
+        assert m.counters["local_retries"] == attempt
+        if attempt == 1:
+            m.local_gradient_failed(1, "slices", 11.0)
+            m.drain_actions()
+    assert not of(m.drain_events(), QuorumWait)
+    m.local_gradient_ready(1, 21.0)
+    assert closed(m).contributors == ("n1",)
+
+
+def test_a_failed_local_gradient_is_not_retried_while_the_others_can_make_a_quorum() -> None:
+    """Announcing ourselves back mid-round could split the others' views: only a
+    round that cannot close without us is computed again."""
+    m = machine(members=["n1", "n2", "n3"])
+    m.drain_actions()
+    m.local_gradient_failed(1, "slices", 1.0)
+    give(m, "n2", 2.0)
+    m.tick(10.5)  # n3 is late, but could still come: we wait with the others
+    assert not of(m.drain_actions(), InvokeFunctions)
+    assert of(m.drain_events(), QuorumWait) and m.counters["local_retries"] == 0
+    give(m, "n3", 11.0)
+    assert closed(m).contributors == ("n2", "n3")
+
+
 def test_own_gradient_after_deadline_close_is_not_published() -> None:
     m = machine()
     for p in PEERS[1:]:

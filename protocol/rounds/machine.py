@@ -143,6 +143,7 @@ class RoundMachine:
         self._deadline = AdaptiveDeadline(config)
         self._view = RoundView(self_id, members, config.strikes, self._left)
         self._quorum_waited = False
+        self._failed_round = 0  # the round whose local gradient failed, if this one
         self._closed_with: tuple[str, ...] = ()
         self._positions: dict[str, tuple[int, bytes]] = {}
         self._final_diverged: set[str] = set()  # final positions found different from ours
@@ -201,6 +202,8 @@ class RoundMachine:
             "live": len(v.live) + 1,
             "held": {r: len(h) for r, h in sorted(self._held.items())},
             "rejected": dict(self.rejected),
+            # Local failures by reason and the rounds computed again after one.
+            "local": {k: n for k, n in self.counters.items() if k.startswith("local_")},
         }
 
     def peer_positions(self) -> dict[str, tuple[int, bytes]]:
@@ -245,6 +248,7 @@ class RoundMachine:
             self.counters["late_local_failure"] += 1
             return
         self.counters[f"local_failed:{reason}"] += 1
+        self._failed_round = round
         self.phase = COLLECTING
         self._view.self_failed()
         # Tell the others at once: without it every peer would wait for our gradient
@@ -439,6 +443,7 @@ class RoundMachine:
         self.deadline_s = self._deadline.current()
         self.deadline_at = now + self.deadline_s
         self._quorum_waited = False
+        self._failed_round = 0
         self._closed_with = ()
         self._final_diverged.clear()
         v.start(participating)
@@ -595,9 +600,26 @@ class RoundMachine:
         elif self.deadline_at is not None and now >= self.deadline_at:
             if have >= need:
                 self._close("deadline", now)
+            elif self._failed_round == self.round and self.participating and need > len(v.members):
+                # Not even every member still awaited could make the quorum.
+                self._retry_local(now)
             elif not self._quorum_waited:
                 self._quorum_waited = True
                 self._events.append(QuorumWait(self.round, have, need))
+
+    def _retry_local(self, now: float) -> None:
+        """Our gradient failed and the round cannot close without it (a lone peer, or
+        one of too few: no quorum even if every member in the view contributed):
+        compute it again rather than wait for a quorum that cannot come. Each retry
+        costs one more deadline; nothing was published for the round, so a second
+        computation is no equivocation."""
+        self.counters["local_retries"] += 1
+        self._failed_round = 0
+        self.phase = COMPUTING
+        self._view.self_retry()
+        self.deadline_at = now + self.deadline_s
+        self._actions.append(InvokeFunctions(self.round))
+        self._actions.append(PublishState(self.round, self.digest, True))
 
     def _close(self, reason: str, now: float) -> None:
         v = self._view

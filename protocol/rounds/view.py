@@ -250,6 +250,12 @@ class RoundView:
         self.self_in = False
         self._refresh(self.self_id, "failed")
 
+    def self_retry(self) -> None:
+        """This peer computes the round again after a failure: it is awaited again."""
+        self._qn = None
+        self.self_in = True
+        self._refresh(self.self_id, "retry")
+
     # --- internals --------------------------------------------------------------------
 
     def _eligible(self, m: str) -> bool:
