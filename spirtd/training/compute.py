@@ -28,6 +28,7 @@ import numpy as np
 from protocol.rounds import RoundConfig
 from spirtd.functions.cost import CostMeter
 from spirtd.functions.event import DataSlice, GradientEvent
+from spirtd.redis.store import TensorStore
 from spirtd.training.job import JobSpec
 from spirtd.training.state import StateKeys
 
@@ -213,23 +214,50 @@ class LocalCompute:
             self.adam_step += 1
             if self.adam_step > 1 and not await store.exists(keys.inner_m):
                 self.adam_step = 1  # its moments went with a Redis restart
-            await store.adam(
-                keys.inner_theta,
-                grad,
-                m=keys.inner_m,
-                v=keys.inner_v,
-                step=self.adam_step,
-                lr=spec.lr,
-                weight_decay=spec.weight_decay,
-                scratch=True,
-            )
-        else:
-            await store.sgd(
-                keys.inner_theta,
-                grad,
-                lr=spec.lr,
-                momentum=spec.momentum,
-                buf=keys.inner_buf if spec.momentum > 0 else None,
-                weight_decay=spec.weight_decay,
-                scratch=True,
-            )
+        await optimizer_step(
+            store,
+            spec,
+            keys.inner_theta,
+            grad,
+            buf=keys.inner_buf,
+            m=keys.inner_m,
+            v=keys.inner_v,
+            step=self.adam_step,
+        )
+
+
+async def optimizer_step(
+    store: TensorStore,
+    spec: JobSpec,
+    param: str,
+    grad: str,
+    *,
+    buf: str,
+    m: str,
+    v: str,
+    step: int,
+) -> None:
+    """The job's optimizer (SGD with its momentum buffer at ``buf``, or Adam with its
+    moments at ``m``/``v`` at step ``step``) on ``param``, inside Redis: the update
+    of a plain round, and each inner step of an outer one."""
+    if spec.optimizer == "adam":
+        await store.adam(
+            param,
+            grad,
+            m=m,
+            v=v,
+            step=step,
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            scratch=True,
+        )
+    else:
+        await store.sgd(
+            param,
+            grad,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            buf=buf if spec.momentum > 0 else None,
+            weight_decay=spec.weight_decay,
+            scratch=True,
+        )

@@ -101,7 +101,12 @@ from spirtd.training.checkpoint import (
     max_encoded_size,
     read_snapshot,
 )
-from spirtd.training.compute import LocalCompute, SlicesFailed, outer_round_config
+from spirtd.training.compute import (
+    LocalCompute,
+    SlicesFailed,
+    optimizer_step,
+    outer_round_config,
+)
 from spirtd.training.evidence import (
     EQUIVOCATION,
     EVIDENCE_TOPIC,
@@ -787,26 +792,9 @@ class Trainer:
                 nesterov=spec.outer_momentum > 0,
                 scratch=True,
             )
-        elif spec.optimizer == "adam":
-            await env.store.adam(
-                keys.theta,
-                keys.agg,
-                m=keys.m,
-                v=keys.v,
-                step=r,
-                lr=spec.lr,
-                weight_decay=spec.weight_decay,
-                scratch=True,
-            )
         else:
-            await env.store.sgd(
-                keys.theta,
-                keys.agg,
-                lr=spec.lr,
-                momentum=spec.momentum,
-                buf=keys.buf if spec.momentum > 0 else None,
-                weight_decay=spec.weight_decay,
-                scratch=True,
+            await optimizer_step(
+                env.store, spec, keys.theta, keys.agg, buf=keys.buf, m=keys.m, v=keys.v, step=r
             )
         if self.rule.keeps_previous:
             await env.store.mean(keys.agg_prev, [keys.agg], scratch=True)
