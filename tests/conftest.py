@@ -29,6 +29,7 @@ CLUSTER_FILES = frozenset(
         "test_training_elastic.py",
         "test_training_bodies.py",
         "test_training_integration.py",
+        "test_training_outer.py",
     }
 )
 
