@@ -22,7 +22,9 @@ same factor and publish the same vector.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -33,6 +35,8 @@ from spirtd.training.aggregators import Aggregator
 # narrow one grid cell (a factor of (hi/lo)^(1/(points-1))) about 300-fold.
 REFINE_STEPS = 12
 _INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
+
+log = logging.getLogger("spirtd.byzantine")
 
 
 def rule_aggregate(
@@ -156,8 +160,24 @@ def optimal(
     if f < 1:  # nothing of ours is aggregated: any factor does the same (none)
         return make(pool, lo), lo, 0.0
 
+    evals = 0
+    t0 = time.perf_counter()
+
     def score(x: float) -> float:
+        nonlocal evals
+        evals += 1
         return damage(rule, f, list(pool), make(pool, x), previous)
 
     factor, dmg = best_factor(score, lo, hi, points)
+    log.info(
+        "%s_opt against %s (f=%d, %d honest): factor %.4g, distance %.4g (%d evaluations, %.2fs)",
+        family,
+        rule,
+        f,
+        len(pool),
+        factor,
+        dmg,
+        evals,
+        time.perf_counter() - t0,
+    )
     return make(pool, factor), factor, dmg
