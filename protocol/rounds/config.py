@@ -6,7 +6,7 @@ All times are seconds of whatever clock the caller feeds in as ``now``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,19 @@ class RoundConfig:
     contribution, no longer by announcing our (round, digest). A one-off straggler
     is back the round after it missed one; a persistently slow peer, which would
     announce every round and then miss it, costs no round a full deadline."""
+
+    def for_inner_steps(self, inner_steps: int) -> RoundConfig:
+        """This config for rounds of H inner steps (outer rounds): such a round takes
+        about H times as long before its first gradient is out, so the first round's
+        deadline and the ceiling scale with H (the adaptive deadline then follows the
+        measured rounds)."""
+        if inner_steps <= 1:
+            return self
+        return replace(
+            self,
+            initial_deadline_s=self.initial_deadline_s * inner_steps,
+            deadline_ceiling_s=self.deadline_ceiling_s * inner_steps,
+        )
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad field."""

@@ -25,8 +25,9 @@ with delays drawn from one seeded ``random.Random``:
 
 Outer rounds and sizes (issue 23): with ``inner_steps`` H > 1 a peer's functions
 phase lasts H drawn inner-step delays, its body is the compressed Δ, and the first
-deadline and the ceiling scale with H as the trainer does (``_outer_round_config``);
-the round machine is unchanged (a round is an outer round). A body is
+deadline and the ceiling scale with H as the trainer's do
+(``RoundConfig.for_inner_steps``); the round machine is unchanged (a round is an
+outer round). A body is
 ``encoded_size(compression, param_count)`` bytes, which the round machine checks.
 
 Bytes on the wire are accounted per peer (``sent``, ``received``) and by kind
@@ -66,7 +67,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..compression import encoded_size
@@ -216,16 +217,7 @@ class SimParams:
         return self.param_count * 4 * (2 if self.inner_steps > 1 else 1)
 
     def round_config(self) -> RoundConfig:
-        """The trainer's scaling for outer rounds: the first deadline and the ceiling
-        grow with H (the adaptive deadline then follows the measured rounds)."""
-        h = self.inner_steps
-        if h <= 1:
-            return self.config
-        return replace(
-            self.config,
-            initial_deadline_s=self.config.initial_deadline_s * h,
-            deadline_ceiling_s=self.config.deadline_ceiling_s * h,
-        )
+        return self.config.for_inner_steps(self.inner_steps)
 
 
 @dataclass(slots=True)

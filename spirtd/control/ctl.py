@@ -368,6 +368,19 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
         + (f"  ({r['detail']})" if r.get("detail") else ""),
         f"model    {_cell(r.get('model_digest'))}",
     ]
+    h = job.get("inner_steps") or 1
+    if h > 1 or job.get("compression", "none") != "none":
+        head.insert(
+            2,
+            f"steps    {r.get('steps', 0)}  ({h} inner steps per round, "
+            f"{job.get('compression')} bodies, outer lr={job.get('outer_lr')} "
+            f"momentum={job.get('outer_momentum')})",
+        )
+    cost = r.get("cost")
+    if cost:
+        head.append(
+            f"cost     ${cost['usd']:.6f}  {cost['gb_s']:.3f} GB-s  {cost['requests']} requests"
+        )
     for ex in r.get("excluded") or []:
         what = "sent a non-finite gradient" if ex.get("reason") == "nonfinite" else "equivocated"
         head.append(
@@ -384,6 +397,8 @@ def cmd_train_status(a: argparse.Namespace) -> str | dict:
         {**h, "contributors": len(h.get("contributors", []))} for h in r.get("history", [])[-20:]
     ]
     cols = ["round", "loss", "accuracy", "contributors", "duration_s", "closed_by"]
+    if h > 1:
+        cols += ["bytes_sent", "bytes_received"]
     return "\n".join(head) + "\n\n" + table(rows, cols)
 
 

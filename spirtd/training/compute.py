@@ -20,12 +20,11 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.rounds import RoundConfig
 from spirtd.functions.cost import CostMeter
 from spirtd.functions.event import DataSlice, GradientEvent
 from spirtd.redis.store import TensorStore
@@ -63,19 +62,6 @@ def minibatch_seed(job_seed: int, round: int, node_id: str, step: int | None = N
     at = f"{round}" if step is None else f"{round}.{step}"
     h = hashlib.blake2b(f"{job_seed}:{at}:{node_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") >> 1
-
-
-def outer_round_config(config: RoundConfig, inner_steps: int) -> RoundConfig:
-    """A round of H inner steps takes about H times as long before its first
-    gradient is out: the first round's deadline and the ceiling scale with it (the
-    adaptive deadline then follows the measured rounds)."""
-    if inner_steps <= 1:
-        return config
-    return replace(
-        config,
-        initial_deadline_s=config.initial_deadline_s * inner_steps,
-        deadline_ceiling_s=config.deadline_ceiling_s * inner_steps,
-    )
 
 
 class LocalCompute:

@@ -105,7 +105,6 @@ from spirtd.training.compute import (
     LocalCompute,
     SlicesFailed,
     optimizer_step,
-    outer_round_config,
 )
 from spirtd.training.evidence import (
     EQUIVOCATION,
@@ -236,7 +235,7 @@ class Trainer:
             eval_every=spec.eval_every,
             param_count=spec.param_count,
             members=members,
-            config=outer_round_config(env.round_config, spec.inner_steps),
+            config=env.round_config.for_inner_steps(spec.inner_steps),
             f=spec.f,
             min_for_f=lambda f: replace(self.rule, f=f).min_peers(),
             body_size=spec.body_size,
