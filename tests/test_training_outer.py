@@ -63,6 +63,11 @@ def test_int8_outer_rounds_survive_a_killed_peer(make_cluster: Any) -> None:
         mine = [h["cost"] for h in s["history"] if n.node_id in h["contributors"]]
         assert mine and all(c["requests"] >= 2 * H for c in mine), mine[:3]  # W = 2 per step
         assert sum(c["requests"] for c in rows) <= total["requests"]
+    # The operator's table says the same.
+    r = _ctl(c.nodes[0], "train", "status")
+    assert r.returncode == 0, r.stderr
+    assert f"steps    {ROUNDS * H}  ({H} inner steps per round, int8 bodies" in r.stdout
+    assert "cost     $" in r.stdout and "BYTES_SENT" in r.stdout
     # The restarted peer synced (its inner optimizer and residual start fresh) and
     # said so in its events.
     counters = victim.status()["counters"]
