@@ -97,12 +97,12 @@ def job_body(a: argparse.Namespace, s: Setting, rounds: int, eval_every: int) ->
         "rounds": rounds,
         "inner_steps": s.inner_steps,
         "compression": s.compression,
-        "outer_lr": s.outer_lr,
-        "outer_momentum": s.outer_momentum,
         "eval_every": eval_every,
         "aggregator": "mean",
         "seed": a.seed,
     }
+    if s.inner_steps > 1:  # a plain job has no outer step (and refuses its settings)
+        body |= {"outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum}
     if a.hidden is not None:
         body["task_options"] = {"hidden": a.hidden}
     for k in ("batch_size", "functions_per_round", "optimizer", "lr"):

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from protocol.rounds import JobConfig, RoundConfig
-from spirtd.pubsub.retention import BODY_ROUNDS
+
+# Rounds a closed round's gradient bodies outlive it ([training] body_rounds;
+# spirtd/pubsub/retention.py releases them). A peer
+# follows from bodies while it is at most JobConfig.lag_rounds (2) behind the
+# newest round, beyond which it syncs the state instead; and peers hold
+# gradients up to RoundConfig.future_window (2) rounds ahead of their own, so
+# the round we close may be that far ahead of a peer still pulling an older
+# one. 2 + 2 rounds, doubled for pulls that began before their round closed
+# and end after (a slow link, a retry from another source): 8. With 4 peers
+# that is about 40 bodies held per daemon instead of retain_s's worth.
+BODY_ROUNDS = 8
 
 
 class ConfigError(ValueError):

@@ -58,8 +58,11 @@ def test_bench_outer_tiny() -> None:
         assert x["same_model"] is True
         assert x["rounds_not_complete"] == 0
         assert x["inner_steps_per_peer"] == 8 and x["rounds"] == 8 // h
-        for k in ("step_s", "ddp_step_s", "step_ddp_ratio", "cpu_s_per_step"):
+        for k in ("step_s", "ddp_step_s", "step_ddp_ratio"):
             assert x[k] > 0, (k, x[k])
+        # Two measured rounds of a tiny job can end within one CPU clock tick (then
+        # there is no figure: bench.round's run_job gives none).
+        assert x["cpu_s_per_step"] is None or x["cpu_s_per_step"] >= 0, x["cpu_s_per_step"]
         assert x["step_ddp_ratio"] == pytest.approx(x["step_s"] / x["ddp_step_s"])
         assert 0.0 <= x["accuracy"] <= 1.0
     base = rows[(1, "none")]

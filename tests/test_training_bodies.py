@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from spirtd.config import BODY_ROUNDS
 from spirtd.localcluster import LocalCluster, LocalNode, wait_for
-from spirtd.pubsub.retention import BODY_ROUNDS
 from tests.test_training_integration import _assert_trained, _cluster, _status, _wait_done
 
 pytestmark = pytest.mark.timeout(420)

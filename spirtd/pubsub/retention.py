@@ -13,15 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-# Rounds a closed round's bodies outlive it ([training] body_rounds). A peer
-# follows from bodies while it is at most JobConfig.lag_rounds (2) behind the
-# newest round, beyond which it syncs the state instead; and peers hold
-# gradients up to RoundConfig.future_window (2) rounds ahead of their own, so
-# the round we close may be that far ahead of a peer still pulling an older
-# one. 2 + 2 rounds, doubled for pulls that began before their round closed
-# and end after (a slow link, a retry from another source): 8. With 4 peers
-# that is about 40 bodies held per daemon instead of retain_s's worth.
-BODY_ROUNDS = 8
 # Released ids of rounds past this many tracked ones are let go oldest first:
 # tracking is bounded even when rounds stop closing (a stalled or stopped job).
 MAX_ROUNDS_TRACKED = 256

@@ -85,10 +85,11 @@ from protocol.rounds import (
     WriteGradient,
 )
 from spirtd import logs, metrics
+from spirtd.config import BODY_ROUNDS
 from spirtd.functions.cost import Prices
 from spirtd.functions.event import DataSlice, RedisTarget
 from spirtd.functions.invoker import Invoker
-from spirtd.pubsub.retention import BODY_ROUNDS, RoundBodies
+from spirtd.pubsub.retention import RoundBodies
 from spirtd.pubsub.service import Info, Message, PubSub
 from spirtd.redis.store import NonFinite, StoreError, TensorNotFound, TensorStore
 from spirtd.tasks import Task
