@@ -89,7 +89,10 @@ def test_late_joiner_syncs_and_contributes(make_cluster: Any, mode: str) -> None
 
 def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> None:
     c = _cluster(make_cluster, 4)
-    job = _start(c, mode)
+    # Longer than the others: a restart under load (a new process, torch, a state
+    # sync, warm functions) once took longer than the rest of a 500-round job, which
+    # then ended before the victim could contribute again.
+    job = _start(c, mode, rounds=700 if mode == "plain" else None)
     victim = c.nodes[2]
     wait_for(lambda: _round(victim) >= _at(mode, 30), 120, "round 30")
     victim.kill()
