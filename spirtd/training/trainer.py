@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError
 
-from protocol import compression
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.rounds import (
@@ -594,10 +593,7 @@ class Trainer:
         if spec.compression == "none":
             await store.put(key, np.frombuffer(body, dtype="<f4"), scratch=True)
             return
-        try:
-            compression.check(spec.compression, body, spec.param_count)
-        except compression.CompressionError as e:
-            raise (NonFinite if e.reason == "nonfinite" else StoreError)(str(e)) from None
+        # SPIRT.UNPACK checks the size and every header itself (NonFinite, StoreError).
         wire = key + ":wire"
         try:
             await store.client.set(wire, body)
@@ -976,7 +972,7 @@ class Trainer:
             # The inner optimizer and the compression residual come back with our own
             # checkpoint; with a peer's state they start fresh (the events say so).
             self.compute.adam_step = snap.own_step if snap.own else 0
-        if not snap.own and (self.spec.inner_steps > 1 or self.spec.compression != "none"):
+        if not snap.own and self.keys.own_state(self.spec):
             self.env.note(
                 "local_state_fresh", "inner optimizer state and compression residual start fresh"
             )
