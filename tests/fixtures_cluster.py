@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ def short_tmp() -> Iterator[Path]:
     """A short temp dir: unix socket paths (api.sock, redis.sock) must stay < 108 bytes."""
     d = Path(tempfile.mkdtemp(prefix="spt-"))
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    # SPIRT_KEEP_TMP=1 keeps the daemons' data dirs and logs, to read after a failure.
+    if not os.environ.get("SPIRT_KEEP_TMP"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import numpy as np
 from protocol import wire
 from protocol.gossip import Outgoing
 from protocol.gossip.messages import Announcement, Publish
+from protocol.rounds import PublishState
 from spirtd import cli
 from spirtd.pubsub.service import PubSub
 from spirtd.training import trainer
@@ -53,6 +54,7 @@ FLOOD = 20
 
 _honest_snapshot = trainer.Trainer.snapshot
 _honest_publish = trainer.Trainer._publish_gradient
+_honest_compute = trainer.Trainer._compute
 
 
 async def _lying_snapshot(self: trainer.Trainer) -> Snapshot | None:
@@ -101,21 +103,40 @@ async def _send(ps: PubSub, body: bytes, meta: bytes, *, seq: int | None = None)
     return env
 
 
+async def _lying_compute(self: trainer.Trainer, r: int) -> None:
+    """Wrong size and non-finite values go out instead of the round's gradient: both
+    with it would be two gradients for one round, i.e. equivocation, which gets this
+    peer excluded for good (tested on its own in test_equivocation)."""
+    kind = BAD_CLASSES[_sent[0] % len(BAD_CLASSES)]
+    if kind not in ("size", "nonfinite"):
+        await _honest_compute(self, r)
+        return
+    _sent[0] += 1
+    n = self.spec.param_count
+    good = GradientMeta(self.job_id, r, self.job.rounds.digest, 64, 1.0)
+    if kind == "size":
+        await _send(self.env.pubsub, np.zeros(n - 1, dtype="<f4").tobytes(), good.encode())
+    else:
+        await _send(self.env.pubsub, np.full(n, np.nan, dtype="<f4").tobytes(), good.encode())
+    # Its own round must not count a gradient the others refuse: that would fork it
+    # from them, and a forked liar spends the job syncing instead of lying (the job
+    # could end before its last class went out). It stands out of its own round like
+    # a peer whose functions failed, but tells nobody: the others stop waiting for
+    # it only because they refuse what it sent.
+    self.job.local_gradient_failed(r, "lying", time.monotonic(), warm=True)
+    self.job._actions = [
+        a for a in self.job._actions if not (isinstance(a, PublishState) and a.round == r)
+    ]
+    self._kick()
+
+
 async def _lying_publish(self: trainer.Trainer, r: int, base: bytes) -> None:
     ps = self.env.pubsub
     kind = BAD_CLASSES[_sent[0] % len(BAD_CLASSES)]
     _sent[0] += 1
-    n = self.spec.param_count
     good = GradientMeta(self.job_id, r, base, 64, 1.0)
-    zeros = np.zeros(n, dtype="<f4").tobytes()
-    # Wrong size and non-finite values go out instead of the round's gradient: both
-    # with it would be two gradients for one round, i.e. equivocation, which gets
-    # this peer excluded for good (tested on its own in test_equivocation).
-    if kind == "size":
-        await _send(ps, zeros[:-4], good.encode())
-    elif kind == "nonfinite":
-        await _send(ps, np.full(n, np.nan, dtype="<f4").tobytes(), good.encode())
-    elif kind == "job":
+    zeros = np.zeros(self.spec.param_count, dtype="<f4").tobytes()
+    if kind == "job":
         await _send(ps, zeros, replace(good, job="0" * 32).encode())
     elif kind == "stale" and r > 1:
         await _send(ps, zeros, replace(good, round=r - 1).encode())
@@ -135,8 +156,7 @@ async def _lying_publish(self: trainer.Trainer, r: int, base: bytes) -> None:
     elif kind == "future_flood":
         for k in range(3, 3 + FLOOD):
             await _send(ps, zeros, replace(good, round=r + k).encode())
-    if kind not in ("size", "nonfinite"):
-        await _honest_publish(self, r, base)
+    await _honest_publish(self, r, base)
     # A message the others accept (its heads-up again, harmless), whose envelope
     # and sequence number the replays of later rounds reuse.
     env = await _send(ps, b"", StateMeta(self.job_id, r, base, True).encode())
@@ -145,6 +165,7 @@ async def _lying_publish(self: trainer.Trainer, r: int, base: bytes) -> None:
 
 if os.environ.get("SPIRT_TEST_LIE", "snapshot") == "gradients":
     trainer.Trainer._publish_gradient = _lying_publish  # type: ignore[method-assign]
+    trainer.Trainer._compute = _lying_compute  # type: ignore[method-assign]
 else:
     trainer.Trainer.snapshot = _lying_snapshot  # type: ignore[method-assign]
 

@@ -33,7 +33,7 @@ from protocol.rounds import (
     WarmUp,
     WriteGradient,
 )
-from protocol.rounds.job import NO_DIGEST
+from protocol.rounds.job import JOIN_DIGEST, NO_DIGEST
 
 JOB = "job-1"
 PARAMS = 10
@@ -418,6 +418,35 @@ def test_a_warm_follower_computes_again_once_caught_up() -> None:
     out = run_round(j, 3, 2.0)
     assert CaughtUp(4) in j.drain_events()
     assert InvokeFunctions(4) in out and not j.following
+
+
+def test_a_follower_the_others_are_a_round_ahead_of_announces_its_join_a_round_early() -> None:
+    # Restarted n1 closes round 3 while n2 and n3 already compute round 4: its heads-up
+    # for 4 could reach them after they closed 4 without it, and its own aggregate of 4
+    # would then hold its gradient and theirs not (a fork, every time it rejoins).
+    j = following_at_3()
+    j.warm_up_done(True, 1.5)
+    vouch(j, 4, D[4], ["n2", "n3"], 1.6)
+    out = run_round(j, 3, 2.0)
+    assert not any(isinstance(a, InvokeFunctions) for a in out) and j.following
+    # It follows round 4 and says now that it computes from round 5.
+    assert PublishState(4, D[4], False) in out
+    assert PublishState(5, JOIN_DIGEST, True) in out
+    assert not any(isinstance(e, CaughtUp) for e in j.drain_events())
+    # Round 4 closes on the others' gradients alone; from 5 it computes, whatever
+    # the others announced meanwhile (they heard of the join a round ago).
+    vouch(j, 5, D[5], ["n2", "n3"], 2.5)
+    out = run_round(j, 4, 3.0)
+    assert InvokeFunctions(5) in out and PublishState(5, D[5], True) in out
+    assert CaughtUp(5) in j.drain_events() and not j.following
+    # A join is no position: nobody's vouches count it.
+    assert j.vouch.target(exclude=(ME,)).digest != JOIN_DIGEST
+
+
+def test_a_join_never_counts_as_a_vouched_position() -> None:
+    j = following_at_3()
+    vouch(j, 5, JOIN_DIGEST, ["n2", "n3", "n4"], 1.6)
+    assert not j.vouch.vouched(5, JOIN_DIGEST)
 
 
 def test_a_cold_follower_keeps_following() -> None:

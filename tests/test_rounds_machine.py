@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from protocol.rounds import (
+    JOIN_DIGEST,
     AdaptiveDeadline,
     Aggregate,
     Diverged,
@@ -434,6 +435,38 @@ def test_participating_again_for_another_round_counts_from_the_next_round() -> N
     assert "n5" not in m.status()["view"]  # it cannot contribute to round 1
     assert run_round(m, 1.0, without=("n5",)).reason == "complete"
     assert "n5" in m.status()["waiting_for"]  # round 2, the digest it announced
+
+
+def test_a_join_a_round_ahead_is_waited_for_from_that_round_on() -> None:
+    # n5 follows round 1 (not participating) and says it computes from round 2.
+    m = machine()
+    m.announce("n5", JOB, 1, D1, False, 0.1)
+    m.announce("n5", JOB, 2, JOIN_DIGEST, True, 0.2)
+    assert "n5" not in m.status()["view"]  # not in round 1
+    assert run_round(m, 1.0, without=("n5",)).reason == "complete"
+    # From round 2's start it is awaited, without a divergence (a join is no digest).
+    assert "n5" in m.status()["waiting_for"] and m.status()["diverged"] == []
+    # Its round-2 heads-up, when it begins, matches ours; a join after it is stale.
+    m.announce("n5", JOB, 2, m.digest, True, m.begun_at + 0.1)
+    m.announce("n5", JOB, 2, JOIN_DIGEST, True, m.begun_at + 0.2)
+    assert m.peer_positions()["n5"] == (2, m.digest)
+    assert m.counters["announce_out_of_order"] == 1
+
+
+def test_a_join_heard_in_the_round_it_names_is_waited_for_in_it() -> None:
+    m = machine()
+    m.announce("n5", JOB, 1, D1, False, 0.1)  # following round 1
+    run_round(m, 1.0, without=("n5",))
+    assert "n5" not in m.status()["view"]
+    m.announce("n5", JOB, 2, JOIN_DIGEST, True, m.begun_at + 0.1)  # late: we began 2
+    assert "n5" in m.status()["waiting_for"] and m.status()["diverged"] == []
+
+
+def test_a_stateless_heads_up_after_a_position_still_says_not_participating() -> None:
+    m = machine()
+    m.announce("n5", JOB, 1, D1, True, 0.1)
+    m.announce("n5", JOB, 1, JOIN_DIGEST, False, 0.2)  # lost its state: syncing
+    assert "n5" not in m.status()["view"]
 
 
 def test_out_of_order_announcement_is_ignored() -> None:

@@ -13,6 +13,8 @@ simulated time for tests.
 from .config import RoundConfig
 from .deadline import AdaptiveDeadline
 from .events import (
+    JOIN_DIGEST,
+    NO_DIGEST,
     Action,
     Aggregate,
     CaughtUp,
@@ -49,6 +51,8 @@ from .vouch import Decision, Target, VouchTable, caught_up, sync_decision
 
 __all__ = [
     "CHECKPOINT",
+    "JOIN_DIGEST",
+    "NO_DIGEST",
     "Action",
     "AdaptiveDeadline",
     "Aggregate",

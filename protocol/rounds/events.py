@@ -19,13 +19,21 @@ class InvokeFunctions:
     round: int
 
 
+# A heads-up's digest when the peer holds no state (participating=False), or when it
+# announces a round ahead that it takes part from that round on (participating=True;
+# it cannot know that round's digest yet). Neither is a position anyone vouches for.
+NO_DIGEST = bytes(32)
+JOIN_DIGEST = NO_DIGEST
+
+
 @dataclass(frozen=True, slots=True)
 class PublishState:
     """Publish the heads-up: this peer is at (round, digest) and takes part or not.
     Sent at every round start; with ``participating=False`` when this peer's
-    functions failed (no one should wait for its gradient); and once after the last
+    functions failed (no one should wait for its gradient); once after the last
     round as (rounds + 1, final digest, False), so a split in the last round is
-    detected too."""
+    detected too; and by a follower as (round, JOIN_DIGEST, True) a round before it
+    computes again."""
 
     round: int
     digest: bytes

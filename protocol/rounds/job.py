@@ -17,9 +17,11 @@ closes, with whom. This machine owns one and decides the job around it:
   (``FetchState``), and a load only once f+1 others vouch for what arrived;
   "in sync" (also when nobody else is there) resumes on the state held;
 * **following**: a peer that loaded a state follows that round without computing,
-  warms its functions up (``WarmUp``), and computes again from a round start once
-  no vouched position is past the next round (``vouch.caught_up``); past its
-  deadline with nobody ahead, it computes the round after all (``Unfollowed``);
+  warms its functions up (``WarmUp``), and computes again from a round start the
+  others' views can take it in at: the next round if nobody vouched has begun it
+  yet, else the one after, announced a round ahead (a heads-up with ``JOIN_DIGEST``);
+  past its deadline with nobody ahead, it computes the round after all
+  (``Unfollowed``);
 * **exclusion verdicts**: a peer proven Byzantine is out of every round and its
   vouches are void;
 * **done, stopped, failed**.
@@ -51,6 +53,8 @@ from typing import Any
 
 from ..gossip import Verdict
 from .events import (
+    JOIN_DIGEST,
+    NO_DIGEST,
     Aggregate,
     CaughtUp,
     Diverged,
@@ -75,7 +79,6 @@ from .machine import RoundMachine
 from .vouch import IN_SYNC, SYNC, VouchTable, caught_up, sync_decision
 
 CHECKPOINT = "checkpoint"  # LoadState's source for the newest checkpoint
-NO_DIGEST = bytes(32)  # the heads-up of a peer without a state
 
 
 class Lifecycle(StrEnum):
@@ -150,6 +153,7 @@ class JobMachine:
         self.digest = b""  # the state this node holds: after ``completed`` rounds
         self.completed = 0
         self.following = False  # caught up by sync; computing again from a round start
+        self._joins_at = 0  # the round start a follower announced it computes from
         self.warmed = False  # the functions answered once (a cold start is behind us)
         self.excluded: dict[str, dict[str, Any]] = {}
         self.counters: Counter[str] = Counter()
@@ -308,7 +312,8 @@ class JobMachine:
         self, origin: str, job: str, round: int, digest: bytes, participating: bool, now: float
     ) -> None:
         """A peer's heads-up (it is at (round, digest), taking part or not)."""
-        if job == self.job_id and (participating or round > self.last_round):
+        position = participating or round > self.last_round
+        if job == self.job_id and position and digest != JOIN_DIGEST:
             self._note(origin, round, digest, now)
         self.rounds.announce(origin, job, round, digest, participating, now)
         self._drain_rounds(now)
@@ -413,14 +418,26 @@ class JobMachine:
         """The daemon aggregated ``round`` and holds the updated state ``digest`` (also
         when a sync took over meanwhile: that pass then finds it in Redis)."""
         self.digest, self.completed = digest, round
-        participate = None
-        if self.following and self.warmed and caught_up(self.vouch, self.self_id, round):
-            # Caught up: nobody is past the next round, so from its start on the
-            # others' views take this peer in and it computes again.
-            self.following, participate = False, True
-            self._events.append(CaughtUp(round + 1))
+        participate, join_at = None, 0
+        if self.following and self.warmed:
+            t = self.vouch.target(exclude=(self.self_id,))
+            if self._joins_at == round + 1 or t is None or t.round <= round:
+                # Nobody vouched has begun the next round (or the others heard a round
+                # ago that we join at it): its start, at every peer, comes after our
+                # heads-up for it, so every view takes this peer in.
+                self.following, participate = False, True
+                self._events.append(CaughtUp(round + 1))
+            elif t.round == round + 1 and round + 2 <= self.last_round:
+                # The others compute the next round already and may close it before our
+                # heads-up arrives (then our gradient would be in our aggregate only):
+                # follow it, and tell them now that we take part in the one after.
+                join_at = round + 2
         self.rounds.aggregated(round, digest, now, participate=participate)
         self._drain_rounds(now)
+        if join_at:
+            # After the heads-up of the round it follows (that one says "not in it").
+            self._joins_at = join_at
+            self._actions.append(PublishState(join_at, JOIN_DIGEST, True))
         if self._buffer:
             self._replay(now)
         self._check_sync(now)
@@ -694,6 +711,7 @@ class JobMachine:
             self._events.append(JobDone(round - 1, "sync"))
             return
         self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", True
+        self._joins_at = 0
         self._events.append(Resumed(round))
         self.rounds.begin(round, self.digest, now, participating=False)
         if not self.warmed and not self._warming:

@@ -39,6 +39,7 @@ from typing import Any
 from .config import RoundConfig
 from .deadline import AdaptiveDeadline
 from .events import (
+    JOIN_DIGEST,
     Action,
     Aggregate,
     Diverged,
@@ -341,12 +342,26 @@ class RoundMachine:
             self.counters["announce_from_gone"] += 1
             return
         last = self._positions.get(origin)
+        if (
+            last is not None
+            and last[1] == JOIN_DIGEST
+            and not participating
+            and round < last[0]
+            and not v.is_gone(origin)
+        ):
+            # It follows the rounds before the one it joins at (the join may
+            # overtake this heads-up): out of those, whatever the order.
+            v.not_participating(origin)
+            self._maybe_close(now)
+            return
         if last is not None and (
             round < last[0]
             # Within one position a peer only stops taking part (its functions
             # failed), never starts again: a "participating" arriving after a "not
             # participating" for the same position is a delayed retransmission.
             or (participating and last == (round, digest) and origin in v.nonpart)
+            # A join is sent before the heads-up of the round it names.
+            or (participating and digest == JOIN_DIGEST and round <= last[0])
         ):
             # Overtaken by a later announcement (gossip does not keep order).
             self.counters["announce_out_of_order"] += 1
@@ -369,6 +384,11 @@ class RoundMachine:
             return
         if not participating:
             v.not_participating(origin)
+        elif digest == JOIN_DIGEST:
+            # It computes from that round's start on (a join heard only once we began
+            # it counts in it all the same); until then it stays out.
+            if self._is_open() and round == self.round:
+                v.matched(origin)
         elif self._is_open() and round == self.round:
             if digest == self.digest:
                 v.matched(origin)
@@ -453,9 +473,9 @@ class RoundMachine:
 
         # Peers that announced this round before we reached it.
         for origin, (r, d) in list(self._positions.items()):
-            if r != round or origin in v.nonpart:
+            if r != round or (origin in v.nonpart and d != JOIN_DIGEST):
                 continue
-            if d == digest:
+            if d in (digest, JOIN_DIGEST):
                 v.matched(origin)
             else:
                 self._diverge(origin, d)
