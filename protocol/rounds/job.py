@@ -294,12 +294,26 @@ class JobMachine:
             self._check_sync(now, stuck=stuck)
             if stuck and self.lifecycle is Lifecycle.RUNNING:
                 self._unfollow(now)
+            if self.following and not self.warmed and not self._warming:
+                # A failed warm-up is tried again: a cold follower never computes.
+                self._warming = True
+                self._actions.append(WarmUp(self.rounds.round))
 
     # --- membership --------------------------------------------------------------------
 
     def member_alive(self, node_id: str, now: float) -> None:
         self.rounds.member_alive(node_id, now)
         self._drain_rounds(now)
+        # A peer that (re)joined heard none of the heads-ups sent before it came: a
+        # restarted one without state, that our round needs for its quorum, would
+        # otherwise find nobody's position to sync to, and wait, while we wait for
+        # it. Only then: out of its time a heads-up also brings back into the view
+        # peers that missed a deadline, and closes would differ between peers.
+        if self.lifecycle is Lifecycle.RUNNING and self.digest and self.rounds.waiting_for_quorum:
+            m = self.rounds
+            self._actions.append(PublishState(m.round, m.digest or self.digest, m.participating))
+        elif self.lifecycle is Lifecycle.DONE and self.digest:
+            self._actions.append(PublishState(self.last_round + 1, self.digest, False))
 
     def member_gone(self, node_id: str, now: float) -> None:
         self.rounds.member_gone(node_id, now)
@@ -596,7 +610,7 @@ class JobMachine:
         if self.following and self.warmed and caught_up(self.vouch, self.self_id, r - 1):
             self.following = False
             self._events.append(Unfollowed(r))
-            self.rounds.begin(r, self.digest, now, participating=True)
+            self.rounds.take_part(now)
             self._drain_rounds(now)
 
     def _enter_sync(self, why: str, now: float) -> None:
@@ -709,6 +723,11 @@ class JobMachine:
         if round > self.last_round:
             self.lifecycle = Lifecycle.DONE
             self._events.append(JobDone(round - 1, "sync"))
+            # The final position, as a peer that ran the last round publishes it:
+            # until it is heard, the others count this peer as still closing that
+            # round, and a lone peer on another final model would never see its
+            # rival outnumber it.
+            self._actions.append(PublishState(self.last_round + 1, self.digest, False))
             return
         self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", True
         self._joins_at = 0

@@ -233,6 +233,16 @@ class RoundMachine:
             return
         self._begin(round, digest, participating, now)
 
+    def take_part(self, now: float) -> None:
+        """A follower computes the open round after all. Not ``begin``: that would
+        drop the gradients counted so far, which their senders never send again
+        (the round could then close only on gradients sent later, if any)."""
+        self._now = now
+        if self.phase != COLLECTING or self.participating:
+            return
+        self._compute_now(now)
+        self._maybe_close(now)
+
     def local_gradient_ready(self, round: int, now: float) -> None:
         self._now = now
         if round != self.round or self.phase != COMPUTING:
@@ -634,7 +644,13 @@ class RoundMachine:
         costs one more deadline; nothing was published for the round, so a second
         computation is no equivocation."""
         self.counters["local_retries"] += 1
+        self._compute_now(now)
+
+    def _compute_now(self, now: float) -> None:
+        """Computes the open round from here, keeping what it counted already."""
         self._failed_round = 0
+        self._quorum_waited = False
+        self.participating = True
         self.phase = COMPUTING
         self._view.self_retry()
         self.deadline_at = now + self.deadline_s
