@@ -69,10 +69,13 @@ def test_bench_outer_tiny() -> None:
     assert base["accuracy_delta"] == 0.0 and base["bytes_ratio_to_h1_none"] == 1.0
     # Peers exchange the model's size per round, so per inner step H = 4 puts about
     # a quarter of H = 1's bytes on the wire (heartbeats and envelopes add a little).
+    # A round's bytes are the links' between two closes: a body that comes while the
+    # previous round is still being aggregated counts in that round, so the measured
+    # window can hold a little less than one body per round (0.99 of it in one run).
     for c in formats:
         one, four = rows[(1, c)], rows[(4, c)]
         for k in ("bytes_sent_per_step", "bytes_received_per_step"):
-            assert one[k] >= one["body_bytes"], (c, k, one)
+            assert one[k] >= 0.9 * one["body_bytes"], (c, k, one)
             assert 0.15 < four[k] / one[k] < 0.40, (c, k, four[k], one[k])
     if "int8" in formats:
         # 1 byte per value against 4: well under half of none's bytes.
