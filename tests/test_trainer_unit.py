@@ -315,3 +315,72 @@ async def test_sync_loads_a_vouched_state_from_a_peer_and_follows(rig: Rig) -> N
         assert following in rig.pubsub.heads_ups()
     finally:
         await t.stop("test over")
+
+
+async def _peers_state(rig: Rig, value: float = 1.0, rounds: int = 2) -> Any:
+    """The encoded state the peers hold after ``rounds`` rounds of gradients of
+    ``value``, made on this same Redis by a job run alone; then this node's Redis
+    and checkpoints are emptied. Returns the snapshot and its encoding."""
+    other = rig.trainer([ME], rounds=5)
+    rig.invoker.value, rig.invoker.hold_after = value, rounds
+    await other.start(INITIAL)
+    await until(lambda: other.completed == rounds)
+    await other.stop("made the peers' state")
+    rig.invoker.value, rig.invoker.hold_after = 1.0, None
+    snap = rig.checkpoints.latest(JOB_ID, other.spec)  # saved at stop
+    assert snap is not None
+    await rig.store.client.flushall()
+    shutil.rmtree(rig.checkpoints.directory)
+    return snap, b"".join(bytes(x) for x in snap.encode())
+
+
+async def test_a_state_that_fails_its_digest_is_refused_and_the_next_voucher_asked(
+    rig: Rig,
+) -> None:
+    # What test_training_elastic's tampered-state scenario checks on real daemons
+    # (run with -m long): the first voucher serves bytes that do not match the
+    # digest; they are refused, counted, and the next voucher's state is loaded.
+    snap, good = await _peers_state(rig)
+    tampered = bytearray(good)
+    tampered[-5] ^= 0x40  # inside the parameters, past the header
+    rig.sync.states = {PEER: bytes(tampered), PEER2: good}
+    t = rig.trainer([ME, PEER, PEER2], rounds=5)
+    await t.start_elsewhere("joining")
+    try:
+        await until(lambda: "no usable state" in t.job.sync_detail, t=t)
+        for p in (PEER, PEER2):
+            heads_up = StateMeta(JOB_ID, snap.completed + 1, snap.digest, True).encode()
+            await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
+        await until(lambda: t.state == "running" and t.completed == snap.completed, t=t)
+        assert rig.sync.asked == [PEER, PEER2]
+        assert t.env.counters["training.sync_bad_state"] == 1
+        assert (t.completed, t.digest) == (snap.completed, snap.digest)
+        assert await state.digest_of(rig.store, JOB_ID, t.spec, snap.completed) == snap.digest
+    finally:
+        await t.stop("test over")
+
+
+async def test_a_peer_on_another_model_than_the_others_syncs_to_theirs(rig: Rig) -> None:
+    # What test_training_elastic's diverged-peer scenario checks on real daemons (run
+    # with -m long): the others announce another model for the round this peer is
+    # in; it is on the minority side, syncs to theirs, and follows.
+    snap, encoded = await _peers_state(rig, value=3.0)
+    rig.sync.states = {PEER: encoded}
+    notes: list[tuple[str, str]] = []
+    t = rig.trainer([ME], rounds=5, note=lambda kind, detail: notes.append((kind, detail)))
+    rig.invoker.hold_after = 2  # it computes round 3 for ever
+    await t.start(INITIAL)
+    try:
+        await until(lambda: t.completed == 2 and 3 not in rig.invoker.rounds, t=t)
+        assert t.digest != snap.digest
+        for p in (PEER, PEER2):
+            heads_up = StateMeta(JOB_ID, snap.completed + 1, snap.digest, True).encode()
+            await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
+        await until(lambda: t.digest == snap.digest, t=t)
+        assert rig.sync.asked[0] == PEER
+        started = [detail for kind, detail in notes if kind == "sync_started"]
+        assert started and "diverged at round 3" in started[-1], notes
+        assert t.status()["state"] == "syncing"  # following round 3 on their model
+        assert await state.digest_of(rig.store, JOB_ID, t.spec, 2) == snap.digest
+    finally:
+        await t.stop("test over")

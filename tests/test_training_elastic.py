@@ -161,6 +161,11 @@ def test_flushed_redis_is_rebuilt(make_cluster: Any, mode: str) -> None:
     _assert_trained(_wait_done(c.nodes), 0.95)
 
 
+# Long (both modes): 57 s of the default suite's serial cluster chain. Its code path
+# runs by default in test_trainer_unit's
+# test_a_peer_on_another_model_than_the_others_syncs_to_theirs (the trainer, a real
+# Redis, heads-ups announcing another model) and the decision in test_job_machine.
+@pytest.mark.long
 def test_diverged_peer_repairs(make_cluster: Any, mode: str) -> None:
     """SIGSTOP one peer past a round deadline: the others close that round without
     it, while it (once resumed) closes it with everyone's gradients, its own
@@ -200,6 +205,11 @@ class _LyingNode(LocalNode):
         return cmd
 
 
+# Long (both modes): 51 s of the serial cluster chain. By default the same refusal
+# runs in test_trainer_unit's
+# test_a_state_that_fails_its_digest_is_refused_and_the_next_voucher_asked, and the
+# transfer's own checks in test_statesync_security.
+@pytest.mark.long
 def test_tampered_state_is_refused_and_taken_elsewhere(make_cluster: Any, mode: str) -> None:
     """Two of three peers serve state that does not match the digest they vouch for.
     With f = 1 a target needs two vouchers, so at least one liar is among them, and
