@@ -11,6 +11,7 @@ outer rounds through a kill -9 in test_training_outer.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 import redis
+from PIL import Image
 
 from spirtd.keyfiles import DataDir, load_or_create_key
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
-from tests.test_training_integration import _assert_trained, _cluster, _status, _wait_done
+from tests.test_training_integration import _assert_trained, _cluster, _ctl, _status, _wait_done
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -92,10 +94,12 @@ def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> No
     # Longer than the others: a restart under load (a new process, torch, a state
     # sync, warm functions) once took longer than the rest of a 500-round job, which
     # then ended before the victim could contribute again.
-    job = _start(c, mode, rounds=700 if mode == "plain" else None)
+    rounds = 700 if mode == "plain" else OUTER_ROUNDS
+    job = _start(c, mode, rounds=rounds)
     victim = c.nodes[2]
     wait_for(lambda: _round(victim) >= _at(mode, 30), 120, "round 30")
     victim.kill()
+    killed_at = _round(c.nodes[0])
     wait_for(lambda: _round(c.nodes[0]) >= _at(mode, 60), 120, "round 60 without the victim")
     victim.start()
     back_at = _round(c.nodes[0])
@@ -105,8 +109,32 @@ def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> No
     # Never restarted anywhere: one job id, and every other peer's rounds ran once each.
     assert {s["job"]["id"] for s in statuses} == {job}
     for s in statuses[:2]:
-        rounds = [h["round"] for h in s["history"]]
-        assert rounds == sorted(set(rounds))
+        rounds_run = [h["round"] for h in s["history"]]
+        assert rounds_run == sorted(set(rounds_run))
+        for h in s["history"]:
+            # Each round closed because everyone in view contributed or because its
+            # deadline fired: nothing hung. (That the deadline bounds the wait is the
+            # round machine's, tested on simulated time.)
+            assert h["closed_by"] in ("complete", "deadline"), h
+            assert h["wait_s"] >= 0 and h["deadline_s"] > 0, h
+        # A few rounds after the kill the victim is out of every round until it is back.
+        gone = [h for h in s["history"] if killed_at + 5 < h["round"] <= back_at]
+        assert gone and all(victim.node_id not in h["contributors"] for h in gone)
+        assert all(len(h["contributors"]) == 3 for h in gone)
+        assert any(
+            e["kind"] == "member_left" and e["detail"] == victim.node_id for e in s["events"]
+        )
+    # The operator's picture of it: the report, drawn by the real CLI, with the
+    # victim's departure among its markers.
+    png = c.nodes[0].data_dir / "report.png"
+    r = _ctl(c.nodes[0], "train", "report", "--out", str(png), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rounds"] == rounds and out["peers"] == 4 and out["events"] >= 1
+    with Image.open(png) as im:
+        assert im.format == "PNG" and list(im.size) == out["size_px"] == [1200, 800]
+        # Not a blank canvas: the curves and markers put many colours on it.
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
 
 
 def _explained(node: LocalNode, wait: Any) -> None:

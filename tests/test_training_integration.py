@@ -8,7 +8,6 @@ operator reads: `train status` on each node.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
 from spirtd.tasks.idx import write_idx
@@ -99,47 +97,6 @@ def test_four_peers_train_digits(make_cluster: Any) -> None:
     st = c.nodes[0].status()["training"]
     assert st["state"] == "done" and st["model_digest"] == statuses[0]["model_digest"]
     assert st["accuracy"] == statuses[0]["accuracy"]
-
-
-def test_peer_killed_mid_job(make_cluster: Any) -> None:
-    c = _cluster(make_cluster, 4)
-    victim, survivors = c.nodes[1], [c.nodes[0], *c.nodes[2:]]
-    # 300 rounds: the victim's shard (a quarter of the data) is gone from round 40
-    # on, and at 260 the survivors ended at 0.9499 once (node ids seed minibatches).
-    r = c.nodes[0].call("POST", "/v1/train/start", {"task": "digits", "rounds": 300})
-    job = r["job"]
-    wait_for(lambda: _status(c.nodes[0])["round"] >= 40, 120, "round 40")
-    victim.kill()
-    killed_at = _status(c.nodes[0])["round"]
-    statuses = _wait_done(survivors)
-    _assert_trained(statuses, 0.95)
-    for s in statuses:
-        assert s["job"]["id"] == job
-        for h in s["history"]:
-            # Each round closed because everyone in view contributed or because its
-            # deadline fired: nothing hung. (That the deadline bounds the wait is the
-            # round machine's, tested on simulated time; wall-clock slack on a shared
-            # machine would make it a timing assertion here.)
-            assert h["closed_by"] in ("complete", "deadline"), h
-            assert h["wait_s"] >= 0 and h["deadline_s"] > 0, h
-        # A few rounds after the kill the victim is out of every round.
-        late = [h for h in s["history"] if h["round"] > killed_at + 5]
-        assert late and all(victim.node_id not in h["contributors"] for h in late)
-        assert all(len(h["contributors"]) == 3 for h in late)
-    # The operator's picture of it: the report, drawn by the real CLI, with the
-    # victim's departure among its markers.
-    assert any(
-        e["kind"] == "member_left" and e["detail"] == victim.node_id for e in statuses[0]["events"]
-    )
-    png = c.nodes[0].data_dir / "report.png"
-    r = _ctl(c.nodes[0], "train", "report", "--out", str(png), "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["rounds"] == 300 and out["peers"] == 4 and out["events"] >= 1
-    with Image.open(png) as im:
-        assert im.format == "PNG" and list(im.size) == out["size_px"] == [1200, 800]
-        # Not a blank canvas: the curves and markers put many colours on it.
-        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
 
 
 def _learnable_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
