@@ -283,44 +283,10 @@ async def test_a_restart_resumes_on_the_state_left_in_redis(rig: Rig) -> None:
         await second.stop("test over")
 
 
-async def test_sync_loads_a_vouched_state_from_a_peer_and_follows(rig: Rig) -> None:
-    # The peers' state after 2 rounds, made on this same Redis by a job run alone.
-    other = rig.trainer([ME], rounds=5)
-    rig.invoker.hold_after = 2
-    await other.start(INITIAL)
-    await until(lambda: other.completed == 2)
-    await other.stop("made the peers' state")
-    rig.invoker.hold_after = None
-    snap = rig.checkpoints.latest(JOB_ID, other.spec)  # saved at stop
-    assert snap is not None
-    rig.sync.states[PEER2] = b"".join(bytes(x) for x in snap.encode())
-    # This node lost everything: its Redis and its checkpoints.
-    await rig.store.client.flushall()
-    shutil.rmtree(rig.checkpoints.directory)
-
-    t = rig.trainer([ME, PEER, PEER2], rounds=5)
-    await t.start_elsewhere("joining")
-    try:
-        await until(lambda: "no usable state" in t.job.sync_detail, t=t)
-        for p in (PEER, PEER2):
-            heads_up = StateMeta(JOB_ID, snap.completed + 1, snap.digest, True).encode()
-            await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
-        await until(lambda: t.state == "running")
-        assert rig.sync.asked == [PEER, PEER2]  # PEER is unreachable: the next voucher
-        assert (t.completed, t.digest) == (snap.completed, snap.digest)
-        assert t.status()["state"] == "syncing"  # following round 3, not computing
-        held = await state.digest_of(rig.store, JOB_ID, t.spec, snap.completed)
-        assert held == snap.digest
-        following = StateMeta(JOB_ID, snap.completed + 1, snap.digest, False)
-        assert following in rig.pubsub.heads_ups()
-    finally:
-        await t.stop("test over")
-
-
 async def _peers_state(rig: Rig, value: float = 1.0, rounds: int = 2) -> Any:
-    """The encoded state the peers hold after ``rounds`` rounds of gradients of
-    ``value``, made on this same Redis by a job run alone; then this node's Redis
-    and checkpoints are emptied. Returns the snapshot and its encoding."""
+    """The state the peers hold after ``rounds`` rounds of gradients of ``value``,
+    made on this same Redis by a job run alone; then this node loses its Redis and
+    its checkpoints. Returns the snapshot and its encoding."""
     other = rig.trainer([ME], rounds=5)
     rig.invoker.value, rig.invoker.hold_after = value, rounds
     await other.start(INITIAL)
@@ -332,6 +298,35 @@ async def _peers_state(rig: Rig, value: float = 1.0, rounds: int = 2) -> Any:
     await rig.store.client.flushall()
     shutil.rmtree(rig.checkpoints.directory)
     return snap, b"".join(bytes(x) for x in snap.encode())
+
+
+async def _vouch(t: Trainer, peers: tuple[str, ...], round: int, digest: bytes) -> None:
+    """Each of ``peers`` announces that it computes ``round`` on ``digest``."""
+    for p in peers:
+        heads_up = StateMeta(JOB_ID, round, digest, True).encode()
+        await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
+
+
+async def test_sync_loads_a_vouched_state_from_a_peer_and_follows(rig: Rig) -> None:
+    # This node lost everything (its Redis and its checkpoints); PEER2 serves the
+    # peers' state after 2 rounds.
+    snap, encoded = await _peers_state(rig)
+    rig.sync.states[PEER2] = encoded
+    t = rig.trainer([ME, PEER, PEER2], rounds=5)
+    await t.start_elsewhere("joining")
+    try:
+        await until(lambda: "no usable state" in t.job.sync_detail, t=t)
+        await _vouch(t, (PEER, PEER2), snap.completed + 1, snap.digest)
+        await until(lambda: t.state == "running")
+        assert rig.sync.asked == [PEER, PEER2]  # PEER is unreachable: the next voucher
+        assert (t.completed, t.digest) == (snap.completed, snap.digest)
+        assert t.status()["state"] == "syncing"  # following round 3, not computing
+        held = await state.digest_of(rig.store, JOB_ID, t.spec, snap.completed)
+        assert held == snap.digest
+        following = StateMeta(JOB_ID, snap.completed + 1, snap.digest, False)
+        assert following in rig.pubsub.heads_ups()
+    finally:
+        await t.stop("test over")
 
 
 async def test_a_state_that_fails_its_digest_is_refused_and_the_next_voucher_asked(
@@ -348,9 +343,7 @@ async def test_a_state_that_fails_its_digest_is_refused_and_the_next_voucher_ask
     await t.start_elsewhere("joining")
     try:
         await until(lambda: "no usable state" in t.job.sync_detail, t=t)
-        for p in (PEER, PEER2):
-            heads_up = StateMeta(JOB_ID, snap.completed + 1, snap.digest, True).encode()
-            await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
+        await _vouch(t, (PEER, PEER2), snap.completed + 1, snap.digest)
         await until(lambda: t.state == "running" and t.completed == snap.completed, t=t)
         assert rig.sync.asked == [PEER, PEER2]
         assert t.env.counters["training.sync_bad_state"] == 1
@@ -373,9 +366,7 @@ async def test_a_peer_on_another_model_than_the_others_syncs_to_theirs(rig: Rig)
     try:
         await until(lambda: t.completed == 2 and 3 not in rig.invoker.rounds, t=t)
         assert t.digest != snap.digest
-        for p in (PEER, PEER2):
-            heads_up = StateMeta(JOB_ID, snap.completed + 1, snap.digest, True).encode()
-            await t.deliver(FakeMessage(p, b"", heads_up), decode_train_meta(heads_up))
+        await _vouch(t, (PEER, PEER2), snap.completed + 1, snap.digest)
         await until(lambda: t.digest == snap.digest, t=t)
         assert rig.sync.asked[0] == PEER
         started = [detail for kind, detail in notes if kind == "sync_started"]
