@@ -186,12 +186,18 @@ class JobMachine:
         return out
 
     def next_deadline(self) -> float | None:
-        times = [self.rounds.next_deadline()]
-        if self.lifecycle in (Lifecycle.RUNNING, Lifecycle.SYNCING, Lifecycle.DONE):
-            times.append(self._next_check)
-        if self.lifecycle is Lifecycle.SYNCING:
-            times += [self._retry_at, self._vouch_until]
-        return min((t for t in times if t is not None), default=None)
+        # Asked after every call (the simulator runs it millions of times): no lists.
+        best = self.rounds.next_deadline()
+        life = self.lifecycle
+        if life is Lifecycle.RUNNING or life is Lifecycle.SYNCING or life is Lifecycle.DONE:
+            t = self._next_check
+            if best is None or t < best:
+                best = t
+        if life is Lifecycle.SYNCING:
+            for t in (self._retry_at, self._vouch_until):
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
 
     @property
     def state(self) -> str:

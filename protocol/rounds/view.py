@@ -4,7 +4,9 @@ The default is that every live member takes part; a member leaves the view when
 it is gone, says it does not take part, holds another model (diverged), or is
 absent (missed an earlier deadline). The view, the contributions and the members
 still awaited are kept incrementally, so a contribution costs O(1) and closing is
-a length test even with hundreds of members.
+a length test even with hundreds of members. So is the quorum's count of diverged
+members: in a fork every peer hears from half the others that they diverged, and
+recounting at each arrival made a round cubic in the membership.
 
 Membership knowledge (live, gone, not participating, absent, excluded) outlives
 a round; divergence, "learned mid-round", bad gradients and the contributions are
@@ -71,12 +73,14 @@ class RoundView:
         self.have: set[str] = set()  # contributions counted this round
         self.open = False
         self.self_in = False
-        self._qn: int | None = None  # quorum denominator, None when stale
+        # Diverged members the quorum counts (see ``_counts``), kept up to date at
+        # every change; None forces a fresh count.
+        self._qn: int | None = 0
 
     # --- rounds -----------------------------------------------------------------------
 
     def start(self, self_in: bool) -> None:
-        self._qn = None
+        self._qn = 0  # nobody has diverged in a new round
         self.diverged.clear()
         self.late.clear()
         self.skipped.clear()
@@ -96,11 +100,12 @@ class RoundView:
     def mark_absent(self, round: int) -> None:
         """The deadline closed the round: members that did not contribute are not
         waited for in the next rounds."""
-        self._qn = None
         for m in sorted(self.missing):
             if m == self.self_id:
                 continue
+            was = self._counts(m)
             self.absent.add(m)
+            self._recount(m, was)
             self.misses[m] = self.misses.get(m, 0) + 1
             self._on_left(m, "absent")
 
@@ -109,20 +114,10 @@ class RoundView:
         another model. Counting the diverged keeps a fork from progressing on both
         sides: only a side holding a majority of the eligible members can close,
         the other waits (QuorumWait) and repairs by state sync."""
-        n = self._qn
-        if n is None:
-            # Cached: with a large fork, recounting the diverged at every arrival
-            # would make a round quadratic in the membership.
-            n = len(self.members) + sum(
-                1
-                for m in self.diverged
-                if m not in self.absent
-                and m not in self.excluded
-                and m not in self.nonpart
-                and m not in self.late
-                and m not in self.skipped
-            )
-            self._qn = n
+        d = self._qn
+        if d is None:
+            d = self._qn = sum(1 for m in self.diverged if self._counts(m))
+        n = len(self.members) + d
         return max(min_contributors, n // 2 + 1)
 
     # --- membership -------------------------------------------------------------------
@@ -136,27 +131,29 @@ class RoundView:
         self.gone.pop(m, None)
         if m in self.live:
             return
-        self._qn = None
         self.live[m] = None
         if self.open:
             # It has not seen this round begin (a joiner is still syncing): waiting
             # for it would cost a full deadline. It is in from the next round, or
             # from now if it announces our (round, digest) or contributes.
+            was = self._counts(m)
             self.late.add(m)
+            self._recount(m, was)
 
     def is_gone(self, m: str) -> bool:
         return m in self.gone
 
     def gone_(self, m: str) -> None:
-        self._qn = None
         if m == self.self_id:
             return
+        was = self._counts(m)
         self.live.pop(m, None)
         self.nonpart.discard(m)
         self.absent.discard(m)
         self.misses.pop(m, None)
         self.diverged.pop(m, None)
         self.late.discard(m)
+        self._recount(m, was)
         self.gone.pop(m, None)
         self.gone[m] = None
         limit = max(_GONE_MIN, 2 * len(self.live))
@@ -168,41 +165,45 @@ class RoundView:
             self._on_left(m, "gone")
 
     def not_participating(self, m: str) -> None:
-        self._qn = None
+        was = self._counts(m)
         self.nonpart.add(m)
+        self._recount(m, was)
         self._refresh(m, "not_participating")
 
     def skip_round(self, m: str) -> None:
         """``m`` does not take part in this round only (its functions failed)."""
-        self._qn = None
+        was = self._counts(m)
         self.skipped.add(m)
+        self._recount(m, was)
         self._refresh(m, "not_participating")
 
     def participating(self, m: str) -> None:
         """Takes part again, but announced another round than ours: in from the next
         round, not this one (it cannot contribute to it)."""
         if m in self.nonpart:
-            self._qn = None
+            was = self._counts(m)
             self.nonpart.discard(m)
             if self.open:
                 self.late.add(m)
+            self._recount(m, was)
 
     def matched(self, m: str) -> None:
         """``m`` announced our (round, digest)."""
-        if m in self.nonpart or m in self.late or m in self.diverged or m in self.absent:
-            self._qn = None
+        was = self._counts(m)
         self.nonpart.discard(m)
         self.late.discard(m)
         self.diverged.pop(m, None)
         if m in self.absent and self.misses.get(m, 0) < self._strikes:
             self.absent.discard(m)
+        self._recount(m, was)
         self._refresh(m, "")
 
     def diverge(self, m: str, digest: bytes) -> bool:
         """``m`` holds another model for this round; True the first time this round."""
-        self._qn = None
+        was = self._counts(m)
         first = m not in self.diverged
         self.diverged[m] = digest
+        self._recount(m, was)
         self._refresh(m, "diverged")
         return first
 
@@ -211,12 +212,12 @@ class RoundView:
         self.missing.discard(m)
         if m != self.self_id:
             # A valid contribution proves it is at our (round, digest) and in time.
-            if m in self.late or m in self.diverged or m in self.absent:
-                self._qn = None
+            was = self._counts(m)
             self.late.discard(m)
             self.diverged.pop(m, None)
             self.absent.discard(m)
             self.misses.pop(m, None)
+            self._recount(m, was)
             self._refresh(m, "")
 
     def forget(self, m: str) -> None:
@@ -230,8 +231,9 @@ class RoundView:
         counted, forgotten) and of every later one."""
         if m == self.self_id or m in self.excluded:
             return
-        self._qn = None
+        was = self._counts(m)
         self.excluded.add(m)
+        self._recount(m, was)
         self.have.discard(m)
         self._refresh(m, "excluded")
 
@@ -240,19 +242,16 @@ class RoundView:
         cannot send another, so the round stops waiting for it at once."""
         if m == self.self_id:
             return
-        self._qn = None
         self.bad.add(m)
         self.have.discard(m)
         self._refresh(m, "bad_gradient")
 
     def self_failed(self) -> None:
-        self._qn = None
         self.self_in = False
         self._refresh(self.self_id, "failed")
 
     def self_retry(self) -> None:
         """This peer computes the round again after a failure: it is awaited again."""
-        self._qn = None
         self.self_in = True
         self._refresh(self.self_id, "retry")
 
@@ -272,18 +271,32 @@ class RoundView:
             and m not in self.skipped
         )
 
+    def _counts(self, m: str) -> bool:
+        """Whether ``m`` is among the diverged members that ``quorum`` counts."""
+        return (
+            m in self.diverged
+            and m not in self.absent
+            and m not in self.excluded
+            and m not in self.nonpart
+            and m not in self.late
+            and m not in self.skipped
+        )
+
+    def _recount(self, m: str, was: bool) -> None:
+        """``m``'s sets changed; ``was``: ``_counts(m)`` before the change."""
+        if self._qn is not None:
+            self._qn += self._counts(m) - was
+
     def _refresh(self, m: str, why: str) -> None:
         if not self.open:
             return
         inside = m in self.members
         if self._eligible(m):
             if not inside:
-                self._qn = None
                 self.members.add(m)
                 if m not in self.have:
                     self.missing.add(m)
         elif inside:
-            self._qn = None
             self.members.discard(m)
             self.missing.discard(m)
             self._on_left(m, why)
