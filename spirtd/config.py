@@ -176,6 +176,9 @@ class TrainingConfig:
     deadline_floor_s: float = _opt(2.0, gt=0)
     deadline_ceiling_s: float = _opt(120.0, gt=0)
     initial_deadline_s: float = _opt(60.0, gt=0)
+    # At a deadline with a quorum, bodies whose announcement was accepted are waited
+    # for up to this fraction of the deadline more (peers then close on one set).
+    body_grace: float = _opt(0.5, ge=0)
     # Gradients for this many rounds ahead are held; later ones are refused.
     future_window: int = _opt(2, ge=0)
     # A closed round's gradient bodies are kept this many rounds after it (for
@@ -340,6 +343,7 @@ class Config:
             deadline_ceiling_s=tr.deadline_ceiling_s,
             initial_deadline_s=tr.initial_deadline_s,
             future_window=tr.future_window,
+            body_grace=tr.body_grace,
         )
 
 

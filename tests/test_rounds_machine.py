@@ -341,6 +341,8 @@ def run_round(m: RoundMachine, now: float, without: tuple[str, ...] = ()) -> Rou
             give(m, p, now)
     if m.phase != "aggregating":
         m.tick(m.deadline_at or now)
+    if m.phase != "aggregating":  # a body in flight: the grace (RoundConfig.body_grace)
+        m.tick(m.next_deadline() or now)
     ev = closed(m)
     m.aggregated(m.round, bytes([m.round + 1]) * 32, ev.duration_s + m.begun_at)
     return ev
@@ -637,9 +639,49 @@ def test_validate_is_pure_until_receive() -> None:
 def test_receive_rechecks_after_the_round_moved() -> None:
     m = machine()
     assert m.validate("n5", JOB, 1, D1, SIZE, 0.5) is None  # body being pulled...
-    run_round(m, 1.0, without=("n5",))  # ...round closes at the deadline meanwhile
-    assert m.receive("n5", JOB, 1, D1, SIZE, 11.0) == "stale"
+    run_round(m, 1.0, without=("n5",))  # ...round closes past the deadline meanwhile
+    assert m.receive("n5", JOB, 1, D1, SIZE, 16.0) == "stale"
     assert GradientRejected("n5", 1, "stale") in m.drain_events()
+
+
+def test_at_the_deadline_a_body_in_flight_is_waited_for_within_the_grace() -> None:
+    # Deadline 10 s, grace half of it: n5's gradient was announced and accepted, its
+    # body is on its way. Peers whose deadline fires before it lands would close
+    # without it, the others with it: the grace keeps them on one model.
+    m = machine()
+    m.local_gradient_ready(1, 1.0)
+    for p in ("n2", "n3", "n4"):
+        give(m, p, 1.0)
+    assert m.validate("n5", JOB, 1, D1, SIZE, 9.0) is None
+    m.tick(10.0)
+    assert not of(m.drain_events(), RoundClosed) and m.next_deadline() == 15.0
+    assert m.receive("n5", JOB, 1, D1, SIZE, 12.0) is None
+    assert closed(m).contributors == ("n1", "n2", "n3", "n4", "n5")
+
+
+def test_a_body_that_never_lands_costs_the_grace_and_no_more() -> None:
+    m = machine()
+    m.local_gradient_ready(1, 1.0)
+    for p in ("n2", "n3", "n4"):
+        give(m, p, 1.0)
+    assert m.validate("n5", JOB, 1, D1, SIZE, 9.0) is None
+    m.tick(10.0)
+    m.tick(15.0)
+    assert closed(m) == RoundClosed(1, ("n1", "n2", "n3", "n4"), 15.0, "deadline")
+    # Without a quorum there is nothing to close on: no grace, QuorumWait as before.
+    m2 = machine(min_contributors=4)
+    m2.local_gradient_ready(1, 1.0)
+    give(m2, "n2", 1.0)
+    assert m2.validate("n5", JOB, 1, D1, SIZE, 9.0) is None
+    m2.tick(10.0)
+    assert of(m2.drain_events(), QuorumWait)
+    # The arrival that makes the quorum, with a body still in flight: the grace,
+    # counted from the deadline, bounds that wait too.
+    for p in ("n3", "n4"):
+        give(m2, p, 11.0)
+    assert m2.phase == "collecting" and m2.next_deadline() == 15.0
+    m2.tick(15.0)
+    assert closed(m2).contributors == ("n1", "n2", "n3", "n4")
 
 
 def test_daemon_reject_forgets_a_counted_gradient_and_stops_waiting() -> None:

@@ -44,6 +44,13 @@ class RoundConfig:
     is back the round after it missed one; a persistently slow peer, which would
     announce every round and then miss it, costs no round a full deadline."""
 
+    body_grace: float = 0.5
+    """At a deadline with a quorum, gradients whose announcement was accepted and
+    whose body is still on its way are waited for up to this fraction of the
+    deadline more. Peers' deadlines fire at different moments with different bodies
+    in hand; closing on the bodies in flight too keeps their contributor sets (and
+    so their models) the same under load, where each split costs a state sync."""
+
     def for_inner_steps(self, inner_steps: int) -> RoundConfig:
         """This config for rounds of H inner steps (outer rounds): such a round takes
         about H times as long before its first gradient is out, so the first round's
@@ -63,6 +70,8 @@ class RoundConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name} must be finite")
+        if self.body_grace < 0:
+            raise ValueError("body_grace must be >= 0")
         if self.deadline_factor <= 0:
             raise ValueError("deadline_factor must be > 0")
         if self.deadline_floor_s <= 0:

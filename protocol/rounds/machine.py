@@ -144,6 +144,9 @@ class RoundMachine:
         self._deadline = AdaptiveDeadline(config)
         self._view = RoundView(self_id, members, config.strikes, self._left)
         self._quorum_waited = False
+        # Origins of this round whose announcement we accepted and whose body has not
+        # been stored yet (``RoundConfig.body_grace``).
+        self._in_flight: set[str] = set()
         self._failed_round = 0  # the round whose local gradient failed, if this one
         self._closed_with: tuple[str, ...] = ()
         self._positions: dict[str, tuple[int, bytes]] = {}
@@ -169,11 +172,19 @@ class RoundMachine:
         return out
 
     def next_deadline(self) -> float | None:
+        if not self._is_open() or self.deadline_at is None:
+            return None
+        if self._now >= self.deadline_at and self._in_flight:
+            grace = self._grace_until()
+            if self._now < grace:
+                return grace  # a quorum waits for bodies in flight, this long at most
         # Once QuorumWait is out, nothing happens by time alone: the round closes
         # on the arrival that makes the quorum.
-        if self._is_open() and not self._quorum_waited:
-            return self.deadline_at
-        return None
+        return None if self._quorum_waited else self.deadline_at
+
+    def _grace_until(self) -> float:
+        assert self.deadline_at is not None
+        return self.deadline_at + self.config.body_grace * self.deadline_s
 
     @property
     def waiting_for_quorum(self) -> bool:
@@ -274,10 +285,12 @@ class RoundMachine:
         else the reason (counted, ``GradientRejected``; a digest mismatch for the
         current round also takes ``origin`` out of the view, ``Diverged``)."""
         self._now = now
-        reason, _ = self._check(origin, job, round, base_digest, size)
+        reason, where = self._check(origin, job, round, base_digest, size)
         if reason is not None:
             self._rejected(origin, round, base_digest, reason)
             self._maybe_close(now)  # a diverged origin may have been the last awaited
+        elif where == _CURRENT:
+            self._in_flight.add(origin)
         return reason
 
     def receive(
@@ -288,6 +301,8 @@ class RoundMachine:
         begun yet is held and counted when that round begins with a matching
         digest."""
         self._now = now
+        if round == self.round:
+            self._in_flight.discard(origin)
         reason, where = self._check(origin, job, round, base_digest, size)
         if reason is not None:
             self._rejected(origin, round, base_digest, reason)
@@ -309,6 +324,7 @@ class RoundMachine:
         self.rejected[reason] += 1
         self._events.append(GradientRejected(origin, round, reason))
         if round == self.round and self._is_open():
+            self._in_flight.discard(origin)
             self._view.spoil(origin)
             self._maybe_close(now)
         else:
@@ -420,6 +436,7 @@ class RoundMachine:
         if node_id == self.self_id:
             return
         self._view.gone_(node_id)
+        self._in_flight.discard(node_id)
         self._positions.pop(node_id, None)
         self._final_diverged.discard(node_id)
         self._maybe_close(now)
@@ -473,6 +490,7 @@ class RoundMachine:
         self.deadline_s = self._deadline.current()
         self.deadline_at = now + self.deadline_s
         self._quorum_waited = False
+        self._in_flight.clear()
         self._failed_round = 0
         self._closed_with = ()
         self._final_diverged.clear()
@@ -629,6 +647,8 @@ class RoundMachine:
             self._close("complete", now)
         elif self.deadline_at is not None and now >= self.deadline_at:
             if have >= need:
+                if self._in_flight - v.have - v.excluded and now < self._grace_until():
+                    return  # tick at the end of the grace (next_deadline)
                 self._close("deadline", now)
             elif self._failed_round == self.round and self.participating and need > len(v.members):
                 # Not even every member still awaited could make the quorum.
