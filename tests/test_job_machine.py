@@ -10,6 +10,7 @@ from protocol.rounds import (
     Aggregate,
     CaughtUp,
     Diverged,
+    Evaluate,
     Excluded,
     FetchState,
     Finished,
@@ -397,6 +398,15 @@ def test_the_others_final_model_ends_the_job_through_sync() -> None:
     j.state_fetched("n2", 5, D[6], 2.0)
     j.drain_actions()
     j.state_loaded("n2", 5, D[6], 2.5)
+    # Evaluated like a run's last round before it is done: the model it ends with is
+    # not one it evaluated (train status showed no accuracy for it).
+    actions, events = drain(j)
+    assert actions == [PublishState(6, D[6], False), Evaluate(5), Finished(5)]
+    assert not any(isinstance(e, JobDone) for e in events) and j.state == "syncing"
+    j.tick(2.6)  # nothing it hears meanwhile starts another sync pass
+    vouch(j, 6, OTHER, ["n4", "n5", "n2"], 2.7)
+    assert not any(isinstance(a, ReadLocalState) for a in j.drain_actions())
+    j.done(3.0)  # the daemon evaluated it
     assert JobDone(5, "sync") in j.drain_events()
     assert j.lifecycle is Lifecycle.DONE
 

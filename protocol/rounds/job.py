@@ -58,8 +58,10 @@ from .events import (
     Aggregate,
     CaughtUp,
     Diverged,
+    Evaluate,
     Excluded,
     FetchState,
+    Finished,
     JobAction,
     JobDone,
     JobEvent,
@@ -154,6 +156,7 @@ class JobMachine:
         self.completed = 0
         self.following = False  # caught up by sync; computing again from a round start
         self._joins_at = 0  # the round start a follower announced it computes from
+        self._finishing_via = ""  # "sync": it took the others' final model, evaluating it
         self.warmed = False  # the functions answered once (a cold start is behind us)
         self.excluded: dict[str, dict[str, Any]] = {}
         self.counters: Counter[str] = Counter()
@@ -278,7 +281,7 @@ class JobMachine:
             return
         self.lifecycle = Lifecycle.DONE
         self._end_pass()
-        self._events.append(JobDone(self.completed, "run"))
+        self._events.append(JobDone(self.completed, self._finishing_via or "run"))
 
     # --- time --------------------------------------------------------------------------
 
@@ -620,6 +623,8 @@ class JobMachine:
             self._drain_rounds(now)
 
     def _enter_sync(self, why: str, now: float) -> None:
+        if self._finishing_via:
+            return  # it holds the final model the others vouch for; evaluating it
         if self.lifecycle not in (
             Lifecycle.RUNNING,
             Lifecycle.SYNCING,
@@ -727,13 +732,16 @@ class JobMachine:
         self._end_pass()
         self._sync_ahead = False
         if round > self.last_round:
-            self.lifecycle = Lifecycle.DONE
-            self._events.append(JobDone(round - 1, "sync"))
             # The final position, as a peer that ran the last round publishes it:
             # until it is heard, the others count this peer as still closing that
             # round, and a lone peer on another final model would never see its
             # rival outnumber it.
             self._actions.append(PublishState(self.last_round + 1, self.digest, False))
+            # Evaluated like a run's last round (the model it ends with is not one it
+            # evaluated); done once the daemon has (``done``).
+            self._finishing_via = "sync"
+            self._actions.append(Evaluate(self.last_round))
+            self._actions.append(Finished(self.last_round))
             return
         self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", True
         self._joins_at = 0
