@@ -356,6 +356,7 @@ class RoundSim:
             "heads_up_mesh": p.mesh_degree * (p.heads_up_bytes + p.frame_bytes),
             "announce_mesh": p.mesh_degree * (p.announce_bytes + p.frame_bytes),
         }
+        self._fwd_heads_up = self._fwd["heads_up_mesh"]
         self._ask = p.control_bytes + p.frame_bytes
         self._body_wire = p.body_wire
         self.rejected: Counter[str] = Counter()
@@ -567,7 +568,10 @@ class RoundSim:
             return
         if p.restarts and any(self.by_id[v].prev is None for v in self.restart_ids):
             return
-        if any(self.by_id[v].alive for v in self.victims):
+        if any(self.by_id[v].active for v in self.victims):
+            # A victim dies when it computes; one that is done (it followed the last
+            # rounds after a sync) never will, and waiting for it ran a 1,000-peer
+            # run to ``until`` on periodic checks alone.
             return
         live = self.live_peers()
         if all(x.done for x in live) and len({x.final_digest for x in live}) == 1:
@@ -661,10 +665,11 @@ class RoundSim:
     def _broadcast(
         self, x: SimPeer, fn: Any, payload: tuple[int, bytes, bool], announce: bool
     ) -> None:
-        rng = self.rng
         p = self.p
         now = self.loop.now
         lo, hi = p.msg_delay
+        span = hi - lo
+        draw = self.rng.random
         repair = p.announce_retransmit if announce else p.retransmit
         copy = (p.heads_up_bytes if announce else p.announce_bytes) + p.frame_bytes
         ask = p.control_bytes + p.frame_bytes  # an IHAVE or an IWANT
@@ -683,10 +688,12 @@ class RoundSim:
             if cuts and any(y.id in c.receivers for c in cuts):
                 self.counters["cut"] += 1
                 continue
-            t = now + rng.uniform(lo, hi)
+            # rng.uniform(lo, hi), the same draw without a call: this loop runs N
+            # times per message.
+            t = now + (lo + span * draw())
             copies += 1
             lost = False
-            while p.loss and rng.random() < p.loss:
+            while p.loss and draw() < p.loss:
                 self.counters["lost"] += 1
                 if not repair:
                     lost = True
@@ -707,7 +714,7 @@ class RoundSim:
 
     def _on_announce(self, arg: _Delivery) -> None:
         src, dst, (r, d, participating), _ = arg
-        if not dst.alive or (dst.done and r <= self.p.rounds):
+        if not dst.alive or (dst.job.lifecycle is Lifecycle.DONE and r <= self.p.rounds):
             # A done trainer still hears final positions: a split in the last round
             # is repaired like any other.
             return
@@ -720,7 +727,11 @@ class RoundSim:
                 dst.heard[src.id] = (r, d, participating)
                 if participating and self._is_mismatch(dst, src.id, r, d):
                     dst.expected_diverged.add((src.id, r))
-        self._forward(dst, "heads_up_mesh")
+        # dst forwards it to its mesh (see _forward), inlined: once per delivery.
+        b = self._fwd_heads_up
+        dst.sent += b
+        dst.received += b
+        self.forwards["heads_up_mesh"] += 1
         dst.job.announce(src.id, JOB, r, d, participating, self.loop.now)
         self._flush(dst)
 
