@@ -130,10 +130,18 @@ class VouchTable:
             self.counters["replaced"] += 1
             self._unindex(origin, round, old)
         rounds[round] = digest
-        self._at.setdefault(round, {}).setdefault(digest, set()).add(origin)
-        in_order = self._sorted.get((round, digest))
-        if in_order is not None:
-            insort(in_order, origin)
+        # Called for every heads-up a peer hears: no empty dict or set made per call.
+        by_digest = self._at.get(round)
+        if by_digest is None:
+            by_digest = self._at[round] = {}
+        origins = by_digest.get(digest)
+        if origins is None:
+            origins = by_digest[digest] = set()
+        origins.add(origin)
+        if self._sorted:
+            in_order = self._sorted.get((round, digest))
+            if in_order is not None:
+                insort(in_order, origin)
         self.counters["noted"] += 1
         if round > newest:
             self._newest[origin] = round
@@ -223,10 +231,10 @@ class VouchTable:
         """Origins (outside ``exclude``) that announced ``round - 1`` but nothing at
         ``round`` yet: they have not closed that round, so which side of a fork at
         ``round`` they end on is still open."""
-        ex = frozenset(exclude)
-        before = set().union(*self._at.get(round - 1, {}).values())
-        now = set().union(*self._at.get(round, {}).values())
-        return len(before - now - ex)
+        now = self._at.get(round, {}).values()
+        # An origin is in one digest's set per round, so the counts per set add up
+        # (and no union of every origin is built at each sync decision).
+        return sum(len(s.difference(*now, exclude)) for s in self._at.get(round - 1, {}).values())
 
     def rival(
         self, round: int, digest: bytes, exclude: Collection[str] = ()
