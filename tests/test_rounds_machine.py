@@ -644,28 +644,29 @@ def test_receive_rechecks_after_the_round_moved() -> None:
     assert GradientRejected("n5", 1, "stale") in m.drain_events()
 
 
-def test_at_the_deadline_a_body_in_flight_is_waited_for_within_the_grace() -> None:
-    # Deadline 10 s, grace half of it: n5's gradient was announced and accepted, its
-    # body is on its way. Peers whose deadline fires before it lands would close
-    # without it, the others with it: the grace keeps them on one model.
+def _n5_in_flight_at_the_deadline() -> RoundMachine:
+    """Deadline 10 s, grace half of it: four gradients in, n5's announced and
+    accepted at 9 s, its body still on its way when the deadline fires."""
     m = machine()
     m.local_gradient_ready(1, 1.0)
     for p in ("n2", "n3", "n4"):
         give(m, p, 1.0)
     assert m.validate("n5", JOB, 1, D1, SIZE, 9.0) is None
     m.tick(10.0)
+    return m
+
+
+def test_at_the_deadline_a_body_in_flight_is_waited_for_within_the_grace() -> None:
+    # Peers whose deadline fires before n5's body lands would close without it, the
+    # others with it: the grace keeps them on one model.
+    m = _n5_in_flight_at_the_deadline()
     assert not of(m.drain_events(), RoundClosed) and m.next_deadline() == 15.0
     assert m.receive("n5", JOB, 1, D1, SIZE, 12.0) is None
     assert closed(m).contributors == ("n1", "n2", "n3", "n4", "n5")
 
 
 def test_a_body_that_never_lands_costs_the_grace_and_no_more() -> None:
-    m = machine()
-    m.local_gradient_ready(1, 1.0)
-    for p in ("n2", "n3", "n4"):
-        give(m, p, 1.0)
-    assert m.validate("n5", JOB, 1, D1, SIZE, 9.0) is None
-    m.tick(10.0)
+    m = _n5_in_flight_at_the_deadline()
     m.tick(15.0)
     assert closed(m) == RoundClosed(1, ("n1", "n2", "n3", "n4"), 15.0, "deadline")
     # Without a quorum there is nothing to close on: no grace, QuorumWait as before.

@@ -647,7 +647,9 @@ class RoundMachine:
             self._close("complete", now)
         elif self.deadline_at is not None and now >= self.deadline_at:
             if have >= need:
-                if self._in_flight - v.have - v.excluded and now < self._grace_until():
+                if now < self._grace_until() and any(
+                    o not in v.have and o not in v.excluded for o in self._in_flight
+                ):
                     return  # tick at the end of the grace (next_deadline)
                 self._close("deadline", now)
             elif self._failed_round == self.round and self.participating and need > len(v.members):
