@@ -411,6 +411,44 @@ def test_the_others_final_model_ends_the_job_through_sync() -> None:
     assert j.lifecycle is Lifecycle.DONE
 
 
+def test_a_done_peer_answers_a_straggler_with_its_final_position() -> None:
+    # A peer restarted from its own state after the others finished heard nobody
+    # ahead of it (their membership republish came before its job listened): the
+    # heads-up it sends is answered with the final position, once per check
+    # interval per peer.
+    j = started(rounds=2)
+    run_round(j, 1, 1.0)
+    run_round(j, 2, 2.0)
+    j.done(3.0)
+    drain(j)
+    j.announce("n2", JOB, 1, D[1], False, 10.0)  # resumed at round 1, following
+    assert j.drain_actions() == [PublishState(3, D[3], False)]
+    j.announce("n2", JOB, 1, D[1], True, 10.5)  # within sync_check_s: not again
+    j.announce("n2", JOB, 3, D[3], False, 10.6)  # a final position is no straggler's
+    assert j.drain_actions() == []
+    j.announce("n3", JOB, 1, NO_DIGEST, False, 10.7)  # another peer is its own case
+    j.announce("n2", JOB, 2, D[2], True, 11.5)
+    assert j.drain_actions() == [PublishState(3, D[3], False)] * 2
+    j.member_gone("n2", 12.0)  # forgotten with the member: the table stays bounded
+    assert "n2" not in j._told
+
+
+def test_a_running_peer_answers_only_a_straggler_out_of_the_rounds() -> None:
+    j = started()
+    run_round(j, 1, 1.0)  # round 2 open; our own gradient never comes
+    j.announce("n2", JOB, 1, NO_DIGEST, False, 2.0)  # not waiting yet: nothing to repeat
+    assert j.drain_actions() == []
+    j.tick(100.0)  # past the deadline without a single gradient
+    drain(j)
+    assert j.rounds.waiting_for_quorum
+    j.announce("n2", JOB, 1, D[1], True, 100.1)  # taking part a round behind: merely slow
+    assert j.drain_actions() == []
+    j.announce("n2", JOB, 1, NO_DIGEST, False, 100.2)  # restarted without state
+    assert j.drain_actions() == [PublishState(2, D[2], True)]
+    j.announce("n2", JOB, 1, NO_DIGEST, False, 100.3)
+    assert j.drain_actions() == []
+
+
 # --- following ----------------------------------------------------------------------------
 
 

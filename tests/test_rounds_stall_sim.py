@@ -20,7 +20,13 @@ two at the next). One test per cause; every one failed at cdb43e5.
 4. A follower whose warm-up failed never tried again, and followed for good.
 5. A peer restarted without its state, while the others waited for it to make a
    quorum, heard no position to sync to: heads-ups went out only at round starts.
-   Live peers now repeat theirs when a member comes (back).
+   Live peers now repeat theirs when a member comes (back), and, since that member
+   event reaches them before the restarted job listens (the simulator's
+   ``boot_delay``), when they hear its heads-up from behind.
+6. A peer restarted from its own state after the others had finished (an operator
+   run: kill -9 near the end of a 200-round job, restart) found nobody ahead of it,
+   took itself for in sync, and waited for ever for a quorum that had gone home.
+   Done peers now answer a straggler's heads-up with their final position.
 """
 
 from __future__ import annotations
@@ -253,8 +259,40 @@ def test_a_restart_without_state_that_the_quorum_needs_finishes_the_job() -> Non
                 restarts=1,
                 restart_lost=1,
                 restart_at=8.0,
+                boot_delay=(2.0, 6.0),
                 until=600.0,
             )
         )
         sim.run()
         _assert_all_done_on_one_model(sim)
+
+
+# --- cause 6: a restart from its own state after the others finished -------------------
+
+
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_peer_restarted_after_the_others_finished_takes_the_final_model(lost: int) -> None:
+    # Down from round ~3 of 8 until well after the others are done; back with its
+    # Redis as it was (or emptied). At 226d353 the one with its state stayed running
+    # for ever, whatever the seed.
+    for seed in (1, 2, 3):
+        sim = RoundSim(
+            SimParams(
+                n=3,
+                rounds=8,
+                seed=seed,
+                min_contributors=2,
+                f=1,
+                restarts=1,
+                restart_lost=lost,
+                restart_at=5.0,
+                restart_down=(40.0, 41.0),
+                boot_delay=(2.0, 6.0),
+                until=400.0,
+            )
+        )
+        sim.run()
+        _assert_all_done_on_one_model(sim)
+        back = sim.by_id[sim.restart_ids[0]]
+        assert back.prev is not None and back.prev.completed < 8
+        assert back.finished_via == "sync"

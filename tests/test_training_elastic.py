@@ -104,8 +104,27 @@ def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> No
     victim.start()
     back_at = _round(c.nodes[0])
     wait_for(lambda: _contributes_after(c.nodes, victim.node_id, back_at), 120, "victim back")
-    statuses = _wait_done(c.nodes)
+    # Another peer killed late and back only once the others are done: it resumes
+    # from its own state, nobody is ahead of it in the rounds, and it must still
+    # take the final model (an operator run left such a peer running for ever,
+    # waiting for a quorum that had gone home). Meanwhile a done peer restarts and
+    # reports the job as it ended.
+    late = c.nodes[3]
+    late.kill()
+    done = _wait_done(c.nodes[:3])
+    c.nodes[1].stop()
+    for n in (late, c.nodes[1]):
+        n.spawn()
+    for n in (late, c.nodes[1]):
+        n.wait_started()
+    after = _status(c.nodes[1])
+    assert {k: after[k] for k in ("state", "round", "model_digest", "accuracy")} == {
+        k: done[1][k] for k in ("state", "round", "model_digest", "accuracy")
+    }
+    _explained(late, lambda: _wait_done([late], 120))
+    statuses = [*done, _status(late)]
     _assert_trained(statuses, 0.95)
+    assert any(e["kind"] == "synced" for e in statuses[3]["events"])
     # Never restarted anywhere: one job id, and every other peer's rounds ran once each.
     assert {s["job"]["id"] for s in statuses} == {job}
     for s in statuses[:2]:

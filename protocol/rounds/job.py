@@ -46,6 +46,7 @@ honest peers vouch for the majority's position; with fewer, nothing is loaded
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -161,6 +162,9 @@ class JobMachine:
         self.excluded: dict[str, dict[str, Any]] = {}
         self.counters: Counter[str] = Counter()
         self._sync_ahead = False  # syncing because stuck where the others had moved on
+        # When each straggler was last told our position (bounded by the members:
+        # forgotten when one leaves).
+        self._told: dict[str, float] = {}
         self._warming = False
         self._buffer: deque[_Held] = deque()
         self._next_check = now + check_offset_s
@@ -318,15 +322,14 @@ class JobMachine:
         # otherwise find nobody's position to sync to, and wait, while we wait for
         # it. Only then: out of its time a heads-up also brings back into the view
         # peers that missed a deadline, and closes would differ between peers.
-        if self.lifecycle is Lifecycle.RUNNING and self.digest and self.rounds.waiting_for_quorum:
-            m = self.rounds
-            self._actions.append(PublishState(m.round, m.digest or self.digest, m.participating))
-        elif self.lifecycle is Lifecycle.DONE and self.digest:
-            self._actions.append(PublishState(self.last_round + 1, self.digest, False))
+        heads_up = self._repeatable()
+        if heads_up is not None and self.lifecycle is Lifecycle.RUNNING:
+            self._actions.append(heads_up)
 
     def member_gone(self, node_id: str, now: float) -> None:
         self.rounds.member_gone(node_id, now)
         self.vouch.forget(node_id)
+        self._told.pop(node_id, None)
         self._drain_rounds(now)
 
     # --- heads-ups and gradients ---------------------------------------------------------
@@ -338,6 +341,8 @@ class JobMachine:
         position = participating or round > self.last_round
         if job == self.job_id and position and digest != JOIN_DIGEST:
             self._note(origin, round, digest, now)
+        if job == self.job_id and origin != self.self_id:
+            self._answer_straggler(origin, round, participating, now)
         self.rounds.announce(origin, job, round, digest, participating, now)
         self._drain_rounds(now)
 
@@ -561,6 +566,39 @@ class JobMachine:
         self._actions.append(
             PublishState(max(1, self.rounds.round), self.digest or NO_DIGEST, False)
         )
+
+    def _repeatable(self) -> PublishState | None:
+        """The heads-up worth repeating out of its time, if any: running and waiting
+        for a quorum, our open round's; done, our final position. Not otherwise: out
+        of its time a heads-up also brings back into the view peers that missed a
+        deadline, and closes would differ between peers."""
+        if not self.digest:
+            return None
+        if self.lifecycle is Lifecycle.DONE:
+            return PublishState(self.last_round + 1, self.digest, False)
+        m = self.rounds
+        if self.lifecycle is Lifecycle.RUNNING and m.waiting_for_quorum:
+            return PublishState(m.round, m.digest or self.digest, m.participating)
+        return None
+
+    def _answer_straggler(self, origin: str, round: int, participating: bool, now: float) -> None:
+        """A peer announces a round behind ours: one that restarted from its own
+        state (or with none) while we waited for it, or after we finished. Its
+        membership event reached us before its job resumed, so what we repeated
+        then went unheard; it may take itself for in sync (nobody ahead of it) and
+        wait for a quorum that is not coming. Our position tells it to sync. Once
+        per ``sync_check_s`` per peer, so a peer repeating its heads-up cannot make
+        us flood. While running, only a peer out of the rounds is answered: one
+        taking part a round behind is merely slow, and heard our heads-up in time."""
+        heads_up = self._repeatable()
+        if heads_up is None or round >= heads_up.round:
+            return
+        if participating and self.lifecycle is Lifecycle.RUNNING:
+            return
+        if now < self._told.get(origin, -math.inf) + self.config.sync_check_s:
+            return
+        self._told[origin] = now
+        self._actions.append(heads_up)
 
     # --- internals: buffering -----------------------------------------------------------
 

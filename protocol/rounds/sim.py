@@ -19,7 +19,9 @@ with delays drawn from one seeded ``random.Random``:
 * crashes stop a peer and cut part of what it had in flight; every other peer hears
   ``member_gone`` after a detection delay (a running trainer only, as the service
   does); ``late`` joiners and ``restarts`` (a new process: a fresh job machine
-  with an empty vouch table) come in through ``start_elsewhere``;
+  with an empty vouch table) come in through ``start_elsewhere``; a restarted
+  node is a member ``boot_delay`` before its job listens, as the daemon is;
+* a done peer hears every heads-up, as the daemon's trainer does;
 * ``byzantine`` peers also announce made-up digests for rounds ahead and serve a
   made-up state.
 
@@ -212,6 +214,10 @@ class SimParams:
     restart_at: float = 10.0
     restart_down: tuple[float, float] = (5.0, 6.0)
     restart_lost: int = 0  # of the restarted, how many come back without their state
+    # From a restarted node's membership to its job resuming (the daemon loads torch
+    # and its state first): the others' member events come while it cannot hear
+    # what they repeat for it.
+    boot_delay: tuple[float, float] = (1.0, 3.0)
     byzantine: int = 0  # the first ``byzantine`` ids lie (they sort first among vouchers)
     lie_ahead: tuple[int, ...] = (2, 3, 6)  # rounds ahead of their own they announce
     # Outer rounds and sizes: see the module docstring.
@@ -268,6 +274,7 @@ class SimPeer:
         "accepted",
         "alive",
         "begins",
+        "booting",
         "byzantine",
         "closes",
         "crashed_at",
@@ -302,6 +309,7 @@ class SimPeer:
         self.job = job
         self.straggler = straggler
         self.alive = True
+        self.booting = False  # restarted, its job not resumed yet: deaf, but a member
         self.byzantine = False
         self.redis: tuple[int, bytes] | None = None  # (completed, digest) in its Redis
         self.crashed_at: float | None = None
@@ -594,7 +602,9 @@ class RoundSim:
         p = self.p
         if any(self.by_id[j].joined_at is None for j in self.late_ids):
             return
-        if p.restarts and any(self.by_id[v].prev is None for v in self.restart_ids):
+        if p.restarts and any(
+            self.by_id[v].prev is None or self.by_id[v].booting for v in self.restart_ids
+        ):
             return
         if any(self.by_id[v].active for v in self.victims):
             # A victim dies when it computes; one that is done (it followed the last
@@ -758,9 +768,10 @@ class RoundSim:
 
     def _on_announce(self, arg: _Delivery) -> None:
         src, dst, (r, d, participating), _ = arg
-        if not dst.alive or (dst.job.lifecycle is Lifecycle.DONE and r <= self.p.rounds):
-            # A done trainer still hears final positions: a split in the last round
-            # is repaired like any other.
+        if not dst.alive:
+            # A done trainer still hears every heads-up, as the daemon's does: final
+            # positions repair a split in the last round, and a straggler's heads-up
+            # is answered with the final position.
             return
         if self.p.truth:
             last = dst.heard.get(src.id)
@@ -891,7 +902,7 @@ class RoundSim:
 
     def _alive(self, arg: tuple[SimPeer, SimPeer]) -> None:
         y, x = arg
-        if not y.alive or y.job.lifecycle is not Lifecycle.RUNNING or not x.alive:
+        if not y.alive or y.job.lifecycle is not Lifecycle.RUNNING or not (x.alive or x.booting):
             return
         y.job.member_alive(x.id, self.loop.now)
         self._flush(y)
@@ -917,6 +928,19 @@ class RoundSim:
         self.peers[self.ids.index(vid)] = x
         self.by_id[vid] = x
         self.lives.append(x)
+        lo, hi = self.p.boot_delay
+        if hi > 0:
+            x.alive, x.booting = False, True
+            self._announce_member(x)
+            self.loop.schedule(self.loop.now + self.rng.uniform(lo, hi), self._boot, x)
+            return
         self._announce_member(x)
+        self._resume_job(x)
+
+    def _boot(self, x: SimPeer) -> None:
+        x.alive, x.booting = True, False
+        self._resume_job(x)
+
+    def _resume_job(self, x: SimPeer) -> None:
         x.job.start_elsewhere("restarted", self.loop.now)
         self._flush(x)

@@ -119,7 +119,10 @@ class TrainingService:
         self._load_persisted()
         if self._saved.get("state") in ("running", "syncing") and self.spec is not None:
             # Killed while training: pick the job up again (state from Redis, a
-            # checkpoint or the peers) without restarting it anywhere.
+            # checkpoint or the peers) without restarting it anywhere. It runs from
+            # now on as far as ``train status`` goes: "stopped" would tell a waiting
+            # operator (or script) that it is over.
+            self.state, self.detail = "running", "resuming after a daemon restart"
             self._spawn(self._resume_persisted(), "resume")
         self.pubsub.subscribe(JOBS_TOPIC, self._on_jobs, validator=self._validate_jobs)
         self.pubsub.subscribe(TRAIN_TOPIC, self._on_train, validator=self._validate_train)
@@ -350,7 +353,8 @@ class TrainingService:
             return
         info = {"job": self.job_id, "state": self.state, "detail": self.detail}
         if self.trainer is not None:
-            info |= {
+            # Loss and accuracy too: a restarted daemon reports a done job as it ended.
+            info |= self.trainer.records.status() | {
                 "round": self.trainer.completed,
                 "model_digest": self.trainer.digest.hex() if self.trainer.digest else None,
             }
@@ -571,8 +575,8 @@ class TrainingService:
             "detail": detail,
             "round": st.get("round", saved.get("round", 0)),
             "model_digest": st.get("model_digest", saved.get("model_digest")),
-            "loss": st.get("loss"),
-            "accuracy": st.get("accuracy"),
+            "loss": st.get("loss", saved.get("loss")),
+            "accuracy": st.get("accuracy", saved.get("accuracy")),
             # Peers proven Byzantine (equivocation), out of this job for good.
             "excluded": st.get("excluded", []),
             # Outer rounds: inner steps per round, the steps the agreed model has
