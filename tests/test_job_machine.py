@@ -433,6 +433,43 @@ def test_a_done_peer_answers_a_straggler_with_its_final_position() -> None:
     assert "n2" not in j._told
 
 
+def test_of_many_done_peers_2f_plus_1_answer_a_straggler() -> None:
+    # Every holder answering is N^2 messages per straggler; the 2f + 1 that rank
+    # first for it answer, and every holder ranks alike from the same table.
+    ids = [f"p{i}" for i in range(9)]
+
+    def done_peer(me: str) -> JobMachine:
+        m = RoundMachine(
+            self_id=me,
+            job_id=JOB,
+            rounds=1,
+            min_contributors=1,
+            eval_every=0,
+            param_count=PARAMS,
+            members=[*ids, "late"],
+            config=CFG,
+        )
+        j = JobMachine(m, f=1)
+        j.start(D[1], 0.0)
+        j.local_gradient_ready(1, 0.0)
+        j.aggregated(1, D[2], 0.1)
+        j.done(0.2)
+        for p in ids:
+            if p != me:
+                j.announce(p, JOB, 2, D[2], False, 0.3)  # their final positions
+        drain(j)
+        return j
+
+    for straggler in ("late", "p-other", "x" * 40):
+        answered = []
+        for me in ids:
+            j = done_peer(me)
+            j.announce(straggler, JOB, 1, D[1], False, 5.0)
+            if j.drain_actions() == [PublishState(2, D[2], False)]:
+                answered.append(me)
+        assert len(answered) == 3, (straggler, answered)
+
+
 def test_a_running_peer_answers_only_a_straggler_out_of_the_rounds() -> None:
     j = started()
     run_round(j, 1, 1.0)  # round 2 open; our own gradient never comes
