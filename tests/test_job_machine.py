@@ -55,12 +55,13 @@ def job(
     f: int = 1,
     checkpoint_every: int = 0,
     buffer_max: int = 512,
+    min_contributors: int = 1,
 ) -> JobMachine:
     m = RoundMachine(
         self_id=ME,
         job_id=JOB,
         rounds=rounds,
-        min_contributors=1,
+        min_contributors=min_contributors,
         eval_every=0,
         param_count=PARAMS,
         members=[ME, *PEERS] if members is None else members,
@@ -249,17 +250,7 @@ def test_a_peer_far_behind_finds_out_at_the_periodic_check() -> None:
 
 
 def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
-    m = RoundMachine(
-        self_id=ME,
-        job_id=JOB,
-        rounds=5,
-        min_contributors=3,
-        eval_every=0,
-        param_count=PARAMS,
-        members=[ME, *PEERS],
-        config=CFG,
-    )
-    j = JobMachine(m, f=1)
+    j = job(min_contributors=3)
     j.start(D[1], 0.0)
     vouch(j, 1, D[1], PEERS, 0.1)
     j.local_gradient_ready(1, 1.0)
@@ -282,17 +273,7 @@ def split_at_round_1(*, f: int = 1, others: dict[str, bytes] | None = None) -> J
     """Four peers, three contributors a round: we close round 1 at its deadline
     without n4's gradient and hold X at round 2, while each other peer announces
     round 2 on a model of its own; then round 2's deadline passes without a quorum."""
-    m = RoundMachine(
-        self_id=ME,
-        job_id=JOB,
-        rounds=5,
-        min_contributors=3,
-        eval_every=0,
-        param_count=PARAMS,
-        members=[ME, *SPLIT_PEERS],
-        config=CFG,
-    )
-    j = JobMachine(m, f=f)
+    j = job(members=[ME, *SPLIT_PEERS], min_contributors=3, f=f)
     j.start(D[1], 0.0)
     vouch(j, 1, D[1], SPLIT_PEERS, 0.1)
     for p in ("n2", "n3"):
