@@ -25,7 +25,9 @@ the step before (``steps_s``): daemon up, first member seen alive, job record kn
 sync started (a joiner's or restarted node's trainer starts syncing; a healed
 node decides it must), first state request, state loaded, functions answering
 (a cold worker pool), caught up, and the first round closed with the node among
-the contributors (as a peer that never left saw it). ``back_to_work_s`` has the
+the contributors (as a peer that never left saw it); ``zygote`` says when the node's
+function zygote started and was ready, and its imports' time (it starts with the
+process and imports torch alongside the daemon). ``back_to_work_s`` has the
 worst total of each case; the target is ``TARGET_BACK_S``. ``from_up_s`` leaves out
 the process's own start (imports, Redis), which no protocol setting changes.
 
@@ -113,6 +115,8 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("caught_up", r"^caught up at round |no one is computing it; computing it here"),
 )
 TARGET_BACK_S = 5.0
+# The function zygote's ready line: how long after its start, and its own imports.
+ZYGOTE_READY = re.compile(r"zygote \d+ ready in (\d+) ms \(its imports: (\d+) ms\)")
 
 
 def _epoch(ts: str) -> float:
@@ -162,9 +166,22 @@ def timeline(
             before = t
     total = at["contributed"]
     up = at["process_up"]
+    # Beside the steps, not one of them: it starts with the process and runs alongside.
+    zygote = None
+    for t, msg in lines:
+        m = ZYGOTE_READY.search(msg) if t >= t0 else None
+        if m:
+            ready_in, imports = int(m[1]) / 1000, int(m[2]) / 1000
+            zygote = {
+                "started_at_s": round(t - ready_in - t0, 3),
+                "ready_at_s": round(t - t0, 3),
+                "imports_s": imports,
+            }
+            break
     return {
         "at_s": at,
         "steps_s": steps,
+        "zygote": zygote,
         "total_s": total,
         "from_up_s": None if total is None else round(total - (up or 0.0), 3),
         "target_s": TARGET_BACK_S,

@@ -71,6 +71,14 @@ def test_steps_that_did_not_happen_are_null_and_a_missing_contribution_fails() -
     assert tl["meets_target"] is False
 
 
+def test_timeline_says_when_the_zygote_started_and_was_ready() -> None:
+    ready = "function spirt-gradient: zygote 42 ready in 2500 ms (its imports: 2000 ms)"
+    lines = [(990.0, ready), (1003.0, ready + ", started with the process")]
+    tl = timeline(lines, 1000.0, contributed=1004.0)
+    assert tl["zygote"] == {"started_at_s": 0.5, "ready_at_s": 3.0, "imports_s": 2.0}
+    assert timeline(lines[:1], 1000.0, contributed=1004.0)["zygote"] is None
+
+
 def test_read_log_reads_json_lines_and_skips_the_rest(tmp_path: Path) -> None:
     log = tmp_path / "spirtd.log"
     log.write_text(
