@@ -16,6 +16,7 @@ from aiohttp import web
 from spirtd.functions.invoker import (
     DeadlineExceeded,
     FunctionError,
+    InvocationError,
     Invoker,
     RetryPolicy,
     ServiceError,
@@ -205,3 +206,11 @@ async def test_aws_mode_targets_lambda_in_region() -> None:
         assert inv.client.meta.config.retries["total_max_attempts"] == 1
     finally:
         await inv.close()
+
+
+async def test_an_invocation_on_a_closed_invoker_fails_as_an_invocation() -> None:
+    inv = Invoker("http://127.0.0.1:9", "f", retry=FAST_RETRY)
+    await inv.close()
+    with pytest.raises(InvocationError) as info:
+        await inv.invoke({}, timeout=10)
+    assert info.value.error_type == "InvokerClosed"

@@ -341,7 +341,14 @@ class Invoker:
         while True:
             attempt += 1
             self.stats.attempts += 1
-            fut = loop.run_in_executor(self._pool, self._call, payload)
+            try:
+                fut = loop.run_in_executor(self._pool, self._call, payload)
+            except RuntimeError:
+                # Closed meanwhile (the daemon stopping): a retry then found the pool
+                # shut down, and the error went unretrieved into the log.
+                raise InvocationError(
+                    "InvokerClosed", "the invoker is closed", attempts=attempt
+                ) from None
             try:
                 if deadline is None:
                     doc, bill = await fut
