@@ -202,3 +202,20 @@ async def test_a_zygote_started_with_another_configuration_is_ended(tmp_path: Pa
         assert r["body"]["late"] == "a late binding"
         assert r["body"]["ppid"] == rt.pools["env"].zygote.pid != early.pid
         assert early.returncode is not None
+
+
+@pytest.mark.usefixtures("no_prestarted")
+async def test_a_zygote_started_with_the_process_that_died_is_replaced(tmp_path: Path) -> None:
+    """Not a reason to give up on zygotes: the runtime starts one of its own."""
+    spec = env_handler(tmp_path)
+    cfg = RuntimeConfig(functions={"env": spec})
+    zygote_client.prestart("env", spec, cfg)
+    early = zygote_client._prestarted["env"].popen
+    early.kill()
+    early.wait(30)
+    async with LocalRuntime(cfg) as rt:
+        r = await invoke(lambda_client(rt), {}, name="env")
+        assert r["error"] is None, r
+        pool = rt.pools["env"]
+        assert not pool.zygote.disabled
+        assert r["body"]["ppid"] == pool.zygote.pid != early.pid

@@ -273,11 +273,20 @@ class Zygote:
     async def _start(self) -> None:
         # The thread counts are read when torch is imported: in the zygote.
         env = worker_env(_early_spec(self.spec), self.cfg)
-        proc: asyncio.subprocess.Process | _Adopted | None = None
         pre = _prestarted.pop(self.function, None)
         if pre is not None:
             if pre.args == self._args() and pre.env == env:
-                proc, parent, t0 = await pre.adopt(), pre.ctrl, pre.t0
+                try:
+                    await self._take(await pre.adopt(), pre.ctrl, pre.t0)
+                    return
+                except ZygoteError as e:
+                    # Died before it was taken over, say: a new one may do better.
+                    log.info(
+                        "function %s: the zygote started with the process failed (%s); "
+                        "starting another",
+                        self.function,
+                        e,
+                    )
             else:
                 log.info(
                     "function %s: the zygote started with the process has another "
@@ -285,30 +294,36 @@ class Zygote:
                     self.function,
                 )
                 await pre.discard()
-        if proc is None:
-            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            t0 = time.perf_counter()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "spirtd.functions.runtime.zygote",
-                    "--fd",
-                    str(child.fileno()),
-                    *self._args(),
-                    pass_fds=(child.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    limit=OUTPUT_LINE_MAX,
-                    env=env,
-                    start_new_session=True,
-                )
-            except BaseException:
-                parent.close()
-                raise
-            finally:
-                child.close()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        t0 = time.perf_counter()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "spirtd.functions.runtime.zygote",
+                "--fd",
+                str(child.fileno()),
+                *self._args(),
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                limit=OUTPUT_LINE_MAX,
+                env=env,
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        await self._take(proc, parent, t0)
+
+    async def _take(
+        self, proc: asyncio.subprocess.Process | _Adopted, parent: socket.socket, t0: float
+    ) -> None:
+        """Follows the zygote ``proc`` (its channel ``parent``, started at ``t0``)
+        until it says it is ready; raises ZygoteError (and ends it) otherwise."""
         self.starts += 1
         self._proc = proc
         self._ctrl = parent
