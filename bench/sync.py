@@ -160,10 +160,11 @@ def timeline(
     at["contributed"] = None if contributed is None else round(contributed - t0, 3)
     steps: dict[str, float] = {}
     before = 0.0
-    for name, t in at.items():
-        if t is not None:
-            steps[name] = round(t - before, 3)
-            before = t
+    # In the order they happened, not always STEPS' (a restarted node knows its job
+    # record before it is up): no step is negative.
+    for name, t in sorted(((n, t) for n, t in at.items() if t is not None), key=lambda x: x[1]):
+        steps[name] = round(t - before, 3)
+        before = t
     total = at["contributed"]
     up = at["process_up"]
     # Beside the steps, not one of them: it starts with the process and runs alongside.

@@ -59,6 +59,8 @@ def test_timeline_takes_each_step_once_after_the_start_and_sums_to_the_total() -
     assert tl["at_s"]["membership"] == 1.2
     assert tl["at_s"]["caught_up"] == 3.5 and tl["at_s"]["functions_warm"] == 4.0
     assert sum(tl["steps_s"].values()) == pytest.approx(tl["total_s"]) == 4.5
+    # Caught up before the functions first answered: each step from the one before it.
+    assert tl["steps_s"]["caught_up"] == 0.5 and tl["steps_s"]["functions_warm"] == 0.5
     assert tl["meets_target"] is True
     slow = timeline(lines, t0, contributed=1005.5)
     assert slow["meets_target"] is False and slow["target_s"] == TARGET_BACK_S
