@@ -120,13 +120,8 @@ class JobConfig:
     buffer_max: int = 512  # gradients held while syncing or following
     lag_rounds: int = 2  # sync_decision's: behind by more, a peer syncs
     checkpoint_every: int = 0  # 0: never (the daemon also checkpoints at stop)
-    # A sync pass with nothing to sync to repeats its heads-up this often: peers
-    # that heard the first one before they waited for a quorum did not answer it.
-    probe_s: float = 5.0
 
     def validate(self) -> None:
-        if self.probe_s <= 0:
-            raise ValueError("probe_s must be > 0")
         if self.sync_check_s <= 0 or self.sync_retry_s <= 0 or self.vouch_wait_s < 0:
             raise ValueError("sync_check_s and sync_retry_s must be > 0, vouch_wait_s >= 0")
         if self.buffer_max < 1:
@@ -182,7 +177,6 @@ class JobMachine:
         # with f = 0 one announcement vouches, and an even split's tie-break ends
         # any split); None when none is kept.
         self._base: tuple[int, bytes] | None = None
-        self._probe_at = 0.0  # a sync pass waiting repeats its heads-up from then
         # When each straggler was last told our position (bounded by the members:
         # forgotten when one leaves).
         self._told: dict[str, float] = {}
@@ -363,7 +357,7 @@ class JobMachine:
         if job == self.job_id and position and digest != JOIN_DIGEST:
             self._note(origin, round, digest, now)
         if job == self.job_id and origin != self.self_id:
-            self._answer_straggler(origin, round, now)
+            self._answer_straggler(origin, round, participating, now)
         self.rounds.announce(origin, job, round, digest, participating, now)
         self._drain_rounds(now)
 
@@ -609,7 +603,7 @@ class JobMachine:
             return PublishState(m.round, m.digest or self.digest, m.participating)
         return None
 
-    def _answer_straggler(self, origin: str, round: int, now: float) -> None:
+    def _answer_straggler(self, origin: str, round: int, participating: bool, now: float) -> None:
         """A peer announces a round behind ours: one that restarted from its own
         state (or with none) while we waited for it, or after we finished. Its
         membership event reached us before its job resumed, so what we repeated
@@ -620,10 +614,11 @@ class JobMachine:
         peer is N^2 messages per straggler (at 200 simulated peers it more than
         doubled the run). It needs f + 1 honest vouches, so the 2f + 1 holders that
         rank first for this straggler answer (a rendezvous hash every holder
-        computes alike from the same table), each once per ``sync_check_s``. A
-        running peer answers only while it waits for a quorum (``_repeatable``): a
-        peer restarted from its own state may take part in a round the others left
-        long ago, having heard none of their heads-ups, and wait there for ever."""
+        computes alike from the same table), each once per ``sync_check_s``. While
+        running, only a peer out of the rounds is answered: one taking part a
+        round behind is merely slow, and heard our heads-up in time."""
+        if participating and self.lifecycle is Lifecycle.RUNNING:
+            return
         heads_up = self._repeatable()
         if heads_up is None or round >= heads_up.round:
             return
@@ -832,13 +827,6 @@ class JobMachine:
                 self.sync_detail = f"rolling back round {self.completed}: {d.reason}"
                 self._actions.append(RollBack(self.completed, self._base[1]))
                 return
-            if now >= self._probe_at:
-                # Nothing to sync to yet: say again where we are (a peer answers a
-                # heads-up from behind only while it can help, e.g. once it waits
-                # for a quorum; it may have heard our first one before that).
-                if self._probe_at:
-                    self._heads_up_out()
-                self._probe_at = now + self.config.probe_s
             self._retry(now)
             return
         self._sources = tuple(v for v in d.target.vouchers if v != self.self_id)
