@@ -25,8 +25,6 @@ from protocol.rounds import (
     PublishState,
     ReadLocalState,
     Resumed,
-    RollBack,
-    RolledBack,
     RoundConfig,
     RoundMachine,
     StateLoaded,
@@ -55,13 +53,12 @@ def job(
     f: int = 1,
     checkpoint_every: int = 0,
     buffer_max: int = 512,
-    min_contributors: int = 1,
 ) -> JobMachine:
     m = RoundMachine(
         self_id=ME,
         job_id=JOB,
         rounds=rounds,
-        min_contributors=min_contributors,
+        min_contributors=1,
         eval_every=0,
         param_count=PARAMS,
         members=[ME, *PEERS] if members is None else members,
@@ -250,7 +247,17 @@ def test_a_peer_far_behind_finds_out_at_the_periodic_check() -> None:
 
 
 def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
-    j = job(min_contributors=3)
+    m = RoundMachine(
+        self_id=ME,
+        job_id=JOB,
+        rounds=5,
+        min_contributors=3,
+        eval_every=0,
+        param_count=PARAMS,
+        members=[ME, *PEERS],
+        config=CFG,
+    )
+    j = JobMachine(m, f=1)
     j.start(D[1], 0.0)
     vouch(j, 1, D[1], PEERS, 0.1)
     j.local_gradient_ready(1, 1.0)
@@ -262,105 +269,6 @@ def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
     assert j.rounds.waiting_for_quorum
     j.tick(CFG.initial_deadline_s + 1.2)
     assert j.lifecycle is Lifecycle.SYNCING and "stuck" in j.sync_detail
-
-
-# --- rolling back a split that leaves nothing vouched ---------------------------------------
-
-SPLIT_PEERS = ["n2", "n3", "n4"]
-
-
-def split_at_round_1(*, f: int = 1, others: dict[str, bytes] | None = None) -> JobMachine:
-    """Four peers, three contributors a round: we close round 1 at its deadline
-    without n4's gradient and hold X at round 2, while each other peer announces
-    round 2 on a model of its own; then round 2's deadline passes without a quorum."""
-    j = job(members=[ME, *SPLIT_PEERS], min_contributors=3, f=f)
-    j.start(D[1], 0.0)
-    vouch(j, 1, D[1], SPLIT_PEERS, 0.1)
-    for p in ("n2", "n3"):
-        assert j.validate_gradient(p, JOB, 1, D[1], SIZE, 1.0) is Verdict.ACCEPT
-        assert j.gradient_arrived(p, JOB, 1, D[1], SIZE, None, 1.0)
-        assert j.gradient_stored(p, JOB, 1, D[1], SIZE, 1.0) is None
-    j.local_gradient_ready(1, 1.0)
-    j.tick(CFG.initial_deadline_s + 0.1)
-    (agg,) = [a for a in j.drain_actions() if isinstance(a, Aggregate)]
-    assert agg.keep_base is (f >= 1) and agg.contributors == (ME, "n2", "n3")
-    j.aggregated(1, b"X" * 32, 11.0)
-    theirs = {"n2": b"Y" * 32, "n3": b"Z" * 32, "n4": b"W" * 32} if others is None else others
-    for p, d in theirs.items():
-        j.announce(p, JOB, 2, d, True, 11.5)
-    drain(j)
-    for t in (200.0, 201.5):  # past round 2's deadline, then a periodic check
-        j.tick(t)
-    assert j.rounds.waiting_for_quorum
-    return j
-
-
-def rolling(j: JobMachine) -> None:
-    """The split found: a sync pass reads the state held, then rolls back."""
-    actions, events = drain(j)
-    assert j.lifecycle is Lifecycle.SYNCING and ReadLocalState() in actions
-    assert "rolling back round 1" in events[-1].why
-    j.local_state((1, b"X" * 32), None, 201.6)
-    assert j.drain_actions() == [RollBack(1, D[1])]
-
-
-def test_a_split_with_no_side_of_f_plus_1_rolls_back_to_the_round_s_start() -> None:
-    j = split_at_round_1()
-    rolling(j)
-    for t in (202.6, 205.0):
-        j.tick(t)
-    assert j.drain_actions() == []  # one at a time
-    back = b"R" * 32  # theta_0 again, counted as after round 1
-    j.rolled_back(1, back, 205.5)
-    actions, events = drain(j)
-    assert RolledBack(1, back) in events and j.lifecycle is Lifecycle.RUNNING
-    # Round 2 again, on the restored state: computed and announced.
-    assert InvokeFunctions(2) in actions and PublishState(2, back, True) in actions
-    assert (j.completed, j.digest) == (1, back) and j.rounds.round == 2
-    # A second peer that rolled back makes the position vouched (f + 1 = 2 with us).
-    j.announce("n2", JOB, 2, back, True, 203.5)
-    assert j.vouch.vouched(2, back) is False  # n2 alone: we cannot vouch for ourselves
-    j.announce("n3", JOB, 2, back, True, 203.6)
-    assert j.vouch.vouched(2, back)
-
-
-def test_no_roll_back_without_a_kept_base_or_while_a_side_can_win() -> None:
-    # f = 0: nothing kept (one announcement vouches; a tie-break ends any split).
-    j = split_at_round_1(f=0)
-    assert not any(isinstance(a, (RollBack, ReadLocalState)) for a in j.drain_actions())
-    # Two others on one model: vouched, so the sync decision takes it instead.
-    j = split_at_round_1(others={"n2": b"Y" * 32, "n3": b"Y" * 32, "n4": b"W" * 32})
-    assert j.lifecycle is Lifecycle.SYNCING and "diverged" in j.sync_detail
-    j.drain_actions()
-    j.local_state((1, b"X" * 32), None, 201.6)
-    assert j.drain_actions() == [FetchState("n2", 1, b"Y" * 32)]
-    # Nobody else at round 2: the others are slow or gone, not split.
-    j = split_at_round_1(others={})
-    assert j.lifecycle is Lifecycle.RUNNING
-    # Nobody else left at all (each seen dead): nothing to agree with.
-    for p in SPLIT_PEERS:
-        j.member_gone(p, 202.0)
-    j.tick(203.5)
-    assert j.lifecycle is Lifecycle.RUNNING
-    # n4 has not closed round 1 yet: it may still join a side.
-    j = split_at_round_1(others={"n2": b"Y" * 32, "n3": b"Z" * 32})
-    assert j.lifecycle is Lifecycle.RUNNING
-    # A sync pass that finds another state in Redis than the one the base is of.
-    j = split_at_round_1()
-    j.drain_actions()
-    j.local_state((1, b"Q" * 32), None, 201.6)
-    assert not any(isinstance(a, RollBack) for a in j.drain_actions())
-
-
-def test_a_failed_roll_back_is_not_tried_again() -> None:
-    j = split_at_round_1()
-    rolling(j)
-    j.roll_back_failed("the kept state is gone", 202.0)
-    assert "cannot roll back" in j.sync_detail
-    for t in (203.5, 205.0, 210.0):
-        j.tick(t)
-    assert not any(isinstance(a, RollBack) for a in j.drain_actions())
-    assert j.counters["roll_back_failed"] == 1 and j.digest == b"X" * 32
 
 
 # --- a sync pass: from which vouched position -------------------------------------------------

@@ -9,11 +9,11 @@ two at the next). One test per cause; every one failed at cdb43e5.
    senders never send them again. Two followers that unfollowed together then
    closed the next round on one gradient each: two unvouched single holders, and
    no timer left on any peer. Now ``RoundMachine.take_part`` keeps them.
-2. A four-way split at a deadline (every peer closes round r with a different
-   set) left each peer alone at r + 1 with nothing vouched there, so none may load
-   another's state, and each waited. Now a peer stuck there goes back to theta_r
-   (kept one round beside the live state when f >= 1) with round r voided; the
-   peers that roll back hold the same digest, and the rest sync or roll back to it.
+2. **Open:** a four-way split at a deadline (every peer closes round r with a
+   different set) leaves each peer alone at r + 1 with nothing vouched there, so
+   none may load another's state, and each waits. Repairing it needs the peers to
+   agree on round r again (keep theta_r one round and re-aggregate, or agree on
+   the contributor set before closing); its test is marked xfail (strict).
 3. A peer that ended the job by sync never published its final position, so the
    others counted it as still closing the last round and a lone peer on another
    final model never saw its rival outnumber it.
@@ -169,6 +169,11 @@ def test_four_honest_peers_under_load_finish_their_jobs() -> None:
 # --- cause 2: a four-way split at a deadline -----------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a four-way split at a deadline leaves nothing vouched to sync to "
+    "(cause 2 in the module docstring)",
+)
 def test_a_four_way_split_at_a_deadline_is_repaired() -> None:
     # Each peer misses one other's round-2 gradient (here cut for good; in CI, a body
     # that arrived after that peer's deadline): all four close round 2 at the
@@ -186,8 +191,6 @@ def test_a_four_way_split_at_a_deadline_is_repaired() -> None:
     sets = {x.id: c.contributors for x in sim.peers for c in x.closes if c.round == 2}
     assert len(set(sets.values())) == 4, sets  # the scenario
     _assert_all_done_on_one_model(sim)
-    # Repaired by rolling back round 2 (at least f + 1 peers), not by luck.
-    assert sum(1 for x in sim.peers if any(r == 2 for r, _ in x.rollbacks)) >= 2
 
 
 # --- cause 3: a peer that finished by sync keeps its final position to itself --------------

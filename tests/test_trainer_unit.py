@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.rounds import RollBack, RoundConfig
+from protocol.rounds import RoundConfig
 from spirtd.functions.event import DataSlice
 from spirtd.functions.invoker import RoundResult, SliceResult
 from spirtd.pubsub.service import Info
@@ -375,24 +375,3 @@ async def test_a_peer_on_another_model_than_the_others_syncs_to_theirs(rig: Rig)
         assert await state.digest_of(rig.store, JOB_ID, t.spec, 2) == snap.digest
     finally:
         await t.stop("test over")
-
-
-async def test_a_roll_back_puts_the_kept_state_back_under_its_new_count(rig: Rig) -> None:
-    # A split round voided: the state kept before its update comes back (only if it
-    # is the base asked for), counted as after that round, marks and all.
-    t = rig.trainer([ME], rounds=3)
-    s, store = t.spec, rig.store
-    await state.initialise(store, JOB_ID, s, INITIAL)
-    base = await state.digest_of(store, JOB_ID, s, 0)
-    await state.keep(store, JOB_ID, s)
-    await store.put(t.keys.theta, INITIAL + 5.0)  # round 1's update
-    assert await t.stateio.roll_back(RollBack(1, b"\x01" * 32)) is None  # not that base
-    assert np.array_equal(await store.get(t.keys.theta), INITIAL + 5.0)  # untouched
-    digest = await t.stateio.roll_back(RollBack(1, base))
-    assert np.array_equal(await store.get(t.keys.theta), INITIAL)
-    assert digest == await state.digest_of(store, JOB_ID, s, 1) != base
-    marks = await store.client.mget([t.keys.completed, t.keys.digest])
-    assert marks == [b"1", digest.hex().encode()]
-    # Nothing kept (a Redis that restarted): refused, nothing changed.
-    await store.delete(t.keys.kept(t.keys.theta))
-    assert await t.stateio.roll_back(RollBack(1, base)) is None

@@ -63,9 +63,6 @@ class Aggregate:
     f: int | None = None
     # Set by the job machine: checkpoint the updated state before reporting.
     checkpoint: bool = False
-    # Set by the job machine: keep the state this round starts from until the next
-    # aggregation, for ``RollBack``.
-    keep_base: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,20 +197,7 @@ class LoadState:
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class RollBack:
-    """Put back the state kept by the last aggregation (``Aggregate.keep_base``):
-    the one holding ``base`` after ``completed - 1`` rounds. Round ``completed``
-    is voided; the state restored counts as after ``completed`` rounds (its digest
-    covers that count, so every peer that rolls back holds the same digest). Mark
-    the position and report ``rolled_back``, or ``roll_back_failed`` if the kept
-    state is missing or is not ``base``."""
-
-    completed: int
-    base: bytes
-
-
-JobAction = Action | WriteGradient | WarmUp | ReadLocalState | FetchState | LoadState | RollBack
+JobAction = Action | WriteGradient | WarmUp | ReadLocalState | FetchState | LoadState
 
 
 # --- the job machine's own events ---------------------------------------------------------
@@ -279,16 +263,6 @@ class Excluded:
 
 
 @dataclass(frozen=True, slots=True)
-class RolledBack:
-    """Round ``round`` was voided: a split at its deadline left no model at the next
-    round that f+1 peers vouch for, so this peer went back to the state it began
-    ``round`` with, now ``digest``, and runs round ``round + 1`` on it."""
-
-    round: int
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class JobDone:
     """The job is over on this peer: ``via`` "run" (its last round aggregated here)
     or "sync" (it took the others' final model)."""
@@ -311,7 +285,6 @@ JobEvent = (
     | CaughtUp
     | Unfollowed
     | Excluded
-    | RolledBack
     | JobDone
     | JobFailed
 )

@@ -22,12 +22,6 @@ closes, with whom. This machine owns one and decides the job around it:
   yet, else the one after, announced a round ahead (a heads-up with ``JOIN_DIGEST``);
   past its deadline with nobody ahead, it computes the round after all
   (``Unfollowed``);
-* **rolling back**: a split at a deadline that leaves every model at the next
-  round held by at most f peers (nothing to sync to: four peers that each closed
-  round r with a different three) stalls every side; a peer stuck there without a
-  quorum goes back to the state it began round r with (``RollBack``), round r
-  voided, and runs r + 1 on it: every peer that does holds the same digest, so
-  the first f+1 make a position the rest sync or roll back to;
 * **exclusion verdicts**: a peer proven Byzantine is out of every round and its
   vouches are void;
 * **done, stopped, failed**.
@@ -78,8 +72,6 @@ from .events import (
     PublishState,
     ReadLocalState,
     Resumed,
-    RollBack,
-    RolledBack,
     StateLoaded,
     StateUnvouched,
     SyncStarted,
@@ -109,7 +101,6 @@ _DECIDING = "deciding"  # the next decision at _retry_at
 _FETCHING = "fetching"  # FetchState out to _sources[_source]
 _VOUCH_WAIT = "vouch_wait"  # a fetched state waits for its vouches until _vouch_until
 _LOADING = "loading"  # LoadState out for a fetched state
-_ROLLING = "rolling"  # RollBack out
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +163,6 @@ class JobMachine:
         self.excluded: dict[str, dict[str, Any]] = {}
         self.counters: Counter[str] = Counter()
         self._sync_ahead = False  # syncing because stuck where the others had moved on
-        # (completed, digest) the last aggregation started from, its state kept in
-        # Redis beside the live one (``Aggregate.keep_base``; jobs with f >= 1 only:
-        # with f = 0 one announcement vouches, and an even split's tie-break ends
-        # any split); None when none is kept.
-        self._base: tuple[int, bytes] | None = None
         # When each straggler was last told our position (bounded by the members:
         # forgotten when one leaves).
         self._told: dict[str, float] = {}
@@ -387,7 +373,7 @@ class JobMachine:
             return Verdict.ACCEPT if round >= min(newest - 1, self.rounds.round) else Verdict.IGNORE
         reason = self.rounds.validate(origin, job, round, base, size, now)
         self._drain_rounds(now)
-        if reason is None or (reason == "digest" and self._may_roll_to(round, base)):
+        if reason is None:
             return Verdict.ACCEPT
         # Wrong size or a second gradient for one round is misbehaviour; the rest
         # (late, early, another model) happens to honest peers too.
@@ -399,7 +385,7 @@ class JobMachine:
         """A gradient's body is here: True if the daemon writes it into Redis now (and
         reports ``gradient_stored``), False if it is held (``handle`` comes back in a
         ``WriteGradient`` once it fits)."""
-        if not self.holds(round) and not self._may_roll_to(round, base):
+        if not self.holds(round):
             return True
         if len(self._buffer) >= self.config.buffer_max:
             self._buffer.popleft()
@@ -460,8 +446,6 @@ class JobMachine:
     def aggregated(self, round: int, digest: bytes, now: float) -> None:
         """The daemon aggregated ``round`` and holds the updated state ``digest`` (also
         when a sync took over meanwhile: that pass then finds it in Redis)."""
-        kept = self.vouch.f >= 1 and round == self.completed + 1 and bool(self.digest)
-        self._base = (self.completed, self.digest) if kept else None
         self.digest, self.completed = digest, round
         participate, join_at = None, 0
         if self.following and self.warmed:
@@ -501,8 +485,6 @@ class JobMachine:
         if self.lifecycle is not Lifecycle.SYNCING or self._pass != _READING:
             return
         if redis is not None and (not self.digest or redis[1] == self.digest):
-            if redis != (self.completed, self.digest):
-                self._base = None  # not the state the kept one is the base of
             self.completed, self.digest = redis
         elif checkpoint is not None and (
             not self.digest
@@ -510,11 +492,10 @@ class JobMachine:
             or self.vouch.vouched(checkpoint[0] + 1, checkpoint[1])
         ):
             self._pass = _LOADING_CHECKPOINT
-            self._base = None
             self._actions.append(LoadState(CHECKPOINT, *checkpoint))
             return
         else:
-            self.digest, self.completed, self._base = b"", 0, None
+            self.digest, self.completed = b"", 0
         self._sync_step(now)
 
     def state_fetched(self, peer: str, completed: int, digest: bytes, now: float) -> None:
@@ -543,7 +524,7 @@ class JobMachine:
             _LOADING_CHECKPOINT,
         ):
             return
-        self.digest, self.completed, self._base = digest, completed, None
+        self.digest, self.completed = digest, completed
         n = len(self.vouch.vouchers(completed + 1, digest) - {self.self_id})
         self._events.append(StateLoaded(source, completed, digest, n))
         if self._pass == _LOADING_CHECKPOINT:
@@ -564,8 +545,6 @@ class JobMachine:
                 every = self.config.checkpoint_every
                 if every and (a.round % every == 0 or a.round == self.last_round):
                     a = replace(a, checkpoint=True)
-                if self.vouch.f >= 1:
-                    a = replace(a, keep_base=True)
             self._actions.append(a)
         diverged = False
         for ev in self.rounds.drain_events():
@@ -647,20 +626,6 @@ class JobMachine:
             return True
         return self.following and round > self.rounds.round + self.rounds.config.future_window
 
-    def _may_roll_to(self, round: int, base: bytes) -> bool:
-        """A gradient for our open round on another model, while we could roll that
-        round's predecessor back: it may be on the state a peer that rolled back
-        before us holds, which we will hold too once we roll back. Sent once, it
-        would otherwise be lost to us, and the rolled-back peers could not close a
-        round together. Held (bounded) and checked again after the roll back or a
-        sync (the round machine refuses it then if it still does not fit)."""
-        return (
-            self._base is not None
-            and self.lifecycle is Lifecycle.RUNNING
-            and round == self.rounds.round
-            and base != self.rounds.digest
-        )
-
     def _replay(self, now: float) -> None:
         """Held gradients that now fit the round machine go to it (checked again)."""
         held, self._buffer = self._buffer, deque()
@@ -697,55 +662,6 @@ class JobMachine:
             # we were stuck in (which would only get us stuck again).
             self._sync_ahead = ahead
             self._enter_sync(d.reason, now)
-        elif ahead and self._split_without_side():
-            self._enter_sync(
-                f"split at round {self.completed + 1}: no model there is vouched for by "
-                f"f+1 = {self.vouch.f + 1} peers; rolling back round {self.completed}",
-                now,
-            )
-
-    def _split_without_side(self) -> bool:
-        """Others hold other models at the round after the one we aggregated, none of
-        them (nor anything later) is vouched for, and everyone tracked has closed the
-        round before: a split at its deadline with no side of f+1. Nothing can be
-        synced to, and no side can close a round. Every peer that began the split
-        round holds the state it began with (what its gradients were computed on),
-        so going back to it is the one move they all agree on."""
-        if self._base is None or self._base[0] != self.completed - 1 or not self.digest:
-            return False
-        r, me = self.completed + 1, (self.self_id,)
-        t = self.vouch.target(exclude=me)
-        if t is not None and t.round >= r:
-            return False  # a vouched position to sync to
-        if not self.vouch.others_at(r, self.digest, exclude=me):
-            return False  # nobody else here: the others are slow or gone, not split
-        # Some have not closed the round before yet: they may still join a side.
-        return not self.vouch.undecided(r, exclude=me)
-
-    def rolled_back(self, completed: int, digest: bytes, now: float) -> None:
-        """``RollBack`` is done: the state kept is live again, now ``digest`` after
-        ``completed`` rounds (round ``completed`` voided). It runs the next round on
-        it at once: the peers that roll back hold the same state."""
-        if self.lifecycle is not Lifecycle.SYNCING or self._pass != _ROLLING:
-            return
-        self._end_pass()
-        self._base, self._sync_ahead = None, False
-        self.digest, self.completed = digest, completed
-        self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", False
-        self._events.append(RolledBack(completed, digest))
-        self.rounds.begin(completed + 1, digest, now, participating=True)
-        self._drain_rounds(now)
-        self._replay(now)
-
-    def roll_back_failed(self, why: str, now: float) -> None:
-        """The kept state is gone (a Redis restart) or is not the one asked for: no
-        roll back from here; the pass waits, as before, for a position to sync to."""
-        if self.lifecycle is not Lifecycle.SYNCING or self._pass != _ROLLING:
-            return
-        self._base = None
-        self.counters["roll_back_failed"] += 1
-        self.sync_detail = f"waiting: cannot roll back ({why})"
-        self._retry(now)
 
     def _unfollow(self, now: float) -> None:
         """A follower whose round is past its deadline while nobody is past it may be
@@ -820,13 +736,6 @@ class JobMachine:
             self._resume(own, now)
             return
         if d.action != SYNC or d.target is None:
-            if own is not None and self._split_without_side():
-                assert self._base is not None
-                self._pass = _ROLLING
-                self.counters["roll_backs"] += 1
-                self.sync_detail = f"rolling back round {self.completed}: {d.reason}"
-                self._actions.append(RollBack(self.completed, self._base[1]))
-                return
             self._retry(now)
             return
         self._sources = tuple(v for v in d.target.vouchers if v != self.self_id)

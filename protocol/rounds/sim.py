@@ -92,7 +92,6 @@ from .events import (
     PublishState,
     QuorumWait,
     ReadLocalState,
-    RollBack,
     RoundClosed,
     StateLoaded,
     StateUnvouched,
@@ -143,18 +142,8 @@ class _Fanout:
         self.next = 0
 
 
-# The lifecycles in which the daemon hands a trainer member events.
-_HEARS_MEMBERS = (Lifecycle.RUNNING, Lifecycle.SYNCING, Lifecycle.DONE)
-
-
 def next_digest(base: bytes, contributors: tuple[str, ...]) -> bytes:
     return hashlib.sha256(base + b"|" + ",".join(contributors).encode()).digest()
-
-
-def rollback_digest(base: bytes, completed: int) -> bytes:
-    """The state a roll back restores (the one holding ``base``), counted as after
-    ``completed`` rounds: the same on every peer that rolls back from ``base``."""
-    return hashlib.sha256(b"rollback|%d|" % completed + base).digest()
 
 
 def lie_digest(round: int) -> bytes:
@@ -300,7 +289,6 @@ class SimPeer:
         "id",
         "job",
         "joined_at",
-        "kept",
         "lied",
         "loads",
         "prev",
@@ -308,7 +296,6 @@ class SimPeer:
         "quorum_waits",
         "received",
         "redis",
-        "rollbacks",
         "sent",
         "straggler",
         "switches",
@@ -325,10 +312,6 @@ class SimPeer:
         self.booting = False  # restarted, its job not resumed yet: deaf, but a member
         self.byzantine = False
         self.redis: tuple[int, bytes] | None = None  # (completed, digest) in its Redis
-        # (completed, digest) the last aggregation started from, kept beside it
-        # (``Aggregate.keep_base``); like the daemon's, gone with a restart.
-        self.kept: tuple[int, bytes] | None = None
-        self.rollbacks: list[tuple[int, float]] = []  # (voided round, when)
         self.crashed_at: float | None = None
         self.final_digest: bytes | None = None
         self.finished_at: float | None = None
@@ -566,8 +549,6 @@ class RoundSim:
             self._fetch(x, a)
         elif t is LoadState:
             self.loop.schedule(now, self._load, (x, a))
-        elif t is RollBack:
-            self.loop.schedule(now + p.aggregate_delay, self._rolled_back, (x, a))
 
     def _record(self, x: SimPeer, ev: Any) -> None:
         now = self.loop.now
@@ -654,25 +635,10 @@ class RoundSim:
         x, a = arg
         if not x.alive:
             return
-        x.kept = (a.round - 1, x.job.digest) if a.keep_base else None
         new = next_digest(x.job.digest, a.contributors)
         x.redis = (a.round, new)
         self.made.add((a.round + 1, new))
         x.job.aggregated(a.round, new, self.loop.now)
-        self._flush(x)
-
-    def _rolled_back(self, arg: tuple[SimPeer, RollBack]) -> None:
-        x, a = arg
-        if not x.alive:
-            return
-        if x.kept != (a.completed - 1, a.base) or x.redis is None or x.redis[0] != a.completed:
-            x.job.roll_back_failed("not the state kept", self.loop.now)
-        else:
-            new = rollback_digest(a.base, a.completed)
-            x.redis, x.kept = (a.completed, new), None
-            self.made.add((a.completed + 1, new))
-            x.rollbacks.append((a.completed, self.loop.now))
-            x.job.rolled_back(a.completed, new, self.loop.now)
         self._flush(x)
 
     def _evaluated(self, x: SimPeer) -> None:
@@ -919,8 +885,8 @@ class RoundSim:
         y, x = arg
         if not y.alive:
             return
-        if y.job.lifecycle not in _HEARS_MEMBERS:
-            # The service hands member events to a running, syncing or done trainer.
+        if y.job.lifecycle is not Lifecycle.RUNNING:
+            # The service hands member events to a running trainer only.
             y.gone_missed.add(x.id)
             return
         y.gone_at[x.id] = self.loop.now
@@ -936,7 +902,7 @@ class RoundSim:
 
     def _alive(self, arg: tuple[SimPeer, SimPeer]) -> None:
         y, x = arg
-        if not y.alive or y.job.lifecycle not in _HEARS_MEMBERS or not (x.alive or x.booting):
+        if not y.alive or y.job.lifecycle is not Lifecycle.RUNNING or not (x.alive or x.booting):
             return
         y.job.member_alive(x.id, self.loop.now)
         self._flush(y)

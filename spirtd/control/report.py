@@ -27,7 +27,6 @@ MARKERS: dict[str, tuple[str, str, str]] = {
     "member_left": ("member left", "tab:red", ":"),
     "sync_started": ("sync started", "tab:orange", "--"),
     "synced": ("synced", "tab:purple", "--"),
-    "rolled_back": ("round rolled back", "tab:brown", "-."),
     "excluded": ("peer excluded", "black", "-"),
 }
 

@@ -15,7 +15,6 @@ from protocol.rounds import (
     JobFailed,
     LeftView,
     QuorumWait,
-    RolledBack,
     RoundClosed,
     StateLoaded,
     StateUnvouched,
@@ -75,11 +74,6 @@ class EventLog:
                 ev.peer,
                 ev.completed,
             )
-        elif isinstance(ev, RolledBack):
-            c["training.roll_backs"] += 1
-            why = f"round {ev.round} voided: a split left no side of f+1; back to its start"
-            log.warning("job %s: %s (digest %s)", self.job_id[:12], why, ev.digest.hex()[:12])
-            self.env.note("rolled_back", why)
         elif isinstance(ev, CaughtUp):
             log.info("caught up at round %d; contributing from round %d", ev.round - 1, ev.round)
         elif isinstance(ev, Unfollowed):

@@ -161,10 +161,6 @@ class RoundWork:
         previous = keys.agg_prev if await env.store.exists(keys.agg_prev) else None
         await rule.run(env.store, keys.agg, inputs, previous=previous, scratch=True)
         t1 = time.perf_counter()
-        if a.keep_base:
-            # What this round began with, until the next update: a split at this
-            # round's deadline that leaves no side of f+1 is undone by going back.
-            await state.keep(env.store, self.job_id, spec)
         if spec.inner_steps > 1:
             # The outer step: the robust aggregate of the Δs is a gradient of θ_r.
             await env.store.sgd(

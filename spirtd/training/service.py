@@ -551,10 +551,7 @@ class TrainingService:
         elif ev.kind is EventKind.JOINED or (came and ev.node_id in self._gone):
             self._gone.discard(ev.node_id)
             self.note("member_joined", ev.node_id)
-        # Also while syncing or done: a death missed then stayed in the vouch table
-        # for good, counted as a peer still to close its round (the simulator's
-        # fuzz found peers waiting on a dead one for ever).
-        if t is None or t.state not in ("running", "syncing", "done"):
+        if t is None or t.state != "running":
             return
         if gone:
             t.member_gone(ev.node_id)

@@ -91,11 +91,6 @@ class StateKeys:
             out.append(("residual", self.residual))
         return out
 
-    def kept(self, key: str) -> str:
-        """Where a state tensor's copy from before the last update is kept (for a
-        roll back, ``protocol.rounds.RollBack``)."""
-        return f"{self.prefix}kept:{key[len(self.prefix) :]}"
-
     def round_pattern(self, round: int) -> str:
         return f"{self.prefix}g:{round}:*"
 
@@ -137,40 +132,6 @@ async def digest_of(store: TensorStore, job_id: str, spec: JobSpec, completed: i
     keys = StateKeys(job_id).state_tensors(spec)
     digests = await tensor_digests(store, keys)
     return state_digest(job_id, completed, [r for r, _ in keys], digests)
-
-
-async def _copy(store: TensorStore, src: str, dst: str) -> None:
-    # The mean of one tensor is that tensor, bit for bit; SCRATCH as the live state's
-    # updates are (its durability is the checkpoints and the peers).
-    if await store.exists(src):
-        await store.mean(dst, [src], scratch=True)
-    else:
-        await store.delete(dst)
-
-
-async def keep(store: TensorStore, job_id: str, spec: JobSpec) -> None:
-    """Copies the state beside itself before an update: the base a roll back restores."""
-    keys = StateKeys(job_id)
-    for _, key in keys.state_tensors(spec):
-        await _copy(store, key, keys.kept(key))
-
-
-async def restore_kept(
-    store: TensorStore, job_id: str, spec: JobSpec, completed: int, base: bytes
-) -> bool:
-    """Puts back the kept state if it is the one with digest ``base`` after
-    ``completed`` rounds; False (nothing changed) if it is missing or another."""
-    keys = StateKeys(job_id)
-    pairs = keys.state_tensors(spec)
-    if not await store.exists(keys.kept(keys.theta)):
-        return False
-    kept = [(role, keys.kept(key)) for role, key in pairs]
-    digests = await tensor_digests(store, kept)
-    if state_digest(job_id, completed, [r for r, _ in pairs], digests) != base:
-        return False
-    for (_, key), (_, copy) in zip(pairs, kept, strict=True):
-        await _copy(store, copy, key)
-    return True
 
 
 async def initialise(store: TensorStore, job_id: str, spec: JobSpec, params: np.ndarray) -> None:

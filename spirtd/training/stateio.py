@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from redis.exceptions import RedisError
 
-from protocol.rounds import CHECKPOINT, FetchState, JobMachine, LoadState, RollBack
+from protocol.rounds import CHECKPOINT, FetchState, JobMachine, LoadState
 from spirtd.redis.store import StoreError
 from spirtd.training import state
 from spirtd.training.checkpoint import (
@@ -135,18 +135,6 @@ class StateIO:
             return str(e)
         self._fetched = snap
         return snap
-
-    async def roll_back(self, a: RollBack) -> bytes | None:
-        """The state kept by the last aggregation back in place, counted as after
-        ``a.completed`` rounds, with its marks; its digest, or None if the state
-        kept is missing or is not ``a.base`` (nothing changed then)."""
-        store, spec = self.env.store, self.spec
-        async with self.lock:
-            if not await state.restore_kept(store, self.job_id, spec, a.completed - 1, a.base):
-                return None
-            digest = await state.digest_of(store, self.job_id, spec, a.completed)
-            await self.mark_position(a.completed, digest)
-        return digest
 
     async def load(self, a: LoadState) -> Snapshot:
         """The state in hand that ``a`` names, into Redis with its marks."""

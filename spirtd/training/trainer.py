@@ -56,7 +56,6 @@ from protocol.rounds import (
     PublishState,
     ReadLocalState,
     Resumed,
-    RollBack,
     RoundClosed,
     RoundMachine,
     WarmUp,
@@ -284,8 +283,6 @@ class Trainer:
             self._spawn(self._fetch(a), f"sync-fetch-{a.peer[:8]}")
         elif isinstance(a, LoadState):
             self._spawn(self._load(a), "sync-load")
-        elif isinstance(a, RollBack):
-            self._spawn(self._roll_back(a), "sync-roll-back")
 
     def _on_event(self, ev: Any) -> None:
         self.eventlog.report(ev, self.digest, self.records.last_accuracy)
@@ -457,13 +454,4 @@ class Trainer:
     async def _load(self, a: LoadState) -> None:
         snap = await self.stateio.load(a)
         self.job.state_loaded(a.source, snap.completed, snap.digest, time.monotonic())
-        self._kick()
-
-    async def _roll_back(self, a: RollBack) -> None:
-        digest = await self.stateio.roll_back(a)
-        now = time.monotonic()
-        if digest is None:
-            self.job.roll_back_failed("the state kept is gone or is not that round's base", now)
-        else:
-            self.job.rolled_back(a.completed, digest, now)
         self._kick()
