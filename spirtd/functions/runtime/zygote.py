@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib
 import importlib.util
 import json
@@ -69,14 +68,7 @@ def preload(module_name: str) -> list[str]:
     for name in handler_imports(module_name):
         try:
             importlib.import_module(name)
-        except Exception:
-            # An attribute, not a module (``from pkg import name``): a package that
-            # loads its names on first use (spirtd.tasks) loads that one now.
-            parent, _, attr = name.rpartition(".")
-            module = sys.modules.get(parent)
-            if module is not None:
-                with contextlib.suppress(Exception):  # broken: the worker's import says so
-                    getattr(module, attr, None)
+        except Exception:  # an attribute, not a module, or a broken one
             continue
         loaded.append(name)
     return loaded
