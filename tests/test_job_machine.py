@@ -489,20 +489,38 @@ def test_a_running_peer_answers_only_a_straggler_out_of_the_rounds() -> None:
 # --- following ----------------------------------------------------------------------------
 
 
-def following_at_3() -> JobMachine:
-    j = syncing_without_state()
+def following_at_3(rounds: int = 5) -> JobMachine:
+    j = syncing_without_state(rounds)
     j.local_state((2, D[3]), None, 1.0)
     drain(j)
     assert j.following
     return j
 
 
-def test_a_warm_follower_computes_again_once_caught_up() -> None:
+def test_a_follower_the_others_are_level_with_joins_a_round_later() -> None:
+    # The others' gradients of round 3 vouch for round 3 only: they close it when we
+    # do and begin 4 at once, their heads-ups for 4 still in flight. Computing 4 now
+    # would put our gradient in the views of those that hear our heads-up before they
+    # close 4 and not in the others' (the rejoin fork seen under 25 ms rounds).
     j = following_at_3()
     j.warm_up_done(True, 1.5)
     out = run_round(j, 3, 2.0)
-    assert CaughtUp(4) in j.drain_events()
-    assert InvokeFunctions(4) in out and not j.following
+    assert not any(isinstance(a, InvokeFunctions) for a in out) and j.following
+    assert PublishState(5, JOIN_DIGEST, True) in out
+    out = run_round(j, 4, 3.0)
+    assert CaughtUp(5) in j.drain_events()
+    assert InvokeFunctions(5) in out and not j.following
+
+
+def test_a_follower_follows_the_last_round_it_cannot_announce_a_join_for() -> None:
+    j = following_at_3(rounds=4)
+    j.warm_up_done(True, 1.5)
+    out = run_round(j, 3, 2.0)
+    assert not any(isinstance(a, InvokeFunctions) for a in out) and j.following
+    assert not any(isinstance(a, PublishState) and a.digest == JOIN_DIGEST for a in out)
+    run_round(j, 4, 3.0)
+    j.done(3.5)
+    assert j.state == "done"
 
 
 def test_a_follower_the_others_are_a_round_ahead_of_announces_its_join_a_round_early() -> None:

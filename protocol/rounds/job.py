@@ -285,6 +285,7 @@ class JobMachine:
         if self.lifecycle in (Lifecycle.STOPPED, Lifecycle.FAILED, Lifecycle.DONE):
             return
         self.lifecycle = Lifecycle.DONE
+        self.following = False  # it may have followed the last round without computing
         self._end_pass()
         self._events.append(JobDone(self.completed, self._finishing_via or "run"))
 
@@ -450,16 +451,27 @@ class JobMachine:
         participate, join_at = None, 0
         if self.following and self.warmed:
             t = self.vouch.target(exclude=(self.self_id,))
-            if self._joins_at == round + 1 or t is None or t.round <= round:
-                # Nobody vouched has begun the next round (or the others heard a round
-                # ago that we join at it): its start, at every peer, comes after our
-                # heads-up for it, so every view takes this peer in.
+            if self._joins_at == round + 1:
+                # The others heard a round ago that we join at the next round: its
+                # start, at every peer, comes after our heads-up for it, so every view
+                # takes this peer in.
                 self.following, participate = False, True
                 self._events.append(CaughtUp(round + 1))
-            elif t.round == round + 1 and round + 2 <= self.last_round:
-                # The others compute the next round already and may close it before our
-                # heads-up arrives (then our gradient would be in our aggregate only):
-                # follow it, and tell them now that we take part in the one after.
+            elif (
+                self._joins_at <= round
+                and round + 2 <= self.last_round
+                and (t is None or t.round <= round + 1)
+            ):
+                # The others close this round when we do and begin the next one at
+                # once; a vouch table that shows nobody there yet only means their
+                # heads-ups are in flight. Computing it would put our gradient in the
+                # views of those that hear our heads-up before they close and not in
+                # the others' (a fork each time, under rounds of tens of
+                # milliseconds): follow it, and tell them now that we take part in the
+                # one after. Two or more rounds behind, it keeps following (it replays
+                # buffered rounds faster than they run them), and it follows the last
+                # round, for which no join can be announced ahead (unless the others
+                # wait for it there: then ``_unfollow`` at the deadline).
                 join_at = round + 2
         self.rounds.aggregated(round, digest, now, participate=participate)
         self._drain_rounds(now)
