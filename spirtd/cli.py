@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     logs.setup(config.log_format, config.log_level)
     malloc_tuning.tune()
+    # Before the imports below (torch among them, seconds): the function zygote's own
+    # imports then run meanwhile, on the other core.
+    from spirtd.functions.local import prestart
+
+    prestart(config)
     from spirtd.node import main_async
 
     try:

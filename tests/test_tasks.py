@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -288,3 +291,20 @@ def test_a_module_that_fails_to_import_is_a_task_error(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TaskError, match="cannot import task module 'spirt_broken_task': boom"):
         task_class("spirt_broken_task:Task", allowed_modules={"spirt_broken_task"})
+
+
+def test_the_daemons_shard_check_imports_no_torch(tmp_path: Path) -> None:
+    """The daemon checks ``--shard`` before it starts its function zygote: torch
+    imported there would be paid before the zygote's own import starts."""
+    code = (
+        "import sys\n"
+        "from spirtd.cli import parser\n"
+        "from spirtd.config import load\n"
+        f"a = parser().parse_args(['--shard', '1/4', '--data-dir', {str(tmp_path)!r}])\n"
+        "load(a.config, {k: v for k, v in vars(a).items() if k != 'config'})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"

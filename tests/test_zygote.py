@@ -7,10 +7,14 @@ import logging
 import os
 import signal
 import textwrap
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from spirtd.functions.credentials import TARGETS_ENV
+from spirtd.functions.runtime import zygote_client
 from spirtd.functions.runtime.config import GRADIENT_FUNCTION, FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.pool import FunctionPool
 from spirtd.functions.runtime.server import LocalRuntime
@@ -128,3 +132,90 @@ async def test_a_zygote_that_would_fork_threads_is_not_used(tmp_path: Path) -> N
         assert r["error"] is None, r
         assert r["body"]["ppid"] == os.getpid()
         assert rt.pools["threaded"].zygote.disabled
+
+
+def env_handler(tmp_path: Path) -> FunctionSpec:
+    """A handler that reports the late variable and its parent, on PYTHONPATH."""
+    (tmp_path / "env_handler.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os
+
+            def handler(event, context):
+                return {{"late": os.environ.get({TARGETS_ENV!r}), "ppid": os.getppid()}}
+            """
+        )
+    )
+    return FunctionSpec(
+        handler="env_handler:handler",
+        memory_mb=256,
+        environment={"PYTHONPATH": str(tmp_path), TARGETS_ENV: "a late binding"},
+    )
+
+
+@pytest.fixture
+def no_prestarted() -> Iterator[None]:
+    yield
+    for pre in zygote_client._prestarted.values():
+        pre.popen.kill()
+        pre.popen.wait(30)
+    zygote_client._prestarted.clear()
+
+
+@pytest.mark.usefixtures("no_prestarted")
+async def test_a_zygote_started_with_the_process_is_taken_over_and_forks_with_late_env(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon starts its zygote before its own imports, without the Redis
+    binding (known later); the runtime takes that process over and each fork
+    carries the binding."""
+    spec = env_handler(tmp_path)
+    early = FunctionSpec(
+        handler=spec.handler,
+        memory_mb=spec.memory_mb,
+        environment={"PYTHONPATH": str(tmp_path)},
+    )
+    cfg = RuntimeConfig(functions={"env": spec})
+    zygote_client.prestart("env", early, cfg)
+    pid = zygote_client._prestarted["env"].popen.pid
+    with caplog.at_level(logging.INFO, logger="spirtd.functions.runtime.zygote_client"):
+        async with LocalRuntime(cfg) as rt:
+            r = await invoke(lambda_client(rt), {}, name="env")
+            assert r["error"] is None, r
+            assert r["body"] == {"late": "a late binding", "ppid": pid}
+            assert rt.pools["env"].zygote.pid == pid and rt.pools["env"].zygote.starts == 1
+            # The binding was never in the zygote's own environment.
+            assert TARGETS_ENV.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert "started with the process" in caplog.text
+    assert zygote_client._prestarted == {}
+
+
+@pytest.mark.usefixtures("no_prestarted")
+async def test_a_zygote_started_with_another_configuration_is_ended(tmp_path: Path) -> None:
+    spec = env_handler(tmp_path)
+    cfg = RuntimeConfig(functions={"env": spec})
+    zygote_client.prestart("env", replace(spec, memory_mb=512), cfg)
+    early = zygote_client._prestarted["env"].popen
+    async with LocalRuntime(cfg) as rt:
+        r = await invoke(lambda_client(rt), {}, name="env")
+        assert r["error"] is None, r
+        assert r["body"]["late"] == "a late binding"
+        assert r["body"]["ppid"] == rt.pools["env"].zygote.pid != early.pid
+        assert early.returncode is not None
+
+
+@pytest.mark.usefixtures("no_prestarted")
+async def test_a_zygote_started_with_the_process_that_died_is_replaced(tmp_path: Path) -> None:
+    """Not a reason to give up on zygotes: the runtime starts one of its own."""
+    spec = env_handler(tmp_path)
+    cfg = RuntimeConfig(functions={"env": spec})
+    zygote_client.prestart("env", spec, cfg)
+    early = zygote_client._prestarted["env"].popen
+    early.kill()
+    early.wait(30)
+    async with LocalRuntime(cfg) as rt:
+        r = await invoke(lambda_client(rt), {}, name="env")
+        assert r["error"] is None, r
+        pool = rt.pools["env"]
+        assert not pool.zygote.disabled
+        assert r["body"]["ppid"] == pool.zygote.pid != early.pid

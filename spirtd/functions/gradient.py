@@ -37,13 +37,11 @@ import torch
 from spirtd.functions import credentials
 from spirtd.functions.credentials import RedisBinding
 from spirtd.functions.event import GradientEvent
+from spirtd.functions.runtime.config import TASK_MODULES_ENV
 from spirtd.redis import tensorfmt
 from spirtd.tasks import DATASET_OPTION, Task, load_task, minibatch_slice
 from spirtd.tasks.base import TaskError
 
-# Which packages a ``module:attribute`` task may come from, comma separated; unset
-# means built-in tasks only (importing a module runs its code).
-TASK_MODULES_ENV = "SPIRT_TASK_MODULES"
 # For rediss:// (TLS), the CA that signed the peer's Redis certificate, as a PEM
 # file path or as PEM text.
 CA_FILE_ENV = "SPIRT_REDIS_CA_FILE"

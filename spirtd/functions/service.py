@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 from spirtd.config import ConfigError
 from spirtd.functions.cost import LAMBDA_PRICES, Prices, prices_for
 from spirtd.functions.credentials import CredentialError, bindings_env
-from spirtd.functions.gradient import TASK_MODULES_ENV
 from spirtd.functions.invoker import Invoker
-from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
+from spirtd.functions.local import runtime_config, task_modules_env
 from spirtd.functions.runtime.server import LocalRuntime
 
 if TYPE_CHECKING:
@@ -48,23 +47,9 @@ class FunctionsService:
                     environment = bindings_env([self.redis.function_binding()])
                 except CredentialError as e:
                     raise ConfigError(f"functions: {e}") from None
-            # The workers import a job's `module:attr` task themselves, so they get the
-            # node's allowlist; set even when empty, so an inherited variable cannot widen it.
-            environment[TASK_MODULES_ENV] = ",".join(self.node.config.task_modules)
-            self.runtime = LocalRuntime(
-                RuntimeConfig(
-                    functions={
-                        cfg.function_name: FunctionSpec(
-                            timeout_s=cfg.timeout_s,
-                            memory_mb=cfg.memory_mb,
-                            environment=environment,
-                        )
-                    },
-                    concurrency=cfg.concurrency,
-                    # The invoker signs for this region; the runtime accepts no other.
-                    region=cfg.region,
-                )
-            )
+            environment.update(task_modules_env(self.node.config))
+            # Its zygote was started with the process (local.prestart): taken over.
+            self.runtime = LocalRuntime(runtime_config(self.node.config, environment))
             endpoint: str | None = await self.runtime.start()
             # In the background: the node is up and joins meanwhile.
             self.runtime.warm(cfg.prewarm)

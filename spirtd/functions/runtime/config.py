@@ -11,6 +11,9 @@ from spirtd.functions.runtime import lambda_errors
 
 GRADIENT_FUNCTION = "spirt-gradient"
 GRADIENT_HANDLER = "spirtd.functions.gradient:handler"
+# Which packages a ``module:attribute`` task may come from, comma separated; unset
+# means built-in tasks only (importing a module runs its code).
+TASK_MODULES_ENV = "SPIRT_TASK_MODULES"
 
 
 class RuntimeConfigError(ValueError):

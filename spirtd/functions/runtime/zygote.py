@@ -10,7 +10,9 @@ It checks that it is still single-threaded before it says ready.
 
 Control channel: a SOCK_SEQPACKET socket (``--fd``), one JSON object per message.
 The runtime sends ``{"type": "fork"}`` with two fds (SCM_RIGHTS): the worker's end
-of its request socket and the write end of its output pipe. The zygote answers
+of its request socket and the write end of its output pipe, and optionally
+``"env"``: variables (strings) the worker sets before it imports its handler, for
+what the runtime learns only after the zygote started (zygote_client.LATE_ENV). The zygote answers
 ``{"type": "forked", "pid"}`` with a pidfd of the worker (so the runtime can signal
 it without racing pid reuse), or ``{"type": "fork_error"}``, and reports each
 worker's end as ``{"type": "exit", "pid", "code"}`` once it has reaped it. Nothing
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -34,7 +37,8 @@ import traceback
 
 from spirtd.functions.runtime import worker
 
-MAX_MESSAGE = 4096
+# A fork request's late environment included (a Redis binding is a few hundred bytes).
+MAX_MESSAGE = 65536
 # fds a fork request carries: the request socket and the output pipe.
 FORK_FDS = 2
 
@@ -68,7 +72,14 @@ def preload(module_name: str) -> list[str]:
     for name in handler_imports(module_name):
         try:
             importlib.import_module(name)
-        except Exception:  # an attribute, not a module, or a broken one
+        except Exception:
+            # An attribute, not a module (``from pkg import name``): a package that
+            # loads its names on first use (spirtd.tasks) loads that one now.
+            parent, _, attr = name.rpartition(".")
+            module = sys.modules.get(parent)
+            if module is not None:
+                with contextlib.suppress(Exception):  # broken: the worker's import says so
+                    getattr(module, attr, None)
             continue
         loaded.append(name)
     return loaded
@@ -97,8 +108,23 @@ def _reseed() -> None:
         torch.seed()
 
 
+def late_env(req: dict[str, object]) -> dict[str, str] | None:
+    """A fork request's ``env``: a dict of strings, or None when malformed."""
+    env = req.get("env", {})
+    if not isinstance(env, dict):
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) and k for k, v in env.items()):
+        return None
+    return env
+
+
 def _child(
-    args: argparse.Namespace, ctrl: socket.socket, sock_fd: int, out_fd: int, close: list[int]
+    args: argparse.Namespace,
+    ctrl: socket.socket,
+    sock_fd: int,
+    out_fd: int,
+    close: list[int],
+    env: dict[str, str],
 ) -> None:
     """Runs in the forked worker; never returns."""
     code = 1
@@ -115,6 +141,7 @@ def _child(
         os.dup2(out_fd, 2)
         os.close(out_fd)
         _reseed()
+        os.environ.update(env)
         sock = socket.socket(fileno=sock_fd)
         code = worker.serve(
             sock, args.handler, args.function, args.memory_mb, args.max_frame, args.max_response
@@ -150,7 +177,8 @@ def serve(args: argparse.Namespace, ctrl: socket.socket) -> int:
                 req = json.loads(msg)
             except ValueError:
                 req = None
-            if not isinstance(req, dict) or req.get("type") != "fork" or len(fds) != FORK_FDS:
+            env = late_env(req) if isinstance(req, dict) else None
+            if env is None or req.get("type") != "fork" or len(fds) != FORK_FDS:
                 for fd in fds:
                     os.close(fd)
                 _send(ctrl, {"type": "fork_error", "message": "bad fork request"})
@@ -166,7 +194,7 @@ def serve(args: argparse.Namespace, ctrl: socket.socket) -> int:
                 continue
             if pid == 0:
                 sel.close()
-                _child(args, ctrl, fds[0], fds[1], list(children))
+                _child(args, ctrl, fds[0], fds[1], list(children), env)
             for fd in fds:
                 os.close(fd)
             pidfd = os.pidfd_open(pid)

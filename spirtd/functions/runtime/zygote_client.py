@@ -5,6 +5,12 @@ A forked worker is not the runtime's child, so it is followed through what the
 zygote sends: a pidfd (to kill it without racing pid reuse) and its exit status
 once the zygote has reaped it. When the zygote itself dies, its workers are
 killed through their pidfds: nothing would report their exits any more.
+
+The daemon starts its gradient function's zygote with the process (``prestart``),
+before its own imports: the two torch imports then run side by side instead of one
+after the other. The function's Redis binding is known only once Redis is up, so
+the variables in ``LATE_ENV`` are not in the zygote's environment but go with each
+fork request (the function reads them when invoked, never at import).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from spirtd.functions.credentials import TARGETS_ENV
 from spirtd.functions.runtime import zygote as zygote_program
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.process import (
@@ -31,6 +39,8 @@ from spirtd.functions.runtime.process import (
 )
 
 _EXIT_WAIT_S = 5.0
+# A function's environment variables sent with each fork instead of set in the zygote.
+LATE_ENV = frozenset({TARGETS_ENV})
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,128 @@ class ForkedProcess:
         return await asyncio.shield(self._exited)
 
 
+class _Adopted:
+    """A zygote started with ``subprocess.Popen`` before the event loop ran, with
+    what ``Zygote`` uses of an ``asyncio.subprocess.Process``. It is this process's
+    child: its exit is reaped here, seen through a pidfd."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.pid = popen.pid
+        self.stdout: asyncio.StreamReader | None = None
+        self._popen = popen
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def kill(self) -> None:
+        if self._popen.poll() is not None:
+            raise ProcessLookupError(self.pid)
+        self._popen.kill()
+
+    async def wait(self) -> int:
+        code = self._popen.poll()
+        if code is not None:
+            return code
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return self._popen.wait()
+
+
+class _Prestarted:
+    """A zygote process started before its runtime existed, waiting to be adopted."""
+
+    def __init__(self, function: str, spec: FunctionSpec, cfg: RuntimeConfig) -> None:
+        self.function = function
+        self.args = _zygote_args(function, spec, cfg)
+        self.env = worker_env(_early_spec(spec), cfg)
+        self.t0 = time.perf_counter()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            command = [sys.executable, "-m", zygote_program.__name__, "--fd", str(child.fileno())]
+            self.popen = subprocess.Popen(
+                [*command, *self.args],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.ctrl = parent
+
+    async def discard(self) -> None:
+        self.ctrl.close()  # EOF: a zygote past its imports exits by itself
+        proc = _Adopted(self.popen)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), _EXIT_WAIT_S)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+    async def adopt(self) -> _Adopted:
+        proc = _Adopted(self.popen)
+        out = self.popen.stdout
+        if out is not None:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=OUTPUT_LINE_MAX)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), out)
+            proc.stdout = reader
+        return proc
+
+
+# function name -> its zygote started by ``prestart``, until a Zygote adopts it.
+_prestarted: dict[str, _Prestarted] = {}
+
+
+def prestart(function: str, spec: FunctionSpec, cfg: RuntimeConfig) -> None:
+    """Starts ``function``'s zygote now, without an event loop: the daemon calls it
+    first thing, so that the zygote's imports overlap the daemon's own. The
+    runtime's Zygote for that function takes it over if it would have started the
+    same process (arguments and environment, ``LATE_ENV`` aside); otherwise it ends
+    it and starts its own. Nothing is started when pidfds are missing (Linux < 5.3)."""
+    if not hasattr(os, "pidfd_open") or function in _prestarted:
+        return
+    try:
+        _prestarted[function] = _Prestarted(function, spec, cfg)
+    except OSError as e:
+        log.warning("function %s: could not start its zygote early: %s", function, e)
+
+
+def _early_spec(spec: FunctionSpec) -> FunctionSpec:
+    """``spec`` without the variables that go with each fork instead."""
+    env = {k: v for k, v in spec.environment.items() if k not in LATE_ENV}
+    return dataclasses.replace(spec, environment=env)
+
+
+def _zygote_args(function: str, spec: FunctionSpec, cfg: RuntimeConfig) -> list[str]:
+    return [
+        "--handler",
+        spec.handler,
+        "--function",
+        function,
+        "--memory-mb",
+        str(spec.memory_mb),
+        "--max-frame",
+        str(max(cfg.max_request_bytes, cfg.max_event_bytes) + FRAME_SLACK),
+        "--max-response",
+        str(cfg.max_response_bytes),
+    ]
+
+
 class Zygote:
     """One function's zygote process, started on the first fork() and again after
     it dies. ``fork`` returns None when no zygote can be had: the caller then
@@ -90,7 +222,7 @@ class Zygote:
         self.cfg = cfg
         self.starts = 0
         self.disabled = False  # a zygote failed to start: fresh processes from now on
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _Adopted | None = None
         self._ctrl: socket.socket | None = None
         self._output: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -102,19 +234,7 @@ class Zygote:
         return self._proc.pid if self._proc is not None and self._ctrl is not None else None
 
     def _args(self) -> list[str]:
-        cfg = self.cfg
-        return [
-            "--handler",
-            self.spec.handler,
-            "--function",
-            self.function,
-            "--memory-mb",
-            str(self.spec.memory_mb),
-            "--max-frame",
-            str(max(cfg.max_request_bytes, cfg.max_event_bytes) + FRAME_SLACK),
-            "--max-response",
-            str(cfg.max_response_bytes),
-        ]
+        return _zygote_args(self.function, self.spec, self.cfg)
 
     async def fork(self) -> tuple[ForkedProcess, socket.socket] | None:
         """A new worker (not yet ready: it runs its handler's init) and the
@@ -151,6 +271,29 @@ class Zygote:
         return True
 
     async def _start(self) -> None:
+        # The thread counts are read when torch is imported: in the zygote.
+        env = worker_env(_early_spec(self.spec), self.cfg)
+        pre = _prestarted.pop(self.function, None)
+        if pre is not None:
+            if pre.args == self._args() and pre.env == env:
+                try:
+                    await self._take(await pre.adopt(), pre.ctrl, pre.t0)
+                    return
+                except ZygoteError as e:
+                    # Died before it was taken over, say: a new one may do better.
+                    log.info(
+                        "function %s: the zygote started with the process failed (%s); "
+                        "starting another",
+                        self.function,
+                        e,
+                    )
+            else:
+                log.info(
+                    "function %s: the zygote started with the process has another "
+                    "configuration; starting another",
+                    self.function,
+                )
+                await pre.discard()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         t0 = time.perf_counter()
         try:
@@ -166,8 +309,7 @@ class Zygote:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 limit=OUTPUT_LINE_MAX,
-                # The thread counts are read when torch is imported: in the zygote.
-                env=worker_env(self.spec, self.cfg),
+                env=env,
                 start_new_session=True,
             )
         except BaseException:
@@ -175,6 +317,13 @@ class Zygote:
             raise
         finally:
             child.close()
+        await self._take(proc, parent, t0)
+
+    async def _take(
+        self, proc: asyncio.subprocess.Process | _Adopted, parent: socket.socket, t0: float
+    ) -> None:
+        """Follows the zygote ``proc`` (its channel ``parent``, started at ``t0``)
+        until it says it is ready; raises ZygoteError (and ends it) otherwise."""
         self.starts += 1
         self._proc = proc
         self._ctrl = parent
@@ -202,11 +351,12 @@ class Zygote:
             await self._kill_zygote()
             raise ZygoteError(str(msg.get("message", msg.get("type"))))
         log.info(
-            "function %s: zygote %d ready in %.0f ms (its imports: %.0f ms)",
+            "function %s: zygote %d ready in %.0f ms (its imports: %.0f ms)%s",
             self.function,
             proc.pid,
             (time.perf_counter() - t0) * 1000,
             float(msg.get("preload_ms", 0.0)),  # type: ignore[arg-type]
+            ", started with the process" if isinstance(proc, _Adopted) else "",
         )
 
     async def _fork_one(self) -> tuple[ForkedProcess, socket.socket]:
@@ -216,8 +366,12 @@ class Zygote:
         r, w = os.pipe()
         self._reply = loop.create_future()
         try:
+            late = {k: v for k, v in self.spec.environment.items() if k in LATE_ENV}
+            request = json.dumps({"type": "fork", "env": late}, separators=(",", ":")).encode()
+            if len(request) > zygote_program.MAX_MESSAGE:
+                raise ZygoteError(f"fork request of {len(request)} bytes")
             try:
-                socket.send_fds(self._ctrl, [b'{"type":"fork"}'], [theirs.fileno(), w])
+                socket.send_fds(self._ctrl, [request], [theirs.fileno(), w])
             except OSError as e:
                 raise ZygoteError(f"fork request: {e}") from e
             finally:
