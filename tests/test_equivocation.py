@@ -17,7 +17,7 @@ import pytest
 from protocol import strictpack, wire
 from protocol.errors import DecodeError
 from protocol.gossip import GossipConfig
-from protocol.gossip.messages import Announcement
+from protocol.gossip.messages import Announcement, message_id
 from protocol.gossip.transfer import digest_of
 from protocol.identity import NodeKey
 from spirtd.training.evidence import (
@@ -54,7 +54,8 @@ def _gradient(
     return wire.seal(key, wire.MsgType.GOSSIP_PUBLISH, seq, 1_700_000_000_000, ann.to_obj())
 
 
-def _see(ledger: Ledger, env: bytes) -> Any:
+def _see(ledger: Ledger, env: bytes, current: int | None = None) -> Any:
+    """``current``: our round (by default the gradient's own)."""
     e = wire.decode(env)
     ann = Announcement.from_obj(
         e.body, max_payload=CFG.max_payload, max_meta=CFG.max_meta, inline_max=CFG.inline_max
@@ -65,7 +66,15 @@ def _see(ledger: Ledger, env: bytes) -> Any:
     assert isinstance(m, GradientMeta)
     from protocol.identity import node_id
 
-    return ledger.see(node_id(e.origin), m.round, m.base_digest, ann.digest, ann.size, env)
+    return ledger.see(
+        node_id(e.origin),
+        m.round,
+        m.base_digest,
+        ann.digest,
+        ann.size,
+        env,
+        current=m.round if current is None else current,
+    )
 
 
 def test_second_different_gradient_for_a_round_is_proof_that_verifies() -> None:
@@ -103,8 +112,26 @@ def test_ledger_is_bounded_by_a_window_of_rounds() -> None:
     for r in range(1, 20):
         assert _see(ledger, _gradient(k, round=r, seq=r)) is None
     assert len(ledger._seen[k.node_id]) <= 4
-    # Far behind what the origin is at: not kept, so not a proof either.
-    assert _see(ledger, _gradient(k, round=2, seq=100, body=b"\x09" * 32)) is None
+    # Far behind our round: not kept, so not a proof either.
+    assert _see(ledger, _gradient(k, round=2, seq=100, body=b"\x09" * 32), current=19) is None
+
+
+def test_a_flood_of_far_future_rounds_does_not_blind_the_ledger() -> None:
+    # The lying peer's "future_flood" class pushed its real rounds out of a ledger
+    # that measured its window from the origin's newest claim: its NaN of round 8
+    # then had no envelope, so no proof went out, and an honest peer on another model
+    # that round (it never reads the body) kept the liar in for the whole job.
+    k = _key(1)
+    ledger = Ledger(JOB, window=4)
+    a = _gradient(k, round=8, seq=1)
+    assert _see(ledger, a, current=8) is None
+    for i in range(20):
+        flood = _gradient(k, round=10_000 + i, seq=10 + i)
+        assert _see(ledger, flood, current=8) is None
+    assert ledger.envelope(k.node_id, 8, message_id(a)) == a
+    assert set(ledger._seen[k.node_id]) == {8}
+    proof = _see(ledger, _gradient(k, round=8, seq=50, body=b"\x02" * 32), current=8)
+    assert proof is not None and proof.round == 8
 
 
 def _pair(a: bytes, b: bytes) -> bytes:

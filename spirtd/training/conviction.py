@@ -42,11 +42,20 @@ class Conviction:
         self.env = env
         self.ledger = Ledger(job_id)  # first gradient announcement per (origin, round)
 
-    def see(self, info: Info, meta: GradientMeta, excluded: Container[str]) -> Evidence | None:
-        """A gradient announcement: the proof, if it is a second one for its round."""
+    def see(
+        self, info: Info, meta: GradientMeta, excluded: Container[str], current: int
+    ) -> Evidence | None:
+        """A gradient announcement: the proof, if it is a second one for its round.
+        ``current``: this peer's round."""
         if info.origin not in excluded:
             return self.ledger.see(
-                info.origin, meta.round, meta.base_digest, info.digest, info.size, info.wire
+                info.origin,
+                meta.round,
+                meta.base_digest,
+                info.digest,
+                info.size,
+                info.wire,
+                current=current,
             )
         # Excluded origins are the machine's verdict; counted here as before.
         wrong = info.size != self.spec.body_size

@@ -183,9 +183,18 @@ class Ledger:
         body_digest: bytes,
         size: int,
         envelope: bytes,
+        *,
+        current: int,
     ) -> Proof | None:
+        """``current``: this peer's round. Only rounds within ``window`` of it either
+        way are kept, measured from our round, never from what the origin claims: a
+        flood of far-future rounds from a liar would otherwise push its real rounds
+        out, blinding this ledger to its equivocation and leaving a signed NaN of it
+        without the envelope its proof needs (so the proof never went out)."""
         if not envelope or len(envelope) > MAX_PROOF_ENVELOPE:
             return None  # no signed bytes to keep (a replayed buffer entry)
+        if not current - self.window < round <= current + self.window:
+            return None  # refused as stale or future anyway
         rounds = self._seen.get(origin)
         if rounds is None:
             if len(self._seen) >= self.max_origins:
@@ -194,11 +203,8 @@ class Ledger:
         mid = message_id(envelope)
         first = rounds.get(round)
         if first is None:
-            newest = max(rounds, default=round)
-            if round <= newest - self.window:
-                return None  # far older than what this origin is at: useless
             rounds[round] = _Seen(mid, base_digest, (body_digest, size), envelope)
-            for old in [r for r in rounds if r <= max(newest, round) - self.window]:
+            for old in [r for r in rounds if r <= current - self.window]:
                 del rounds[old]
             return None
         if first.msg_id == mid:

@@ -314,7 +314,7 @@ class Trainer:
         """The pub/sub validation hook: runs on the announcement, before any body byte."""
         if isinstance(meta, StateMeta):
             return Verdict.ACCEPT if info.size == 0 else Verdict.REJECT
-        proof = self.conviction.see(info, meta, self.excluded)
+        proof = self.conviction.see(info, meta, self.excluded, self.job.rounds.round)
         if proof is not None:
             self.convict(proof, "detected")
             return Verdict.IGNORE
