@@ -49,12 +49,16 @@ def test_int8_outer_rounds_survive_a_killed_peer(make_cluster: Any) -> None:
     # its long variant; here the restarted peer must end on the others' model.
     statuses = _wait_done(c.nodes)
     _assert_trained(statuses, 0.95)
-    for s in statuses:
+    for n, s in zip(c.nodes, statuses, strict=True):
         assert (s["job"]["inner_steps"], s["job"]["compression"]) == (H, "int8")
         assert s["steps"] == ROUNDS * H
         assert all(h["inner_steps"] == H for h in s["history"])
-        # Every round this peer took part in moved bytes both ways over its links.
-        assert all(h["bytes_sent"] > 0 and h["bytes_received"] > 0 for h in s["history"][1:])
+        # Every round this peer took part in moved bytes both ways over its links (a
+        # round the restarted peer only followed, closed on gradients it held, may
+        # close with nothing sent since the one before).
+        took_part = [h for h in s["history"][1:] if n.node_id in h["contributors"]]
+        assert took_part
+        assert all(h["bytes_sent"] > 0 and h["bytes_received"] > 0 for h in took_part)
     # What each peer's invocations cost: every round's row, and the job's total (which
     # also holds warm-up calls and the rounds a restart lost) at Lambda's prices.
     for n, s in zip(c.nodes, statuses, strict=True):
