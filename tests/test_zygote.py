@@ -219,3 +219,37 @@ async def test_a_zygote_started_with_the_process_that_died_is_replaced(tmp_path:
         pool = rt.pools["env"]
         assert not pool.zygote.disabled
         assert r["body"]["ppid"] == pool.zygote.pid != early.pid
+
+
+async def test_a_worker_that_exits_at_once_is_still_handed_back() -> None:
+    # A handler that cannot import exits right after the fork: the zygote's "forked"
+    # and "exit" can be read in one pass, and the runtime looked the worker up by pid
+    # after the exit had removed it (a KeyError, a 500 to the caller; seen in CI).
+    import asyncio
+    import json
+    import socket
+
+    z = zygote_client.Zygote("f", FunctionSpec(handler="x:y"), RuntimeConfig())
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    z._ctrl = ours
+    loop = asyncio.get_running_loop()
+    loop.add_reader(ours, z._on_readable)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        task = asyncio.create_task(z._fork_one())
+        # The fake zygote: take the request, then answer both at once.
+        await asyncio.sleep(0)
+        _, fds, _, _ = socket.recv_fds(theirs, 1024, 2)
+        for fd in fds:
+            os.close(fd)
+        socket.send_fds(theirs, [json.dumps({"type": "forked", "pid": 4242}).encode()], [pidfd])
+        theirs.send(json.dumps({"type": "exit", "pid": 4242, "code": 3}).encode())
+        proc, sock = await asyncio.wait_for(task, 10)
+        assert proc.pid == 4242 and proc.returncode == 3
+        sock.close()
+    finally:
+        loop.remove_reader(ours)
+        ours.close()
+        theirs.close()
+        os.close(pidfd)

@@ -383,7 +383,12 @@ class Zygote:
                 raise ZygoteError("no answer to a fork request") from e
             if msg.get("type") != "forked":
                 raise ZygoteError(str(msg.get("message", msg.get("type"))))
-            proc = self._children[int(msg["pid"])]  # type: ignore[call-overload]
+            # The process object comes with the answer, not from ``_children``: a worker
+            # that dies at once (a handler that cannot import) has its "exit" read in
+            # the same pass as its "forked", and is gone from there already.
+            proc = msg.get("child")
+            if not isinstance(proc, ForkedProcess):
+                raise ZygoteError("fork answer without a worker")
             reader = asyncio.StreamReader(limit=OUTPUT_LINE_MAX)
             await loop.connect_read_pipe(
                 lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", buffering=0)
@@ -419,7 +424,7 @@ class Zygote:
             kind = msg.get("type")
             if kind == "forked" and fds and isinstance(msg.get("pid"), int):
                 pid = msg["pid"]
-                self._children[pid] = ForkedProcess(pid, fds.pop(0))
+                self._children[pid] = msg["child"] = ForkedProcess(pid, fds.pop(0))
                 if self._reply is None or self._reply.done():
                     # Nobody waits for it any more (cancelled): it exits on EOF.
                     self._children.pop(pid)._orphaned()
