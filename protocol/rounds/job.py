@@ -18,10 +18,10 @@ closes, with whom. This machine owns one and decides the job around it:
   "in sync" (also when nobody else is there) resumes on the state held;
 * **following**: a peer that loaded a state follows that round without computing,
   warms its functions up (``WarmUp``), and computes again from a round start the
-  others' views can take it in at: the next round if nobody vouched has begun it
-  yet, else the one after, announced a round ahead (a heads-up with ``JOIN_DIGEST``);
-  past its deadline with nobody ahead, it computes the round after all
-  (``Unfollowed``);
+  others' views can take it in at: the round after next, announced a round ahead
+  (a heads-up with ``JOIN_DIGEST``), never the next one (the others' heads-ups for
+  it may be in flight); past its deadline with nobody ahead, it computes the round
+  after all (``Unfollowed``);
 * **exclusion verdicts**: a peer proven Byzantine is out of every round and its
   vouches are void;
 * **done, stopped, failed**.
