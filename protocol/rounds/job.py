@@ -18,10 +18,9 @@ closes, with whom. This machine owns one and decides the job around it:
   "in sync" (also when nobody else is there) resumes on the state held;
 * **following**: a peer that loaded a state follows that round without computing,
   warms its functions up (``WarmUp``), and computes again from a round start the
-  others' views can take it in at: about ``join_lead_s`` of rounds later at the
-  others' pace (at least the round after next), announced at once (a heads-up with
-  ``JOIN_DIGEST``), never the next one (the others' heads-ups for it may be in
-  flight); past its deadline with nobody ahead, it computes the round
+  others' views can take it in at: the round after next, announced a round ahead
+  (a heads-up with ``JOIN_DIGEST``), never the next one (the others' heads-ups for
+  it may be in flight); past its deadline with nobody ahead, it computes the round
   after all (``Unfollowed``);
 * **exclusion verdicts**: a peer proven Byzantine is out of every round and its
   vouches are void;
