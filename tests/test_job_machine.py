@@ -512,38 +512,6 @@ def test_a_follower_the_others_are_level_with_joins_a_round_later() -> None:
     assert InvokeFunctions(5) in out and not j.following
 
 
-def test_a_follower_announces_its_join_a_second_ahead_of_fast_rounds() -> None:
-    # Rounds of ~30 ms: a join one round ahead reached the others after they had
-    # closed that round on a loaded machine (the kill -9 scenario's restarted peer
-    # diverged at every round it joined). The lead is join_lead_s (1 s) at the
-    # others' pace, which the heads-ups show (a follower's own rounds do not).
-    j = following_at_3(rounds=100)  # resumed at t = 1.0
-    j.warm_up_done(True, 1.01)
-    vouch(j, 3, D[3], PEERS, 1.0)  # the others' heads-ups: a round every 100 ms
-    vouch(j, 4, D[4], PEERS, 1.1)
-    out = run_round(j, 3, 1.11)
-    assert not any(isinstance(a, InvokeFunctions) for a in out) and j.following
-    assert PublishState(3 + 10, JOIN_DIGEST, True) in out
-    # It follows up to there without announcing again, then computes.
-    for r in range(4, 12):
-        out = run_round(j, r, 1.0 + 0.1 * (r - 2))
-        assert j.following and not any(
-            isinstance(a, PublishState) and a.digest == JOIN_DIGEST for a in out
-        )
-    out = run_round(j, 12, 2.05)
-    assert CaughtUp(13) in j.drain_events() and InvokeFunctions(13) in out
-
-
-def test_a_follower_too_near_the_end_for_its_lead_follows_to_the_end() -> None:
-    j = following_at_3(rounds=10)
-    j.warm_up_done(True, 1.01)
-    vouch(j, 3, D[3], PEERS, 1.0)
-    vouch(j, 4, D[4], PEERS, 1.1)
-    out = run_round(j, 3, 1.11)  # a lead of 10 rounds does not fit in the 7 left
-    assert j.following and not any(isinstance(a, InvokeFunctions) for a in out)
-    assert not any(isinstance(a, PublishState) and a.digest == JOIN_DIGEST for a in out)
-
-
 def test_a_follower_follows_the_last_round_it_cannot_announce_a_join_for() -> None:
     j = following_at_3(rounds=4)
     j.warm_up_done(True, 1.5)

@@ -47,7 +47,6 @@ honest peers vouch for the majority's position; with fewer, nothing is loaded
 from __future__ import annotations
 
 import math
-import statistics
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -95,9 +94,6 @@ class Lifecycle(StrEnum):
     FAILED = "failed"
 
 
-# Rounds whose first heads-up time is kept for the others' pace.
-_PACE_ROUNDS = 16
-
 # Where a sync pass is.
 _READING = "reading"  # ReadLocalState out
 _LOADING_CHECKPOINT = "loading_checkpoint"
@@ -115,13 +111,6 @@ class JobConfig:
     buffer_max: int = 512  # gradients held while syncing or following
     lag_rounds: int = 2  # sync_decision's: behind by more, a peer syncs
     checkpoint_every: int = 0  # 0: never (the daemon also checkpoints at stop)
-    # A follower's join is announced at least this long before the round it joins
-    # at starts (estimated from the recent rounds' pace), and at least 2 rounds
-    # ahead: the heads-up must reach every peer before any of them closes that
-    # round. One round ahead was not enough under rounds of ~30 ms on a loaded
-    # machine (the restarted peer diverged at every round it joined).
-    join_lead_s: float = 1.0
-    join_lead_max_rounds: int = 64
 
     def validate(self) -> None:
         if self.sync_check_s <= 0 or self.sync_retry_s <= 0 or self.vouch_wait_s < 0:
@@ -130,8 +119,6 @@ class JobConfig:
             raise ValueError("buffer_max must be >= 1")
         if self.lag_rounds < 0 or self.checkpoint_every < 0:
             raise ValueError("lag_rounds and checkpoint_every must be >= 0")
-        if not self.join_lead_s >= 0 or self.join_lead_max_rounds < 2:
-            raise ValueError("join_lead_s must be >= 0 and join_lead_max_rounds >= 2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +166,6 @@ class JobMachine:
         # When each straggler was last told our position (bounded by the members:
         # forgotten when one leaves).
         self._told: dict[str, float] = {}
-        # When a heads-up for each recent round was first heard: the others' pace,
-        # which a follower (that computes nothing, and may replay held rounds fast)
-        # cannot measure from its own rounds. Bounded to _PACE_ROUNDS rounds.
-        self._round_heard: dict[int, float] = {}
         self._warming = False
         self._buffer: deque[_Held] = deque()
         self._next_check = now + check_offset_s
@@ -360,8 +343,6 @@ class JobMachine:
         position = participating or round > self.last_round
         if job == self.job_id and position and digest != JOIN_DIGEST:
             self._note(origin, round, digest, now)
-            if participating and origin != self.self_id:
-                self._note_pace(round, now)
         if job == self.job_id and origin != self.self_id:
             self._answer_straggler(origin, round, participating, now)
         self.rounds.announce(origin, job, round, digest, participating, now)
@@ -478,7 +459,7 @@ class JobMachine:
                 self._events.append(CaughtUp(round + 1))
             elif (
                 self._joins_at <= round
-                and round + (lead := self._join_lead()) <= self.last_round
+                and round + 2 <= self.last_round
                 and (t is None or t.round <= round + 1)
             ):
                 # The others close this round when we do and begin the next one at
@@ -486,13 +467,12 @@ class JobMachine:
                 # heads-ups are in flight. Computing it would put our gradient in the
                 # views of those that hear our heads-up before they close and not in
                 # the others' (a fork each time, under rounds of tens of
-                # milliseconds): follow, and tell them now the round we take part
-                # from, far enough ahead (``_join_lead``) for the heads-up to reach
-                # them all first. Two or more rounds behind, it keeps following (it
-                # replays buffered rounds faster than they run them); with fewer
-                # rounds left than the lead it follows to the end (unless the others
-                # wait for it: then ``_unfollow`` at the deadline).
-                join_at = round + lead
+                # milliseconds): follow it, and tell them now that we take part in the
+                # one after. Two or more rounds behind, it keeps following (it replays
+                # buffered rounds faster than they run them), and it follows the last
+                # round, for which no join can be announced ahead (unless the others
+                # wait for it there: then ``_unfollow`` at the deadline).
+                join_at = round + 2
         self.rounds.aggregated(round, digest, now, participate=participate)
         self._drain_rounds(now)
         if join_at:
@@ -670,39 +650,6 @@ class JobMachine:
                 self._actions.append(WriteGradient(h.origin, h.round, h.handle))
 
     # --- internals: sync ------------------------------------------------------------------
-
-    def _note_pace(self, round: int, now: float) -> None:
-        heard = self._round_heard
-        if round in heard or (heard and round <= max(heard) - _PACE_ROUNDS):
-            return
-        heard[round] = now
-        while len(heard) > _PACE_ROUNDS:
-            del heard[min(heard)]
-
-    def _pace_s(self) -> float | None:
-        """The others' recent round pace: the median time between the first heads-ups
-        heard for consecutive rounds, or this peer's own median round (the faster of
-        the two, which makes the join lead the longer); None if neither is known."""
-        heard = self._round_heard
-        gaps = [heard[r + 1] - heard[r] for r in heard if r + 1 in heard]
-        paces = [
-            p
-            for p in (statistics.median(gaps) if gaps else None, self.rounds.median_round_s())
-            if p is not None
-        ]
-        return min(paces) if paces else None
-
-    def _join_lead(self) -> int:
-        """How many rounds ahead a join is announced: ``join_lead_s`` at the others'
-        pace, at least 2, at most ``join_lead_max_rounds`` (2 when the pace is
-        unknown: the rounds are then slow to start with)."""
-        cfg = self.config
-        pace = self._pace_s()
-        if pace is None:
-            return 2
-        if pace <= 0:
-            return cfg.join_lead_max_rounds
-        return max(2, min(cfg.join_lead_max_rounds, math.ceil(cfg.join_lead_s / pace)))
 
     def _check_sync(self, now: float, *, stuck: bool = False) -> None:
         """Are we the ones who must sync? ``stuck``: the open round is past its

@@ -32,7 +32,6 @@ or, for gradients, rejected and counted in ``rejected``.
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -186,12 +185,6 @@ class RoundMachine:
     def _grace_until(self) -> float:
         assert self.deadline_at is not None
         return self.deadline_at + self.config.body_grace * self.deadline_s
-
-    def median_round_s(self) -> float | None:
-        """The median of the recent rounds' begin-to-close durations (None before the
-        first close): the pace the deadline follows."""
-        samples = self._deadline.samples()
-        return statistics.median(samples) if samples else None
 
     @property
     def waiting_for_quorum(self) -> bool:
