@@ -48,17 +48,19 @@ CFG = RoundConfig(initial_deadline_s=10.0, deadline_floor_s=1.0, deadline_ceilin
 
 def job(
     *,
+    self_id: str = ME,
     members: list[str] | None = None,
     rounds: int = 5,
+    min_contributors: int = 1,
     f: int = 1,
     checkpoint_every: int = 0,
     buffer_max: int = 512,
 ) -> JobMachine:
     m = RoundMachine(
-        self_id=ME,
+        self_id=self_id,
         job_id=JOB,
         rounds=rounds,
-        min_contributors=1,
+        min_contributors=min_contributors,
         eval_every=0,
         param_count=PARAMS,
         members=[ME, *PEERS] if members is None else members,
@@ -247,17 +249,7 @@ def test_a_peer_far_behind_finds_out_at_the_periodic_check() -> None:
 
 
 def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
-    m = RoundMachine(
-        self_id=ME,
-        job_id=JOB,
-        rounds=5,
-        min_contributors=3,
-        eval_every=0,
-        param_count=PARAMS,
-        members=[ME, *PEERS],
-        config=CFG,
-    )
-    j = JobMachine(m, f=1)
+    j = job(min_contributors=3)
     j.start(D[1], 0.0)
     vouch(j, 1, D[1], PEERS, 0.1)
     j.local_gradient_ready(1, 1.0)
@@ -439,17 +431,7 @@ def test_of_many_done_peers_2f_plus_1_answer_a_straggler() -> None:
     ids = [f"p{i}" for i in range(9)]
 
     def done_peer(me: str) -> JobMachine:
-        m = RoundMachine(
-            self_id=me,
-            job_id=JOB,
-            rounds=1,
-            min_contributors=1,
-            eval_every=0,
-            param_count=PARAMS,
-            members=[*ids, "late"],
-            config=CFG,
-        )
-        j = JobMachine(m, f=1)
+        j = job(self_id=me, members=[*ids, "late"], rounds=1)
         j.start(D[1], 0.0)
         j.local_gradient_ready(1, 0.0)
         j.aggregated(1, D[2], 0.1)
