@@ -25,6 +25,7 @@ from spirtd.control.api import ApiServer
 from spirtd.keyfiles import DataDir, KeyFileError, load_or_create_key
 from spirtd.metrics import LinkBytes
 from spirtd.net.link import Link, StreamSink
+from spirtd.net.startup_hold import StartupHold
 from spirtd.net.transport import Transport
 from spirtd.nodeapi import EnvelopeHandler, LinkListener, StreamHandler
 from spirtd.redis.module import ModuleNotBuilt
@@ -45,6 +46,8 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
         self._envelope_handlers: dict[MsgType, EnvelopeHandler] = {}
+        # Envelopes for services not started yet (see startup_hold.py).
+        self._early: StartupHold[tuple[Link, wire.Envelope]] = StartupHold()
         self._stream_handlers: dict[str, StreamHandler] = {}
         # Bytes over peer links, closed links included: metrics and each round's record.
         self.link_bytes = LinkBytes()
@@ -141,6 +144,7 @@ class Node:
                     await svc.stop()
             await self.transport.stop()
             raise
+        self._release_early()
         await self.api.start()
 
         # The first lines of output identify the node (INTERFACES.md).
@@ -311,12 +315,29 @@ class Node:
         env = wire.decode_counted(data, self.counters)
         if env is None:
             return
+        if env.type not in self._envelope_handlers and self._early.hold((link, env), len(data)):
+            self.counters["wire.held_at_start"] += 1
+            return
+        self._dispatch(link, env)
+
+    def _dispatch(self, link: Link, env: wire.Envelope) -> None:
         handler = self._envelope_handlers.get(env.type)
         if handler is None:
             self.counters["wire.unhandled_type"] += 1
             return
         self.counters[f"wire.in.{env.type.name.lower()}"] += 1
         handler(link, env)
+
+    def _release_early(self) -> None:
+        """Every service is up: what came for them meanwhile, in arrival order."""
+        if self._early.dropped:
+            log.warning(
+                "%d messages that came during start-up were dropped: over the %d bytes held",
+                self._early.dropped,
+                self._early.max_bytes,
+            )
+        for link, env in self._early.release():
+            self._dispatch(link, env)
 
     def on_stream(self, link: Link, stream: int, total: int, meta: bytes) -> StreamSink | None:
         try:
