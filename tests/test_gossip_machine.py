@@ -458,6 +458,17 @@ def test_negative_peers_are_pruned_at_the_next_heartbeat() -> None:
     assert len(ps) == 6
 
 
+def test_a_replacing_link_carries_our_subscriptions_again() -> None:
+    # What was in flight on the replaced link is lost, our one SUBSCRIBE maybe too.
+    m = machine()
+    (a,) = with_peers(m, "a")
+    m.subscribe(T, 0.0)
+    sent(m)
+    m.add_peer(a, 1.0, "127.0.0.1:1")  # the new link comes up before the old one closes
+    assert controls(sent(m), a).subs == [(T, True)]
+    assert m.status()["peers"] == 1
+
+
 def test_unsubscribe_prunes_the_mesh_and_tells_everyone() -> None:
     m = machine()
     ps = with_peers(m, "a", "b")

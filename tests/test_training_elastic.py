@@ -104,6 +104,15 @@ def test_killed_peer_restarts_and_catches_up(make_cluster: Any, mode: str) -> No
     victim.start()
     back_at = _round(c.nodes[0])
     wait_for(lambda: _contributes_after(c.nodes, victim.node_id, back_at), 120, "victim back")
+    # Every peer knows that every other takes the training topic, the restarted one
+    # too: the others' subscriptions came while its services were still starting (or
+    # on a link that a second one replaced), and one that missed them published its
+    # heads-ups and gradients to one peer only.
+    wait_for(
+        lambda: all(n.status()["pubsub"]["topic_peers"]["spirt.train"] == 3 for n in c.nodes),
+        30,
+        "every peer to know every other's subscriptions",
+    )
     # Another peer killed late and back only once the others are done: it resumes
     # from its own state, nobody is ahead of it in the rounds, and it must still
     # take the final model (an operator run left such a peer running for ever,

@@ -308,14 +308,19 @@ class GossipMachine:
     # -- peers ---------------------------------------------------------------------------
 
     def add_peer(self, peer: str, now: float, addr: str = "") -> None:
-        if peer == self.self_id or peer in self.addrs:
+        if peer == self.self_id:
             return
-        if len(self.addrs) >= self.config.max_peers:
-            self.counters["too_many_peers"] += 1
-            return
-        self.addrs[peer] = addr
-        self.mesh.add_peer(peer)
-        self.scores.connected(peer)
+        if peer not in self.addrs:
+            if len(self.addrs) >= self.config.max_peers:
+                self.counters["too_many_peers"] += 1
+                return
+            self.addrs[peer] = addr
+            self.mesh.add_peer(peer)
+            self.scores.connected(peer)
+        # Known already: a new link replaced the one we had (both ends dialed, or it
+        # redialed). What was in flight on the old one is lost, and our subscriptions,
+        # sent once per link, may be among it; without them the peer never sends us a
+        # topic's messages directly (a restarted peer then reached one peer of three).
         if self.subscriptions:
             self._control(peer).subs.extend((t, True) for t in sorted(self.subscriptions))
 
