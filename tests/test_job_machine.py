@@ -452,6 +452,28 @@ def test_of_many_done_peers_2f_plus_1_answer_a_straggler() -> None:
         assert len(answered) == 3, (straggler, answered)
 
 
+def test_a_peer_waiting_for_a_quorum_repeats_its_heads_up() -> None:
+    # Restarted from its own state after the others finished: its one heads-up at
+    # resume may go out before their gossip has it back, and a done peer answers
+    # only a heads-up it hears. While it waits for a quorum it says it again, once
+    # per check interval; not while the round can still close.
+    j = started()
+    j.local_gradient_ready(1, 0.5)
+    drain(j)
+    j.tick(5.0)  # before the deadline
+    assert j.drain_actions() == []
+    j.tick(100.0)  # past it, with one gradient of a quorum of three
+    assert j.rounds.waiting_for_quorum
+    assert PublishState(1, D[1], True) in j.drain_actions()
+    j.tick(100.5)  # within sync_check_s
+    assert j.drain_actions() == []
+    j.tick(101.1)
+    assert j.drain_actions() == [PublishState(1, D[1], True)]
+    vouch(j, 6, D[6], ["n2", "n3"], 101.2)  # the answers: the final position
+    j.tick(102.2)
+    assert j.lifecycle is Lifecycle.SYNCING
+
+
 def test_a_running_peer_answers_only_a_straggler_out_of_the_rounds() -> None:
     j = started()
     run_round(j, 1, 1.0)  # round 2 open; our own gradient never comes

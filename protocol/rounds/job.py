@@ -309,6 +309,15 @@ class JobMachine:
             self._check_sync(now, stuck=stuck)
             if stuck and self.lifecycle is Lifecycle.RUNNING:
                 self._unfollow(now)
+            if stuck and self.lifecycle is Lifecycle.RUNNING:
+                # Waiting for a quorum: our one heads-up for this round may have gone
+                # out before the others' gossip had us back (a restart faster than
+                # their failure detector), and peers that finished meanwhile answer
+                # only a heads-up they hear. Repeated, it reaches them; a round that
+                # lacks a quorum closes differently nowhere by it.
+                heads_up = self._repeatable()
+                if heads_up is not None:
+                    self._actions.append(heads_up)
             if self.following and not self.warmed and not self._warming:
                 # A failed warm-up is tried again: a cold follower never computes.
                 self._warming = True
