@@ -273,6 +273,7 @@ class SimPeer:
     __slots__ = (
         "accepted",
         "alive",
+        "alive_told",
         "begins",
         "booting",
         "byzantine",
@@ -310,6 +311,7 @@ class SimPeer:
         self.straggler = straggler
         self.alive = True
         self.booting = False  # restarted, its job not resumed yet: deaf, but a member
+        self.alive_told: set[str] = set()  # peers whose membership has this incarnation
         self.byzantine = False
         self.redis: tuple[int, bytes] | None = None  # (completed, digest) in its Redis
         self.crashed_at: float | None = None
@@ -885,6 +887,11 @@ class RoundSim:
         y, x = arg
         if not y.alive:
             return
+        if y.id in self.by_id[x.id].alive_told:
+            # Back faster than y's detector: y's membership holds the new incarnation,
+            # and a death declared for the old one no longer applies to it (SWIM
+            # orders a member's states by incarnation).
+            return
         if y.job.lifecycle is not Lifecycle.RUNNING:
             # The service hands member events to a running trainer only.
             y.gone_missed.add(x.id)
@@ -902,8 +909,11 @@ class RoundSim:
 
     def _alive(self, arg: tuple[SimPeer, SimPeer]) -> None:
         y, x = arg
-        if not y.alive or y.job.lifecycle is not Lifecycle.RUNNING or not (x.alive or x.booting):
+        if not y.alive or not (x.alive or x.booting):
             return
+        x.alive_told.add(y.id)
+        if y.job.lifecycle is not Lifecycle.RUNNING:
+            return  # the service hands member events to a running trainer only
         y.job.member_alive(x.id, self.loop.now)
         self._flush(y)
 
