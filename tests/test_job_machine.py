@@ -459,6 +459,7 @@ def test_a_peer_waiting_for_a_quorum_repeats_its_heads_up() -> None:
     # per check interval; not while the round can still close.
     j = started()
     j.local_gradient_ready(1, 0.5)
+    vouch(j, 1, D[1], ["n2"], 0.6)  # heard at our round, but no gradient comes
     drain(j)
     j.tick(5.0)  # before the deadline
     assert j.drain_actions() == []
@@ -472,6 +473,21 @@ def test_a_peer_waiting_for_a_quorum_repeats_its_heads_up() -> None:
     vouch(j, 6, D[6], ["n2", "n3"], 101.2)  # the answers: the final position
     j.tick(102.2)
     assert j.lifecycle is Lifecycle.SYNCING
+
+
+def test_a_peer_nobody_answers_repeats_its_heads_up() -> None:
+    # Resumed alone (the others finished, or have not heard it yet): nobody announces
+    # its round, so it says it again each check interval, long before the deadline.
+    j = started()
+    j.tick(0.5)  # within sync_check_s of the round's start: the others' may be on their way
+    assert j.drain_actions() == []
+    j.tick(1.5)
+    assert j.drain_actions() == [PublishState(1, D[1], True)]
+    j.tick(2.0)
+    assert j.drain_actions() == []  # once per check interval
+    vouch(j, 1, D[1], ["n2"], 2.1)  # heard at our round: a job under way
+    j.tick(2.6)
+    assert j.drain_actions() == []
 
 
 def test_a_running_peer_answers_only_a_straggler_out_of_the_rounds() -> None:

@@ -309,15 +309,12 @@ class JobMachine:
             self._check_sync(now, stuck=stuck)
             if stuck and self.lifecycle is Lifecycle.RUNNING:
                 self._unfollow(now)
-            if stuck and self.lifecycle is Lifecycle.RUNNING:
-                # Waiting for a quorum: our one heads-up for this round may have gone
-                # out before the others' gossip had us back (a restart faster than
-                # their failure detector), and peers that finished meanwhile answer
-                # only a heads-up they hear. Repeated, it reaches them; a round that
-                # lacks a quorum closes differently nowhere by it.
-                heads_up = self._repeatable()
-                if heads_up is not None:
-                    self._actions.append(heads_up)
+            if self.lifecycle is Lifecycle.RUNNING and self._unheard(now):
+                # Our one heads-up for this round may have gone out before the others'
+                # gossip had us back (a restart faster than their failure detector),
+                # and peers that finished meanwhile answer only a heads-up they hear.
+                # Repeated, it reaches them.
+                self._actions.append(self._open_heads_up())
             if self.following and not self.warmed and not self._warming:
                 # A failed warm-up is tried again: a cold follower never computes.
                 self._warming = True
@@ -598,10 +595,28 @@ class JobMachine:
             return None
         if self.lifecycle is Lifecycle.DONE:
             return PublishState(self.last_round + 1, self.digest, False)
-        m = self.rounds
-        if self.lifecycle is Lifecycle.RUNNING and m.waiting_for_quorum:
-            return PublishState(m.round, m.digest or self.digest, m.participating)
+        if self.lifecycle is Lifecycle.RUNNING and self.rounds.waiting_for_quorum:
+            return self._open_heads_up()
         return None
+
+    def _open_heads_up(self) -> PublishState:
+        m = self.rounds
+        return PublishState(m.round, m.digest or self.digest, m.participating)
+
+    def _unheard(self, now: float) -> bool:
+        """Whether our open round looks unheard: past its deadline without a quorum,
+        or nobody announced it (or a later round) in the ``sync_check_s`` since it
+        began. Not in a job that runs: its peers' heads-ups for a round come as it
+        begins, and a heads-up repeated out of its time would bring peers that
+        missed a deadline back into some views and not others."""
+        m = self.rounds
+        if not self.digest or not m.is_open:
+            return False
+        if m.waiting_for_quorum:
+            return True
+        newest = self.vouch.newest_round(exclude=(self.self_id,))
+        quiet = newest is None or newest < m.round
+        return quiet and now - m.begun_at >= self.config.sync_check_s
 
     def _answer_straggler(self, origin: str, round: int, participating: bool, now: float) -> None:
         """A peer announces a round behind ours: one that restarted from its own

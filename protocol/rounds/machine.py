@@ -187,6 +187,11 @@ class RoundMachine:
         return self.deadline_at + self.config.body_grace * self.deadline_s
 
     @property
+    def is_open(self) -> bool:
+        """A round is open: computing or collecting."""
+        return self._is_open()
+
+    @property
     def waiting_for_quorum(self) -> bool:
         """The open round is past its deadline with fewer gradients than a quorum."""
         return self._is_open() and self._quorum_waited
