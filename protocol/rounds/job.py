@@ -166,6 +166,9 @@ class JobMachine:
         # When each straggler was last told our position (bounded by the members:
         # forgotten when one leaves).
         self._told: dict[str, float] = {}
+        # Heads-ups from a straggler we left to holders ranked before us: each one it
+        # repeats, one more of us answers (see _answer_straggler).
+        self._passed: dict[str, int] = {}
         self._warming = False
         self._buffer: deque[_Held] = deque()
         self._next_check = now + check_offset_s
@@ -338,6 +341,7 @@ class JobMachine:
         self.rounds.member_gone(node_id, now)
         self.vouch.forget(node_id)
         self._told.pop(node_id, None)
+        self._passed.pop(node_id, None)
         self._drain_rounds(now)
 
     # --- heads-ups and gradients ---------------------------------------------------------
@@ -629,7 +633,10 @@ class JobMachine:
         peer is N^2 messages per straggler (at 200 simulated peers it more than
         doubled the run). It needs f + 1 honest vouches, so the 2f + 1 holders that
         rank first for this straggler answer (a rendezvous hash every holder
-        computes alike from the same table), each once per ``sync_check_s``. While
+        computes alike from the same table), each once per ``sync_check_s``. A
+        holder ranked first may not answer (dead, restarted without its job, or
+        lying by silence): each heads-up the straggler repeats brings in the next
+        holder, so it hears from enough of us within a few repeats. While
         running, only a peer out of the rounds is answered: one taking part a
         round behind is merely slow, and heard our heads-up in time."""
         if participating and self.lifecycle is Lifecycle.RUNNING:
@@ -645,7 +652,9 @@ class JobMachine:
             key = origin.encode() + b"\0"
             mine = zlib.crc32(key + self.self_id.encode())
             ahead = sum(1 for p in holders if zlib.crc32(key + p.encode()) < mine)
-            if ahead >= answer:
+            passed = self._passed.get(origin, 0)
+            if ahead >= answer + passed:
+                self._passed[origin] = passed + 1
                 return
         self._told[origin] = now
         self._actions.append(heads_up)
