@@ -72,11 +72,14 @@ def test_bench_outer_tiny() -> None:
     # A round's bytes are the links' between two closes: a body that comes while the
     # previous round is still being aggregated counts in that round, so the measured
     # window can hold a little less than one body per round (0.99 of it in one run).
+    # H = 4 has only two rounds here, so one body landing outside them weighs a lot:
+    # a clean-clone run measured 0.14 of H = 1's received bytes per step (0.56 of a
+    # body per round). The lower bound leaves room for that; "no saving" reads ~1.
     for c in formats:
         one, four = rows[(1, c)], rows[(4, c)]
         for k in ("bytes_sent_per_step", "bytes_received_per_step"):
             assert one[k] >= 0.9 * one["body_bytes"], (c, k, one)
-            assert 0.15 < four[k] / one[k] < 0.40, (c, k, four[k], one[k])
+            assert 0.10 < four[k] / one[k] < 0.40, (c, k, four[k], one[k])
     if "int8" in formats:
         # 1 byte per value against 4: well under half of none's bytes.
         assert rows[(1, "int8")]["bytes_ratio_to_h1_none"] < 0.5
