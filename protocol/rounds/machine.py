@@ -172,7 +172,7 @@ class RoundMachine:
         return out
 
     def next_deadline(self) -> float | None:
-        if not self._is_open() or self.deadline_at is None:
+        if not self.is_open or self.deadline_at is None:
             return None
         if self._now >= self.deadline_at and self._in_flight:
             grace = self._grace_until()
@@ -189,16 +189,16 @@ class RoundMachine:
     @property
     def is_open(self) -> bool:
         """A round is open: computing or collecting."""
-        return self._is_open()
+        return self.phase == COMPUTING or self.phase == COLLECTING
 
     @property
     def waiting_for_quorum(self) -> bool:
         """The open round is past its deadline with fewer gradients than a quorum."""
-        return self._is_open() and self._quorum_waited
+        return self.is_open and self._quorum_waited
 
     def status(self) -> dict[str, Any]:
         v = self._view
-        open_ = self._is_open()
+        open_ = self.is_open
         return {
             "round": self.round,
             "phase": self.phase,
@@ -240,7 +240,7 @@ class RoundMachine:
             raise ValueError("empty digest")
         self._now = now
         if (
-            self._is_open()
+            self.is_open
             and round == self.round
             and digest == self.digest
             and participating == self.participating
@@ -328,7 +328,7 @@ class RoundMachine:
         self._now = now
         self.rejected[reason] += 1
         self._events.append(GradientRejected(origin, round, reason))
-        if round == self.round and self._is_open():
+        if round == self.round and self.is_open:
             self._in_flight.discard(origin)
             self._view.spoil(origin)
             self._maybe_close(now)
@@ -396,11 +396,7 @@ class RoundMachine:
         ):
             # Overtaken by a later announcement (gossip does not keep order).
             self.counters["announce_out_of_order"] += 1
-            if (
-                not participating
-                and self._is_open()
-                and (round, digest) == (self.round, self.digest)
-            ):
+            if not participating and self.is_open and (round, digest) == (self.round, self.digest):
                 # Still true of the round we are in (its functions failed, then it
                 # moved on): do not wait for it in this round.
                 v.skip_round(origin)
@@ -418,9 +414,9 @@ class RoundMachine:
         elif digest == JOIN_DIGEST:
             # It computes from that round's start on (a join heard only once we began
             # it counts in it all the same); until then it stays out.
-            if self._is_open() and round == self.round:
+            if self.is_open and round == self.round:
                 v.matched(origin)
-        elif self._is_open() and round == self.round:
+        elif self.is_open and round == self.round:
             if digest == self.digest:
                 v.matched(origin)
             else:
@@ -481,9 +477,6 @@ class RoundMachine:
         self._maybe_close(now)
 
     # --- internals ------------------------------------------------------------------------
-
-    def _is_open(self) -> bool:
-        return self.phase == COMPUTING or self.phase == COLLECTING
 
     def _begin(self, round: int, digest: bytes, participating: bool, now: float) -> None:
         v = self._view
@@ -548,7 +541,7 @@ class RoundMachine:
             return R_NOT_MEMBER, 0
         if round > self.rounds:
             return R_FUTURE, 0
-        if self._is_open():
+        if self.is_open:
             if round == self.round:
                 where = _CURRENT
             elif round < self.round:
@@ -584,9 +577,9 @@ class RoundMachine:
     def _rejected(self, origin: str, round: int, base: bytes, reason: str) -> None:
         self.rejected[reason] += 1
         self._events.append(GradientRejected(origin, round, reason))
-        if reason == R_DIGEST and round == self.round and self._is_open():
+        if reason == R_DIGEST and round == self.round and self.is_open:
             self._diverge(origin, base)
-        elif reason == R_SIZE and round == self.round and self._is_open():
+        elif reason == R_SIZE and round == self.round and self.is_open:
             self._view.spoil(origin)
         elif reason == R_SIZE:
             self._spoil_later(origin, round)
@@ -643,7 +636,7 @@ class RoundMachine:
         return max(1, min(self.min_contributors, self._min_for_f(f)))
 
     def _maybe_close(self, now: float) -> None:
-        if not self._is_open():
+        if not self.is_open:
             return
         v = self._view
         need = v.quorum(self._min())
