@@ -10,6 +10,7 @@ from pathlib import Path
 from spirtd import __version__, logs, malloc_tuning
 from spirtd.config import ConfigError, load
 from spirtd.keyfiles import KeyFileError
+from spirtd.training import jobfiles
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.log_format, config.log_level)
     malloc_tuning.tune()
     # Before the imports below (torch among them, seconds): the function zygote's own
-    # imports then run meanwhile, on the other core.
-    from spirtd.functions.local import prestart
+    # imports then run meanwhile, on the other core. Only when functions are wanted
+    # at once: the daemon stopped in the middle of a job, which it resumes now, or
+    # it is told to keep workers warm. Otherwise the zygote starts once a job is
+    # known, and a daemon that never trains never spends its seconds of CPU on it.
+    if config.invoke.prewarm or jobfiles.interrupted(config.data_dir):
+        from spirtd.functions.local import prestart
 
-    prestart(config)
+        prestart(config)
     from spirtd.node import main_async
 
     try:

@@ -15,6 +15,7 @@ from spirtd.functions.cost import LAMBDA_PRICES, Prices, prices_for
 from spirtd.functions.credentials import CredentialError, bindings_env
 from spirtd.functions.invoker import Invoker
 from spirtd.functions.local import runtime_config, task_modules_env
+from spirtd.functions.runtime import zygote_client
 from spirtd.functions.runtime.server import LocalRuntime
 
 if TYPE_CHECKING:
@@ -48,11 +49,14 @@ class FunctionsService:
                 except CredentialError as e:
                     raise ConfigError(f"functions: {e}") from None
             environment.update(task_modules_env(self.node.config))
-            # Its zygote was started with the process (local.prestart): taken over.
             self.runtime = LocalRuntime(runtime_config(self.node.config, environment))
             endpoint: str | None = await self.runtime.start()
-            # In the background: the node is up and joins meanwhile.
-            self.runtime.warm(cfg.prewarm)
+            if cfg.prewarm or zygote_client.prestarted():
+                # In the background: the node is up and joins meanwhile. A zygote
+                # started with the process (local.prestart) is taken over here.
+                # Otherwise its imports (torch: seconds of CPU, hundreds of MB) wait
+                # until a job is known (warm()).
+                self.runtime.warm(cfg.prewarm)
             # The runtime accepts only requests signed with its per-start key.
             credentials: tuple[str, str] | None = self.runtime.credentials
             log.info("local function runtime at %s (%d workers)", endpoint, cfg.concurrency)

@@ -49,6 +49,11 @@ def torch_view(a: np.ndarray) -> torch.Tensor:
         return torch.frombuffer(a.data, dtype=_F32).reshape(a.shape)
 
 
+def norm(x: torch.Tensor) -> float:
+    """L2 norm of a flat tensor, accumulated in float64."""
+    return float(torch.linalg.vector_norm(x.to(_F64)))
+
+
 def aggregate(agg: _Agg, xs: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], Any]:
     rows = [x for x in xs if x is not None]
     data, extra = rows[: agg.n], rows[agg.n :]

@@ -25,21 +25,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis.asyncio as aioredis
-import torch
 from redis.exceptions import ResponseError, WatchError
 
 from protocol import compression
 from spirtd import rules
 from spirtd.checks import StoreError, check, integer, number
-from spirtd.redis import fallback, tensorfmt
+from spirtd.redis import tensorfmt
 from spirtd.rules.base import MAX_INPUTS, Rule
-from spirtd.rules.kernels import F64 as _F64
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("spirtd.store")
 
@@ -194,7 +196,8 @@ def _map_error(e: ResponseError) -> StoreError:
 
 
 def _as_f4(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: not a tensor of it either
+    if torch is not None and isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
     return np.require(array, dtype=tensorfmt.DTYPE, requirements="C")
@@ -273,6 +276,8 @@ class TensorStore:
 
         ``scratch``: the module keeps the write out of the AOF (it will not survive a
         restart of Redis); on a plain Redis it is persisted like any SET."""
+        from spirtd.redis import fallback
+
         a = _as_f4(array)
         check(a.size <= self.max_elements, f"tensor too large ({a.size} elements)")
         check(a.ndim <= tensorfmt.MAX_DIMS, f"too many dimensions ({a.ndim})")
@@ -303,6 +308,8 @@ class TensorStore:
 
     async def get_torch(self, key: str) -> torch.Tensor:
         """A float32 tensor over the reply bytes (no copy; treat it as read-only)."""
+        from spirtd.redis import fallback
+
         return fallback.torch_view(await self.get(key))
 
     async def exists(self, key: str) -> bool:
@@ -424,6 +431,8 @@ class TensorStore:
         return await self._aggregate(out, agg)
 
     async def _aggregate(self, out: str, agg: _Agg) -> Any:
+        from spirtd.redis import fallback
+
         agg = agg.validate()
         if agg.rule.command is not None and await self.detect():
             return agg.rule.reply(await self._call(*agg.module_args(out)))
@@ -449,6 +458,8 @@ class TensorStore:
     ) -> None:
         """A torch.optim.SGD step on ``param``; the momentum buffer lives at ``buf``
         (``scratch``: see put)."""
+        from spirtd.redis import fallback
+
         o = _Sgd(lr, momentum, dampening, nesterov, weight_decay).validate(param, buf)
         use_buf = o.momentum > 0
         if await self.detect():
@@ -490,6 +501,8 @@ class TensorStore:
     ) -> None:
         """torch.optim.Adam (AdamW when decoupled) step number ``step`` (counting from 1;
         step 1 starts from zero moments, so ``m``/``v`` need not exist yet)."""
+        from spirtd.redis import fallback
+
         o = _Adam(step, lr, betas[0], betas[1], eps, weight_decay, decoupled).validate(param, m, v)
         if await self.detect():
             args: list[Any] = [
@@ -528,12 +541,14 @@ class TensorStore:
 
     async def norm(self, key: str) -> float:
         """L2 norm, accumulated in float64."""
+        from spirtd.redis import fallback
+
         if await self.detect():
             return float(await self._call("SPIRT.NORM", key))
         x = fallback.torch_view(await self.get(key)).reshape(-1)
         bad = fallback.first_nonfinite(x)
         check(bad is None, f"non-finite value in '{_label(key)}' at index {bad}")
-        return float(torch.linalg.vector_norm(x.to(_F64)))
+        return fallback.norm(x)
 
     async def digest(self, key: str) -> str:
         """BLAKE2b-256 hex of the tensor's raw bytes: equal parameters, equal digests."""
@@ -561,6 +576,8 @@ class TensorStore:
         body's decoding), for the next pack to carry (error feedback). Returns the
         body's byte length. NonFinite: a non-finite input or v, a value beyond fp16's
         range, an int8 block whose range overflows float32; nothing is written then."""
+        from spirtd.redis import fallback
+
         _check_pack_keys(fmt, dst, src, base, residual)
         if await self.detect():
             args: list[Any] = ["SPIRT.PACK", dst, src, "FORMAT", fmt]
@@ -598,6 +615,8 @@ class TensorStore:
         StoreError if the body's size is not exactly ``encoded_size(fmt, count)``;
         NonFinite if it holds a non-finite half or a malformed int8 header. Nothing is
         written on refusal."""
+        from spirtd.redis import fallback
+
         check(fmt in PACK_FORMATS, f"FORMAT must be fp16 or int8, got '{_label(str(fmt))}'")
         n = integer(count, "COUNT", 0, tensorfmt.MAX_ELEMENTS)
         if await self.detect():
@@ -654,6 +673,8 @@ class TensorStore:
     ) -> Any:
         """Reads inputs under WATCH, computes on a thread, writes outputs in MULTI/EXEC.
         An output in ``plain`` is a plain string (compute gives its bytes): no shape key."""
+        from spirtd.redis import fallback
+
         keys = [k for k, _ in inputs]
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(*_names(keys))

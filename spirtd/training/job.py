@@ -23,7 +23,7 @@ from typing import Any
 from protocol import strictpack
 from protocol.compression import FORMATS, encoded_size
 from protocol.errors import DecodeError
-from spirtd.tasks import TaskError, task_class
+from spirtd import tasks
 from spirtd.training.aggregators import Aggregator, AggregatorError
 
 VERSION = 1
@@ -239,8 +239,8 @@ def from_request(
     if unknown:
         raise JobError(f"unknown job setting(s): {', '.join(sorted(unknown))}")
     try:
-        defaults = task_class(task, allowed_modules=allowed_modules).job_defaults()
-    except TaskError as e:  # a user's module failing to import may say more than a line
+        defaults = tasks.task_class(task, allowed_modules=allowed_modules).job_defaults()
+    except tasks.TaskError as e:  # a user's module failing to import may say more than a line
         raise JobError(str(e).partition("\n")[0]) from None
     kw = {**defaults, **{k: v for k, v in body.items() if v is not None}}
     f = kw.get("f", 0)

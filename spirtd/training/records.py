@@ -18,10 +18,10 @@ import numpy as np
 
 from protocol.rounds import RoundClosed
 from spirtd import metrics
-from spirtd.tasks.base import Evaluation
 from spirtd.training.job import JobSpec
 
 if TYPE_CHECKING:
+    from spirtd.tasks.base import Evaluation
     from spirtd.training.trainerenv import TrainerEnv
 
 log = logging.getLogger("spirtd.training")

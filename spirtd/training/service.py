@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,14 +24,14 @@ import numpy as np
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
 from protocol.membership import EventKind
+from spirtd import tasks
 from spirtd.functions.event import DataSlice
 from spirtd.keyfiles import write_secret
 from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import Info, Message
-from spirtd.tasks import DATASET_OPTION, Shard, Task, TaskError, load_task, task_class
-from spirtd.tasks.sharding import ALL
+from spirtd.tasks.sharding import ALL, Shard
 from spirtd.training import job as jobs
-from spirtd.training import jobsize
+from spirtd.training import jobfiles, jobsize
 from spirtd.training.aggregators import AggregatorError
 from spirtd.training.checkpoint import Checkpoints, Snapshot
 from spirtd.training.evidence import EVIDENCE_TOPIC
@@ -56,6 +55,7 @@ if TYPE_CHECKING:
     from spirtd.nodeapi import NodeApi
     from spirtd.pubsub.service import PubSub
     from spirtd.redis.service import RedisService
+    from spirtd.tasks import Task
 
 log = logging.getLogger("spirtd.training")
 
@@ -82,7 +82,7 @@ class TrainingService:
         self.functions = functions
         self.membership = membership
         self.pubsub = pubsub
-        self.dir = node.data.root / "training"
+        self.dir = jobfiles.job_dir(node.data.root)
         self.trainer: Trainer | None = None
         # The trainer's seams (for experiments; the daemon leaves them unset): see TrainerEnv.
         self.gradient_source: GradientSource | None = None
@@ -117,7 +117,7 @@ class TrainingService:
             on_served=self._on_served,
         )
         self._load_persisted()
-        if self._saved.get("state") in ("running", "syncing") and self.spec is not None:
+        if self._saved.get("state") in jobfiles.RESUMABLE and self.spec is not None:
             # Killed while training: pick the job up again (state from Redis, a
             # checkpoint or the peers) without restarting it anywhere. It runs from
             # now on as far as ``train status`` goes: "stopped" would tell a waiting
@@ -163,18 +163,18 @@ class TrainingService:
         """This node's instance of the job's task, and where its dataset lives. The
         model is sized and checked against this node's limit before anything of the
         task is allocated (its data, its model)."""
-        if DATASET_OPTION in spec.task_options:
+        if tasks.DATASET_OPTION in spec.task_options:
             raise JobError(
-                f"task option {DATASET_OPTION}: a job never carries a path; use --dataset"
+                f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
             )
         allowed = set(self.node.config.task_modules)
         directory = self.node.config.datasets.get(spec.task)
         options = dict(spec.task_options)
         if directory is not None:
-            options[DATASET_OPTION] = directory
+            options[tasks.DATASET_OPTION] = directory
         try:
-            needs_dataset = task_class(spec.task, allowed_modules=allowed).needs_dataset
-        except TaskError as e:
+            needs_dataset = tasks.task_class(spec.task, allowed_modules=allowed).needs_dataset
+        except tasks.TaskError as e:
             raise JobError(_one_line(e)) from None
         if needs_dataset and directory is None:
             raise JobError(
@@ -182,9 +182,9 @@ class TrainingService:
                 f"--dataset {spec.task}=DIR"
             )
         try:
-            task = load_task(spec.task, self._shard(), allowed_modules=allowed, **options)
+            task = tasks.load_task(spec.task, self._shard(), allowed_modules=allowed, **options)
             count = task.count_params()
-        except (TaskError, ValueError, OSError) as e:
+        except (tasks.TaskError, ValueError, OSError) as e:
             raise JobError(_one_line(e)) from None
         if spec.param_count and count != spec.param_count:
             raise JobError(
@@ -194,7 +194,7 @@ class TrainingService:
         jobsize.check(spec, count, members, self.node.config.training.max_model_mb)
         try:
             task.train  # noqa: B018 - load the data now: a missing file fails the job here
-        except (TaskError, ValueError, OSError) as e:
+        except (tasks.TaskError, ValueError, OSError) as e:
             raise JobError(_one_line(e)) from None
         return task, (f"file://{directory}" if directory else None)
 
@@ -290,7 +290,7 @@ class TrainingService:
         self.job_id, self.spec = job_id, spec
         self.state, self.detail = "running", f"started by {origin}"
         self._record_bytes = record
-        write_secret(self.dir / "job.rec", record)
+        write_secret(jobfiles.record_path(self.node.data.root), record)
         cfg = self.node.config
         assert self.redis.store is not None and self.functions.invoker is not None
         env = TrainerEnv(
@@ -358,17 +358,17 @@ class TrainingService:
                 "round": self.trainer.completed,
                 "model_digest": self.trainer.digest.hex() if self.trainer.digest else None,
             }
-        write_secret(self.dir / "job.json", json.dumps(info).encode())
+        write_secret(jobfiles.info_path(self.node.data.root), json.dumps(info).encode())
 
     def _load_persisted(self) -> None:
         """A restarted daemon knows its job (resuming it is state sync's business)."""
-        rec_path, info_path = self.dir / "job.rec", self.dir / "job.json"
-        if not rec_path.exists():
+        root = self.node.data.root
+        if not jobfiles.record_path(root).exists():
             return
         try:
-            record = _read_small(rec_path, jobs.MAX_RECORD)
+            record = jobfiles.read_small(jobfiles.record_path(root), jobs.MAX_RECORD)
             spec = JobSpec.from_record(record)
-            info = json.loads(_read_small(info_path, 65536)) if info_path.exists() else {}
+            info = jobfiles.read_info(root)
         except (OSError, ValueError, JobError) as e:
             log.warning("ignoring the saved job in %s: %s", self.dir, e)
             return
@@ -618,11 +618,3 @@ def _one_line(e: BaseException) -> str:
     """An exception as one line for a refusal (its type when it has no message)."""
     lines = str(e).splitlines()
     return lines[0] if lines and lines[0] else type(e).__name__
-
-
-def _read_small(path: Path, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path} is larger than {limit} bytes")
-    return data

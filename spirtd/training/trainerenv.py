@@ -19,12 +19,12 @@ from spirtd.functions.event import DataSlice, RedisTarget
 from spirtd.functions.invoker import Invoker
 from spirtd.pubsub.service import PubSub
 from spirtd.redis.store import TensorStore
-from spirtd.tasks import Task
 from spirtd.training.checkpoint import Checkpoints
 from spirtd.training.messages import GradientMeta
 from spirtd.training.statesync import StateSync
 
 if TYPE_CHECKING:
+    from spirtd.tasks import Task
     from spirtd.training.trainer import Trainer
 
 # A gradient source runs once this node's honest gradient for the round is in Redis

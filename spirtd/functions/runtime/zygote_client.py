@@ -190,6 +190,11 @@ def prestart(function: str, spec: FunctionSpec, cfg: RuntimeConfig) -> None:
         log.warning("function %s: could not start its zygote early: %s", function, e)
 
 
+def prestarted() -> bool:
+    """A zygote started by ``prestart`` waits to be taken over."""
+    return bool(_prestarted)
+
+
 def _early_spec(spec: FunctionSpec) -> FunctionSpec:
     """``spec`` without the variables that go with each fork instead."""
     env = {k: v for k, v in spec.environment.items() if k not in LATE_ENV}
