@@ -1,10 +1,13 @@
 """Round and job machines at scale on the deterministic simulator (simulated time only).
 
-Each run drives 200 JobMachines (each with its RoundMachine: the daemon's code)
-through whole jobs with per-peer function delays, per-message gossip delays, loss
+Each run drives 100 or 200 JobMachines (each with its RoundMachine: the daemon's
+code) through whole jobs with per-peer function delays, per-message gossip delays, loss
 (repaired by gossip or not), crashes in the middle of rounds, functions failing,
 and stragglers slower than any deadline; repairs go through the daemon's state
 sync. The harness (protocol.rounds.sim) records ground truth; these tests judge it.
+The runs with faults take 100 peers: at 200 the same runs took 24 s and 35 s of the
+suite against 2 s and 3 s (the repairs after loss and crashes grow faster than N²);
+larger N runs in tests/test_rounds_sim_scale.py and bench.sim_rounds.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def test_clean_200_peers_every_round_complete_with_identical_digests() -> None:
 @pytest.fixture(scope="module")
 def crashes() -> RoundSim:
     return run(
-        n=200,
+        n=100,
         rounds=6,
         seed=3,
         loss=0.01,  # gradients: repaired by gossip
@@ -133,10 +136,10 @@ def crashes() -> RoundSim:
 
 def test_crashes_all_rounds_finish_on_one_model(crashes: RoundSim) -> None:
     sim = crashes
-    assert len(sim.live_peers()) == 194
+    assert len(sim.live_peers()) == 94
     assert_all_finished_alike(sim)
     # Most peers got there by running the rounds, not by copying someone's state.
-    assert sum(x.finished_via.startswith("run") for x in sim.live_peers()) > 100
+    assert sum(x.finished_via.startswith("run") for x in sim.live_peers()) > 47
     assert sim.counters["lost"] > 0 and sim.counters["cut_by_crash"] > 0
     # Every peer evaluates the final model, also one that took it by sync.
     assert sim.evaluations[6] == len(sim.live_peers())
@@ -201,7 +204,7 @@ def test_crashes_divergence_happens_and_is_always_detected(crashes: RoundSim) ->
 
 @pytest.fixture(scope="module")
 def stragglers() -> RoundSim:
-    return run(n=200, rounds=8, seed=4, loss=0.01, stragglers=3, fn_fail=0.005)
+    return run(n=100, rounds=8, seed=4, loss=0.01, stragglers=3, fn_fail=0.005)
 
 
 def test_stragglers_all_rounds_finish_on_one_model(stragglers: RoundSim) -> None:
@@ -239,7 +242,7 @@ def test_stragglers_cost_two_deadlines_then_none(stragglers: RoundSim) -> None:
                 assert c.reason == "deadline" and slow <= c.view, (x.id, r)
             else:
                 assert not slow & c.view, (x.id, r)
-    assert checked >= 190
+    assert checked >= 95
     late = [c for x in sim.peers if not x.straggler for c in x.closes if c.round >= 3]
     assert sum(c.reason == "complete" for c in late) >= 0.98 * len(late)
     # With the stragglers out, the deadline comes down from its ceiling again.
