@@ -6,7 +6,7 @@ code) through whole jobs with per-peer function delays, per-message gossip delay
 and stragglers slower than any deadline; repairs go through the daemon's state
 sync. The harness (protocol.rounds.sim) records ground truth; these tests judge it.
 The runs with faults take 100 peers: at 200 the same runs took 24 s and 35 s of the
-suite against 2 s and 3 s (the repairs after loss and crashes grow faster than N²);
+suite against 2 s and 3 s (14x for twice the peers: faster than N², not analysed);
 larger N runs in tests/test_rounds_sim_scale.py and bench.sim_rounds.
 """
 
