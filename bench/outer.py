@@ -112,8 +112,11 @@ def job_body(a: argparse.Namespace, s: Setting, rounds: int, eval_every: int) ->
     return body
 
 
-def _median_per_peer(statuses: list[dict[str, Any]], fn: Any) -> float:
-    return statistics.median(fn(s["history"]) for s in statuses)
+def _median_per_peer(statuses: list[dict[str, Any]], fn: Any) -> float | None:
+    """The median over the peers that ran the measured rounds (``fn`` says None for a
+    peer that synced past one of them, under load); None if none did."""
+    values = [v for v in (fn(s["history"]) for s in statuses) if v is not None]
+    return statistics.median(values) if values else None
 
 
 def accuracy_trace(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,12 +158,18 @@ def run_setting(
     statuses = job["statuses"]
     measured = (rounds - warmup) * h
 
-    def step_s(hist: list[dict[str, Any]]) -> float:
+    def step_s(hist: list[dict[str, Any]]) -> float | None:
         at = {x["round"]: x["closed_at"] for x in hist}
+        if rounds not in at or warmup not in at:
+            return None  # it took a state past one of them: it did not run that span
         return (at[rounds] - at[warmup]) / measured
 
     def per_step(field: str) -> Any:
-        return lambda hist: sum(x[field] for x in hist if x["round"] > warmup) / measured
+        def of(hist: list[dict[str, Any]]) -> float | None:
+            span = [x[field] for x in hist if warmup < x["round"] <= rounds]
+            return sum(span) / measured if len(span) == rounds - warmup else None
+
+        return of
 
     trace = accuracy_trace(statuses)
     reached = next((t for t in trace if t["accuracy"] >= a.target and t["peers"] == a.peers), None)
@@ -227,8 +236,9 @@ def _find(rows: list[dict[str, Any]], h: int, comp: str) -> dict[str, Any] | Non
     return next((r for r in rows if r["inner_steps"] == h and r["compression"] == comp), None)
 
 
-def _wire(r: dict[str, Any]) -> float:
-    return r["bytes_sent_per_step"] + r["bytes_received_per_step"]
+def _wire(r: dict[str, Any]) -> float | None:
+    sent, received = r.get("bytes_sent_per_step"), r.get("bytes_received_per_step")
+    return None if sent is None or received is None else sent + received
 
 
 def matrix_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,11 +294,12 @@ def run_matrix(a: argparse.Namespace) -> dict[str, Any]:
     )
     base = _find(rows, 1, "none")
     for r in rows:
-        if "step_s" in r:
+        if r.get("step_s") is not None:
             r["ddp_step_s"] = ddp["step_s"]
             r["step_ddp_ratio"] = r["step_s"] / ddp["step_s"]
-        if base is not None and "bytes_sent_per_step" in r and "bytes_sent_per_step" in base:
-            r["bytes_ratio_to_h1_none"] = _wire(r) / _wire(base)
+        wire, base_wire = _wire(r), (_wire(base) if base is not None else None)
+        if wire is not None and base_wire:
+            r["bytes_ratio_to_h1_none"] = wire / base_wire
         ok = base is not None and None not in (r["accuracy"], base["accuracy"])
         r["accuracy_delta"] = r["accuracy"] - base["accuracy"] if ok else None  # type: ignore[index]
     return {

@@ -375,3 +375,33 @@ async def test_a_peer_on_another_model_than_the_others_syncs_to_theirs(rig: Rig)
         assert await state.digest_of(rig.store, JOB_ID, t.spec, 2) == snap.digest
     finally:
         await t.stop("test over")
+
+
+async def test_proofs_go_again_to_a_peer_that_synced_from_us(rig: Rig) -> None:
+    """A peer that syncs from us missed the proofs gossiped before (it joined late,
+    restarted, or had not started the job yet): serving it our state sends ours again."""
+    from protocol.gossip import GossipConfig
+    from spirtd.training.evidence import EVIDENCE_TOPIC, decode_evidence_meta, nonfinite_proof
+    from tests.test_equivocation import CHUNK, _body_with_nan_at, _key, _signed_body
+
+    liar = _key(9)
+    body = _body_with_nan_at(3)
+    env = _signed_body(liar, body, job=JOB_ID, round=1)
+    proof = nonfinite_proof(liar.node_id, JOB_ID, 1, env, body, CHUNK)
+    assert proof is not None
+    rig.pubsub.config = GossipConfig()
+    t = rig.trainer([ME, liar.node_id])
+    await t.start(INITIAL)
+    try:
+        t.state_served()  # nothing proven yet: nothing to send
+        t.convict(proof, "evidence")  # a checked proof from a peer: not sent on by us
+        await asyncio.sleep(0)
+        assert [m for m in rig.pubsub.sent if m[0] == EVIDENCE_TOPIC] == []
+        assert [e["node_id"] for e in t.status()["excluded"]] == [liar.node_id]
+        t.state_served()
+        await until(lambda: any(m[0] == EVIDENCE_TOPIC for m in rig.pubsub.sent))
+        (sent,) = [m for m in rig.pubsub.sent if m[0] == EVIDENCE_TOPIC]
+        assert sent[1] == proof.encode()
+        assert decode_evidence_meta(sent[2])[:2] == (JOB_ID, liar.node_id)
+    finally:
+        await t.stop("test over")

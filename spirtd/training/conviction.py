@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spirtd.training")
 
+# Proofs kept to send again to each peer that syncs from this one (each up to
+# MAX_EVIDENCE, about 1.1 MB): beyond this many liars the later ones went out once.
+PROOFS_KEPT = 16
+
 
 class Conviction:
     def __init__(self, job_id: str, spec: JobSpec, env: TrainerEnv) -> None:
@@ -41,6 +45,13 @@ class Conviction:
         self.spec = spec
         self.env = env
         self.ledger = Ledger(job_id)  # first gradient announcement per (origin, round)
+        # offender -> its proof: a peer that syncs later (it joined, restarted, or had
+        # not started the job when the proof went round) learns of it from them.
+        self.proofs: dict[str, Evidence] = {}
+
+    def keep(self, proof: Evidence) -> None:
+        if len(self.proofs) < PROOFS_KEPT:
+            self.proofs.setdefault(proof.offender, proof)
 
     def see(
         self, info: Info, meta: GradientMeta, excluded: Container[str], current: int

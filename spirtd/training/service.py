@@ -34,7 +34,7 @@ from spirtd.training import job as jobs
 from spirtd.training import jobfiles, jobsize
 from spirtd.training.aggregators import AggregatorError
 from spirtd.training.checkpoint import Checkpoints, Snapshot
-from spirtd.training.evidence import EVIDENCE_TOPIC
+from spirtd.training.evidence import EVIDENCE_TOPIC, decode_evidence_meta
 from spirtd.training.job import JobError, JobSpec
 from spirtd.training.messages import (
     DIGEST_SIZE,
@@ -61,6 +61,7 @@ log = logging.getLogger("spirtd.training")
 
 # Training messages for a job whose record is still being checked, kept until it starts.
 EARLY_MAX = 256
+EARLY_PROOFS = 16  # proofs held likewise (each up to evidence.MAX_EVIDENCE)
 EVENTS_MAX = 1000  # the job's event log kept for `train status` and the report
 PREPARE_TIMEOUT_S = 300.0
 
@@ -93,6 +94,7 @@ class TrainingService:
         self.detail = ""
         self._pending: str | None = None  # a received job being checked
         self._early: deque[tuple[Message, GradientMeta | StateMeta]] = deque(maxlen=EARLY_MAX)
+        self._early_evidence: deque[Message] = deque(maxlen=EARLY_PROOFS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one job decision at a time
         self._saved: dict[str, Any] = {}  # what the data dir said of the job at start-up
@@ -325,10 +327,14 @@ class TrainingService:
         self._persist()
         self._pending = None
         early, self._early = list(self._early), deque(maxlen=EARLY_MAX)
+        proofs, self._early_evidence = list(self._early_evidence), deque(maxlen=EARLY_PROOFS)
+        # Accepted unchecked while the job was pending: checked now, proofs first (a
+        # held gradient may be from a peer they convict).
+        for msg in proofs:
+            if self.trainer.validate_evidence(_info(msg)) is Verdict.ACCEPT:
+                await self.trainer.deliver_evidence(msg)
         for msg, meta in early:
-            # Accepted unchecked while the job was pending: the machine checks them now.
-            info = Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)
-            if meta.job == job_id and self.trainer.validate(info, meta) is Verdict.ACCEPT:
+            if meta.job == job_id and self.trainer.validate(_info(msg), meta) is Verdict.ACCEPT:
                 await self.trainer.deliver(msg, meta)
 
     async def _stop_job(self, job_id: str, why: str) -> None:
@@ -480,15 +486,29 @@ class TrainingService:
             self._early.append((msg, meta))
 
     def _validate_evidence(self, info: Info) -> Verdict:
+        if self._pending is not None and self._evidence_job(info.meta) == self._pending:
+            # A proof that went round while this node prepared the job (it learned of
+            # it late, or the others are quicker): kept until the job starts.
+            return Verdict.ACCEPT
         t = self.trainer
-        if t is None or self.state not in ("running", "done"):
-            return Verdict.IGNORE
-        return t.validate_evidence(info)
+        if t is not None and t.job_id == self.job_id and self.state in ("running", "done"):
+            return t.validate_evidence(info)
+        return Verdict.IGNORE
 
     async def _on_evidence(self, msg: Message) -> None:
+        if self._pending is not None and self._evidence_job(msg.meta) == self._pending:
+            self._early_evidence.append(msg)
+            return
         t = self.trainer
-        if t is not None and self.state in ("running", "done"):
+        if t is not None and t.job_id == self.job_id and self.state in ("running", "done"):
             await t.deliver_evidence(msg)
+
+    @staticmethod
+    def _evidence_job(meta: bytes) -> str | None:
+        try:
+            return decode_evidence_meta(meta)[0]
+        except DecodeError:
+            return None
 
     async def _on_record(self, job_id: str, record: bytes, origin: str) -> None:
         """A job record we asked a peer for: join that job, through state sync."""
@@ -538,6 +558,8 @@ class TrainingService:
     def _on_served(self, job: str, peer: str, started: float, nbytes: int) -> None:
         if job == self.job_id:
             self.note("served", f"{nbytes} bytes to {peer}", start=round(started, 3))
+            if self.trainer is not None:
+                self.trainer.state_served()
 
     def _on_member(self, ev: Any) -> None:
         t = self.trainer
@@ -618,3 +640,8 @@ def _one_line(e: BaseException) -> str:
     """An exception as one line for a refusal (its type when it has no message)."""
     lines = str(e).splitlines()
     return lines[0] if lines and lines[0] else type(e).__name__
+
+
+def _info(msg: Message) -> Info:
+    """What a validator would have seen of ``msg``."""
+    return Info(msg.topic, msg.origin, msg.seq, msg.ts_ms, msg.size, msg.digest, msg.meta)

@@ -363,9 +363,17 @@ class Trainer:
         round, or a non-finite one). ``how``: "detected" here (the proof is then
         gossiped) or "evidence" (checked proof from a peer)."""
         fresh = self.job.convict(proof.offender, proof.round, proof.kind, how, time.monotonic())
-        if fresh and how == "detected":
-            self._spawn(self.conviction.gossip(proof), f"evidence-{proof.round}")
+        if fresh:
+            self.conviction.keep(proof)
+            if how == "detected":
+                self._spawn(self.conviction.gossip(proof), f"evidence-{proof.round}")
         self._kick()
+
+    def state_served(self) -> None:
+        """A peer synced from us: it missed what happened before, the proofs among it
+        (those who know the offender already ignore them unread)."""
+        for proof in self.conviction.proofs.values():
+            self._spawn(self.conviction.gossip(proof), f"evidence-again-{proof.round}")
 
     def validate_evidence(self, info: Info) -> Verdict:
         """The hook for the evidence topic: pull a proof only if it is news."""
