@@ -139,7 +139,8 @@ class InvokeConfig:
     timeout_s: float = _opt(60.0, gt=0, le=900)  # 900 s: AWS Lambda's own ceiling
     memory_mb: int = _opt(1024, ge=128, le=10240)  # AWS Lambda's range
     # Local workers started in the background as the daemon starts (at most concurrency).
-    # A node that learns of a job starts all of them anyway (FunctionsService.warm).
+    # A node that learns of a job starts all of them anyway (FunctionsService.warm). At 0
+    # the function's zygote too waits for a job, unless the daemon resumes one (cli.py).
     prewarm: int = _opt(0, ge=0)
     region: str = _opt("us-east-1", nonempty=True)
     endpoint_url: str = ""  # --functions lambda: override the AWS endpoint (e.g. a VPC endpoint)
