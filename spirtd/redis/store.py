@@ -18,6 +18,9 @@ run here with torch (:mod:`spirtd.redis.fallback`), on a worker thread so the ev
 loop keeps running, and a warning is logged once. Both paths validate the same way and
 raise the same exceptions; the client-side path reads its inputs under WATCH and writes
 its outputs in MULTI/EXEC, so it too either writes everything or nothing.
+
+The fallback module (and with it torch, a second of CPU to import) is imported by the
+methods that use it, on first use: a daemon that never trains never imports it.
 """
 
 from __future__ import annotations
