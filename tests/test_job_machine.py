@@ -290,6 +290,18 @@ def test_sync_fetches_from_each_voucher_and_loads_only_what_is_vouched() -> None
     assert not any(isinstance(a, InvokeFunctions) for a in actions)
 
 
+def test_a_voucher_that_dies_while_we_sync_is_not_asked() -> None:
+    """Membership events reach a syncing machine (the daemon asks ``hears_members``):
+    a dead voucher leaves the table instead of costing a fetch timeout."""
+    j = syncing_without_state(rounds=10)
+    vouch(j, 4, D[4], ["n2", "n3", "n4"], 0.5)
+    assert j.hears_members
+    j.member_gone("n2", 0.7)
+    j.local_state(None, None, 1.0)
+    assert j.drain_actions() == [FetchState("n3", 3, D[4])]
+    assert not job().hears_members  # not started: nothing to tell it yet
+
+
 def test_an_unvouched_state_is_never_loaded() -> None:
     j = syncing_without_state()
     vouch(j, 4, D[4], ["n2", "n3"], 0.5)

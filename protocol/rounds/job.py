@@ -325,6 +325,14 @@ class JobMachine:
 
     # --- membership --------------------------------------------------------------------
 
+    @property
+    def hears_members(self) -> bool:
+        """Whether membership events are for this machine (the daemon passes them
+        only then): running, or syncing, where a dead voucher must leave the table
+        before the next fetch tries it and the view it resumes with must not wait a
+        deadline for it. Before the job starts and after it ends, the view is moot."""
+        return self.lifecycle in (Lifecycle.RUNNING, Lifecycle.SYNCING)
+
     def member_alive(self, node_id: str, now: float) -> None:
         self.rounds.member_alive(node_id, now)
         self._drain_rounds(now)

@@ -17,7 +17,7 @@ with delays drawn from one seeded ``random.Random``:
 * a state download from a voucher takes ``transfer_s`` and gives that voucher's
   state at that time; a dead peer fails after ``unreachable_s``;
 * crashes stop a peer and cut part of what it had in flight; every other peer hears
-  ``member_gone`` after a detection delay (a running trainer only, as the service
+  ``member_gone`` after a detection delay (a machine that ``hears_members`` only, as the service
   does); ``late`` joiners and ``restarts`` (a new process: a fresh job machine
   with an empty vouch table) come in through ``start_elsewhere``; a restarted
   node is a member ``boot_delay`` before its job listens, as the daemon is;
@@ -323,7 +323,7 @@ class SimPeer:
         self.closes: list[Close] = []
         self.quorum_waits: set[int] = set()
         self.gone_at: dict[str, float] = {}
-        self.gone_missed: set[str] = set()  # deaths told while not running (not passed on)
+        self.gone_missed: set[str] = set()  # deaths told while not hearing them (dropped)
         self.heard: dict[str, tuple[int, bytes, bool]] = {}  # latest announcement, by peer
         self.accepted: dict[int, set[str]] = {}
         self.diverged_seen: set[tuple[str, int]] = set()
@@ -892,9 +892,8 @@ class RoundSim:
             # and a death declared for the old one no longer applies to it (SWIM
             # orders a member's states by incarnation).
             return
-        if y.job.lifecycle is not Lifecycle.RUNNING:
-            # The service hands member events to a running trainer only.
-            y.gone_missed.add(x.id)
+        if not y.job.hears_members:
+            y.gone_missed.add(x.id)  # as the service: passed on only then
             return
         y.gone_at[x.id] = self.loop.now
         y.job.member_gone(x.id, self.loop.now)
@@ -912,8 +911,8 @@ class RoundSim:
         if not y.alive or not (x.alive or x.booting):
             return
         x.alive_told.add(y.id)
-        if y.job.lifecycle is not Lifecycle.RUNNING:
-            return  # the service hands member events to a running trainer only
+        if not y.job.hears_members:
+            return  # as the service: passed on only then
         y.job.member_alive(x.id, self.loop.now)
         self._flush(y)
 

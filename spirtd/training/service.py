@@ -573,7 +573,7 @@ class TrainingService:
         elif ev.kind is EventKind.JOINED or (came and ev.node_id in self._gone):
             self._gone.discard(ev.node_id)
             self.note("member_joined", ev.node_id)
-        if t is None or t.state != "running":
+        if t is None or not t.job.hears_members:
             return
         if gone:
             t.member_gone(ev.node_id)
