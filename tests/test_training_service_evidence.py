@@ -1,0 +1,49 @@
+"""The training service's evidence hook while a job is being prepared: a proof for
+that job is kept (bounded) until the trainer starts, not ignored for good."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from protocol.gossip import Verdict
+from spirtd.training.evidence import EVIDENCE_TOPIC, nonfinite_proof
+from spirtd.training.service import EARLY_PROOFS, TrainingService
+from tests.test_equivocation import CHUNK, _body_with_nan_at, _key, _signed_body
+from tests.test_trainer_unit import FakeMessage
+
+PENDING = "p" * 32
+OTHER = "q" * 32
+
+
+def _proof_message(job: str, liar: int = 9) -> FakeMessage:
+    key = _key(liar)
+    body = _body_with_nan_at(3)
+    proof = nonfinite_proof(key.node_id, job, 1, _signed_body(key, body, job=job), body, CHUNK)
+    assert proof is not None
+    return FakeMessage("n" * 64, proof.encode(), proof.meta(), topic=EVIDENCE_TOPIC)
+
+
+def _service(tmp_path: Path) -> TrainingService:
+    node: Any = SimpleNamespace(data=SimpleNamespace(root=tmp_path))
+    fake: Any = None
+    return TrainingService(node, redis=fake, functions=fake, membership=fake, pubsub=fake)
+
+
+async def test_a_proof_for_the_job_being_prepared_is_kept_until_it_starts(
+    tmp_path: Path,
+) -> None:
+    svc = _service(tmp_path)
+    mine, other = _proof_message(PENDING), _proof_message(OTHER)
+    # No job at all: nothing to judge a proof by.
+    assert svc._validate_evidence(mine.info()) is Verdict.IGNORE
+    svc._pending = PENDING
+    assert svc._validate_evidence(mine.info()) is Verdict.ACCEPT
+    assert svc._validate_evidence(other.info()) is Verdict.IGNORE
+    await svc._on_evidence(mine)  # type: ignore[arg-type]
+    await svc._on_evidence(other)  # type: ignore[arg-type]
+    assert list(svc._early_evidence) == [mine]
+    for _ in range(2 * EARLY_PROOFS):
+        await svc._on_evidence(mine)  # type: ignore[arg-type]
+    assert len(svc._early_evidence) == EARLY_PROOFS  # bounded
