@@ -345,3 +345,33 @@ def test_equivocating_peer_is_excluded_by_every_honest_peer(short_tmp: Path, sam
         assert sum(c.get("gossip.seq_conflict", 0) for c in counters) >= 1
         assert sum(c.get("gossip.invalid.replay", 0) for c in counters) == 0
     assert len({s["model_digest"] for s in statuses}) == 1
+
+
+def test_a_nan_is_proven_though_the_ledger_holds_another_announcement_for_its_round() -> None:
+    """The ledger keeps the first announcement per (origin, round); a liar can make
+    that one a far-future gradient on another base, sent rounds before its NaN. The
+    NaN is proven by its own envelope all the same (kept as its body is pulled)."""
+    from spirtd.pubsub.service import Info
+    from spirtd.training.conviction import Conviction
+    from spirtd.training.job import JobSpec
+    from tests.test_trainer_unit import FakeBody, FakeMessage
+
+    liar = _key(9)
+    body = _body_with_nan_at(3)
+    spec = JobSpec("synthetic", {}, rounds=20, functions_per_round=1, param_count=len(body) // 4)
+    conv = Conviction(JOB, spec, None)  # type: ignore[arg-type]
+    flood_base = b"\x07" * 32
+    flood = _gradient(liar, round=8, base=flood_base, seq=1)
+    flood_meta = GradientMeta(JOB, 8, flood_base, 64, 0.5)
+    conv.see(Info(TRAIN_TOPIC, liar.node_id, 1, 0, 4096, b"f" * 32, b"", flood), flood_meta, (), 4)
+    nan_env = _signed_body(liar, body, round=8)
+    meta = GradientMeta(JOB, 8, BASE, 64, 0.5)
+    info = Info(TRAIN_TOPIC, liar.node_id, 2, 0, len(body), b"d" * 32, meta.encode(), nan_env)
+    assert conv.see(info, meta, (), 8) is None  # another base: no equivocation
+    conv.pulled(info)
+    msg = FakeMessage(liar.node_id, body, meta.encode(), msg_id=message_id(nan_env))
+    msg.body = FakeBody(CHUNK)
+    proof = conv.nonfinite(msg, 8, body)  # type: ignore[arg-type]
+    assert proof is not None
+    checked = verify(proof.encode(), JOB, CFG)
+    assert isinstance(checked, NonfiniteProof) and checked.offender == liar.node_id

@@ -8,17 +8,20 @@ trainer's; this module finds and checks the proofs and logs the exclusions.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Container, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import DecodeError
 from protocol.gossip import Verdict
+from protocol.gossip.messages import message_id
 from protocol.rounds import Excluded
 from spirtd.pubsub.service import Info, Message
 from spirtd.training.evidence import (
     EQUIVOCATION,
     EVIDENCE_TOPIC,
     MAX_EVIDENCE,
+    MAX_PROOF_ENVELOPE,
     Evidence,
     EvidenceError,
     Ledger,
@@ -34,6 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spirtd.training")
 
+# Signed announcements of the gradient bodies this peer pulls, newest last: a body
+# that holds a NaN is proven by its own envelope. (The ledger keeps only the first
+# announcement per origin and round, which a liar can make another one: a far-future
+# gradient it sent rounds earlier.) About 0.5 kB each.
+PULLED_KEPT = 4096
 # Proofs kept to send again to each peer that syncs from this one (each up to
 # MAX_EVIDENCE, about 1.1 MB): beyond this many liars the later ones went out once.
 PROOFS_KEPT = 16
@@ -48,6 +56,14 @@ class Conviction:
         # offender -> its proof: a peer that syncs later (it joined, restarted, or had
         # not started the job when the proof went round) learns of it from them.
         self.proofs: dict[str, Evidence] = {}
+        self._pulled: OrderedDict[bytes, bytes] = OrderedDict()  # msg id -> envelope
+
+    def pulled(self, info: Info) -> None:
+        """``info``'s body is to be pulled: keep its signed envelope for a proof."""
+        if info.wire and len(info.wire) <= MAX_PROOF_ENVELOPE:
+            self._pulled[message_id(info.wire)] = info.wire
+            if len(self._pulled) > PULLED_KEPT:
+                self._pulled.popitem(last=False)
 
     def keep(self, proof: Evidence) -> None:
         if len(self.proofs) < PROOFS_KEPT:
@@ -76,7 +92,7 @@ class Conviction:
     def nonfinite(self, msg: Message, r: int, body: bytes) -> Evidence | None:
         """The proof that ``msg``, a signed gradient for round ``r``, holds a NaN or
         an infinity; None when its envelope is no longer at hand."""
-        envelope = self.ledger.envelope(msg.origin, r, msg.msg_id)
+        envelope = self._pulled.get(msg.msg_id) or self.ledger.envelope(msg.origin, r, msg.msg_id)
         if envelope is None:
             return None
         return nonfinite_proof(

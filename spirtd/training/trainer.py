@@ -321,6 +321,8 @@ class Trainer:
         verdict = self.job.validate_gradient(
             info.origin, meta.job, meta.round, meta.base_digest, info.size, time.monotonic()
         )
+        if verdict is Verdict.ACCEPT:
+            self.conviction.pulled(info)
         self._kick()
         return verdict
 
