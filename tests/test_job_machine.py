@@ -263,6 +263,64 @@ def test_stuck_without_quorum_takes_a_position_one_round_ahead() -> None:
     assert j.lifecycle is Lifecycle.SYNCING and "stuck" in j.sync_detail
 
 
+def test_a_peer_that_went_on_alone_syncs_back_to_the_others_behind_it() -> None:
+    """Cut off, a peer whose view shrank to itself closes rounds alone, faster than
+    the others; healed, it is ahead of them in rounds on a model nobody vouches
+    for. Its digest at their round shows the fork: it syncs back to them at once,
+    instead of waiting (as many rounds as it ran alone) for them to reach its round.
+    A bench.sync heal waited 13.7 s so."""
+    mine = [bytes([0x80 + i]) * 32 for i in range(10)]  # our fork: mine[r] at round r
+    j = job(rounds=20, min_contributors=1)
+    j.start(D[1], 0.0)
+    drain(j)
+    for p in PEERS:
+        j.member_gone(p, 0.1)
+    t = 0.2
+    for r in range(1, 6):  # alone: every round closes on our gradient
+        j.local_gradient_ready(r, t)
+        assert any(isinstance(a, Aggregate) and a.round == r for a in j.drain_actions())
+        j.aggregated(r, mine[r + 1], t + 0.05)
+        drain(j)
+        if r == 4:
+            for p in PEERS:  # healed: round 6, begun next, waits for them again
+                j.member_alive(p, t + 0.06)
+        t += 0.1
+    assert j.rounds.round == 6
+    j.local_gradient_ready(6, t)
+    vouch(j, 3, D[3], PEERS, t)  # the others, behind us, on another model
+    drain(j)
+    assert j.lifecycle is Lifecycle.RUNNING  # not past our deadline yet
+    j.tick(t + CFG.initial_deadline_s + 0.1)  # past it, 1 gradient of a quorum of 3
+    assert j.rounds.waiting_for_quorum
+    j.tick(t + CFG.initial_deadline_s + 1.2)
+    _, events = drain(j)
+    assert any(isinstance(e, SyncStarted) and "fork" in e.why for e in events)
+    assert j.lifecycle is Lifecycle.SYNCING and "fork" in j.sync_detail, j.sync_detail
+    j.local_state((5, mine[6]), None, t + 12.0)  # Redis holds our fork's state
+    assert j.drain_actions() == [FetchState("n2", 2, D[3])]
+    j.state_fetched("n2", 2, D[3], t + 12.5)
+    assert j.drain_actions() == [LoadState("n2", 2, D[3])]
+    j.state_loaded("n2", 2, D[3], t + 13.0)
+    _, events = drain(j)
+    assert Resumed(3) in events and j.lifecycle is Lifecycle.RUNNING
+    assert j.rounds.round == 3 and j.digest == D[3]
+
+
+def test_a_peer_ahead_on_the_others_model_does_not_go_back() -> None:
+    """The same lead without a fork (its digest at the others' round is theirs):
+    the others are only slow, and it waits for them."""
+    j = started(min_contributors=3, rounds=20)
+    run_round(j, 1, 1.0)
+    run_round(j, 2, 2.0)
+    vouch(j, 2, D[2], PEERS, 2.5)  # the others still close round 2, on our model
+    j.local_gradient_ready(3, 3.0)
+    drain(j)
+    j.tick(3.0 + CFG.deadline_ceiling_s)
+    assert j.rounds.waiting_for_quorum
+    j.tick(3.0 + CFG.deadline_ceiling_s + 1.2)
+    assert j.lifecycle is Lifecycle.RUNNING, j.sync_detail
+
+
 # --- a sync pass: from which vouched position -------------------------------------------------
 
 

@@ -156,6 +156,9 @@ class JobMachine:
         self.sync_detail = ""  # the sync decision's reason, for ``train status``
         self.digest = b""  # the state this node holds: after ``completed`` rounds
         self.completed = 0
+        # round -> the digest this node held at that round's start, for the vouch
+        # window's rounds back from its position (``_hold``).
+        self._own: dict[int, bytes] = {}
         self.following = False  # caught up by sync; computing again from a round start
         self._joins_at = 0  # the round start a follower announced it computes from
         self._finishing_via = ""  # "sync": it took the others' final model, evaluating it
@@ -234,7 +237,7 @@ class JobMachine:
         """A new job: the daemon wrote the initial state (digest ``digest``)."""
         if self.lifecycle is not Lifecycle.STARTING:
             return
-        self.digest, self.completed = digest, 0
+        self._hold(0, digest)
         self.lifecycle = Lifecycle.RUNNING
         self.rounds.begin(1, digest, now)
         self._drain_rounds(now)
@@ -465,7 +468,7 @@ class JobMachine:
     def aggregated(self, round: int, digest: bytes, now: float) -> None:
         """The daemon aggregated ``round`` and holds the updated state ``digest`` (also
         when a sync took over meanwhile: that pass then finds it in Redis)."""
-        self.digest, self.completed = digest, round
+        self._hold(round, digest)
         participate, join_at = None, 0
         if self.following and self.warmed:
             t = self.vouch.target(exclude=(self.self_id,))
@@ -515,7 +518,7 @@ class JobMachine:
         if self.lifecycle is not Lifecycle.SYNCING or self._pass != _READING:
             return
         if redis is not None and (not self.digest or redis[1] == self.digest):
-            self.completed, self.digest = redis
+            self._hold(*redis)
         elif checkpoint is not None and (
             not self.digest
             or checkpoint[1] == self.digest
@@ -525,7 +528,7 @@ class JobMachine:
             self._actions.append(LoadState(CHECKPOINT, *checkpoint))
             return
         else:
-            self.digest, self.completed = b"", 0
+            self._hold(0, b"")
         self._sync_step(now)
 
     def state_fetched(self, peer: str, completed: int, digest: bytes, now: float) -> None:
@@ -554,7 +557,7 @@ class JobMachine:
             _LOADING_CHECKPOINT,
         ):
             return
-        self.digest, self.completed = digest, completed
+        self._hold(completed, digest)
         n = len(self.vouch.vouchers(completed + 1, digest) - {self.self_id})
         self._events.append(StateLoaded(source, completed, digest, n))
         if self._pass == _LOADING_CHECKPOINT:
@@ -563,6 +566,19 @@ class JobMachine:
             self._resume(completed + 1, now)
 
     # --- internals: the round machine -------------------------------------------------
+
+    def _hold(self, completed: int, digest: bytes) -> None:
+        """This node now holds the state after ``completed`` rounds. Its recent
+        positions are kept so that a fork found behind it (the others vouch for
+        another model at a round it passed) can be told from a plain lead; a
+        position from a branch it left (a sync went back) is forgotten."""
+        self.digest, self.completed = digest, completed
+        at = completed + 1
+        oldest = at - self.vouch.window
+        for r in [r for r in self._own if r >= at or r <= oldest]:
+            del self._own[r]
+        if digest:
+            self._own[at] = digest
 
     def _drain_rounds(self, now: float) -> None:
         actions = self.rounds.drain_actions()
@@ -709,6 +725,7 @@ class JobMachine:
             lag_rounds=self.config.lag_rounds,
             final_round=self.last_round + 1 if stuck else None,
             stuck=ahead,
+            own_at=self._own,
         )
         if d.action == SYNC:
             # The sync pass must take a position ahead, not resume into the round
@@ -781,6 +798,7 @@ class JobMachine:
             # round left to catch up in, so their final model is the only way out.
             final_round=self.last_round + 1,
             stuck=self._sync_ahead,
+            own_at=self._own,
         )
         self.sync_detail = d.reason
         # A peer alone (nobody else announced anything) is "in sync": with an empty

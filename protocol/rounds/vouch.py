@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -315,6 +315,7 @@ def sync_decision(
     lag_rounds: int = 2,
     final_round: int | None = None,
     stuck: bool = False,
+    own_at: Mapping[int, bytes] | None = None,
 ) -> Decision:
     """What a peer at (round, digest) should do; (None, None) when it has no usable
     state (a joiner, a restart without a trusted state, a Redis that lost its data).
@@ -357,6 +358,22 @@ def sync_decision(
         return Decision(
             SYNC, t, f"syncing: at round {round}, {t.round - round} behind; {_vouched_by(t)}"
         )
+    if t is not None and stuck and own_at is not None and t.round < round:
+        mine = own_at.get(t.round)
+        if (
+            mine is not None
+            and mine != t.digest
+            and len(t.vouchers) > table.count(round, digest, exclude=me) + 1
+        ):
+            # Behind us, and on another model than ours at that round: ours is the
+            # fork (more of them hold theirs), and waiting for them to reach our
+            # round would cost as many rounds as we ran alone.
+            return Decision(
+                SYNC,
+                t,
+                f"syncing: stuck in round {round} on a fork since round {t.round} or "
+                f"before (ours there: {mine.hex()[:12]}); {_vouched_by(t)}",
+            )
 
     ours = table.count(round, digest, exclude=me)
     holders = ours + 1
