@@ -93,6 +93,12 @@ class Lifecycle(StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
 
+    @property
+    def active(self) -> bool:
+        """Under way on this peer, whether computing or syncing: a stop applies,
+        and a new job must wait for one."""
+        return self in (Lifecycle.STARTING, Lifecycle.RUNNING, Lifecycle.SYNCING)
+
 
 # Where a sync pass is.
 _READING = "reading"  # ReadLocalState out
@@ -250,7 +256,7 @@ class JobMachine:
     def stop(self, why: str) -> bool:
         """Stops for good; True if the state held should be checkpointed."""
         was = self.lifecycle
-        if was in (Lifecycle.RUNNING, Lifecycle.STARTING, Lifecycle.SYNCING):
+        if was.active:
             self.lifecycle = Lifecycle.STOPPED
             self.detail = why
         self._end_pass()

@@ -227,7 +227,7 @@ class TrainingService:
         return task, uri, params, digest
 
     def _check_can_start(self, spec: JobSpec) -> None:
-        if self.trainer is not None and self.trainer.state == "running":
+        if self.trainer is not None and self.trainer.state.active:
             raise JobError(
                 f"job {self.job_id} is already running; stop it first with `spirtctl train stop`"
             )
@@ -264,7 +264,7 @@ class TrainingService:
         return {"job": job_id, **spec.summary()}
 
     async def _api_stop(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.job_id is None or self.trainer is None or self.trainer.state != "running":
+        if self.job_id is None or self.trainer is None or not self.trainer.state.active:
             raise ApiError(400, "no job is running")
         job_id = self.job_id
         await self.pubsub.publish(JOBS_TOPIC, b"", meta=encode_jobs_meta("stop", job_id))
@@ -396,7 +396,7 @@ class TrainingService:
         if kind == "start":
             if info.size > jobs.MAX_RECORD:
                 return Verdict.REJECT
-            if self._pending is None and (self.trainer is None or self.trainer.state != "running"):
+            if self._pending is None and (self.trainer is None or not self.trainer.state.active):
                 # Known before the body arrives: this job's first gradients may be
                 # validated before its record has been checked.
                 self._pending = job_id
@@ -437,7 +437,7 @@ class TrainingService:
             if self._pending == job_id:
                 self._pending = None
             self._refused.add(job_id)
-            if self.trainer is None or self.trainer.state != "running":
+            if self.trainer is None or not self.trainer.state.active:
                 self.detail = f"refused job {job_id}: {why}"
             # Tell the others not to wait for this node's gradients.
             meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
@@ -463,7 +463,7 @@ class TrainingService:
             self.sync is not None
             and meta.job != self.job_id
             and meta.job not in self._refused
-            and (self.trainer is None or self.trainer.state not in ("running", "syncing"))
+            and (self.trainer is None or not self.trainer.state.active)
         ):
             # A job under way that this node does not know (it joined late, or was
             # down when the job started): ask for its record.

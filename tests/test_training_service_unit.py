@@ -1,5 +1,6 @@
-"""The training service's evidence hook while a job is being prepared: a proof for
-that job is kept (bounded) until the trainer starts, not ignored for good."""
+"""The training service without processes: its evidence hook while a job is being
+prepared (a proof for that job is kept, bounded, until the trainer starts, not
+ignored for good), and a stop while this peer syncs."""
 
 from __future__ import annotations
 
@@ -47,3 +48,36 @@ async def test_a_proof_for_the_job_being_prepared_is_kept_until_it_starts(
     for _ in range(2 * EARLY_PROOFS):
         await svc._on_evidence(mine)  # type: ignore[arg-type]
     assert len(svc._early_evidence) == EARLY_PROOFS  # bounded
+
+
+class _SyncingTrainer:
+    def __init__(self) -> None:
+        from protocol.rounds import Lifecycle
+
+        self.state = Lifecycle.SYNCING
+        self.job_id = PENDING
+        self.stopped: list[str] = []
+        self.completed, self.digest = 4, b"\x05" * 32
+        self.records = SimpleNamespace(status=lambda: {"loss": None, "accuracy": None})
+
+    async def stop(self, why: str) -> None:
+        self.stopped.append(why)
+
+
+async def test_a_job_is_stopped_while_this_peer_syncs(tmp_path: Path) -> None:
+    """`train stop` on a peer that is syncing its state (a fork, a join) stops the
+    job; it used to answer "no job is running" (a bench run died on it)."""
+    published: list[tuple[str, Any]] = []
+
+    async def publish(topic: str, body: bytes, meta: bytes) -> None:
+        published.append((topic, meta))
+
+    svc = _service(tmp_path)
+    svc.pubsub = SimpleNamespace(publish=publish)  # type: ignore[assignment]
+    svc.node.key = SimpleNamespace(node_id="n" * 64)
+    trainer = _SyncingTrainer()
+    svc.trainer, svc.job_id, svc.state = trainer, PENDING, "running"  # type: ignore[assignment]
+    out = await svc._api_stop({})
+    assert out == {"job": PENDING, "state": "stopped"}
+    assert trainer.stopped and len(published) == 1
+    assert '"state": "stopped"' in (tmp_path / "training" / "job.json").read_text()
