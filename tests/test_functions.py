@@ -270,6 +270,23 @@ async def test_credentials_by_reference(
         await call(make_event(plain_redis))
 
 
+async def test_a_warm_only_call_needs_no_parameters_and_writes_nothing(
+    plain_redis: RunningRedis,
+) -> None:
+    """What a joining node sends while it syncs (no parameters in its Redis yet): the
+    task and its data load, the Redis answers, and nothing is read or written."""
+    ev = replace(make_event(plain_redis, task="digits", shard="1/2"), warm=True)
+    assert ev.to_json()["warm"] is True and "warm" not in make_event(plain_redis).to_json()
+    assert await plain_redis.client.exists("spirt:job1:theta") == 0
+    out = await call(ev)
+    assert out["warm"] is True and out["round"] == ev.round and out["duration_ms"] > 0
+    assert "loss" not in out and await plain_redis.client.exists(ev.output_key) == 0
+    # The same container then computes a real gradient.
+    task = load_task("digits", "1/2")
+    await put_params(plain_redis, "spirt:job1:theta", task.initial_params(3))
+    assert (await call(replace(ev, warm=False)))["samples"] == 16
+
+
 def _valid(r: RunningRedis) -> dict[str, Any]:
     return make_event(r).to_json()
 
@@ -302,6 +319,7 @@ def _valid(r: RunningRedis) -> dict[str, Any]:
         ),
         (lambda e: e.update(task_options={"x": [1, 2]}), "scalar"),
         (lambda e: e.update(task="tests.test_functions:evil"), "not in the allowed"),
+        (lambda e: e.update(warm="yes"), "event.warm"),
     ],
 )
 async def test_bad_events_get_clear_errors(
@@ -332,6 +350,7 @@ def test_event_json_round_trip() -> None:
         task_options={"model": "cnn"},
     )
     assert GradientEvent.from_json(ev.to_json()) == ev
+    assert GradientEvent.from_json(replace(ev, warm=True).to_json()) == replace(ev, warm=True)
     # The event names which Redis, never a secret or where one is.
     assert ev.to_json()["redis"] == {"url": "unix:///tmp/x.sock"}
     anywhere = replace(ev, redis=RedisTarget())

@@ -108,7 +108,8 @@ def syncing_without_state(rounds: int = 5) -> JobMachine:
     j = job(rounds=rounds)
     j.start_elsewhere("joining", 0.0)
     actions, events = drain(j)
-    assert actions == [PublishState(1, NO_DIGEST, False), ReadLocalState()]
+    # The functions warm up beside the sync: a warm-only call needs no state.
+    assert actions == [PublishState(1, NO_DIGEST, False), WarmUp(1), ReadLocalState()]
     assert events == [SyncStarted("joining")]
     return j
 
@@ -174,7 +175,7 @@ def test_round_work_is_dropped_while_syncing() -> None:
     actions, events = drain(j)
     assert j.lifecycle is Lifecycle.SYNCING
     assert SyncStarted("redis went away") in events
-    assert actions == [PublishState(1, D[1], False), ReadLocalState()]
+    assert actions == [PublishState(1, D[1], False), WarmUp(1), ReadLocalState()]
     j.local_gradient_ready(1, 1.0)  # the functions finish anyway
     assert not any(isinstance(a, PublishGradient) for a in j.drain_actions())
 
@@ -344,8 +345,22 @@ def test_sync_fetches_from_each_voucher_and_loads_only_what_is_vouched() -> None
     assert StateLoaded("n3", 5, D[6], 2) in events and Resumed(6) in events
     assert j.lifecycle is Lifecycle.RUNNING and j.following and j.digest == D[6]
     assert PublishState(6, D[6], False) in actions  # following: not computing
-    assert WarmUp(6) in actions
-    assert not any(isinstance(a, InvokeFunctions) for a in actions)
+    # Its functions are warming since the sync began (WarmUp(1)): not asked again.
+    assert not any(isinstance(a, (WarmUp, InvokeFunctions)) for a in actions)
+
+
+def test_a_warm_up_that_failed_while_syncing_is_tried_again_at_resume() -> None:
+    j = syncing_without_state(rounds=10)
+    j.warm_up_done(False, 0.5)  # the functions did not answer
+    vouch(j, 4, D[4], ["n2", "n3"], 0.6)
+    j.local_state(None, None, 1.0)
+    assert j.drain_actions() == [FetchState("n2", 3, D[4])]
+    j.state_fetched("n2", 3, D[4], 1.5)
+    assert j.drain_actions() == [LoadState("n2", 3, D[4])]
+    j.state_loaded("n2", 3, D[4], 2.0)
+    assert WarmUp(4) in j.drain_actions()
+    j.warm_up_done(True, 2.5)
+    assert j.warmed
 
 
 def test_a_voucher_that_dies_while_we_sync_is_not_asked() -> None:

@@ -73,13 +73,14 @@ def chain(sim: RoundSim) -> list[tuple[bytes, tuple[str, ...]]]:
 
 def test_every_quorum_close_leads_to_one_digest(sim: RoundSim) -> None:
     """Every round on the way to the common final digest was closed by a quorum; a
-    peer that closed a round on the common base with other contributors differs only
-    by peers that crashed with their gradient in flight (it reached some peers, not
-    others), and was brought back by state sync."""
+    peer that closed a round on the common base with other contributors (a victim's
+    gradient in flight, or a body that 1% loss delayed past that peer's deadline)
+    was brought back by state sync. (This once also said that only crashed victims
+    can make the sets differ; other seeds show deadline closes too, with the code
+    before and after the early warm-up.)"""
     path = chain(sim)
     live = sim.live_peers()
     assert len(live) == N - 3 and all(x.done for x in live)
-    in_flight = {v for v, (_, published) in sim.victims.items() if published}
     forks = 0
     for r, (base, contributors) in enumerate(path, start=1):
         assert len(contributors) >= sim.p.min_contributors
@@ -88,7 +89,6 @@ def test_every_quorum_close_leads_to_one_digest(sim: RoundSim) -> None:
                 if c.round != r or c.base != base or c.contributors == contributors:
                     continue
                 forks += 1
-                assert set(c.contributors) ^ set(contributors) <= in_flight, (r, x.id)
                 assert x.crashed_at is not None or any(
                     load.round > r and load.at > c.at for load in x.loads
                 ), (r, x.id)

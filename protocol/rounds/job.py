@@ -327,10 +327,9 @@ class JobMachine:
                 # and peers that finished meanwhile answer only a heads-up they hear.
                 # Repeated, it reaches them.
                 self._actions.append(self._open_heads_up())
-            if self.following and not self.warmed and not self._warming:
+            if self.following:
                 # A failed warm-up is tried again: a cold follower never computes.
-                self._warming = True
-                self._actions.append(WarmUp(self.rounds.round))
+                self._warm_up(self.rounds.round)
 
     # --- membership --------------------------------------------------------------------
 
@@ -765,8 +764,16 @@ class JobMachine:
         self.lifecycle, self.sync_detail = Lifecycle.SYNCING, why
         self.following = False
         self._heads_up_out()
+        # A join or a restart starts cold; warming needs no parameters, so it runs
+        # beside the sync instead of after it (seconds on a node's way back).
+        self._warm_up(max(1, self.rounds.round))
         if self._pass is None:
             self._begin_pass()
+
+    def _warm_up(self, round: int) -> None:
+        if not self.warmed and not self._warming:
+            self._warming = True
+            self._actions.append(WarmUp(round))
 
     def _begin_pass(self) -> None:
         self._pass = _READING
@@ -876,8 +883,6 @@ class JobMachine:
         self._joins_at = 0
         self._events.append(Resumed(round))
         self.rounds.begin(round, self.digest, now, participating=False)
-        if not self.warmed and not self._warming:
-            self._warming = True
-            self._actions.append(WarmUp(round))
+        self._warm_up(round)
         self._drain_rounds(now)
         self._replay(now)

@@ -12,12 +12,18 @@ Schema (version 1)::
      "params_key": str,
      "data": {"uri": str|null, "shard": "i/n", "batch_size": int,
               "indices": [int, ...]|null, "seed": int|null, "slices": int},
-     "output_key": str, "ttl_seconds": int}
+     "output_key": str, "ttl_seconds": int, "warm": true (optional)}
 
 ``data`` picks the slice either by explicit ``indices`` (rows of the peer's
 shard; ``batch_size`` must equal their count) or by ``seed``: the round's
 minibatch of ``batch_size`` rows is drawn from the seed, split into ``slices``
 parts, and this function takes part ``slice`` (tasks.sharding.minibatch_slice).
+
+``"warm": true`` asks only for a warm container: the function loads the task and
+its data and connects to the Redis, and returns without reading the parameters or
+writing the output. A node that joins or restarts sends it while it syncs, when no
+parameters are in its Redis yet, so that its first real round finds the function
+warm. Absent, the event is a gradient request as above.
 """
 
 from __future__ import annotations
@@ -81,9 +87,10 @@ class GradientEvent:
     output_key: str
     ttl_seconds: int = 3600
     task_options: Mapping[str, Any] = field(default_factory=dict)
+    warm: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "v": VERSION,
             "job": self.job,
             "round": self.round,
@@ -96,6 +103,9 @@ class GradientEvent:
             "output_key": self.output_key,
             "ttl_seconds": self.ttl_seconds,
         }
+        if self.warm:
+            out["warm"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> GradientEvent:
@@ -114,6 +124,7 @@ class GradientEvent:
                 "data",
                 "output_key",
                 "ttl_seconds",
+                "warm",
             },
         )
         if ev.get("v") != VERSION:
@@ -127,6 +138,9 @@ class GradientEvent:
         opts = _task_options(ev.get("task_options", {}))
         redis = _redis(ev.get("redis", {}))
         data = _data(ev.get("data"), slc)
+        warm = ev.get("warm", False)
+        if not isinstance(warm, bool):
+            raise EventError("event.warm must be true or false")
         return cls(
             job=job,
             round=rnd,
@@ -138,6 +152,7 @@ class GradientEvent:
             output_key=_str(ev, "output_key", _KEY_RE, "event"),
             ttl_seconds=_int(ev, "ttl_seconds", 1, MAX_TTL_S, "event"),
             task_options=opts,
+            warm=warm,
         )
 
 

@@ -76,10 +76,11 @@ class LocalCompute:
         self.cost = CostMeter(env.prices)
 
     def events(
-        self, r: int, step: int | None = None, params: str | None = None
+        self, r: int, step: int | None = None, params: str | None = None, *, warm: bool = False
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """The W function events of round ``r``'s minibatch (of inner ``step``, on the
-        parameters at ``params``), and the key each writes its slice's gradient to.
+        parameters at ``params``), and the key each writes its slice's gradient to
+        (``warm``: requests for a warm container only, see functions/event.py).
         Each key holds a fresh nonce: it is read once and deleted, and no other
         invocation (nor a replayed event) can know it."""
         env, spec = self.env, self.spec
@@ -106,17 +107,18 @@ class LocalCompute:
                 data=data,
                 output_key=output,
                 ttl_seconds=SLICE_TTL_S,
+                warm=warm,
             ).to_json()
             for i, output in enumerate(outputs)
         ]
         return events, outputs
 
     async def warm_up(self, r: int) -> bool:
-        """One throwaway invocation: did any slice succeed?"""
-        events, outputs = self.events(r)
+        """One warm-only invocation per slice (no parameters needed, so it runs while
+        the state is still being synced): did any slice succeed?"""
+        events, _ = self.events(r, warm=True)
         res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
         self.cost.record(None, res.billed)
-        await self.env.store.delete(*outputs)
         return bool(res.succeeded)
 
     async def vector(self, r: int) -> LocalVector:
