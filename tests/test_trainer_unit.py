@@ -16,7 +16,7 @@ import pytest
 
 from protocol.rounds import RoundConfig
 from spirtd.functions.event import DataSlice
-from spirtd.functions.invoker import RoundResult, SliceResult
+from spirtd.functions.invoker import InvocationError, RoundResult, SliceResult
 from spirtd.pubsub.service import Info
 from spirtd.redis.binding import RedisTarget
 from spirtd.redis.store import TensorStore
@@ -48,6 +48,7 @@ class FakeInvoker:
         self.value = value
         self.rounds: list[int] = []
         self.warm_ups = 0  # warm-only calls: no parameters read, nothing written
+        self.old_function = False  # deployed before warm-only calls: refuses them
         self.hold_after: int | None = None  # rounds past this one never finish
 
     async def invoke_round(
@@ -55,6 +56,10 @@ class FakeInvoker:
     ) -> RoundResult:
         if events[0].get("warm"):
             self.warm_ups += 1
+            if self.old_function:
+                err = InvocationError("Unhandled", "unknown field(s) in event: warm")
+                failed = [SliceResult(ev["slice"], None, err, 0.0) for ev in events]
+                return RoundResult(failed, min_fraction)
             done = [SliceResult(ev["slice"], {"warm": True}, None, 0.0) for ev in events]
             return RoundResult(done, min_fraction)
         if self.hold_after is not None and events[0]["round"] > self.hold_after:
@@ -285,6 +290,29 @@ async def test_a_restart_resumes_on_the_state_left_in_redis(rig: Rig) -> None:
         assert sorted(set(rig.invoker.rounds)) == [3, 4]
         assert [h.round for h in second.history] == [3, 4]
         assert digest != second.digest
+    finally:
+        await second.stop("test over")
+
+
+async def test_a_function_that_refuses_warm_only_calls_is_warmed_by_a_full_one(
+    rig: Rig,
+) -> None:
+    """A Lambda deployed before warm-only calls refuses the one sent while syncing;
+    once the state is loaded, a full throwaway call warms it, and the node computes."""
+    first = rig.trainer([ME], rounds=4)
+    rig.invoker.hold_after = 2
+    await first.start(INITIAL)
+    await until(lambda: first.completed == 2)
+    await first.stop("killed")
+    rig.invoker.rounds.clear()
+    rig.invoker.hold_after, rig.invoker.old_function = None, True
+    second = rig.trainer([ME], rounds=4, config=SHORT)
+    await second.start_elsewhere("restarted")
+    try:
+        await until(lambda: second.state == "done", t=second)
+        assert rig.invoker.warm_ups == 1  # refused
+        # The full warm-up on round 3's state, then rounds 3 and 4 for real.
+        assert rig.invoker.rounds == [3, 3, 4]
     finally:
         await second.stop("test over")
 

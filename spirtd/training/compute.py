@@ -113,12 +113,16 @@ class LocalCompute:
         ]
         return events, outputs
 
-    async def warm_up(self, r: int) -> bool:
-        """One warm-only invocation per slice (no parameters needed, so it runs while
-        the state is still being synced): did any slice succeed?"""
-        events, _ = self.events(r, warm=True)
+    async def warm_up(self, r: int, *, state: bool) -> bool:
+        """One throwaway invocation per slice: did any succeed? Without the state in
+        Redis (``state`` false: still syncing) a warm-only one (functions/event.py);
+        with it, a full one, which also warms a function deployed before warm-only
+        calls existed."""
+        events, outputs = self.events(r, warm=not state)
         res = await self.env.invoker.invoke_round(events, self.env.invoke_timeout_s)
         self.cost.record(None, res.billed)
+        if state:
+            await self.env.store.delete(*outputs)
         return bool(res.succeeded)
 
     async def vector(self, r: int) -> LocalVector:

@@ -405,7 +405,7 @@ class Trainer:
         imports, dataset load: seconds). One throwaway invocation while following
         warms them, so the first round this node computes does not miss its deadline."""
         try:
-            warm = await self.compute.warm_up(r)
+            warm = await self.compute.warm_up(r, state=self.state is not Lifecycle.SYNCING)
         except BaseException:
             self.job.warm_up_done(False, time.monotonic())
             raise
