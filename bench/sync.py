@@ -2,9 +2,10 @@
 
 A real cluster (``--peers`` spirtd, the bench.round model: an MLP of about 1M
 parameters on digits) trains; after the warm-up, ``--joiners`` new peers join one
-at a time, each syncing the job's state from a voucher. Every serving peer logs
-the wall-clock window of each transfer it served (train status ``events``) and
-each round's close time and duration (``history``).
+at a time, each syncing the job's state from a voucher and leaving once measured
+(unless ``--keep-joiners``), so that every case runs on ``--peers`` peers plus at
+most one. Every serving peer logs the wall-clock window of each transfer it served
+(train status ``events``) and each round's close time and duration (``history``).
 
 Per transfer served, ``delay_rounds`` is the time the serving peer's rounds that
 overlap the transfer took beyond that peer's median round (of the rounds that
@@ -299,6 +300,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             wait_for(synced, a.timeout, f"joiner {j} to sync")
             joins.append({"joiner": joiner.node_id, "sync_s": round(time.time() - t0, 2)})
             back["join"].append(back_to_work(a, joiner, peers[0], t0, f"joiner {j}"))
+            if not a.keep_joiners:
+                # Each joiner joins the same --peers cluster, as the target was set
+                # for; kept, each would make every later case one daemon heavier.
+                joiner.stop()
+                wait_for(
+                    lambda n=joiner: member_states(peers[0]).get(n.node_id) in ("left", "dead"),
+                    a.timeout,
+                    f"joiner {j} to be seen gone",
+                )
             gap()
         if "restart" in a.cases:
             victim = peers[1]
@@ -368,6 +378,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 "warmup_rounds": a.warmup,
                 "f": a.f,
                 "rounds_between_joins": a.gap,
+                "joiners_stay": a.keep_joiners,
                 "cases": sorted(a.cases),
                 "restart": "SIGTERM, then started again",
                 "partition": "proxies cut every link of one peer until both sides see the "
@@ -440,6 +451,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per wait")
     p.add_argument("--f", type=int, default=1, help="the job's Byzantine bound f")
     p.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
+    p.add_argument(
+        "--keep-joiners",
+        action="store_true",
+        help="joiners stay in the cluster (by default each leaves once measured, so every "
+        "case runs on --peers peers plus at most one)",
+    )
     p.add_argument(
         "--cases",
         default="join,restart,partition",

@@ -42,6 +42,23 @@ model within one sync pass (a decision, at most one transfer per voucher tried,
 and ``vouch_wait_s``). A fork is repaired within a round or two as long as f+1
 honest peers vouch for the majority's position; with fewer, nothing is loaded
 (a liar's state must never be) and the peer waits, saying why in ``detail``.
+
+A peer cut off from the others while its view shrank to itself closes rounds
+alone, often faster than they do, and comes back ahead of them in rounds on a
+model nobody vouches for. Once stuck (past its deadline without a quorum) it
+compares its own digest at the newest vouched round, behind it, with the vouched
+one; if they differ and more peers hold theirs, it syncs back to them at once
+(``own_at``), instead of waiting until they reach its round to find it diverged.
+
+What does not hold: a split in which no contributor set of one round is shared by
+f+1 peers (each of four peers, f = 1, closes round r at the deadline without a
+different one of the others' gradients) leaves every peer alone at r + 1. Nothing
+there is vouched, so nobody may load another's state, and the job waits; ``train
+status`` says so (``detail``: no model at round r + 1 is vouched for by f+1).
+Repairing it needs the peers to agree on round r again (keep theta_r for a round
+and re-aggregate on a common contributor set, checked by recomputation), which is
+not built. It needs every peer to miss a different body at the deadline: seen
+once in a loaded CI run, held by ``test_rounds_stall_sim``'s strict xfail.
 """
 
 from __future__ import annotations
