@@ -48,6 +48,7 @@ from spirtd.training.messages import (
 )
 from spirtd.training.statesync import StateSync
 from spirtd.training.trainer import GradientPublisher, GradientSource, Trainer, TrainerEnv
+from spirtd.training.trainerenv import PREPARE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from spirtd.functions.service import FunctionsService
@@ -57,13 +58,14 @@ if TYPE_CHECKING:
     from spirtd.redis.service import RedisService
     from spirtd.tasks import Task
 
+RESTART = "restart"  # the origin of a job this node resumes after its daemon restarted
+
 log = logging.getLogger("spirtd.training")
 
 # Training messages for a job whose record is still being checked, kept until it starts.
 EARLY_MAX = 256
 EARLY_PROOFS = 16  # proofs held likewise (each up to evidence.MAX_EVIDENCE)
 EVENTS_MAX = 1000  # the job's event log kept for `train status` and the report
-PREPARE_TIMEOUT_S = 300.0
 
 
 class TrainingService:
@@ -276,7 +278,7 @@ class TrainingService:
         job_id: str,
         spec: JobSpec,
         record: bytes,
-        task: Task,
+        task: Task | asyncio.Future[Task],
         uri: str | None,
         params: np.ndarray | None,
         *,
@@ -424,27 +426,97 @@ class TrainingService:
                 raise JobError("the record does not hash to its job id")
             spec = JobSpec.from_record(record)
             self._check_can_start(spec)
-            task, uri, params, digest = await self._prepare(spec)
-            if params.size != spec.param_count or digest != spec.init_digest:
-                raise JobError(
-                    "this node builds different initial parameters than the starter "
-                    "(a different torch or task version?)"
-                )
+            if join is None:
+                task, uri, params, digest = await self._prepare(spec)
+                self._check_initial(spec, params, digest)
+            else:
+                uri = self._check_joinable(spec)
         except JobError as e:
-            why = str(e)
-            self.node.counters["training.jobs_refused"] += 1
-            log.warning("refusing job %s from %s: %s", job_id, origin, why)
-            if self._pending == job_id:
-                self._pending = None
-            self._refused.add(job_id)
-            if self.trainer is None or not self.trainer.state.active:
-                self.detail = f"refused job {job_id}: {why}"
-            # Tell the others not to wait for this node's gradients.
-            meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
-            await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
+            await self._refuse(job_id, origin, str(e))
             return
-        await self._run(job_id, spec, record, task, uri, params, origin=origin, join=join)
+        if join is None:
+            await self._run(job_id, spec, record, task, uri, params, origin=origin)
+        else:
+            await self._join(job_id, spec, record, uri, origin=origin, join=join)
         log.info("joined job %s from %s: %s", job_id, origin, _describe(spec))
+
+    async def _refuse(self, job_id: str, origin: str, why: str) -> None:
+        self.node.counters["training.jobs_refused"] += 1
+        log.warning("refusing job %s from %s: %s", job_id, origin, why)
+        if self._pending == job_id:
+            self._pending = None
+        self._refused.add(job_id)
+        if self.trainer is None or not self.trainer.state.active:
+            self.detail = f"refused job {job_id}: {why}"
+        # Tell the others not to wait for this node's gradients.
+        meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
+        await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
+
+    @staticmethod
+    def _check_initial(spec: JobSpec, params: np.ndarray, digest: str) -> None:
+        if params.size != spec.param_count or digest != spec.init_digest:
+            raise JobError(
+                "this node builds different initial parameters than the starter "
+                "(a different torch or task version?)"
+            )
+
+    def _check_joinable(self, spec: JobSpec) -> str | None:
+        """What can be checked of a job under way before its task is prepared (that
+        comes beside the sync, ``_join``); the dataset location its functions get."""
+        if tasks.DATASET_OPTION in spec.task_options:
+            raise JobError(
+                f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
+            )
+        jobsize.check(
+            spec,
+            spec.param_count,
+            len(self._live_members()),
+            self.node.config.training.max_model_mb,
+        )
+        directory = self.node.config.datasets.get(spec.task)
+        return f"file://{directory}" if directory else None
+
+    async def _join(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        record: bytes,
+        uri: str | None,
+        *,
+        origin: str,
+        join: str,
+    ) -> None:
+        """Takes part in a job under way (a late join, a restart). Its state comes
+        from this node's Redis, its checkpoint or the peers, not from the task's
+        initial parameters, so the sync starts now and the task (torch, its data,
+        the initial-parameter check: seconds of CPU) is prepared beside it. The
+        trainer only follows until the task is ready (its warm-up waits for it),
+        and a task that fails to prepare stops the job here."""
+        self.functions.warm()
+        task: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+        await self._run(job_id, spec, record, task, uri, None, origin=origin, join=join)
+        failed = "cannot resume after restart" if origin == RESTART else "cannot take part"
+        self._spawn(self._prepare_beside(job_id, spec, task, origin, failed), "prepare")
+
+    async def _prepare_beside(
+        self, job_id: str, spec: JobSpec, task: asyncio.Future[Task], origin: str, failed: str
+    ) -> None:
+        try:
+            built, _, params, digest = await self._prepare(spec)
+            self._check_initial(spec, params, digest)
+        except JobError as e:
+            task.cancel()
+            async with self._lock:
+                if self.job_id != job_id or self.trainer is None:
+                    return
+                await self.trainer.stop(f"{failed}: {e}")
+                await self._refuse(job_id, origin, str(e))
+                self.state, self.detail = "stopped", f"{failed}: {e}"
+                log.error("job %s: %s", job_id, self.detail)
+                self._persist()
+            return
+        if not task.done():
+            task.set_result(built)
 
     def _validate_train(self, info: Info) -> Verdict:
         try:
@@ -526,23 +598,14 @@ class TrainingService:
         spec, job_id = self.spec, self.job_id
         async with self._lock:
             try:
-                task, uri, _, digest = await self._prepare(spec)
-                if digest != spec.init_digest:
-                    raise JobError("this node now builds different initial parameters")
+                uri = self._check_joinable(spec)
             except JobError as e:
                 self.state, self.detail = "stopped", f"cannot resume after restart: {e}"
                 log.error("job %s: %s", job_id, self.detail)
                 return
             log.info("resuming job %s after a restart", job_id)
-            await self._run(
-                job_id,
-                spec,
-                self._record_bytes,
-                task,
-                uri,
-                None,
-                origin="restart",
-                join="restarted",
+            await self._join(
+                job_id, spec, self._record_bytes, uri, origin=RESTART, join="restarted"
             )
 
     def note(self, kind: str, detail: str = "", **extra: Any) -> None:

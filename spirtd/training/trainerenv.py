@@ -7,6 +7,7 @@ Byzantine experiments plug in there; the honest daemon leaves both unset).
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from spirtd.tasks import Task
     from spirtd.training.trainer import Trainer
 
+# How long the node may take to prepare a job's task (import it, load its data,
+# build its model): past it the job is refused, or stopped if it was joined.
+PREPARE_TIMEOUT_S = 300.0
+
 # A gradient source runs once this node's honest gradient for the round is in Redis
 # (StateKeys.local) and may rewrite it; a publisher sends the gradient's body with
 # its encoded GradientMeta.
@@ -44,7 +49,9 @@ class TrainerEnv:
     pubsub: PubSub
     redis_target: RedisTarget
     data: DataSlice  # shard and dataset location; seed and batch are filled per round
-    task: Task  # this node's instance, for evaluation
+    # This node's instance, for evaluation; a future while it is still being
+    # prepared (a join or a restart prepares it beside the state sync).
+    task: Task | asyncio.Future[Task]
     invoke_timeout_s: float
     min_slice_fraction: float
     round_config: RoundConfig
