@@ -338,6 +338,11 @@ class JobMachine:
             self._check_sync(now, stuck=stuck)
             if stuck and self.lifecycle is Lifecycle.RUNNING:
                 self._unfollow(now)
+            if self.lifecycle is Lifecycle.SYNCING:
+                # Our "not taking part" may not have reached everyone (a peer that
+                # held us dead when it came drops it), and a peer that counts us in
+                # its quorum would wait for us while we wait for its vouches.
+                self._heads_up_out()
             if self.lifecycle is Lifecycle.RUNNING and self._unheard(now):
                 # Our one heads-up for this round may have gone out before the others'
                 # gossip had us back (a restart faster than their failure detector),

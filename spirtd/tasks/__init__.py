@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from spirtd.tasks.base import (
-        DATASET_OPTION,
         Evaluation,
         Gradient,
         Split,
@@ -20,11 +19,12 @@ if TYPE_CHECKING:
         TaskError,
         fixed_split,
     )
+    from spirtd.tasks.dataset import DATASET_OPTION
     from spirtd.tasks.loader import BUILTIN, load_task, task_class
     from spirtd.tasks.sharding import Shard, ShardError, minibatch, minibatch_slice
 
 _WHERE = {
-    "DATASET_OPTION": "base",
+    "DATASET_OPTION": "dataset",
     "Evaluation": "base",
     "Gradient": "base",
     "Split": "base",

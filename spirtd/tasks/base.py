@@ -25,9 +25,6 @@ class TaskError(ValueError):
     """A task was named or configured wrongly, or given data that does not fit it."""
 
 
-# The task option a node sets to its ``--dataset NAME=DIR`` directory. A job
-# never carries it: where the data lives is each node's own configuration.
-DATASET_OPTION = "path"
 # The job settings (spirtd/training/job.py JobSpec fields) a task class gives defaults for.
 JOB_DEFAULTS = (
     "rounds",

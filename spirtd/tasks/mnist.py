@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spirtd.tasks.base import DATASET_OPTION, Split, Task, TaskError
+from spirtd.tasks.base import Split, Task, TaskError
+from spirtd.tasks.dataset import DATASET_OPTION
 from spirtd.tasks.idx import read_idx
 from spirtd.tasks.options import check_options, choice_option, int_option
 from spirtd.tasks.sharding import ALL, Shard

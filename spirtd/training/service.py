@@ -163,16 +163,20 @@ class TrainingService:
         s = self.node.config.shard
         return Shard.parse(s) if s else ALL
 
-    def _build_task(self, spec: JobSpec, members: int) -> tuple[Task, str | None]:
-        """This node's instance of the job's task, and where its dataset lives. The
-        model is sized and checked against this node's limit before anything of the
-        task is allocated (its data, its model)."""
+    def _dataset_dir(self, spec: JobSpec) -> str | None:
+        """This node's directory for the job's dataset (``--dataset``), if any."""
         if tasks.DATASET_OPTION in spec.task_options:
             raise JobError(
                 f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
             )
+        return self.node.config.datasets.get(spec.task)
+
+    def _build_task(self, spec: JobSpec, members: int) -> tuple[Task, str | None]:
+        """This node's instance of the job's task, and where its dataset lives. The
+        model is sized and checked against this node's limit before anything of the
+        task is allocated (its data, its model)."""
+        directory = self._dataset_dir(spec)
         allowed = set(self.node.config.task_modules)
-        directory = self.node.config.datasets.get(spec.task)
         options = dict(spec.task_options)
         if directory is not None:
             options[tasks.DATASET_OPTION] = directory
@@ -462,18 +466,15 @@ class TrainingService:
 
     def _check_joinable(self, spec: JobSpec) -> str | None:
         """What can be checked of a job under way before its task is prepared (that
-        comes beside the sync, ``_join``); the dataset location its functions get."""
-        if tasks.DATASET_OPTION in spec.task_options:
-            raise JobError(
-                f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
-            )
+        comes beside the sync, ``_join``); the dataset location its functions get.
+        No torch here: it runs on the event loop."""
+        directory = self._dataset_dir(spec)
         jobsize.check(
             spec,
             spec.param_count,
             len(self._live_members()),
             self.node.config.training.max_model_mb,
         )
-        directory = self.node.config.datasets.get(spec.task)
         return f"file://{directory}" if directory else None
 
     async def _join(
