@@ -4,8 +4,6 @@ ignored for good), and a stop while this peer syncs."""
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,8 +11,6 @@ from typing import Any
 from protocol.gossip import Verdict
 from protocol.rounds import Lifecycle
 from spirtd.training.evidence import EVIDENCE_TOPIC, nonfinite_proof
-from spirtd.training.job import JobError
-from spirtd.training.messages import TRAIN_TOPIC
 from spirtd.training.service import EARLY_PROOFS, TrainingService
 from tests.test_equivocation import CHUNK, _body_with_nan_at, _key, _signed_body
 from tests.test_trainer_unit import FakeMessage
@@ -84,36 +80,3 @@ async def test_a_job_is_stopped_while_this_peer_syncs(tmp_path: Path) -> None:
     assert out == {"job": PENDING, "state": "stopped"}
     assert trainer.stopped and len(published) == 1
     assert '"state": "stopped"' in (tmp_path / "training" / "job.json").read_text()
-
-
-async def test_a_task_that_fails_to_prepare_beside_the_sync_stops_the_job(
-    tmp_path: Path,
-) -> None:
-    """A restarted (or joining) node syncs while it prepares the task; if that fails
-    (another torch builds other initial parameters, a missing dataset), the job
-    stops here, the others are told not to wait, and status says why."""
-    published: list[tuple[str, Any]] = []
-
-    async def publish(topic: str, body: bytes, meta: bytes) -> None:
-        published.append((topic, meta))
-
-    async def prepare(spec: Any) -> Any:
-        raise JobError("this node builds different initial parameters than the starter")
-
-    svc = _service(tmp_path)
-    svc.pubsub = SimpleNamespace(publish=publish)  # type: ignore[assignment]
-    svc.node.counters = Counter()
-    svc._prepare = prepare  # type: ignore[method-assign]
-    trainer = _SyncingTrainer()
-    svc.trainer, svc.job_id, svc.state = trainer, PENDING, "running"  # type: ignore[assignment]
-    task: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    await svc._prepare_beside(PENDING, None, task, "restart", "cannot resume after restart")  # type: ignore[arg-type]
-    assert task.cancelled() and trainer.stopped
-    assert svc.state == "stopped"
-    assert svc.detail.startswith("cannot resume after restart: this node builds different")
-    assert [t for t, _ in published] == [TRAIN_TOPIC]  # "not taking part"
-    assert svc.node.counters["training.jobs_refused"] == 1 and PENDING in svc._refused
-    # Another job replaced this one meanwhile: nothing of it is touched.
-    svc.job_id, trainer.stopped = OTHER, []
-    await svc._prepare_beside(PENDING, None, asyncio.get_running_loop().create_future(), "x", "y")  # type: ignore[arg-type]
-    assert not trainer.stopped

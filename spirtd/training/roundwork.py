@@ -31,17 +31,11 @@ from spirtd.training.messages import TRAIN_TOPIC, GradientMeta
 from spirtd.training.records import RoundLog
 from spirtd.training.state import StateKeys
 from spirtd.training.stateio import StateIO
-from spirtd.training.trainerenv import PREPARE_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from spirtd.tasks import Task
     from spirtd.training.trainerenv import TrainerEnv
 
 log = logging.getLogger("spirtd.training")
-
-# How long a round's work waits for a task still being prepared: the service's own
-# bound on preparing it (it stops the job past that), and a margin.
-TASK_WAIT_S = PREPARE_TIMEOUT_S + 30.0
 
 # Sends a gradient's body with its meta (TrainerEnv.gradient_publisher, bound).
 Publisher = Callable[[bytes, GradientMeta], Awaitable[None]]
@@ -202,18 +196,9 @@ class RoundWork:
         self.records.record(r, closing, contributors, digest, t3 - t0, cost)
         return digest
 
-    async def task(self) -> Task:
-        """This node's task, once prepared (bounded: a preparation that takes longer
-        has failed the job by then)."""
-        t = self.env.task
-        if isinstance(t, asyncio.Future):
-            return await asyncio.wait_for(asyncio.shield(t), TASK_WAIT_S)
-        return t
-
     async def evaluate(self, r: int) -> None:
-        task = await self.task()
         params = await self.env.store.get(self.keys.theta)
-        ev = await asyncio.to_thread(task.evaluate, params)
+        ev = await asyncio.to_thread(self.env.task.evaluate, params)
         self.records.evaluated(r, ev)
 
     def forget_body(self, round: int, origin: str) -> list[str]:

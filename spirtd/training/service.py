@@ -48,7 +48,6 @@ from spirtd.training.messages import (
 )
 from spirtd.training.statesync import StateSync
 from spirtd.training.trainer import GradientPublisher, GradientSource, Trainer, TrainerEnv
-from spirtd.training.trainerenv import PREPARE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from spirtd.functions.service import FunctionsService
@@ -58,14 +57,13 @@ if TYPE_CHECKING:
     from spirtd.redis.service import RedisService
     from spirtd.tasks import Task
 
-RESTART = "restart"  # the origin of a job this node resumes after its daemon restarted
-
 log = logging.getLogger("spirtd.training")
 
 # Training messages for a job whose record is still being checked, kept until it starts.
 EARLY_MAX = 256
 EARLY_PROOFS = 16  # proofs held likewise (each up to evidence.MAX_EVIDENCE)
 EVENTS_MAX = 1000  # the job's event log kept for `train status` and the report
+PREPARE_TIMEOUT_S = 300.0
 
 
 class TrainingService:
@@ -163,20 +161,16 @@ class TrainingService:
         s = self.node.config.shard
         return Shard.parse(s) if s else ALL
 
-    def _dataset_dir(self, spec: JobSpec) -> str | None:
-        """This node's directory for the job's dataset (``--dataset``), if any."""
-        if tasks.DATASET_OPTION in spec.task_options:
-            raise JobError(
-                f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
-            )
-        return self.node.config.datasets.get(spec.task)
-
     def _build_task(self, spec: JobSpec, members: int) -> tuple[Task, str | None]:
         """This node's instance of the job's task, and where its dataset lives. The
         model is sized and checked against this node's limit before anything of the
         task is allocated (its data, its model)."""
-        directory = self._dataset_dir(spec)
+        if tasks.DATASET_OPTION in spec.task_options:
+            raise JobError(
+                f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
+            )
         allowed = set(self.node.config.task_modules)
+        directory = self.node.config.datasets.get(spec.task)
         options = dict(spec.task_options)
         if directory is not None:
             options[tasks.DATASET_OPTION] = directory
@@ -282,7 +276,7 @@ class TrainingService:
         job_id: str,
         spec: JobSpec,
         record: bytes,
-        task: Task | asyncio.Future[Task],
+        task: Task,
         uri: str | None,
         params: np.ndarray | None,
         *,
@@ -430,94 +424,27 @@ class TrainingService:
                 raise JobError("the record does not hash to its job id")
             spec = JobSpec.from_record(record)
             self._check_can_start(spec)
-            if join is None:
-                task, uri, params, digest = await self._prepare(spec)
-                self._check_initial(spec, params, digest)
-            else:
-                uri = self._check_joinable(spec)
+            task, uri, params, digest = await self._prepare(spec)
+            if params.size != spec.param_count or digest != spec.init_digest:
+                raise JobError(
+                    "this node builds different initial parameters than the starter "
+                    "(a different torch or task version?)"
+                )
         except JobError as e:
-            await self._refuse(job_id, origin, str(e))
+            why = str(e)
+            self.node.counters["training.jobs_refused"] += 1
+            log.warning("refusing job %s from %s: %s", job_id, origin, why)
+            if self._pending == job_id:
+                self._pending = None
+            self._refused.add(job_id)
+            if self.trainer is None or not self.trainer.state.active:
+                self.detail = f"refused job {job_id}: {why}"
+            # Tell the others not to wait for this node's gradients.
+            meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
+            await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
             return
-        if join is None:
-            await self._run(job_id, spec, record, task, uri, params, origin=origin)
-        else:
-            await self._join(job_id, spec, record, uri, origin=origin, join=join)
+        await self._run(job_id, spec, record, task, uri, params, origin=origin, join=join)
         log.info("joined job %s from %s: %s", job_id, origin, _describe(spec))
-
-    async def _refuse(self, job_id: str, origin: str, why: str) -> None:
-        self.node.counters["training.jobs_refused"] += 1
-        log.warning("refusing job %s from %s: %s", job_id, origin, why)
-        if self._pending == job_id:
-            self._pending = None
-        self._refused.add(job_id)
-        if self.trainer is None or not self.trainer.state.active:
-            self.detail = f"refused job {job_id}: {why}"
-        # Tell the others not to wait for this node's gradients.
-        meta = StateMeta(job_id, 1, bytes(DIGEST_SIZE), False).encode()
-        await self.pubsub.publish(TRAIN_TOPIC, b"", meta=meta)
-
-    @staticmethod
-    def _check_initial(spec: JobSpec, params: np.ndarray, digest: str) -> None:
-        if params.size != spec.param_count or digest != spec.init_digest:
-            raise JobError(
-                "this node builds different initial parameters than the starter "
-                "(a different torch or task version?)"
-            )
-
-    def _check_joinable(self, spec: JobSpec) -> str | None:
-        """What can be checked of a job under way before its task is prepared (that
-        comes beside the sync, ``_join``); the dataset location its functions get.
-        No torch here: it runs on the event loop."""
-        directory = self._dataset_dir(spec)
-        jobsize.check(
-            spec,
-            spec.param_count,
-            len(self._live_members()),
-            self.node.config.training.max_model_mb,
-        )
-        return f"file://{directory}" if directory else None
-
-    async def _join(
-        self,
-        job_id: str,
-        spec: JobSpec,
-        record: bytes,
-        uri: str | None,
-        *,
-        origin: str,
-        join: str,
-    ) -> None:
-        """Takes part in a job under way (a late join, a restart). Its state comes
-        from this node's Redis, its checkpoint or the peers, not from the task's
-        initial parameters, so the sync starts now and the task (torch, its data,
-        the initial-parameter check: seconds of CPU) is prepared beside it. The
-        trainer only follows until the task is ready (its warm-up waits for it),
-        and a task that fails to prepare stops the job here."""
-        self.functions.warm()
-        task: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
-        await self._run(job_id, spec, record, task, uri, None, origin=origin, join=join)
-        failed = "cannot resume after restart" if origin == RESTART else "cannot take part"
-        self._spawn(self._prepare_beside(job_id, spec, task, origin, failed), "prepare")
-
-    async def _prepare_beside(
-        self, job_id: str, spec: JobSpec, task: asyncio.Future[Task], origin: str, failed: str
-    ) -> None:
-        try:
-            built, _, params, digest = await self._prepare(spec)
-            self._check_initial(spec, params, digest)
-        except JobError as e:
-            task.cancel()
-            async with self._lock:
-                if self.job_id != job_id or self.trainer is None:
-                    return
-                await self.trainer.stop(f"{failed}: {e}")
-                await self._refuse(job_id, origin, str(e))
-                self.state, self.detail = "stopped", f"{failed}: {e}"
-                log.error("job %s: %s", job_id, self.detail)
-                self._persist()
-            return
-        if not task.done():
-            task.set_result(built)
 
     def _validate_train(self, info: Info) -> Verdict:
         try:
@@ -599,14 +526,23 @@ class TrainingService:
         spec, job_id = self.spec, self.job_id
         async with self._lock:
             try:
-                uri = self._check_joinable(spec)
+                task, uri, _, digest = await self._prepare(spec)
+                if digest != spec.init_digest:
+                    raise JobError("this node now builds different initial parameters")
             except JobError as e:
                 self.state, self.detail = "stopped", f"cannot resume after restart: {e}"
                 log.error("job %s: %s", job_id, self.detail)
                 return
             log.info("resuming job %s after a restart", job_id)
-            await self._join(
-                job_id, spec, self._record_bytes, uri, origin=RESTART, join="restarted"
+            await self._run(
+                job_id,
+                spec,
+                self._record_bytes,
+                task,
+                uri,
+                None,
+                origin="restart",
+                join="restarted",
             )
 
     def note(self, kind: str, detail: str = "", **extra: Any) -> None:

@@ -403,15 +403,9 @@ class Trainer:
     async def _warm_up(self, r: int) -> None:
         """After a restart or a join the local functions are cold (worker start,
         imports, dataset load: seconds). One throwaway invocation while following
-        warms them, so the first round this node computes does not miss its deadline.
-        Not before this node's task is ready (a join prepares it beside the sync):
-        until the warm-up reports, the node only follows, and a task that fails to
-        prepare stops the job before it ever computes."""
+        warms them, so the first round this node computes does not miss its deadline."""
         try:
-            await self.work.task()
-            # The task may have come after the sync: then a full call, on the round open.
-            state = self.state is not Lifecycle.SYNCING
-            warm = await self.compute.warm_up(self.m.round if state else r, state=state)
+            warm = await self.compute.warm_up(r, state=self.state is not Lifecycle.SYNCING)
         except BaseException:
             self.job.warm_up_done(False, time.monotonic())
             raise

@@ -7,7 +7,6 @@ Byzantine experiments plug in there; the honest daemon leaves both unset).
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,10 +27,6 @@ if TYPE_CHECKING:
     from spirtd.tasks import Task
     from spirtd.training.trainer import Trainer
 
-# How long the node may take to prepare a job's task (import it, load its data,
-# build its model): past it the job is refused, or stopped if it was joined.
-PREPARE_TIMEOUT_S = 300.0
-
 # A gradient source runs once this node's honest gradient for the round is in Redis
 # (StateKeys.local) and may rewrite it; a publisher sends the gradient's body with
 # its encoded GradientMeta.
@@ -49,9 +44,7 @@ class TrainerEnv:
     pubsub: PubSub
     redis_target: RedisTarget
     data: DataSlice  # shard and dataset location; seed and batch are filled per round
-    # This node's instance, for evaluation; a future while it is still being
-    # prepared (a join or a restart prepares it beside the state sync).
-    task: Task | asyncio.Future[Task]
+    task: Task  # this node's instance, for evaluation
     invoke_timeout_s: float
     min_slice_fraction: float
     round_config: RoundConfig
