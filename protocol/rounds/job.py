@@ -15,7 +15,9 @@ closes, with whom. This machine owns one and decides the job around it:
   (``ReadLocalState``, then ``LoadState("checkpoint")`` if only the checkpoint
   fits), then the decision, a download from each voucher of the target in turn
   (``FetchState``), and a load only once f+1 others vouch for what arrived;
-  "in sync" (also when nobody else is there) resumes on the state held;
+  "in sync" (also when nobody else is there) resumes on the state held; while
+  syncing, the peer says again at each check that it takes no part (a peer that
+  missed the first would count it in its quorum), and warms its functions up;
 * **following**: a peer that loaded a state follows that round without computing,
   warms its functions up (``WarmUp``), and computes again from a round start the
   others' views can take it in at: the round after next, announced a round ahead
