@@ -47,10 +47,11 @@ honest peers vouch for the majority's position; with fewer, nothing is loaded
 
 A peer cut off from the others while its view shrank to itself closes rounds
 alone, often faster than they do, and comes back ahead of them in rounds on a
-model nobody vouches for. Once stuck (past its deadline without a quorum) it
-compares its own digest at the newest vouched round, behind it, with the vouched
-one; if they differ and more peers hold theirs, it syncs back to them at once
-(``own_at``), instead of waiting until they reach its round to find it diverged.
+model nobody vouches for. At its next check it compares its own digest at the
+newest vouched round, behind it, with the vouched one; if they differ and more
+peers held theirs at that round (counting those still closing the round before
+as ours), it syncs back to them (``own_at``), instead of waiting until they reach
+its round to find it diverged.
 
 What does not hold: a split in which no contributor set of one round is shared by
 f+1 peers (each of four peers, f = 1, closes round r at the deadline without a

@@ -358,22 +358,21 @@ def sync_decision(
         return Decision(
             SYNC, t, f"syncing: at round {round}, {t.round - round} behind; {_vouched_by(t)}"
         )
-    if t is not None and stuck and own_at is not None and t.round < round:
+    if t is not None and own_at is not None and t.round < round:
         mine = own_at.get(t.round)
-        if (
-            mine is not None
-            and mine != t.digest
-            and len(t.vouchers) > table.count(round, digest, exclude=me) + 1
-        ):
-            # Behind us, and on another model than ours at that round: ours is the
-            # fork (more of them hold theirs), and waiting for them to reach our
-            # round would cost as many rounds as we ran alone.
-            return Decision(
-                SYNC,
-                t,
-                f"syncing: stuck in round {round} on a fork since round {t.round} or "
-                f"before (ours there: {mine.hex()[:12]}); {_vouched_by(t)}",
-            )
+        if mine is not None and mine != t.digest:
+            # Behind us, on another model than ours at that round: a fork at or
+            # before it. The side with more holders of its model at that round wins
+            # (peers still closing the round before may yet end on ours); waiting
+            # for them to reach our round would cost as many rounds as we ran alone.
+            ours_then = table.count(t.round, mine, exclude=me) + 1
+            if len(t.vouchers) > ours_then + table.undecided(t.round, exclude=me):
+                return Decision(
+                    SYNC,
+                    t,
+                    f"syncing: on a fork since round {t.round} or before (ours there: "
+                    f"{mine.hex()[:12]}, {_peers(ours_then)}); {_vouched_by(t)}",
+                )
 
     ours = table.count(round, digest, exclude=me)
     holders = ours + 1
