@@ -19,7 +19,7 @@ from tests.test_training_integration import _assert_trained, _cluster, _ctl, _st
 pytestmark = pytest.mark.timeout(420)
 
 H = 10
-ROUNDS = 100  # digits passes 0.95 by about round 10
+ROUNDS = 50  # digits passes 0.95 by about round 10
 
 
 def test_int8_outer_rounds_survive_a_killed_peer(make_cluster: Any) -> None:
@@ -43,7 +43,7 @@ def test_int8_outer_rounds_survive_a_killed_peer(make_cluster: Any) -> None:
     wait_for(lambda: _round(victim) >= 5, 120, "round 5")
     victim.kill()
     victim.start()
-    # Not waited for: that it contributes again (this job's 100 rounds of about 0.2 s
+    # Not waited for: that it contributes again (this job's 50 rounds of about 0.2 s
     # can end before a restart under load has warmed its functions up). That runs
     # by default in test_training_elastic's kill -9 scenario, and on outer rounds in
     # its long variant; here the restarted peer must end on the others' model.
