@@ -402,8 +402,9 @@ class Trainer:
 
     async def _warm_up(self, r: int) -> None:
         """After a restart or a join the local functions are cold (worker start,
-        imports, dataset load: seconds). One throwaway invocation while following
-        warms them, so the first round this node computes does not miss its deadline."""
+        imports, dataset load: seconds). One throwaway invocation warms them, so the
+        first round this node computes does not miss its deadline: warm-only while
+        it syncs (no parameters in Redis yet), a full one once it follows."""
         try:
             warm = await self.compute.warm_up(r, state=self.state is not Lifecycle.SYNCING)
         except BaseException:
