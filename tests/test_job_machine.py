@@ -701,6 +701,67 @@ def test_a_follower_behind_vouched_rounds_keeps_following() -> None:
     assert j.following
 
 
+def _held_ahead(j: JobMachine, rounds: list[int], t: float) -> None:
+    for r in rounds:
+        for p in PEERS:
+            assert j.validate_gradient(p, JOB, r, D[r], SIZE, t) is Verdict.ACCEPT
+            if j.gradient_arrived(p, JOB, r, D[r], SIZE, f"{p}@{r}", t):
+                assert j.gradient_stored(p, JOB, r, D[r], SIZE, t) is None
+
+
+def test_a_follower_holding_the_rounds_it_lags_replays_them_instead_of_syncing() -> None:
+    """A joiner's transfer took longer than two of the others' rounds: it resumes
+    four behind, but it holds their gradients for every round between (gossip
+    went on during the transfer) and closes them faster than they run them. A
+    bench.sync joiner was sent to sync again at its first check, four times."""
+    j = following_at_3(rounds=12)
+    j.warm_up_done(True, 1.5)
+    _held_ahead(j, [4, 5, 6], 1.6)
+    for r in range(3, 8):  # the others went on to round 7, four ahead of our round 3
+        vouch(j, r, D[r], ["n2", "n3", "n4"], 1.6)
+    j.tick(1.6 + j.config.sync_check_s + 0.01)
+    assert j.lifecycle is Lifecycle.RUNNING, j.sync_detail
+    run_round(j, 3, 2.0)
+    assert j.lifecycle is Lifecycle.RUNNING and j.rounds.round == 4, j.sync_detail
+
+
+def test_a_joiner_whose_held_rounds_are_still_being_written_does_not_sync_again() -> None:
+    """Right after the state is loaded, the gradients held during the transfer go
+    to Redis (WriteGradient) before the first of their rounds closes; under load
+    that took longer than a sync check. They count as held meanwhile."""
+    j = syncing_without_state(rounds=12)
+    j.warm_up_done(True, 0.5)
+    vouch(j, 3, D[3], ["n2", "n3", "n4"], 0.6)
+    j.local_state(None, None, 0.6)
+    fetch = work(j.drain_actions())
+    assert fetch == [FetchState("n2", 2, D[3])], fetch
+    # The transfer is slow: the others go on to round 7, their gradients held here.
+    for r in range(3, 7):
+        for p in PEERS:
+            assert j.validate_gradient(p, JOB, r, D[r], SIZE, 0.7) is Verdict.ACCEPT
+            assert not j.gradient_arrived(p, JOB, r, D[r], SIZE, f"{p}@{r}", 0.7)
+        vouch(j, r + 1, D[r + 1], ["n2", "n3", "n4"], 0.7)
+    j.state_fetched("n2", 2, D[3], 1.0)
+    assert work(j.drain_actions()) == [LoadState("n2", 2, D[3])]
+    j.state_loaded("n2", 2, D[3], 1.0)  # resumes at round 3, four behind round 7
+    writes = [a for a in j.drain_actions() if isinstance(a, WriteGradient)]
+    assert {a.round for a in writes} >= {3, 4, 5}
+    j.tick(1.0 + j.config.sync_check_s + 0.01)  # none of them stored yet
+    assert j.lifecycle is Lifecycle.RUNNING and j.following, j.sync_detail
+
+
+def test_a_follower_missing_a_round_it_lags_syncs() -> None:
+    """The same lag with round 5's gradients gone (past the buffer, or never heard):
+    replay would stop there, so it syncs as before."""
+    j = following_at_3(rounds=12)
+    j.warm_up_done(True, 1.5)
+    _held_ahead(j, [4, 6], 1.6)
+    for r in range(3, 8):
+        vouch(j, r, D[r], ["n2", "n3", "n4"], 1.6)
+    j.tick(1.6 + j.config.sync_check_s + 0.01)
+    assert j.lifecycle is Lifecycle.SYNCING and "4 behind" in j.sync_detail, j.sync_detail
+
+
 def test_a_follower_past_its_deadline_with_nobody_ahead_computes() -> None:
     j = following_at_3()
     j.warm_up_done(True, 1.5)

@@ -10,7 +10,9 @@ closes, with whom. This machine owns one and decides the job around it:
   following for rounds past the round machine's window, are held (bounded) and
   handed back once they fit (``WriteGradient``);
 * **when to sync**: after each round, on each ``Diverged``, and every
-  ``sync_check_s`` (``vouch.sync_decision`` over this peer's ``VouchTable``);
+  ``sync_check_s`` (``vouch.sync_decision`` over this peer's ``VouchTable``); a
+  follower that holds gradients for each round between its own and the others'
+  replays them instead, however far behind (``_replayable``);
 * **a sync pass**: what this node's Redis or newest checkpoint still holds
   (``ReadLocalState``, then ``LoadState("checkpoint")`` if only the checkpoint
   fits), then the decision, a download from each voucher of the target in turn
@@ -200,6 +202,7 @@ class JobMachine:
         self._passed: dict[str, int] = {}
         self._warming = False
         self._buffer: deque[_Held] = deque()
+        self._replayed: set[int] = set()  # rounds of held gradients sent to be written
         self._next_check = now + check_offset_s
         # The sync pass (None: none running).
         self._pass: str | None = None
@@ -735,6 +738,7 @@ class JobMachine:
             verdict = self.validate_gradient(h.origin, h.job, h.round, h.base, h.size, now)
             if verdict is Verdict.ACCEPT:
                 self._actions.append(WriteGradient(h.origin, h.round, h.handle))
+                self._replayed.add(h.round)
 
     # --- internals: sync ------------------------------------------------------------------
 
@@ -752,7 +756,7 @@ class JobMachine:
             self_id=self.self_id,
             round=self.completed + 1,
             digest=self.digest,
-            lag_rounds=self.config.lag_rounds,
+            lag_rounds=self.config.lag_rounds + self._replayable(),
             final_round=self.last_round + 1 if stuck else None,
             stuck=ahead,
             own_at=self._own,
@@ -762,6 +766,28 @@ class JobMachine:
             # we were stuck in (which would only get us stuck again).
             self._sync_ahead = ahead
             self._enter_sync(d.reason, now)
+
+    def _replayable(self) -> int:
+        """How many rounds after the open one a follower holds gradients for, without
+        a gap. It closes them by replay, faster than the others run them (no
+        functions), so that much lag is no reason to sync: a joiner whose transfer
+        took longer than ``lag_rounds`` rounds of the others was otherwise sent back
+        to sync again on its first check, and again, while the others ran on (4
+        transfers for one join were seen in bench.sync). A round it holds no
+        gradient for, or one that never closes (past its deadline: ``stuck``),
+        still sends it to sync: a liar's gradients for rounds ahead cannot hold a
+        peer back longer than one deadline."""
+        if not self.following:
+            return 0
+        # Rounds whose gradients are on their way into Redis (WriteGradient) count:
+        # after a transfer, the daemon writes a few rounds' bodies before the first
+        # of them closes.
+        self._replayed = {r for r in self._replayed if r > self.rounds.round}
+        held = self.rounds.held_rounds() | {h.round for h in self._buffer} | self._replayed
+        n, r = 0, self.rounds.round + 1
+        while r in held:
+            n, r = n + 1, r + 1
+        return n
 
     def _unfollow(self, now: float) -> None:
         """A follower whose round is past its deadline while nobody is past it may be
@@ -906,6 +932,7 @@ class JobMachine:
             return
         self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", True
         self._joins_at = 0
+        self._replayed.clear()
         self._events.append(Resumed(round))
         self.rounds.begin(round, self.digest, now, participating=False)
         self._warm_up(round)

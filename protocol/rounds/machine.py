@@ -223,6 +223,10 @@ class RoundMachine:
             "local": {k: n for k, n in self.counters.items() if k.startswith("local_")},
         }
 
+    def held_rounds(self) -> frozenset[int]:
+        """The rounds after the open one for which a gradient is held."""
+        return frozenset(r for r, h in self._held.items() if h)
+
     def peer_positions(self) -> dict[str, tuple[int, bytes]]:
         """The latest (round, digest) each live peer announced."""
         return dict(self._positions)
