@@ -750,6 +750,22 @@ def test_a_joiner_whose_held_rounds_are_still_being_written_does_not_sync_again(
     assert j.lifecycle is Lifecycle.RUNNING and j.following, j.sync_detail
 
 
+def test_a_follower_whose_replay_stalls_syncs() -> None:
+    """The rounds ahead are held but the open one does not close (its bodies were
+    lost, or only a liar sent rounds ahead): once no round closed for two sync
+    checks, the lag counts again. A bench.sync joiner sat 20 s at one round
+    without this."""
+    j = following_at_3(rounds=12)
+    j.warm_up_done(True, 1.5)
+    _held_ahead(j, [4, 5, 6], 1.6)
+    for r in range(3, 8):
+        vouch(j, r, D[r], ["n2", "n3", "n4"], 1.6)
+    j.tick(1.6 + j.config.sync_check_s + 0.01)
+    assert j.lifecycle is Lifecycle.RUNNING, j.sync_detail
+    j.tick(1.0 + 3 * j.config.sync_check_s + 0.02)  # round 3 still open
+    assert j.lifecycle is Lifecycle.SYNCING and "4 behind" in j.sync_detail, j.sync_detail
+
+
 def test_a_follower_missing_a_round_it_lags_syncs() -> None:
     """The same lag with round 5's gradients gone (past the buffer, or never heard):
     replay would stop there, so it syncs as before."""

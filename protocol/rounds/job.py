@@ -203,6 +203,7 @@ class JobMachine:
         self._warming = False
         self._buffer: deque[_Held] = deque()
         self._replayed: set[int] = set()  # rounds of held gradients sent to be written
+        self._progress_at = now  # the last round closed (or resumed at)
         self._next_check = now + check_offset_s
         # The sync pass (None: none running).
         self._pass: str | None = None
@@ -502,6 +503,7 @@ class JobMachine:
         """The daemon aggregated ``round`` and holds the updated state ``digest`` (also
         when a sync took over meanwhile: that pass then finds it in Redis)."""
         self._hold(round, digest)
+        self._progress_at = now
         participate, join_at = None, 0
         if self.following and self.warmed:
             t = self.vouch.target(exclude=(self.self_id,))
@@ -756,7 +758,7 @@ class JobMachine:
             self_id=self.self_id,
             round=self.completed + 1,
             digest=self.digest,
-            lag_rounds=self.config.lag_rounds + self._replayable(),
+            lag_rounds=self.config.lag_rounds + self._replayable(now),
             final_round=self.last_round + 1 if stuck else None,
             stuck=ahead,
             own_at=self._own,
@@ -767,17 +769,18 @@ class JobMachine:
             self._sync_ahead = ahead
             self._enter_sync(d.reason, now)
 
-    def _replayable(self) -> int:
+    def _replayable(self, now: float) -> int:
         """How many rounds after the open one a follower holds gradients for, without
-        a gap. It closes them by replay, faster than the others run them (no
-        functions), so that much lag is no reason to sync: a joiner whose transfer
-        took longer than ``lag_rounds`` rounds of the others was otherwise sent back
-        to sync again on its first check, and again, while the others ran on (4
-        transfers for one join were seen in bench.sync). A round it holds no
-        gradient for, or one that never closes (past its deadline: ``stuck``),
-        still sends it to sync: a liar's gradients for rounds ahead cannot hold a
-        peer back longer than one deadline."""
-        if not self.following:
+        a gap, while its replay makes progress. It closes them faster than the
+        others run them (no functions), so that much lag is no reason to sync: a
+        joiner whose transfer took longer than ``lag_rounds`` rounds of the others
+        was otherwise sent back to sync again on its first check, and again, while
+        the others ran on (4 transfers for one join were seen in bench.sync). A
+        round it holds no gradient for, or a replay that closed no round for two
+        ``sync_check_s`` (a body lost, or a liar's gradients for rounds ahead with
+        nothing for the open one), still sends it to sync. (The first replayed
+        round, behind the writes of every held body, took up to 1.8 s under load.)"""
+        if not self.following or now - self._progress_at > 2 * self.config.sync_check_s:
             return 0
         # Rounds whose gradients are on their way into Redis (WriteGradient) count:
         # after a transfer, the daemon writes a few rounds' bodies before the first
@@ -933,6 +936,7 @@ class JobMachine:
         self.lifecycle, self.sync_detail, self.following = Lifecycle.RUNNING, "", True
         self._joins_at = 0
         self._replayed.clear()
+        self._progress_at = now
         self._events.append(Resumed(round))
         self.rounds.begin(round, self.digest, now, participating=False)
         self._warm_up(round)
