@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         dest="datasets",
         metavar="NAME=DIR",
-        help="where this node's copy of dataset NAME lives (repeatable), e.g. mnist=/srv/mnist",
+        help="where this node's copy of dataset NAME lives (repeatable): a directory, e.g. "
+        "mnist=/srv/mnist, or an S3 location its functions can read too, "
+        "e.g. mnist=s3://my-bucket/mnist",
     )
     p.add_argument("--shard", metavar="I/N", help="train on shard I of N of a built-in dataset")
     p.add_argument("--version", action="version", version=f"spirtd {__version__}")

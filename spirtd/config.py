@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.rounds import JobConfig, RoundConfig
+from spirtd.tasks.remote import RemoteDataError, is_s3, parse_s3
 
 # Rounds a closed round's gradient bodies outlive it ([training] body_rounds;
 # spirtd/pubsub/retention.py releases them). A peer
@@ -307,8 +308,13 @@ class Config:
             parse_hostport(self.control.listen_tcp, "control.listen_tcp")
         for name, path in self.datasets.items():
             if not isinstance(path, str) or not path:
-                raise ConfigError(f"datasets.{name}: must be a directory path")
-            if not Path(path).is_absolute():
+                raise ConfigError(f"datasets.{name}: must be a directory path or s3:// location")
+            if is_s3(path):
+                try:
+                    parse_s3(path)
+                except RemoteDataError as e:
+                    raise ConfigError(f"datasets.{name}: {e}") from None
+            elif not Path(path).is_absolute():
                 raise ConfigError(f"datasets.{name}: {path!r} must be an absolute path")
         if self.shard is not None:
             from spirtd.tasks.sharding import Shard, ShardError
@@ -460,12 +466,14 @@ def _datasets(value: Any, where: str) -> dict[str, str]:
         for item in value:
             name, sep, path = str(item).partition("=")
             if not sep or not name or not path:
-                raise ConfigError(f"{where}: expected NAME=DIR, got {item!r}")
-            out[name] = str(Path(path).expanduser().resolve())
+                raise ConfigError(
+                    f"{where}: expected NAME=DIR or NAME=s3://BUCKET/PREFIX, got {item!r}"
+                )
+            out[name] = path if is_s3(path) else str(Path(path).expanduser().resolve())
         return out
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ConfigError(f'{where}: must be a table of NAME = "DIR"')
-    return {k: str(Path(v).expanduser()) for k, v in value.items()}
+        raise ConfigError(f'{where}: must be a table of NAME = "DIR" or "s3://BUCKET/PREFIX"')
+    return {k: v if is_s3(v) else str(Path(v).expanduser()) for k, v in value.items()}
 
 
 def load(file: Path | None, overrides: dict[str, Any]) -> Config:

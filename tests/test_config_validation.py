@@ -96,6 +96,8 @@ def test_wrong_types_name_the_key_and_the_type(
         ('[control]\nlisten_tcp = "no-port"\n', "control.listen_tcp", "HOST:PORT"),
         ('shard = "3/2"\n', "shard", ""),
         ('[datasets]\nmnist = "relative/dir"\n', "datasets.mnist", "absolute"),
+        ('[datasets]\nmnist = "s3://My_Bucket/mnist"\n', "datasets.mnist", "bucket name"),
+        ('[datasets]\nmnist = "s3://spirt-data/a/../b"\n', "datasets.mnist", "'..'"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_what_is_allowed(

@@ -93,10 +93,10 @@ async def get_tensor(r: RunningRedis, key: str) -> np.ndarray:
 
 
 def reference_gradient(
-    task_name: str, shard: str, params: np.ndarray, rows: np.ndarray
+    task_name: str, shard: str, params: np.ndarray, rows: np.ndarray, **options: Any
 ) -> tuple[np.ndarray, float]:
     """The gradient computed here with plain torch, independently of the handler."""
-    task = load_task(task_name, shard)
+    task = load_task(task_name, shard, **options)
     model = task.build_model()
     torch.nn.utils.vector_to_parameters(torch.from_numpy(params.copy()), model.parameters())
     idx = torch.as_tensor(rows)

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
+from spirtd.tasks import remote
 from spirtd.tasks.idx import write_idx
+from tests.fixtures_s3 import s3_endpoint, upload_dir
 
 # Training integration runs are real multi-process clusters: give each a minute or more.
 pytestmark = pytest.mark.timeout(420)
@@ -128,6 +130,26 @@ def test_mnist_from_idx_files(make_cluster: Any, short_tmp: Path) -> None:
     statuses = _wait_done(c.nodes)
     _assert_trained(statuses, 0.9)
     assert statuses[0]["job"]["params"] == 784 * 128 + 128 + 128 * 10 + 10
+
+
+def test_mnist_from_s3(make_cluster: Any, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same job with the dataset in S3 (``--dataset mnist=s3://...``): each
+    daemon copies it for its evaluation, each function for its slices."""
+    (short_tmp / "mnist-data").mkdir()
+    data = _learnable_mnist(short_tmp / "mnist-data")
+    monkeypatch.setenv(remote.CACHE_ENV, str(short_tmp / "function-cache"))
+    with s3_endpoint(monkeypatch, "spirt-data") as client:
+        upload_dir(client, data, "spirt-data", "mnist")
+        dataset = ["--dataset", "mnist=s3://spirt-data/mnist"]
+        c = _cluster(make_cluster, 2, [dataset, dataset])
+        r = _ctl(c.nodes[0], "train", "start", "--task", "mnist", "--rounds", "30", "--json")
+        assert r.returncode == 0, r.stderr
+        statuses = _wait_done(c.nodes)
+    _assert_trained(statuses, 0.9)
+    for n in c.nodes:  # the daemon's own copy, complete, in its data dir
+        copies = list((n.data_dir / "datasets").iterdir())
+        assert len(copies) == 1 and (copies[0] / remote.COMPLETE).is_file()
+    assert (next((short_tmp / "function-cache").iterdir()) / remote.COMPLETE).is_file()
 
 
 MARKER_TOPIC = "test-marker"

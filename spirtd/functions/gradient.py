@@ -39,7 +39,7 @@ from spirtd.functions.credentials import RedisBinding
 from spirtd.functions.event import GradientEvent
 from spirtd.functions.runtime.config import TASK_MODULES_ENV
 from spirtd.redis import tensorfmt
-from spirtd.tasks import DATASET_OPTION, Task, load_task, minibatch_slice
+from spirtd.tasks import DATASET_OPTION, Task, load_task, minibatch_slice, remote
 from spirtd.tasks.base import TaskError
 
 # For rediss:// (TLS), the CA that signed the peer's Redis certificate, as a PEM
@@ -75,17 +75,24 @@ _clients: OrderedDict[RedisBinding, redis.Redis] = OrderedDict()
 
 def _task_for(ev: GradientEvent) -> Task:
     options = dict(ev.task_options)
-    if ev.data.uri is not None:
-        path = ev.data.uri.removeprefix("file://")
+    uri = ev.data.uri
+    if uri is not None and not remote.is_s3(uri):
+        path = uri.removeprefix("file://")
         if not path.startswith("/"):
-            raise TaskError("event.data.uri must be an absolute path or a file:// URI")
+            raise TaskError("event.data.uri must be an absolute path, file:// or s3:// URI")
         options[DATASET_OPTION] = path
-    key = (ev.task, str(ev.data.shard), tuple(sorted(options.items())))
+    key = (ev.task, str(ev.data.shard), uri, tuple(sorted(options.items())))
     with _lock:
         task = _tasks.get(key)
         if task is not None:
             _tasks.move_to_end(key)
             return task
+    if uri is not None and remote.is_s3(uri):
+        # Copied once per container (and per listing): a warm container reuses the task.
+        try:
+            options[DATASET_OPTION] = str(remote.localize(uri, remote.default_cache()))
+        except remote.RemoteDataError as e:
+            raise TaskError(str(e)) from None
     allowed_env = os.environ.get(TASK_MODULES_ENV, "")
     allowed = {m.strip() for m in allowed_env.split(",") if m.strip()}
     task = load_task(ev.task, ev.data.shard, allowed_modules=allowed, **options)

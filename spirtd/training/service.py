@@ -29,6 +29,7 @@ from spirtd.functions.event import DataSlice
 from spirtd.keyfiles import write_secret
 from spirtd.nodeapi import ApiError
 from spirtd.pubsub.service import Info, Message
+from spirtd.tasks import remote
 from spirtd.tasks.sharding import ALL, Shard
 from spirtd.training import job as jobs
 from spirtd.training import jobfiles, jobsize
@@ -170,15 +171,17 @@ class TrainingService:
                 f"task option {tasks.DATASET_OPTION}: a job never carries a path; use --dataset"
             )
         allowed = set(self.node.config.task_modules)
-        directory = self.node.config.datasets.get(spec.task)
+        location = self.node.config.datasets.get(spec.task)
         options = dict(spec.task_options)
-        if directory is not None:
-            options[tasks.DATASET_OPTION] = directory
+        if location is not None:
+            # An S3 copy is disk, bounded by its listing's checks (spirtd/tasks/remote.py),
+            # and cached: only a new listing downloads again.
+            options[tasks.DATASET_OPTION] = self._local_copy(location)
         try:
             needs_dataset = tasks.task_class(spec.task, allowed_modules=allowed).needs_dataset
         except tasks.TaskError as e:
             raise JobError(_one_line(e)) from None
-        if needs_dataset and directory is None:
+        if needs_dataset and location is None:
             raise JobError(
                 f"task {spec.task} needs its dataset on this node: start spirtd with "
                 f"--dataset {spec.task}=DIR"
@@ -198,7 +201,20 @@ class TrainingService:
             task.train  # noqa: B018 - load the data now: a missing file fails the job here
         except (tasks.TaskError, ValueError, OSError) as e:
             raise JobError(_one_line(e)) from None
-        return task, (f"file://{directory}" if directory else None)
+        # The functions get the node's own location: an S3 one they copy for themselves.
+        if location is None:
+            return task, None
+        return task, location if remote.is_s3(location) else f"file://{location}"
+
+    def _local_copy(self, location: str) -> str:
+        """The directory to load a dataset from: ``location``, or this node's copy of
+        an S3 one (under the data dir, made once per listing: spirtd/tasks/remote.py)."""
+        if not remote.is_s3(location):
+            return location
+        try:
+            return str(remote.localize(location, self.node.data.root / "datasets"))
+        except remote.RemoteDataError as e:
+            raise JobError(f"dataset: {e}") from None
 
     async def _prepare(self, spec: JobSpec) -> tuple[Task, str | None, np.ndarray, str]:
         """The job's task and initial parameters on this node, or a JobError: whatever
