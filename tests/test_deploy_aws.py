@@ -87,6 +87,31 @@ def test_role_is_least_privilege(template: dict[str, Any]) -> None:
     assert secret and secret[0]["Resource"] == {"Ref": "RedisSecretArn"}
 
 
+def test_the_data_policy_reads_only_the_dataset_prefix(template: dict[str, Any]) -> None:
+    """With ``DataBucket`` set, the role may list the bucket under ``DataPrefix`` and
+    read objects there: what spirtd/tasks/remote.py calls, nothing else."""
+    res = template["Resources"]
+    data = res["DataReadPolicy"]
+    assert data["Condition"] == "HasData"
+    assert data["Properties"]["RoleName"] == {"Ref": "FunctionRole"}
+    listing, read = data["Properties"]["PolicyDocument"]["Statement"]
+    assert listing["Action"] == "s3:ListBucket"
+    assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${DataBucket}"}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [{"Fn::Sub": "${DataPrefix}/*"}]}}
+    assert read["Action"] == "s3:GetObject"
+    assert read["Resource"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:s3:::${DataBucket}/${DataPrefix}/*"
+    }
+    egress = res["DataEgress"]
+    assert egress["Condition"] == "HasData"
+    assert egress["Properties"]["DestinationPrefixListId"] == {"Ref": "S3PrefixListId"}
+    assert (egress["Properties"]["FromPort"], egress["Properties"]["ToPort"]) == (443, 443)
+    params = template["Parameters"]
+    assert re.fullmatch(params["DataBucket"]["AllowedPattern"], "")
+    assert re.fullmatch(params["DataBucket"]["AllowedPattern"], "spirt-data")
+    assert not re.fullmatch(params["DataPrefix"]["AllowedPattern"], "/datasets/")
+
+
 def test_egress_only_to_redis_tls_and_secrets(template: dict[str, Any]) -> None:
     res = template["Resources"]
     egress = res["FunctionSecurityGroup"]["Properties"]["SecurityGroupEgress"]

@@ -318,3 +318,4 @@ def test_the_sample_configurations_load(tmp_path: Path) -> None:
     assert cfg.functions["spirt-gradient"].memory_mb == 4096
     node = load_node(deploy / "aws" / "spirtd.toml", {"data_dir": str(tmp_path)})
     assert node.functions == "lambda" and node.redis.tls_port == 6380
+    assert node.datasets == {"mnist": "s3://spirt-data/datasets/mnist"}
