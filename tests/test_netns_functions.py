@@ -213,6 +213,11 @@ def test_functions_on_another_host_reach_the_node_only_over_tls(
                 f"'other', 'spirt:{job}:fn:1:0:nonce']:\n"
                 "    try:\n        r.set(key, b'x')\n        out[key] = 'written'\n"
                 "    except redis.exceptions.NoPermissionError:\n        out[key] = 'NOPERM'\n"
+                # Nor can it list keys: an invocation's output key (a fresh nonce in it)
+                # is known only to the node and that invocation.
+                "for name, call in (('scan', lambda: r.scan(0)), ('keys', lambda: r.keys('*'))):\n"
+                "    try:\n        call()\n        out[name] = 'listed'\n"
+                "    except redis.exceptions.NoPermissionError:\n        out[name] = 'NOPERM'\n"
                 "print(json.dumps(out))\n",
             )
             got = json.loads(probe.stdout or "{}") if probe.returncode == 0 else probe.stderr
@@ -222,6 +227,8 @@ def test_functions_on_another_host_reach_the_node_only_over_tls(
                 f"spirt:{job}:agg": "NOPERM",
                 "other": "NOPERM",
                 f"spirt:{job}:fn:1:0:nonce": "written",
+                "scan": "NOPERM",
+                "keys": "NOPERM",
             }, got
         finally:
             for n in nodes:
