@@ -11,9 +11,14 @@ in the first (``hub``), 10.213.0.0/24, nothing in the host's own namespace.
   user;
 * ``peers``, 10.213.0.3: two more spirtd with their own local functions.
 
-The three train digits to the task's accuracy with one digest; from the function
-host's namespace, a plaintext connection to the node's Redis port gets no answer
-and the functions' user is refused every key but a function output.
+The node runs deploy/aws/spirtd.toml and the host deploy/function-host.toml, as an
+operator fills them in (addresses and file paths only), so every key of both
+samples is exercised; an S3 API (moto's server) in the host's namespace holds the
+mnist files the node's sample names. The three train digits to the task's accuracy
+with one digest, then mnist from S3 (the node and the host's function each copy
+it); from the function host's namespace, a plaintext connection to the node's
+Redis port gets no answer and the functions' user is refused every key but a
+function output, and cannot list keys.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import pytest
 from spirtd.functions.runtime import host
 from spirtd.keyfiles import DataDir
 from spirtd.localcluster import LocalCluster, LocalNode, all_see, wait_for
+from spirtd.tasks import remote
 from spirtd.tls_material import issue, make_ca
 from tests.test_remote_functions import read_endpoint, spirtctl
+from tests.test_training_integration import _learnable_mnist
 
 pytestmark = [
     pytest.mark.timeout(900),
@@ -47,7 +54,8 @@ pytestmark = [
 
 NET = "10.213.0"
 NODE, FN, PEERS = f"{NET}.1", f"{NET}.2", f"{NET}.3"
-REDIS_TLS_PORT, HOST_PORT = 6380, 9443
+REDIS_TLS_PORT, HOST_PORT, S3_PORT = 6380, 9443, 5000  # the first two: the samples'
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 def _ip(*args: str) -> None:
@@ -103,6 +111,15 @@ def in_ns(ns: str, code: str, timeout: float = 60) -> subprocess.CompletedProces
     )
 
 
+def _sample(name: str, swaps: dict[str, str]) -> str:
+    """A sample configuration from deploy/ as an operator fills it in."""
+    text = (DEPLOY / name).read_text()
+    for old, new in swaps.items():
+        assert old in text, f"{name} no longer holds {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
 def test_functions_on_another_host_reach_the_node_only_over_tls(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,6 +127,8 @@ def test_functions_on_another_host_reach_the_node_only_over_tls(
     cluster = LocalCluster(short_tmp / "c", 0)
     fn_dir = short_tmp / "fnhost"
     fn_dir.mkdir()
+    (short_tmp / "mnist-data").mkdir()
+    mnist = _learnable_mnist(short_tmp / "mnist-data")
     with lan(tag) as ns:
         dirs = [short_tmp / "c" / f"node{i}" for i in range(3)]
         for d in dirs:
@@ -119,77 +138,134 @@ def test_functions_on_another_host_reach_the_node_only_over_tls(
         host_tls = issue(host_ca, fn_dir / "host.crt", fn_dir / "host.key", [FN])
         key_file = fn_dir / "access-key"
         host.new_access_key(key_file)
+        # The node signs its invocations with the host's access key through boto3's
+        # usual chain (which its S3 client, for the dataset, uses too); S3 is an S3 API
+        # in the function host's namespace.
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             monkeypatch.delenv(var, raising=False)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(key_file))
         monkeypatch.setenv("AWS_CONFIG_FILE", str(fn_dir / "no-such-config"))
         monkeypatch.setenv("AWS_CA_BUNDLE", str(host_ca.cert))
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{FN}:{S3_PORT}")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+        monkeypatch.setenv(remote.CACHE_ENV, str(fn_dir / "datasets"))
 
-        config = fn_dir / "host.toml"
-        config.write_text(
-            f'listen = "{FN}:{HOST_PORT}"\naccess_key_file = "{key_file}"\nconcurrency = 2\n'
-            f'[tls]\ncert = "{host_tls.cert}"\nkey = "{host_tls.key}"\n'
-            "[functions.spirt-gradient]\ntimeout_s = 120.0\nmemory_mb = 2048\n"
-            "[functions.spirt-gradient.redis]\n"
-            f'url = "rediss://{NODE}:{REDIS_TLS_PORT}/0"\nusername = "spirt-fn"\n'
-            f'password_file = "{made["function_password"]}"\nca_file = "{made["ca"]}"\n'
-        )
+        procs: list[subprocess.Popen[bytes]] = []
         nodes: list[LocalNode] = []
-        fn_host: subprocess.Popen[bytes] | None = None
         try:
-            remote = NsNode(
-                ns["node"],
-                dirs[0],
-                listen=f"{NODE}:7946",
-                args=["--profile", "local", "--shard", "0/3"],
-                config=(
-                    'functions = "lambda"\n'
-                    f'[redis]\ntls_port = {REDIS_TLS_PORT}\ntls_bind = "{NODE}"\n'
-                    "[invoke]\nconcurrency = 2\ntimeout_s = 120.0\n"
-                    f'endpoint_url = "https://{FN}:{HOST_PORT}"\n'
-                ),
-            ).start(timeout=90)
-            nodes.append(remote)
-            # Its functions' password exists once its Redis has started.
-            fn_host = subprocess.Popen(
-                ["ip", "netns", "exec", ns["fn"], sys.executable, "-m", "spirtd.functions.runtime",
-                 "--config", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=open(fn_dir / "host.log", "ab"),  # noqa: SIM115 - the child's
-            )  # fmt: skip
-            assert read_endpoint(fn_host) == f"https://{FN}:{HOST_PORT}"
+            # The two peers, with their own functions and a local copy of the data.
             for i, port in ((1, 7946), (2, 7947)):
                 nodes.append(
                     NsNode(
                         ns["peers"],
                         dirs[i],
                         listen=f"{PEERS}:{port}",
-                        bootstrap=[f"{NODE}:7946"],
-                        args=["--profile", "local", "--shard", f"{i}/3"],
+                        bootstrap=[f"{PEERS}:7946"] if i == 2 else [],
+                        args=["--profile", "local", "--shard", f"{i}/3", "--dataset",
+                              f"mnist={mnist}"],
                     ).start(timeout=90)
+                )  # fmt: skip
+            # The node: deploy/aws/spirtd.toml, every key of it, with this network's
+            # addresses and the function host as its endpoint.
+            remote_node = NsNode(
+                ns["node"],
+                dirs[0],
+                listen="0.0.0.0:7946",  # the sample's own (a flag LocalNode always passes)
+                args=["--profile", "local", "--shard", "0/3"],
+                config=_sample(
+                    "aws/spirtd.toml",
+                    {
+                        "10.0.1.15": NODE,
+                        "10.0.1.11": PEERS,
+                        'endpoint_url = ""': f'endpoint_url = "https://{FN}:{HOST_PORT}"',
+                    },
+                ),
+            ).start(timeout=90)
+            nodes.insert(0, remote_node)
+            # The S3 API, and the dataset the sample names, in the function host's namespace.
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns["fn"], sys.executable, "-m", "moto.server",
+                     "-H", FN, "-p", str(S3_PORT)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(fn_dir / "s3.log", "ab"),  # noqa: SIM115 - the child's
                 )
+            )  # fmt: skip
+            upload = in_ns(
+                ns["fn"],
+                "import boto3, pathlib, time\n"
+                "s3 = boto3.client('s3', aws_access_key_id='x', aws_secret_access_key='x',"
+                " region_name='eu-west-1')\n"
+                "for _ in range(300):\n"
+                "    try:\n"
+                "        s3.create_bucket(Bucket='spirt-data', CreateBucketConfiguration="
+                "{'LocationConstraint': 'eu-west-1'})\n        break\n"
+                "    except Exception:\n        time.sleep(0.1)\n"
+                f"for f in sorted(pathlib.Path('{mnist}').iterdir()):\n"
+                "    s3.upload_file(str(f), 'spirt-data', 'datasets/mnist/' + f.name)\n"
+                "print('uploaded')\n",
+            )
+            assert upload.stdout.strip() == "uploaded", upload.stderr
+            # The function host: deploy/function-host.toml, every key of it, with the
+            # files made above (its process has the S3 endpoint in its environment).
+            config = fn_dir / "host.toml"
+            config.write_text(
+                _sample(
+                    "function-host.toml",
+                    {
+                        "10.0.1.15": NODE,
+                        '"0.0.0.0:9443"': f'"{FN}:{HOST_PORT}"',
+                        "/etc/spirt-functions/access-key": str(key_file),
+                        "/etc/spirt-functions/host.crt": str(host_tls.cert),
+                        "/etc/spirt-functions/host.key": str(host_tls.key),
+                        "/etc/spirt-functions/node1.password": made["function_password"],
+                        "/etc/spirt-functions/node1-ca.crt": made["ca"],
+                    },
+                )
+            )
+            fn_host = subprocess.Popen(
+                ["ip", "netns", "exec", ns["fn"], sys.executable, "-m", "spirtd.functions.runtime",
+                 "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=open(fn_dir / "host.log", "ab"),  # noqa: SIM115 - the child's
+            )  # fmt: skip
+            procs.append(fn_host)
+            assert read_endpoint(fn_host) == f"https://{FN}:{HOST_PORT}"
             everyone = {n.node_id: "alive" for n in nodes}
             wait_for(lambda: all_see(nodes, everyone), 120, "every node to see the others alive")
-            assert remote.status()["functions"]["backend"] == "lambda"
-            nodes[1].call("POST", "/v1/train/start", {"task": "digits"})
+            assert remote_node.status()["functions"]["backend"] == "lambda"
 
             def train(n: LocalNode) -> dict[str, Any]:
                 return n.call("GET", "/v1/train/status")
 
-            wait_for(
-                lambda: all(train(n)["state"] in ("done", "stopped") for n in nodes),
-                600,
-                "the job to finish on every node",
-            )
-            statuses = [train(n) for n in nodes]
-            for s in statuses:
-                assert s["state"] == "done", s["detail"]
-                assert s["accuracy"] is not None and s["accuracy"] >= 0.95, s["accuracy"]
-            assert len({s["model_digest"] for s in statuses}) == 1
-            # The node behind the function host contributed (its gradients came from there).
-            assert any(remote.node_id in h["contributors"] for h in statuses[0]["history"])
+            def run(body: dict[str, Any], accuracy: float) -> list[dict[str, Any]]:
+                job = nodes[1].call("POST", "/v1/train/start", body)["job"]
+                wait_for(
+                    lambda: all(
+                        (train(n)["job"] or {}).get("id") == job
+                        and train(n)["state"] in ("done", "stopped")
+                        for n in nodes
+                    ),
+                    600,
+                    f"job {body['task']} to finish on every node",
+                )
+                statuses = [train(n) for n in nodes]
+                for st in statuses:
+                    assert st["state"] == "done", st["detail"]
+                    assert st["accuracy"] is not None and st["accuracy"] >= accuracy, st
+                assert len({st["model_digest"] for st in statuses}) == 1
+                # The node behind the function host contributed: its gradients came
+                # from there.
+                hist = statuses[0]["history"]
+                assert any(remote_node.node_id in h["contributors"] for h in hist)
+                return statuses
 
+            statuses = run({"task": "digits"}, 0.95)
+            # mnist: the node and its functions read the sample's S3 location.
+            run({"task": "mnist", "rounds": 30}, 0.9)
+            assert any((dirs[0] / "datasets").iterdir())
+            assert any((fn_dir / "datasets").iterdir())
             # From the function host's namespace: no answer in plaintext on the TLS port...
             plain = in_ns(
                 ns["fn"],
@@ -234,12 +310,12 @@ def test_functions_on_another_host_reach_the_node_only_over_tls(
             for n in nodes:
                 if n.running:
                     n.stop(timeout=60)
-            if fn_host is not None:
-                fn_host.terminate()
+            for p in procs:
+                p.terminate()
                 try:
-                    fn_host.wait(timeout=60)
+                    p.wait(timeout=60)
                 finally:
-                    if fn_host.poll() is None:
-                        fn_host.kill()
-                    assert fn_host.stdout is not None
-                    fn_host.stdout.close()
+                    if p.poll() is None:
+                        p.kill()
+                    if p.stdout is not None:
+                        p.stdout.close()
