@@ -254,6 +254,9 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     # Where this node's datasets live, by name (--dataset NAME=DIR; the [datasets] table).
     datasets: dict[str, str] = field(default_factory=dict)
+    # Where its functions find them, where that differs ([function_datasets]: a path on
+    # a function host, or an s3:// location); by default, where the node has them.
+    function_datasets: dict[str, str] = field(default_factory=dict)
     shard: str | None = None  # --shard I/N: train on shard I of N of a built-in dataset
     # Top-level packages a `module:attr` task may come from. Empty: built-in tasks only.
     task_modules: list[str] = field(default_factory=list)
@@ -306,16 +309,21 @@ class Config:
             )
         if self.control.listen_tcp:
             parse_hostport(self.control.listen_tcp, "control.listen_tcp")
-        for name, path in self.datasets.items():
-            if not isinstance(path, str) or not path:
-                raise ConfigError(f"datasets.{name}: must be a directory path or s3:// location")
-            if is_s3(path):
-                try:
-                    parse_s3(path)
-                except RemoteDataError as e:
-                    raise ConfigError(f"datasets.{name}: {e}") from None
-            elif not Path(path).is_absolute():
-                raise ConfigError(f"datasets.{name}: {path!r} must be an absolute path")
+        for table, locations in (
+            ("datasets", self.datasets),
+            ("function_datasets", self.function_datasets),
+        ):
+            for name, path in locations.items():
+                where = f"{table}.{name}"
+                if not isinstance(path, str) or not path:
+                    raise ConfigError(f"{where}: must be a directory path or s3:// location")
+                if is_s3(path):
+                    try:
+                        parse_s3(path)
+                    except RemoteDataError as e:
+                        raise ConfigError(f"{where}: {e}") from None
+                elif not Path(path).is_absolute():
+                    raise ConfigError(f"{where}: {path!r} must be an absolute path")
         if self.shard is not None:
             from spirtd.tasks.sharding import Shard, ShardError
 
@@ -409,7 +417,7 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
-        if name == "datasets":
+        if name in ("datasets", "function_datasets"):
             setattr(target, name, _datasets(value, f"{where}{key}"))
             continue
         if is_dataclass(current):

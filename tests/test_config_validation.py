@@ -98,6 +98,7 @@ def test_wrong_types_name_the_key_and_the_type(
         ('[datasets]\nmnist = "relative/dir"\n', "datasets.mnist", "absolute"),
         ('[datasets]\nmnist = "s3://My_Bucket/mnist"\n', "datasets.mnist", "bucket name"),
         ('[datasets]\nmnist = "s3://spirt-data/a/../b"\n', "datasets.mnist", "'..'"),
+        ('[function_datasets]\nmnist = "data/m"\n', "function_datasets.mnist", "absolute"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_what_is_allowed(
@@ -134,6 +135,8 @@ def test_valid_values_at_the_edges_load(tmp_path: Path) -> None:
 
 # -- the sample file ----------------------------------------------------------------------
 
+# Tables of NAME = location, whose keys are dataset names, not settings.
+DATASET_TABLES = ("datasets", "function_datasets")
 _KEY_LINE = re.compile(r"^#?\s*([a-z_]+)\s*=")
 _TABLE_LINE = re.compile(r"^\[([a-z_]+)\]")
 
@@ -170,7 +173,7 @@ def test_sample_documents_every_key_the_loader_knows() -> None:
     # And nothing in the sample that the loader would refuse (checked by loading it).
     for table, keys in documented.items():
         known = known_keys().get(table, [])
-        if table == "datasets":
+        if table in DATASET_TABLES:
             continue
         tables = set(known_keys()) if table == "" else set()
         unknown = set(keys) - set(known) - tables
@@ -181,15 +184,15 @@ def test_sample_active_values_are_the_defaults() -> None:
     active = tomllib.loads(SAMPLE.read_text())
     defaults = Config(data_dir=Path("/unused"))
     for key, value in active.items():
-        if isinstance(value, dict) and key != "datasets":
+        if isinstance(value, dict) and key not in DATASET_TABLES:
             table = getattr(defaults, key)
             for k, v in value.items():
                 assert getattr(table, k) == v, f"[{key}] {k} = {v!r}, default {getattr(table, k)!r}"
-        elif key == "datasets":
+        elif key in DATASET_TABLES:
             assert value == {}
         else:
             assert getattr(defaults, key) == value, f"{key} = {value!r}, default differs"
     # Commented-out top-level keys are those whose default is computed or empty.
     for f in dataclasses.fields(Config):
-        if f.name not in active and f.name != "datasets":
+        if f.name not in active and f.name not in DATASET_TABLES:
             assert f.default in (None, dataclasses.MISSING), f.name

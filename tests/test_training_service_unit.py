@@ -80,3 +80,30 @@ async def test_a_job_is_stopped_while_this_peer_syncs(tmp_path: Path) -> None:
     assert out == {"job": PENDING, "state": "stopped"}
     assert trainer.stopped and len(published) == 1
     assert '"state": "stopped"' in (tmp_path / "training" / "job.json").read_text()
+
+
+def _mnist_service(tmp_path: Path, **overrides: Any) -> TrainingService:
+    from spirtd.config import load
+    from tests.test_tasks_mnist import _mnist_dir
+
+    data = _mnist_dir(tmp_path / "mnist")
+    cfg = load(None, {"data_dir": str(tmp_path / "d"), "datasets": [f"mnist={data}"], **overrides})
+    svc = _service(tmp_path)
+    svc.node.config = cfg
+    return svc
+
+
+def test_functions_are_told_where_they_find_the_dataset(tmp_path: Path) -> None:
+    """By default the node's own location; with [function_datasets], that one (a
+    path on a function host, or S3), while the node still loads its own copy."""
+    from spirtd.training.job import JobSpec
+
+    (tmp_path / "mnist").mkdir()
+    svc = _mnist_service(tmp_path)
+    spec = JobSpec("mnist", {})
+    task, uri = svc._build_task(spec, 3)
+    assert uri == f"file://{tmp_path / 'mnist'}" and len(task.train) == 24
+    svc.node.config.function_datasets = {"mnist": "/srv/fn/mnist"}
+    assert svc._build_task(spec, 3)[1] == "file:///srv/fn/mnist"
+    svc.node.config.function_datasets = {"mnist": "s3://spirt-data/mnist"}
+    assert svc._build_task(spec, 3)[1] == "s3://spirt-data/mnist"

@@ -201,10 +201,12 @@ class TrainingService:
             task.train  # noqa: B018 - load the data now: a missing file fails the job here
         except (tasks.TaskError, ValueError, OSError) as e:
             raise JobError(_one_line(e)) from None
-        # The functions get the node's own location: an S3 one they copy for themselves.
-        if location is None:
+        # The functions get where they find it ([function_datasets]), by default the
+        # node's own location; an S3 one they copy for themselves.
+        theirs = self.node.config.function_datasets.get(spec.task, location)
+        if theirs is None:
             return task, None
-        return task, location if remote.is_s3(location) else f"file://{location}"
+        return task, theirs if remote.is_s3(theirs) else f"file://{theirs}"
 
     def _local_copy(self, location: str) -> str:
         """The directory to load a dataset from: ``location``, or this node's copy of
