@@ -9,6 +9,8 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -19,11 +21,12 @@ import boto3
 import pytest
 from botocore import UNSIGNED
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from spirtd.functions.runtime import worker
 from spirtd.functions.runtime.config import FunctionSpec, RuntimeConfig
 from spirtd.functions.runtime.server import LocalRuntime, parse_function
 from spirtd.functions.runtime.sigv4 import NONCE_HEADER
@@ -69,7 +72,7 @@ def signed_request(
     return req
 
 
-async def send(req: AWSRequest) -> tuple[int, dict[str, str], bytes]:
+async def send(req: AWSRequest | AWSPreparedRequest) -> tuple[int, dict[str, str], bytes]:
     """Sends a prepared request as it is (no re-signing), over plain HTTP."""
 
     def call() -> tuple[int, dict[str, str], bytes]:
@@ -328,6 +331,31 @@ async def test_stack_trace_holds_the_handlers_frames_only(rt: LocalRuntime) -> N
     assert "runtime/worker.py" not in log
 
 
+async def test_stack_trace_of_a_nested_raise_has_no_runtime_frames() -> None:
+    """The handler raises two calls down: stackTrace lists exactly those three frames,
+    outermost first, as Lambda does, and no frame of the runtime that called it."""
+    spec = FunctionSpec(handler="tests.nested_raise_handler:handler", memory_mb=256)
+    async with LocalRuntime(RuntimeConfig(functions={"nested": spec})) as runtime:
+        resp = await raw_invoke(
+            lambda_client(runtime),
+            FunctionName="nested",
+            Payload=json.dumps({"key": "k"}).encode(),
+            LogType="Tail",
+        )
+    assert resp["FunctionError"] == "Unhandled"
+    doc = json.loads(resp["Body"])
+    assert doc["errorType"] == "NestedError" and doc["errorMessage"] == "no 'k' here"
+    trace = doc["stackTrace"]
+    # One '  File "...", line N, in F\n    code\n' entry per frame of the handler's module.
+    frame = re.compile(r'  File "[^"]*nested_raise_handler\.py", line \d+, in (\w+)\n')
+    functions = [m[1] if (m := frame.match(entry)) else entry for entry in trace]
+    assert functions == ["handler", "_parse", "_check"], trace
+    runtime_dir = os.path.dirname(os.path.abspath(worker.__file__))
+    assert not any(runtime_dir in entry for entry in trace)
+    log = base64.b64decode(resp["LogResult"]).decode()
+    assert "nested_raise_handler.py" in log and runtime_dir not in log
+
+
 # ---- payload limits ------------------------------------------------------------------------
 
 
@@ -509,6 +537,21 @@ async def test_a_signed_request_cannot_be_replayed(rt: LocalRuntime) -> None:
     status, _, text = await send(req)
     assert status == 200 and json.loads(text)["echo"] == "once"
     status, headers, text = await send(req)
+    assert status == 403 and headers["X-Amzn-ErrorType"] == "InvalidSignatureException"
+    assert "already received" in json.loads(text)["Message"]
+    assert rt.pools["probe"].stats.invocations == 1
+
+
+async def test_the_invokers_request_cannot_be_replayed(rt: LocalRuntime) -> None:
+    """A request as the node's invoker sends it (boto3 with add_request_nonce),
+    captured on its way and sent again, is refused as a replay."""
+    c = lambda_client(rt)
+    sent: list[AWSPreparedRequest] = []
+    c.meta.events.register("before-send.lambda.Invoke", lambda request, **_: sent.append(request))
+    ask = json.dumps({"action": "echo", "value": "once"}).encode()
+    resp = await raw_invoke(c, FunctionName="probe", Payload=ask)
+    assert json.loads(resp["Body"])["echo"] == "once"
+    status, headers, text = await send(sent[0])
     assert status == 403 and headers["X-Amzn-ErrorType"] == "InvalidSignatureException"
     assert "already received" in json.loads(text)["Message"]
     assert rt.pools["probe"].stats.invocations == 1

@@ -33,8 +33,8 @@ def lambda_client(rt: LocalRuntime, credentials: tuple[str, str] | None = None) 
         aws_secret_access_key=secret,
         config=Config(retries={"total_max_attempts": 1}, read_timeout=60),
     )
-    # As spirtd's invoker does: identical calls in one second would otherwise carry
-    # identical signatures, which the runtime refuses as replays.
+    # As spirtd's invoker does, so these calls are held to the runtime's replay check
+    # (requests without the nonce are not; see sigv4.NONCE_HEADER).
     add_request_nonce(client)
     return client
 

@@ -51,9 +51,10 @@ _TRANSPORT_ERRORS = (
 )
 
 
-# A random header on every attempt, signed with it: the local runtime refuses a
-# signed request it has already run (a replay), and two attempts of one event in
-# the same second would otherwise carry identical signatures. AWS ignores it.
+# A random header on every attempt, signed with it: the local runtime holds only
+# requests that sign it to its replay check (a plain SDK client's identical calls
+# run, as on Lambda), and with it two attempts of one event in the same second
+# never carry identical signatures, so neither is taken for a replay. AWS ignores it.
 NONCE_HEADER = "X-Spirt-Nonce"
 
 

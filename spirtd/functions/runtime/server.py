@@ -299,7 +299,9 @@ class LocalRuntime:
                 self.rejected_signatures += 1
                 return self._error(lambda_errors.forbidden(str(e), e.code), rid)
             if not head.has_nonce:
-                return body, None  # a plain SDK client: no replay check (see sigv4.py)
+                # A plain SDK client: Lambda runs its identical calls, and the clock
+                # window bounds a replay (see sigv4.NONCE_HEADER for why that is safe).
+                return body, None
             if self._replays.seen(head):
                 return self._replayed(rid)
             return body, head

@@ -13,9 +13,10 @@ HMAC-SHA256 key chain (date, region, service, "aws4_request").
 The check is in two steps so the runtime does no work for a stranger:
 ``check_header`` looks only at the headers (a known access key, a date within the
 clock window, a scope for this region and service) before the body is read;
-``verify_signature`` then checks the signature over the body. A verified signature
-is remembered until its date leaves the window (``ReplayCache``), so a captured
-request cannot be sent again.
+``verify_signature`` then checks the signature over the body. The signature of a
+verified request that signs ``NONCE_HEADER`` is remembered until its date leaves
+the window (``ReplayCache``), so a captured request of spirtd's invoker cannot be
+sent again; any other request is bounded by the window alone, as on AWS.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ INVALID = "InvalidSignatureException"
 SERVICE = "lambda"
 
 # The random header spirtd's invoker signs into every request (invoker.py
-# add_request_nonce). Only requests that carry it are held to the replay check:
-# two identical calls from a plain SDK client in the same second sign to the same
-# bytes, and Lambda runs both.
+# add_request_nonce). Only requests that sign it are held to the replay check:
+# Lambda has no replay rule, and a plain SDK client's two identical calls in one
+# second sign to the same bytes, so refusing the second would break callers that
+# work against AWS. Such a request can still be replayed only until its
+# X-Amz-Date leaves the MAX_SKEW_S window, as against AWS. The invoker's requests
+# lose nothing: the header's name is in SignedHeaders, which the signature covers,
+# so a captured request cannot be stripped of its nonce to dodge the check.
 NONCE_HEADER = "x-spirt-nonce"
 
 

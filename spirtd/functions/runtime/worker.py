@@ -107,16 +107,20 @@ class LogCapture:
 
 # Frames kept from the innermost end of a handler's traceback.
 MAX_TRACE_FRAMES = 50
+# The whole package, not just this module: whichever of the runtime's modules ends
+# up calling the handler, a user should not see it in the trace.
+_RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def handler_trace(exc: BaseException) -> list[str]:
     """The handler's frames of ``exc``'s traceback, one formatted entry per frame,
-    as Lambda's ``stackTrace`` lists them: the runtime's own frames (this module's,
-    which called the handler) are left out."""
+    as Lambda's ``stackTrace`` lists them: the runtime's own frames, which called
+    the handler, are left out. The handler is called directly (no stdlib frame in
+    between); runtime frames further in (the handler calling the context, say) are
+    kept, as Lambda's Python runtime keeps them."""
     frames = traceback.extract_tb(exc.__traceback__)
-    here = os.path.abspath(__file__)
     start = 0
-    while start < len(frames) and os.path.abspath(frames[start].filename) == here:
+    while start < len(frames) and os.path.abspath(frames[start].filename).startswith(_RUNTIME_DIR):
         start += 1
     return traceback.format_list(frames[start:][-MAX_TRACE_FRAMES:])
 
