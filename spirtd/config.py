@@ -22,6 +22,10 @@ from typing import Any
 from protocol.rounds import JobConfig, RoundConfig
 from spirtd.tasks.remote import RemoteDataError, is_s3, parse_s3
 
+# Tables of NAME = location ([datasets], [function_datasets]): their keys are
+# dataset names, not settings.
+DATASET_TABLES = ("datasets", "function_datasets")
+
 # Rounds a closed round's gradient bodies outlive it ([training] body_rounds;
 # spirtd/pubsub/retention.py releases them). A peer
 # follows from bodies while it is at most JobConfig.lag_rounds (2) behind the
@@ -309,11 +313,8 @@ class Config:
             )
         if self.control.listen_tcp:
             parse_hostport(self.control.listen_tcp, "control.listen_tcp")
-        for table, locations in (
-            ("datasets", self.datasets),
-            ("function_datasets", self.function_datasets),
-        ):
-            for name, path in locations.items():
+        for table in DATASET_TABLES:
+            for name, path in getattr(self, table).items():
                 where = f"{table}.{name}"
                 if not isinstance(path, str) or not path:
                     raise ConfigError(f"{where}: must be a directory path or s3:// location")
@@ -417,7 +418,7 @@ def _apply_table(target: Any, table: dict[str, Any], where: str) -> None:
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting")
         current = getattr(target, name)
-        if name in ("datasets", "function_datasets"):
+        if name in DATASET_TABLES:
             setattr(target, name, _datasets(value, f"{where}{key}"))
             continue
         if is_dataclass(current):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spirtd.config import Config, ConfigError, known_keys, load
+from spirtd.config import DATASET_TABLES, Config, ConfigError, known_keys, load
 
 SAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "spirtd.toml"
 
@@ -135,8 +135,6 @@ def test_valid_values_at_the_edges_load(tmp_path: Path) -> None:
 
 # -- the sample file ----------------------------------------------------------------------
 
-# Tables of NAME = location, whose keys are dataset names, not settings.
-DATASET_TABLES = ("datasets", "function_datasets")
 _KEY_LINE = re.compile(r"^#?\s*([a-z_]+)\s*=")
 _TABLE_LINE = re.compile(r"^\[([a-z_]+)\]")
 

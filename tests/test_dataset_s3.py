@@ -21,25 +21,14 @@ from spirtd.functions.event import DataSlice, GradientEvent, RedisTarget
 from spirtd.functions.runtime.context import local_context
 from spirtd.redis import tensorfmt
 from spirtd.tasks import Shard, load_task, minibatch_slice, remote
-from spirtd.tasks.idx import write_idx
 from spirtd.training.state import StateKeys
 from tests.fixtures_redis import RunningRedis
 from tests.fixtures_s3 import s3_endpoint, upload_dir
 from tests.test_functions import reference_gradient
+from tests.test_tasks_mnist import _mnist_dir
 
 BUCKET = "spirt-data"
 URI = f"s3://{BUCKET}/mnist"
-
-
-def _mnist_files(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 24), ("t10k", 10)):
-        write_idx(
-            root / f"{prefix}-images-idx3-ubyte",
-            rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8),
-        )
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, size=n, dtype=np.uint8))
-    return root
 
 
 @pytest.fixture
@@ -48,7 +37,7 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "function-cache"))
     with s3_endpoint(monkeypatch, BUCKET) as client:
         (tmp_path / "src").mkdir()
-        upload_dir(client, _mnist_files(tmp_path / "src"), BUCKET, "mnist")
+        upload_dir(client, _mnist_dir(tmp_path / "src"), BUCKET, "mnist")
         yield client
 
 

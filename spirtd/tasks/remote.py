@@ -54,7 +54,7 @@ def parse_s3(uri: str) -> tuple[str, str]:
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise RemoteDataError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name")
     prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
         raise RemoteDataError(f"{uri!r}: the prefix has an empty, '.' or '..' part")
     if len(prefix) > 512:
         raise RemoteDataError(f"{uri!r}: the prefix is over 512 characters")
@@ -92,13 +92,11 @@ def _listing(s3: Any, uri: str, bucket: str, prefix: str) -> list[tuple[str, int
     return sorted(found)
 
 
-def localize(
-    uri: str, cache: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, client: Any = None
-) -> Path:
+def localize(uri: str, cache: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
     """A local directory holding the files under ``uri``: the cached copy if the
     listing is unchanged, else a fresh one (older copies of ``uri`` are removed)."""
     bucket, prefix = parse_s3(uri)
-    s3 = client if client is not None else _client()
+    s3 = _client()
     try:
         listing = _listing(s3, uri, bucket, prefix)
     except RemoteDataError:
