@@ -132,7 +132,11 @@ def test_each_class_of_bad_gradient_is_refused_and_counted(
         assert ex["at_round"] <= ex["round"] + 2, ex
         first_nan = ex["round"]
         late = [h for h in s["history"] if h["round"] > first_nan + 2]
-        assert late and all(liar.node_id not in h["contributors"] for h in late)
+        # The NaN is the liar's last class, one per gradient it publishes: a liar
+        # that synced on the way (it misses rounds meanwhile) may send it within the
+        # job's last two rounds, and then there is no later round to check.
+        assert late or first_nan + 2 >= ROUNDS, (first_nan, ROUNDS)
+        assert all(liar.node_id not in h["contributors"] for h in late)
 
 
 # Long: seven daemons. Its parts run by default: a signed NaN excludes its sender at
